@@ -1,0 +1,3 @@
+"""Kaiyuan: a self-hostable LLM gateway for open-weight models."""
+
+__version__ = "0.1.0"

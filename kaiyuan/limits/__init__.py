@@ -1,0 +1,1 @@
+"""Rate limiting: in-process, or Redis for many replicas."""

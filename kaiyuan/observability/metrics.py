@@ -1,0 +1,67 @@
+"""Prometheus metrics. One registry per gateway, so several gateways can live in one process (tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from kaiyuan.context import RequestContext
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "kaiyuan_requests", "Requests by model, deployment, endpoint and status",
+            ["model", "deployment", "endpoint", "status"], registry=r,
+        )
+        self.tokens = Counter(
+            "kaiyuan_tokens", "Tokens by model, deployment and kind (prompt, completion, cached, reasoning)",
+            ["model", "deployment", "kind"], registry=r,
+        )
+        self.latency = Histogram(
+            "kaiyuan_request_duration_seconds", "Total request latency as the client saw it",
+            ["model", "deployment"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram(
+            "kaiyuan_time_to_first_token_seconds", "Time to the first byte/token sent to the client",
+            ["model", "deployment"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.upstream_errors = Counter(
+            "kaiyuan_upstream_errors", "Failed upstream attempts by model, deployment and status/kind",
+            ["model", "deployment", "kind"], registry=r,
+        )
+        self.cancelled = Counter(
+            "kaiyuan_requests_cancelled", "Requests whose client disconnected", ["model"], registry=r,
+        )
+        self.in_flight = Gauge("kaiyuan_requests_in_flight", "Requests being served", registry=r)
+        self.log_dropped = Counter(
+            "kaiyuan_request_log_dropped", "Request-log rows dropped because the queue was full", registry=r,
+        )
+        self.log_written = Counter("kaiyuan_request_log_written", "Request-log rows written", registry=r)
+
+    def observe(self, ctx: RequestContext) -> None:
+        model = ctx.model or ""
+        dep = ctx.deployment or ""
+        self.requests.labels(model, dep, ctx.endpoint, str(ctx.status)).inc()
+        self.latency.labels(model, dep).observe(ctx.elapsed())
+        if ctx.ttft is not None:
+            self.ttft.labels(model, dep).observe(ctx.ttft)
+        u = ctx.usage
+        if u.prompt_tokens:
+            self.tokens.labels(model, dep, "prompt").inc(u.prompt_tokens)
+        if u.completion_tokens:
+            self.tokens.labels(model, dep, "completion").inc(u.completion_tokens)
+        if u.cached_tokens:
+            self.tokens.labels(model, dep, "cached").inc(u.cached_tokens)
+        if u.reasoning_tokens:
+            self.tokens.labels(model, dep, "reasoning").inc(u.reasoning_tokens)
+        for a in ctx.attempts:
+            if a.error is not None or (a.status is not None and a.status >= 400):
+                self.upstream_errors.labels(model, a.deployment, str(a.status or "transport")).inc()
+        if ctx.cancelled:
+            self.cancelled.labels(model).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

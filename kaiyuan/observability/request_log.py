@@ -1,0 +1,130 @@
+"""The request log writer: rows go into an in-memory queue on the request path and are written
+in batches by a background task, so no request waits for the database.
+
+A crash loses at most one flush interval of rows. When the queue is full (the database is down
+for long), new rows are dropped and counted in ``kaiyuan_request_log_dropped``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Any
+
+import orjson
+from sqlalchemy import Engine
+
+from kaiyuan.config import RequestLogSettings
+from kaiyuan.context import RequestContext
+from kaiyuan.observability.metrics import Metrics
+from kaiyuan.store.schema import request_log
+
+log = logging.getLogger("kaiyuan.request_log")
+
+
+def row_for(ctx: RequestContext) -> dict[str, Any]:
+    u = ctx.usage
+    attempt_log = None
+    if ctx.attempts:
+        attempt_log = orjson.dumps(
+            [{"deployment": a.deployment, "status": a.status, "error": a.error, "ms": a.ms} for a in ctx.attempts]
+        ).decode()
+    return {
+        "id": ctx.request_id,
+        "ts": ctx.started_wall,
+        "key_id": ctx.principal.key_id,
+        "team_id": ctx.principal.team_id,
+        "dialect": ctx.dialect,
+        "endpoint": ctx.endpoint,
+        "model": ctx.model,
+        "deployment": ctx.deployment,
+        "stream": ctx.stream,
+        "status": ctx.status,
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "cached_tokens": u.cached_tokens,
+        "reasoning_tokens": u.reasoning_tokens,
+        "cost_usd": ctx.cost_usd,
+        "latency_ms": round(ctx.elapsed() * 1000, 3),
+        "ttft_ms": round(ctx.ttft * 1000, 3) if ctx.ttft is not None else None,
+        "attempts": len(ctx.attempts),
+        "attempt_log": attempt_log,
+        "policy": ctx.policy,
+        "trial": ctx.trial,
+        "cancelled": ctx.cancelled,
+        "error": ctx.error,
+        "request_body": ctx.raw_body.decode("utf-8", "replace") if ctx.log_bodies and ctx.raw_body else None,
+        "response_body": ctx.response_body.decode("utf-8", "replace") if ctx.log_bodies and ctx.response_body else None,
+    }
+
+
+class RequestLogWriter:
+    def __init__(self, engine: Engine | None, settings: RequestLogSettings, metrics: Metrics) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+        self._queue: deque[dict[str, Any]] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._closing = False
+
+    def submit(self, ctx: RequestContext) -> None:
+        if self.engine is None or not self.settings.enabled:
+            return
+        if len(self._queue) >= self.settings.max_queue:
+            self.metrics.log_dropped.inc()
+            return
+        self._queue.append(row_for(ctx))
+        if len(self._queue) >= self.settings.batch_size:
+            self._wake.set()
+
+    async def start(self) -> None:
+        if self._task is None and self.engine is not None:
+            self._task = asyncio.create_task(self._run(), name="kaiyuan-request-log")
+
+    async def _run(self) -> None:
+        while not self._closing:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.settings.flush_interval_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> int:
+        """Write everything queued now; returns rows written. Keeps rows queued if the write fails."""
+        written = 0
+        while self._queue:
+            n = min(len(self._queue), self.settings.batch_size)
+            batch = [self._queue[i] for i in range(n)]
+            try:
+                await asyncio.to_thread(self._write, batch)
+            except Exception as e:
+                log.error("request log write failed (%d rows kept, will retry): %s", len(self._queue), e)
+                return written
+            for _ in range(n):
+                self._queue.popleft()
+            written += n
+            self.metrics.log_written.inc(n)
+        return written
+
+    def _write(self, batch: list[dict[str, Any]]) -> None:
+        assert self.engine is not None
+        with self.engine.begin() as conn:
+            conn.execute(request_log.insert(), batch)
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await self._task
+            except Exception:  # pragma: no cover - best effort on shutdown
+                pass
+            self._task = None
+        await self.flush()
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)

@@ -1,0 +1,65 @@
+"""The provider contract: a transport that sends one call in its own wire protocol.
+
+Providers do no translation: the pipeline hands them a body already in their ``protocol``
+("openai", "anthropic" or "gemini") and gets back the upstream's bytes. Non-2xx statuses come
+back as replies (the pipeline decides what they mean); only transport failures raise, as
+:class:`kaiyuan.errors.GatewayError` (502 unreachable, 504 timeout).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from kaiyuan.config import DeploymentBase
+
+
+@dataclass(slots=True)
+class UpstreamCall:
+    endpoint: str  # "chat" | "completions" | "embeddings" | "messages" | "count_tokens" | ...
+    body: dict[str, Any]
+    stream: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+    body_bytes: bytes | None = None  # pre-serialised body (pass-through fast path)
+
+
+@dataclass(slots=True)
+class UpstreamReply:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes | None = None  # the whole body (non-stream, or any error)
+    stream: AsyncIterator[bytes] | None = None  # raw SSE bytes as they arrive (2xx streams only)
+    _closer: Any = None
+
+    async def aclose(self) -> None:
+        """Release the upstream connection; cancels an unfinished upstream stream."""
+        closer, self._closer = self._closer, None
+        if closer is not None:
+            res = closer()
+            if hasattr(res, "__await__"):
+                await res
+
+
+class Provider(ABC):
+    protocol: ClassVar[str] = "openai"
+
+    def __init__(self, deployment: DeploymentBase) -> None:
+        self.deployment = deployment
+        self.id: str = deployment.id or deployment.default_id()
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Open pools, load weights. Must not raise for a missing optional runtime: see ``unavailable``."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release everything ``start`` opened."""
+
+    @property
+    def unavailable(self) -> str | None:
+        """``None`` when usable, else one line saying why and how to fix it."""
+        return None
+
+    @abstractmethod
+    async def send(self, call: UpstreamCall) -> UpstreamReply:
+        """Send one call. The caller must ``aclose()`` the reply when done with a stream."""

@@ -1,0 +1,121 @@
+"""Shared pooled HTTP transport: one keep-alive aiohttp session per upstream, with the four timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+from kaiyuan.config import Timeouts
+from kaiyuan.errors import ErrorKind, GatewayError
+from kaiyuan.providers.base import UpstreamReply
+
+
+def make_session(max_connections: int, timeouts: Timeouts) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=max_connections, limit_per_host=max_connections, keepalive_timeout=60, ttl_dns_cache=300
+    )
+    timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect, sock_read=timeouts.idle)
+    return aiohttp.ClientSession(
+        connector=connector, timeout=timeout, auto_decompress=True, skip_auto_headers=("User-Agent",)
+    )
+
+
+async def _iter_stream(
+    resp: aiohttp.ClientResponse, deadline: float, idle: float, label: str
+) -> AsyncIterator[bytes]:
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise GatewayError(
+                    ErrorKind.UPSTREAM_TIMEOUT,
+                    f"upstream {label} exceeded its total time limit; raise timeouts.total if this is expected",
+                )
+            try:
+                chunk = await resp.content.readany()
+            except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+                raise GatewayError(
+                    ErrorKind.UPSTREAM_TIMEOUT,
+                    f"upstream {label} sent nothing for {idle:g}s mid-stream (timeouts.idle)",
+                ) from None
+            except aiohttp.ClientPayloadError as e:
+                raise GatewayError(
+                    ErrorKind.UPSTREAM_ERROR, f"upstream {label} broke the stream: {e}"
+                ) from None
+            except aiohttp.ClientError as e:
+                raise GatewayError(
+                    ErrorKind.UPSTREAM_ERROR, f"upstream {label} connection failed mid-stream: {e}"
+                ) from None
+            if not chunk:
+                return
+            yield chunk
+    finally:
+        resp.close()
+
+
+async def post_json(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    timeouts: Timeouts,
+    stream: bool,
+    label: str,
+) -> UpstreamReply:
+    """POST ``body``; return the whole body, or for 2xx streams an iterator of raw chunks."""
+    start = time.monotonic()
+    deadline = start + timeouts.total
+    resp: aiohttp.ClientResponse | None = None
+    try:
+        async with asyncio.timeout(min(timeouts.first_byte, timeouts.total)):
+            resp = await session.post(url, data=body, headers=headers)
+            if not stream or resp.status >= 300:
+                data = await _read_all(resp, deadline, label)
+                resp.release()
+                return UpstreamReply(resp.status, resp.headers, body=data)
+    except GatewayError:
+        if resp is not None:
+            resp.close()
+        raise
+    except TimeoutError:
+        if resp is not None:
+            resp.close()
+        raise GatewayError(
+            ErrorKind.UPSTREAM_TIMEOUT,
+            f"upstream {label} did not answer within {min(timeouts.first_byte, timeouts.total):g}s "
+            f"(timeouts.first_byte)",
+        ) from None
+    except aiohttp.ClientConnectorError as e:
+        raise GatewayError(
+            ErrorKind.UPSTREAM_UNREACHABLE, f"cannot connect to upstream {label}: {e.os_error or e}"
+        ) from None
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as e:
+        if resp is not None:
+            resp.close()
+        raise GatewayError(ErrorKind.UPSTREAM_UNREACHABLE, f"upstream {label} dropped the connection: {e}") from None
+    except aiohttp.ClientError as e:
+        if resp is not None:
+            resp.close()
+        raise GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {label} request failed: {e}") from None
+    except BaseException:
+        if resp is not None:
+            resp.close()
+        raise
+    r = resp
+    return UpstreamReply(
+        r.status, r.headers, stream=_iter_stream(r, deadline, timeouts.idle, label), _closer=r.close
+    )
+
+
+async def _read_all(resp: aiohttp.ClientResponse, deadline: float, label: str) -> bytes:
+    remaining = deadline - time.monotonic()
+    try:
+        async with asyncio.timeout(max(remaining, 0.001)):
+            return await resp.read()
+    except TimeoutError:
+        raise GatewayError(
+            ErrorKind.UPSTREAM_TIMEOUT, f"upstream {label} exceeded its total time limit (timeouts.total)"
+        ) from None

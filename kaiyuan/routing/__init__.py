@@ -1,0 +1,1 @@
+"""Plans: which deployments may take a request, in which order, and what happens when one fails."""

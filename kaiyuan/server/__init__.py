@@ -1,0 +1,1 @@
+"""The HTTP surface: app factory, one module per API family."""

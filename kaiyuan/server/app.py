@@ -1,0 +1,123 @@
+"""The app factory and the server runner."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from kaiyuan.config import GatewayConfig
+from kaiyuan.dialects import openai as oai
+from kaiyuan.errors import ErrorKind, GatewayError
+from kaiyuan.gateway import Gateway
+from kaiyuan.server import health, openai_api
+from kaiyuan.server.common import ErrorSerializer, error_response
+from kaiyuan.server.openai_api import GATEWAY_KEY
+
+log = logging.getLogger("kaiyuan.server")
+
+# Which error shape a path's callers expect; the first matching prefix wins.
+ERROR_SHAPES: list[tuple[str, ErrorSerializer]] = []
+RouteInstaller = Callable[[web.Application], None]
+# Other API families (Anthropic, admin, ...) register here; each installs its own routes.
+EXTRA_ROUTES: list[RouteInstaller] = []
+
+
+def _serializer_for(path: str) -> ErrorSerializer:
+    for prefix, ser in ERROR_SHAPES:
+        if path.startswith(prefix):
+            return ser
+    return oai.error_body
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        ser = _serializer_for(request.path)
+        if e.status == 404:
+            err = GatewayError(ErrorKind.NOT_FOUND, f"no such endpoint: {request.method} {request.path}", code="unknown_url")
+        elif e.status == 405:
+            allowed = e.headers.get("Allow", "")
+            err = GatewayError(
+                ErrorKind.METHOD_NOT_ALLOWED,
+                f"{request.method} is not allowed on {request.path}; use {allowed or 'another method'}",
+                status=405,
+                code="method_not_allowed",
+            )
+        elif e.status == 413:
+            err = GatewayError(ErrorKind.REQUEST_TOO_LARGE, "the request body is too large", code="request_too_large")
+        else:
+            err = GatewayError(ErrorKind.INVALID_REQUEST, e.text or e.reason, status=e.status)
+        return error_response(err, ser)
+
+
+def create_app(config: GatewayConfig, gateway: Gateway | None = None) -> web.Application:
+    """Build the aiohttp application. The gateway's store, providers and log writer start with it."""
+    app = web.Application(
+        middlewares=[error_middleware],
+        client_max_size=config.server.max_body_bytes + 1024,
+        handler_args={"max_field_size": 65536},
+    )
+    gw = gateway or Gateway(config, engine=None)
+    app[GATEWAY_KEY] = gw
+    openai_api.add_routes(app)
+    health.add_routes(app)
+    for install in EXTRA_ROUTES:
+        install(app)
+
+    async def on_startup(_app: web.Application) -> None:
+        await gw.start()
+
+    async def on_cleanup(_app: web.Application) -> None:
+        await gw.close()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+def build_gateway(config: GatewayConfig) -> Gateway:
+    """Open the store (running migrations) and build the gateway for ``config``."""
+    from kaiyuan.store.db import open_store
+
+    engine = open_store(config.store.url)
+    return Gateway(config, engine)
+
+
+async def run_server(config: GatewayConfig, host: str, port: int, ready: Callable[[str], None] | None = None) -> None:
+    gw = build_gateway(config)
+    app = create_app(config, gw)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,  # a client that disconnects cancels its upstream request
+        access_log=log if config.server.access_log else None,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
+    await site.start()
+    addrs = [s.getsockname() for s in (site._server.sockets if site._server else [])]  # type: ignore[union-attr]
+    actual_port = addrs[0][1] if addrs else port
+    url = f"http://{host}:{actual_port}"
+    if ready is not None:
+        ready(url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-main thread / Windows
+            pass
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: flushing the request log")
+        await runner.cleanup()

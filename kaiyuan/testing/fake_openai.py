@@ -1,0 +1,301 @@
+"""A fake OpenAI-compatible upstream that speaks the wire format of OpenAI's public API reference:
+chat completions (JSON and SSE with ``data: [DONE]``, usage chunks, tool calls), legacy completions,
+embeddings (float and base64), models, and OpenAI-shaped error bodies.
+
+Answers are deterministic functions of the request, so tests can assert on them:
+- chat: ``"echo: <last user text>"``; with ``tools`` (and ``tool_choice`` not "none") and no tool
+  result yet, a call of the first tool with ``{"query": <last user text>}``; after a tool result,
+  ``"tool said: <result>"``.
+- models whose name contains ``reasoner`` or ``thinking`` also return DeepSeek-style
+  ``reasoning_content`` and ``prompt_cache_hit_tokens`` / ``prompt_cache_miss_tokens``.
+
+Faults are scripted with :class:`Behaviour`: a queue of one-shot behaviours, then a default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+import struct
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+
+@dataclass
+class Behaviour:
+    status: int = 200
+    error_message: str | None = None
+    error_type: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    delay_first_byte: float = 0.0  # seconds before the response headers
+    chunk_delay: float = 0.0  # seconds between stream chunks
+    stall_after_chunks: int | None = None  # send N chunks, then hang forever
+    drop_after_chunks: int | None = None  # send N chunks, then cut the connection
+    omit_done: bool = False  # end the stream without data: [DONE]
+    error_event_after_chunks: int | None = None  # send an error event mid-stream
+    fail_rate: float = 0.0  # with this probability answer `status_on_fail`
+    status_on_fail: int = 500
+    content: str | None = None  # override the answer text
+    raw_body: bytes | None = None  # answer exactly these bytes (with `status`)
+
+
+def count_tokens(text: str) -> int:
+    return max(1, len(text.split())) if text else 0
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+class FakeOpenAI:
+    def __init__(self, *, api_key: str | None = None, seed: int = 0) -> None:
+        self.api_key = api_key
+        self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.script: deque[Behaviour] = deque()
+        self.default = Behaviour()
+        self.rng = random.Random(seed)
+        self.active = 0
+        self.max_active = 0
+        self.cancelled = 0  # streams whose client went away before the end
+        self.app = self._build()
+
+    # -- scripting ---------------------------------------------------------------------------
+    def next(self, *behaviours: Behaviour) -> None:
+        self.script.extend(behaviours)
+
+    def _behaviour(self) -> Behaviour:
+        return self.script.popleft() if self.script else self.default
+
+    def _build(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_get("/v1/models", self.models)
+        return app
+
+    # -- shared ----------------------------------------------------------------------------------
+    def _error(self, status: int, message: str, etype: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
+        etype = etype or {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+                          429: "rate_limit_exceeded" if False else "requests", 500: "server_error",
+                          503: "server_error"}.get(status, "server_error")
+        code = {401: "invalid_api_key", 429: "rate_limit_exceeded", 404: "model_not_found"}.get(status)
+        body = {"error": {"message": message, "type": etype, "param": None, "code": code}}
+        return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
+
+    async def _pre(self, request: web.Request) -> tuple[dict[str, Any] | None, Behaviour, web.Response | None]:
+        b = self._behaviour()
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None, b, self._error(400, "We could not parse the JSON body of your request.")
+        self.requests.append(body)
+        self.headers.append(dict(request.headers))
+        if self.api_key is not None and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return body, b, self._error(401, "Incorrect API key provided.")
+        if b.delay_first_byte:
+            await asyncio.sleep(b.delay_first_byte)
+        if b.raw_body is not None:
+            return body, b, web.Response(status=b.status, body=b.raw_body, headers=b.headers)
+        if b.fail_rate and self.rng.random() < b.fail_rate:
+            return body, b, self._error(b.status_on_fail, "The server had an error while processing your request.", headers=b.headers)
+        if b.status >= 400:
+            return body, b, self._error(b.status, b.error_message or f"scripted failure {b.status}", b.error_type, b.headers)
+        return body, b, None
+
+    # -- chat ------------------------------------------------------------------------------------
+    def _answer(self, body: dict[str, Any], b: Behaviour) -> dict[str, Any]:
+        msgs = body.get("messages") or []
+        last_user = next((_text_of(m.get("content")) for m in reversed(msgs) if m.get("role") == "user"), "")
+        last = msgs[-1] if msgs else {}
+        tools = body.get("tools")
+        reasoning = None
+        model = str(body.get("model", ""))
+        if "reasoner" in model or "thinking" in model:
+            reasoning = f"thinking about: {last_user}"
+        if tools and body.get("tool_choice") != "none" and last.get("role") != "tool":
+            calls = []
+            n_calls = 2 if body.get("parallel_tool_calls") is not False and "parallel" in last_user else 1
+            for i in range(n_calls):
+                fn = tools[min(i, len(tools) - 1)]["function"]["name"]
+                calls.append({"id": f"call_{i}_{abs(hash(last_user)) % 10**8}", "type": "function",
+                              "function": {"name": fn, "arguments": orjson.dumps({"query": last_user, "n": i}).decode()}})
+            return {"content": None, "tool_calls": calls, "reasoning": reasoning, "finish": "tool_calls", "user": last_user}
+        if last.get("role") == "tool":
+            text = f"tool said: {_text_of(last.get('content'))}"
+        else:
+            text = b.content if b.content is not None else f"echo: {last_user}"
+        finish = "stop"
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        if isinstance(max_tokens, int) and count_tokens(text) > max_tokens:
+            text = " ".join(text.split()[:max_tokens])
+            finish = "length"
+        rf = body.get("response_format") or {}
+        if rf.get("type") in ("json_object", "json_schema"):
+            text = orjson.dumps({"answer": last_user}).decode()
+        return {"content": text, "tool_calls": None, "reasoning": reasoning, "finish": finish, "user": last_user}
+
+    def _usage(self, body: dict[str, Any], ans: dict[str, Any]) -> dict[str, Any]:
+        prompt = sum(count_tokens(_text_of(m.get("content"))) + 3 for m in body.get("messages") or [])
+        completion = count_tokens(ans["content"] or "") + sum(
+            count_tokens(c["function"]["arguments"]) for c in ans["tool_calls"] or []
+        )
+        reasoning = count_tokens(ans["reasoning"]) if ans["reasoning"] else 0
+        cached = prompt // 2
+        usage: dict[str, Any] = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion + reasoning,
+            "total_tokens": prompt + completion + reasoning,
+            "prompt_tokens_details": {"cached_tokens": cached},
+            "completion_tokens_details": {"reasoning_tokens": reasoning},
+        }
+        if ans["reasoning"]:
+            usage["prompt_cache_hit_tokens"] = cached
+            usage["prompt_cache_miss_tokens"] = prompt - cached
+        return usage
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body, b, early = await self._pre(request)
+        if early is not None:
+            return early
+        assert body is not None
+        if not isinstance(body.get("messages"), list) or not body["messages"]:
+            return self._error(400, "Invalid 'messages': empty array. Expected an array with minimum length 1.")
+        ans = self._answer(body, b)
+        cid = f"chatcmpl-{int(time.time() * 1000)}{self.rng.randrange(10**6)}"
+        created = int(time.time())
+        model = body.get("model")
+        if not body.get("stream"):
+            message: dict[str, Any] = {"role": "assistant", "content": ans["content"], "refusal": None}
+            if ans["reasoning"]:
+                message["reasoning_content"] = ans["reasoning"]
+            if ans["tool_calls"]:
+                message["tool_calls"] = ans["tool_calls"]
+            n = body.get("n") or 1
+            resp = {
+                "id": cid, "object": "chat.completion", "created": created, "model": model,
+                "system_fingerprint": "fp_fake",
+                "choices": [{"index": i, "message": message, "logprobs": None, "finish_reason": ans["finish"]} for i in range(n)],
+                "usage": self._usage(body, ans),
+            }
+            return web.Response(body=orjson.dumps(resp), content_type="application/json", headers=b.headers)
+        return await self._stream_chat(request, body, b, ans, cid, created, model)
+
+    async def _stream_chat(self, request: web.Request, body: dict[str, Any], b: Behaviour, ans: dict[str, Any],
+                           cid: str, created: int, model: Any) -> web.StreamResponse:
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": "fp_fake"}
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            c = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            if include_usage:
+                c["usage"] = None
+            return b"data: " + orjson.dumps(c) + b"\n\n"
+
+        events = [chunk({"role": "assistant", "content": "", "refusal": None})]
+        if ans["reasoning"]:
+            events += [chunk({"reasoning_content": w + " "}) for w in ans["reasoning"].split()]
+        if ans["tool_calls"]:
+            for i, call in enumerate(ans["tool_calls"]):
+                events.append(chunk({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                                                     "function": {"name": call["function"]["name"], "arguments": ""}}]}))
+                args = call["function"]["arguments"]
+                for j in range(0, len(args), 7):
+                    events.append(chunk({"tool_calls": [{"index": i, "function": {"arguments": args[j:j + 7]}}]}))
+        else:
+            words = (ans["content"] or "").split(" ")
+            events += [chunk({"content": (w if i == 0 else " " + w)}) for i, w in enumerate(words)]
+        events.append(chunk({}, ans["finish"]))
+        if include_usage:
+            events.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": self._usage(body, ans)}) + b"\n\n")
+        return await self._send_stream(request, events, b)
+
+    async def _send_stream(self, request: web.Request, events: list[bytes], b: Behaviour) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **b.headers})
+        await resp.prepare(request)
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        finished = False
+        try:
+            for i, ev in enumerate(events):
+                if b.stall_after_chunks is not None and i == b.stall_after_chunks:
+                    await asyncio.sleep(3600)
+                if b.drop_after_chunks is not None and i == b.drop_after_chunks:
+                    assert request.transport is not None
+                    request.transport.close()
+                    return resp
+                if b.error_event_after_chunks is not None and i == b.error_event_after_chunks:
+                    await resp.write(b'data: {"error": {"message": "The server had an error while processing your request.", "type": "server_error", "param": null, "code": null}}\n\n')
+                    return resp
+                await resp.write(ev)
+                if b.chunk_delay:
+                    await asyncio.sleep(b.chunk_delay)
+            if not b.omit_done:
+                await resp.write(b"data: [DONE]\n\n")
+            finished = True
+            await resp.write_eof()
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        finally:
+            self.active -= 1
+            if not finished:
+                self.cancelled += 1
+        return resp
+
+    # -- completions / embeddings / models ---------------------------------------------------------
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body, b, early = await self._pre(request)
+        if early is not None:
+            return early
+        assert body is not None
+        prompt = body.get("prompt")
+        text = b.content if b.content is not None else f"completed: {prompt if isinstance(prompt, str) else prompt[0]}"
+        usage = {"prompt_tokens": count_tokens(str(prompt)), "completion_tokens": count_tokens(text),
+                 "total_tokens": count_tokens(str(prompt)) + count_tokens(text)}
+        cid = f"cmpl-{self.rng.randrange(10**9)}"
+        base = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": body.get("model")}
+        if not body.get("stream"):
+            resp = {**base, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": "stop"}], "usage": usage}
+            return web.Response(body=orjson.dumps(resp), content_type="application/json")
+        events = [b"data: " + orjson.dumps({**base, "choices": [{"text": w, "index": 0, "logprobs": None, "finish_reason": None}]}) + b"\n\n"
+                  for w in text.split(" ")]
+        events.append(b"data: " + orjson.dumps({**base, "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": "stop"}]}) + b"\n\n")
+        if (body.get("stream_options") or {}).get("include_usage"):
+            events.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
+        return await self._send_stream(request, events, b)
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        body, b, early = await self._pre(request)
+        if early is not None:
+            return early
+        assert body is not None
+        inputs = body.get("input")
+        items = [inputs] if isinstance(inputs, str) else list(inputs or [])
+        dims = body.get("dimensions") or 8
+        data = []
+        for i, text in enumerate(items):
+            rng = random.Random(str(text))
+            vec = [rng.uniform(-1, 1) for _ in range(dims)]
+            emb: Any = vec
+            if body.get("encoding_format") == "base64":
+                emb = base64.b64encode(struct.pack(f"<{dims}f", *vec)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        tokens = sum(count_tokens(str(t)) for t in items)
+        resp = {"object": "list", "data": data, "model": body.get("model"), "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return web.Response(body=orjson.dumps(resp), content_type="application/json")
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps({"object": "list", "data": [{"id": "fake-model", "object": "model", "created": 0, "owned_by": "fake"}]}),
+                            content_type="application/json")

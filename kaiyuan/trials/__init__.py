@@ -1,0 +1,1 @@
+"""Shadow/canary/offline trials, judges, statistics and reports."""

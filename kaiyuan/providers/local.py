@@ -155,6 +155,8 @@ class LocalProvider(Provider):
             item = first
             try:
                 while item is not _DONE:
+                    if isinstance(item, dict) and "model" in item:
+                        item["model"] = self.cfg.model
                     yield b"data: " + orjson.dumps(item) + b"\n\n"
                     item = await queue.get()
                 yield b"data: [DONE]\n\n"
@@ -168,6 +170,8 @@ class LocalProvider(Provider):
         return UpstreamReply(200, _SSE, stream=chunks(), _closer=closer)
 
     def _whole(self, result: Any) -> UpstreamReply:
+        if isinstance(result, dict) and "model" in result:
+            result["model"] = self.cfg.model  # llama.cpp reports the file path
         if isinstance(result, dict) and "error" in result:
             err = result["error"]
             code = err.get("code") if isinstance(err, dict) else None

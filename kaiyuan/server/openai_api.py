@@ -45,6 +45,7 @@ async def _handle(request: web.Request, endpoint: str, validate: Validator) -> w
             ctx.model = body["model"]
         await gw.guard.admit(ctx)
         validate(body)
+        ctx.body = body
         ctx.model = body["model"]
         gw.model_config(ctx)
         stream = ctx.stream = body.get("stream") is True and endpoint != "embeddings"

@@ -298,7 +298,8 @@ def request_from_canonical(req: c.Request, model: str, default_max_tokens: int) 
             msgs[-1]["content"].extend(blocks)
         else:
             msgs.append({"role": m.role, "content": blocks})
-    body: dict[str, Any] = {"model": model, "max_tokens": req.max_tokens or default_max_tokens, "messages": msgs}
+    max_tokens = req.max_tokens or default_max_tokens + (req.thinking_budget or 0)  # must exceed the budget
+    body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "messages": msgs}
     system = c.joined_text(req.system)
     rf = req.response_format
     if rf and rf.get("type") in ("json_object", "json_schema"):

@@ -29,11 +29,13 @@ UNTRANSLATABLE: dict[str, Any] = {
     "function_call": lambda v: v is not None,
 }
 # Accepted and deliberately not forwarded (documented): bookkeeping for OpenAI's own platform.
-IGNORED = frozenset({"store", "metadata", "service_tier", "stream_options", "reasoning_effort", "verbosity"})
+IGNORED = frozenset({"store", "metadata", "service_tier", "stream_options", "verbosity"})
+# reasoning_effort -> a thinking budget in tokens (Anthropic thinking.budget_tokens, Gemini thinkingBudget).
+EFFORT_BUDGET = {"none": 0, "minimal": 1024, "low": 1024, "medium": 4096, "high": 16384, "xhigh": 32768}
 KNOWN = frozenset(
     {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "stop", "stream",
      "tools", "tool_choice", "parallel_tool_calls", "response_format", "user", "seed", "presence_penalty",
-     "frequency_penalty"}
+     "frequency_penalty", "reasoning_effort"}
 ) | IGNORED | frozenset(UNTRANSLATABLE)
 
 
@@ -108,6 +110,9 @@ def request_to_canonical(body: dict[str, Any]) -> c.Request:
         else:
             raise invalid(f"messages[{i}].role {role!r} cannot be translated for this model's upstream", param=f"messages[{i}].role")
     _check_tool_results(messages)
+    effort = body.get("reasoning_effort")
+    if effort is not None and effort not in EFFORT_BUDGET:
+        raise invalid(f"'reasoning_effort' must be one of {', '.join(EFFORT_BUDGET)}", param="reasoning_effort")
     stop = body.get("stop")
     req = c.Request(
         model=body["model"],
@@ -128,6 +133,7 @@ def request_to_canonical(body: dict[str, Any]) -> c.Request:
         seed=body.get("seed"),
         presence_penalty=_num(body.get("presence_penalty")),
         frequency_penalty=_num(body.get("frequency_penalty")),
+        thinking_budget=EFFORT_BUDGET[effort] if effort is not None else None,
     )
     return req
 

@@ -302,11 +302,11 @@ def request_from_canonical(req: c.Request, model: str, default_max_tokens: int) 
     body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "messages": msgs}
     system = c.joined_text(req.system)
     rf = req.response_format
-    if rf and rf.get("type") in ("json_object", "json_schema"):
-        schema = (rf.get("json_schema") or {}).get("schema")
+    schema = (rf.get("json_schema") or {}).get("schema") if rf and rf.get("type") == "json_schema" else None
+    if schema is not None:  # structured outputs
+        body["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
+    elif rf and rf.get("type") == "json_object":  # no JSON mode without a schema: ask for it
         hint = "Respond with a single JSON object and nothing else."
-        if schema:
-            hint += " It must match this JSON Schema: " + orjson.dumps(schema).decode()
         system = (system + "\n\n" + hint) if system else hint
     if system:
         body["system"] = system
@@ -330,8 +330,9 @@ def request_from_canonical(req: c.Request, model: str, default_max_tokens: int) 
             choice["disable_parallel_tool_use"] = True
         if req.tools or choice["type"] == "none":
             body["tool_choice"] = choice
-    if req.thinking_budget:
-        body["thinking"] = {"type": "enabled", "budget_tokens": req.thinking_budget}
+    if req.thinking_budget is not None:
+        body["thinking"] = ({"type": "enabled", "budget_tokens": req.thinking_budget} if req.thinking_budget
+                            else {"type": "disabled"})
     if req.stream:
         body["stream"] = True
     return body

@@ -79,6 +79,9 @@ class OpenAIToAnthropic:
                     out += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
                 assert self.current is not None
                 out.append(self._delta(self.current, {"type": "thinking_delta", "thinking": reasoning}))
+            sig = delta.get("reasoning_signature")
+            if isinstance(sig, str) and sig and self.current is not None and self.open[self.current] == "thinking":
+                out.append(self._delta(self.current, {"type": "signature_delta", "signature": sig}))
             text = delta.get("content")
             if isinstance(text, str) and text:
                 if self.current is None or self.open[self.current] != "text":
@@ -148,7 +151,6 @@ class AnthropicToOpenAI(_OpenAIChunks):
         super().__init__(model, include_usage)
         self.tools: dict[int, int] = {}  # Anthropic block index -> OpenAI tool index
         self.stop: str | None = None
-        self.signature: str | None = None
 
     def feed(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         kind = event.get("type")
@@ -162,8 +164,8 @@ class AnthropicToOpenAI(_OpenAIChunks):
             if dk == "input_json_delta" and event.get("index") in self.tools:
                 pj = d.get("partial_json", "")
                 return [self.chunk({"tool_calls": [{"index": self.tools[event["index"]], "function": {"arguments": pj}}]})] if pj else []
-            if dk == "signature_delta":
-                self.signature = d.get("signature")
+            if dk == "signature_delta" and d.get("signature"):  # non-standard, lets the signature survive
+                return [self.chunk({"reasoning_signature": d["signature"]})]
             return []
         if kind == "content_block_start":
             b = event.get("content_block") or {}

@@ -128,7 +128,7 @@ class FakeAnthropic:
         text = f"tool said: {_text(last['content'])}" if has_result else (b.content if b.content is not None else f"echo: {last_text}")
         system = body.get("system")
         sys_text = system if isinstance(system, str) else " ".join(x.get("text", "") for x in system or [])
-        if "JSON" in sys_text:
+        if "JSON" in sys_text or ((body.get("output_config") or {}).get("format") or {}).get("type") == "json_schema":
             text = orjson.dumps({"answer": last_text}).decode()
         reason, seq = "end_turn", None
         for s in body.get("stop_sequences") or []:

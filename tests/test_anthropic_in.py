@@ -219,3 +219,25 @@ def test_auth_with_x_api_key(make_gateway, fake_openai: FakeOpenAI) -> None:
     r = anthropic.Anthropic(base_url=gw.url, api_key="sk-master", max_retries=0).messages.create(
         model="fake-chat", max_tokens=5, messages=[{"role": "user", "content": "x"}])
     assert r.content[0].text == "echo: x"
+
+
+def test_client_disconnect_cancels_upstream(gateway: RunningGateway, fake_openai: FakeOpenAI) -> None:
+    import time
+
+    fake_openai.next(Behaviour(chunk_delay=0.2))
+    with client(gateway).messages.stream(model="fake-chat", max_tokens=100,
+                                         messages=[{"role": "user", "content": " ".join(["w"] * 12)}]) as s:
+        for ev in s:
+            if ev.type == "content_block_delta":
+                break  # leave mid-stream; closing the stream drops the connection
+    for _ in range(100):  # bounded wait for the gateway to notice and cancel the upstream call
+        if fake_openai.cancelled:
+            break
+        time.sleep(0.05)
+    assert fake_openai.cancelled == 1
+    for _ in range(100):
+        rows = [r for r in gateway.log_rows() if r["dialect"] == "anthropic"]
+        if rows and rows[-1]["cancelled"]:
+            break
+        time.sleep(0.05)
+    assert rows[-1]["cancelled"] and rows[-1]["status"] == 499

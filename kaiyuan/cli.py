@@ -29,6 +29,7 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations are routine; say only problems
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

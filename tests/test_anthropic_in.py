@@ -241,3 +241,24 @@ def test_client_disconnect_cancels_upstream(gateway: RunningGateway, fake_openai
             break
         time.sleep(0.05)
     assert rows[-1]["cancelled"] and rows[-1]["status"] == 499
+
+
+def test_unknown_routes_under_messages_answer_in_anthropic_shape(gateway: RunningGateway) -> None:
+    status, _, text = post(gateway.url + "/v1/messages/batches/nope", {})
+    body = orjson.loads(text)
+    assert status in (404, 405) and body["type"] == "error" and body["error"]["type"] in ("not_found_error", "invalid_request_error")
+    req = urllib.request.Request(gateway.url + "/v1/messages", method="GET")
+    try:
+        urllib.request.urlopen(req, timeout=10)
+        raise AssertionError("GET /v1/messages must fail")
+    except urllib.error.HTTPError as e:
+        assert e.code == 405 and orjson.loads(e.read())["type"] == "error"
+
+
+def test_bad_json_and_wrong_types_are_anthropic_400s(gateway: RunningGateway) -> None:
+    for body in ({"model": "fake-chat", "max_tokens": "10", "messages": [{"role": "user", "content": "x"}]},
+                 {"model": "fake-chat", "max_tokens": 10, "messages": [{"role": "user", "content": 5}]},
+                 {"model": "fake-chat", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}], "tools": [{}]},
+                 {"model": "fake-chat", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}], "stream": "yes"}):
+        status, _, text = post(gateway.url + "/v1/messages", body)
+        assert status == 400 and orjson.loads(text)["error"]["type"] == "invalid_request_error", body

@@ -274,3 +274,23 @@ def test_gemini_error_body_keeps_status() -> None:
                                              (ErrorKind.UPSTREAM_ERROR, "api_error"), (ErrorKind.REQUEST_TOO_LARGE, "request_too_large")])
 def test_anthropic_error_types(kind: ErrorKind, etype: str) -> None:
     assert orjson.loads(anth.error_body(GatewayError(kind, "m")))["error"]["type"] == etype
+
+
+def test_tool_calls_with_finish_stop_still_end_in_tool_use() -> None:
+    """Some OpenAI-compatible servers say "stop" after calling a tool; Anthropic callers must see tool_use."""
+    src = load("openai/chat_tool_calls.json")
+    src["choices"][0]["finish_reason"] = "stop"
+    assert anth.response_from_canonical(oc.response_to_canonical(src), "m")["stop_reason"] == "tool_use"
+    tr = OpenAIToAnthropic("m")
+    chunks = sse_objects("openai/stream_parallel_tool_calls.sse")
+    for ch in chunks:
+        for c in ch["choices"]:
+            if c["finish_reason"]:
+                c["finish_reason"] = "stop"
+    raw = b"".join(b"".join(tr.feed(ch)) for ch in chunks) + b"".join(tr.end())
+    assert accumulate_anthropic(parse_anthropic_sse(raw))["stop_reason"] == "tool_use"
+
+
+def test_tool_choice_none_without_tools_is_not_sent_to_openai() -> None:
+    body = {"model": "m", "max_tokens": 5, "tool_choice": {"type": "none"}, "messages": [{"role": "user", "content": "x"}]}
+    assert "tool_choice" not in oc.request_from_canonical(anth.request_to_canonical(body), "m")

@@ -246,7 +246,7 @@ def request_from_canonical(req: c.Request, model: str) -> dict[str, Any]:
     if req.tools:
         body["tools"] = [{"type": "function", "function": {"name": t.name, **({"description": t.description} if t.description else {}),
                                                            "parameters": t.parameters}} for t in req.tools]
-    if req.tool_choice is not None:
+    if req.tool_choice is not None and req.tools:  # OpenAI refuses tool_choice without tools
         tc = req.tool_choice
         body["tool_choice"] = ({"type": "function", "function": {"name": tc.name}} if tc.mode == "tool"
                                else "required" if tc.mode == "any" else tc.mode)

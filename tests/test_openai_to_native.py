@@ -229,3 +229,22 @@ def test_truncated_upstream_stream_is_an_error(native_gateway: RunningGateway, r
     _fake(request, model).next(Behaviour(omit_done=True))
     with pytest.raises(openai.APIError):
         list(client(native_gateway).chat.completions.create(model=model, messages=[{"role": "user", "content": "a b"}], stream=True))
+
+
+def test_gemini_thought_signature_rides_in_the_call_id(native_gateway: RunningGateway, fake_gemini: Any) -> None:
+    """Gemini 3 refuses a function-call turn that comes back without its thoughtSignature."""
+    c = client(native_gateway)
+    msgs: list[Any] = [{"role": "user", "content": "sig"}]
+    r = c.chat.completions.create(model="gemini", messages=msgs, tools=TOOLS)
+    call = r.choices[0].message.tool_calls[0]  # type: ignore[index]
+    assert "__ts__" in call.id
+    msgs += [r.choices[0].message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": "ok"}]
+    assert c.chat.completions.create(model="gemini", messages=msgs, tools=TOOLS).choices[0].message.content == "tool said: ok"
+    sig_sent_by_upstream = fake_gemini.requests[-1]["contents"][1]["parts"][0]["thoughtSignature"]
+    assert sig_sent_by_upstream.startswith("CiQB0e2Kb+") and sig_sent_by_upstream.endswith("/x==")
+    stripped = [msgs[0], {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_plain", "type": "function", "function": {"name": "search", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_plain", "content": "ok"}]
+    with pytest.raises(openai.BadRequestError) as ei:
+        c.chat.completions.create(model="gemini", messages=stripped, tools=TOOLS)
+    assert "thought_signature" in ei.value.message  # the fake enforces it, so the test above means something

@@ -29,6 +29,31 @@ def new_call_id() -> str:
     return "call_" + os.urandom(12).hex()
 
 
+# Gemini's thoughtSignature on a functionCall part must come back with that call on the next turn
+# (Gemini 3 answers 400 without it). Other dialects have no field for it, so it rides inside the
+# tool call id, which every client echoes back: ``<id>__ts__<url-safe signature>``.
+SIG_MARK = "__ts__"
+
+
+def call_id_with_signature(call_id: str, signature: Any) -> str:
+    if not isinstance(signature, str) or not signature:
+        return call_id
+    return call_id + SIG_MARK + signature.replace("+", "-").replace("/", "_").rstrip("=")
+
+
+def signature_of(call_id: str) -> str | None:
+    if SIG_MARK not in call_id:
+        return None
+    enc = call_id.split(SIG_MARK, 1)[1].replace("-", "+").replace("_", "/")
+    return enc + "=" * (-len(enc) % 4)
+
+
+def call_from_part(fc: dict[str, Any], part: dict[str, Any]) -> tuple[str, str, str]:
+    """(id, name, arguments JSON) of a functionCall part; the id carries the part's thoughtSignature."""
+    cid = call_id_with_signature(fc.get("id") or new_call_id(), part.get("thoughtSignature"))
+    return cid, fc.get("name", ""), orjson.dumps(fc.get("args") or {}).decode()
+
+
 def _guess_mime(url: str) -> str:
     ext = url.rsplit(".", 1)[-1].lower().split("?")[0]
     return {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp",
@@ -66,7 +91,11 @@ def _parts(m: c.Message) -> list[dict[str, Any]]:
                 args = orjson.loads(b.arguments or "{}")
             except orjson.JSONDecodeError:
                 raise invalid(f"tool call {b.id}: arguments are not valid JSON; Gemini needs a JSON object") from None
-            parts.append({"functionCall": {"name": b.name, "args": args}})
+            part: dict[str, Any] = {"functionCall": {"name": b.name, "args": args}}
+            sig = signature_of(b.id)
+            if sig:
+                part["thoughtSignature"] = sig
+            parts.append(part)
         elif isinstance(b, c.ToolResult):
             parts.append(_function_response(b))
         # Thinking is not sent back: Gemini does not accept earlier thoughts as input.
@@ -141,9 +170,7 @@ def response_to_canonical(obj: dict[str, Any]) -> c.Response:
         cand = cands[0]
         for part in (cand.get("content") or {}).get("parts") or []:
             if "functionCall" in part:
-                fc = part["functionCall"] or {}
-                blocks.append(c.ToolCall(fc.get("id") or new_call_id(), fc.get("name", ""),
-                                         orjson.dumps(fc.get("args") or {}).decode()))
+                blocks.append(c.ToolCall(*call_from_part(part["functionCall"] or {}, part)))
             elif isinstance(part.get("text"), str):
                 blocks.append(c.Thinking(part["text"]) if part.get("thought") else c.Text(part["text"]))
         reason = c.GEMINI_FINISH_TO_CANON.get(cand.get("finishReason") or "STOP", "end")

@@ -15,8 +15,6 @@ import os
 import time
 from typing import Any
 
-import orjson
-
 from kaiyuan.dialects import anthropic as anth
 from kaiyuan.dialects import canonical as c
 from kaiyuan.dialects import gemini as gem
@@ -224,10 +222,10 @@ class GeminiToOpenAI(_OpenAIChunks):
                 continue
             for part in (cand.get("content") or {}).get("parts") or ():
                 if "functionCall" in part:
-                    fc = part["functionCall"] or {}
+                    cid, name, args = gem.call_from_part(part["functionCall"] or {}, part)
                     out.append(self.chunk({"tool_calls": [{
-                        "index": self.tool_count, "id": fc.get("id") or gem.new_call_id(), "type": "function",
-                        "function": {"name": fc.get("name", ""), "arguments": orjson.dumps(fc.get("args") or {}).decode()}}]}))
+                        "index": self.tool_count, "id": cid, "type": "function",
+                        "function": {"name": name, "arguments": args}}]}))
                     self.tool_count += 1
                 elif isinstance(part.get("text"), str) and part["text"]:
                     key = "reasoning_content" if part.get("thought") else "content"

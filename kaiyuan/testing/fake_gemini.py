@@ -39,8 +39,9 @@ def _text(parts: list[dict[str, Any]]) -> str:
 
 
 class FakeGemini:
-    def __init__(self, *, api_key: str | None = None) -> None:
+    def __init__(self, *, api_key: str | None = None, require_thought_signatures: bool = True) -> None:
         self.api_key = api_key
+        self.require_thought_signatures = require_thought_signatures  # like Gemini 3
         self.requests: list[dict[str, Any]] = []
         self.paths: list[str] = []
         self.headers: list[dict[str, str]] = []
@@ -63,6 +64,10 @@ class FakeGemini:
         for i, ct in enumerate(contents):
             if ct.get("role") not in ("user", "model"):
                 return f"Please use a valid role: user, model. (contents[{i}])"
+            calls = [p for p in ct.get("parts") or [] if "functionCall" in p]
+            if calls and self.require_thought_signatures and not calls[0].get("thoughtSignature"):
+                return (f"Function call is missing a thought_signature in functionCall parts. This is required for tools "
+                        f"to work correctly. (contents[{i}])")
             for j, p in enumerate(ct.get("parts") or []):
                 fc = p.get("functionCall")
                 if fc is not None and (not fc.get("name") or not isinstance(fc.get("args", {}), dict)):
@@ -120,7 +125,10 @@ class FakeGemini:
         if decls and fcc.get("mode") != "NONE" and not answered:
             names = fcc.get("allowedFunctionNames") or [d["name"] for d in decls]
             for i in range(2 if "parallel" in last_text else 1):
-                parts.append({"functionCall": {"name": names[min(i, len(names) - 1)], "args": {"query": last_text, "n": i}}})
+                part: dict[str, Any] = {"functionCall": {"name": names[min(i, len(names) - 1)], "args": {"query": last_text, "n": i}}}
+                if i == 0:  # Gemini signs the first call of a step
+                    part["thoughtSignature"] = "CiQB0e2Kb+" + os.urandom(9).hex() + "/x=="
+                parts.append(part)
             return parts, "STOP"
         text = f"tool said: {_text(last['parts'])}" if answered else (b.content if b.content is not None else f"echo: {last_text}")
         if gc.get("responseMimeType") == "application/json":

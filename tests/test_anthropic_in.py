@@ -262,3 +262,18 @@ def test_bad_json_and_wrong_types_are_anthropic_400s(gateway: RunningGateway) ->
                  {"model": "fake-chat", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}], "stream": "yes"}):
         status, _, text = post(gateway.url + "/v1/messages", body)
         assert status == 400 and orjson.loads(text)["error"]["type"] == "invalid_request_error", body
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_malformed_upstream_reply_is_a_502_not_a_crash(gateway: RunningGateway, fake_openai: FakeOpenAI, stream: bool) -> None:
+    if stream:
+        fake_openai.next(Behaviour(raw_body=b'data: {"choices": 5}\n\ndata: [DONE]\n\n', headers={"Content-Type": "text/event-stream"}))
+        with pytest.raises(anthropic.APIStatusError) as ei, client(gateway).messages.stream(
+                model="fake-chat", max_tokens=5, messages=[{"role": "user", "content": "x"}]) as s:
+            list(s)
+    else:
+        fake_openai.next(Behaviour(raw_body=b'{"choices": [{"message": {"tool_calls": [{"function": 3}]}}]}'))
+        with pytest.raises(anthropic.APIStatusError) as ei:
+            client(gateway).messages.create(model="fake-chat", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+        assert ei.value.status_code == 502
+    assert "cannot read" in str(ei.value)

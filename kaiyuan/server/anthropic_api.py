@@ -69,8 +69,15 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
             return await translate.relay_to_anthropic(request, ctx, provider.protocol, reply.stream, public)
         data = reply.body or b""
         ctx.status = reply.status
-        r = translate.reply_to_canonical(provider.protocol, data, ctx)
-        if provider.protocol != "anthropic":
+        if provider.protocol == "anthropic":  # pass-through: only read the usage
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                obj = None
+            if isinstance(obj, dict):
+                translate.usage_into_ctx(anth.usage_to_canonical(obj.get("usage")), ctx)
+        else:
+            r = translate.reply_to_canonical(provider.protocol, data, ctx)
             data = orjson.dumps(anth.response_from_canonical(r, public))
         ctx.mark_first_byte()
         if ctx.log_bodies:
@@ -150,7 +157,7 @@ def estimate_input_tokens(body: dict[str, Any]) -> int:
 async def _count_tokens(request: web.Request, ctx: RequestContext, body: dict[str, Any]) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
     providers = [p for p in gw.providers.get(ctx.model or "", []) if p.unavailable is None]
-    if providers and providers[0].protocol == "anthropic":
+    if providers and all(p.protocol == "anthropic" for p in providers):  # the upstream's own count
         b = {k: v for k, v in body.items() if k not in ("max_tokens", "stream")}
         b["model"] = providers[0].deployment.model
         _prov, reply = await gw.execute(ctx, lambda p: UpstreamCall("count_tokens", {**b, "model": p.deployment.model},

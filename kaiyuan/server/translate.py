@@ -58,9 +58,17 @@ def reply_to_canonical(protocol: str, data: bytes, ctx: RequestContext) -> c.Res
         raise GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {ctx.deployment} returned a body that is not JSON") from None
     if not isinstance(obj, dict):
         raise GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {ctx.deployment} returned an unexpected body")
-    r = RESPONSE_TO_CANONICAL[protocol](obj)
+    try:
+        r = RESPONSE_TO_CANONICAL[protocol](obj)
+    except (KeyError, TypeError, AttributeError, ValueError, GatewayError) as e:  # a 400 from a parser is the upstream's fault here
+        raise _malformed(ctx, e) from None
     usage_into_ctx(r.usage, ctx)
     return r
+
+
+def _malformed(ctx: RequestContext, e: Exception) -> GatewayError:
+    return GatewayError(ErrorKind.UPSTREAM_ERROR,
+                        f"upstream {ctx.deployment} sent a reply this gateway cannot read ({type(e).__name__}: {e})")
 
 
 def _payload(ev: bytes) -> bytes | None:
@@ -94,7 +102,16 @@ async def _objects(stream: AsyncIterator[bytes]) -> AsyncIterator[Any]:
 
 async def openai_chunks(protocol: str, stream: AsyncIterator[bytes], ctx: RequestContext, model: str,
                         include_usage: bool) -> AsyncIterator[dict[str, Any]]:
-    """Any upstream stream as OpenAI chat chunks (dicts); raises on a broken or truncated stream."""
+    """Any upstream stream as OpenAI chat chunks (dicts); raises on a broken, truncated or malformed stream."""
+    try:
+        async for ch in _openai_chunks(protocol, stream, ctx, model, include_usage):
+            yield ch
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise _malformed(ctx, e) from None
+
+
+async def _openai_chunks(protocol: str, stream: AsyncIterator[bytes], ctx: RequestContext, model: str,
+                         include_usage: bool) -> AsyncIterator[dict[str, Any]]:
     if protocol == "openai":
         done = False
         async for obj in _objects(stream):
@@ -154,7 +171,10 @@ async def relay_to_anthropic(request: web.Request, ctx: RequestContext, protocol
     tr = OpenAIToAnthropic(model)
     try:
         async for ch in openai_chunks(protocol, stream, ctx, model, True):
-            out = tr.feed(ch)
+            try:
+                out = tr.feed(ch)
+            except (KeyError, TypeError, AttributeError, ValueError) as e:
+                raise _malformed(ctx, e) from None
             if out:
                 ctx.mark_first_byte()
                 await resp.write(b"".join(out))

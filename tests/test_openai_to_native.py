@@ -248,3 +248,17 @@ def test_gemini_thought_signature_rides_in_the_call_id(native_gateway: RunningGa
     with pytest.raises(openai.BadRequestError) as ei:
         c.chat.completions.create(model="gemini", messages=stripped, tools=TOOLS)
     assert "thought_signature" in ei.value.message  # the fake enforces it, so the test above means something
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize(("messages", "needle"), [
+    ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AAA=", "format": "wav"}}]}], "input_audio"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "search", "arguments": "{not json"}}]},
+      {"role": "tool", "tool_call_id": "c1", "content": "r"}], "not valid JSON"),
+    ([{"role": "function", "name": "f", "content": "x"}], "role 'function'"),
+])
+def test_untranslatable_messages_are_a_clear_400(native_gateway: RunningGateway, model: str, messages: list, needle: str) -> None:
+    with pytest.raises(openai.BadRequestError) as ei:
+        client(native_gateway).chat.completions.create(model=model, messages=messages)
+    assert needle in ei.value.message and ei.value.body["type"] == "invalid_request_error"  # type: ignore[index]

@@ -107,14 +107,21 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
 _ENCODING: list[Any] = []
 
 
-def _count(text: str) -> int:
-    if not _ENCODING:
-        try:
-            import bpe_openai
+def _load_encoding() -> None:
+    if _ENCODING:
+        return
+    try:
+        import bpe_openai
 
-            _ENCODING.append(bpe_openai.get_encoding("o200k_base"))
-        except Exception:  # pragma: no cover - fall back to a rough estimate
-            _ENCODING.append(None)
+        enc: Any = bpe_openai.get_encoding("o200k_base")
+    except Exception:  # pragma: no cover - fall back to a rough estimate
+        enc = None
+    if not _ENCODING:
+        _ENCODING.append(enc)
+
+
+def _count(text: str) -> int:
+    _load_encoding()
     enc = _ENCODING[0]
     return len(enc.encode(text)) if enc is not None else max(1, len(text) // 4)
 
@@ -165,6 +172,8 @@ async def _count_tokens(request: web.Request, ctx: RequestContext, body: dict[st
         ctx.status = reply.status
         return web.Response(body=reply.body or b"", status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))
     ctx.status = 200
+    if not _ENCODING:  # the first call loads the tokenizer (~0.3 s) off the event loop
+        await asyncio.to_thread(_load_encoding)
     tokens = estimate_input_tokens(body)
     ctx.usage.prompt_tokens = tokens
     return web.Response(body=orjson.dumps({"input_tokens": tokens}), content_type=JSON_CT, headers=kaiyuan_headers(ctx))

@@ -389,7 +389,7 @@ def _policy_gateway(make_gateway: MakeGateway, fakes: Callable[[], FakeOpenAI]) 
 
 
 def test_policy_header_keeps_requests_on_allowed_deployments(make_gateway: MakeGateway, fakes: Callable[[], FakeOpenAI]) -> None:
-    gw, own, oai, eu = _policy_gateway(make_gateway, fakes)
+    gw, _own, oai, _eu = _policy_gateway(make_gateway, fakes)
     c = client(gw, **{"x-kaiyuan-policy": "self_hosted"})
     for _ in range(8):
         _, headers = chat(c)
@@ -454,7 +454,7 @@ class _PolicyGuard:
 
 
 def test_key_policy_combines_with_the_header(make_gateway: MakeGateway, fakes: Callable[[], FakeOpenAI]) -> None:
-    gw, own, oai, eu = _policy_gateway(make_gateway, fakes)
+    gw, _own, oai, _eu = _policy_gateway(make_gateway, fakes)
     gw.gateway.guard = _PolicyGuard("!vendor:openai")
     with pytest.raises(openai.APIStatusError) as ei:
         chat(client(gw, **{"x-kaiyuan-policy": "region:us"}))  # only oai is in the US: refused

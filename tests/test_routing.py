@@ -510,3 +510,14 @@ def test_cheapest_first_and_lowest_latency(make_gateway: MakeGateway, fakes: Cal
     served = [chat(c, "quick")[1]["x-kaiyuan-deployment"] for _ in range(8)]
     assert set(served[:2]) == {"slow", "fast"}  # each measured once first
     assert served[2:] == ["fast"] * 6
+
+
+def test_total_timeout_ends_a_slow_stream_with_an_error_event(make_gateway: MakeGateway, fakes: Callable[[], FakeOpenAI]) -> None:
+    slow = fakes()
+    slow.default = Behaviour(chunk_delay=0.15)
+    gw = make_gateway({"models": [{"name": "m", "deployments": [dep(slow, "slow", timeouts={"total": 0.3, "idle": 5})]}]})
+    with pytest.raises(openai.APIError) as ei:
+        for _ in client(gw).chat.completions.create(model="m", messages=[{"role": "user", "content": "a b c d e f"}], stream=True):
+            pass
+    assert "total time limit" in str(ei.value.message)
+    assert gw.log_rows()[-1]["status"] == 504

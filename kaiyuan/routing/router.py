@@ -142,9 +142,11 @@ class Router:
         header = ctx.headers.get(POLICY_HEADER) if ctx.headers is not None else None
         key_policy = ctx.principal.policy
         route = self.routes.get(ctx.model or "")
-        ctx.policy = combine((key_policy, header, route.settings.policy if route else None))
+        model_policy = route.settings.policy if route else None
         if not header and not key_policy:
+            ctx.policy = model_policy
             return None
+        ctx.policy = combine((key_policy, header, model_policy))
         if header:
             try:
                 self.policy(header)

@@ -521,3 +521,32 @@ def test_total_timeout_ends_a_slow_stream_with_an_error_event(make_gateway: Make
             pass
     assert "total time limit" in str(ei.value.message)
     assert gw.log_rows()[-1]["status"] == 504
+
+
+def test_a_model_in_both_lists_is_still_tried_for_a_refusal(make_gateway: MakeGateway, fakes: Callable[[], FakeOpenAI]) -> None:
+    down, small, big = fakes(), fakes(), fakes()
+    down.default = Behaviour(status=503)
+    small.default = Behaviour(status=400, error_message="This model's maximum context length is 8192 tokens.")
+    gw = make_gateway({"models": [
+        {"name": "m", "deployments": [dep(down, "down")], "routing": {"fallbacks": ["mid", "big"]}},
+        {"name": "mid", "deployments": [dep(small, "small")], "routing": {"context_window_fallbacks": ["big"]}},
+        {"name": "big", "deployments": [dep(big, "big")]},
+    ]})
+    assert chat(client(gw))[1]["x-kaiyuan-model"] == "big"
+    log = json.loads(gw.log_rows()[-1]["attempt_log"])
+    assert [a["model"] for a in log] == ["m", "m", "m", "mid", "big"]
+
+
+def test_in_flight_and_rpm_limits(make_gateway: MakeGateway, fakes: Callable[[], FakeOpenAI]) -> None:
+    a, b = fakes(), fakes()
+    gw = make_gateway({"models": [{"name": "m", "routing": {"strategy": "cheapest"}, "deployments": [
+        dep(a, "a", rpm=3, tpm=10_000, price={"input": 0, "output": 0}), dep(b, "b", price={"input": 1, "output": 1})]}]})
+    gw.gateway.router.set_clock(lambda: 60.0)  # one fixed minute
+    c = client(gw)
+    served = [chat(c)[1]["x-kaiyuan-deployment"] for _ in range(5)]
+    assert served == ["a", "a", "a", "b", "b"]  # a's rpm is spent for this minute
+    for _ in range(2):  # streams release their in-flight slot when they end
+        list(c.chat.completions.create(model="m", messages=MSG, stream=True))
+    d = admin(gw)
+    assert d["m/a"]["in_flight"] == 0 and d["m/b"]["in_flight"] == 0
+    assert d["m/a"]["capacity"] == "at its rpm limit (3)"

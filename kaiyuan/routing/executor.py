@@ -90,7 +90,9 @@ async def execute(router: Router, ctx: RequestContext, build: Callable[[Provider
             if not nxt:
                 assert result is not None
                 raise result  # the upstream's verdict on this request, and no model to ask instead
-            del chain[i:]  # a refusal of the request itself: only the matching list can help
+            for dropped in chain[i:]:  # a refusal of the request itself: only the matching list can help
+                seen.discard(dropped.name)
+            del chain[i:]
         for name in nxt:
             if name in seen:
                 continue
@@ -212,8 +214,21 @@ async def _attempt(run: _Run, route: ModelRoute, slot: Slot) -> tuple[str, tuple
         err = upstream_error(provider, reply)
         return _failed(run, attempt, h, probe, err, True, t0)
     h.success(probe, elapsed)
-    _on_close(reply, h, ctx)
+    if reply.stream is not None:
+        _on_close(reply, h, ctx)
+    else:  # the whole body is here: the deployment's work is done
+        h.done()
+        if provider.deployment.tpm is not None and reply.body:
+            h.add_tokens(_usage_tokens(reply.body))
     return "ok", (provider, reply)
+
+
+def _usage_tokens(body: bytes) -> int:
+    try:
+        usage = orjson.loads(body).get("usage") or {}
+        return int(usage.get("total_tokens") or (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0))
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return 0
 
 
 def _failed(
@@ -252,7 +267,7 @@ async def _prefixed(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[b
 
 
 def _on_close(reply: UpstreamReply, h: DeploymentHealth, ctx: RequestContext) -> None:
-    """When the caller closes the reply: the deployment's request is over (in-flight, tokens, and a
+    """When the caller closes a stream: the deployment's request is over (in-flight, tokens, and a
     stream that broke after its first byte counts as a failure)."""
     inner = reply._closer
 

@@ -550,3 +550,14 @@ def test_in_flight_and_rpm_limits(make_gateway: MakeGateway, fakes: Callable[[],
     d = admin(gw)
     assert d["m/a"]["in_flight"] == 0 and d["m/b"]["in_flight"] == 0
     assert d["m/a"]["capacity"] == "at its rpm limit (3)"
+
+
+def test_a_slow_first_byte_is_governed_by_first_byte_not_idle(make_gateway: MakeGateway, fakes: Callable[[], FakeOpenAI]) -> None:
+    slow = fakes()
+    slow.default = Behaviour(delay_first_byte=0.5)
+    gw = make_gateway({"models": [{"name": "m", "routing": {"retries": {"max_attempts": 1}},
+                                   "deployments": [dep(slow, "slow", timeouts={"first_byte": 10, "idle": 0.2})]}]})
+    assert chat(client(gw))[0] == "echo: hello"
+    text = "".join(ch.choices[0].delta.content or "" for ch in client(gw).chat.completions.create(
+        model="m", messages=MSG, stream=True) if ch.choices)
+    assert text == "echo: hello"

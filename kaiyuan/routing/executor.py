@@ -180,32 +180,27 @@ async def _attempt(run: _Run, route: ModelRoute, slot: Slot) -> tuple[str, tuple
     run.tried_any = True
     probe = h.acquire(run.router.now())
     t0 = time.perf_counter()
-    reply: UpstreamReply | None = None
     try:
-        remaining = max(run.deadline - time.monotonic(), 0.001)
-        async with asyncio.timeout(remaining):
-            reply = await provider.send(run.build(provider))
-            if reply.status < 300 and reply.stream is not None:
-                first = await _first_chunk(reply.stream, provider.id)
-                reply.stream = _prefixed(first, reply.stream)
-    except GatewayError as e:
-        if reply is not None:  # a stream that failed before its first byte: nothing reached the client
-            await reply.aclose()
+        remaining = run.deadline - time.monotonic()
+        t = provider.deployment.timeouts
+        if remaining >= t.first_byte + t.idle:
+            # The deployment's own timeouts end this attempt before the request's deadline.
+            reply = await _send(provider, run.build(provider))
+        else:
+            async with asyncio.timeout(max(remaining, 0.001)):
+                reply = await _send(provider, run.build(provider))
+    except GatewayError as e:  # (a stream that failed before its first byte is closed by _send)
         return _failed(run, attempt, h, probe, e, False, t0)
     except TimeoutError:
-        if reply is not None:
-            await reply.aclose()
         err = GatewayError(
             ErrorKind.UPSTREAM_TIMEOUT,
             f"no answer from {provider.id} within the request's routing.retries.max_total_s "
             f"({route.settings.retries.max_total_s:g}s)",
         )
         return _failed(run, attempt, h, probe, err, False, t0)
-    except BaseException:
+    except BaseException:  # cancelled (the client went away): no verdict on the deployment
         h.release(probe)
         h.done()
-        if reply is not None:
-            await reply.aclose()
         raise
     elapsed = time.perf_counter() - t0
     attempt.ms = elapsed * 1000
@@ -246,6 +241,19 @@ def _failed(
         h.success(probe, None)  # it answered: the deployment is up, the request was refused
     h.done()
     return verdict, err
+
+
+async def _send(provider: Provider, call: UpstreamCall) -> UpstreamReply:
+    """Send, and for a 2xx stream wait for its first chunk (the point after which no retry is safe)."""
+    reply = await provider.send(call)
+    if reply.status < 300 and reply.stream is not None:
+        try:
+            first = await _first_chunk(reply.stream, provider.id)
+        except BaseException:
+            await reply.aclose()
+            raise
+        reply.stream = _prefixed(first, reply.stream)
+    return reply
 
 
 async def _first_chunk(stream: AsyncIterator[bytes], label: str) -> bytes:

@@ -25,7 +25,7 @@ class RetrySettings(_Strict):
     max_attempts: int = Field(default=3, ge=1, le=20, description="upstream attempts on this model's deployments")
     backoff_base_s: float = Field(default=0.05, ge=0, description="first backoff before retrying a deployment already tried")
     backoff_max_s: float = Field(default=2.0, ge=0)
-    max_total_s: float = Field(default=60.0, gt=0, description="no new attempt starts after this long (whole request)")
+    max_total_s: float = Field(default=300.0, gt=0, description="no attempt runs past this (whole request, before the answer starts)")
     max_retry_after_s: float = Field(default=30.0, ge=0, description="longer Retry-After values are not waited for")
 
     @model_validator(mode="after")

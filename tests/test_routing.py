@@ -87,7 +87,7 @@ def test_zero_client_failures_while_one_deployment_fails_every_time(make_gateway
     # The breaker took "bad" out of rotation after 5 failures: it saw no more than that.
     assert len(bad.requests) == 5
     state = admin(gw)
-    assert state["m/bad"]["state"] == "open" and "5 failures" in state["m/bad"]["reason"]
+    assert state["m/bad"]["state"] == "open" and "5 of 5 attempts failed" in state["m/bad"]["reason"]
     assert state["m/good"]["state"] == "closed"
     metrics = get(gw.url + "/metrics")[1].decode()
     assert 'kaiyuan_deployment_state_changes_total{deployment="bad",from_state="closed",model="m",to_state="open"} 1.0' in metrics

@@ -365,3 +365,25 @@ def test_property_no_request_reaches_a_disallowed_deployment(sc: dict[str, Any])
             assert len(ctx.attempts) == len(log) - start
 
     asyncio.run(run())
+
+
+def test_breaker_needs_a_failure_rate_not_just_a_count() -> None:
+    t = [0.0]
+    cfg_ = BreakerSettings(failures=5, window_s=10, min_failure_rate=0.5)
+    busy = DeploymentHealth("m", "busy", cfg_, lambda: t[0])
+    rng = random.Random(4)
+    for i in range(2000):  # 10% failures at high volume: retries absorb them; never taken out
+        t[0] = i * 0.005
+        if rng.random() < 0.1:
+            busy.failure(busy.acquire(t[0]), "500")
+        else:
+            busy.success(busy.acquire(t[0]), 0.01)
+    assert busy.state == CLOSED and busy.window_counts(t[0])[1] > 5
+    for _ in range(4000):  # now it fails every time: open once failures dominate the window
+        t[0] += 0.005
+        busy.failure(busy.acquire(t[0]), "500")
+        if busy.state == OPEN:
+            break
+    assert busy.state == OPEN and "attempts failed" in busy.reason
+    with pytest.raises(ConfigError):
+        cfg([{"name": "a", "routing": {"breaker": {"min_failure_rate": 1.5}}, "deployments": [d("x")]}])

@@ -1,7 +1,7 @@
 """Per-deployment health: circuit breaker, Retry-After cooldown, in-flight count, TTFT EWMA, RPM.
 
-States: ``closed`` (in rotation) -> ``open`` after ``failures`` failures within ``window_s``
-(out of rotation for ``cooldown_s``) -> ``half_open`` (up to ``half_open_probes`` requests at a
+States: ``closed`` (in rotation) -> ``open`` after ``failures`` failures within ``window_s`` that
+are also at least ``min_failure_rate`` of its attempts in that window (out of rotation for ``cooldown_s``) -> ``half_open`` (up to ``half_open_probes`` requests at a
 time are let through as probes) -> ``closed`` after ``half_open_probes`` successful probes, or
 back to ``open`` on a failed probe. Time comes from an injectable clock, so tests need not sleep.
 All of this runs on the event loop thread: no locks.
@@ -9,7 +9,6 @@ All of this runs on the event loop thread: no locks.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 
 from kaiyuan.routing.settings import BreakerSettings
@@ -17,6 +16,7 @@ from kaiyuan.routing.settings import BreakerSettings
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 STATE_VALUE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
 EWMA_ALPHA = 0.3
+BUCKETS = 10
 
 Clock = Callable[[], float]
 Listener = Callable[["DeploymentHealth", str, str], None]  # (health, old state, new state)
@@ -24,6 +24,10 @@ Listener = Callable[["DeploymentHealth", str, str], None]  # (health, old state,
 
 class DeploymentHealth:
     __slots__ = (
+        "_bucket_fail",
+        "_bucket_id",
+        "_bucket_ok",
+        "_bucket_w",
         "_rpm_count",
         "_rpm_window",
         "_tpm_count",
@@ -34,7 +38,6 @@ class DeploymentHealth:
         "deployment",
         "errors",
         "ewma_ttft",
-        "failures",
         "in_flight",
         "listener",
         "model",
@@ -55,7 +58,11 @@ class DeploymentHealth:
         self.state = CLOSED
         self.reason = "healthy"
         self.since = clock()
-        self.failures: deque[float] = deque()
+        # The window as BUCKETS buckets of (successes, failures): O(1) memory and time per outcome.
+        self._bucket_w = cfg.window_s / BUCKETS
+        self._bucket_id = [-1] * BUCKETS
+        self._bucket_ok = [0] * BUCKETS
+        self._bucket_fail = [0] * BUCKETS
         self.probes_in_flight = 0
         self.probe_successes = 0
         self.cooldown_until = 0.0  # Retry-After: do not send before this time
@@ -104,13 +111,15 @@ class DeploymentHealth:
     def success(self, probe: bool, ttft: float | None) -> None:
         self.release(probe)
         self.successes += 1
+        if self.state == CLOSED:
+            self._bucket(self.clock(), True)
         if ttft is not None:
             e = self.ewma_ttft
             self.ewma_ttft = ttft if e is None else e + EWMA_ALPHA * (ttft - e)
         if self.state == HALF_OPEN:
             self.probe_successes += 1
             if self.probe_successes >= self.cfg.half_open_probes:
-                self.failures.clear()
+                self._bucket_id = [-1] * BUCKETS
                 self._move(CLOSED, f"{self.probe_successes} probe(s) succeeded", self.clock())
 
     def failure(self, probe: bool, reason: str, retry_after: float | None = None) -> None:
@@ -127,13 +136,32 @@ class DeploymentHealth:
             return
         if self.state == OPEN:
             return
-        f = self.failures
-        f.append(now)
-        horizon = now - self.cfg.window_s
-        while f and f[0] < horizon:
-            f.popleft()
-        if len(f) >= self.cfg.failures:
-            self._move(OPEN, f"{len(f)} failures in {self.cfg.window_s:g}s; last: {reason}", now)
+        self._bucket(now, False)
+        ok, failed = self.window_counts(now)
+        if failed >= self.cfg.failures and failed >= self.cfg.min_failure_rate * (ok + failed):
+            self._move(OPEN, f"{failed} of {ok + failed} attempts failed in {self.cfg.window_s:g}s; last: {reason}", now)
+
+    def _bucket(self, now: float, ok: bool) -> None:
+        idx = int(now // self._bucket_w)
+        i = idx % BUCKETS
+        if self._bucket_id[i] != idx:
+            self._bucket_id[i] = idx
+            self._bucket_ok[i] = 0
+            self._bucket_fail[i] = 0
+        if ok:
+            self._bucket_ok[i] += 1
+        else:
+            self._bucket_fail[i] += 1
+
+    def window_counts(self, now: float) -> tuple[int, int]:
+        """(successes, failures) in the last ``window_s`` (to the nearest bucket)."""
+        oldest = int(now // self._bucket_w) - BUCKETS + 1
+        ok = failed = 0
+        for i in range(BUCKETS):
+            if self._bucket_id[i] >= oldest:
+                ok += self._bucket_ok[i]
+                failed += self._bucket_fail[i]
+        return ok, failed
 
     def _move(self, new: str, reason: str, now: float) -> None:
         old = self.state
@@ -178,7 +206,8 @@ class DeploymentHealth:
             "state": state,
             "reason": reason,
             "since_s": round(now - self.since, 3),
-            "failures_in_window": sum(1 for t in self.failures if t >= now - self.cfg.window_s),
+            "failures_in_window": self.window_counts(now)[1],
+            "successes_in_window": self.window_counts(now)[0],
             "in_flight": self.in_flight,
             "successes": self.successes,
             "errors": self.errors,

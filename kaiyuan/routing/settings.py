@@ -26,7 +26,7 @@ class RetrySettings(_Strict):
     backoff_base_s: float = Field(default=0.05, ge=0, description="first backoff before retrying a deployment already tried")
     backoff_max_s: float = Field(default=2.0, ge=0)
     max_total_s: float = Field(default=300.0, gt=0, description="no attempt runs past this (whole request, before the answer starts)")
-    max_retry_after_s: float = Field(default=30.0, ge=0, description="longer Retry-After values are not waited for")
+    max_retry_after_s: float = Field(default=5.0, ge=0, description="longer Retry-After values are not waited for")
 
     @model_validator(mode="after")
     def _order(self) -> RetrySettings:
@@ -36,10 +36,14 @@ class RetrySettings(_Strict):
 
 
 class BreakerSettings(_Strict):
-    """Per-deployment circuit breaker: ``failures`` in ``window_s`` opens it for ``cooldown_s``."""
+    """Per-deployment circuit breaker: ``failures`` failures in ``window_s``, being at least
+    ``min_failure_rate`` of the attempts there, open it for ``cooldown_s``."""
 
     enabled: bool = True
     failures: int = Field(default=5, ge=1)
+    min_failure_rate: float = Field(
+        default=0.5, ge=0, le=1, description="and at least this share of the window's attempts failed"
+    )
     window_s: float = Field(default=30.0, gt=0)
     cooldown_s: float = Field(default=30.0, gt=0)
     half_open_probes: int = Field(default=1, ge=1, description="successful probes needed to close again")

@@ -407,17 +407,19 @@ def test_policy_refusal_is_a_503_naming_the_policy_and_is_logged(make_gateway: M
     gw, own, oai, eu = _policy_gateway(make_gateway, fakes)
     own.default = Behaviour(status=500)
     c = client(gw, **{"x-kaiyuan-policy": "self_hosted"})
-    with pytest.raises(openai.InternalServerError) as ei:  # the allowed deployment failed: its error, never another
+    with pytest.raises(openai.APIStatusError) as ei:  # the allowed deployment failed: never another one
         chat(c)
-    assert "data policy 'self_hosted'" in ei.value.message
-    for _ in range(6):  # the breaker opens; then nothing allowed is healthy
+    assert ei.value.status_code == 503 and ei.value.body["code"] == "policy_unsatisfied"  # type: ignore[index]
+    assert "data policy 'self_hosted' could answer" in ei.value.message and "returned 500" in ei.value.message
+    assert int(ei.value.response.headers["x-kaiyuan-attempts"]) == 3
+    for _ in range(6):  # the breaker opens; then nothing allowed is healthy and nothing is tried
         try:
             chat(c)
         except openai.APIStatusError as e:
             last = e
-    assert last.status_code == 503
+    assert last.status_code == 503 and "x-kaiyuan-attempts" not in last.response.headers  # nothing was tried
     assert "data policy 'self_hosted'" in last.message and "not sent elsewhere" in last.message
-    assert "oai (fails self_hosted)" in last.message
+    assert "circuit open" in last.message and "oai (fails self_hosted)" in last.message
     assert last.body["code"] == "policy_unsatisfied"  # type: ignore[index]
     assert oai.requests == [] and eu.requests == []
     row = gw.log_rows()[-1]

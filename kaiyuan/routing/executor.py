@@ -334,8 +334,15 @@ def _final_error(run: _Run, primary: ModelRoute) -> GatewayError:
     msg = f"model {primary.name!r}: all {n} attempt(s) failed; last: {last.message}"
     if notes:
         msg += f" ({notes})"
-    if ctx.policy:
-        msg += f"; data policy {ctx.policy!r} kept the request on allowed deployments{excluded}"
+    if excluded:
+        # The policy kept the request from deployments that might have answered: say so, as a 503.
+        router.metrics.refusals.labels(primary.name, "policy").inc()
+        return GatewayError(
+            ErrorKind.NO_DEPLOYMENT,
+            f"no deployment allowed by data policy {ctx.policy!r} could answer: {msg}{excluded}; "
+            f"the request was not sent elsewhere",
+            headers=last.headers, code="policy_unsatisfied",
+        )
     return GatewayError(last.kind, msg, status=last.status, headers=last.headers, code=last.code, upstream_type=last.upstream_type)
 
 

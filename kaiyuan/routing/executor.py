@@ -150,6 +150,8 @@ async def _try_model(run: _Run, route: ModelRoute) -> tuple[str, tuple[Provider,
                 break
             if delay > 0:
                 await asyncio.sleep(delay)
+                if not again.health.available(router.now()):  # e.g. another request took its probe slot
+                    continue
             pick = again
         if pick is None:
             # Nothing usable now; wait for a Retry-After cooldown if it ends soon enough.

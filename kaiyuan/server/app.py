@@ -15,6 +15,7 @@ from kaiyuan.dialects import anthropic as anth
 from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
+from kaiyuan.routing import admin as routing_admin
 from kaiyuan.server import anthropic_api, health, openai_api
 from kaiyuan.server.common import ErrorSerializer, error_response
 from kaiyuan.server.openai_api import GATEWAY_KEY
@@ -76,6 +77,7 @@ def create_app(config: GatewayConfig, gateway: Gateway | None = None) -> web.App
     app[GATEWAY_KEY] = gw
     openai_api.add_routes(app)
     health.add_routes(app)
+    routing_admin.add_routes(app)
     for install in EXTRA_ROUTES:
         install(app)
 

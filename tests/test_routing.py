@@ -563,3 +563,34 @@ def test_a_slow_first_byte_is_governed_by_first_byte_not_idle(make_gateway: Make
     text = "".join(ch.choices[0].delta.content or "" for ch in client(gw).chat.completions.create(
         model="m", messages=MSG, stream=True) if ch.choices)
     assert text == "echo: hello"
+
+
+def test_connect_timeout_fails_over(make_gateway: MakeGateway, fakes: Callable[[], FakeOpenAI]) -> None:
+    import socket
+
+    srv = socket.socket()  # listens, never accepts; its backlog is full, so new connects hang
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    port = srv.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        c = socket.socket()
+        c.setblocking(False)
+        try:
+            c.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(c)
+    good = fakes()
+    try:
+        gw = make_gateway({"models": [{"name": "m", "routing": {"strategy": "cheapest"}, "deployments": [
+            {**dep(good, "hung", price={"input": 0, "output": 0}, timeouts={"connect": 0.2}), "base_url": f"http://127.0.0.1:{port}/v1"},
+            dep(good, "good", price={"input": 1, "output": 1})]}]})
+        _, headers = chat(client(gw))
+        assert headers["x-kaiyuan-deployment"] == "good" and headers["x-kaiyuan-attempts"] == "2"
+        log = json.loads(gw.log_rows()[-1]["attempt_log"])
+        assert log[0]["deployment"] == "hung" and "timeouts.connect" in log[0]["error"] and log[0]["status"] == 504
+    finally:
+        for c in fillers:
+            c.close()
+        srv.close()

@@ -193,7 +193,7 @@ def test_missing_max_tokens_and_unknown_model(gateway: RunningGateway) -> None:
     (400, anthropic.BadRequestError, "invalid_request_error"),
 ])
 def test_upstream_errors_in_anthropic_shape(gateway: RunningGateway, fake_openai: FakeOpenAI, status: int, exc: type, etype: str) -> None:
-    fake_openai.default = Behaviour(status=status, error_message="nope")  # persistent: one-off faults are retried away
+    fake_openai.default = Behaviour(status=status, error_message="nope")  # persistent: retries must not hide it
     with pytest.raises(exc) as ei:
         client(gateway).messages.create(model="fake-chat", max_tokens=5, messages=[{"role": "user", "content": "x"}])
     assert ei.value.status_code == status

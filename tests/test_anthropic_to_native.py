@@ -53,7 +53,7 @@ def test_pass_through_count_tokens_asks_upstream(native_gateway: RunningGateway,
 @pytest.mark.parametrize(("status", "exc", "etype"), [
     (529, anthropic.InternalServerError, "overloaded_error"), (401, anthropic.AuthenticationError, "authentication_error")])
 def test_pass_through_errors(native_gateway: RunningGateway, fake_anthropic: Any, status: int, exc: type, etype: str) -> None:
-    fake_anthropic.default = Behaviour(status=status)
+    fake_anthropic.default = Behaviour(status=status)  # persistent: retries must not hide it
     with pytest.raises(exc) as ei:
         client(native_gateway).messages.create(model="claude", max_tokens=5, messages=[{"role": "user", "content": "x"}])
     assert ei.value.status_code == status and ei.value.body["error"]["type"] == etype

@@ -218,7 +218,7 @@ def test_embeddings_on_native_deployment_is_a_clear_400(native_gateway: RunningG
 ])
 def test_upstream_errors_keep_their_status(native_gateway: RunningGateway, request: pytest.FixtureRequest,
                                            model: str, status: int, exc: type) -> None:
-    _fake(request, model).default = Behaviour(status=status, error_message="upstream says no")
+    _fake(request, model).default = Behaviour(status=status, error_message="upstream says no")  # persistent
     with pytest.raises(exc) as ei:
         client(native_gateway).chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}])
     assert ei.value.status_code == status and "upstream says no" in ei.value.message

@@ -85,6 +85,10 @@ async def post_json(
         if resp is not None:
             resp.close()
         raise
+    except aiohttp.ConnectionTimeoutError:
+        raise GatewayError(
+            ErrorKind.UPSTREAM_TIMEOUT, f"could not connect to upstream {label} within {timeouts.connect:g}s (timeouts.connect)"
+        ) from None
     except TimeoutError:
         if resp is not None:
             resp.close()

@@ -91,7 +91,7 @@ def validate_chat(body: dict[str, Any]) -> None:
         if not isinstance(m, dict):
             raise invalid(f"messages[{i}] must be an object, got {_type_name(m)}", param=f"messages[{i}]", code="invalid_type")
         role = m.get("role")
-        if role not in CHAT_ROLES:
+        if not isinstance(role, str) or role not in CHAT_ROLES:
             raise invalid(
                 f"messages[{i}].role must be one of {', '.join(sorted(CHAT_ROLES))}, got {role!r}",
                 param=f"messages[{i}].role",

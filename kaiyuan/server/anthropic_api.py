@@ -56,9 +56,7 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
                 b = dict(body)
                 b["model"] = provider.deployment.model
                 return UpstreamCall("messages", b, stream, headers=extra_headers)
-            if not canon:
-                canon.append(anth.request_to_canonical(body))
-            return translate.upstream_call(provider, canon[0])
+            return translate.translated_call(provider, anth.request_to_canonical, body, canon)
 
         provider, reply = await gw.execute(ctx, build)
         public = ctx.model or ""

@@ -7,7 +7,7 @@ stays on the pass-through paths.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -41,6 +41,23 @@ def upstream_call(provider: Provider, req: c.Request) -> UpstreamCall:
     if proto == "gemini":
         return UpstreamCall("chat", gem.request_from_canonical(req), req.stream)
     return UpstreamCall("chat", oc.request_from_canonical(req, d.model), req.stream)
+
+
+def translated_call(provider: Provider, parse: Callable[[dict[str, Any]], c.Request], body: dict[str, Any],
+                    cache: list[c.Request]) -> UpstreamCall:
+    """The call for ``provider`` from a client body in another dialect (parsed once, into ``cache``).
+
+    The validators are shallow; a field of the wrong shape deeper down that the translation trips
+    over is the client's to fix: a 400 naming the problem, never a 500."""
+    try:
+        if not cache:
+            cache.append(parse(body))
+        return upstream_call(provider, cache[0])
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
+        raise GatewayError(ErrorKind.INVALID_REQUEST,
+                           f"the request has a field of the wrong type or shape for translation to this model's "
+                           f"{provider.protocol} upstream ({type(e).__name__}: {e}); check it against the API "
+                           f"reference", code="invalid_request") from None
 
 
 def usage_into_ctx(u: c.Usage, ctx: RequestContext) -> None:
@@ -232,9 +249,7 @@ def openai_call(provider: Provider, endpoint: str, body: dict[str, Any], cache: 
         raise GatewayError(ErrorKind.INVALID_REQUEST,
                            f"this model's deployment {provider.id} speaks the {provider.protocol} protocol, which has "
                            f"no {endpoint} endpoint; use /v1/chat/completions", code="unsupported_endpoint")
-    if not cache:
-        cache.append(oc.request_to_canonical(body))
-    return upstream_call(provider, cache[0])
+    return translated_call(provider, oc.request_to_canonical, body, cache)
 
 
 async def openai_reply(request: web.Request, ctx: RequestContext, provider: Provider, reply: UpstreamReply,

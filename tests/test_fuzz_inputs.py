@@ -9,12 +9,12 @@ models on Anthropic and Gemini upstreams (the translation paths).
 from __future__ import annotations
 
 import copy
+import http.client
 import json
 from collections.abc import Callable
 from typing import Any
-
-import http.client
 from urllib.parse import urlsplit
+
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings

@@ -22,13 +22,20 @@ DONE = b"data: [DONE]"
 
 
 async def sse_events(stream: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
-    """Group raw chunks into complete SSE events (without their blank-line terminator)."""
+    """Group raw chunks into complete SSE events (without their blank-line terminator).
+
+    CRLF framing is normalised to LF, also when a CRLF is split across two chunks."""
     buf = b""
+    cr = False  # the previous chunk ended with a CR whose LF may open this one
     async for chunk in stream:
+        if cr:
+            chunk = b"\r" + chunk
         if b"\r" in chunk:
-            chunk = chunk.replace(b"\r\n", b"\n")
+            cr = chunk.endswith(b"\r")
+            chunk = (chunk[:-1] if cr else chunk).replace(b"\r\n", b"\n")
+        scan = max(len(buf) - 1, 0)  # only the new bytes (and one before) can complete a terminator
         buf += chunk
-        if b"\n\n" not in buf:
+        if buf.find(b"\n\n", scan) < 0:
             continue
         *events, buf = buf.split(b"\n\n")
         ready = [e for e in events if e]

@@ -65,7 +65,9 @@ async def relay_openai_stream(
             for ev in events:
                 if ev.startswith(DONE):
                     saw_done = True
-                elif b'"usage":{' in ev or b'"usage": {' in ev or b'"error"' in ev:
+                    out.append(DONE + b"\n\n")
+                    break
+                if b'"usage":{' in ev or b'"usage": {' in ev or b'"error"' in ev:
                     if _inspect(ev, ctx) and strip_usage:
                         continue
                 out.append(ev)
@@ -76,6 +78,8 @@ async def relay_openai_stream(
                     tail += data
                 ctx.mark_first_byte()
                 await resp.write(data)
+            if saw_done:  # the answer is complete: finish now, not when the upstream closes
+                break
         if not saw_done and ctx.error is None:
             raise GatewayError(
                 ErrorKind.UPSTREAM_ERROR,

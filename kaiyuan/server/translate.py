@@ -134,7 +134,8 @@ async def _openai_chunks(protocol: str, stream: AsyncIterator[bytes], ctx: Reque
         async for obj in _objects(stream):
             if obj is None:
                 done = True
-            elif isinstance(obj, dict):
+                break  # the answer is complete: finish now, not when the upstream closes
+            if isinstance(obj, dict):
                 if obj.get("error"):
                     err = obj["error"]
                     msg = err.get("message") if isinstance(err, dict) else err
@@ -149,6 +150,8 @@ async def _openai_chunks(protocol: str, stream: AsyncIterator[bytes], ctx: Reque
             if isinstance(obj, dict):
                 for ch in atr.feed(obj):
                     yield ch
+                if atr.done:
+                    break
         if not atr.done:
             raise _early(ctx, "no message_stop")
         usage_into_ctx(atr.usage, ctx)

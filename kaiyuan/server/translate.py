@@ -218,24 +218,18 @@ async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext,
             out: list[bytes] = []
             for ev in events:
                 if b"message_st" in ev or b"message_delta" in ev or b"event: error" in ev:
-                    p = _payload(ev)
-                    obj = orjson.loads(p) if p else {}
-                    kind = obj.get("type")
-                    if kind == "message_start":
-                        usage = anth.usage_to_canonical((obj.get("message") or {}).get("usage"))
-                    elif kind == "message_delta":
-                        merged = {**anth.usage_from_canonical(usage),
-                                  **{k: v for k, v in (obj.get("usage") or {}).items() if v is not None}}
-                        usage = anth.usage_to_canonical(merged)
-                    elif kind == "message_stop":
-                        saw_stop = True
-                    elif kind == "error":
-                        ctx.status, ctx.error = 502, f"upstream {ctx.deployment} sent an error mid-stream"
-                        saw_stop = True
+                    try:
+                        usage, saw_stop = _anthropic_meta(ev, ctx, usage)
+                    except (KeyError, TypeError, AttributeError, ValueError) as e:
+                        raise _malformed(ctx, e) from None
                 out.append(ev)
                 out.append(b"\n\n")
+                if saw_stop:
+                    break
             ctx.mark_first_byte()
             await resp.write(b"".join(out))
+            if saw_stop:  # the answer is complete: finish now, not when the upstream closes
+                break
         if not saw_stop:
             raise _early(ctx, "no message_stop")
         usage_into_ctx(usage, ctx)
@@ -244,6 +238,27 @@ async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext,
         await resp.write(anth.stream_error_event(e))
     await resp.write_eof()
     return resp
+
+
+def _anthropic_meta(ev: bytes, ctx: RequestContext, usage: c.Usage) -> tuple[c.Usage, bool]:
+    """Usage and end-of-stream out of one pass-through Anthropic event: (usage so far, stream over)."""
+    p = _payload(ev)
+    if not p:
+        return usage, False
+    try:
+        obj = orjson.loads(p)
+    except orjson.JSONDecodeError:
+        raise GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {ctx.deployment} sent a stream event that is not JSON") from None
+    kind = obj["type"]
+    if kind == "message_start":
+        return anth.usage_to_canonical(obj["message"].get("usage")), False
+    if kind == "message_delta":
+        delta = obj.get("usage") or {}
+        merged = {**anth.usage_from_canonical(usage), **{k: v for k, v in delta.items() if v is not None}}
+        return anth.usage_to_canonical(merged), False
+    if kind == "error":
+        ctx.status, ctx.error = 502, f"upstream {ctx.deployment} sent an error mid-stream"
+    return usage, kind in ("message_stop", "error")
 
 
 # -- entry points for the OpenAI handler (OpenAI callers, non-OpenAI upstreams) -------------------

@@ -210,6 +210,8 @@ async def _attempt(run: _Run, route: ModelRoute, slot: Slot) -> tuple[str, tuple
     if reply.status >= 300:
         err = upstream_error(provider, reply)
         return _failed(run, attempt, h, probe, err, True, t0)
+    if reply.stream is None and (bad := _bad_body(provider, reply)) is not None:
+        return _failed(run, attempt, h, probe, bad, False, t0)
     h.success(probe, elapsed)
     if reply.stream is not None:
         _on_close(reply, h, ctx)
@@ -218,6 +220,26 @@ async def _attempt(run: _Run, route: ModelRoute, slot: Slot) -> tuple[str, tuple
         if provider.deployment.tpm is not None and reply.body:
             h.add_tokens(_usage_tokens(reply.body))
     return "ok", (provider, reply)
+
+
+def _bad_body(provider: Provider, reply: UpstreamReply) -> GatewayError | None:
+    """A 2xx whole body that is not a JSON object, or that carries an error object, is a failed
+    attempt (502, retried elsewhere), not an answer to pass on."""
+    body = reply.body or b""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        text = body[:200].decode("utf-8", "replace").strip()
+        return GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {provider.id} answered {reply.status} with a body "
+                                                      f"that is not JSON: {text!r}")
+    if not isinstance(obj, dict):
+        return GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {provider.id} answered {reply.status} with JSON that "
+                                                      f"is not an object")
+    err = obj.get("error")
+    if err:
+        msg = err.get("message") if isinstance(err, dict) else err
+        return GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {provider.id} answered {reply.status} with an error: {msg}")
+    return None
 
 
 def _usage_tokens(body: bytes) -> int:

@@ -233,8 +233,22 @@ def test_anthropic_passthrough_stream_split_at_every_byte_with_crlf(gw: RunningG
 ])
 def test_anthropic_passthrough_garbage_ends_with_an_error_event(gw: RunningGateway, raw: RawUpstream, bad: bytes) -> None:
     raw.script.append(Reply(chunks=[ANTH_START, bad, ANTH_REST], stream=True))
-    with pytest.raises(anthropic.APIError) as e:  # noqa: PT012
+    with pytest.raises(anthropic.APIError) as e:
         with anth(gw).messages.stream(model="claude", max_tokens=10, messages=MSG) as s:  # type: ignore[arg-type]
             s.get_final_message()
     assert "internal gateway error" not in str(e.value)
     assert gw.log_rows()[-1]["status"] == 502
+
+
+# -- accounting of absurd usage -------------------------------------------------------------------------
+@pytest.mark.parametrize("tokens", [2**64 - 1, -5])
+def test_absurd_usage_numbers_do_not_lose_log_rows(gw: RunningGateway, raw: RawUpstream, tokens: int) -> None:
+    bad = {**COMPLETION, "usage": {"prompt_tokens": tokens, "completion_tokens": 2, "total_tokens": 5}}
+    raw.script.append(Reply(chunks=[orjson.dumps(bad)]))
+    raw.script.append(Reply(chunks=[orjson.dumps(COMPLETION)]))
+    assert oai(gw).chat.completions.create(model="m", messages=MSG).choices[0].message.content == "Hello"
+    assert oai(gw).chat.completions.create(model="m", messages=MSG).choices[0].message.content == "Hello"
+    rows = gw.log_rows()
+    assert len(rows) == 2 and gw.gateway.request_log.pending == 0
+    assert rows[0]["prompt_tokens"] is None and rows[0]["completion_tokens"] == 2
+    assert rows[1]["prompt_tokens"] == 3

@@ -22,6 +22,9 @@ from kaiyuan.observability.metrics import Metrics
 from kaiyuan.store.schema import request_log
 
 log = logging.getLogger("kaiyuan.request_log")
+# Errors about a row's contents, not the database being down (the driver raises OverflowError /
+# ValueError itself for an integer or a string it cannot bind): such a row is dropped, not retried.
+ROW_ERRORS = (IntegrityError, DataError, OverflowError, ValueError, TypeError)
 
 
 def row_for(ctx: RequestContext) -> dict[str, Any]:
@@ -105,7 +108,7 @@ class RequestLogWriter:
             try:
                 await asyncio.to_thread(self._write, batch)
                 ok = n
-            except (IntegrityError, DataError):
+            except ROW_ERRORS:
                 # One bad row must not block the queue: write the batch row by row, drop the bad ones.
                 try:
                     ok = await asyncio.to_thread(self._write_each, batch)
@@ -132,9 +135,9 @@ class RequestLogWriter:
             try:
                 self._write([row])
                 ok += 1
-            except (IntegrityError, DataError) as e:
+            except ROW_ERRORS as e:
                 self.metrics.log_dropped.inc()
-                log.error("request log row %s dropped: %s", row.get("id"), e.orig)
+                log.error("request log row %s dropped: %s", row.get("id"), getattr(e, "orig", e))
         return ok
 
     async def close(self) -> None:

@@ -19,6 +19,7 @@ from kaiyuan.dialects import canonical as c
 from kaiyuan.dialects import gemini as gem
 from kaiyuan.dialects import openai_chat as oc
 from kaiyuan.dialects.openai import stream_error_event as openai_error_event
+from kaiyuan.dialects.openai import token_count as _count
 from kaiyuan.dialects.streams import AnthropicToOpenAI, GeminiToOpenAI, OpenAIToAnthropic
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
@@ -61,11 +62,11 @@ def translated_call(provider: Provider, parse: Callable[[dict[str, Any]], c.Requ
 
 
 def usage_into_ctx(u: c.Usage, ctx: RequestContext) -> None:
-    ctx.usage.prompt_tokens = u.input_tokens
-    ctx.usage.completion_tokens = u.output_tokens
-    ctx.usage.cached_tokens = u.cache_read
-    ctx.usage.cache_write_tokens = u.cache_write
-    ctx.usage.reasoning_tokens = u.reasoning
+    ctx.usage.prompt_tokens = _count(u.input_tokens)
+    ctx.usage.completion_tokens = _count(u.output_tokens)
+    ctx.usage.cached_tokens = _count(u.cache_read)
+    ctx.usage.cache_write_tokens = _count(u.cache_write)
+    ctx.usage.reasoning_tokens = _count(u.reasoning)
 
 
 def reply_to_canonical(protocol: str, data: bytes, ctx: RequestContext) -> c.Response:

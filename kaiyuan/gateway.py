@@ -33,7 +33,7 @@ class Gateway:
     def __init__(self, config: GatewayConfig, engine: Engine | None = None) -> None:
         self.config = config
         self.engine = engine
-        self.metrics = Metrics()
+        self.metrics = Metrics(m.name for m in config.models)
         self.models: dict[str, ModelConfig] = {m.name: m for m in config.models}
         self.providers: dict[str, list[Provider]] = {
             m.name: [build_provider(d) for d in m.deployments] for m in config.models

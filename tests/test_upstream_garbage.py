@@ -252,3 +252,12 @@ def test_absurd_usage_numbers_do_not_lose_log_rows(gw: RunningGateway, raw: RawU
     assert len(rows) == 2 and gw.gateway.request_log.pending == 0
     assert rows[0]["prompt_tokens"] is None and rows[0]["completion_tokens"] == 2
     assert rows[1]["prompt_tokens"] == 3
+
+
+def test_made_up_model_names_do_not_grow_the_metrics(gw: RunningGateway) -> None:
+    for i in range(30):
+        with pytest.raises(openai.NotFoundError):
+            oai(gw).chat.completions.create(model=f"no-such-model-{i}", messages=MSG)
+    text = gw.gateway.metrics.render().decode()
+    assert "no-such-model" not in text
+    assert 'model="(unknown)"' in text

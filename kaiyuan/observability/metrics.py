@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from kaiyuan.context import RequestContext
@@ -9,8 +11,14 @@ from kaiyuan.context import RequestContext
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
+UNKNOWN_MODEL = "(unknown)"
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, models: Iterable[str] | None = None) -> None:
+        # Label values come only from config: a model name a client made up is counted under
+        # UNKNOWN_MODEL, so no caller can grow the registry (and its memory) without bound.
+        self.models: frozenset[str] | None = frozenset(models) if models is not None else None
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "kaiyuan_requests", "Requests by model, deployment, endpoint and status",
@@ -43,6 +51,8 @@ class Metrics:
 
     def observe(self, ctx: RequestContext) -> None:
         model = ctx.model or ""
+        if self.models is not None and model and model not in self.models:
+            model = UNKNOWN_MODEL
         dep = ctx.deployment or ""
         self.requests.labels(model, dep, ctx.endpoint, str(ctx.status)).inc()
         self.latency.labels(model, dep).observe(ctx.elapsed())

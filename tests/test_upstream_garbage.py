@@ -261,3 +261,30 @@ def test_made_up_model_names_do_not_grow_the_metrics(gw: RunningGateway) -> None
     text = gw.gateway.metrics.render().decode()
     assert "no-such-model" not in text
     assert 'model="(unknown)"' in text
+
+
+@pytest.mark.parametrize("encoding", ["br", "deflate", "x-made-up"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_unexpected_content_encoding_is_a_clear_answer(gw: RunningGateway, raw: RawUpstream, encoding: str,
+                                                       stream: bool) -> None:
+    raw.script.append(Reply(chunks=[b"\x8b\x00garbage" * 3], headers={"Content-Encoding": encoding}, stream=stream))
+    try:
+        r = oai(gw).chat.completions.create(model="m", messages=MSG, stream=stream)
+        if stream:
+            list(r)  # type: ignore[call-overload]
+    except openai.APIStatusError as e:
+        assert e.status_code == 502, e.message
+    except openai.APIError as e:  # a stream that started: an error event
+        assert "internal gateway error" not in str(e)
+    else:
+        pytest.fail("garbage was accepted as an answer")
+    assert gw.log_rows()[-1]["status"] == 502
+
+
+@pytest.mark.parametrize("body", [orjson.dumps(COMPLETION), b"<html><body>upstream proxy error</body></html>\n\n"])
+def test_a_stream_request_answered_without_sse_is_an_error_event(gw: RunningGateway, raw: RawUpstream, body: bytes) -> None:
+    raw.script.append(Reply(chunks=[body], stream=True))
+    with pytest.raises(openai.APIError) as e:
+        list(oai(gw).chat.completions.create(model="m", messages=MSG, stream=True))
+    assert "not an SSE stream" in str(e.value)
+    assert gw.log_rows()[-1]["status"] == 502

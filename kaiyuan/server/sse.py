@@ -19,6 +19,7 @@ from kaiyuan.server.common import kaiyuan_headers
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]"
+SSE_FIELDS = (b"data:", b"event:", b":", b"id:", b"retry:")  # how every SSE line begins
 
 
 async def sse_events(stream: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
@@ -67,6 +68,8 @@ async def relay_openai_stream(
                     saw_done = True
                     out.append(DONE + b"\n\n")
                     break
+                if not ev.startswith(SSE_FIELDS):
+                    raise _not_sse(ev, ctx)
                 if b'"usage":{' in ev or b'"usage": {' in ev or b'"error"' in ev:
                     if _inspect(ev, ctx) and strip_usage:
                         continue
@@ -93,6 +96,12 @@ async def relay_openai_stream(
         ctx.response_body = bytes(tail)
     await resp.write_eof()
     return resp
+
+
+def _not_sse(ev: bytes, ctx: RequestContext) -> GatewayError:
+    text = ev[:200].decode("utf-8", "replace").strip()
+    return GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {ctx.deployment} answered the stream request with "
+                                                  f"something that is not an SSE stream: {text!r}")
 
 
 def _inspect(ev: bytes, ctx: RequestContext) -> bool:

@@ -217,6 +217,9 @@ def _mut(base: dict[str, Any], model: str, path: tuple[Any, ...], value: Any) ->
     ("/v1/messages", _mut(ANTHROPIC_MESSAGES, "plain", ("thinking", "budget_tokens"), "lots"), None),
     ("/v1/messages", _mut(ANTHROPIC_MESSAGES, "gemini", ("messages", 0, "content", 1, "source"), ["x"]), None),
     ("/v1/messages", _mut(ANTHROPIC_MESSAGES, "plain", ("output_config",), ["x"]), None),
+    ("/v1/messages/count_tokens", _mut(ANTHROPIC_MESSAGES, "plain", ("messages", 1, "content", 0, "thinking"), [1]), None),
+    ("/v1/messages/count_tokens", _mut(ANTHROPIC_MESSAGES, "plain", ("messages", 1, "content", 1, "name"), 5), None),
+    ("/v1/messages/count_tokens", _mut(ANTHROPIC_MESSAGES, "plain", ("system",), [{"type": "text", "text": 5}]), None),
 ])
 def test_wrong_shapes_are_400_in_the_callers_dialect(fuzz_gateway: RunningGateway, path: str, body: Any,
                                                       param: str | None) -> None:

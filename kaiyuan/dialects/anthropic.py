@@ -129,6 +129,8 @@ def validate(body: dict[str, Any]) -> None:
             assert isinstance(b, dict)
             if kind == "text" and not isinstance(b.get("text"), str):
                 raise _bad(f"{where}.text: Field required", where)
+            if kind == "thinking" and not isinstance(b.get("thinking"), str):
+                raise _bad(f"{where}.thinking: Field required (a string)", where)
             if kind == "tool_use":
                 if role != "assistant":
                     raise _bad(f"{where}: tool_use blocks may only appear in assistant messages", where)

@@ -288,3 +288,23 @@ def test_a_stream_request_answered_without_sse_is_an_error_event(gw: RunningGate
         list(oai(gw).chat.completions.create(model="m", messages=MSG, stream=True))
     assert "not an SSE stream" in str(e.value)
     assert gw.log_rows()[-1]["status"] == 502
+
+
+def test_a_bug_mid_stream_ends_the_stream_with_an_error_event(gw: RunningGateway, raw: RawUpstream,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the response has started, an unexpected exception must still end it with an error event
+    in the caller's dialect (never a second HTTP response written into the stream)."""
+    import kaiyuan.server.sse as sse_mod
+
+    def boom(ev: bytes, ctx: Any) -> bool:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(sse_mod, "_inspect", boom)
+    raw.script.append(Reply(chunks=[GOOD_STREAM], stream=True))
+    with pytest.raises(openai.APIError) as e:
+        list(oai(gw).chat.completions.create(model="m", messages=MSG, stream=True))
+    assert "internal gateway error (RuntimeError)" in str(e.value)
+    assert gw.log_rows()[-1]["status"] == 500
+    assert oai(gw).chat.completions.create  # the gateway still answers
+    raw.script.append(Reply(chunks=[orjson.dumps(COMPLETION)]))
+    assert oai(gw).chat.completions.create(model="m", messages=MSG).choices[0].message.content == "Hello"

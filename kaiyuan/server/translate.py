@@ -24,7 +24,7 @@ from kaiyuan.dialects.streams import AnthropicToOpenAI, GeminiToOpenAI, OpenAITo
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
 from kaiyuan.server.common import JSON_CT, kaiyuan_headers
-from kaiyuan.server.sse import DONE, open_stream, sse_events
+from kaiyuan.server.sse import DONE, relay, sse_events
 
 RESPONSE_TO_CANONICAL = {
     "openai": oc.response_to_canonical,
@@ -172,25 +172,22 @@ async def _openai_chunks(protocol: str, stream: AsyncIterator[bytes], ctx: Reque
 async def relay_to_openai(request: web.Request, ctx: RequestContext, protocol: str, stream: AsyncIterator[bytes],
                           model: str, include_usage: bool) -> web.StreamResponse:
     """An Anthropic or Gemini upstream stream, to an OpenAI caller."""
-    resp = await open_stream(request, ctx)
-    try:
+
+    async def pump(resp: web.StreamResponse) -> None:
         async for ch in openai_chunks(protocol, stream, ctx, model, include_usage):
             ctx.mark_first_byte()
             await resp.write(oc.chunk_bytes(ch))
         await resp.write(DONE + b"\n\n")
-    except GatewayError as e:
-        ctx.status, ctx.error = e.status, e.message
-        await resp.write(openai_error_event(e))
-    await resp.write_eof()
-    return resp
+
+    return await relay(request, ctx, pump, openai_error_event)
 
 
 async def relay_to_anthropic(request: web.Request, ctx: RequestContext, protocol: str, stream: AsyncIterator[bytes],
                              model: str) -> web.StreamResponse:
     """An OpenAI-compatible or Gemini upstream stream, to an Anthropic caller."""
-    resp = await open_stream(request, ctx)
     tr = OpenAIToAnthropic(model)
-    try:
+
+    async def pump(resp: web.StreamResponse) -> None:
         async for ch in openai_chunks(protocol, stream, ctx, model, True):
             try:
                 out = tr.feed(ch)
@@ -201,20 +198,17 @@ async def relay_to_anthropic(request: web.Request, ctx: RequestContext, protocol
                 await resp.write(b"".join(out))
         await resp.write(b"".join(tr.end()))
         usage_into_ctx(tr.usage, ctx)
-    except GatewayError as e:
-        ctx.status, ctx.error = e.status, e.message
-        await resp.write(anth.stream_error_event(e))
-    await resp.write_eof()
-    return resp
+
+    return await relay(request, ctx, pump, anth.stream_error_event)
 
 
 async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext,
                                       stream: AsyncIterator[bytes]) -> web.StreamResponse:
     """An Anthropic upstream stream to an Anthropic caller: bytes as they arrive, usage read on the side."""
-    resp = await open_stream(request, ctx)
-    saw_stop = False
-    usage = c.Usage()
-    try:
+
+    async def pump(resp: web.StreamResponse) -> None:
+        saw_stop = False
+        usage = c.Usage()
         async for events in sse_events(stream):
             out: list[bytes] = []
             for ev in events:
@@ -234,11 +228,8 @@ async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext,
         if not saw_stop:
             raise _early(ctx, "no message_stop")
         usage_into_ctx(usage, ctx)
-    except GatewayError as e:
-        ctx.status, ctx.error = e.status, e.message
-        await resp.write(anth.stream_error_event(e))
-    await resp.write_eof()
-    return resp
+
+    return await relay(request, ctx, pump, anth.stream_error_event)
 
 
 def _anthropic_meta(ev: bytes, ctx: RequestContext, usage: c.Usage) -> tuple[c.Usage, bool]:

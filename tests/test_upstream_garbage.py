@@ -308,3 +308,14 @@ def test_a_bug_mid_stream_ends_the_stream_with_an_error_event(gw: RunningGateway
     assert oai(gw).chat.completions.create  # the gateway still answers
     raw.script.append(Reply(chunks=[orjson.dumps(COMPLETION)]))
     assert oai(gw).chat.completions.create(model="m", messages=MSG).choices[0].message.content == "Hello"
+
+
+def test_sse_without_the_optional_space_after_data(gw: RunningGateway, raw: RawUpstream) -> None:
+    data = GOOD_STREAM.replace(b"data: ", b"data:")
+    raw.script.append(Reply(chunks=[data], stream=True))
+    stream = oai(gw).chat.completions.create(model="m", messages=MSG, stream=True,  # type: ignore[call-overload]
+                                             stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello"
+    row = gw.log_rows()[-1]
+    assert row["status"] == 200 and row["error"] is None and row["prompt_tokens"] == 3

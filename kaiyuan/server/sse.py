@@ -92,7 +92,7 @@ async def relay_openai_stream(
             async for events in sse_events(stream):
                 out: list[bytes] = []
                 for ev in events:
-                    if ev.startswith(DONE):
+                    if ev.startswith(DONE) or ev.startswith(b"data:[DONE]"):  # the space is optional in SSE
                         saw_done = True
                         out.append(DONE + b"\n\n")
                         break

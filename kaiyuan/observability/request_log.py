@@ -75,6 +75,7 @@ class RequestLogWriter:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
+        self._flushing = asyncio.Lock()
 
     def submit(self, ctx: RequestContext) -> None:
         if self.engine is None or not self.settings.enabled:
@@ -101,6 +102,10 @@ class RequestLogWriter:
 
     async def flush(self) -> int:
         """Write everything queued now; returns rows written. Keeps rows queued if the write fails."""
+        async with self._flushing:  # one at a time: two would write, then pop, the same batch
+            return await self._flush()
+
+    async def _flush(self) -> int:
         written = 0
         while self._queue:
             n = min(len(self._queue), self.settings.batch_size)

@@ -230,3 +230,45 @@ def test_wrong_shapes_are_400_in_the_callers_dialect(fuzz_gateway: RunningGatewa
         assert anthropic_error_shape(data) and data["error"]["type"] == "invalid_request_error", data
     else:
         assert openai_error_shape(data) and data["error"]["param"] == param, data
+
+
+@pytest.mark.parametrize(("headers", "raw"), [
+    ({"Content-Type": "application/json", "Content-Encoding": "gzip"}, b"not gzip at all"),
+    ({"Content-Type": "application/json; charset=utf-16"}, '{"model": "plain"}'.encode("utf-16")),
+    ({"Content-Type": "application/json"}, b'\xef\xbb\xbf{"model": "plain", "messages": []}'),
+    ({"Content-Type": "application/json"}, b'{"model": "plain", "messages": [{"role": "user", "content": "\\ud800"}]}'),
+    ({"Content-Type": "application/json"}, b'{"model": "plain", "max_tokens": 1e400}'),
+    ({"Content-Type": "application/json"}, b"[" * 100_000 + b"]" * 100_000),
+    ({"Content-Type": "text/plain"}, b"{}"),
+    ({"Content-Type": "application/json", "Transfer-Encoding": "chunked"}, None),
+])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+def test_odd_encodings_and_headers_are_4xx(fuzz_gateway: RunningGateway, headers: dict[str, str], raw: bytes | None,
+                                           path: str) -> None:
+    u = urlsplit(fuzz_gateway.url)
+    conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port, timeout=20)
+    try:
+        if raw is None:  # a chunked body larger than the limit, sent without a Content-Length
+            conn.putrequest("POST", path)
+            for k, v in headers.items():
+                conn.putheader(k, v)
+            conn.endheaders()
+            big = b'{"model": "plain", "x": "' + b"a" * (fuzz_gateway.config.server.max_body_bytes + 10) + b'"}'
+            for i in range(0, len(big), 1 << 20):
+                part = big[i:i + (1 << 20)]
+                try:
+                    conn.send(b"%x\r\n%s\r\n" % (len(part), part))
+                except OSError:  # the gateway answered 413 and closed
+                    break
+            else:
+                conn.send(b"0\r\n\r\n")
+        else:
+            conn.request("POST", path, body=raw, headers=headers)
+        r = conn.getresponse()
+        status, content = r.status, r.read()
+    finally:
+        conn.close()
+    assert 400 <= status < 500, (status, content[:300])
+    data = orjson.loads(content)
+    assert (anthropic_error_shape if path == "/v1/messages" else openai_error_shape)(data), data
+    assert _post(fuzz_gateway, "/healthz", b"", "GET")[0] == 200

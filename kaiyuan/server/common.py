@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from kaiyuan.context import RequestContext
 from kaiyuan.errors import ErrorKind, GatewayError, invalid
@@ -32,7 +33,10 @@ async def read_json(request: web.Request, max_bytes: int) -> tuple[bytes, dict[s
     length = request.content_length
     if length is not None and length > max_bytes:
         raise _too_large(max_bytes)
-    raw = await _read_limited(request, max_bytes)
+    try:
+        raw = await _read_limited(request, max_bytes)
+    except RequestPayloadError as e:  # e.g. a Content-Encoding: gzip body that is not gzip
+        raise invalid(f"the request body could not be read: {e}", code="invalid_body") from None
     if not raw:
         raise invalid("the request body is empty; send a JSON object", code="empty_body")
     try:

@@ -319,3 +319,15 @@ def test_sse_without_the_optional_space_after_data(gw: RunningGateway, raw: RawU
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello"
     row = gw.log_rows()[-1]
     assert row["status"] == 200 and row["error"] is None and row["prompt_tokens"] == 3
+
+
+def test_an_endless_event_is_cut_off(gw: RunningGateway, raw: RawUpstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kaiyuan.server.sse as sse_mod
+
+    monkeypatch.setattr(sse_mod, "MAX_EVENT_BYTES", 200_000)
+    endless = [chunk("a")] + [b"data: " + b"x" * 50_000 for _ in range(20)]  # never a blank line
+    raw.script.append(Reply(chunks=endless, stream=True))
+    with pytest.raises(openai.APIError) as e:
+        list(oai(gw).chat.completions.create(model="m", messages=MSG, stream=True))
+    assert "larger than 200000 bytes" in str(e.value)
+    assert gw.log_rows()[-1]["status"] == 502

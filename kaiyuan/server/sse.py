@@ -21,6 +21,7 @@ from kaiyuan.server.common import kaiyuan_headers
 log = logging.getLogger("kaiyuan.server")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]"
+MAX_EVENT_BYTES = 64 * 1024 * 1024  # one event buffered at most (a runaway upstream must not exhaust memory)
 SSE_FIELDS = (b"data:", b"event:", b":", b"id:", b"retry:")  # how every SSE line begins
 
 
@@ -39,6 +40,9 @@ async def sse_events(stream: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]
         scan = max(len(buf) - 1, 0)  # only the new bytes (and one before) can complete a terminator
         buf += chunk
         if buf.find(b"\n\n", scan) < 0:
+            if len(buf) > MAX_EVENT_BYTES:
+                raise GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream sent a stream event larger than "
+                                                             f"{MAX_EVENT_BYTES} bytes with no end in sight")
             continue
         *events, buf = buf.split(b"\n\n")
         ready = [e for e in events if e]

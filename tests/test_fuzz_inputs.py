@@ -272,3 +272,11 @@ def test_odd_encodings_and_headers_are_4xx(fuzz_gateway: RunningGateway, headers
     data = orjson.loads(content)
     assert (anthropic_error_shape if path == "/v1/messages" else openai_error_shape)(data), data
     assert _post(fuzz_gateway, "/healthz", b"", "GET")[0] == 200
+
+
+@pytest.mark.parametrize("text", ["say <|endoftext|> and <|im_start|> verbatim", "hello world, " * 100_000])
+def test_count_tokens_of_any_text(fuzz_gateway: RunningGateway, text: str) -> None:
+    body = {"model": "plain", "messages": [{"role": "user", "content": text}]}
+    status, _, content = _post(fuzz_gateway, "/v1/messages/count_tokens", orjson.dumps(body))
+    assert status == 200, content[:300]
+    assert orjson.loads(content)["input_tokens"] >= len(text) // 20

@@ -118,10 +118,16 @@ def _load_encoding() -> None:
         _ENCODING.append(enc)
 
 
+_PIECE = 40_000  # characters per encode call: the tokenizer refuses inputs of 1M chars / 200k tokens
+
+
 def _count(text: str) -> int:
     _load_encoding()
     enc = _ENCODING[0]
-    return len(enc.encode(text)) if enc is not None else max(1, len(text) // 4)
+    if enc is None:
+        return max(1, len(text) // 4)
+    # encode_ordinary: text such as "<|endoftext|>" in a prompt is text, not a special token (encode raises)
+    return sum(len(enc.encode_ordinary(text[i:i + _PIECE])) for i in range(0, len(text), _PIECE))
 
 
 def estimate_input_tokens(body: dict[str, Any]) -> int:
@@ -172,7 +178,10 @@ async def _count_tokens(request: web.Request, ctx: RequestContext, body: dict[st
     ctx.status = 200
     if not _ENCODING:  # the first call loads the tokenizer (~0.3 s) off the event loop
         await asyncio.to_thread(_load_encoding)
-    tokens = estimate_input_tokens(body)
+    if len(ctx.raw_body) > 256 * 1024:  # a long prompt is tokenized off the event loop
+        tokens = await asyncio.to_thread(estimate_input_tokens, body)
+    else:
+        tokens = estimate_input_tokens(body)
     ctx.usage.prompt_tokens = tokens
     return web.Response(body=orjson.dumps({"input_tokens": tokens}), content_type=JSON_CT, headers=kaiyuan_headers(ctx))
 

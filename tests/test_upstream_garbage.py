@@ -331,3 +331,57 @@ def test_an_endless_event_is_cut_off(gw: RunningGateway, raw: RawUpstream, monke
         list(oai(gw).chat.completions.create(model="m", messages=MSG, stream=True))
     assert "larger than 200000 bytes" in str(e.value)
     assert gw.log_rows()[-1]["status"] == 502
+
+
+# -- HTTP framing from the upstream -------------------------------------------------------------------
+@pytest.fixture
+def tcp_upstream(servers: ServerThread) -> Iterator[tuple[str, deque[bytes]]]:
+    """A bare TCP server: answers each request with the next scripted bytes, then closes."""
+    script: deque[bytes] = deque()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next((int(ln.split(b":", 1)[1]) for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length:")), 0)
+        await reader.readexactly(length)
+        writer.write(script.popleft() if script else b"HTTP/1.1 500 Nope\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def start() -> asyncio.Server:
+        return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+    server = servers.call(start())
+    port = server.sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", script
+
+    async def stop() -> None:
+        server.close()
+
+    servers.call(stop())
+
+
+@pytest.mark.parametrize("wire", [
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n" + orjson.dumps(COMPLETION)[:50],
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"20\r\n" + chunk("Hel")[:32] + b"\r\nff\r\nabc",
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5\r\nabcde\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: application/json\r\n\r\n" + orjson.dumps(COMPLETION),
+    b"NOT HTTP AT ALL\r\n\r\n",
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_broken_http_framing_is_a_clear_error(make_gateway: Callable[[dict[str, Any]], RunningGateway],
+                                             tcp_upstream: tuple[str, deque[bytes]], wire: bytes, stream: bool) -> None:
+    url, script = tcp_upstream
+    g = make_gateway({"models": [openai_model("m", url, "up", routing={"retries": {"max_attempts": 1}})]})
+    script.append(wire)
+    try:
+        r = oai(g).chat.completions.create(model="m", messages=MSG, stream=stream)
+        got = _text(r) if stream else r.choices[0].message.content  # type: ignore[union-attr, arg-type]
+        assert got == "Hello"  # only a well-framed answer may succeed (read to EOF: Connection: close)
+    except openai.APIStatusError as e:
+        assert e.status_code == 502, e.message
+    except openai.APIError as e:
+        assert "internal gateway error" not in str(e)
+    row = g.log_rows()[-1]
+    assert row["status"] in (200, 502), row

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import time
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -20,6 +21,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from kaiyuan.providers import http as http_provider
 from kaiyuan.server.sse import sse_events
 from kaiyuan.testing.harness import RunningGateway
 from kaiyuan.testing.server_thread import ServerThread
@@ -43,9 +45,11 @@ class RawUpstream:
         self.app = web.Application()
         self.app.router.add_route("POST", "/{tail:.*}", self.handle)
         self.url = ""
+        self.peers: list[Any] = []  # the gateway's side of each request's connection
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         await request.read()
+        self.peers.append(request.transport.get_extra_info("peername") if request.transport else None)
         r = self.script.popleft() if self.script else self.default
         headers = {"Content-Type": "text/event-stream" if r.stream else "application/json", **r.headers}
         if not r.stream:
@@ -385,3 +389,26 @@ def test_broken_http_framing_is_a_clear_error(make_gateway: Callable[[dict[str, 
         assert "internal gateway error" not in str(e)
     row = g.log_rows()[-1]
     assert row["status"] in (200, 502), row
+
+
+@pytest.mark.parametrize("model", ["m", "claude"])
+def test_streams_return_their_upstream_connection_to_the_pool(gw: RunningGateway, raw: RawUpstream, model: str) -> None:
+    """The upstream's final bytes (the end of the chunked body) often come a moment after the last
+    event: the gateway must still read them, so the keep-alive connection is reused."""
+    o, a = oai(gw), anth(gw)  # clients that keep their connection to the gateway open
+    for _ in range(4):
+        if model == "m":
+            raw.script.append(Reply(chunks=[GOOD_STREAM], stream=True))
+            assert _text(o.chat.completions.create(model="m", messages=MSG, stream=True)) == "Hello"
+        else:
+            raw.script.append(Reply(chunks=[ANTH_START + ANTH_REST], stream=True))
+            with a.messages.stream(model="claude", max_tokens=10, messages=MSG) as s:  # type: ignore[arg-type]
+                assert s.get_final_message().content[0].text == "Hi"  # type: ignore[union-attr]
+        gw.settle()
+        for _ in range(400):  # bounded: the previous stream's end is read in the background
+            if not http_provider._DRAINS:
+                break
+            time.sleep(0.005)
+    assert len(set(raw.peers)) == 1, raw.peers
+    rows = gw.log_rows()
+    assert len(rows) == 4 and all(r["status"] == 200 and not r["cancelled"] for r in rows)

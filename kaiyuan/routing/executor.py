@@ -302,9 +302,12 @@ def _on_close(reply: UpstreamReply, h: DeploymentHealth, ctx: RequestContext) ->
     """When the caller closes a stream: the deployment's request is over (in-flight, tokens, and a
     stream that broke after its first byte counts as a failure)."""
     inner = reply._closer
+    finisher = reply._finisher
 
     def closer() -> object:
         try:
+            if finisher is not None and ctx.extra.get("answered"):  # the client has the whole answer
+                return finisher()
             return inner() if inner is not None else None
         finally:
             h.done()

@@ -19,7 +19,14 @@ from kaiyuan.dialects import canonical as c
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
 from kaiyuan.server import translate
-from kaiyuan.server.common import JSON_CT, error_response, kaiyuan_headers, new_request_id, read_json
+from kaiyuan.server.common import (
+    JSON_CT,
+    client_gone,
+    error_response,
+    kaiyuan_headers,
+    new_request_id,
+    read_json,
+)
 from kaiyuan.server.openai_api import GATEWAY_KEY
 
 FORWARDED_HEADERS = ("anthropic-beta",)
@@ -85,9 +92,7 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
         ctx.status, ctx.error = e.status, e.message
         return error_response(e, anth.error_body, ctx)
     except (asyncio.CancelledError, ConnectionResetError):
-        ctx.cancelled = True
-        ctx.status = 499
-        ctx.error = "client disconnected"
+        client_gone(ctx)
         raise
     except Exception as e:  # a bug must still answer in the caller's dialect
         request.app.logger.exception("internal error on %s", ctx.request_id)

@@ -88,3 +88,13 @@ def error_response(err: GatewayError, serialize: ErrorSerializer, ctx: RequestCo
     if ctx is not None:
         headers.update(kaiyuan_headers(ctx))
     return web.Response(status=err.status, body=serialize(err), content_type=JSON_CT, headers=headers)
+
+
+def client_gone(ctx: RequestContext) -> None:
+    """Record that the client disconnected: a cancellation (499), unless it already had its whole
+    answer and only hung up while the gateway was still reading the upstream to its end."""
+    if ctx.extra.get("answered"):
+        return
+    ctx.cancelled = True
+    ctx.status = 499
+    ctx.error = "client disconnected"

@@ -70,17 +70,31 @@ async def relay(request: web.Request, ctx: RequestContext, pump: Pump, error_eve
     try:
         await pump(resp)
     except GatewayError as e:
+        if ctx.extra.get("answered"):  # the client has its whole answer and its response is ended
+            return resp
         ctx.status, ctx.error = e.status, e.message
         await resp.write(error_event(e))
     except ConnectionResetError:  # the client went away: the handler records it
         raise
     except Exception as e:
         log.exception("internal error mid-stream on %s", ctx.request_id)
+        if ctx.extra.get("answered"):
+            return resp
         err = GatewayError(ErrorKind.INTERNAL, f"internal gateway error ({type(e).__name__}); request id {ctx.request_id}")
         ctx.status, ctx.error = err.status, err.message
         await resp.write(error_event(err))
     await resp.write_eof()
     return resp
+
+
+async def answered(resp: web.StreamResponse, ctx: RequestContext, last: bytes) -> None:
+    """Send the last bytes of the answer and end the client's response in one write (a client that
+    closes as soon as it sees the final event still finds its connection complete and reusable).
+    The relay stops there: the upstream's own end is read in the background when the reply is
+    closed (``providers.http.finish_stream``), and a client that hangs up now is no cancellation
+    (see ``common.client_gone``)."""
+    ctx.extra["answered"] = True
+    await resp.write_eof(last)
 
 
 async def relay_openai_stream(
@@ -112,9 +126,10 @@ async def relay_openai_stream(
                     if tail is not None and len(tail) < 1_000_000:
                         tail.extend(data)
                     ctx.mark_first_byte()
+                    if saw_done:  # the answer is complete: finish now, not when the upstream closes
+                        await answered(resp, ctx, data)
+                        break
                     await resp.write(data)
-                if saw_done:  # the answer is complete: finish now, not when the upstream closes
-                    break
         finally:
             if tail is not None:
                 ctx.response_body = bytes(tail)

@@ -24,7 +24,7 @@ from kaiyuan.dialects.streams import AnthropicToOpenAI, GeminiToOpenAI, OpenAITo
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
 from kaiyuan.server.common import JSON_CT, kaiyuan_headers
-from kaiyuan.server.sse import DONE, relay, sse_events
+from kaiyuan.server.sse import DONE, answered, relay, sse_events
 
 RESPONSE_TO_CANONICAL = {
     "openai": oc.response_to_canonical,
@@ -135,8 +135,7 @@ async def _openai_chunks(protocol: str, stream: AsyncIterator[bytes], ctx: Reque
         async for obj in _objects(stream):
             if obj is None:
                 done = True
-                break  # the answer is complete: finish now, not when the upstream closes
-            if isinstance(obj, dict):
+            elif isinstance(obj, dict):
                 if obj.get("error"):
                     err = obj["error"]
                     msg = err.get("message") if isinstance(err, dict) else err
@@ -151,8 +150,6 @@ async def _openai_chunks(protocol: str, stream: AsyncIterator[bytes], ctx: Reque
             if isinstance(obj, dict):
                 for ch in atr.feed(obj):
                     yield ch
-                if atr.done:
-                    break
         if not atr.done:
             raise _early(ctx, "no message_stop")
         usage_into_ctx(atr.usage, ctx)
@@ -222,12 +219,13 @@ async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext,
                 if saw_stop:
                     break
             ctx.mark_first_byte()
-            await resp.write(b"".join(out))
             if saw_stop:  # the answer is complete: finish now, not when the upstream closes
+                usage_into_ctx(usage, ctx)
+                await answered(resp, ctx, b"".join(out))
                 break
+            await resp.write(b"".join(out))
         if not saw_stop:
             raise _early(ctx, "no message_stop")
-        usage_into_ctx(usage, ctx)
 
     return await relay(request, ctx, pump, anth.stream_error_event)
 

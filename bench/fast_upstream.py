@@ -112,6 +112,7 @@ class Stats:
         self.connections = 0
         self.peak_connections = 0
         self.open_connections = 0
+        self.unknown_paths: dict[str, int] = {}  # what a gateway asked for that this upstream lacks
 
     def as_json(self) -> bytes:
         return orjson.dumps(self.__dict__)
@@ -235,6 +236,9 @@ class Conn(asyncio.Protocol):
         elif method == b"GET" and path in (b"/v1/models", b"/models"):
             t.write(_http("200 OK", "application/json", b'{"object":"list","data":[{"id":"fast","object":"model","created":0,"owned_by":"bench"}]}'))
         else:
+            key = f"{method.decode(errors='replace')} {path.decode(errors='replace')}"[:200]
+            if key in up.stats.unknown_paths or len(up.stats.unknown_paths) < 20:
+                up.stats.unknown_paths[key] = up.stats.unknown_paths.get(key, 0) + 1
             t.write(NOT_FOUND)
 
     def _pace(self, parts: list[bytes], i: int, interval: float) -> None:

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from bench.scenarios import SCENARIOS
+from bench.scenarios import HOLD_CHUNKS, HOLD_INTERVAL_MS, SCENARIOS
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -52,7 +52,7 @@ class Cell:
         elapsed = raw.get("elapsed") or 1.0
         done = raw.get("completed_all", 0)
         return cls(
-            scenario, target, conc, ok, raw.get("errors", 0), ok / elapsed,
+            scenario, target, conc, ok, raw.get("errors", 0), raw.get("in_window", 0) / elapsed,
             ms(pct(lat, 50)), ms(pct(lat, 99)), ms(pct(ttfc, 50)), ms(pct(ttfc, 99)),
             raw.get("chunks_expected", 0), raw.get("chunks_expected", 0) - raw.get("chunks_received", 0),
             raw.get("streams_with_loss", 0), raw.get("missing_done", 0),
@@ -90,6 +90,8 @@ class WrkResult:
             return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
 
         rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+        if rps is None or float(rps.group(1)) == 0:
+            dur = lambda label: None  # noqa: E731 - no answers: wrk prints zero latencies
         non = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
         sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
         return cls(
@@ -223,8 +225,9 @@ def render(info: dict[str, Any], cells: list[Cell], wrks: list[WrkResult], holds
         w("")
     if holds:
         w(f"## Holding {holds[0].streams} concurrent streams\n")
-        w("Each stream: 40 content chunks, 100 ms apart (4 s), all opened at once; `peak upstream` is the most "
-          "streams the upstream had open at the same moment.\n")
+        w(f"Each stream: {HOLD_CHUNKS} content chunks, {HOLD_INTERVAL_MS} ms apart "
+          f"({HOLD_CHUNKS * HOLD_INTERVAL_MS / 1000:g} s), all opened at once; `peak upstream` is the most "
+          "streams the upstream had open at the same moment (held = all of them at once, none lost).\n")
         w("| target | streams ok | errors | chunks lost | streams with loss | no [DONE] | peak upstream | TTFC p50 | "
           "TTFC p99 | total p50 | total p99 | RSS before/after MB | held |")
         w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")

@@ -262,6 +262,8 @@ def start_litellm(fleet: Fleet, up: Target, cpu: str, workdir: Path) -> Target:
                     for public, upstream in MODELS.items()
                 ],
                 "litellm_settings": {"drop_params": True, "set_verbose": False},
+                # No auth, like the plain Kaiyuan column (its master-key variant is --with auth).
+                "general_settings": {"dangerously_permit_weak_or_unset_master_key": True},
             }
         )
     )
@@ -436,6 +438,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-wrk", action="store_true", help="skip the wrk raw-throughput table")
     p.add_argument("--wrk-concurrency", type=lambda s: tuple(int(x) for x in s.split(",")), default=(1, 64, 256))
     p.add_argument("--hold", type=int, default=HOLD_STREAMS, help="concurrent streams to hold (0: skip)")
+    p.add_argument("--hold-litellm", action="store_true", help="also hold the streams through LiteLLM (slow: minutes)")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     p.add_argument("--out", default=str(BENCH / "out"))
     a = p.parse_args(argv)
@@ -515,9 +518,15 @@ def main(argv: list[str] | None = None) -> int:
             notes.append("wrk table not run: wrk is not installed (apt-get install -y wrk).")
         if args.hold:
             for t in targets:
+                if t.family == "litellm" and not args.hold_litellm:
+                    notes.append("LiteLLM not in the stream-holding table (it takes minutes there); add --hold-litellm.")
+                    continue
                 h = hold(fleet, t, up, args.hold, gen_cpu, args.procs)
                 holds.append(h)
                 print(h.progress_line(), file=sys.stderr, flush=True)
+        stats = json.loads(http("GET", f"http://127.0.0.1:{up.port}/__stats")[1])
+        if stats.get("unknown_paths"):
+            notes.append(f"Paths the fake upstream was asked for and does not serve: {stats['unknown_paths']}")
         time.sleep(1.5)  # one request-log flush interval
         for t in targets:
             if t.family == "kaiyuan":

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kaiyuan.routing.settings import RoutingSettings, check_routing, validate_price
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4000
 DEFAULT_LOCAL_MODEL_NAME = "smollm2-135m-instruct"
@@ -48,7 +50,14 @@ class DeploymentBase(_Strict):
     rpm: int | None = Field(None, gt=0)
     tpm: int | None = Field(None, gt=0)
     tags: list[str] = Field(default_factory=list, description="data-policy tags, e.g. self_hosted")
-    price: dict[str, Any] | None = Field(None, description="overrides the price catalog for this deployment")
+    price: dict[str, Any] | None = Field(
+        None, description="{input, output, cached_input: USD per 1M tokens, currency}; overrides the catalog"
+    )
+
+    @field_validator("price")
+    @classmethod
+    def _price(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        return validate_price(v)
 
     def default_id(self) -> str:
         return f"{getattr(self, 'provider', 'deployment')}:{self.model}"
@@ -100,6 +109,7 @@ class ModelConfig(_Strict):
     deployments: list[Deployment] = Field(..., min_length=1)
     log_bodies: bool = Field(False, description="store request/response bodies in the request log")
     description: str | None = None
+    routing: RoutingSettings = Field(default_factory=lambda: RoutingSettings(), description="see docs/routing.md")
 
     @model_validator(mode="after")
     def _ids(self) -> ModelConfig:
@@ -133,10 +143,18 @@ class RequestLogSettings(_Strict):
     max_queue: int = Field(100_000, gt=0, description="rows held in memory before new ones are dropped")
 
 
+class TracingSettings(_Strict):
+    enabled: bool = False
+    exporter: Literal["console", "otlp", "memory"] = "otlp"
+    endpoint: str | None = Field(None, description="OTLP/HTTP endpoint; default: OTEL_EXPORTER_OTLP_ENDPOINT")
+    service_name: str = "kaiyuan"
+
+
 class GatewayConfig(_Strict):
     server: ServerSettings = Field(default_factory=ServerSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     request_log: RequestLogSettings = Field(default_factory=RequestLogSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     models: list[ModelConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -145,6 +163,7 @@ class GatewayConfig(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+        check_routing(self.models)
         return self
 
     def model(self, name: str) -> ModelConfig | None:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -13,6 +14,7 @@ from kaiyuan.config import GatewayConfig
 from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
+from kaiyuan.routing import admin as routing_admin
 from kaiyuan.server import health, openai_api
 from kaiyuan.server.common import ErrorSerializer, error_response
 from kaiyuan.server.openai_api import GATEWAY_KEY
@@ -71,6 +73,7 @@ def create_app(config: GatewayConfig, gateway: Gateway | None = None) -> web.App
     app[GATEWAY_KEY] = gw
     openai_api.add_routes(app)
     health.add_routes(app)
+    routing_admin.add_routes(app)
     for install in EXTRA_ROUTES:
         install(app)
 
@@ -104,7 +107,8 @@ async def run_server(config: GatewayConfig, host: str, port: int, ready: Callabl
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
     await site.start()
-    addrs = [s.getsockname() for s in (site._server.sockets if site._server else [])]  # type: ignore[union-attr]
+    server: Any = site._server
+    addrs = [s.getsockname() for s in (server.sockets if server else [])]
     actual_port = addrs[0][1] if addrs else port
     url = f"http://{host}:{actual_port}"
     if ready is not None:

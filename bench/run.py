@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     pin = not args.no_pin and ncpu >= 2 and shutil.which("taskset") is not None
     gen_cpu, gw_cpu = ("0", "1") if pin else ("", "")
     info = machine()
-    info["command"] = "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    info["command"] = " ".join(["python bench/run.py", *(sys.argv[1:] if argv is None else argv)])
     info["pinning"] = (
         f"upstream + load generators (+ wrk) on CPU {gen_cpu}; the gateway under test on CPU {gw_cpu}; "
         "one target measured at a time"

@@ -439,6 +439,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wrk-concurrency", type=lambda s: tuple(int(x) for x in s.split(",")), default=(1, 64, 256))
     p.add_argument("--hold", type=int, default=HOLD_STREAMS, help="concurrent streams to hold (0: skip)")
     p.add_argument("--hold-litellm", action="store_true", help="also hold the streams through LiteLLM (slow: minutes)")
+    p.add_argument("--hold-only", action="store_true", help="only the stream-holding mode (no latency/throughput cells)")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     p.add_argument("--out", default=str(BENCH / "out"))
     a = p.parse_args(argv)
@@ -446,6 +447,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         a.duration = 1.5 if a.quick else 5.0
     if a.warmup is None:
         a.warmup = 0.5 if a.quick else 1.0
+    if a.hold_only:
+        a.concurrency, a.no_wrk = (), True
+        a.hold = a.hold or HOLD_STREAMS
     return a
 
 

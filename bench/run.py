@@ -436,7 +436,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--with", dest="flags", action="append", default=[], help="enable flagged scenarios/variants: anthropic, auth")
     p.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM column")
     p.add_argument("--no-wrk", action="store_true", help="skip the wrk raw-throughput table")
-    p.add_argument("--wrk-concurrency", type=lambda s: tuple(int(x) for x in s.split(",")), default=(1, 64, 256))
+    p.add_argument("--wrk-concurrency", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
+                   help="default 1,64,256 (quick: 64)")
     p.add_argument("--hold", type=int, default=HOLD_STREAMS, help="concurrent streams to hold (0: skip)")
     p.add_argument("--hold-litellm", action="store_true", help="also hold the streams through LiteLLM (slow: minutes)")
     p.add_argument("--hold-only", action="store_true", help="only the stream-holding mode (no latency/throughput cells)")
@@ -447,6 +448,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         a.duration = 1.5 if a.quick else 5.0
     if a.warmup is None:
         a.warmup = 0.5 if a.quick else 1.0
+    if a.wrk_concurrency is None:
+        a.wrk_concurrency = (64,) if a.quick else (1, 64, 256)
     if a.hold_only:
         a.concurrency, a.no_wrk = (), True
         a.hold = a.hold or HOLD_STREAMS

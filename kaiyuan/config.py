@@ -37,6 +37,37 @@ class Timeouts(_Strict):
     total: float = Field(600.0, gt=0)
 
 
+class PriceTier(_Strict):
+    """A price that applies when the prompt has more than ``above_tokens`` tokens."""
+
+    above_tokens: int = Field(..., ge=0)
+    input: float = Field(..., ge=0)
+    output: float = Field(..., ge=0)
+    cache_hit: float | None = Field(None, ge=0)
+    cache_write: float | None = Field(None, ge=0)
+
+
+class Price(_Strict):
+    """Prices per million tokens. ``currency`` CNY is converted with ``accounting.cny_per_usd``.
+
+    Also readable like the plain dict it used to be: ``price["input"]``, ``price.get("output")``.
+    """
+
+    input: float = Field(..., ge=0, description="per million prompt tokens (cache miss)")
+    output: float = Field(..., ge=0, description="per million completion tokens")
+    cache_hit: float | None = Field(None, ge=0, description="per million cached prompt tokens (default: input)")
+    cache_write: float | None = Field(None, ge=0, description="per million cache-write tokens (default: input)")
+    currency: Literal["USD", "CNY"] = "USD"
+    tiers: list[PriceTier] = Field(default_factory=list, description="higher prices above a prompt length")
+    max_output_tokens: int | None = Field(None, gt=0, description="the model's output limit (for reservations)")
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default)
+
+
 class DeploymentBase(_Strict):
     """What every deployment has, whatever its wire protocol."""
 
@@ -48,7 +79,8 @@ class DeploymentBase(_Strict):
     rpm: int | None = Field(None, gt=0)
     tpm: int | None = Field(None, gt=0)
     tags: list[str] = Field(default_factory=list, description="data-policy tags, e.g. self_hosted")
-    price: dict[str, Any] | None = Field(None, description="overrides the price catalog for this deployment")
+    price: Price | None = Field(None, description="overrides the price catalog for this deployment")
+    vendor: str | None = Field(None, description="who bills this deployment (for spend reports); default: guessed")
 
     def default_id(self) -> str:
         return f"{getattr(self, 'provider', 'deployment')}:{self.model}"
@@ -126,6 +158,34 @@ class StoreSettings(_Strict):
     url: str = Field("sqlite:///kaiyuan.db", description="SQLAlchemy URL: sqlite:///path or postgresql://...")
 
 
+class AccountingSettings(_Strict):
+    """Prices and cost (see docs/keys-and-budgets.md)."""
+
+    cny_per_usd: float = Field(7.1, gt=0, description="exchange rate used for CNY prices")
+    prices_file: str | None = Field(None, description="extra price catalog (YAML) merged over the bundled one")
+    default_max_output_tokens: int = Field(
+        8192, gt=0, description="reservation size when neither max_tokens nor the model's output limit is known"
+    )
+    spend_flush_interval_s: float = Field(1.0, gt=0)
+
+
+class LimitsSettings(_Strict):
+    """Where rate-limit and budget counters live: in this process, or in Redis for many replicas."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str | None = Field(None, description="redis://host:port/db (backend: redis)")
+    on_redis_error: Literal["fail_closed", "local"] = Field(
+        "fail_closed", description="Redis unreachable: refuse requests (503), or enforce per-replica limits"
+    )
+    key_cache_ttl_s: float = Field(5.0, ge=0, description="how long a replica trusts its cached copy of a key")
+
+    @model_validator(mode="after")
+    def _redis_url(self) -> LimitsSettings:
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("limits.backend is 'redis' but limits.redis_url is not set")
+        return self
+
+
 class RequestLogSettings(_Strict):
     enabled: bool = True
     flush_interval_s: float = Field(1.0, gt=0)
@@ -137,6 +197,8 @@ class GatewayConfig(_Strict):
     server: ServerSettings = Field(default_factory=ServerSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     request_log: RequestLogSettings = Field(default_factory=RequestLogSettings)
+    accounting: AccountingSettings = Field(default_factory=AccountingSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
     models: list[ModelConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")

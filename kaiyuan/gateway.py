@@ -10,10 +10,11 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from kaiyuan.accounting.guard import KeyGuard
 from kaiyuan.config import GatewayConfig, ModelConfig
 from kaiyuan.context import Attempt, RequestContext
 from kaiyuan.errors import ErrorKind, GatewayError, kind_for_upstream_status
-from kaiyuan.guard import Guard, MasterKeyGuard
+from kaiyuan.guard import Guard
 from kaiyuan.observability.metrics import Metrics
 from kaiyuan.observability.request_log import RequestLogWriter
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
@@ -36,7 +37,7 @@ class Gateway:
             m.name: [build_provider(d) for d in m.deployments] for m in config.models
         }
         self.router = Router(self.providers)
-        self.guard: Guard = MasterKeyGuard(config.server.master_key)
+        self.guard: Guard = KeyGuard(self)  # master key + virtual keys, limits, budgets, cost
         self.request_log = RequestLogWriter(engine, config.request_log, self.metrics)
         self.on_complete: list[CompletionHook] = []
         self.ready = False

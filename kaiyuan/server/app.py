@@ -25,6 +25,10 @@ RouteInstaller = Callable[[web.Application], None]
 # Other API families (Anthropic, admin, ...) register here; each installs its own routes.
 EXTRA_ROUTES: list[RouteInstaller] = []
 
+from kaiyuan.server import admin_api  # noqa: E402  (the admin API: keys, teams, budgets, spend)
+
+EXTRA_ROUTES.append(admin_api.add_routes)
+
 
 def _serializer_for(path: str) -> ErrorSerializer:
     for prefix, ser in ERROR_SHAPES:

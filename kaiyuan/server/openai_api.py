@@ -43,6 +43,7 @@ async def _handle(request: web.Request, endpoint: str, validate: Validator) -> w
         ctx.raw_body, body = await read_json(request, gw.config.server.max_body_bytes)
         if isinstance(body.get("model"), str):
             ctx.model = body["model"]
+        ctx.body = body  # the guard counts the prompt from it
         await gw.guard.admit(ctx)
         validate(body)
         ctx.body = body

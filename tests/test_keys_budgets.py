@@ -327,3 +327,41 @@ def test_spend_report_csv_and_savings(kgw: RunningGateway) -> None:
     assert lines[0].startswith("vendor,requests,prompt_tokens,completion_tokens,cost_usd") and len(lines) == 2
     assert admin(kgw, "GET", "/admin/spend?group_by=colour").status_code == 400
     assert admin(kgw, "GET", "/admin/spend?reference=no-such-model").status_code == 400
+
+
+# -- CLI -------------------------------------------------------------------------------------------
+def test_cli_keys_teams_budgets_spend(kgw: RunningGateway, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import json as jsonlib
+
+    from kaiyuan.cli import main
+
+    monkeypatch.setenv("KAIYUAN_URL", kgw.url)
+    monkeypatch.setenv("KAIYUAN_MASTER_KEY", MASTER)
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main(list(argv))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    code, out, _ = run("teams", "create", "--name", "cli-team", "--rpm", "100", "--json")
+    assert code == 0
+    team = jsonlib.loads(out)
+    code, out, _ = run("keys", "create", "--name", "cli", "--team", team["id"], "--models", "cheap", "--budget", "month=5", "--expires-in", "30d", "--json")
+    assert code == 0
+    key = jsonlib.loads(out)
+    assert key["key"].startswith("sk-ky-") and key["budgets"][0]["limit_usd"] == 5 and key["expires_at"] > time.time() + 29 * 86400
+    chat(kgw, key["key"])
+    code, out, _ = run("keys", "list")
+    assert code == 0 and key["id"] in out and "sk-ky-" in out and key["key"] not in out
+    code, out, _ = run("budgets", "set", "--team", team["id"], "--period", "day", "--limit", "2")
+    assert code == 0
+    code, out, _ = run("spend", "--by", "key,model", "--reference", "gpt-4o")
+    assert code == 0 and key["id"] in out and "savings_usd" in out
+    code, out, _ = run("spend", "--by", "day", "--csv")
+    assert code == 0 and out.startswith("day,requests,")
+    code, _, err = run("keys", "create", "--name", "x", "--models", "nope")
+    assert code == 1 and "400" in err and "nope" in err
+    code, _, err = run("keys", "revoke", key["id"], "--master-key", "wrong")
+    assert code == 1 and "401" in err
+    code, out, _ = run("keys", "revoke", key["id"], "--json")
+    assert code == 0 and jsonlib.loads(out)["status"] == "revoked"

@@ -126,7 +126,7 @@ def test_budgets_and_limits_hold_across_replicas(replicas: tuple[list[str], Any]
         "team1": admin("POST", "/admin/keys", {"name": "t1", "team_id": team["id"]}),
         "team2": admin("POST", "/admin/keys", {"name": "t2", "team_id": team["id"]}),
         "rpm": admin("POST", "/admin/keys", {"name": "rpm", "rpm": 6}),
-        "tpm": admin("POST", "/admin/keys", {"name": "tpm", "tpm": 120}),
+        "tpm": admin("POST", "/admin/keys", {"name": "tpm", "tpm": 40}),
     }
 
     def one(job: tuple[str, int]) -> tuple[str, str, float]:

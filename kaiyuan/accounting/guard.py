@@ -169,8 +169,8 @@ class KeyGuard:
         if self._task is None and self.engine is not None and not self._closing:
             self._task = asyncio.create_task(self._run(), name="kaiyuan-spend-ledger")
         rec = await self.authenticate(ctx)
-        if ctx.endpoint not in ("chat", "completions", "embeddings", "messages"):
-            return
+        if rec is None or ctx.endpoint not in ("chat", "completions", "embeddings", "messages"):
+            return  # the master key, or an open gateway: no limits (cost is still computed at settle)
         body = ctx.body
         if not body and ctx.raw_body:
             import orjson
@@ -183,7 +183,7 @@ class KeyGuard:
         deps = self.model_deps.get(ctx.model or "")
         if not deps:
             return  # unknown model: the gateway answers 404 before any upstream call
-        if rec is not None and rec.allowed_models is not None and ctx.model not in rec.allowed_models:
+        if rec.allowed_models is not None and ctx.model not in rec.allowed_models:
             self.m_denied.labels("model_not_allowed").inc()
             raise GatewayError(
                 ErrorKind.PERMISSION,
@@ -193,8 +193,6 @@ class KeyGuard:
             )
         prompt, worst, unpriced = self._estimate(deps, body, ctx.endpoint)
         ctx.extra["kaiyuan.prompt_estimate"] = prompt
-        if rec is None:
-            return
         now = time.time()
         rates = [RateCheck(scope, lim.get("rpm"), lim.get("tpm"), lim.get("max_parallel")) for scope, lim in rec.limits.items()]
         budgets = await self._budget_checks(rec, now, worst)
@@ -298,7 +296,9 @@ class KeyGuard:
             return 0.0  # the upstream refused or failed before answering: nothing billed
         # An answer went out but the upstream reported no usage (e.g. the client hung up mid-stream):
         # charge the worst case we reserved for it, so a budget can never be under-counted.
-        prompt = int(ctx.extra.get("kaiyuan.prompt_estimate", 0))
+        prompt = ctx.extra.get("kaiyuan.prompt_estimate")
+        if prompt is None:
+            prompt = count_prompt(entry[0].model, ctx.body)
         cap = requested_output(ctx.body, ctx.endpoint)
         out = cap if cap is not None else (price.max_output_tokens or self.acc.default_max_output_tokens)
         return price.worst_case(prompt, out)

@@ -60,10 +60,11 @@ class ResolvedPrice:
             return None
         p = p or 0
         c = c or 0
+        # prompt_tokens is the whole prompt: uncached + cache hits (cached_tokens) + cache writes.
         cached = min(usage.cached_tokens or 0, p)
-        written = usage.cache_write_tokens or 0
-        r = self.rates_for(p + written)
-        return (p - cached) * r.input + cached * r.cache_hit + written * r.cache_write + c * r.output
+        written = min(usage.cache_write_tokens or 0, p - cached)
+        r = self.rates_for(p)
+        return (p - cached - written) * r.input + cached * r.cache_hit + written * r.cache_write + c * r.output
 
     def worst_case(self, prompt_tokens: int, max_output: int) -> float:
         """Upper bound: every prompt token uncached (or written to the cache), ``max_output`` out."""
@@ -113,7 +114,7 @@ class PriceCatalog:
                 if n.endswith("*"):
                     self._prefix.append((n[:-1], resolved))
                 else:
-                    self._exact[n] = resolved
+                    self._exact.setdefault(n, resolved)  # the first row that names a model wins
         self._prefix.sort(key=lambda x: -len(x[0]))
 
     @classmethod

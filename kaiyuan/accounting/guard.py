@@ -22,6 +22,7 @@ from collections import deque
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from prometheus_client import Counter
 
 from kaiyuan.accounting import keystore
@@ -171,15 +172,6 @@ class KeyGuard:
         rec = await self.authenticate(ctx)
         if rec is None or ctx.endpoint not in ("chat", "completions", "embeddings", "messages"):
             return  # the master key, or an open gateway: no limits (cost is still computed at settle)
-        body = ctx.body
-        if not body and ctx.raw_body:
-            import orjson
-
-            try:
-                parsed = orjson.loads(ctx.raw_body)
-                body = parsed if isinstance(parsed, dict) else {}
-            except orjson.JSONDecodeError:
-                body = {}
         deps = self.model_deps.get(ctx.model or "")
         if not deps:
             return  # unknown model: the gateway answers 404 before any upstream call
@@ -191,6 +183,15 @@ class KeyGuard:
                 param="model",
                 code="model_not_allowed",
             )
+        if not rec.limits and not rec.budgets:
+            return  # nothing to count against
+        body = ctx.body
+        if not body and ctx.raw_body:
+            try:
+                parsed = orjson.loads(ctx.raw_body)
+                body = parsed if isinstance(parsed, dict) else {}
+            except orjson.JSONDecodeError:
+                body = {}
         prompt, worst, unpriced = self._estimate(deps, body, ctx.endpoint)
         ctx.extra["kaiyuan.prompt_estimate"] = prompt
         now = time.time()

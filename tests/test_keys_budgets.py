@@ -365,3 +365,44 @@ def test_cli_keys_teams_budgets_spend(kgw: RunningGateway, capsys: pytest.Captur
     assert code == 1 and "401" in err
     code, out, _ = run("keys", "revoke", key["id"], "--json")
     assert code == 0 and jsonlib.loads(out)["status"] == "revoked"
+
+
+def test_broken_stream_without_usage_is_charged_its_worst_case(kgw: RunningGateway, fake_openai: FakeOpenAI) -> None:
+    k = new_key(kgw, budgets=[{"period": "month", "limit_usd": 1}])
+    fake_openai.next(Behaviour(drop_after_chunks=2))
+    with pytest.raises(openai.APIError):
+        s = chat(kgw, k["key"], "tell me more", max_tokens=50, stream=True)
+        for _ in s:
+            pass
+    row = [r for r in kgw.log_rows() if r["key_id"] == k["id"]][-1]
+    assert row["status"] >= 500 and row["completion_tokens"] is None
+    # no usage came back but bytes went out: charged prompt estimate + 50 output tokens, never less
+    assert row["cost_usd"] is not None and row["cost_usd"] >= 50 * 2.0 / 1e6
+    assert _ledger_total(kgw, k["id"]) == pytest.approx(row["cost_usd"])
+
+
+def test_team_rate_limit_is_shared_by_its_keys(kgw: RunningGateway) -> None:
+    team = admin(kgw, "POST", "/admin/teams", {"name": "rl", "rpm": 2}).json()
+    a = new_key(kgw, team_id=team["id"])["key"]
+    b = new_key(kgw, team_id=team["id"])["key"]
+    outcomes = []
+    for key in (a, b, a, b):
+        try:
+            chat(kgw, key)
+            outcomes.append("ok")
+        except openai.RateLimitError as e:
+            outcomes.append(str(e.code))
+            assert f"team:{team['id']}" in str(e)
+    assert outcomes.count("rpm_limit_exceeded") >= 1 and outcomes[:2] == ["ok", "ok"]
+
+
+def test_period_bounds_are_utc_calendar_periods() -> None:
+    from datetime import UTC, datetime
+
+    from kaiyuan.accounting.keystore import period_bounds
+
+    t = datetime(2026, 2, 26, 15, 30, tzinfo=UTC).timestamp()  # a Thursday
+    assert period_bounds("day", t) == (datetime(2026, 2, 26, tzinfo=UTC).timestamp(), datetime(2026, 2, 27, tzinfo=UTC).timestamp())
+    assert period_bounds("week", t) == (datetime(2026, 2, 23, tzinfo=UTC).timestamp(), datetime(2026, 3, 2, tzinfo=UTC).timestamp())
+    assert period_bounds("month", t) == (datetime(2026, 2, 1, tzinfo=UTC).timestamp(), datetime(2026, 3, 1, tzinfo=UTC).timestamp())
+    assert period_bounds("total", t) == (0.0, None)

@@ -406,3 +406,30 @@ def test_period_bounds_are_utc_calendar_periods() -> None:
     assert period_bounds("week", t) == (datetime(2026, 2, 23, tzinfo=UTC).timestamp(), datetime(2026, 3, 2, tzinfo=UTC).timestamp())
     assert period_bounds("month", t) == (datetime(2026, 2, 1, tzinfo=UTC).timestamp(), datetime(2026, 3, 1, tzinfo=UTC).timestamp())
     assert period_bounds("total", t) == (0.0, None)
+
+
+def test_budget_spend_survives_a_restart(kgw: RunningGateway) -> None:
+    from kaiyuan.testing.harness import start_gateway
+
+    k = new_key(kgw, budgets=[{"period": "week", "limit_usd": 0.0001}])
+    for _ in range(20):  # one at a time until refused: then spent + one reservation > limit
+        try:
+            chat(kgw, k["key"], max_tokens=20)
+        except openai.RateLimitError:
+            break
+    else:
+        pytest.fail("the budget never ran out")
+    spent = _ledger_total(kgw, k["id"])
+    assert spent > 0
+    # a fresh gateway process on the same database starts from the ledger, not from zero
+    again = start_gateway(kgw.servers, kgw.config, kgw.config.store.url)
+    try:
+        status = http("GET", again.url + f"/admin/keys/{k['id']}", key=MASTER).json()["budgets"][0]
+        assert status["spent_usd"] == pytest.approx(spent)
+        with pytest.raises(openai.RateLimitError) as e:
+            chat(again, k["key"], max_tokens=20)
+        assert e.value.code == "budget_exceeded"
+    finally:
+        from tests.conftest import _stop_gateway
+
+        _stop_gateway(kgw.servers, again)

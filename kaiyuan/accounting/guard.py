@@ -51,6 +51,7 @@ log = logging.getLogger("kaiyuan.guard")
 
 TICKET = "kaiyuan.ticket"
 NEGATIVE_TTL_S = 2.0
+SEED_TTL_S = 60.0  # a counter's starting spend is re-read from the ledger at most this often
 PERIOD_WORD = {"day": "daily", "week": "weekly", "month": "monthly", "total": "total"}
 
 
@@ -98,7 +99,7 @@ class KeyGuard:
         )
         self.m_spend = Counter("kaiyuan_spend_usd", "Spend recorded, USD", ["model"], registry=r)
         self._ledger: deque[dict[str, Any]] = deque()
-        self._seeds: dict[str, int] = {}
+        self._seeds: dict[str, tuple[float, int]] = {}
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -317,17 +318,19 @@ class KeyGuard:
         return out
 
     async def _seed(self, b: Budget, start: float, counter: str) -> int:
-        """Spend already recorded this period, read from the ledger once per counter and process."""
+        """Spend already recorded this period (from the ledger), used only when the counter is new."""
         seeds = self._seeds
-        if counter in seeds:
-            return seeds[counter]
+        hit = seeds.get(counter)
+        mono = time.monotonic()
+        if hit is not None and mono - hit[0] < SEED_TTL_S:
+            return hit[1]
         if self.engine is None:
             return 0
         v = await asyncio.to_thread(keystore.spent_since, self.engine, b.scope, b.scope_id, start)
         if len(seeds) > 100_000:
             seeds.clear()
-        seeds[counter] = round(v * NANO)
-        return seeds[counter]
+        seeds[counter] = (mono, round(v * NANO))
+        return seeds[counter][1]
 
     async def _counters_admit(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt: int, now: float) -> Ticket | Denial:
         if self.counters is self.local:

@@ -50,7 +50,8 @@ class PriceTier(_Strict):
 class Price(_Strict):
     """Prices per million tokens. ``currency`` CNY is converted with ``accounting.cny_per_usd``.
 
-    Also readable like the plain dict it used to be: ``price["input"]``, ``price.get("output")``.
+    ``cached_input`` is accepted as another name for ``cache_hit``. Deployments keep their price
+    as the plain dict this model validates (``price["input"]``), see :func:`validate_price`.
     """
 
     input: float = Field(..., ge=0, description="per million prompt tokens (cache miss)")
@@ -61,11 +62,38 @@ class Price(_Strict):
     tiers: list[PriceTier] = Field(default_factory=list, description="higher prices above a prompt length")
     max_output_tokens: int | None = Field(None, gt=0, description="the model's output limit (for reservations)")
 
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "cached_input" in v:
+            v = dict(v)
+            hit = v.pop("cached_input")
+            v.setdefault("cache_hit", hit)
+        if isinstance(v, dict) and isinstance(v.get("currency"), str):
+            v = {**v, "currency": v["currency"].upper()}
+        return v
 
     def get(self, key: str, default: Any = None) -> Any:
         return getattr(self, key, default)
+
+
+def validate_price(v: dict[str, Any] | Price | None) -> dict[str, Any] | None:
+    """Check a deployment's ``price`` with :class:`Price`; keep it as a plain dict (input, output,
+    cache_hit / cached_input, cache_write, currency, tiers, max_output_tokens)."""
+    if v is None:
+        return None
+    try:
+        p = v if isinstance(v, Price) else Price.model_validate(v)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise ValueError(f"{where}: {err['msg']}" if where else err["msg"]) from None
+    out = p.model_dump(exclude_none=True)
+    if not out["tiers"]:
+        del out["tiers"]
+    if "cache_hit" in out:
+        out["cached_input"] = out["cache_hit"]
+    return out
 
 
 class DeploymentBase(_Strict):
@@ -79,8 +107,15 @@ class DeploymentBase(_Strict):
     rpm: int | None = Field(None, gt=0)
     tpm: int | None = Field(None, gt=0)
     tags: list[str] = Field(default_factory=list, description="data-policy tags, e.g. self_hosted")
-    price: Price | None = Field(None, description="overrides the price catalog for this deployment")
+    price: dict[str, Any] | None = Field(
+        None, description="{input, output, cache_hit, cache_write: per 1M tokens, currency, tiers}; overrides the catalog"
+    )
     vendor: str | None = Field(None, description="who bills this deployment (for spend reports); default: guessed")
+
+    @field_validator("price", mode="before")
+    @classmethod
+    def _price(cls, v: Any) -> dict[str, Any] | None:
+        return validate_price(v)
 
     def default_id(self) -> str:
         return f"{getattr(self, 'provider', 'deployment')}:{self.model}"

@@ -58,12 +58,21 @@ def test_config_price_overrides_the_catalog_and_stays_dict_compatible() -> None:
     dep = cfg.models[0].deployments[0]
     assert isinstance(dep, OpenAICompatibleDeployment) and dep.price is not None
     assert dep.price["input"] == 1 and dep.price.get("output") == 2 and dep.price.get("cache_hit") is None
+    assert "input" in dep.price and isinstance(dep.price, dict)
     p = deployment_price(dep, PriceCatalog.load())
     assert p is not None and p.source == "config" and p.base.input == pytest.approx(1 / 7.1 / 1e6)
     with pytest.raises(ConfigError) as e:
         parse_config({"models": [{"name": "m", "deployments": [{"provider": "openai_compatible", "base_url": "http://x/v1",
                                                                  "model": "x", "price": {"input": -1, "output": 2}}]}]})
-    assert "price.input" in str(e.value)
+    assert "deployments[0].price" in str(e.value) and "input: Input should be greater than or equal to 0" in str(e.value)
+    cfg = parse_config({"models": [{"name": "m", "deployments": [{"provider": "openai_compatible", "base_url": "http://x/v1",
+                                                                   "model": "x", "price": {"input": 1, "output": 2, "cached_input": 0.5}}]}]})
+    price = cfg.models[0].deployments[0].price
+    assert price == {"input": 1.0, "output": 2.0, "cache_hit": 0.5, "cached_input": 0.5, "currency": "USD"}  # a plain dict
+    with pytest.raises(ConfigError) as e:
+        parse_config({"models": [{"name": "m", "deployments": [{"provider": "openai_compatible", "base_url": "http://x/v1",
+                                                                 "model": "x", "price": {"input": 1}}]}]})
+    assert "output: Field required" in str(e.value)
 
 
 def test_extra_prices_file_wins(tmp_path: Path) -> None:

@@ -51,6 +51,7 @@ log = logging.getLogger("kaiyuan.guard")
 
 TICKET = "kaiyuan.ticket"
 NEGATIVE_TTL_S = 2.0
+BILLED_ENDPOINTS = frozenset({"chat", "completions", "embeddings", "messages"})
 SEED_TTL_S = 60.0  # a counter's starting spend is re-read from the ledger at most this often
 PERIOD_WORD = {"day": "daily", "week": "weekly", "month": "monthly", "total": "total"}
 
@@ -171,7 +172,7 @@ class KeyGuard:
         if self._task is None and self.engine is not None and not self._closing:
             self._task = asyncio.create_task(self._run(), name="kaiyuan-spend-ledger")
         rec = await self.authenticate(ctx)
-        if rec is None or ctx.endpoint not in ("chat", "completions", "embeddings", "messages"):
+        if rec is None or ctx.endpoint not in BILLED_ENDPOINTS:
             return  # the master key, or an open gateway: no limits (cost is still computed at settle)
         deps = self.model_deps.get(ctx.model or "")
         if not deps:
@@ -290,10 +291,14 @@ class KeyGuard:
         entry = self.deployments.get(ctx.deployment)
         if entry is None or entry[1] is None:
             return None
+        if ctx.endpoint == "count_tokens":
+            return 0.0  # vendors do not bill token counting
         price = entry[1]
         u = ctx.usage
         if u.prompt_tokens is not None or u.completion_tokens is not None:
             return price.cost(u)
+        if ctx.endpoint not in BILLED_ENDPOINTS:
+            return None  # an endpoint we do not know how to price without usage
         if ctx.ttft is None and ctx.status >= 400:
             return 0.0  # the upstream refused or failed before answering: nothing billed
         # An answer went out but the upstream reported no usage (e.g. the client hung up mid-stream):

@@ -222,7 +222,7 @@ def test_budget_holds_exactly_under_concurrency(kgw: RunningGateway) -> None:
     assert denied and len(denied) < 40
     msg = str(denied[0])
     assert denied[0].code == "budget_exceeded"
-    assert "daily budget" in msg and "$0.00" in msg and "resets at" in msg and "spent $" in msg
+    assert "daily budget" in msg and "is $0.0002;" in msg and "resets at" in msg and "spent $0.0" in msg
     assert denied[0].response.headers.get("Retry-After")
     kgw.gateway.guard.__dict__  # noqa: B018 - the guard is a KeyGuard
     rows = [r for r in kgw.log_rows() if r["key_id"] == k["id"]]

@@ -364,9 +364,9 @@ class KeyGuard:
             resets = f"it resets at {_iso(end)}" if end is not None else "it does not reset (a total budget)"
             who = f"key {ctx.principal.key_id}" if b.scope == "key" else f"team {b.scope_id}"
             msg = (
-                f"budget exceeded: the {PERIOD_WORD[b.period]} budget of {who} is ${b.limit_usd:.2f}; "
-                f"spent ${d.current / NANO:.4f}, reserved by requests in flight ${d.reserved / NANO:.4f}, "
-                f"and this request may cost up to ${check.reserve / NANO:.4f}; {resets}"
+                f"budget exceeded: the {PERIOD_WORD[b.period]} budget of {who} is {_usd(b.limit_usd)}; "
+                f"spent {_usd(d.current / NANO)}, reserved by requests in flight {_usd(d.reserved / NANO)}, "
+                f"and this request may cost up to {_usd(check.reserve / NANO)}; {resets}"
             )
             headers = {"Retry-After": str(max(1, int(end - now)))} if end is not None else {}
             return GatewayError(ErrorKind.BUDGET_EXCEEDED, msg, code="budget_exceeded", headers=headers)
@@ -422,6 +422,13 @@ class KeyGuard:
                 self._ledger.popleft()
             written += len(batch)
         return written
+
+
+def _usd(v: float) -> str:
+    """Dollars with cents, or with enough digits to be non-zero for sub-cent amounts."""
+    if v == 0 or abs(v) >= 0.01:
+        return f"${v:,.2f}"
+    return f"${v:.6f}".rstrip("0")
 
 
 def _iso(ts: float | None) -> str:

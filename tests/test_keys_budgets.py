@@ -128,7 +128,7 @@ def test_bad_admin_input_is_rejected_and_nothing_is_written(kgw: RunningGateway)
 
 
 def test_allowed_models_and_policy(kgw: RunningGateway, fake_openai: FakeOpenAI) -> None:
-    team = admin(kgw, "POST", "/admin/teams", {"name": "research", "allowed_models": ["cheap", "other"], "policy": "self_hosted_only"}).json()
+    team = admin(kgw, "POST", "/admin/teams", {"name": "research", "allowed_models": ["cheap", "other"], "policy": "!vendor:nobody"}).json()
     k = new_key(kgw, team_id=team["id"], allowed_models=["cheap", "emb"])  # intersect: cheap only
     seen: list[Any] = []
     kgw.gateway.on_complete.append(lambda ctx: seen.append(ctx.principal))
@@ -138,7 +138,7 @@ def test_allowed_models_and_policy(kgw: RunningGateway, fake_openai: FakeOpenAI)
     assert e.value.code == "model_not_allowed"
     models = [m.id for m in client(kgw, k["key"]).models.list()]
     assert models == ["cheap"]
-    assert seen[0].policy == "self_hosted_only" and seen[0].team_id == team["id"] and seen[0].key_id == k["id"]
+    assert seen[0].policy == "!vendor:nobody" and seen[0].team_id == team["id"] and seen[0].key_id == k["id"]
 
 
 def test_rotation_old_secret_stops_working(kgw: RunningGateway) -> None:

@@ -160,6 +160,20 @@ def _check_models(gw: Gateway, models: list[str] | None) -> None:
         )
 
 
+def _check_policy(policy: str | None) -> None:
+    """A data policy must parse (when the routing module that enforces policies is installed)."""
+    if policy is None:
+        return
+    try:
+        from kaiyuan.routing.policy import parse_policy  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return
+    try:
+        parse_policy(policy)
+    except ValueError as e:
+        raise _err(400, f"policy: {e}", "invalid_policy", "policy") from None
+
+
 def _expiry(v: datetime | float | None, in_s: float | None) -> float | None:
     if in_s is not None:
         return time.time() + in_s
@@ -182,6 +196,7 @@ async def create_team(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
     body = await _body(request, TeamIn)
     _check_models(gw, body.allowed_models)
+    _check_policy(body.policy)
     return _json(await _run(keystore.create_team, gw.engine, _fields(body)), 201)
 
 
@@ -200,6 +215,7 @@ async def patch_team(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
     body = await _body(request, TeamPatch)
     _check_models(gw, body.allowed_models)
+    _check_policy(body.policy)
     out = await _run(keystore.update_team, gw.engine, request.match_info["id"], _fields(body))
     if (g := _guard(gw)) is not None:
         g.invalidate()
@@ -234,6 +250,7 @@ async def create_key(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
     body = await _body(request, KeyIn)
     _check_models(gw, body.allowed_models)
+    _check_policy(body.policy)
     data = _fields(body)
     data["expires_at"] = _expiry(body.expires_at, body.expires_in_s)
     out = await _run(keystore.create_key, gw.engine, data, [b.model_dump() for b in body.budgets])
@@ -264,6 +281,7 @@ async def patch_key(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
     body = await _body(request, KeyPatch)
     _check_models(gw, body.allowed_models)
+    _check_policy(body.policy)
     data = _fields(body)
     if "expires_at" in data or body.expires_in_s is not None:
         data["expires_at"] = _expiry(body.expires_at, body.expires_in_s)

@@ -138,3 +138,46 @@ def test_redis_down_falls_back_to_local_limits(make_gateway: Callable[[dict[str,
             outcomes.append("429")
     assert outcomes.count("ok") in (2, 3) and outcomes[0] == "ok"  # 3 only if a minute boundary fell inside
     assert 'kaiyuan_limits_redis_errors_total{action="local"}' in http("GET", gw.url + "/metrics").text
+
+
+@needs_redis
+def test_revocation_reaches_other_replicas_at_once(servers: Any, fake_openai: FakeOpenAI, tmp_path: Any) -> None:
+    from kaiyuan.testing.harness import start_gateway
+    from tests.conftest import _stop_gateway
+
+    cfg = {
+        "server": {"master_key": MASTER},
+        "limits": {"backend": "redis", "redis_url": REDIS_URL, "key_cache_ttl_s": 600},  # the cache alone would wait 10 min
+        "models": [openai_model("cheap", fake_openai.url, "upstream-chat", deployment={"price": {"input": 1, "output": 2}})],  # type: ignore[attr-defined]
+    }
+    db = f"sqlite:///{tmp_path}/shared.db"
+    a = start_gateway(servers, cfg, db)
+    b = start_gateway(servers, cfg, db)
+    try:
+        key = http("POST", a.url + "/admin/keys", {"name": "k", "rpm": 1000}, MASTER).json()
+        cb = openai.OpenAI(base_url=b.base_url, api_key=key["key"], max_retries=0)
+        for _ in range(2):  # cached on b now (and b is listening for changes)
+            cb.chat.completions.create(model="cheap", messages=[{"role": "user", "content": "hi"}])
+        import time
+
+        import redis
+
+        r = redis.Redis.from_url(REDIS_URL)
+        for _ in range(100):  # b subscribes to key changes when it serves its first request
+            if r.pubsub_numsub("ky:invalidate")[0][1] >= 1:
+                break
+            time.sleep(0.02)
+        r.close()
+        assert http("POST", a.url + f"/admin/keys/{key['id']}/revoke", {}, MASTER).status_code == 200
+        for _ in range(50):
+            try:
+                cb.chat.completions.create(model="cheap", messages=[{"role": "user", "content": "hi"}])
+            except openai.AuthenticationError as e:
+                assert e.code == "key_revoked"
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("replica b kept accepting a key revoked on replica a")
+    finally:
+        _stop_gateway(servers, a)
+        _stop_gateway(servers, b)

@@ -52,7 +52,8 @@ log = logging.getLogger("kaiyuan.guard")
 TICKET = "kaiyuan.ticket"
 NEGATIVE_TTL_S = 2.0
 BILLED_ENDPOINTS = frozenset({"chat", "completions", "embeddings", "messages"})
-SEED_TTL_S = 60.0  # a counter's starting spend is re-read from the ledger at most this often
+SEED_TTL_S = 60.0
+INVALIDATE_CHANNEL = "ky:invalidate"  # a counter's starting spend is re-read from the ledger at most this often
 PERIOD_WORD = {"day": "daily", "week": "weekly", "month": "monthly", "total": "total"}
 
 
@@ -102,15 +103,56 @@ class KeyGuard:
         self._ledger: deque[dict[str, Any]] = deque()
         self._seeds: dict[str, tuple[float, int]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
         self._closing = False
 
     # -- keys ------------------------------------------------------------------------------------
     def invalidate(self, key_hash: str | None = None) -> None:
-        """Forget cached keys (all, or one): called by the admin API after every change."""
+        """Forget cached keys here (all, or one)."""
         if key_hash is None:
             self._cache.clear()
         else:
             self._cache.pop(key_hash, None)
+
+    async def invalidate_everywhere(self, key_hash: str | None = None) -> None:
+        """Forget cached keys here and, with Redis, on every replica at once (the admin API calls this
+        after every change); replicas that miss the message still drop the key within the cache TTL."""
+        self.invalidate(key_hash)
+        if isinstance(self.counters, RedisCounters):
+            try:
+                await self.counters.redis.publish(INVALIDATE_CHANNEL, key_hash or "*")
+            except Exception as e:
+                log.warning("could not tell other replicas to drop a cached key (%s); they will within %ss",
+                            e, self.settings.key_cache_ttl_s)
+
+    async def _listen(self) -> None:
+        """Drop cached keys when another replica's admin API changes them (Redis pub/sub)."""
+        assert isinstance(self.counters, RedisCounters)
+        first = True
+        while not self._closing:
+            try:
+                pubsub = self.counters.redis.pubsub()
+                await pubsub.subscribe(INVALIDATE_CHANNEL)
+                if not first:
+                    self.invalidate()  # anything published while we were not subscribed
+                first = False
+                async for msg in pubsub.listen():
+                    if msg.get("type") != "message":
+                        continue
+                    data = msg["data"].decode() if isinstance(msg["data"], bytes) else str(msg["data"])
+                    self.invalidate(None if data == "*" else data)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("key invalidation channel lost (%s); retrying in 1 s", e)
+                first = False
+                await asyncio.sleep(1.0)
+
+    def _start_tasks(self) -> None:
+        if self._task is None and self.engine is not None and not self._closing:
+            self._task = asyncio.create_task(self._run(), name="kaiyuan-spend-ledger")
+        if self._listener is None and isinstance(self.counters, RedisCounters) and not self._closing:
+            self._listener = asyncio.create_task(self._listen(), name="kaiyuan-key-invalidation")
 
     async def _record(self, token: str) -> KeyRecord | None:
         h = keystore.hash_key(token)
@@ -169,8 +211,8 @@ class KeyGuard:
 
     # -- the Guard protocol ----------------------------------------------------------------------
     async def admit(self, ctx: RequestContext) -> None:
-        if self._task is None and self.engine is not None and not self._closing:
-            self._task = asyncio.create_task(self._run(), name="kaiyuan-spend-ledger")
+        if self._task is None:
+            self._start_tasks()
         rec = await self.authenticate(ctx)
         if rec is None or ctx.endpoint not in BILLED_ENDPOINTS:
             return  # the master key, or an open gateway: no limits (cost is still computed at settle)
@@ -257,13 +299,14 @@ class KeyGuard:
 
     async def close(self) -> None:
         self._closing = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
+        for task in (self._task, self._listener):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        self._task = self._listener = None
         await self.flush()
         await self.counters.close()
 

@@ -218,7 +218,7 @@ async def patch_team(request: web.Request) -> web.StreamResponse:
     _check_policy(body.policy)
     out = await _run(keystore.update_team, gw.engine, request.match_info["id"], _fields(body))
     if (g := _guard(gw)) is not None:
-        g.invalidate()
+        await g.invalidate_everywhere()
     return _json(out)
 
 
@@ -227,7 +227,7 @@ async def delete_team(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
     await _run(keystore.delete_team, gw.engine, request.match_info["id"])
     if (g := _guard(gw)) is not None:
-        g.invalidate()
+        await g.invalidate_everywhere()
     return _json({"id": request.match_info["id"], "deleted": True})
 
 
@@ -287,7 +287,7 @@ async def patch_key(request: web.Request) -> web.StreamResponse:
         data["expires_at"] = _expiry(body.expires_at, body.expires_in_s)
     out, old_hash = await _run(keystore.update_key, gw.engine, request.match_info["id"], data)
     if (g := _guard(gw)) is not None:
-        g.invalidate(old_hash)
+        await g.invalidate_everywhere(old_hash)
     return _json(out)
 
 
@@ -296,7 +296,7 @@ async def revoke_key(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
     out, old_hash = await _run(keystore.revoke_key, gw.engine, request.match_info["id"])
     if (g := _guard(gw)) is not None:
-        g.invalidate(old_hash)
+        await g.invalidate_everywhere(old_hash)
     return _json(out)
 
 
@@ -305,7 +305,7 @@ async def rotate_key(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
     out, old_hash = await _run(keystore.rotate_key, gw.engine, request.match_info["id"])
     if (g := _guard(gw)) is not None:
-        g.invalidate(old_hash)
+        await g.invalidate_everywhere(old_hash)
     out["note"] = "the old secret no longer works; store this key now: it is shown only once"
     return _json(out)
 
@@ -344,7 +344,7 @@ async def _invalidate_scope(gw: Gateway, scope: str, scope_id: str) -> None:
     if g is None:
         return
     for h in await _run(keystore.hashes_for_scope, gw.engine, scope, scope_id):
-        g.invalidate(h)
+        await g.invalidate_everywhere(h)
 
 
 # -- spend and prices ------------------------------------------------------------------------------

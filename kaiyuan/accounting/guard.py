@@ -100,6 +100,9 @@ class KeyGuard:
             "kaiyuan_limits_redis_errors", "Redis failures, by what the gateway did (fail_closed, local)", ["action"], registry=r
         )
         self.m_spend = Counter("kaiyuan_spend_usd", "Spend recorded, USD", ["model"], registry=r)
+        self.m_over = Counter(
+            "kaiyuan_cost_above_reservation", "Requests whose real cost exceeded their budget reservation", registry=r
+        )
         self._ledger: deque[dict[str, Any]] = deque()
         self._seeds: dict[str, tuple[float, int]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -266,9 +269,17 @@ class KeyGuard:
             nano = 0 if cost is None else round(cost * NANO)
             u = ctx.usage
             total = (u.prompt_tokens or 0) + (u.completion_tokens or 0) if u.prompt_tokens is not None else ticket.prompt_tokens
+            if ticket.budgets and nano > ticket.budgets[0].reserve:
+                self.m_over.inc()
+                log.warning(
+                    "request %s cost $%.6f, more than the $%.6f reserved for it (the upstream counted more tokens "
+                    "than the gateway's estimate, or ignored max_tokens); budgets may be exceeded by the difference",
+                    ctx.request_id, nano / NANO, ticket.budgets[0].reserve / NANO,
+                )
             try:
                 if ticket.backend == "redis" and isinstance(self.counters, RedisCounters):
-                    await self.counters.settle(ticket, [nano] * len(ticket.budgets), total)
+                    # shielded: a client that hangs up must not cancel the release of its reservation
+                    await asyncio.shield(self.counters.settle(ticket, [nano] * len(ticket.budgets), total))
                 else:
                     self.local.settle_sync(ticket, [nano] * len(ticket.budgets), total)
             except Exception as e:

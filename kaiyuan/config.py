@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kaiyuan.routing.settings import RoutingSettings, check_routing
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4000
 DEFAULT_LOCAL_MODEL_NAME = "smollm2-135m-instruct"
@@ -77,22 +79,48 @@ class Price(_Strict):
         return getattr(self, key, default)
 
 
-def validate_price(v: dict[str, Any] | Price | None) -> dict[str, Any] | None:
-    """Check a deployment's ``price`` with :class:`Price`; keep it as a plain dict (input, output,
-    cache_hit / cached_input, cache_write, currency, tiers, max_output_tokens)."""
+PRICE_KEYS = frozenset({"input", "output", "cached_input", "cache_hit", "cache_write", "currency", "tiers", "max_output_tokens"})
+
+
+def validate_price(v: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``price: {input: 0.27, output: 1.10, cached_input: 0.07, currency: USD}`` (per million tokens;
+    also ``cache_hit`` (= cached_input), ``cache_write``, ``tiers``, ``max_output_tokens``).
+
+    Checked with :class:`Price`, returned as a plain dict of the keys given (numbers as floats,
+    ``currency`` upper-cased and filled in) so that any module can read ``price["input"]``.
+    """
     if v is None:
         return None
+    if not isinstance(v, dict):
+        raise ValueError("price must be a mapping such as {input: 0.27, output: 1.10}")
+    unknown = sorted(set(v) - PRICE_KEYS)
+    if unknown:
+        raise ValueError(f"unknown price keys {unknown}; use input, output, cached_input, cache_write (per 1M tokens), currency, tiers")
+    for k in ("input", "output"):
+        if k not in v:
+            raise ValueError(f"price needs '{k}' (price per million {k} tokens)")
+    out: dict[str, Any] = {"currency": "USD"}
+    for k, x in v.items():
+        if k == "currency":
+            if not isinstance(x, str) or x.upper() not in ("USD", "CNY"):
+                raise ValueError(f"price.currency must be USD or CNY (CNY is converted with accounting.cny_per_usd), got {x!r}")
+            out[k] = x.upper()
+        elif k == "tiers":
+            out[k] = x
+        elif k == "max_output_tokens":
+            if isinstance(x, bool) or not isinstance(x, int) or x <= 0:
+                raise ValueError(f"price.max_output_tokens must be a whole number > 0, got {x!r}")
+            out[k] = x
+        else:
+            if isinstance(x, bool) or not isinstance(x, int | float) or x < 0:
+                raise ValueError(f"price.{k} must be a number >= 0 (per million tokens), got {x!r}")
+            out[k] = float(x)
     try:
-        p = v if isinstance(v, Price) else Price.model_validate(v)
+        Price.model_validate(out)  # tiers and the rest, with the same rules as the catalog
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"])
-        raise ValueError(f"{where}: {err['msg']}" if where else err["msg"]) from None
-    out = p.model_dump(exclude_none=True)
-    if not out["tiers"]:
-        del out["tiers"]
-    if "cache_hit" in out:
-        out["cached_input"] = out["cache_hit"]
+        raise ValueError(f"price.{where}: {err['msg']}" if where else err["msg"]) from None
     return out
 
 
@@ -156,8 +184,42 @@ class LocalDeployment(DeploymentBase):
         return f"local:{self.model}"
 
 
+class _NativeHTTPDeployment(DeploymentBase):
+    base_url: str
+    api_key: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    max_connections: int = Field(1000, gt=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"must be an http(s) URL, got {v!r}")
+        return v.rstrip("/")
+
+    def default_id(self) -> str:
+        host = re.sub(r"^https?://", "", self.base_url).split("/")[0]
+        return f"{getattr(self, 'provider', 'native')}:{self.model}@{host}"
+
+
+class AnthropicDeployment(_NativeHTTPDeployment):
+    """Anthropic's native Messages API (POST {base_url}/v1/messages)."""
+
+    provider: Literal["anthropic"]
+    base_url: str = Field("https://api.anthropic.com", description="without /v1")
+    anthropic_version: str = "2023-06-01"
+    default_max_tokens: int = Field(4096, gt=0, description="max_tokens for OpenAI callers that send none")
+
+
+class GeminiDeployment(_NativeHTTPDeployment):
+    """Google's Gemini API (models/{model}:generateContent and :streamGenerateContent)."""
+
+    provider: Literal["gemini"]
+    base_url: str = Field("https://generativelanguage.googleapis.com/v1beta", description="up to the API version")
+
+
 Deployment = Annotated[
-    OpenAICompatibleDeployment | LocalDeployment,
+    OpenAICompatibleDeployment | LocalDeployment | AnthropicDeployment | GeminiDeployment,
     Field(discriminator="provider"),
 ]
 
@@ -167,6 +229,7 @@ class ModelConfig(_Strict):
     deployments: list[Deployment] = Field(..., min_length=1)
     log_bodies: bool = Field(False, description="store request/response bodies in the request log")
     description: str | None = None
+    routing: RoutingSettings = Field(default_factory=lambda: RoutingSettings(), description="see docs/routing.md")
 
     @model_validator(mode="after")
     def _ids(self) -> ModelConfig:
@@ -250,6 +313,7 @@ class GatewayConfig(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+        check_routing(self.models)
         return self
 
     def model(self, name: str) -> ModelConfig | None:

@@ -64,15 +64,25 @@ def test_config_price_overrides_the_catalog_and_stays_dict_compatible() -> None:
     with pytest.raises(ConfigError) as e:
         parse_config({"models": [{"name": "m", "deployments": [{"provider": "openai_compatible", "base_url": "http://x/v1",
                                                                  "model": "x", "price": {"input": -1, "output": 2}}]}]})
-    assert "deployments[0].price" in str(e.value) and "input: Input should be greater than or equal to 0" in str(e.value)
+    assert "deployments[0].price" in str(e.value) and "price.input must be a number >= 0" in str(e.value)
     cfg = parse_config({"models": [{"name": "m", "deployments": [{"provider": "openai_compatible", "base_url": "http://x/v1",
                                                                    "model": "x", "price": {"input": 1, "output": 2, "cached_input": 0.5}}]}]})
     price = cfg.models[0].deployments[0].price
-    assert price == {"input": 1.0, "output": 2.0, "cache_hit": 0.5, "cached_input": 0.5, "currency": "USD"}  # a plain dict
+    assert price == {"input": 1.0, "output": 2.0, "cached_input": 0.5, "currency": "USD"}  # a plain dict
+    cheap = deployment_price(cfg.models[0].deployments[0], PriceCatalog.load())
+    assert cheap is not None and cheap.base.cache_hit == pytest.approx(0.5e-6)  # cached_input is the cache-hit price
     with pytest.raises(ConfigError) as e:
         parse_config({"models": [{"name": "m", "deployments": [{"provider": "openai_compatible", "base_url": "http://x/v1",
                                                                  "model": "x", "price": {"input": 1}}]}]})
-    assert "output: Field required" in str(e.value)
+    assert "price needs 'output'" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        parse_config({"models": [{"name": "m", "deployments": [{"provider": "openai_compatible", "base_url": "http://x/v1",
+                                                                 "model": "x", "price": {"input": 1, "output": 1, "currency": "EUR"}}]}]})
+    assert "USD or CNY" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        parse_config({"models": [{"name": "m", "deployments": [{"provider": "openai_compatible", "base_url": "http://x/v1",
+                                                                 "model": "x", "price": {"input": 1, "output": 1, "tiers": [{"input": 1}]}}]}]})
+    assert "price.tiers.0.above_tokens" in str(e.value)
 
 
 def test_extra_prices_file_wins(tmp_path: Path) -> None:

@@ -199,5 +199,5 @@ def vendor_of(dep: DeploymentBase, price: ResolvedPrice | None) -> str:
 
 def deployment_price(dep: DeploymentBase, catalog: PriceCatalog) -> ResolvedPrice | None:
     if dep.price is not None:
-        return resolve(Price.model_validate({k: v for k, v in dep.price.items() if k != "cached_input"}), catalog.cny_per_usd, dep.vendor, "config")
+        return resolve(Price.model_validate(dep.price), catalog.cny_per_usd, dep.vendor, "config")
     return catalog.lookup(dep.model)

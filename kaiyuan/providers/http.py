@@ -5,19 +5,24 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
+import orjson
 
 from kaiyuan.config import Timeouts
 from kaiyuan.errors import ErrorKind, GatewayError
-from kaiyuan.providers.base import UpstreamReply
+from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
 
 
 def make_session(max_connections: int, timeouts: Timeouts) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(
         limit=max_connections, limit_per_host=max_connections, keepalive_timeout=60, ttl_dns_cache=300
     )
-    timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect, sock_read=timeouts.idle)
+    # No sock_read here: aiohttp would apply it to the wait for the response headers too, cutting
+    # a slow first byte at `idle`. first_byte is enforced around the request; idle is set on the
+    # connection once a stream's headers are in (see post_json).
+    timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect, sock_read=None)
     return aiohttp.ClientSession(
         connector=connector, timeout=timeout, auto_decompress=True, skip_auto_headers=("User-Agent",)
     )
@@ -80,6 +85,10 @@ async def post_json(
         if resp is not None:
             resp.close()
         raise
+    except aiohttp.ConnectionTimeoutError:
+        raise GatewayError(
+            ErrorKind.UPSTREAM_TIMEOUT, f"could not connect to upstream {label} within {timeouts.connect:g}s (timeouts.connect)"
+        ) from None
     except TimeoutError:
         if resp is not None:
             resp.close()
@@ -105,6 +114,10 @@ async def post_json(
             resp.close()
         raise
     r = resp
+    proto = r.connection.protocol if r.connection is not None else None
+    if proto is not None:  # from now on, at most `idle` seconds between two reads
+        proto.read_timeout = timeouts.idle
+        proto.start_timeout()
     return UpstreamReply(
         r.status, r.headers, stream=_iter_stream(r, deadline, timeouts.idle, label), _closer=r.close
     )
@@ -119,3 +132,36 @@ async def _read_all(resp: aiohttp.ClientResponse, deadline: float, label: str) -
         raise GatewayError(
             ErrorKind.UPSTREAM_TIMEOUT, f"upstream {label} exceeded its total time limit (timeouts.total)"
         ) from None
+
+
+class PooledHTTPProvider(Provider):
+    """A provider with one pooled keep-alive session, for the native vendor protocols."""
+
+    def __init__(self, deployment: Any) -> None:
+        super().__init__(deployment)
+        self.cfg = deployment
+        self._session: aiohttp.ClientSession | None = None
+        self.label = f"{self.id} ({deployment.base_url})"
+
+    async def start(self) -> None:
+        if self._session is None:
+            self._session = make_session(self.cfg.max_connections, self.cfg.timeouts)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def target(self, call: UpstreamCall) -> tuple[str, dict[str, str]]:
+        """URL and headers for ``call``."""
+        raise NotImplementedError
+
+    async def send(self, call: UpstreamCall) -> UpstreamReply:
+        if self._session is None:
+            await self.start()
+        assert self._session is not None
+        url, headers = self.target(call)
+        if call.headers:
+            headers = {**headers, **call.headers}
+        body = call.body_bytes if call.body_bytes is not None else orjson.dumps(call.body)
+        return await post_json(self._session, url, body, headers, self.cfg.timeouts, call.stream, self.label)

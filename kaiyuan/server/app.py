@@ -11,10 +11,12 @@ from typing import Any
 from aiohttp import web
 
 from kaiyuan.config import GatewayConfig
+from kaiyuan.dialects import anthropic as anth
 from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
-from kaiyuan.server import health, openai_api
+from kaiyuan.routing import admin as routing_admin
+from kaiyuan.server import anthropic_api, health, openai_api
 from kaiyuan.server.common import ErrorSerializer, error_response
 from kaiyuan.server.openai_api import GATEWAY_KEY
 
@@ -29,6 +31,8 @@ EXTRA_ROUTES: list[RouteInstaller] = []
 from kaiyuan.server import admin_api  # noqa: E402  (the admin API: keys, teams, budgets, spend)
 
 EXTRA_ROUTES.append(admin_api.add_routes)
+EXTRA_ROUTES.append(anthropic_api.add_routes)
+ERROR_SHAPES.append(("/v1/messages", anth.error_body))
 
 
 def _serializer_for(path: str) -> ErrorSerializer:
@@ -76,6 +80,7 @@ def create_app(config: GatewayConfig, gateway: Gateway | None = None) -> web.App
     app[GATEWAY_KEY] = gw
     openai_api.add_routes(app)
     health.add_routes(app)
+    routing_admin.add_routes(app)
     for install in EXTRA_ROUTES:
         install(app)
 

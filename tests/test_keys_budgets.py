@@ -433,3 +433,39 @@ def test_budget_spend_survives_a_restart(kgw: RunningGateway) -> None:
         from tests.conftest import _stop_gateway
 
         _stop_gateway(kgw.servers, again)
+
+
+# -- the other routes ------------------------------------------------------------------------------
+def test_anthropic_messages_route_is_guarded_and_costed(kgw: RunningGateway) -> None:
+    import anthropic
+
+    k = new_key(kgw, budgets=[{"period": "day", "limit_usd": 0.0001}])
+    c = anthropic.Anthropic(base_url=kgw.url, api_key=k["key"], max_retries=0)
+    ok = 0
+    for _ in range(20):
+        try:
+            c.messages.create(model="cheap", max_tokens=20, messages=[{"role": "user", "content": "hello there"}])
+            ok += 1
+        except anthropic.RateLimitError as e:
+            assert "budget exceeded" in str(e) and "daily budget" in str(e)
+            break
+    assert 0 < ok < 20
+    with pytest.raises(anthropic.RateLimitError):
+        with c.messages.stream(model="cheap", max_tokens=20, messages=[{"role": "user", "content": "x"}]) as s:
+            for _ in s:
+                pass
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=kgw.url, api_key="sk-ky-bad", max_retries=0).messages.create(
+            model="cheap", max_tokens=5, messages=[{"role": "user", "content": "x"}]
+        )
+    rows = [r for r in kgw.log_rows() if r["key_id"] == k["id"] and r["endpoint"] == "messages"]
+    assert sum(r["cost_usd"] or 0 for r in rows) <= 0.0001 and all(r["cost_usd"] for r in rows if r["status"] == 200)
+
+
+def test_key_policy_is_enforced_by_the_router(kgw: RunningGateway, fake_openai: FakeOpenAI) -> None:
+    k = new_key(kgw, policy="self_hosted")  # the fake upstream is not tagged self_hosted
+    before = len(fake_openai.requests)
+    with pytest.raises(openai.APIStatusError) as e:
+        chat(kgw, k["key"])
+    assert "self_hosted" in str(e.value) and len(fake_openai.requests) == before
+    assert admin(kgw, "POST", "/admin/keys", {"name": "bad", "policy": "self hosted"}).status_code == 400

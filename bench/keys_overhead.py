@@ -27,6 +27,30 @@ MASTER = "sk-bench-master"
 BODY = {"model": "bench", "messages": [{"role": "user", "content": "Say hello to the benchmark in one short sentence."}], "max_tokens": 64}
 
 
+def key_setup(base_url: str, master_key: str = MASTER) -> dict[str, str]:
+    """For bench/run.py variants: create a virtual key with RPM + TPM + a monthly budget (limits far
+    above what the benchmark sends, so every request pays for the checks but none is refused) and
+    return the headers that use it. Example (bench/scenarios.py)::
+
+        Variant("kaiyuan+keys-sqlite", config_patch={"server": {"master_key": MASTER_KEY}},
+                setup=lambda url: key_setup(url, MASTER_KEY), flag="keys"),
+        Variant("kaiyuan+keys-redis", config_patch={"server": {"master_key": MASTER_KEY},
+                "limits": {"backend": "redis", "redis_url": "redis://127.0.0.1:6379/0"}},
+                setup=lambda url: key_setup(url, MASTER_KEY), flag="keys"),
+    """
+    import json
+    import urllib.request
+
+    body = {"name": "bench", "rpm": 10**9, "tpm": 10**12, "budgets": [{"period": "month", "limit_usd": 10**6}]}
+    req = urllib.request.Request(
+        base_url.rstrip("/") + "/admin/keys", data=json.dumps(body).encode(), method="POST",
+        headers={"Authorization": f"Bearer {master_key}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        key = json.loads(resp.read())["key"]
+    return {"Authorization": f"Bearer {key}"}
+
+
 async def measure(gw: Gateway, key: str, n: int) -> list[float]:
     headers = {"Authorization": f"Bearer {key}"}
     out = []

@@ -32,9 +32,10 @@ def key_setup(base_url: str, master_key: str = MASTER) -> dict[str, str]:
     above what the benchmark sends, so every request pays for the checks but none is refused) and
     return the headers that use it. Example (bench/scenarios.py)::
 
-        Variant("kaiyuan+keys-sqlite", config_patch={"server": {"master_key": MASTER_KEY}},
+        PRICES = {"prices_file": "bench/prices.yaml"}  # the fake upstream's models need a price for budgets
+        Variant("kaiyuan+keys-sqlite", config_patch={"server": {"master_key": MASTER_KEY}, "accounting": PRICES},
                 setup=lambda url: key_setup(url, MASTER_KEY), flag="keys"),
-        Variant("kaiyuan+keys-redis", config_patch={"server": {"master_key": MASTER_KEY},
+        Variant("kaiyuan+keys-redis", config_patch={"server": {"master_key": MASTER_KEY}, "accounting": PRICES,
                 "limits": {"backend": "redis", "redis_url": "redis://127.0.0.1:6379/0"}},
                 setup=lambda url: key_setup(url, MASTER_KEY), flag="keys"),
     """

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kaiyuan.trials.models import TrialConfig, check_trial_models
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4000
 DEFAULT_LOCAL_MODEL_NAME = "smollm2-135m-instruct"
@@ -138,6 +140,12 @@ class GatewayConfig(_Strict):
     store: StoreSettings = Field(default_factory=StoreSettings)
     request_log: RequestLogSettings = Field(default_factory=RequestLogSettings)
     models: list[ModelConfig] = Field(default_factory=list)
+    trials: list[TrialConfig] = Field(default_factory=list, description="see docs/trials.md")
+
+    @model_validator(mode="after")
+    def _trial_models(self) -> GatewayConfig:
+        check_trial_models(self.trials, {m.name for m in self.models})
+        return self
 
     @model_validator(mode="after")
     def _unique_models(self) -> GatewayConfig:

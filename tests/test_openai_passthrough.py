@@ -7,7 +7,7 @@ import json
 import openai
 import pytest
 
-from kaiyuan.testing.fake_openai import Behaviour, FakeOpenAI
+from kaiyuan.testing.fake_openai import FakeOpenAI
 from kaiyuan.testing.harness import RunningGateway
 
 

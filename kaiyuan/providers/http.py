@@ -36,7 +36,7 @@ async def _iter_stream(
                 )
             try:
                 chunk = await resp.content.readany()
-            except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            except (TimeoutError, aiohttp.ServerTimeoutError):
                 raise GatewayError(
                     ErrorKind.UPSTREAM_TIMEOUT,
                     f"upstream {label} sent nothing for {idle:g}s mid-stream (timeouts.idle)",

@@ -1,0 +1,129 @@
+"""Offline trials end to end: a JSONL dataset replayed through a real gateway to fake quiz upstreams
+with known accuracy, judged and scored, then reported by the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+
+from kaiyuan.cli import main
+from kaiyuan.testing.fake_quiz import FakeQuiz, quiz_items
+from kaiyuan.testing.harness import RunningGateway
+from kaiyuan.testing.server_thread import ServerThread
+from tests.conftest import openai_model
+
+
+@pytest.fixture
+def quiz(servers: ServerThread) -> Any:
+    fake = FakeQuiz({"big": 0.85, "small": 0.70}, api_key="sk-upstream", seed=1)
+    fake.url = servers.serve(fake.app)  # type: ignore[attr-defined]
+    yield fake
+    servers.stop(fake.app)
+
+
+def trial_def(**over: Any) -> dict[str, Any]:
+    t = {
+        "name": "quiz", "mode": "offline", "incumbent": "gpt-big", "candidates": ["qwen-small"],
+        "judge": {"model": "judge"}, "scorers": [{"type": "numeric"}], "primary": "numeric", "margin": 0.4,
+        "prices": {"gpt-big": {"input_per_mtok": 10, "output_per_mtok": 30},
+                   "qwen-small": {"input_per_mtok": 1, "output_per_mtok": 2},
+                   "judge": {"input_per_mtok": 1, "output_per_mtok": 1}},
+    }
+    t.update(over)
+    return t
+
+
+def quiz_models(url: str) -> list[dict[str, Any]]:
+    return [openai_model("gpt-big", url, "big"), openai_model("qwen-small", url, "small"), openai_model("judge", url, "quiz-judge")]
+
+
+def setup(make_gateway: Callable[[dict[str, Any]], RunningGateway], quiz: FakeQuiz, tmp_path: Path, n: int, **over: Any
+          ) -> tuple[RunningGateway, Path, Path]:
+    gw = make_gateway({"models": quiz_models(quiz.url), "trials": [trial_def(**over)]})  # type: ignore[attr-defined]
+    cfg = tmp_path / "kaiyuan.yaml"
+    cfg.write_text(yaml.safe_dump(gw.config.model_dump(mode="json", by_alias=True, exclude_none=True)))
+    data = tmp_path / "quiz.jsonl"
+    data.write_bytes(b"\n".join(orjson.dumps(r) for r in quiz_items(n, seed=4)) + b"\n")
+    return gw, cfg, data
+
+
+def run_cli(cfg: Path, *args: str) -> int:
+    return main(["trial", *args, "--config", str(cfg)])
+
+
+def test_offline_quiz_trial_end_to_end(make_gateway: Any, quiz: FakeQuiz, tmp_path: Path, capsys: Any) -> None:
+    gw, cfg, data = setup(make_gateway, quiz, tmp_path, 160)
+    assert run_cli(cfg, "run", "quiz", "--dataset", str(data), "--gateway", gw.url, "--concurrency", "8") == 0
+    out = capsys.readouterr().out
+    assert "replayed 160 item(s): 160 pair(s), 0 candidate failure(s)" in out
+    js = tmp_path / "r.json"
+    html = tmp_path / "r.html"
+    assert run_cli(cfg, "report", "quiz", "--json", str(js), "--html", str(html), "--resamples", "400") == 0
+    text = capsys.readouterr().out
+    assert "VERDICT (reference_difference, margin 0.4): NON_INFERIOR" in text
+    rep = orjson.loads(js.read_bytes())
+    c = rep["by_candidate"][0]
+    means = c["scorers"]["numeric"]["means"]
+    # the quiz answers correctly on a fixed subset of the stated size: observed rates near the truth
+    assert means["incumbent"]["lo"] <= 0.85 + 0.06 and means["incumbent"]["hi"] >= 0.85 - 0.06
+    assert means["candidate"]["lo"] <= 0.70 + 0.06 and means["candidate"]["hi"] >= 0.70 - 0.06
+    assert means["difference"]["rate"] < 0
+    j = c["judge"]
+    assert j["n"] == 160 and j["unparsable"] == 0
+    # the judge agrees with the reference: candidate wins only where it is right and the incumbent wrong
+    assert j["rates"]["loss"]["rate"] > j["rates"]["win"]["rate"]
+    assert c["cost"]["candidate_per_1k_usd"] < c["cost"]["incumbent_per_1k_usd"]
+    assert rep["spend"]["total_usd"] > 0 and set(rep["spend"]["by_kind"]) == {"candidate", "judge"}
+    page = html.read_text()
+    assert page.count("<svg") >= 4 and "<script" not in page and "Largest disagreements" in page
+    # trials run through the gateway: the calls are in its request log
+    models = {r["model"] for r in gw.log_rows()}
+    assert models == {"gpt-big", "qwen-small", "judge"}
+    # the same results judged at a margin smaller than the true gap (0.15): the verdict flips
+    assert run_cli(cfg, "status", "quiz", "--margin", "0.02", "--resamples", "100") == 0
+    assert "margin 0.02): INFERIOR" in capsys.readouterr().out
+
+
+
+
+def test_unparsable_judge_and_failing_candidate_are_reported(make_gateway: Any, quiz: FakeQuiz, tmp_path: Path, capsys: Any) -> None:
+    gw, cfg, data = setup(make_gateway, quiz, tmp_path, 6)
+    quiz.judge_garbage = True
+    assert run_cli(cfg, "run", "quiz", "--dataset", str(data), "--gateway", gw.url, "--concurrency", "1") == 0
+    assert "6 unparsable judge output(s)" in capsys.readouterr().out
+    js = tmp_path / "r.json"
+    assert run_cli(cfg, "report", "quiz", "--json", str(js), "--resamples", "50") == 0
+    j = orjson.loads(js.read_bytes())["by_candidate"][0]["judge"]
+    assert j["n"] == 0 and j["unparsable"] == 6 and "rates" not in j  # excluded, never scored
+    assert "cannot decide" in str(j["unparsable_examples"][0]["judge_output"])
+    # now the candidate fails: failures are counted and score as losses, not dropped
+    quiz.judge_garbage = False
+    quiz.fail_models = {"small"}
+    assert run_cli(cfg, "run", "quiz", "--dataset", str(data), "--gateway", gw.url, "--fresh", "--concurrency", "1") == 0
+    assert "6 pair(s), 6 candidate failure(s), 0 incumbent failure(s)" in capsys.readouterr().out
+    assert run_cli(cfg, "report", "quiz", "--json", str(js), "--resamples", "50") == 0
+    c = orjson.loads(js.read_bytes())["by_candidate"][0]
+    assert c["pairs"] == 6 and c["failures"]["candidate"] == 6 and "HTTP 500" in c["failures"]["candidate_errors"][0]
+    assert c["judge"]["status_counts"] == {"candidate_failed": 6}
+    assert c["judge"]["rates"]["loss"]["rate"] == 1.0  # a failure is a loss, not a dropped sample
+    assert c["scorers"]["numeric"]["means"]["candidate"]["rate"] == 0.0
+
+
+def test_bad_datasets_and_unknown_trials(make_gateway: Any, quiz: FakeQuiz, tmp_path: Path, capsys: Any) -> None:
+    gw, cfg, _ = setup(make_gateway, quiz, tmp_path, 2)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    assert run_cli(cfg, "run", "quiz", "--dataset", str(empty), "--gateway", gw.url) == 2
+    assert "the dataset is empty" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [oops\n{"request": {"messages": []}}\n')
+    assert run_cli(cfg, "run", "quiz", "--dataset", str(bad), "--gateway", gw.url) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2: not valid JSON" in err and "bad.jsonl:3:" in err and "2 bad line(s)" in err
+    assert run_cli(cfg, "status", "nope") == 2
+    assert "no trial named 'nope'" in capsys.readouterr().err

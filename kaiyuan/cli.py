@@ -98,7 +98,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(m.name)
         for d in m.deployments:
             where = getattr(d, "base_url", None) or getattr(d, "path", None) or "(embedded)"
-            print(f"  - {d.id}  provider={d.provider}  model={d.model}  {where}")  # type: ignore[union-attr]
+            print(f"  - {d.id}  provider={d.provider}  model={d.model}  {where}")
     return 0
 
 

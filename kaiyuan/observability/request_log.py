@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Engine
+from sqlalchemy.exc import DataError, IntegrityError
 
 from kaiyuan.config import RequestLogSettings
 from kaiyuan.context import RequestContext
@@ -100,19 +101,38 @@ class RequestLogWriter:
             batch = [self._queue[i] for i in range(n)]
             try:
                 await asyncio.to_thread(self._write, batch)
-            except Exception as e:
+                ok = n
+            except (IntegrityError, DataError):
+                # One bad row must not block the queue: write the batch row by row, drop the bad ones.
+                try:
+                    ok = await asyncio.to_thread(self._write_each, batch)
+                except Exception as e:
+                    log.error("request log write failed (%d rows kept, will retry): %s", len(self._queue), e)
+                    return written
+            except Exception as e:  # database down: keep everything, retry next interval
                 log.error("request log write failed (%d rows kept, will retry): %s", len(self._queue), e)
                 return written
             for _ in range(n):
                 self._queue.popleft()
-            written += n
-            self.metrics.log_written.inc(n)
+            written += ok
+            self.metrics.log_written.inc(ok)
         return written
 
     def _write(self, batch: list[dict[str, Any]]) -> None:
         assert self.engine is not None
         with self.engine.begin() as conn:
             conn.execute(request_log.insert(), batch)
+
+    def _write_each(self, batch: list[dict[str, Any]]) -> int:
+        ok = 0
+        for row in batch:
+            try:
+                self._write([row])
+                ok += 1
+            except (IntegrityError, DataError) as e:
+                self.metrics.log_dropped.inc()
+                log.error("request log row %s dropped: %s", row.get("id"), e.orig)
+        return ok
 
     async def close(self) -> None:
         self._closing = True

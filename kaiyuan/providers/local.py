@@ -61,23 +61,28 @@ class LocalProvider(Provider):
     async def start(self) -> None:
         if self._server is not None:
             return
-        path = self.cfg.path or default_model_path()
-        if path is None:
-            self._why = f"the embedded model file is not installed; {INSTALL_HINT}"
-            return
-        if not Path(path).expanduser().is_file():
-            self._why = f"model file {path} does not exist (check models[].deployments[].path)"
-            return
-        if importlib.util.find_spec("xllamacpp") is None:
-            self._why = f"the local runtime xllamacpp is not installed; {INSTALL_HINT}"
+        full, self._why = self._locate()
+        if full is None:
             return
         try:
-            self._server = await asyncio.get_running_loop().run_in_executor(self._pool, self._load, str(Path(path).expanduser()))
+            self._server = await asyncio.get_running_loop().run_in_executor(self._pool, self._load, full)
             self._why = None
-            log.info("local model %s loaded from %s", self.cfg.model, path)
+            log.info("local model %s loaded from %s", self.cfg.model, full)
         except Exception as e:  # a broken file must not stop the gateway
-            self._why = f"failed to load {path}: {e}"
+            self._why = f"failed to load {full}: {e}"
             log.error("local model %s unavailable: %s", self.cfg.model, e)
+
+    def _locate(self) -> tuple[str | None, str | None]:
+        """The model file to load, or ``None`` and one line saying what is missing and how to fix it."""
+        path = self.cfg.path or default_model_path()
+        if path is None:
+            return None, f"the embedded model file is not installed; {INSTALL_HINT}"
+        full = os.path.expanduser(path)
+        if not os.path.isfile(full):
+            return None, f"model file {path} does not exist (check models[].deployments[].path)"
+        if importlib.util.find_spec("xllamacpp") is None:
+            return None, f"the local runtime xllamacpp is not installed; {INSTALL_HINT}"
+        return full, None
 
     def _load(self, path: str) -> Any:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -90,6 +95,8 @@ class LocalProvider(Provider):
         p.cpuparams.n_threads = self.cfg.n_threads
         p.cpuparams_batch.n_threads = self.cfg.n_threads
         p.embedding = self.cfg.embeddings
+        if self.cfg.embeddings:  # OpenAI-style embeddings need one pooled vector per input
+            p.pooling_type = xlc.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
         p.verbosity = -1 if hasattr(p, "verbosity") else 0
         return xlc.Server(p)
 
@@ -102,7 +109,6 @@ class LocalProvider(Provider):
 
     def _prepare(self, call: UpstreamCall) -> dict[str, Any]:
         body = dict(call.body)
-        body.pop("stream_options", None)
         if call.endpoint in ("chat", "completions") and body.get("max_tokens") is None:
             mct = body.pop("max_completion_tokens", None)
             body["max_tokens"] = mct if mct is not None else self.cfg.max_tokens_default

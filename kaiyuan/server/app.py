@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -104,7 +105,8 @@ async def run_server(config: GatewayConfig, host: str, port: int, ready: Callabl
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
     await site.start()
-    addrs = [s.getsockname() for s in (site._server.sockets if site._server else [])]  # type: ignore[union-attr]
+    server: Any = site._server
+    addrs = [s.getsockname() for s in (server.sockets if server else [])]
     actual_port = addrs[0][1] if addrs else port
     url = f"http://{host}:{actual_port}"
     if ready is not None:

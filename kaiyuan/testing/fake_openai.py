@@ -261,7 +261,8 @@ class FakeOpenAI:
             return early
         assert body is not None
         prompt = body.get("prompt")
-        text = b.content if b.content is not None else f"completed: {prompt if isinstance(prompt, str) else prompt[0]}"
+        first = prompt if isinstance(prompt, str) else (prompt or [""])[0]
+        text = b.content if b.content is not None else f"completed: {first}"
         usage = {"prompt_tokens": count_tokens(str(prompt)), "completion_tokens": count_tokens(text),
                  "total_tokens": count_tokens(str(prompt)) + count_tokens(text)}
         cid = f"cmpl-{self.rng.randrange(10**9)}"
@@ -277,7 +278,7 @@ class FakeOpenAI:
         return await self._send_stream(request, events, b)
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
-        body, b, early = await self._pre(request)
+        body, _b, early = await self._pre(request)
         if early is not None:
             return early
         assert body is not None

@@ -47,3 +47,65 @@ def start_gateway(servers: ServerThread, config: dict[str, Any] | GatewayConfig,
     app = create_app(cfg, gw)
     url = servers.serve(app, handler_cancellation=True)
     return RunningGateway(url, gw, cfg, servers)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class GatewayProcess:
+    """``kaiyuan serve`` in a child process, as an operator runs it."""
+
+    def __init__(self, config: dict[str, Any], workdir: str, port: int | None = None, env: dict[str, str] | None = None) -> None:
+        import os
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        import yaml
+
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cfg_path = Path(workdir) / f"kaiyuan-{self.port}.yaml"
+        cfg_path.write_text(yaml.safe_dump(config))
+        self.config_path = str(cfg_path)
+        self.log_path = Path(workdir) / f"kaiyuan-{self.port}.log"
+        full_env = {**os.environ, **(env or {})}
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kaiyuan", "serve", "--config", self.config_path, "--port", str(self.port)],
+            stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=workdir,
+        )
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.1)
+        raise TimeoutError(f"gateway on {self.url} not ready: {self.log_path.read_text()[-2000:]}")
+
+    def stop(self) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return int(self.proc.returncode or 0)

@@ -41,7 +41,8 @@ class ServerThread:
         """Start ``app`` on 127.0.0.1 and return its base URL (``http://127.0.0.1:PORT``)."""
 
         async def start() -> str:
-            runner = web.AppRunner(app, access_log=None, **runner_kwargs)
+            kwargs = {"handler_cancellation": True, "shutdown_timeout": 1.0, **runner_kwargs}
+            runner = web.AppRunner(app, access_log=None, **kwargs)
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", port)
             await site.start()

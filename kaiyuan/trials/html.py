@@ -52,12 +52,12 @@ def latency_hist(samples: dict[str, list[float]], bins: int = 24) -> str:
     h, x0, y0, ph = 200, 40, 170, 140
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" role="img" aria-label="latency distributions">',
              '<text x="4" y="16" font-size="13" font-weight="bold">Latency distribution (ms)</text>']
-    counts = {}
+    counts: dict[str, list[float]] = {}
     for name, s in samples.items():
-        c = [0] * bins
+        hist = [0] * bins
         for v in s:
-            c[min(int((v - lo) / width), bins - 1)] += 1
-        counts[name] = [x / max(1, len(s)) for x in c]
+            hist[min(int((v - lo) / width), bins - 1)] += 1
+        counts[name] = [x / max(1, len(s)) for x in hist]
     top = max((max(c) for c in counts.values()), default=1) or 1
     bw = (W - x0 - 10) / bins
     for j, (name, c) in enumerate(counts.items()):

@@ -199,7 +199,7 @@ def load_plugin(name: str) -> Scorer:
     fn = eps[0].load()
     if not callable(fn):
         raise ValueError(f"scorer plugin {name!r} is not callable")
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 def build_scorer(spec: ScorerSpec) -> Scorer:

@@ -39,6 +39,9 @@ class Gateway:
         self.guard: Guard = MasterKeyGuard(config.server.master_key)
         self.request_log = RequestLogWriter(engine, config.request_log, self.metrics)
         self.on_complete: list[CompletionHook] = []
+        # Called first in model_config (after auth): may rewrite ctx.model (trials: canary, promote)
+        # or flag the request in ctx.extra (trials: shadow sampling). Must be fast and not raise.
+        self.pre_route: list[CompletionHook] = []
         self.ready = False
         self.started_at = time.time()
 
@@ -60,6 +63,8 @@ class Gateway:
 
     # -- the request path ------------------------------------------------------------------
     def model_config(self, ctx: RequestContext) -> ModelConfig:
+        for hook in self.pre_route:
+            hook(ctx)
         m = self.models.get(ctx.model or "")
         if m is None:
             names = ", ".join(sorted(self.models)) or "(none configured)"

@@ -127,3 +127,21 @@ def test_bad_datasets_and_unknown_trials(make_gateway: Any, quiz: FakeQuiz, tmp_
     assert "bad.jsonl:2: not valid JSON" in err and "bad.jsonl:3:" in err and "2 bad line(s)" in err
     assert run_cli(cfg, "status", "nope") == 2
     assert "no trial named 'nope'" in capsys.readouterr().err
+
+
+def test_replay_from_the_request_log(make_gateway: Any, quiz: FakeQuiz, tmp_path: Path, capsys: Any) -> None:
+    models = quiz_models(quiz.url)  # type: ignore[attr-defined]
+    models[0]["log_bodies"] = True
+    gw = make_gateway({"models": models, "trials": [trial_def(judge=None)]})
+    cfg = tmp_path / "kaiyuan.yaml"
+    cfg.write_text(yaml.safe_dump(gw.config.model_dump(mode="json", by_alias=True, exclude_none=True)))
+    assert run_cli(cfg, "run", "quiz", "--from-log", "5", "--gateway", gw.url) == 2
+    assert "no logged chat requests for model 'gpt-big'" in capsys.readouterr().err
+    import openai
+
+    c = openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0)
+    for item in quiz_items(4, seed=9):
+        c.chat.completions.create(model="gpt-big", messages=item["messages"])
+    gw.flush_logs()
+    assert run_cli(cfg, "run", "quiz", "--from-log", "3", "--gateway", gw.url) == 0
+    assert "replayed 3 item(s): 3 pair(s)" in capsys.readouterr().out

@@ -101,7 +101,8 @@ def build_report(trial: TrialConfig, store: TrialStore, *, monthly_requests: flo
         "margin": trial.margin, "confidence": 1 - trial.alpha, "primary_metric": trial.primary_metric,
         "results": len(rows),
         "spend": {"total_usd": store.spent(trial.name), "by_kind": store.spend_by_kind(trial.name), "cap_usd": trial.budget_usd},
-        "routing": [{k: r[k] for k in ("ts", "action", "candidate", "steps", "step_s", "actor", "note")} for r in store.routing_history(trial.name)],
+        "routing": [{**{k: r[k] for k in ("ts", "action", "candidate", "step_s", "actor", "note")}, "steps": orjson.loads(r["steps"])}
+                    for r in store.routing_history(trial.name)],
         "by_candidate": [candidate_report(trial, rows, c, resamples) for c in trial.candidates],
     }
     if monthly_requests:

@@ -207,9 +207,9 @@ class TrialsRuntime:
                 if sticky_unit(ctx, t.name, t.sticky) < t.sample_rate and self._may_use(ctx, cand):
                     ctx.extra["trial_arm"] = "candidate"
                     ctx.model = cand
-                else:
-                    ctx.extra["trial_arm"] = "incumbent"
-                return
+                    return  # answered by the candidate: nothing left to shadow
+                ctx.extra["trial_arm"] = "incumbent"
+                continue
             if not self.exhausted(t) and self.rng.random() < t.sample_rate:
                 ctx.extra.setdefault("trial_shadow", []).append(t.name)
                 ctx.extra["capture_response"] = True

@@ -78,7 +78,7 @@ def test_offline_quiz_trial_end_to_end(make_gateway: Any, quiz: FakeQuiz, tmp_pa
     # the judge agrees with the reference: candidate wins only where it is right and the incumbent wrong
     assert j["rates"]["loss"]["rate"] > j["rates"]["win"]["rate"]
     assert c["cost"]["candidate_per_1k_usd"] < c["cost"]["incumbent_per_1k_usd"]
-    assert rep["spend"]["total_usd"] > 0 and set(rep["spend"]["by_kind"]) == {"candidate", "judge"}
+    assert rep["spend"]["total_usd"] > 0 and set(rep["spend"]["by_kind"]) == {"incumbent", "candidate", "judge"}
     page = html.read_text()
     assert page.count("<svg") >= 4 and "<script" not in page and "Largest disagreements" in page
     # trials run through the gateway: the calls are in its request log
@@ -145,3 +145,40 @@ def test_replay_from_the_request_log(make_gateway: Any, quiz: FakeQuiz, tmp_path
     gw.flush_logs()
     assert run_cli(cfg, "run", "quiz", "--from-log", "3", "--gateway", gw.url) == 0
     assert "replayed 3 item(s): 3 pair(s)" in capsys.readouterr().out
+
+
+def test_offline_budget_cap_and_policy(make_gateway: Any, quiz: FakeQuiz, tmp_path: Path, capsys: Any) -> None:
+    gw, cfg, data = setup(make_gateway, quiz, tmp_path, 30, budget_usd=0.0005, judge=None)
+    assert run_cli(cfg, "run", "quiz", "--dataset", str(data), "--gateway", gw.url, "--concurrency", "1") == 0
+    out = capsys.readouterr().out
+    assert "STOPPED at the budget cap" in out
+    js = tmp_path / "r.json"
+    assert run_cli(cfg, "report", "quiz", "--json", str(js), "--resamples", "20") == 0
+    rep = orjson.loads(js.read_bytes())
+    # each item costs ~0.00011 USD: the run stops at the first item that finds the cap reached
+    assert 0.0005 <= rep["spend"]["total_usd"] < 0.0005 + 0.0002 and rep["results"] < 30
+    # spend is cumulative: a second run (even --fresh, which forgets results) stays stopped
+    assert run_cli(cfg, "run", "quiz", "--dataset", str(data), "--gateway", gw.url, "--fresh") == 0
+    assert "replayed 0 item(s)" in capsys.readouterr().out
+
+
+def test_offline_respects_the_data_policy(make_gateway: Any, quiz: FakeQuiz, tmp_path: Path, capsys: Any) -> None:
+    gw, cfg, _ = setup(make_gateway, quiz, tmp_path, 1)
+    # a request that may only reach self-hosted models is not sent to a hosted candidate, nor to the judge
+    sensitive = tmp_path / "sensitive.jsonl"
+    sensitive.write_text(orjson.dumps({"messages": [{"role": "user", "content": "What is 1 + 1?"}], "reference": "2",
+                                       "policy": "sensitive"}).decode() + "\n")
+    before = len(quiz.requests)
+    assert run_cli(cfg, "run", "quiz", "--dataset", str(sensitive), "--gateway", gw.url, "--fresh") == 0
+    assert "1 candidate call(s) skipped by data policy" in capsys.readouterr().out
+    assert [r["model"] for r in quiz.requests[before:]] == ["big"]  # the incumbent only
+    # it does go to a candidate whose deployment is tagged self_hosted
+    models = quiz_models(quiz.url)  # type: ignore[attr-defined]
+    models[1]["deployments"][0]["tags"] = ["self_hosted"]
+    models[2]["deployments"][0]["tags"] = ["self_hosted"]
+    gw2 = make_gateway({"models": models, "trials": [trial_def()]})
+    cfg.write_text(yaml.safe_dump(gw2.config.model_dump(mode="json", by_alias=True, exclude_none=True)))
+    before = len(quiz.requests)
+    assert run_cli(cfg, "run", "quiz", "--dataset", str(sensitive), "--gateway", gw2.url) == 0
+    assert "0 candidate call(s) skipped by data policy" in capsys.readouterr().out
+    assert sorted(r["model"] for r in quiz.requests[before:]) == ["big", "quiz-judge", "quiz-judge", "small"]

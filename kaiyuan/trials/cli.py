@@ -117,7 +117,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace, config: GatewayConfig, store: TrialStore, trial: TrialConfig) -> int:
     from kaiyuan.trials.dataset import from_request_log, load_jsonl
-    from kaiyuan.trials.offline import GatewayClient, run_offline
+    from kaiyuan.trials.offline import GatewayClient, RunSummary, run_offline
 
     if args.from_log:
         items = from_request_log(store.engine, trial.incumbent, args.from_log)
@@ -131,14 +131,15 @@ def _cmd_run(args: argparse.Namespace, config: GatewayConfig, store: TrialStore,
     url = args.gateway or f"http://{config.server.host}:{config.server.port}"
     key = args.api_key or os.environ.get("KAIYUAN_API_KEY") or config.server.master_key
 
-    async def go() -> object:
+    async def go() -> RunSummary:
         async with GatewayClient(url, key) as client:
             return await run_offline(trial, items, client, store, config, args.concurrency)
 
     summary = asyncio.run(go())
-    print(f"replayed {summary.items} item(s): {summary.pairs} pair(s), {summary.candidate_failures} candidate failure(s), "  # type: ignore[attr-defined]
-          f"{summary.incumbent_failures} incumbent failure(s), {summary.judge_unparsable} unparsable judge output(s), "  # type: ignore[attr-defined]
-          f"trial spend ${summary.spent_usd:.4f}" + (" - STOPPED at the budget cap" if summary.stopped_by_budget else ""))  # type: ignore[attr-defined]
+    print(f"replayed {summary.items} item(s): {summary.pairs} pair(s), {summary.candidate_failures} candidate failure(s), "
+          f"{summary.incumbent_failures} incumbent failure(s), {summary.judge_unparsable} unparsable judge output(s), "
+          f"{summary.skipped_policy} candidate call(s) skipped by data policy, "
+          f"trial spend ${summary.spent_usd:.4f}" + (" - STOPPED at the budget cap" if summary.stopped_by_budget else ""))
     return 0
 
 

@@ -16,7 +16,7 @@ from sqlalchemy import Engine, select
 
 from kaiyuan.store.schema import request_log
 
-ITEM_KEYS = ("id", "request", "reference", "schema", "tool_call", "pattern")
+ITEM_KEYS = ("id", "request", "reference", "schema", "tool_call", "pattern", "policy")
 
 
 class DatasetError(ValueError):
@@ -80,11 +80,11 @@ def load_jsonl(path: str | Path) -> list[Item]:
 def from_request_log(engine: Engine, model: str, limit: int = 1000) -> list[Item]:
     """Chat requests to ``model`` whose bodies were logged (the model needs ``log_bodies: true``)."""
     t = request_log
-    q = (select(t.c.id, t.c.request_body).where(t.c.model == model, t.c.endpoint == "chat", t.c.status < 400,
+    q = (select(t.c.id, t.c.request_body, t.c.policy).where(t.c.model == model, t.c.endpoint == "chat", t.c.status < 400,
                                                 t.c.request_body.is_not(None)).order_by(t.c.ts.desc()).limit(limit))
     items = []
     with engine.connect() as conn:
-        for rid, body in conn.execute(q):
+        for rid, body, policy in conn.execute(q):
             try:
                 req = orjson.loads(body)
             except orjson.JSONDecodeError:
@@ -92,7 +92,7 @@ def from_request_log(engine: Engine, model: str, limit: int = 1000) -> list[Item
             if isinstance(req, dict) and req.get("messages"):
                 req.pop("stream", None)
                 req.pop("stream_options", None)
-                items.append(Item(str(rid), req, {}))
+                items.append(Item(str(rid), req, {"policy": policy} if policy else {}))
     if not items:
         raise DatasetError(f"the request log has no logged chat requests for model {model!r} "
                            f"(set log_bodies: true on the model to record them)")

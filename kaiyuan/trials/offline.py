@@ -18,6 +18,7 @@ from kaiyuan.config import GatewayConfig
 from kaiyuan.trials.dataset import Item
 from kaiyuan.trials.evaluate import CallOutcome, build_scorers, evaluate, price_of, usage_tokens
 from kaiyuan.trials.models import TrialConfig
+from kaiyuan.trials.policy import POLICY_HEADER, required_tag
 from kaiyuan.trials.scorers import answer_from_json
 from kaiyuan.trials.store import TrialStore
 
@@ -32,6 +33,7 @@ class RunSummary:
     incumbent_failures: int = 0
     judge_unparsable: int = 0
     stopped_by_budget: bool = False
+    skipped_policy: int = 0
     spent_usd: float = 0.0
     errors: list[str] = field(default_factory=list)
 
@@ -57,13 +59,14 @@ class GatewayClient:
         if self.session is not None:
             await self.session.close()
 
-    async def chat(self, model: str, request: dict[str, Any]) -> tuple[CallOutcome, Any]:
+    async def chat(self, model: str, request: dict[str, Any], policy: str | None = None) -> tuple[CallOutcome, Any]:
         assert self.session is not None
+        headers = {**self.headers, POLICY_HEADER: policy} if policy else self.headers
         body = {k: v for k, v in request.items() if k not in ("stream", "stream_options")}
         body["model"] = model
         t0 = time.perf_counter()
         try:
-            async with self.session.post(self.base_url + "/chat/completions", data=orjson.dumps(body), headers=self.headers) as r:
+            async with self.session.post(self.base_url + "/chat/completions", data=orjson.dumps(body), headers=headers) as r:
                 data = await r.read()
                 ms = (time.perf_counter() - t0) * 1000
                 try:
@@ -77,6 +80,17 @@ class GatewayClient:
                 return CallOutcome(answer_from_json(obj), ms, None, None, pt, ct), obj
         except (aiohttp.ClientError, TimeoutError) as e:
             return CallOutcome(ms=(time.perf_counter() - t0) * 1000, error=f"{type(e).__name__}: {e}"), None
+
+
+def _policy_allows(config: GatewayConfig | None, model: str, policy: str | None) -> bool:
+    """Whether some deployment of ``model`` may receive a request with ``policy`` (see trials.policy)."""
+    tag = required_tag(policy)
+    if tag is None:
+        return True
+    m = config.model(model) if config is not None else None
+    if m is None:
+        return False  # cannot check: fail closed
+    return any(tag in d.tags or (tag == "self_hosted" and d.provider == "local") for d in m.deployments)
 
 
 async def run_offline(
@@ -105,14 +119,19 @@ async def run_offline(
                 summary.stopped_by_budget = True
                 return
             summary.items += 1
-            calls = [client.chat(trial.incumbent, item.request)] + [client.chat(c, item.request) for c in trial.candidates]
+            policy = item.meta.get("policy")
+            cands = [c for c in trial.candidates if _policy_allows(config, c, policy)]
+            summary.skipped_policy += len(trial.candidates) - len(cands)
+            calls = [client.chat(trial.incumbent, item.request, policy)] + [client.chat(c, item.request, policy) for c in cands]
             outs = await asyncio.gather(*calls)
             inc = outs[0][0]
-            cost(trial.incumbent, inc)
+            ledger: list[tuple[str, str, float]] = []
+            inc_cost = cost(trial.incumbent, inc)
+            if inc_cost:
+                ledger.append(("incumbent", trial.incumbent, inc_cost))  # a replay's incumbent call is trial spend too
             if inc.answer is None:
                 summary.incumbent_failures += 1
-            ledger: list[tuple[str, str, float]] = []
-            for cand_name, (cand, _obj) in zip(trial.candidates, outs[1:], strict=True):
+            for cand_name, (cand, _obj) in zip(cands, outs[1:], strict=True):
                 c = cost(cand_name, cand)
                 if c:
                     ledger.append(("candidate", cand_name, c))
@@ -123,7 +142,7 @@ async def run_offline(
                 async def judge_call(messages: list[dict[str, Any]], judge_costs: list[float] = judge_costs) -> str:
                     assert trial.judge is not None
                     req = {"messages": messages, "max_tokens": trial.judge.max_tokens, "temperature": trial.judge.temperature}
-                    o, _ = await client.chat(trial.judge.model, req)
+                    o, _ = await client.chat(trial.judge.model, req, policy)
                     jc = price_of(trial.judge.model, trial, config, o.prompt_tokens, o.completion_tokens)
                     if jc:
                         judge_costs.append(jc)
@@ -131,7 +150,11 @@ async def run_offline(
                         raise RuntimeError(o.error or "judge call failed")
                     return o.answer.text
 
-                skip = "skipped_budget" if cap is not None and spent + sum(x[2] for x in ledger) >= cap else None
+                skip: str | None = None
+                if trial.judge is not None and not _policy_allows(config, trial.judge.model, policy):
+                    skip = "skipped_policy"
+                elif cap is not None and spent + sum(x[2] for x in ledger) >= cap:
+                    skip = "skipped_budget"
                 row, jr = await evaluate(trial, source="offline", item_id=item.id, request=item.request, meta=item.meta,
                                          candidate=cand_name, inc=inc, cand=cand, scorers=scorers,
                                          judge=judge_call if trial.judge else None, judge_skip=skip)

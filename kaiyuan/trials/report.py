@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import orjson
+from sqlalchemy import func, select
 
+from kaiyuan.store.schema import request_log
 from kaiyuan.trials import stats
 from kaiyuan.trials.models import TrialConfig
 from kaiyuan.trials.store import TrialStore
@@ -22,7 +25,31 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def candidate_report(trial: TrialConfig, rows: list[dict[str, Any]], candidate: str, resamples: int = 1000) -> dict[str, Any]:
+def observed_volume(store: TrialStore, models: list[str], since: float, until: float) -> int:
+    """Requests to ``models`` in the request log between two times (0 when the log is off)."""
+    t = request_log
+    q = select(func.count()).select_from(t).where(t.c.model.in_(models), t.c.ts >= since, t.c.ts <= until)
+    with store.engine.connect() as conn:
+        return int(conn.execute(q).scalar() or 0)
+
+
+def _volume(trial: TrialConfig, store: TrialStore, rows: list[dict[str, Any]]) -> tuple[int, float, str]:
+    """(requests, window seconds, where the number comes from) for the monthly projection."""
+    models = [trial.incumbent, *trial.candidates]
+    if trial.mode == "offline" or len(rows) < 2:
+        now = time.time()
+        n = observed_volume(store, [trial.incumbent], now - 7 * 86400, now)
+        return n, 7 * 86400.0, "request log, last 7 days"
+    since, until = min(r["ts"] for r in rows), max(r["ts"] for r in rows)
+    n = observed_volume(store, models, since, until)
+    if n:
+        return n, until - since, "request log, trial window"
+    n = round(len(rows) / trial.sample_rate) if trial.mode == "shadow" and trial.sample_rate else len(rows)
+    return n, until - since, "trial results"
+
+
+def candidate_report(trial: TrialConfig, rows: list[dict[str, Any]], candidate: str, resamples: int = 1000,
+                     volume: tuple[int, float, str] = (0, 0.0, "")) -> dict[str, Any]:
     rows = [r for r in rows if r["candidate"] == candidate]
     out: dict[str, Any] = {"candidate": candidate, "pairs": len(rows)}
     out["failures"] = {
@@ -74,11 +101,8 @@ def candidate_report(trial: TrialConfig, rows: list[dict[str, Any]], candidate: 
                          **stats.latency_difference(inc_ms, cand_ms), "samples": {"incumbent": inc_ms[:2000], "candidate": cand_ms[:2000]}}
     inc_1k = stats.cost_per_1k([r["incumbent_cost"] for r in rows])
     cand_1k = stats.cost_per_1k([r["candidate_cost"] for r in rows])
-    ts = [r["ts"] for r in rows]
-    window = (max(ts) - min(ts)) if len(ts) > 1 else 0.0
     out["cost"] = {"incumbent_per_1k_usd": inc_1k, "candidate_per_1k_usd": cand_1k,
-                   "projection": stats.monthly_projection(inc_1k, cand_1k, len(rows), window) if trial.mode != "offline"
-                   else stats.monthly_projection(inc_1k, cand_1k, 0, 0)}
+                   "projection": {**stats.monthly_projection(inc_1k, cand_1k, volume[0], volume[1]), "volume_source": volume[2]}}
     # largest disagreements
     def gap(r: dict[str, Any]) -> float:
         if r["judge_score"] is not None:
@@ -103,13 +127,13 @@ def build_report(trial: TrialConfig, store: TrialStore, *, monthly_requests: flo
         "spend": {"total_usd": store.spent(trial.name), "by_kind": store.spend_by_kind(trial.name), "cap_usd": trial.budget_usd},
         "routing": [{**{k: r[k] for k in ("ts", "action", "candidate", "step_s", "actor", "note")}, "steps": orjson.loads(r["steps"])}
                     for r in store.routing_history(trial.name)],
-        "by_candidate": [candidate_report(trial, rows, c, resamples) for c in trial.candidates],
+        "by_candidate": [candidate_report(trial, rows, c, resamples, _volume(trial, store, rows)) for c in trial.candidates],
     }
     if monthly_requests:
         for c in rep["by_candidate"]:
             per_s = monthly_requests / (30 * 86400)
-            c["cost"]["projection"] = stats.monthly_projection(c["cost"]["incumbent_per_1k_usd"], c["cost"]["candidate_per_1k_usd"],
-                                                               int(per_s * 86400), 86400)
+            c["cost"]["projection"] = {**stats.monthly_projection(c["cost"]["incumbent_per_1k_usd"], c["cost"]["candidate_per_1k_usd"],
+                                                                  int(per_s * 86400), 86400), "volume_source": "--monthly-requests"}
     return _clean(rep)
 
 
@@ -119,7 +143,7 @@ def _f(v: Any, fmt: str = ".3f") -> str:
 
 def render_text(rep: dict[str, Any]) -> str:
     lines = [f"trial {rep['trial']}  mode={rep['mode']}  incumbent={rep['incumbent']}  results={rep['results']}",
-             f"spend: ${rep['spend']['total_usd']:.4f}" + (f" of cap ${rep['spend']['cap_usd']:.2f}" if rep['spend']['cap_usd'] is not None else "")]
+             f"spend: ${rep['spend']['total_usd']:.4f}" + (f" of cap ${rep['spend']['cap_usd']:.4f}" if rep['spend']['cap_usd'] is not None else "")]
     for c in rep["by_candidate"]:
         lines.append("")
         lines.append(f"candidate {c['candidate']}: {c['pairs']} pairs, {c['failures']['candidate']} candidate failures, "

@@ -107,7 +107,7 @@ class TrialsRuntime:
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         if self.store is not None:
-            await self._refresh(first=True)
+            await self._refresh()
         self._loop_task = asyncio.create_task(self._run(), name="kaiyuan-trials")
 
     async def close(self) -> None:
@@ -131,7 +131,7 @@ class TrialsRuntime:
             except Exception:
                 log.exception("trials: background flush/refresh failed; will retry")
 
-    async def _refresh(self, first: bool = False) -> None:
+    async def _refresh(self) -> None:
         assert self.store is not None
         store = self.store
         states = await asyncio.to_thread(store.routing_states)
@@ -148,9 +148,10 @@ class TrialsRuntime:
                 log.error("trial %s from the database is invalid, ignored: %s", name, e)
         for name in [n for n in self.trials if n not in defs and n not in {t.name for t in self.gw.config.trials}]:
             self.remove_trial(name)
-        if first:
-            for name in self.trials:
-                self.spent[name] = await asyncio.to_thread(store.spent, name)
+        # other replicas spend too: the ledger in the database is the floor of what this one knows
+        for name in list(self.trials):
+            db = await asyncio.to_thread(store.spent, name)
+            self.spent[name] = max(self.spent.get(name, 0.0), db)
 
     async def flush(self) -> None:
         rows, self._rows = self._rows, []
@@ -198,6 +199,7 @@ class TrialsRuntime:
         trials = self.by_incumbent.get(model)
         if not trials or ctx.endpoint != "chat":
             return
+        shadow_ok = ctx.dialect == "openai"  # the incumbent's answer is captured on the OpenAI path
         for t in trials:
             if not self._participates(t, ctx):
                 continue
@@ -210,7 +212,7 @@ class TrialsRuntime:
                     return  # answered by the candidate: nothing left to shadow
                 ctx.extra["trial_arm"] = "incumbent"
                 continue
-            if not self.exhausted(t) and self.rng.random() < t.sample_rate:
+            if shadow_ok and not self.exhausted(t) and self.rng.random() < t.sample_rate:
                 ctx.extra.setdefault("trial_shadow", []).append(t.name)
                 ctx.extra["capture_response"] = True
                 ctx.trial = ctx.trial or t.name
@@ -221,6 +223,10 @@ class TrialsRuntime:
             self._canary_row(ctx)
         names = extra.get("trial_shadow")
         if not names or ctx.status != 200 or ctx.error is not None or ctx.cancelled:
+            return
+        if not ctx.response_body:
+            for name in names:
+                self.counters.setdefault(name, Counter())["no_incumbent_answer"] += 1
             return
         snapshot = {
             "request_id": ctx.request_id,

@@ -29,6 +29,7 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations are routine; say only problems
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -48,7 +49,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"Kaiyuan {__version__} listening on {url}  (models: {names})", file=sys.stderr, flush=True)
         print(f"  try: curl {url}/v1/models", file=sys.stderr, flush=True)
 
-    asyncio.run(run_server(config, host, port, ready))
+    try:
+        asyncio.run(run_server(config, host, port, ready))
+    except OSError as e:
+        print(f"error: cannot listen on {host}:{port}: {e.strerror or e} (pick another --port?)", file=sys.stderr)
+        return 1
     return 0
 
 

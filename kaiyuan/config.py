@@ -135,10 +135,18 @@ class RequestLogSettings(_Strict):
     max_queue: int = Field(100_000, gt=0, description="rows held in memory before new ones are dropped")
 
 
+class TracingSettings(_Strict):
+    enabled: bool = False
+    exporter: Literal["console", "otlp", "memory"] = "otlp"
+    endpoint: str | None = Field(None, description="OTLP/HTTP endpoint; default: OTEL_EXPORTER_OTLP_ENDPOINT")
+    service_name: str = "kaiyuan"
+
+
 class GatewayConfig(_Strict):
     server: ServerSettings = Field(default_factory=ServerSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     request_log: RequestLogSettings = Field(default_factory=RequestLogSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     models: list[ModelConfig] = Field(default_factory=list)
     trials: list[TrialConfig] = Field(default_factory=list, description="see docs/trials.md")
 

@@ -16,6 +16,7 @@ from kaiyuan.errors import ErrorKind, GatewayError, kind_for_upstream_status
 from kaiyuan.guard import Guard, MasterKeyGuard
 from kaiyuan.observability.metrics import Metrics
 from kaiyuan.observability.request_log import RequestLogWriter
+from kaiyuan.observability.tracing import Tracer
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
 from kaiyuan.providers.registry import build_provider
 from kaiyuan.routing.router import Router
@@ -42,6 +43,11 @@ class Gateway:
         # Called first in model_config (after auth): may rewrite ctx.model (trials: canary, promote)
         # or flag the request in ctx.extra (trials: shadow sampling). Must be fast and not raise.
         self.pre_route: list[CompletionHook] = []
+        self.tracer: Tracer | None = None
+        if config.tracing.enabled:
+            t = config.tracing
+            self.tracer = Tracer(t.exporter, t.endpoint, t.service_name)
+            self.on_complete.append(self.tracer.record)
         self.ready = False
         self.started_at = time.time()
 
@@ -60,6 +66,8 @@ class Gateway:
         await self.request_log.close()
         await self.guard.close()
         await asyncio.gather(*(p.close() for ps in self.providers.values() for p in ps), return_exceptions=True)
+        if self.tracer is not None:
+            self.tracer.shutdown()
 
     # -- the request path ------------------------------------------------------------------
     def model_config(self, ctx: RequestContext) -> ModelConfig:

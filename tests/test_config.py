@@ -85,3 +85,17 @@ def test_cli_fails_at_start_with_the_message(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert "models[0].deployments[0].base_url: Field required" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        p = write(tmp_path, f"store: {{url: 'sqlite:///{tmp_path}/k.db'}}\nmodels: []\n")
+        r = subprocess.run([sys.executable, "-m", "kaiyuan", "serve", "--config", str(p), "--port", str(port)],
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr

@@ -134,3 +134,17 @@ def test_trial_definitions_are_validated() -> None:
         _cfg({"name": "t", "incumbent": "a", "candidates": ["b"], "judge": {"model": "j", "prompt": "no slots"}})
     with pytest.raises(ConfigError, match="primary 'nope'"):
         _cfg({"name": "t", "incumbent": "a", "candidates": ["b"], "primary": "nope"})
+
+
+def test_plugin_scorer_from_an_installed_entry_point(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "my_scorers.py").write_text(
+        "def shouting(answer, item):\n    return 1.0 if answer.text.isupper() else 0.0\n")
+    dist = tmp_path / "my_scorers-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-scorers\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[kaiyuan.scorers]\nshouting = my_scorers:shouting\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fn = s("plugin", plugin="shouting")
+    assert fn(Answer("HELLO"), {}) == 1.0 and fn(Answer("hello"), {}) == 0.0
+    spec = ScorerSpec.model_validate({"type": "plugin", "plugin": "shouting"})
+    assert spec.label == "shouting"

@@ -211,3 +211,23 @@ def test_property_trial_calls_respect_the_request_policy(ctx_policy: str | None,
         assert called  # unrestricted requests are mirrored (the property is not vacuous)
     if tag not in (None, "self_hosted", "eu", "gpu"):
         assert not called  # an unknown policy fails closed
+
+
+def test_participating_keys_teams_and_dialects() -> None:
+    base = "http://127.0.0.1:9/v1"
+    models = [{"name": n, "deployments": [{"provider": "openai_compatible", "base_url": base, "model": n}]} for n in ("inc", "cand")]
+    cfg = parse_config({"models": models, "trials": [
+        {"name": "k", "incumbent": "inc", "candidates": ["cand"], "sample_rate": 1.0, "keys": ["key-a"], "teams": ["t1"]}]})
+    rt = TrialsRuntime(Gateway(cfg))
+
+    def sampled(key: str | None, team: str | None, dialect: str = "openai", endpoint: str = "chat", model: str = "inc") -> bool:
+        ctx = RequestContext("r", dialect, endpoint, model=model, principal=Principal(key_id=key, team_id=team))
+        rt.pre_route(ctx)
+        rt.pre_route(ctx)  # idempotent if model_config runs twice
+        assert ctx.extra.get("trial_shadow", ["k"]) == ["k"]
+        return "trial_shadow" in ctx.extra
+
+    assert sampled("key-a", "t1")
+    assert not sampled("key-b", "t1") and not sampled("key-a", "t2") and not sampled(None, None)
+    assert not sampled("key-a", "t1", dialect="anthropic")  # the answer is only captured on the OpenAI path
+    assert not sampled("key-a", "t1", endpoint="embeddings") and not sampled("key-a", "t1", model="cand")

@@ -213,7 +213,10 @@ class TrialsRuntime:
                 ctx.extra["trial_arm"] = "incumbent"
                 continue
             if shadow_ok and not self.exhausted(t) and self.rng.random() < t.sample_rate:
-                ctx.extra.setdefault("trial_shadow", []).append(t.name)
+                sampled = ctx.extra.setdefault("trial_shadow", [])
+                if t.name in sampled:  # model_config ran twice for this request
+                    continue
+                sampled.append(t.name)
                 ctx.extra["capture_response"] = True
                 ctx.trial = ctx.trial or t.name
 

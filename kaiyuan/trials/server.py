@@ -19,7 +19,7 @@ from kaiyuan.guard import bearer_token
 from kaiyuan.server.app import EXTRA_ROUTES
 from kaiyuan.server.common import JSON_CT, error_response
 from kaiyuan.server.openai_api import GATEWAY_KEY
-from kaiyuan.trials.models import TrialConfig
+from kaiyuan.trials.models import TrialConfig, check_trial_models
 from kaiyuan.trials.runtime import TrialsRuntime
 
 TRIALS_KEY: web.AppKey[TrialsRuntime] = web.AppKey("trials", TrialsRuntime)
@@ -95,14 +95,15 @@ async def create_trial(request: web.Request) -> web.Response:
         t = TrialConfig.model_validate(body)
         if t.name in {c.name for c in rt.gw.config.trials}:
             raise ValueError(f"trial {t.name!r} is defined in the config file; change it there")
-        rt.add_trial(t)  # validates the models
+        check_trial_models([t], set(rt.gw.models))
     except ValidationError as e:
         msg = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'trial'}: {err['msg']}" for err in e.errors())
         raise GatewayError(ErrorKind.INVALID_REQUEST, f"invalid trial: {msg}", code="invalid_trial") from None
     except ValueError as e:
         raise GatewayError(ErrorKind.INVALID_REQUEST, f"invalid trial: {e}", code="invalid_trial") from None
-    if rt.store is not None:
+    if rt.store is not None:  # saved first, so a concurrent refresh does not drop it again
         await asyncio.to_thread(rt.store.save_def, t.name, t.model_dump(mode="json", by_alias=True))
+    rt.add_trial(t)
     return _json(t.model_dump(mode="json", by_alias=True), status=201)
 
 

@@ -167,7 +167,7 @@ def test_offline_respects_the_data_policy(make_gateway: Any, quiz: FakeQuiz, tmp
     # a request that may only reach self-hosted models is not sent to a hosted candidate, nor to the judge
     sensitive = tmp_path / "sensitive.jsonl"
     sensitive.write_text(orjson.dumps({"messages": [{"role": "user", "content": "What is 1 + 1?"}], "reference": "2",
-                                       "policy": "sensitive"}).decode() + "\n")
+                                       "policy": "self_hosted"}).decode() + "\n")
     before = len(quiz.requests)
     assert run_cli(cfg, "run", "quiz", "--dataset", str(sensitive), "--gateway", gw.url, "--fresh") == 0
     assert "1 candidate call(s) skipped by data policy" in capsys.readouterr().out

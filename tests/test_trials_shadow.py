@@ -10,7 +10,7 @@ from typing import Any
 import openai
 import pytest
 from aiohttp import web
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kaiyuan.config import parse_config
@@ -20,7 +20,6 @@ from kaiyuan.providers.base import UpstreamCall, UpstreamReply
 from kaiyuan.testing.fake_openai import FakeOpenAI
 from kaiyuan.testing.harness import RunningGateway
 from kaiyuan.testing.server_thread import ServerThread
-from kaiyuan.trials.policy import required_tag
 from kaiyuan.trials.runtime import TrialsRuntime
 from tests.conftest import openai_model
 
@@ -123,7 +122,7 @@ def test_restricted_requests_are_not_mirrored_elsewhere(make_gateway: Any, fake_
         rt = runtime_of(gw)
         c = client(gw)
         c.chat.completions.create(model="gpt-big", messages=[{"role": "user", "content": "secret"}],
-                                  extra_headers={"x-kaiyuan-policy": "sensitive"})
+                                  extra_headers={"x-kaiyuan-policy": "self_hosted"})
         wait_for(lambda: rt.counters["sh"]["skipped_policy"] == 1, "the policy skip")
         c.chat.completions.create(model="gpt-big", messages=[{"role": "user", "content": "public"}])
         wait_for(lambda: rt.counters["sh"]["results"] == 1, "the unrestricted shadow")
@@ -131,7 +130,7 @@ def test_restricted_requests_are_not_mirrored_elsewhere(make_gateway: Any, fake_
         # the same restricted request is mirrored when the candidate is self-hosted
         gw2 = shadow_gateway(make_gateway, fake_openai.url, cand_url, cand_extra={"deployment": {"tags": ["self_hosted"]}})  # type: ignore[attr-defined]
         client(gw2).chat.completions.create(model="gpt-big", messages=[{"role": "user", "content": "secret2"}],
-                                            extra_headers={"x-kaiyuan-policy": "sensitive"})
+                                            extra_headers={"x-kaiyuan-policy": "self_hosted"})
         wait_for(lambda: runtime_of(gw2).counters["sh"]["results"] == 1, "the self-hosted shadow")
         assert cand.requests[-1]["messages"][0]["content"] == "secret2"
     finally:
@@ -156,28 +155,47 @@ def test_shadow_spend_stops_at_the_cap(make_gateway: Any, fake_openai: FakeOpenA
 
 # -- property: trial calls never leave the request's data policy ---------------------------------------
 
-TAGS = ["self_hosted", "eu", "gpu"]
-POLICIES = [None, "", "default", "sensitive", "self_hosted", "self_hosted_only", "local_only", "eu", "on_prem", "weird"]
+TAGS = ["self_hosted", "region:eu", "vendor:openai"]
+TAG_SETS = [[], ["self_hosted"], ["region:eu"], ["self_hosted", "region:eu"], ["vendor:openai"], ["vendor:openai", "region:eu"]]
+
+
+def reference_allows(policy: str | None, tags: list[str]) -> bool:
+    """An independent reading of the policy language, for the property below."""
+    if not policy:
+        return True
+    for term in policy.split(","):
+        if not term.strip():
+            continue
+        ok = False
+        for alt in term.split("|"):
+            alt = alt.strip()
+            ok = ok or ((alt[1:] not in tags) if alt.startswith("!") else (alt in tags))
+        if not ok:
+            return False
+    return True
+
+
+literal = st.builds(lambda neg, tag: ("!" if neg else "") + tag, st.booleans(), st.sampled_from(TAGS))
+term = st.lists(literal, min_size=1, max_size=2).map("|".join)
+policy_text = st.one_of(st.none(), st.just(""), st.lists(term, min_size=1, max_size=3).map(",".join))
 
 
 def _policy_gateway() -> Gateway:
-    deps = []
-    i = 0
-    for model in ("cand", "judge"):
-        for tags in ([], ["self_hosted"], ["eu"], ["self_hosted", "eu"], ["gpu"]):
-            i += 1
-            deps.append((model, {"provider": "openai_compatible", "base_url": f"http://127.0.0.1:9/{i}", "model": f"m{i}", "tags": tags}))
     models = [{"name": "inc", "deployments": [{"provider": "openai_compatible", "base_url": "http://127.0.0.1:9/0", "model": "m0"}]}]
+    i = 0
     for name in ("cand", "judge"):
-        models.append({"name": name, "deployments": [d for m, d in deps if m == name]})
+        deps = []
+        for tags in TAG_SETS:
+            i += 1
+            deps.append({"provider": "openai_compatible", "base_url": f"http://127.0.0.1:9/{i}", "model": f"m{i}", "tags": tags})
+        models.append({"name": name, "deployments": deps})
     cfg = parse_config({"models": models, "trials": [{"name": "p", "incumbent": "inc", "candidates": ["cand"], "sample_rate": 1.0,
                                                       "judge": {"model": "judge"}}]})
     return Gateway(cfg)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ctx_policy=st.sampled_from(POLICIES), principal_policy=st.sampled_from(POLICIES), header_policy=st.sampled_from(POLICIES),
-       fail=st.booleans())
+@settings(max_examples=200, deadline=None)
+@given(ctx_policy=policy_text, principal_policy=policy_text, header_policy=policy_text, fail=st.booleans())
 def test_property_trial_calls_respect_the_request_policy(ctx_policy: str | None, principal_policy: str | None,
                                                          header_policy: str | None, fail: bool) -> None:
     gw = _policy_gateway()
@@ -187,7 +205,7 @@ def test_property_trial_calls_respect_the_request_policy(ctx_policy: str | None,
         for p in ps:
             async def send(call: UpstreamCall, p: Any = p) -> UpstreamReply:
                 called.append(p)
-                if fail:
+                if fail:  # retryable: the mirror tries every deployment it is allowed to
                     return UpstreamReply(503, {}, b'{"error": {"message": "busy"}}')
                 return UpstreamReply(200, {}, b'{"choices":[{"index":0,"message":{"role":"assistant","content":"x [[C]]"}}]}')
             p.send = send  # type: ignore[method-assign]
@@ -203,14 +221,15 @@ def test_property_trial_calls_respect_the_request_policy(ctx_policy: str | None,
         await asyncio.gather(*rt.tasks)
 
     asyncio.run(go())
-    effective = ctx_policy or principal_policy or (header_policy.strip() if header_policy and header_policy.strip() else None)
-    tag = required_tag(effective)
+    policies = [ctx_policy, principal_policy, header_policy]
     for p in called:
-        assert tag is None or tag in p.deployment.tags, (effective, p.deployment.tags)
-    if tag is None:
-        assert called  # unrestricted requests are mirrored (the property is not vacuous)
-    if tag not in (None, "self_hosted", "eu", "gpu"):
-        assert not called  # an unknown policy fails closed
+        assert all(reference_allows(pol, p.deployment.tags) for pol in policies), (policies, p.deployment.tags)
+    # not vacuous: every deployment of the candidate that all policies allow was tried when they all fail
+    permitted = [p for p in gw.providers["cand"] if all(reference_allows(pol, p.deployment.tags) for pol in policies)]
+    if fail:
+        assert {id(p) for p in permitted} <= {id(p) for p in called}
+    elif permitted:
+        assert any(p in called for p in gw.providers["cand"])
 
 
 def test_participating_keys_teams_and_dialects() -> None:

@@ -18,7 +18,7 @@ from kaiyuan.config import GatewayConfig
 from kaiyuan.trials.dataset import Item
 from kaiyuan.trials.evaluate import CallOutcome, build_scorers, evaluate, price_of, usage_tokens
 from kaiyuan.trials.models import TrialConfig
-from kaiyuan.trials.policy import POLICY_HEADER, required_tag
+from kaiyuan.trials.policy import POLICY_HEADER, permits
 from kaiyuan.trials.scorers import answer_from_json
 from kaiyuan.trials.store import TrialStore
 
@@ -84,13 +84,12 @@ class GatewayClient:
 
 def _policy_allows(config: GatewayConfig | None, model: str, policy: str | None) -> bool:
     """Whether some deployment of ``model`` may receive a request with ``policy`` (see trials.policy)."""
-    tag = required_tag(policy)
-    if tag is None:
+    if not policy:
         return True
     m = config.model(model) if config is not None else None
     if m is None:
         return False  # cannot check: fail closed
-    return any(tag in d.tags or (tag == "self_hosted" and d.provider == "local") for d in m.deployments)
+    return any(permits(policy, d.tags) for d in m.deployments)
 
 
 async def run_offline(

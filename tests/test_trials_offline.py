@@ -182,3 +182,21 @@ def test_offline_respects_the_data_policy(make_gateway: Any, quiz: FakeQuiz, tmp
     assert run_cli(cfg, "run", "quiz", "--dataset", str(sensitive), "--gateway", gw2.url) == 0
     assert "0 candidate call(s) skipped by data policy" in capsys.readouterr().out
     assert sorted(r["model"] for r in quiz.requests[before:]) == ["big", "quiz-judge", "quiz-judge", "small"]
+
+
+def test_costs_from_the_request_log_when_the_trial_has_no_prices(make_gateway: Any, quiz: FakeQuiz, tmp_path: Path,
+                                                                 capsys: Any) -> None:
+    gw, cfg, data = setup(make_gateway, quiz, tmp_path, 4, prices={}, judge=None)
+
+    def catalog(ctx: Any) -> None:  # stands in for the price catalog, which sets ctx.cost_usd
+        ctx.cost_usd = 0.002 if ctx.model == "gpt-big" else 0.0005
+
+    gw.gateway.pre_route.insert(0, catalog)
+    assert run_cli(cfg, "run", "quiz", "--dataset", str(data), "--gateway", gw.url) == 0
+    assert "(8 call(s) priced from the request log)" in capsys.readouterr().out
+    js = tmp_path / "r.json"
+    assert run_cli(cfg, "report", "quiz", "--json", str(js), "--resamples", "20") == 0
+    rep = orjson.loads(js.read_bytes())
+    cost = rep["by_candidate"][0]["cost"]
+    assert cost["incumbent_per_1k_usd"] == pytest.approx(2.0) and cost["candidate_per_1k_usd"] == pytest.approx(0.5)
+    assert rep["spend"]["total_usd"] == pytest.approx(4 * 0.0025)

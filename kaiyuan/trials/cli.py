@@ -139,7 +139,8 @@ def _cmd_run(args: argparse.Namespace, config: GatewayConfig, store: TrialStore,
     print(f"replayed {summary.items} item(s): {summary.pairs} pair(s), {summary.candidate_failures} candidate failure(s), "
           f"{summary.incumbent_failures} incumbent failure(s), {summary.judge_unparsable} unparsable judge output(s), "
           f"{summary.skipped_policy} candidate call(s) skipped by data policy, "
-          f"trial spend ${summary.spent_usd:.4f}" + (" - STOPPED at the budget cap" if summary.stopped_by_budget else ""))
+          f"trial spend ${summary.spent_usd:.4f}"
+          + (f" ({summary.backfilled} call(s) priced from the request log)" if summary.backfilled else "") + (" - STOPPED at the budget cap" if summary.stopped_by_budget else ""))
     return 0
 
 

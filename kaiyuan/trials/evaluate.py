@@ -27,6 +27,7 @@ class CallOutcome:
     error: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    request_id: str | None = None  # the gateway's x-kaiyuan-request-id (offline replays)
 
 
 def usage_tokens(obj: Any) -> tuple[int | None, int | None]:

@@ -13,8 +13,10 @@ from typing import Any
 
 import aiohttp
 import orjson
+from sqlalchemy import select, update
 
 from kaiyuan.config import GatewayConfig
+from kaiyuan.store.schema import request_log, trial_result
 from kaiyuan.trials.dataset import Item
 from kaiyuan.trials.evaluate import CallOutcome, build_scorers, evaluate, price_of, usage_tokens
 from kaiyuan.trials.models import TrialConfig
@@ -35,6 +37,7 @@ class RunSummary:
     stopped_by_budget: bool = False
     skipped_policy: int = 0
     spent_usd: float = 0.0
+    backfilled: int = 0  # calls priced afterwards from the request log's cost_usd
     errors: list[str] = field(default_factory=list)
 
 
@@ -77,7 +80,8 @@ class GatewayClient:
                     msg = (obj or {}).get("error", {}).get("message") if isinstance(obj, dict) else None
                     return CallOutcome(ms=ms, error=f"HTTP {r.status}: {msg or data[:200].decode('utf-8', 'replace')}"), obj
                 pt, ct = usage_tokens(obj)
-                return CallOutcome(answer_from_json(obj), ms, None, None, pt, ct), obj
+                rid = r.headers.get("x-kaiyuan-request-id")
+                return CallOutcome(answer_from_json(obj), ms, None, None, pt, ct, rid), obj
         except (aiohttp.ClientError, TimeoutError) as e:
             return CallOutcome(ms=(time.perf_counter() - t0) * 1000, error=f"{type(e).__name__}: {e}"), None
 
@@ -99,8 +103,10 @@ async def run_offline(
     store: TrialStore,
     config: GatewayConfig | None = None,
     concurrency: int | None = None,
+    backfill_wait_s: float = 5.0,
 ) -> RunSummary:
     summary = RunSummary()
+    unpriced: list[_Unpriced] = []
     scorers = build_scorers(trial)
     spent = store.spent(trial.name)
     cap = trial.budget_usd
@@ -125,6 +131,7 @@ async def run_offline(
             outs = await asyncio.gather(*calls)
             inc = outs[0][0]
             ledger: list[tuple[str, str, float]] = []
+            inc_fill = _Unpriced(inc.request_id, "incumbent", trial.incumbent, [])
             inc_cost = cost(trial.incumbent, inc)
             if inc_cost:
                 ledger.append(("incumbent", trial.incumbent, inc_cost))  # a replay's incumbent call is trial spend too
@@ -145,6 +152,8 @@ async def run_offline(
                     jc = price_of(trial.judge.model, trial, config, o.prompt_tokens, o.completion_tokens)
                     if jc:
                         judge_costs.append(jc)
+                    elif o.request_id:
+                        unpriced.append(_Unpriced(o.request_id, "judge", trial.judge.model, []))
                     if o.answer is None:
                         raise RuntimeError(o.error or "judge call failed")
                     return o.answer.text
@@ -160,13 +169,55 @@ async def run_offline(
                 if jr is not None and jr.status == "unparsable":
                     summary.judge_unparsable += 1
                 ledger += [("judge", trial.judge.model, jc) for jc in judge_costs] if trial.judge else []
+                if c is None and cand.request_id:
+                    unpriced.append(_Unpriced(cand.request_id, "candidate", cand_name, [(row["id"], "candidate_cost")]))
+                if inc_cost is None:
+                    inc_fill.rows.append((row["id"], "incumbent_cost"))
                 await asyncio.to_thread(store.add_results, [row])
                 summary.pairs += 1
+            if inc_cost is None and inc_fill.request_id:
+                unpriced.append(inc_fill)
             async with lock:
                 if ledger:
                     await asyncio.to_thread(store.add_spend, trial.name, ledger)
                     spent += sum(x[2] for x in ledger)
 
     await asyncio.gather(*(one(it) for it in items))
+    if unpriced and backfill_wait_s > 0:
+        summary.backfilled, extra = await asyncio.to_thread(backfill_costs, store, trial.name, unpriced, backfill_wait_s)
+        spent += extra
     summary.spent_usd = spent
     return summary
+
+
+@dataclass
+class _Unpriced:
+    request_id: str | None
+    kind: str  # incumbent | candidate | judge
+    model: str
+    rows: list[tuple[str, str]]  # (trial_result id, column) to fill
+
+
+def backfill_costs(store: TrialStore, trial: str, unpriced: list[_Unpriced], wait_s: float) -> tuple[int, float]:
+    """Price calls the trial had no price for from the request log's ``cost_usd`` (the gateway's
+    price catalog), once the gateway has flushed its log. Returns (calls priced, USD added)."""
+    want = {u.request_id: u for u in unpriced if u.request_id}
+    found: dict[str, float] = {}
+    deadline = time.monotonic() + wait_s
+    t = request_log
+    while want.keys() - found.keys():
+        with store.engine.connect() as conn:
+            q = select(t.c.id, t.c.cost_usd).where(t.c.id.in_(list(want.keys() - found.keys())), t.c.cost_usd.is_not(None))
+            found.update({rid: float(c) for rid, c in conn.execute(q)})
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    ledger = []
+    with store.engine.begin() as conn:
+        for rid, cost in found.items():
+            u = want[rid]
+            for row_id, column in u.rows:
+                conn.execute(update(trial_result).where(trial_result.c.id == row_id).values({column: cost}))
+            ledger.append((u.kind, u.model, cost))
+    store.add_spend(trial, ledger)
+    return len(found), sum(c for _, _, c in ledger)

@@ -67,6 +67,17 @@ class TrialsRuntime:
         self._loop_task: asyncio.Task[None] | None = None
         self.rng = random.Random()
         self._index()
+        for t in self.trials.values():
+            self._warn_unpriced(t)
+
+    def _warn_unpriced(self, t: TrialConfig) -> None:
+        if t.budget_usd is None or t.mode == "offline":
+            return
+        for model in [*t.candidates, *([t.judge.model] if t.judge else [])]:
+            m = self.gw.models.get(model)
+            if model not in t.prices and not (m and m.deployments[0].price):
+                log.warning("trial %s: no price for %s (set trials[].prices); its calls cost 'unknown' and "
+                            "budget_usd cannot stop them", t.name, model)
 
     # -- configuration ------------------------------------------------------------------------
     def _index(self) -> None:

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kaiyuan.routing.settings import RoutingSettings, check_routing, validate_price
 from kaiyuan.trials.models import TrialConfig, check_trial_models
 
 DEFAULT_HOST = "127.0.0.1"
@@ -50,7 +51,14 @@ class DeploymentBase(_Strict):
     rpm: int | None = Field(None, gt=0)
     tpm: int | None = Field(None, gt=0)
     tags: list[str] = Field(default_factory=list, description="data-policy tags, e.g. self_hosted")
-    price: dict[str, Any] | None = Field(None, description="overrides the price catalog for this deployment")
+    price: dict[str, Any] | None = Field(
+        None, description="{input, output, cached_input: USD per 1M tokens, currency}; overrides the catalog"
+    )
+
+    @field_validator("price")
+    @classmethod
+    def _price(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        return validate_price(v)
 
     def default_id(self) -> str:
         return f"{getattr(self, 'provider', 'deployment')}:{self.model}"
@@ -102,6 +110,7 @@ class ModelConfig(_Strict):
     deployments: list[Deployment] = Field(..., min_length=1)
     log_bodies: bool = Field(False, description="store request/response bodies in the request log")
     description: str | None = None
+    routing: RoutingSettings = Field(default_factory=lambda: RoutingSettings(), description="see docs/routing.md")
 
     @model_validator(mode="after")
     def _ids(self) -> ModelConfig:
@@ -161,6 +170,7 @@ class GatewayConfig(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+        check_routing(self.models)
         return self
 
     def model(self, name: str) -> ModelConfig | None:

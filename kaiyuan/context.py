@@ -35,6 +35,7 @@ class Attempt:
     status: int | None = None
     error: str | None = None
     ms: float | None = None
+    model: str | None = None  # the public model the deployment serves (differs on fallback)
 
 
 @dataclass(slots=True)

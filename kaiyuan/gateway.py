@@ -11,19 +11,21 @@ from typing import Any
 from sqlalchemy import Engine
 
 from kaiyuan.config import GatewayConfig, ModelConfig
-from kaiyuan.context import Attempt, RequestContext
-from kaiyuan.errors import ErrorKind, GatewayError, kind_for_upstream_status
+from kaiyuan.context import RequestContext
+from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.guard import Guard, MasterKeyGuard
 from kaiyuan.observability.metrics import Metrics
 from kaiyuan.observability.request_log import RequestLogWriter
 from kaiyuan.observability.tracing import Tracer
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
 from kaiyuan.providers.registry import build_provider
+from kaiyuan.routing.executor import upstream_error
+from kaiyuan.routing.retry import RETRYABLE_STATUSES
 from kaiyuan.routing.router import Router
 
 log = logging.getLogger("kaiyuan")
 
-RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+__all__ = ["RETRYABLE_STATUSES", "Gateway", "upstream_error"]
 CompletionHook = Callable[[RequestContext], None]
 
 
@@ -36,7 +38,7 @@ class Gateway:
         self.providers: dict[str, list[Provider]] = {
             m.name: [build_provider(d) for d in m.deployments] for m in config.models
         }
-        self.router = Router(self.providers)
+        self.router = Router(self.providers, self.models, self.metrics.registry)
         self.guard: Guard = MasterKeyGuard(config.server.master_key)
         self.request_log = RequestLogWriter(engine, config.request_log, self.metrics)
         self.on_complete: list[CompletionHook] = []
@@ -94,40 +96,10 @@ class Gateway:
         return m
 
     async def execute(self, ctx: RequestContext, build: Callable[[Provider], UpstreamCall]) -> tuple[Provider, UpstreamReply]:
-        """Try the planned deployments in order until one answers 2xx.
-
-        A transport failure or a retryable status (429, 5xx) moves on to the next deployment; any
-        other status is the upstream's verdict on the request and is returned to the caller as is.
-        """
-        plan = self.router.plan(ctx)
-        if not plan:
-            raise self._no_deployment(ctx)
-        last: GatewayError | None = None
-        for provider in plan:
-            call = build(provider)
-            attempt = Attempt(provider.id)
-            ctx.attempts.append(attempt)
-            ctx.deployment = provider.id
-            t0 = time.perf_counter()
-            try:
-                reply = await provider.send(call)
-            except GatewayError as e:
-                attempt.error = e.message
-                attempt.status = e.status
-                attempt.ms = (time.perf_counter() - t0) * 1000
-                last = e
-                continue
-            attempt.status = reply.status
-            attempt.ms = (time.perf_counter() - t0) * 1000
-            if reply.status < 300:
-                return provider, reply
-            err = upstream_error(provider, reply)
-            attempt.error = err.message
-            last = err
-            if reply.status not in RETRYABLE_STATUSES:
-                raise err
-        assert last is not None
-        raise last
+        """Route the request: strategy order, retries, breakers, fallbacks and data policy
+        (see :mod:`kaiyuan.routing.executor`). Returns the deployment that answered 2xx and its
+        reply; raises the error the caller should see."""
+        return await self.router.execute(ctx, build)
 
     def _no_deployment(self, ctx: RequestContext) -> GatewayError:
         reasons = [f"{p.id}: {p.unavailable}" for p in self.providers.get(ctx.model or "", ()) if p.unavailable]
@@ -163,40 +135,3 @@ class Gateway:
                 entry["description"] = m.description
             out.append(entry)
         return out
-
-
-def upstream_error(provider: Provider, reply: UpstreamReply) -> GatewayError:
-    """Turn an upstream non-2xx reply into an error that keeps its status, message and Retry-After."""
-    import orjson
-
-    message = None
-    up_type = None
-    code = None
-    try:
-        data = orjson.loads(reply.body or b"")
-        err = data.get("error") if isinstance(data, dict) else None
-        if isinstance(err, dict):
-            message = err.get("message")
-            up_type = err.get("type")
-            code = err.get("code")
-        elif isinstance(err, str):
-            message = err
-        elif isinstance(data, dict) and isinstance(data.get("message"), str):
-            message = data["message"]
-    except orjson.JSONDecodeError:
-        text = (reply.body or b"")[:300].decode("utf-8", "replace").strip()
-        message = text or None
-    status = reply.status
-    headers = {}
-    ra = reply.headers.get("Retry-After") if reply.headers else None
-    if ra:
-        headers["Retry-After"] = ra
-    msg = f"upstream {provider.id} returned {status}" + (f": {message}" if message else "")
-    return GatewayError(
-        kind_for_upstream_status(status),
-        msg,
-        status=status,
-        headers=headers,
-        upstream_type=up_type if isinstance(up_type, str) else None,
-        code=str(code) if code is not None else None,
-    )

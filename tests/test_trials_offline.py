@@ -170,10 +170,13 @@ def test_offline_respects_the_data_policy(make_gateway: Any, quiz: FakeQuiz, tmp
                                        "policy": "self_hosted"}).decode() + "\n")
     before = len(quiz.requests)
     assert run_cli(cfg, "run", "quiz", "--dataset", str(sensitive), "--gateway", gw.url, "--fresh") == 0
-    assert "1 candidate call(s) skipped by data policy" in capsys.readouterr().out
-    assert [r["model"] for r in quiz.requests[before:]] == ["big"]  # the incumbent only
+    out = capsys.readouterr().out
+    assert "1 candidate call(s) skipped by data policy" in out
+    # the gateway's router refuses the (hosted) incumbent for this request too: nothing left the building
+    assert "1 incumbent failure(s)" in out and quiz.requests[before:] == []
     # it does go to a candidate whose deployment is tagged self_hosted
     models = quiz_models(quiz.url)  # type: ignore[attr-defined]
+    models[0]["deployments"][0]["tags"] = ["self_hosted"]
     models[1]["deployments"][0]["tags"] = ["self_hosted"]
     models[2]["deployments"][0]["tags"] = ["self_hosted"]
     gw2 = make_gateway({"models": models, "trials": [trial_def()]})

@@ -68,8 +68,9 @@ def wait_for(cond: Any, what: str, limit: float = 15.0) -> None:
 
 def shadow_gateway(make_gateway: Any, inc_url: str, cand_url: str, **trial: Any) -> RunningGateway:
     cand_extra = trial.pop("cand_extra", {})
+    inc_extra = trial.pop("inc_extra", {})
     return make_gateway({
-        "models": [openai_model("gpt-big", inc_url, "big"), openai_model("qwen-small", cand_url, "small", **cand_extra)],
+        "models": [openai_model("gpt-big", inc_url, "big", **inc_extra), openai_model("qwen-small", cand_url, "small", **cand_extra)],
         "trials": [{"name": "sh", "mode": "shadow", "incumbent": "gpt-big", "candidates": ["qwen-small"],
                     "sample_rate": 1.0, "scorers": [{"type": "regex", "pattern": "^echo: "}], **trial}],
     })
@@ -118,7 +119,8 @@ def test_restricted_requests_are_not_mirrored_elsewhere(make_gateway: Any, fake_
     cand = FakeOpenAI(api_key="sk-upstream")
     cand_url = servers.serve(cand.app)
     try:
-        gw = shadow_gateway(make_gateway, fake_openai.url, cand_url)  # type: ignore[attr-defined]
+        own = {"deployment": {"tags": ["self_hosted"]}}  # the incumbent itself may take restricted requests
+        gw = shadow_gateway(make_gateway, fake_openai.url, cand_url, inc_extra=own)  # type: ignore[attr-defined]
         rt = runtime_of(gw)
         c = client(gw)
         c.chat.completions.create(model="gpt-big", messages=[{"role": "user", "content": "secret"}],
@@ -128,7 +130,7 @@ def test_restricted_requests_are_not_mirrored_elsewhere(make_gateway: Any, fake_
         wait_for(lambda: rt.counters["sh"]["results"] == 1, "the unrestricted shadow")
         assert [r["messages"][0]["content"] for r in cand.requests] == ["public"]
         # the same restricted request is mirrored when the candidate is self-hosted
-        gw2 = shadow_gateway(make_gateway, fake_openai.url, cand_url, cand_extra={"deployment": {"tags": ["self_hosted"]}})  # type: ignore[attr-defined]
+        gw2 = shadow_gateway(make_gateway, fake_openai.url, cand_url, inc_extra=own, cand_extra=own)  # type: ignore[attr-defined]
         client(gw2).chat.completions.create(model="gpt-big", messages=[{"role": "user", "content": "secret2"}],
                                             extra_headers={"x-kaiyuan-policy": "self_hosted"})
         wait_for(lambda: runtime_of(gw2).counters["sh"]["results"] == 1, "the self-hosted shadow")

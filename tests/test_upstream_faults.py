@@ -21,6 +21,7 @@ def client(gw: RunningGateway) -> openai.OpenAI:
 
 
 def test_upstream_429_keeps_status_and_retry_after(gateway: RunningGateway, fake_openai: FakeOpenAI) -> None:
+    # Retry-After 7 s is longer than routing.retries.max_retry_after_s (5 s): passed back, not waited for.
     fake_openai.next(Behaviour(status=429, headers={"Retry-After": "7"}, error_message="Rate limit reached for requests"))
     with pytest.raises(openai.RateLimitError) as e:
         client(gateway).chat.completions.create(model="fake-chat", messages=MSG)
@@ -31,7 +32,8 @@ def test_upstream_429_keeps_status_and_retry_after(gateway: RunningGateway, fake
 @pytest.mark.parametrize(("status", "exc"), [(400, openai.BadRequestError), (401, openai.AuthenticationError),
                                               (500, openai.InternalServerError), (503, openai.APIStatusError)])
 def test_upstream_status_is_passed_back(gateway: RunningGateway, fake_openai: FakeOpenAI, status: int, exc: type) -> None:
-    fake_openai.next(Behaviour(status=status, error_message=f"upstream says {status}"))
+    # A persistent failure (a one-off 401/5xx is retried away by the router; see tests/test_routing.py).
+    fake_openai.default = Behaviour(status=status, error_message=f"upstream says {status}")
     with pytest.raises(exc) as e:
         client(gateway).chat.completions.create(model="fake-chat", messages=MSG)
     assert e.value.status_code == status
@@ -52,7 +54,8 @@ def test_unreachable_upstream_is_502(make_gateway) -> None:  # type: ignore[no-u
 
 
 def test_first_byte_timeout_is_504(make_gateway, fake_openai: FakeOpenAI) -> None:  # type: ignore[no-untyped-def]
-    gw = make_gateway({"models": [openai_model("m", fake_openai.url, deployment={"timeouts": {"first_byte": 0.3}})]})
+    gw = make_gateway({"models": [openai_model("m", fake_openai.url, deployment={"timeouts": {"first_byte": 0.3}},
+                                               routing={"retries": {"max_attempts": 1}})]})
     fake_openai.next(Behaviour(delay_first_byte=5))
     with pytest.raises(openai.APIStatusError) as e:
         client(gw).chat.completions.create(model="m", messages=MSG)

@@ -29,7 +29,10 @@ def row_for(ctx: RequestContext) -> dict[str, Any]:
     attempt_log = None
     if ctx.attempts:
         attempt_log = orjson.dumps(
-            [{"deployment": a.deployment, "status": a.status, "error": a.error, "ms": a.ms} for a in ctx.attempts]
+            [
+                {"model": a.model, "deployment": a.deployment, "status": a.status, "error": a.error, "ms": a.ms}
+                for a in ctx.attempts
+            ]
         ).decode()
     return {
         "id": ctx.request_id,

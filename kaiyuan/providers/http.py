@@ -17,7 +17,10 @@ def make_session(max_connections: int, timeouts: Timeouts) -> aiohttp.ClientSess
     connector = aiohttp.TCPConnector(
         limit=max_connections, limit_per_host=max_connections, keepalive_timeout=60, ttl_dns_cache=300
     )
-    timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect, sock_read=timeouts.idle)
+    # No sock_read here: aiohttp would apply it to the wait for the response headers too, cutting
+    # a slow first byte at `idle`. first_byte is enforced around the request; idle is set on the
+    # connection once a stream's headers are in (see post_json).
+    timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect, sock_read=None)
     return aiohttp.ClientSession(
         connector=connector, timeout=timeout, auto_decompress=True, skip_auto_headers=("User-Agent",)
     )
@@ -105,6 +108,10 @@ async def post_json(
             resp.close()
         raise
     r = resp
+    proto = r.connection.protocol if r.connection is not None else None
+    if proto is not None:  # from now on, at most `idle` seconds between two reads
+        proto.read_timeout = timeouts.idle
+        proto.start_timeout()
     return UpstreamReply(
         r.status, r.headers, stream=_iter_stream(r, deadline, timeouts.idle, label), _closer=r.close
     )

@@ -1,32 +1,231 @@
-"""The router: for one request, the ordered list of deployments to try.
+"""The router: per-model routing state (deployment health, strategy, policy) and the plan for a request.
 
-Weighted random order among the usable deployments of the requested model.
+``Router.execute`` (see :mod:`kaiyuan.routing.executor`) tries the plan: deployments in strategy
+order, retries with backoff, then fallback models. Everything here runs on the event loop thread.
 """
 
 from __future__ import annotations
 
+import logging
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from kaiyuan.context import RequestContext
-from kaiyuan.providers.base import Provider
+from kaiyuan.errors import ErrorKind, GatewayError
+from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
+from kaiyuan.routing.breaker import STATE_VALUE, Clock, DeploymentHealth
+from kaiyuan.routing.policy import POLICY_HEADER, Policy, combine, parse_policy
+from kaiyuan.routing.settings import RoutingSettings
+from kaiyuan.routing.strategies import STRATEGY_FUNCS, Order
+
+if TYPE_CHECKING:
+    from kaiyuan.config import ModelConfig
+
+log = logging.getLogger("kaiyuan.routing")
+_POLICY_CACHE_MAX = 1024
+
+
+@dataclass(slots=True, eq=False)
+class Slot:
+    """One deployment of one model, as the router sees it."""
+
+    model: str
+    provider: Provider
+    health: DeploymentHealth
+    weight: float
+    cost: float
+    tags: frozenset[str]
+
+    @property
+    def in_flight(self) -> int:
+        return self.health.in_flight
+
+    @property
+    def ewma_ttft(self) -> float | None:
+        return self.health.ewma_ttft
+
+
+@dataclass(slots=True, eq=False)
+class ModelRoute:
+    name: str
+    settings: RoutingSettings
+    slots: list[Slot]
+    order: Order
+    policy: Policy | None
+
+
+class RoutingMetrics:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        r = registry or CollectorRegistry()
+        self.state = Gauge(
+            "kaiyuan_deployment_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open",
+            ["model", "deployment"], registry=r,
+        )
+        self.changes = Counter(
+            "kaiyuan_deployment_state_changes", "Circuit breaker state changes",
+            ["model", "deployment", "from_state", "to_state"], registry=r,
+        )
+        self.fallbacks = Counter(
+            "kaiyuan_routing_fallbacks", "Requests served by a fallback model", ["model", "fallback"], registry=r,
+        )
+        self.refusals = Counter(
+            "kaiyuan_routing_refusals", "Requests refused because no allowed deployment was usable",
+            ["model", "reason"], registry=r,
+        )
 
 
 class Router:
-    def __init__(self, deployments_by_model: dict[str, list[Provider]]) -> None:
-        self.by_model = deployments_by_model
-        self._rng = random.Random()
+    def __init__(
+        self,
+        providers: dict[str, list[Provider]],
+        models: dict[str, ModelConfig] | None = None,
+        registry: CollectorRegistry | None = None,
+        clock: Clock = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.by_model = providers
+        self.rng = rng or random.Random()
+        self.metrics = RoutingMetrics(registry)
+        self._clock = clock
+        self.routes: dict[str, ModelRoute] = {}
+        self._policy_cache: dict[str, Policy] = {}
+        self._allowed_cache: dict[tuple[str, str], list[Slot]] = {}
+        for name, provs in providers.items():
+            mc = models.get(name) if models else None
+            settings: RoutingSettings = getattr(mc, "routing", None) or RoutingSettings()
+            slots = []
+            for p in provs:
+                d = p.deployment
+                h = DeploymentHealth(name, p.id, settings.breaker, self._now, self._on_state)
+                price = d.price or {}
+                cost = float(price["input"]) + float(price["output"]) if "input" in price and "output" in price else float("inf")
+                slots.append(Slot(name, p, h, d.weight, cost, frozenset(d.tags)))
+                self.metrics.state.labels(name, p.id).set(0)
+            self.routes[name] = ModelRoute(
+                name, settings, slots, STRATEGY_FUNCS[settings.strategy],
+                parse_policy(settings.policy) if settings.policy else None,
+            )
 
-    def plan(self, ctx: RequestContext) -> Sequence[Provider]:
-        candidates = [p for p in self.by_model.get(ctx.model or "", ()) if p.unavailable is None]
-        if len(candidates) <= 1:
-            return candidates
-        weights = [max(p.deployment.weight, 0.0) for p in candidates]
-        if sum(weights) <= 0:
-            return candidates
-        # Efraimidis-Spirakis: weighted order without replacement.
-        keyed = sorted(
-            candidates,
-            key=lambda p: -(self._rng.random() ** (1.0 / p.deployment.weight)) if p.deployment.weight > 0 else 1.0,
-        )
-        return keyed
+    # -- time (injectable for tests) ---------------------------------------------------------
+    def _now(self) -> float:
+        return self._clock()
+
+    def set_clock(self, clock: Clock) -> None:
+        self._clock = clock
+
+    def now(self) -> float:
+        return self._clock()
+
+    def _on_state(self, h: DeploymentHealth, old: str, new: str) -> None:
+        self.metrics.state.labels(h.model, h.deployment).set(STATE_VALUE[new])
+        self.metrics.changes.labels(h.model, h.deployment, old, new).inc()
+        log.warning("model %s deployment %s: circuit %s -> %s (%s)", h.model, h.deployment, old, new, h.reason)
+
+    # -- policy --------------------------------------------------------------------------------
+    def policy(self, text: str) -> Policy:
+        pol = self._policy_cache.get(text)
+        if pol is None:
+            pol = parse_policy(text)  # ValueError for the caller to turn into a 400
+            if len(self._policy_cache) >= _POLICY_CACHE_MAX:
+                self._policy_cache.clear()
+            self._policy_cache[text] = pol
+        return pol
+
+    def request_policy(self, ctx: RequestContext) -> Policy | None:
+        """The key/team policy and the request header's, combined with AND; sets ``ctx.policy``
+        (which also names the model's own policy, applied per model by :meth:`allowed`)."""
+        header = ctx.headers.get(POLICY_HEADER) if ctx.headers is not None else None
+        key_policy = ctx.principal.policy
+        route = self.routes.get(ctx.model or "")
+        model_policy = route.settings.policy if route else None
+        if not header and not key_policy:
+            ctx.policy = model_policy
+            return None
+        ctx.policy = combine((key_policy, header, model_policy))
+        if header:
+            try:
+                self.policy(header)
+            except ValueError as e:
+                raise GatewayError(ErrorKind.INVALID_REQUEST, f"{POLICY_HEADER} header: {e}", code="invalid_policy") from None
+        if key_policy:
+            try:
+                self.policy(key_policy)
+            except ValueError as e:
+                raise GatewayError(
+                    ErrorKind.PERMISSION, f"this key's data policy is invalid ({e}); ask an administrator to fix it",
+                    code="invalid_policy",
+                ) from None
+        text = combine((key_policy, header))
+        assert text is not None
+        return self.policy(text)
+
+    def allowed(self, route: ModelRoute, policy: Policy | None) -> list[Slot]:
+        """The model's deployments that both the model policy and the request policy allow."""
+        if policy is None:
+            if route.policy is None:
+                return route.slots
+            key = (route.name, "")
+        else:
+            key = (route.name, policy.text)
+        got = self._allowed_cache.get(key)
+        if got is None:
+            got = [
+                s for s in route.slots
+                if (route.policy is None or route.policy.allows(s.tags)) and (policy is None or policy.allows(s.tags))
+            ]
+            if len(self._allowed_cache) >= _POLICY_CACHE_MAX:
+                self._allowed_cache.clear()
+            self._allowed_cache[key] = got
+        return got
+
+    def order(self, route: ModelRoute, slots: Sequence[Slot]) -> list[Slot]:
+        return route.order(slots, self.rng)
+
+    # -- the plan ------------------------------------------------------------------------------
+    def plan(self, ctx: RequestContext) -> list[Provider]:
+        """The requested model's deployments this request may use now, in the order they would be tried."""
+        route = self.routes.get(ctx.model or "")
+        if route is None:
+            return []
+        now = self.now()
+        slots = self.order(route, self.allowed(route, self.request_policy(ctx)))
+        return [s.provider for s in slots if s.provider.unavailable is None and s.health.available(now)]
+
+    async def execute(
+        self, ctx: RequestContext, build: Callable[[Provider], UpstreamCall]
+    ) -> tuple[Provider, UpstreamReply]:
+        from kaiyuan.routing.executor import execute
+
+        return await execute(self, ctx, build)
+
+    # -- admin -------------------------------------------------------------------------------------
+    def describe(self) -> list[dict[str, Any]]:
+        now = self.now()
+        out = []
+        for route in self.routes.values():
+            for s in route.slots:
+                d = s.provider.deployment
+                entry: dict[str, Any] = {
+                    "model": route.name,
+                    "deployment": s.provider.id,
+                    "provider": getattr(d, "provider", None),
+                    "upstream_model": d.model,
+                    "strategy": route.settings.strategy,
+                    "weight": d.weight,
+                    "tags": sorted(s.tags),
+                    "price": d.price,
+                    **s.health.describe(now),
+                }
+                if s.provider.unavailable:
+                    entry["state"] = "unavailable"
+                    entry["reason"] = s.provider.unavailable
+                cap = s.health.over_capacity(now, d.rpm, d.tpm, d.max_concurrency)
+                if cap:
+                    entry["capacity"] = cap
+                out.append(entry)
+        return out

@@ -14,6 +14,7 @@ from kaiyuan.config import GatewayConfig
 from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
+from kaiyuan.routing import admin as routing_admin
 from kaiyuan.server import health, openai_api
 from kaiyuan.server.common import ErrorSerializer, error_response
 from kaiyuan.server.openai_api import GATEWAY_KEY
@@ -84,6 +85,7 @@ def create_app(config: GatewayConfig, gateway: Gateway | None = None) -> web.App
     app[GATEWAY_KEY] = gw
     openai_api.add_routes(app)
     health.add_routes(app)
+    routing_admin.add_routes(app)
     _load_plugins()
     for install in EXTRA_ROUTES:
         install(app)

@@ -71,6 +71,11 @@ def kaiyuan_headers(ctx: RequestContext) -> dict[str, str]:
         h["x-kaiyuan-deployment"] = ctx.deployment
     if ctx.attempts:
         h["x-kaiyuan-attempts"] = str(len(ctx.attempts))
+    if ctx.cost_usd is not None:
+        h["x-kaiyuan-cost"] = f"{ctx.cost_usd:.8f}".rstrip("0").rstrip(".") or "0"
+    served = ctx.extra.get("served_model")
+    if served:
+        h["x-kaiyuan-model"] = served
     return h
 
 

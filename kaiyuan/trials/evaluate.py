@@ -39,7 +39,7 @@ def usage_tokens(obj: Any) -> tuple[int | None, int | None]:
 
 def price_of(model: str, trial: TrialConfig, config: GatewayConfig | None, pt: int | None, ct: int | None) -> float | None:
     """USD for one call: the trial's own ``prices``, else the model's first deployment ``price``
-    (keys ``input_per_mtok`` / ``output_per_mtok``); ``None`` when unknown."""
+    (``{input, output}`` per 1M tokens, USD only); ``None`` when unknown."""
     if pt is None and ct is None:
         return None
     p = trial.prices.get(model)
@@ -48,8 +48,10 @@ def price_of(model: str, trial: TrialConfig, config: GatewayConfig | None, pt: i
     m = config.model(model) if config is not None else None
     if m is not None:
         price = m.deployments[0].price or {}
+        if str(price.get("currency", "USD")).upper() != "USD":
+            return None
         try:
-            return ((pt or 0) * float(price["input_per_mtok"]) + (ct or 0) * float(price["output_per_mtok"])) / 1e6
+            return ((pt or 0) * float(price["input"]) + (ct or 0) * float(price["output"])) / 1e6
         except (KeyError, TypeError, ValueError):
             return None
     return None

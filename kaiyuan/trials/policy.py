@@ -1,7 +1,7 @@
 """Data policy for trial traffic: a shadow, judge or replay call may only go where the original
 request may go.
 
-Same language as the router's data policies (``kaiyuan.routing.policy``): a comma-separated list
+The router's data-policy language (``kaiyuan.routing.policy``, parsed by it): a comma-separated list
 of terms that must all hold; a term is a tag the deployment must carry (``self_hosted``), a tag it
 must not carry (``!vendor:openai``), or alternatives separated by ``|`` (``region:eu|self_hosted``).
 The request's policies - ``ctx.policy`` (set by the router: key, header and model policies
@@ -12,18 +12,20 @@ parsed allows nothing (fail closed).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
+from functools import lru_cache
 from typing import TypeVar
 
 from kaiyuan.context import RequestContext
 from kaiyuan.providers.base import Provider
-
-POLICY_HEADER = "x-kaiyuan-policy"
-_TAG = re.compile(r"^[A-Za-z0-9_.:\-/*]+$")
+from kaiyuan.routing.policy import POLICY_HEADER, Policy, parse_policy
 
 P = TypeVar("P", bound=Provider)
-Terms = tuple[tuple[tuple[bool, str], ...], ...]  # AND of ORs of (negated, tag)
+
+
+@lru_cache(maxsize=1024)
+def _parse(text: str) -> Policy:
+    return parse_policy(text)
 
 
 def request_policy(ctx: RequestContext) -> str | None:
@@ -36,33 +38,15 @@ def request_policy(ctx: RequestContext) -> str | None:
     return ",".join(parts) if parts else None
 
 
-def parse(policy: str) -> Terms | None:
-    """The policy's terms; None when it is not valid (callers then allow nothing)."""
-    terms = []
-    for raw in policy.split(","):
-        if not raw.strip():
-            continue
-        lits = []
-        for alt in raw.split("|"):
-            alt = alt.strip()
-            neg = alt.startswith("!")
-            tag = alt[1:].strip() if neg else alt
-            if not tag or not _TAG.match(tag):
-                return None
-            lits.append((neg, tag))
-        terms.append(tuple(lits))
-    return tuple(terms) if terms else None
-
-
 def permits(policy: str | None, tags: Iterable[str]) -> bool:
-    """Whether a deployment with ``tags`` may receive a request under ``policy``."""
+    """Whether a deployment with ``tags`` may receive a request under ``policy`` (invalid: never)."""
     if policy is None or not policy.strip():
         return True
-    terms = parse(policy)
-    if terms is None:
+    try:
+        pol = _parse(policy)
+    except ValueError:
         return False
-    tagset = frozenset(tags)
-    return all(any((tag in tagset) != neg for neg, tag in term) for term in terms)
+    return pol.allows(frozenset(tags))
 
 
 def allowed(providers: Iterable[P], policy: str | None) -> list[P]:

@@ -1,0 +1,392 @@
+"""Trying a plan: deployments in strategy order, retries with backoff, then fallback models.
+
+Per model, up to ``retries.max_attempts`` attempts: each goes to the best deployment not tried
+yet that is usable now (policy allows it, breaker closed or probing, not cooling down after a
+Retry-After, under max_concurrency/rpm/tpm). Once every usable deployment has been tried, the
+best one is retried after a jittered exponential backoff. When the model is exhausted, its
+fallbacks are tried in order (transitively). No attempt starts after ``retries.max_total_s`` of
+the requested model.
+
+Streams are only retried before their first byte: the executor waits for the upstream's first
+chunk before committing, so a stream that stalls or breaks before it is retried elsewhere; once
+a chunk may have reached the client, nothing is retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
+
+import orjson
+
+from kaiyuan.context import Attempt, RequestContext
+from kaiyuan.errors import ErrorKind, GatewayError, kind_for_upstream_status
+from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
+from kaiyuan.routing.breaker import DeploymentHealth
+from kaiyuan.routing.policy import Policy
+from kaiyuan.routing.retry import (
+    CONTENT_POLICY,
+    CONTEXT_WINDOW,
+    FINAL,
+    RETRY,
+    backoff,
+    classify,
+    retry_after_seconds,
+)
+
+if TYPE_CHECKING:
+    from kaiyuan.routing.router import ModelRoute, Router, Slot
+
+MAX_COOLDOWN_S = 300.0
+
+
+class _Run:
+    """The state of one request's routing."""
+
+    __slots__ = ("build", "ctx", "deadline", "last", "notes", "policy", "router", "tried_any")
+
+    def __init__(self, router: Router, ctx: RequestContext, build: Callable[[Provider], UpstreamCall], policy: Policy | None, deadline: float) -> None:
+        self.router = router
+        self.ctx = ctx
+        self.build = build
+        self.policy = policy
+        self.deadline = deadline
+        self.last: GatewayError | None = None
+        self.notes: list[str] = []  # why deployments/models were skipped, for the final error
+        self.tried_any = False
+
+
+async def execute(router: Router, ctx: RequestContext, build: Callable[[Provider], UpstreamCall]) -> tuple[Provider, UpstreamReply]:
+    primary = router.routes.get(ctx.model or "")
+    if primary is None:
+        raise GatewayError(ErrorKind.NO_DEPLOYMENT, f"model {ctx.model!r} has no usable deployment (no deployment is configured)")
+    policy = router.request_policy(ctx)
+    run = _Run(router, ctx, build, policy, time.monotonic() + primary.settings.retries.max_total_s)
+    chain: list[ModelRoute] = [primary]
+    seen = {primary.name}
+    allowed_models = ctx.principal.allowed_models
+    i = 0
+    while i < len(chain):
+        route = chain[i]
+        i += 1
+        verdict, result = await _try_model(run, route)
+        if isinstance(result, tuple):
+            if route is not primary:
+                ctx.extra["served_model"] = route.name
+                router.metrics.fallbacks.labels(primary.name, route.name).inc()
+            return result
+        if verdict == FINAL:
+            assert result is not None
+            raise result
+        if verdict == CONTEXT_WINDOW:
+            nxt = route.settings.context_window_fallbacks
+        elif verdict == CONTENT_POLICY:
+            nxt = route.settings.content_policy_fallbacks
+        else:
+            nxt = route.settings.fallbacks
+        if verdict != RETRY:
+            if not nxt:
+                assert result is not None
+                raise result  # the upstream's verdict on this request, and no model to ask instead
+            for dropped in chain[i:]:  # a refusal of the request itself: only the matching list can help
+                seen.discard(dropped.name)
+            del chain[i:]
+        for name in nxt:
+            if name in seen:
+                continue
+            seen.add(name)
+            if allowed_models is not None and name not in allowed_models:
+                run.notes.append(f"fallback {name!r} not allowed for this key")
+                continue
+            fb = router.routes.get(name)
+            if fb is not None:
+                chain.append(fb)
+    raise _final_error(run, primary)
+
+
+async def _try_model(run: _Run, route: ModelRoute) -> tuple[str, tuple[Provider, UpstreamReply] | GatewayError | None]:
+    router = run.router
+    cfg = route.settings.retries
+    slots = router.allowed(route, run.policy)
+    if not slots:
+        run.notes.append(f"model {route.name!r}: no deployment satisfies the policy")
+        return RETRY, None
+    ordered = router.order(route, slots)
+    tried: set[int] = set()
+    attempts = 0
+    retries = 0
+    loops = 0
+    while attempts < cfg.max_attempts and loops < 2 * cfg.max_attempts + 2:
+        loops += 1
+        if time.monotonic() >= run.deadline:
+            run.notes.append(f"routing.retries.max_total_s ({cfg.max_total_s:g}s) reached")
+            break
+        now = router.now()
+        pick: Slot | None = None
+        again: Slot | None = None
+        cooling: float | None = None
+        for s in ordered:
+            if s.provider.unavailable is not None:
+                continue
+            h = s.health
+            if not h.available(now):
+                if now < h.cooldown_until:
+                    cooling = h.cooldown_until - now if cooling is None else min(cooling, h.cooldown_until - now)
+                continue
+            d = s.provider.deployment
+            if h.over_capacity(now, d.rpm, d.tpm, d.max_concurrency) is not None:
+                continue
+            if id(s) not in tried:
+                pick = s
+                break
+            if again is None:
+                again = s
+        if pick is None and again is not None:
+            retries += 1
+            delay = backoff(retries, cfg, router.rng)
+            if time.monotonic() + delay >= run.deadline:
+                break
+            if delay > 0:
+                await asyncio.sleep(delay)
+                if not again.health.available(router.now()):  # e.g. another request took its probe slot
+                    continue
+            pick = again
+        if pick is None:
+            # Nothing usable now; wait for a Retry-After cooldown if it ends soon enough.
+            if cooling is not None and cooling <= cfg.max_retry_after_s and time.monotonic() + cooling < run.deadline:
+                await asyncio.sleep(cooling)
+                continue
+            if not tried:
+                _note_unusable(run, route, ordered, now)
+            break
+        tried.add(id(pick))
+        attempts += 1
+        verdict, result = await _attempt(run, route, pick)
+        if verdict == RETRY and not isinstance(result, tuple):
+            if result is not None:
+                run.last = result
+            continue
+        return verdict, result
+    return RETRY, None
+
+
+async def _attempt(run: _Run, route: ModelRoute, slot: Slot) -> tuple[str, tuple[Provider, UpstreamReply] | GatewayError | None]:
+    ctx = run.ctx
+    provider = slot.provider
+    h = slot.health
+    attempt = Attempt(provider.id, model=route.name)
+    ctx.attempts.append(attempt)
+    ctx.deployment = provider.id
+    run.tried_any = True
+    probe = h.acquire(run.router.now())
+    t0 = time.perf_counter()
+    try:
+        remaining = run.deadline - time.monotonic()
+        t = provider.deployment.timeouts
+        if remaining >= t.first_byte + t.idle:
+            # The deployment's own timeouts end this attempt before the request's deadline.
+            reply = await _send(provider, run.build(provider))
+        else:
+            async with asyncio.timeout(max(remaining, 0.001)):
+                reply = await _send(provider, run.build(provider))
+    except GatewayError as e:  # (a stream that failed before its first byte is closed by _send)
+        return _failed(run, attempt, h, probe, e, False, t0)
+    except TimeoutError:
+        err = GatewayError(
+            ErrorKind.UPSTREAM_TIMEOUT,
+            f"no answer from {provider.id} within the request's routing.retries.max_total_s "
+            f"({route.settings.retries.max_total_s:g}s)",
+        )
+        return _failed(run, attempt, h, probe, err, False, t0)
+    except BaseException:  # cancelled (the client went away): no verdict on the deployment
+        h.release(probe)
+        h.done()
+        raise
+    elapsed = time.perf_counter() - t0
+    attempt.ms = elapsed * 1000
+    attempt.status = reply.status
+    if reply.status >= 300:
+        err = upstream_error(provider, reply)
+        return _failed(run, attempt, h, probe, err, True, t0)
+    h.success(probe, elapsed)
+    if reply.stream is not None:
+        _on_close(reply, h, ctx)
+    else:  # the whole body is here: the deployment's work is done
+        h.done()
+        if provider.deployment.tpm is not None and reply.body:
+            h.add_tokens(_usage_tokens(reply.body))
+    return "ok", (provider, reply)
+
+
+def _usage_tokens(body: bytes) -> int:
+    try:
+        usage = orjson.loads(body).get("usage") or {}
+        return int(usage.get("total_tokens") or (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0))
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return 0
+
+
+def _failed(
+    run: _Run, attempt: Attempt, h: DeploymentHealth, probe: bool, err: GatewayError, from_reply: bool,
+    t0: float,
+) -> tuple[str, GatewayError]:
+    attempt.ms = (time.perf_counter() - t0) * 1000
+    attempt.status = err.status
+    attempt.error = err.message
+    verdict = classify(err, from_reply)
+    if verdict == RETRY:
+        ra = retry_after_seconds(err.headers) if from_reply else None
+        h.failure(probe, err.message, min(ra, MAX_COOLDOWN_S) if ra is not None else None)
+    else:
+        h.success(probe, None)  # it answered: the deployment is up, the request was refused
+    h.done()
+    return verdict, err
+
+
+async def _send(provider: Provider, call: UpstreamCall) -> UpstreamReply:
+    """Send, and for a 2xx stream wait for its first chunk (the point after which no retry is safe)."""
+    reply = await provider.send(call)
+    if reply.status < 300 and reply.stream is not None:
+        try:
+            first = await _first_chunk(reply.stream, provider.id)
+        except BaseException:
+            await reply.aclose()
+            raise
+        reply.stream = _prefixed(first, reply.stream)
+    return reply
+
+
+async def _first_chunk(stream: AsyncIterator[bytes], label: str) -> bytes:
+    while True:
+        try:
+            chunk = await stream.__anext__()
+        except StopAsyncIteration:
+            raise GatewayError(
+                ErrorKind.UPSTREAM_ERROR, f"upstream {label} ended the stream before sending anything"
+            ) from None
+        if chunk:
+            return chunk
+
+
+async def _prefixed(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
+def _on_close(reply: UpstreamReply, h: DeploymentHealth, ctx: RequestContext) -> None:
+    """When the caller closes a stream: the deployment's request is over (in-flight, tokens, and a
+    stream that broke after its first byte counts as a failure)."""
+    inner = reply._closer
+
+    def closer() -> object:
+        try:
+            return inner() if inner is not None else None
+        finally:
+            h.done()
+            u = ctx.usage
+            if u.prompt_tokens or u.completion_tokens:
+                h.add_tokens((u.prompt_tokens or 0) + (u.completion_tokens or 0))
+            if ctx.stream and ctx.error is not None and ctx.status >= 500 and not ctx.cancelled:
+                h.failure(False, ctx.error)
+
+    reply._closer = closer
+
+
+def _note_unusable(run: _Run, route: ModelRoute, ordered: list[Slot], now: float) -> None:
+    for s in ordered:
+        if s.provider.unavailable is not None:
+            why = s.provider.unavailable
+        else:
+            d = s.provider.deployment
+            why = s.health.over_capacity(now, d.rpm, d.tpm, d.max_concurrency) or ""
+            if now < s.health.cooldown_until:
+                why = f"cooling down for {s.health.cooldown_until - now:.1f}s ({s.health.cooldown_reason})"
+            elif not s.health.available(now):
+                why = f"circuit {s.health.state} ({s.health.reason})"
+        run.notes.append(f"{route.name}/{s.provider.id}: {why}")
+
+
+def _final_error(run: _Run, primary: ModelRoute) -> GatewayError:
+    ctx = run.ctx
+    router = run.router
+    excluded = ""
+    if ctx.policy:
+        allowed = router.allowed(primary, run.policy)
+        out = [f"{s.provider.id} (fails {_why_not(run.policy, primary.policy, s.tags)})" for s in primary.slots if s not in allowed]
+        excluded = f"; excluded by policy: {', '.join(out)}" if out else ""
+    notes = "; ".join(run.notes)
+    if run.last is None or not run.tried_any:
+        reason = "policy" if ctx.policy else "unhealthy"
+        router.metrics.refusals.labels(primary.name, reason).inc()
+        if ctx.policy:
+            msg = (
+                f"no deployment allowed by data policy {ctx.policy!r} can take this request for model "
+                f"{primary.name!r} now ({notes or 'none configured'}){excluded}; the request was not sent elsewhere"
+            )
+            code = "policy_unsatisfied"
+        else:
+            msg = f"model {primary.name!r} has no usable deployment now ({notes or 'none configured'})"
+            code = "no_healthy_deployment"
+        return GatewayError(ErrorKind.NO_DEPLOYMENT, msg, code=code)
+    last = run.last
+    n = len(ctx.attempts)
+    msg = f"model {primary.name!r}: all {n} attempt(s) failed; last: {last.message}"
+    if notes:
+        msg += f" ({notes})"
+    if excluded:
+        # The policy kept the request from deployments that might have answered: say so, as a 503.
+        router.metrics.refusals.labels(primary.name, "policy").inc()
+        return GatewayError(
+            ErrorKind.NO_DEPLOYMENT,
+            f"no deployment allowed by data policy {ctx.policy!r} could answer: {msg}{excluded}; "
+            f"the request was not sent elsewhere",
+            headers=last.headers, code="policy_unsatisfied",
+        )
+    return GatewayError(last.kind, msg, status=last.status, headers=last.headers, code=last.code, upstream_type=last.upstream_type)
+
+
+def _why_not(request: Policy | None, model: Policy | None, tags: frozenset[str]) -> str:
+    for pol in (request, model):
+        if pol is not None and not pol.allows(tags):
+            return pol.why_not(tags)
+    return "?"
+
+
+def upstream_error(provider: Provider, reply: UpstreamReply) -> GatewayError:
+    """Turn an upstream non-2xx reply into an error that keeps its status, message and Retry-After."""
+    message = None
+    up_type = None
+    code = None
+    try:
+        data = orjson.loads(reply.body or b"")
+        err = data.get("error") if isinstance(data, dict) else None
+        if isinstance(err, dict):
+            message = err.get("message")
+            up_type = err.get("type")
+            code = err.get("code")
+        elif isinstance(err, str):
+            message = err
+        elif isinstance(data, dict) and isinstance(data.get("message"), str):
+            message = data["message"]
+    except orjson.JSONDecodeError:
+        text = (reply.body or b"")[:300].decode("utf-8", "replace").strip()
+        message = text or None
+    status = reply.status
+    headers = {}
+    if reply.headers:
+        for k in ("Retry-After", "retry-after-ms"):
+            v = reply.headers.get(k)
+            if v:
+                headers[k] = v
+    msg = f"upstream {provider.id} returned {status}" + (f": {message}" if message else "")
+    return GatewayError(
+        kind_for_upstream_status(status),
+        msg,
+        status=status,
+        headers=headers,
+        upstream_type=up_type if isinstance(up_type, str) else None,
+        code=str(code) if code is not None else None,
+    )

@@ -99,8 +99,42 @@ class LocalDeployment(DeploymentBase):
         return f"local:{self.model}"
 
 
+class _NativeHTTPDeployment(DeploymentBase):
+    base_url: str
+    api_key: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    max_connections: int = Field(1000, gt=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"must be an http(s) URL, got {v!r}")
+        return v.rstrip("/")
+
+    def default_id(self) -> str:
+        host = re.sub(r"^https?://", "", self.base_url).split("/")[0]
+        return f"{getattr(self, 'provider', 'native')}:{self.model}@{host}"
+
+
+class AnthropicDeployment(_NativeHTTPDeployment):
+    """Anthropic's native Messages API (POST {base_url}/v1/messages)."""
+
+    provider: Literal["anthropic"]
+    base_url: str = Field("https://api.anthropic.com", description="without /v1")
+    anthropic_version: str = "2023-06-01"
+    default_max_tokens: int = Field(4096, gt=0, description="max_tokens for OpenAI callers that send none")
+
+
+class GeminiDeployment(_NativeHTTPDeployment):
+    """Google's Gemini API (models/{model}:generateContent and :streamGenerateContent)."""
+
+    provider: Literal["gemini"]
+    base_url: str = Field("https://generativelanguage.googleapis.com/v1beta", description="up to the API version")
+
+
 Deployment = Annotated[
-    OpenAICompatibleDeployment | LocalDeployment,
+    OpenAICompatibleDeployment | LocalDeployment | AnthropicDeployment | GeminiDeployment,
     Field(discriminator="provider"),
 ]
 

@@ -11,11 +11,12 @@ from typing import Any
 from aiohttp import web
 
 from kaiyuan.config import GatewayConfig
+from kaiyuan.dialects import anthropic as anth
 from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
 from kaiyuan.routing import admin as routing_admin
-from kaiyuan.server import health, openai_api
+from kaiyuan.server import anthropic_api, health, openai_api
 from kaiyuan.server.common import ErrorSerializer, error_response
 from kaiyuan.server.openai_api import GATEWAY_KEY
 
@@ -26,6 +27,9 @@ ERROR_SHAPES: list[tuple[str, ErrorSerializer]] = []
 RouteInstaller = Callable[[web.Application], None]
 # Other API families (Anthropic, admin, ...) register here; each installs its own routes.
 EXTRA_ROUTES: list[RouteInstaller] = []
+
+EXTRA_ROUTES.append(anthropic_api.add_routes)
+ERROR_SHAPES.append(("/v1/messages", anth.error_body))
 
 
 def _serializer_for(path: str) -> ErrorSerializer:

@@ -252,3 +252,28 @@ def test_participating_keys_teams_and_dialects() -> None:
     assert not sampled("key-b", "t1") and not sampled("key-a", "t2") and not sampled(None, None)
     assert not sampled("key-a", "t1", dialect="anthropic")  # the answer is only captured on the OpenAI path
     assert not sampled("key-a", "t1", endpoint="embeddings") and not sampled("key-a", "t1", model="cand")
+
+
+def test_shadow_across_protocols(make_gateway: Any, fake_openai: FakeOpenAI, fake_anthropic: Any) -> None:
+    """An Anthropic-protocol candidate (and incumbent) behind an OpenAI caller: translated both ways."""
+    claude = {"name": "claude", "deployments": [{"provider": "anthropic", "base_url": fake_anthropic.url, "model": "claude-up",
+                                                 "api_key": "sk-ant-upstream"}]}
+    gw = make_gateway({
+        "models": [openai_model("gpt-big", fake_openai.url, "big"), claude],  # type: ignore[attr-defined]
+        "trials": [{"name": "to-claude", "incumbent": "gpt-big", "candidates": ["claude"], "sample_rate": 1.0},
+                   {"name": "from-claude", "incumbent": "claude", "candidates": ["gpt-big"], "sample_rate": 1.0}],
+    })
+    rt = runtime_of(gw)
+    c = client(gw)
+    assert c.chat.completions.create(model="gpt-big", messages=[{"role": "user", "content": "one"}]).choices[0].message.content == "echo: one"
+    assert c.chat.completions.create(model="claude", messages=[{"role": "user", "content": "two"}], max_tokens=50
+                                     ).choices[0].message.content == "echo: two"
+    wait_for(lambda: rt.counters["to-claude"]["results"] == 1 and rt.counters["from-claude"]["results"] == 1, "both shadows")
+    gw.servers.call(rt.flush())
+    assert rt.store is not None
+    a, b = rt.store.results("to-claude")[0], rt.store.results("from-claude")[0]
+    assert (a["incumbent_answer"], a["candidate_answer"], a["candidate_error"]) == ("echo: one", "echo: one", None)
+    assert (b["incumbent_answer"], b["candidate_answer"], b["candidate_error"]) == ("echo: two", "echo: two", None)
+    sent = [r["messages"][0]["content"] for r in fake_anthropic.requests]
+    assert any(x in ("one", [{"type": "text", "text": "one"}]) for x in sent)  # the mirror spoke Anthropic's format
+    assert all("max_tokens" in r for r in fake_anthropic.requests)

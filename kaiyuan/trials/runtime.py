@@ -20,8 +20,10 @@ from typing import Any
 import orjson
 
 from kaiyuan.context import RequestContext
+from kaiyuan.dialects import openai_chat as oc
 from kaiyuan.gateway import RETRYABLE_STATUSES, Gateway
 from kaiyuan.providers.base import Provider, UpstreamCall
+from kaiyuan.server import translate
 from kaiyuan.trials.evaluate import CallOutcome, build_scorers, evaluate, price_of, usage_tokens
 from kaiyuan.trials.models import TrialConfig, check_trial_models
 from kaiyuan.trials.policy import allowed, request_policy
@@ -208,9 +210,10 @@ class TrialsRuntime:
                 ctx.model = st.candidate
                 return
         trials = self.by_incumbent.get(model)
-        if not trials or ctx.endpoint != "chat":
+        if not trials or ctx.endpoint not in ("chat", "messages"):
             return
-        shadow_ok = ctx.dialect == "openai"  # the incumbent's answer is captured on the OpenAI path
+        # the incumbent's answer is captured on the OpenAI chat path only
+        shadow_ok = ctx.dialect == "openai" and ctx.endpoint == "chat"
         for t in trials:
             if not self._participates(t, ctx):
                 continue
@@ -300,12 +303,21 @@ class TrialsRuntime:
             return CallOutcome(error=f"no deployment of {model!r} is allowed by data policy {policy!r}")
         t0 = time.perf_counter()
         err = "no attempt"
+        canon: list[Any] = []
         for p in plan:
             reply = None
             try:
-                reply = await p.send(UpstreamCall("chat", {**body, "model": p.deployment.model}, False))
+                if p.protocol == "openai":
+                    call = UpstreamCall("chat", {**body, "model": p.deployment.model}, False)
+                else:  # an Anthropic / Gemini deployment: translate like the OpenAI handler does
+                    call = translate.openai_call(p, "chat", body, canon)
+                reply = await p.send(call)
                 if reply.status < 300:
-                    obj = orjson.loads(reply.body or b"{}")
+                    if p.protocol == "openai":
+                        obj = orjson.loads(reply.body or b"{}")
+                    else:
+                        r = translate.reply_to_canonical(p.protocol, reply.body or b"", probe)
+                        obj = oc.response_from_canonical(r, model)
                     pt, ct = usage_tokens(obj)
                     return CallOutcome(answer_from_json(obj), (time.perf_counter() - t0) * 1000, None, None, pt, ct)
                 err = f"HTTP {reply.status} from {p.id}: {(reply.body or b'')[:200].decode('utf-8', 'replace')}"

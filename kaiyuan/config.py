@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kaiyuan.routing.settings import RoutingSettings, check_routing
+from kaiyuan.trials.models import TrialConfig, check_trial_models
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4000
@@ -306,6 +307,12 @@ class GatewayConfig(_Strict):
     accounting: AccountingSettings = Field(default_factory=AccountingSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     models: list[ModelConfig] = Field(default_factory=list)
+    trials: list[TrialConfig] = Field(default_factory=list, description="see docs/trials.md")
+
+    @model_validator(mode="after")
+    def _trial_models(self) -> GatewayConfig:
+        check_trial_models(self.trials, {m.name for m in self.models})
+        return self
 
     @model_validator(mode="after")
     def _unique_models(self) -> GatewayConfig:

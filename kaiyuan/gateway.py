@@ -43,6 +43,9 @@ class Gateway:
         self.guard: Guard = KeyGuard(self)  # master key + virtual keys, limits, budgets, cost
         self.request_log = RequestLogWriter(engine, config.request_log, self.metrics)
         self.on_complete: list[CompletionHook] = []
+        # Called first in model_config (after auth): may rewrite ctx.model (trials: canary, promote)
+        # or flag the request in ctx.extra (trials: shadow sampling). Must be fast and not raise.
+        self.pre_route: list[CompletionHook] = []
         self.tracer: Tracer | None = None
         if config.tracing.enabled:
             t = config.tracing
@@ -71,6 +74,8 @@ class Gateway:
 
     # -- the request path ------------------------------------------------------------------
     def model_config(self, ctx: RequestContext) -> ModelConfig:
+        for hook in self.pre_route:
+            hook(ctx)
         m = self.models.get(ctx.model or "")
         if m is None:
             names = ", ".join(sorted(self.models)) or "(none configured)"

@@ -108,13 +108,12 @@ def test_fallback_across_protocols(make_gateway: Any, fake_anthropic: Any, fake_
         {"provider": "anthropic", "base_url": fake_anthropic.url, "model": "claude-up", "api_key": "sk-ant-upstream"},
         {"provider": "openai_compatible", "base_url": fake_openai.url + "/v1", "model": "ds", "api_key": "sk-upstream",
          "weight": 0}]}]})  # weight 0: tried last
-    fake_anthropic.next(Behaviour(status=529))
+    fake_anthropic.default = Behaviour(status=529)  # persistently overloaded
     r = client(gw).messages.create(model="mixed", max_tokens=20, tools=TOOLS, messages=[{"role": "user", "content": "go"}])
     assert r.stop_reason == "tool_use" and r.content[0].input == {"query": "go", "n": 0}  # type: ignore[union-attr]
     assert fake_anthropic.requests[-1]["model"] == "claude-up" and fake_openai.requests[-1]["model"] == "ds"
-    fake_anthropic.next(Behaviour(status=529))
     oc = openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0)
     chunks = list(oc.chat.completions.create(model="mixed", messages=[{"role": "user", "content": "a b"}], stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "echo: a b"
     row = gw.log_rows()[-1]
-    assert row["attempts"] == 2 and row["status"] == 200
+    assert row["attempts"] >= 2 and row["status"] == 200

@@ -264,6 +264,8 @@ class KeyGuard:
     async def settle(self, ctx: RequestContext) -> None:
         ticket: Ticket | None = ctx.extra.pop(TICKET, None)
         cost = self._cost(ctx)
+        if cost is None and ctx.cost_usd is not None:
+            cost = ctx.cost_usd  # the catalog has no price, but a hook (a plugin price source) priced it
         ctx.cost_usd = cost
         if ticket is not None:
             nano = 0 if cost is None else round(cost * NANO)

@@ -71,7 +71,7 @@ async def _handle(request: web.Request, endpoint: str, validate: Validator) -> w
         ctx.status = reply.status
         ctx.mark_first_byte()
         _read_usage(data, ctx)
-        if ctx.log_bodies:
+        if ctx.log_bodies or "capture_response" in ctx.extra:  # trials: shadow-sampled requests
             ctx.response_body = data
         return web.Response(body=data, status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))
     except GatewayError as e:

@@ -247,6 +247,6 @@ async def openai_reply(request: web.Request, ctx: RequestContext, provider: Prov
     data = orjson.dumps(oc.response_from_canonical(r, public))
     ctx.status = reply.status
     ctx.mark_first_byte()
-    if ctx.log_bodies:
+    if ctx.log_bodies or "capture_response" in ctx.extra:  # trials: shadow-sampled requests
         ctx.response_body = data
     return web.Response(body=data, status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))

@@ -121,3 +121,66 @@ spend_ledger = Table(
 Index("ix_spend_key_ts", spend_ledger.c.key_id, spend_ledger.c.ts)
 Index("ix_spend_team_ts", spend_ledger.c.team_id, spend_ledger.c.ts)
 Index("ix_spend_ts", spend_ledger.c.ts)
+
+# -- trials (migration 0004) -----------------------------------------------------------------------
+trial_def = Table(
+    "trial_def",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("definition", Text, nullable=False, doc="the TrialConfig as JSON (admin API)"),
+    Column("created", Float, nullable=False),
+    Column("status", String(32), nullable=False, default="active", doc="active | stopped"),
+)
+
+trial_result = Table(
+    "trial_result",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("trial", String(100), nullable=False),
+    Column("ts", Float, nullable=False),
+    Column("source", String(16), nullable=False, doc="shadow | canary | offline"),
+    Column("item", String(200), nullable=True, doc="dataset item id or request id"),
+    Column("candidate", String(200), nullable=False),
+    Column("request", Text, nullable=True),
+    Column("incumbent_answer", Text, nullable=True),
+    Column("candidate_answer", Text, nullable=True),
+    Column("incumbent_ms", Float, nullable=True),
+    Column("candidate_ms", Float, nullable=True),
+    Column("incumbent_cost", Float, nullable=True),
+    Column("candidate_cost", Float, nullable=True),
+    Column("incumbent_error", Text, nullable=True),
+    Column("candidate_error", Text, nullable=True),
+    Column("judge_score", Float, nullable=True, doc="1 candidate better, 0.5 tie, 0 worse; NULL not judged"),
+    Column("judge_status", String(32), nullable=True, doc="ok | unparsable | error | skipped_policy | skipped_budget"),
+    Column("judge_detail", Text, nullable=True),
+    Column("scores", Text, nullable=True, doc="JSON {scorer: {incumbent: x, candidate: y}}"),
+)
+Index("ix_trial_result_trial_ts", trial_result.c.trial, trial_result.c.ts)
+
+trial_spend = Table(
+    "trial_spend",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("trial", String(100), nullable=False),
+    Column("ts", Float, nullable=False),
+    Column("kind", String(16), nullable=False, doc="candidate | judge | incumbent (offline replays)"),
+    Column("model", String(200), nullable=False),
+    Column("cost_usd", Float, nullable=False),
+)
+Index("ix_trial_spend_trial", trial_spend.c.trial)
+
+trial_routing = Table(
+    "trial_routing",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("trial", String(100), nullable=False),
+    Column("ts", Float, nullable=False),
+    Column("action", String(16), nullable=False, doc="promote | rollback"),
+    Column("incumbent", String(200), nullable=False),
+    Column("candidate", String(200), nullable=False),
+    Column("steps", Text, nullable=False, doc="JSON list of shares in [0, 1]"),
+    Column("step_s", Float, nullable=False, default=0.0, doc="seconds between steps"),
+    Column("actor", String(200), nullable=True),
+    Column("note", Text, nullable=True),
+)
+Index("ix_trial_routing_trial", trial_routing.c.trial, trial_routing.c.id)

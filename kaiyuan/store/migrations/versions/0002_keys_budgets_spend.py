@@ -1,14 +1,15 @@
 """Keys, teams, users, budgets and the spend ledger.
 
 Revision ID: 0002
-Revises: 0001
+Revises: 0004 (chained after the trials migration that reached main first, so databases already
+at 0004 still get these tables)
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0002"
-down_revision = "0001"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 

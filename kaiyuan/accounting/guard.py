@@ -216,6 +216,7 @@ class KeyGuard:
     async def admit(self, ctx: RequestContext) -> None:
         if self._task is None:
             self._start_tasks()
+        ctx.pricer = self._cost  # lets a non-streamed response carry x-kaiyuan-cost
         rec = await self.authenticate(ctx)
         if rec is None or ctx.endpoint not in BILLED_ENDPOINTS:
             return  # the master key, or an open gateway: no limits (cost is still computed at settle)

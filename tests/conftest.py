@@ -73,3 +73,35 @@ def gateway(make_gateway: Callable[[dict[str, Any]], RunningGateway], fake_opena
             ]
         }
     )
+
+
+# -- native vendor upstreams (issue 3: dialects) ----------------------------------------------------
+@pytest.fixture
+def fake_anthropic(servers: ServerThread) -> Iterator[Any]:
+    from kaiyuan.testing.fake_anthropic import FakeAnthropic
+
+    fake = FakeAnthropic(api_key="sk-ant-upstream")
+    fake.url = servers.serve(fake.app)  # type: ignore[attr-defined]
+    yield fake
+    servers.stop(fake.app)
+
+
+@pytest.fixture
+def fake_gemini(servers: ServerThread) -> Iterator[Any]:
+    from kaiyuan.testing.fake_gemini import FakeGemini
+
+    fake = FakeGemini(api_key="gm-upstream")
+    fake.url = servers.serve(fake.app)  # type: ignore[attr-defined]
+    yield fake
+    servers.stop(fake.app)
+
+
+@pytest.fixture
+def native_gateway(make_gateway: Callable[[dict[str, Any]], RunningGateway], fake_anthropic: Any, fake_gemini: Any) -> RunningGateway:
+    """``claude`` on the fake Anthropic API and ``gemini`` on the fake Gemini API."""
+    return make_gateway({"models": [
+        {"name": "claude", "log_bodies": True, "deployments": [
+            {"provider": "anthropic", "base_url": fake_anthropic.url, "model": "claude-up", "api_key": "sk-ant-upstream"}]},
+        {"name": "gemini", "deployments": [
+            {"provider": "gemini", "base_url": fake_gemini.url + "/v1beta", "model": "gemini-up", "api_key": "gm-upstream"}]},
+    ]})

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
+import orjson
 
 from kaiyuan.config import Timeouts
 from kaiyuan.errors import ErrorKind, GatewayError
-from kaiyuan.providers.base import UpstreamReply
+from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
 
 
 def make_session(max_connections: int, timeouts: Timeouts) -> aiohttp.ClientSession:
@@ -83,6 +85,10 @@ async def post_json(
         if resp is not None:
             resp.close()
         raise
+    except aiohttp.ConnectionTimeoutError:
+        raise GatewayError(
+            ErrorKind.UPSTREAM_TIMEOUT, f"could not connect to upstream {label} within {timeouts.connect:g}s (timeouts.connect)"
+        ) from None
     except TimeoutError:
         if resp is not None:
             resp.close()
@@ -126,3 +132,36 @@ async def _read_all(resp: aiohttp.ClientResponse, deadline: float, label: str) -
         raise GatewayError(
             ErrorKind.UPSTREAM_TIMEOUT, f"upstream {label} exceeded its total time limit (timeouts.total)"
         ) from None
+
+
+class PooledHTTPProvider(Provider):
+    """A provider with one pooled keep-alive session, for the native vendor protocols."""
+
+    def __init__(self, deployment: Any) -> None:
+        super().__init__(deployment)
+        self.cfg = deployment
+        self._session: aiohttp.ClientSession | None = None
+        self.label = f"{self.id} ({deployment.base_url})"
+
+    async def start(self) -> None:
+        if self._session is None:
+            self._session = make_session(self.cfg.max_connections, self.cfg.timeouts)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def target(self, call: UpstreamCall) -> tuple[str, dict[str, str]]:
+        """URL and headers for ``call``."""
+        raise NotImplementedError
+
+    async def send(self, call: UpstreamCall) -> UpstreamReply:
+        if self._session is None:
+            await self.start()
+        assert self._session is not None
+        url, headers = self.target(call)
+        if call.headers:
+            headers = {**headers, **call.headers}
+        body = call.body_bytes if call.body_bytes is not None else orjson.dumps(call.body)
+        return await post_json(self._session, url, body, headers, self.cfg.timeouts, call.stream, self.label)

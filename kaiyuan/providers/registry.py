@@ -21,9 +21,23 @@ def _local(d: Any) -> Provider:
     return LocalProvider(d)
 
 
+def _anthropic(d: Any) -> Provider:
+    from kaiyuan.providers.anthropic import AnthropicProvider
+
+    return AnthropicProvider(d)
+
+
+def _gemini(d: Any) -> Provider:
+    from kaiyuan.providers.gemini import GeminiProvider
+
+    return GeminiProvider(d)
+
+
 PROVIDERS: dict[str, Callable[[Any], Provider]] = {
     "openai_compatible": _openai_compatible,
     "local": _local,
+    "anthropic": _anthropic,
+    "gemini": _gemini,
 }
 
 

@@ -18,6 +18,7 @@ from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
+from kaiyuan.server import translate
 from kaiyuan.server.common import JSON_CT, error_response, kaiyuan_headers, new_request_id, read_json
 from kaiyuan.server.sse import relay_openai_stream
 
@@ -26,7 +27,11 @@ GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
 
 
 def _build_call(endpoint: str, body: dict[str, Any], stream: bool) -> Callable[[Provider], UpstreamCall]:
+    canon: list[Any] = []
+
     def build(provider: Provider) -> UpstreamCall:
+        if provider.protocol != "openai":  # Anthropic / Gemini upstream: through the canonical form
+            return translate.openai_call(provider, endpoint, body, canon)
         b = dict(body)
         b["model"] = provider.deployment.model
         return UpstreamCall(endpoint, b, stream)
@@ -43,6 +48,7 @@ async def _handle(request: web.Request, endpoint: str, validate: Validator) -> w
         ctx.raw_body, body = await read_json(request, gw.config.server.max_body_bytes)
         if isinstance(body.get("model"), str):
             ctx.model = body["model"]
+        ctx.body = body  # the guard counts the prompt from it
         await gw.guard.admit(ctx)
         validate(body)
         ctx.body = body
@@ -56,6 +62,8 @@ async def _handle(request: web.Request, endpoint: str, validate: Validator) -> w
                 body["stream_options"] = {**(so or {}), "include_usage": True}
                 strip_usage = True
         _provider, reply = await gw.execute(ctx, _build_call(endpoint, body, stream))
+        if _provider.protocol != "openai":
+            return await translate.openai_reply(request, ctx, _provider, reply, not strip_usage)
         if reply.stream is not None:
             ctx.status = 200
             return await relay_openai_stream(request, ctx, reply.stream, strip_usage)
@@ -63,7 +71,7 @@ async def _handle(request: web.Request, endpoint: str, validate: Validator) -> w
         ctx.status = reply.status
         ctx.mark_first_byte()
         _read_usage(data, ctx)
-        if ctx.log_bodies:
+        if ctx.log_bodies or "capture_response" in ctx.extra:  # trials: shadow-sampled requests
             ctx.response_body = data
         return web.Response(body=data, status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))
     except GatewayError as e:

@@ -51,7 +51,7 @@ async def relay_openai_stream(
     gateway asked for on the caller's behalf (the caller did not set ``include_usage``)."""
     resp = await open_stream(request, ctx)
     saw_done = False
-    tail = bytearray() if ctx.log_bodies else None
+    tail = bytearray() if ctx.log_bodies or "capture_response" in ctx.extra else None
     try:
         async for events in sse_events(stream):
             out: list[bytes] = []

@@ -173,6 +173,10 @@ class FakeOpenAI:
         assert body is not None
         if not isinstance(body.get("messages"), list) or not body["messages"]:
             return self._error(400, "Invalid 'messages': empty array. Expected an array with minimum length 1.")
+        if "reasoner" in str(body.get("model", "")):  # DeepSeek thinking mode: tool turns must echo their reasoning
+            for i, m in enumerate(body["messages"]):
+                if m.get("role") == "assistant" and m.get("tool_calls") and "reasoning_content" not in m:
+                    return self._error(400, f"Missing reasoning_content field in the assistant message at message index {i}.")
         ans = self._answer(body, b)
         cid = f"chatcmpl-{int(time.time() * 1000)}{self.rng.randrange(10**6)}"
         created = int(time.time())

@@ -1,0 +1,240 @@
+"""Stream translators: small state machines fed one upstream event at a time.
+
+- :class:`OpenAIToAnthropic`: OpenAI chat chunks -> Anthropic Messages SSE events (bytes).
+- :class:`AnthropicToOpenAI`: Anthropic events -> OpenAI chat chunks (dicts).
+- :class:`GeminiToOpenAI`: Gemini ``streamGenerateContent?alt=sse`` responses -> OpenAI chunks.
+
+Gemini -> Anthropic is the composition of the last and the first. Parallel tool calls and
+streamed tool arguments are carried index by index; a reply that called a tool always ends with
+``tool_use`` / ``tool_calls``, whatever finish reason the upstream gave.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from kaiyuan.dialects import anthropic as anth
+from kaiyuan.dialects import canonical as c
+from kaiyuan.dialects import gemini as gem
+from kaiyuan.dialects import openai_chat as oc
+from kaiyuan.errors import ErrorKind, GatewayError
+
+
+class OpenAIToAnthropic:
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.id = anth.new_message_id()
+        self.started = False
+        self.done = False
+        self.next_index = 0
+        self.open: dict[int, str] = {}  # block index -> "text" | "thinking" | "tool"
+        self.current: int | None = None  # the open text/thinking block
+        self.tools: dict[int, int] = {}  # OpenAI tool_calls index -> block index
+        self.finish: str | None = None
+        self.usage = c.Usage()
+
+    def _start(self) -> list[bytes]:
+        self.started = True
+        msg: dict[str, Any] = {"id": self.id, "type": "message", "role": "assistant", "content": [], "model": self.model,
+               "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": self.usage.input_tokens, "output_tokens": 0}}
+        return [anth.sse("message_start", {"type": "message_start", "message": msg}), anth.sse("ping", {"type": "ping"})]
+
+    def _close(self, idx: int) -> bytes:
+        del self.open[idx]
+        if self.current == idx:
+            self.current = None
+        return anth.sse("content_block_stop", {"type": "content_block_stop", "index": idx})
+
+    def _open(self, kind: str, block: dict[str, Any]) -> list[bytes]:
+        out = [self._close(i) for i in sorted(self.open)]
+        idx = self.next_index
+        self.next_index += 1
+        self.open[idx] = kind
+        if kind != "tool":
+            self.current = idx
+        out.append(anth.sse("content_block_start", {"type": "content_block_start", "index": idx, "content_block": block}))
+        return out
+
+    def _delta(self, idx: int, delta: dict[str, Any]) -> bytes:
+        return anth.sse("content_block_delta", {"type": "content_block_delta", "index": idx, "delta": delta})
+
+    def feed(self, chunk: dict[str, Any]) -> list[bytes]:
+        out: list[bytes] = []
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.usage = oc.usage_to_canonical(usage)
+        if not self.started:
+            out += self._start()
+        for ch in chunk.get("choices") or ():
+            if ch.get("index", 0) != 0:
+                continue
+            delta = ch.get("delta") or {}
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if isinstance(reasoning, str) and reasoning:
+                if self.current is None or self.open[self.current] != "thinking":
+                    out += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+                assert self.current is not None
+                out.append(self._delta(self.current, {"type": "thinking_delta", "thinking": reasoning}))
+            sig = delta.get("reasoning_signature")
+            if isinstance(sig, str) and sig and self.current is not None and self.open[self.current] == "thinking":
+                out.append(self._delta(self.current, {"type": "signature_delta", "signature": sig}))
+            text = delta.get("content")
+            if isinstance(text, str) and text:
+                if self.current is None or self.open[self.current] != "text":
+                    out += self._open("text", {"type": "text", "text": ""})
+                assert self.current is not None
+                out.append(self._delta(self.current, {"type": "text_delta", "text": text}))
+            for tc in delta.get("tool_calls") or ():
+                ti = tc.get("index", 0)
+                fn = tc.get("function") or {}
+                if ti not in self.tools:
+                    if self.current is not None:
+                        out.append(self._close(self.current))
+                    tid = tc.get("id") or f"toolu_{os.urandom(8).hex()}"
+                    block: dict[str, Any] = {"type": "tool_use", "id": tid, "name": fn.get("name") or "", "input": {}}
+                    idx = self.next_index
+                    self.next_index += 1
+                    self.open[idx] = "tool"
+                    self.tools[ti] = idx
+                    out.append(anth.sse("content_block_start", {"type": "content_block_start", "index": idx, "content_block": block}))
+                args = fn.get("arguments")
+                if isinstance(args, str) and args and self.tools[ti] in self.open:
+                    out.append(self._delta(self.tools[ti], {"type": "input_json_delta", "partial_json": args}))
+            if ch.get("finish_reason"):
+                self.finish = ch["finish_reason"]
+        return out
+
+    def end(self) -> list[bytes]:
+        """After ``data: [DONE]``: close the blocks, then message_delta (stop reason, usage) and message_stop."""
+        out = [] if self.started else self._start()
+        out += [self._close(i) for i in sorted(self.open)]
+        reason = c.final_stop(c.OPENAI_FINISH_TO_CANON.get(self.finish or "stop", "end"), bool(self.tools))
+        usage = anth.usage_from_canonical(self.usage)
+        out.append(anth.sse("message_delta", {"type": "message_delta", "delta": {
+            "stop_reason": c.CANON_TO_ANTHROPIC_STOP.get(reason, "end_turn"), "stop_sequence": None}, "usage": usage}))
+        out.append(anth.sse("message_stop", {"type": "message_stop"}))
+        self.done = True
+        return out
+
+
+class _OpenAIChunks:
+    """Builds OpenAI chat chunks with a fixed id/model/created."""
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.base = {"id": "chatcmpl-" + os.urandom(12).hex(), "object": "chat.completion.chunk",
+                     "created": int(time.time()), "model": model}
+        self.include_usage = include_usage
+        self.usage = c.Usage()
+        self.tool_count = 0
+        self.done = False
+
+    def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        ch = {**self.base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        if self.include_usage:
+            ch["usage"] = None
+        return ch
+
+    def final(self, reason: str) -> list[dict[str, Any]]:
+        self.done = True
+        out = [self.chunk({}, c.CANON_TO_OPENAI_FINISH.get(reason, "stop"))]
+        if self.include_usage:
+            out.append({**self.base, "choices": [], "usage": oc.usage_from_canonical(self.usage)})
+        return out
+
+
+class AnthropicToOpenAI(_OpenAIChunks):
+    def __init__(self, model: str, include_usage: bool) -> None:
+        super().__init__(model, include_usage)
+        self.tools: dict[int, int] = {}  # Anthropic block index -> OpenAI tool index
+        self.stop: str | None = None
+
+    def feed(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        kind = event.get("type")
+        if kind == "content_block_delta":
+            d = event.get("delta") or {}
+            dk = d.get("type")
+            if dk == "text_delta":
+                return [self.chunk({"content": d.get("text", "")})]
+            if dk == "thinking_delta":
+                return [self.chunk({"reasoning_content": d.get("thinking", "")})]
+            if dk == "input_json_delta" and event.get("index") in self.tools:
+                pj = d.get("partial_json", "")
+                return [self.chunk({"tool_calls": [{"index": self.tools[event["index"]], "function": {"arguments": pj}}]})] if pj else []
+            if dk == "signature_delta" and d.get("signature"):  # non-standard, lets the signature survive
+                return [self.chunk({"reasoning_signature": d["signature"]})]
+            return []
+        if kind == "content_block_start":
+            b = event.get("content_block") or {}
+            if b.get("type") == "tool_use":
+                ti = self.tool_count
+                self.tool_count += 1
+                self.tools[event.get("index", 0)] = ti
+                return [self.chunk({"tool_calls": [{"index": ti, "id": b.get("id"), "type": "function",
+                                                    "function": {"name": b.get("name"), "arguments": ""}}]})]
+            if b.get("type") == "text" and b.get("text"):
+                return [self.chunk({"content": b["text"]})]
+            return []
+        if kind == "message_start":
+            msg = event.get("message") or {}
+            self.usage = anth.usage_to_canonical(msg.get("usage"))
+            return [self.chunk({"role": "assistant", "content": ""})]
+        if kind == "message_delta":
+            self.stop = (event.get("delta") or {}).get("stop_reason") or self.stop
+            u = event.get("usage") or {}
+            merged = {**anth.usage_from_canonical(self.usage), **{k: v for k, v in u.items() if v is not None}}
+            self.usage = anth.usage_to_canonical(merged)
+            return []
+        if kind == "message_stop":
+            reason = c.ANTHROPIC_STOP_TO_CANON.get(self.stop or "end_turn", "end")
+            return self.final(c.final_stop(reason, self.tool_count > 0))
+        if kind == "error":
+            err = event.get("error") or {}
+            etype = err.get("type")
+            status = 529 if etype == "overloaded_error" else 502
+            raise GatewayError(ErrorKind.OVERLOADED if status == 529 else ErrorKind.UPSTREAM_ERROR,
+                               f"upstream sent an error mid-stream: {err.get('message')}", status=status,
+                               upstream_type=etype if isinstance(etype, str) else None)
+        return []  # ping and unknown future events
+
+
+class GeminiToOpenAI(_OpenAIChunks):
+    def __init__(self, model: str, include_usage: bool) -> None:
+        super().__init__(model, include_usage)
+        self.started = False
+        self.reason: str | None = None
+
+    def feed(self, obj: dict[str, Any]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        if not self.started:
+            self.started = True
+            out.append(self.chunk({"role": "assistant", "content": ""}))
+        if "error" in obj:
+            raise gem.error_from_body(obj, 502)
+        if isinstance(obj.get("usageMetadata"), dict):
+            self.usage = gem.usage_to_canonical(obj["usageMetadata"])
+        block = (obj.get("promptFeedback") or {}).get("blockReason")
+        if block:
+            self.reason = "content_filter"
+        for cand in obj.get("candidates") or ():
+            if cand.get("index", 0) != 0:
+                continue
+            for part in (cand.get("content") or {}).get("parts") or ():
+                if "functionCall" in part:
+                    cid, name, args = gem.call_from_part(part["functionCall"] or {}, part)
+                    out.append(self.chunk({"tool_calls": [{
+                        "index": self.tool_count, "id": cid, "type": "function",
+                        "function": {"name": name, "arguments": args}}]}))
+                    self.tool_count += 1
+                elif isinstance(part.get("text"), str) and part["text"]:
+                    key = "reasoning_content" if part.get("thought") else "content"
+                    out.append(self.chunk({key: part["text"]}))
+            fr = cand.get("finishReason")
+            if fr:
+                self.reason = c.GEMINI_FINISH_TO_CANON.get(fr, "end")
+        return out
+
+    def end(self) -> list[dict[str, Any]]:
+        out = [] if self.started else [self.chunk({"role": "assistant", "content": ""})]
+        return out + self.final(c.final_stop(self.reason, self.tool_count > 0))

@@ -1,0 +1,192 @@
+"""The Anthropic API family: POST /v1/messages (stream and not) and POST /v1/messages/count_tokens.
+
+To an Anthropic deployment the request is a pass-through (model name rewritten, bytes relayed).
+To any other protocol it goes through the canonical form (kaiyuan.dialects) and back. Errors are
+Anthropic-shaped: ``{"type": "error", "error": {"type", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from kaiyuan.context import RequestContext
+from kaiyuan.dialects import anthropic as anth
+from kaiyuan.dialects import canonical as c
+from kaiyuan.errors import ErrorKind, GatewayError
+from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
+from kaiyuan.server import translate
+from kaiyuan.server.common import JSON_CT, error_response, kaiyuan_headers, new_request_id, read_json
+from kaiyuan.server.openai_api import GATEWAY_KEY
+
+FORWARDED_HEADERS = ("anthropic-beta",)
+
+
+def _forward_headers(request: web.Request) -> dict[str, str]:
+    return {h: request.headers[h] for h in FORWARDED_HEADERS if h in request.headers}
+
+
+async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
+    gw = request.app[GATEWAY_KEY]
+    ctx = RequestContext(new_request_id(), "anthropic", endpoint, headers=request.headers)
+    reply: UpstreamReply | None = None
+    gw.metrics.in_flight.inc()
+    try:
+        ctx.raw_body, body = await read_json(request, gw.config.server.max_body_bytes)
+        if isinstance(body.get("model"), str):
+            ctx.model = body["model"]
+        await gw.guard.admit(ctx)
+        if endpoint == "count_tokens":
+            body.setdefault("max_tokens", 1)
+        anth.validate(body)
+        ctx.body = body
+        ctx.model = body["model"]
+        gw.model_config(ctx)
+        if endpoint == "count_tokens":
+            return await _count_tokens(request, ctx, body)
+        stream = ctx.stream = body.get("stream") is True
+        canon: list[c.Request] = []
+        extra_headers = _forward_headers(request)
+
+        def build(provider: Provider) -> UpstreamCall:
+            if provider.protocol == "anthropic":
+                b = dict(body)
+                b["model"] = provider.deployment.model
+                return UpstreamCall("messages", b, stream, headers=extra_headers)
+            if not canon:
+                canon.append(anth.request_to_canonical(body))
+            return translate.upstream_call(provider, canon[0])
+
+        provider, reply = await gw.execute(ctx, build)
+        public = ctx.model or ""
+        if reply.stream is not None:
+            ctx.status = 200
+            if provider.protocol == "anthropic":
+                return await translate.relay_anthropic_passthrough(request, ctx, reply.stream)
+            return await translate.relay_to_anthropic(request, ctx, provider.protocol, reply.stream, public)
+        data = reply.body or b""
+        ctx.status = reply.status
+        if provider.protocol == "anthropic":  # pass-through: only read the usage
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                obj = None
+            if isinstance(obj, dict):
+                translate.usage_into_ctx(anth.usage_to_canonical(obj.get("usage")), ctx)
+        else:
+            r = translate.reply_to_canonical(provider.protocol, data, ctx)
+            data = orjson.dumps(anth.response_from_canonical(r, public))
+        ctx.mark_first_byte()
+        if ctx.log_bodies:
+            ctx.response_body = data
+        return web.Response(body=data, status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))
+    except GatewayError as e:
+        ctx.status, ctx.error = e.status, e.message
+        return error_response(e, anth.error_body, ctx)
+    except (asyncio.CancelledError, ConnectionResetError):
+        ctx.cancelled = True
+        ctx.status = 499
+        ctx.error = "client disconnected"
+        raise
+    except Exception as e:  # a bug must still answer in the caller's dialect
+        request.app.logger.exception("internal error on %s", ctx.request_id)
+        err = GatewayError(ErrorKind.INTERNAL, f"internal gateway error ({type(e).__name__}); request id {ctx.request_id}")
+        ctx.status, ctx.error = 500, err.message
+        return error_response(err, anth.error_body, ctx)
+    finally:
+        if reply is not None:
+            await reply.aclose()
+        gw.metrics.in_flight.dec()
+        await gw.guard.settle(ctx)
+        gw.finish(ctx)
+
+
+_ENCODING: list[Any] = []
+
+
+def _load_encoding() -> None:
+    if _ENCODING:
+        return
+    try:
+        import bpe_openai
+
+        enc: Any = bpe_openai.get_encoding("o200k_base")
+    except Exception:  # pragma: no cover - fall back to a rough estimate
+        enc = None
+    if not _ENCODING:
+        _ENCODING.append(enc)
+
+
+def _count(text: str) -> int:
+    _load_encoding()
+    enc = _ENCODING[0]
+    return len(enc.encode(text)) if enc is not None else max(1, len(text) // 4)
+
+
+def estimate_input_tokens(body: dict[str, Any]) -> int:
+    """Tokens of the prompt with the o200k tokenizer, plus a few per message/tool (an estimate for
+    non-Anthropic models; Anthropic deployments ask the upstream)."""
+    parts: list[str] = []
+    sys = body.get("system")
+    if isinstance(sys, str):
+        parts.append(sys)
+    elif isinstance(sys, list):
+        parts += [b.get("text", "") for b in sys if isinstance(b, dict)]
+    n = 0
+    for m in body["messages"]:
+        n += 4
+        content = m.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+            continue
+        for b in content:
+            kind = b.get("type")
+            if kind == "text":
+                parts.append(b.get("text", ""))
+            elif kind == "tool_use":
+                parts.append(b.get("name", "") + orjson.dumps(b.get("input") or {}).decode())
+            elif kind == "tool_result":
+                rc = b.get("content")
+                parts.append(rc if isinstance(rc, str) else orjson.dumps(rc or "").decode())
+            elif kind == "thinking":
+                parts.append(b.get("thinking", ""))
+            elif kind == "image":
+                n += 1000
+    for t in body.get("tools") or []:
+        parts.append(orjson.dumps(t).decode())
+        n += 8
+    return n + _count("\n".join(parts))
+
+
+async def _count_tokens(request: web.Request, ctx: RequestContext, body: dict[str, Any]) -> web.StreamResponse:
+    gw = request.app[GATEWAY_KEY]
+    providers = [p for p in gw.providers.get(ctx.model or "", []) if p.unavailable is None]
+    if providers and all(p.protocol == "anthropic" for p in providers):  # the upstream's own count
+        b = {k: v for k, v in body.items() if k not in ("max_tokens", "stream")}
+        b["model"] = providers[0].deployment.model
+        _prov, reply = await gw.execute(ctx, lambda p: UpstreamCall("count_tokens", {**b, "model": p.deployment.model},
+                                                                        False, headers=_forward_headers(request)))
+        ctx.status = reply.status
+        return web.Response(body=reply.body or b"", status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))
+    ctx.status = 200
+    if not _ENCODING:  # the first call loads the tokenizer (~0.3 s) off the event loop
+        await asyncio.to_thread(_load_encoding)
+    tokens = estimate_input_tokens(body)
+    ctx.usage.prompt_tokens = tokens
+    return web.Response(body=orjson.dumps({"input_tokens": tokens}), content_type=JSON_CT, headers=kaiyuan_headers(ctx))
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    return await _handle(request, "messages")
+
+
+async def count_tokens(request: web.Request) -> web.StreamResponse:
+    return await _handle(request, "count_tokens")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)

@@ -1,0 +1,252 @@
+"""Cross-dialect plumbing for the API handlers: build the upstream call for a provider's protocol
+from the canonical request, and turn its reply (whole or streamed) into the caller's dialect.
+
+Only used when the caller's dialect differs from the upstream's protocol; same-dialect traffic
+stays on the pass-through paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from kaiyuan.context import RequestContext
+from kaiyuan.dialects import anthropic as anth
+from kaiyuan.dialects import canonical as c
+from kaiyuan.dialects import gemini as gem
+from kaiyuan.dialects import openai_chat as oc
+from kaiyuan.dialects.openai import stream_error_event as openai_error_event
+from kaiyuan.dialects.streams import AnthropicToOpenAI, GeminiToOpenAI, OpenAIToAnthropic
+from kaiyuan.errors import ErrorKind, GatewayError
+from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
+from kaiyuan.server.common import JSON_CT, kaiyuan_headers
+from kaiyuan.server.sse import DONE, open_stream, sse_events
+
+RESPONSE_TO_CANONICAL = {
+    "openai": oc.response_to_canonical,
+    "anthropic": anth.response_to_canonical,
+    "gemini": gem.response_to_canonical,
+}
+
+
+def upstream_call(provider: Provider, req: c.Request) -> UpstreamCall:
+    """The call for ``provider``'s wire protocol, from the canonical request."""
+    proto = provider.protocol
+    d: Any = provider.deployment
+    if proto == "anthropic":
+        return UpstreamCall("messages", anth.request_from_canonical(req, d.model, d.default_max_tokens), req.stream)
+    if proto == "gemini":
+        return UpstreamCall("chat", gem.request_from_canonical(req), req.stream)
+    return UpstreamCall("chat", oc.request_from_canonical(req, d.model), req.stream)
+
+
+def usage_into_ctx(u: c.Usage, ctx: RequestContext) -> None:
+    ctx.usage.prompt_tokens = u.input_tokens
+    ctx.usage.completion_tokens = u.output_tokens
+    ctx.usage.cached_tokens = u.cache_read
+    ctx.usage.cache_write_tokens = u.cache_write
+    ctx.usage.reasoning_tokens = u.reasoning
+
+
+def reply_to_canonical(protocol: str, data: bytes, ctx: RequestContext) -> c.Response:
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {ctx.deployment} returned a body that is not JSON") from None
+    if not isinstance(obj, dict):
+        raise GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {ctx.deployment} returned an unexpected body")
+    try:
+        r = RESPONSE_TO_CANONICAL[protocol](obj)
+    except (KeyError, TypeError, AttributeError, ValueError, GatewayError) as e:  # a 400 from a parser is the upstream's fault here
+        raise _malformed(ctx, e) from None
+    usage_into_ctx(r.usage, ctx)
+    return r
+
+
+def _malformed(ctx: RequestContext, e: Exception) -> GatewayError:
+    return GatewayError(ErrorKind.UPSTREAM_ERROR,
+                        f"upstream {ctx.deployment} sent a reply this gateway cannot read ({type(e).__name__}: {e})")
+
+
+def _payload(ev: bytes) -> bytes | None:
+    """The data of one SSE event (``data:`` lines joined), or None for comments / event-only."""
+    if ev.startswith(b"data:"):
+        if b"\n" not in ev:
+            return ev[5:].strip()
+    lines = [ln[5:].strip() for ln in ev.split(b"\n") if ln.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
+
+
+def _early(ctx: RequestContext, what: str) -> GatewayError:
+    return GatewayError(ErrorKind.UPSTREAM_ERROR,
+                        f"upstream {ctx.deployment} ended the stream early ({what}); the answer is incomplete")
+
+
+async def _objects(stream: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+    async for events in sse_events(stream):
+        for ev in events:
+            p = _payload(ev)
+            if p is None or not p:
+                continue
+            if p == b"[DONE]":
+                yield None
+                continue
+            try:
+                yield orjson.loads(p)
+            except orjson.JSONDecodeError:
+                raise GatewayError(ErrorKind.UPSTREAM_ERROR, "upstream sent a stream event that is not JSON") from None
+
+
+async def openai_chunks(protocol: str, stream: AsyncIterator[bytes], ctx: RequestContext, model: str,
+                        include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+    """Any upstream stream as OpenAI chat chunks (dicts); raises on a broken, truncated or malformed stream."""
+    try:
+        async for ch in _openai_chunks(protocol, stream, ctx, model, include_usage):
+            yield ch
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise _malformed(ctx, e) from None
+
+
+async def _openai_chunks(protocol: str, stream: AsyncIterator[bytes], ctx: RequestContext, model: str,
+                         include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+    if protocol == "openai":
+        done = False
+        async for obj in _objects(stream):
+            if obj is None:
+                done = True
+            elif isinstance(obj, dict):
+                if obj.get("error"):
+                    err = obj["error"]
+                    msg = err.get("message") if isinstance(err, dict) else err
+                    raise GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {ctx.deployment} sent an error mid-stream: {msg}")
+                yield obj
+        if not done:
+            raise _early(ctx, "no 'data: [DONE]'")
+        return
+    if protocol == "anthropic":
+        atr = AnthropicToOpenAI(model, include_usage)
+        async for obj in _objects(stream):
+            if isinstance(obj, dict):
+                for ch in atr.feed(obj):
+                    yield ch
+        if not atr.done:
+            raise _early(ctx, "no message_stop")
+        usage_into_ctx(atr.usage, ctx)
+        return
+    gtr = GeminiToOpenAI(model, include_usage)
+    async for obj in _objects(stream):
+        if isinstance(obj, dict):
+            for ch in gtr.feed(obj):
+                yield ch
+    if gtr.reason is None:
+        raise _early(ctx, "no finishReason")
+    usage_into_ctx(gtr.usage, ctx)
+    for ch in gtr.end():
+        yield ch
+
+
+async def relay_to_openai(request: web.Request, ctx: RequestContext, protocol: str, stream: AsyncIterator[bytes],
+                          model: str, include_usage: bool) -> web.StreamResponse:
+    """An Anthropic or Gemini upstream stream, to an OpenAI caller."""
+    resp = await open_stream(request, ctx)
+    try:
+        async for ch in openai_chunks(protocol, stream, ctx, model, include_usage):
+            ctx.mark_first_byte()
+            await resp.write(oc.chunk_bytes(ch))
+        await resp.write(DONE + b"\n\n")
+    except GatewayError as e:
+        ctx.status, ctx.error = e.status, e.message
+        await resp.write(openai_error_event(e))
+    await resp.write_eof()
+    return resp
+
+
+async def relay_to_anthropic(request: web.Request, ctx: RequestContext, protocol: str, stream: AsyncIterator[bytes],
+                             model: str) -> web.StreamResponse:
+    """An OpenAI-compatible or Gemini upstream stream, to an Anthropic caller."""
+    resp = await open_stream(request, ctx)
+    tr = OpenAIToAnthropic(model)
+    try:
+        async for ch in openai_chunks(protocol, stream, ctx, model, True):
+            try:
+                out = tr.feed(ch)
+            except (KeyError, TypeError, AttributeError, ValueError) as e:
+                raise _malformed(ctx, e) from None
+            if out:
+                ctx.mark_first_byte()
+                await resp.write(b"".join(out))
+        await resp.write(b"".join(tr.end()))
+        usage_into_ctx(tr.usage, ctx)
+    except GatewayError as e:
+        ctx.status, ctx.error = e.status, e.message
+        await resp.write(anth.stream_error_event(e))
+    await resp.write_eof()
+    return resp
+
+
+async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext,
+                                      stream: AsyncIterator[bytes]) -> web.StreamResponse:
+    """An Anthropic upstream stream to an Anthropic caller: bytes as they arrive, usage read on the side."""
+    resp = await open_stream(request, ctx)
+    saw_stop = False
+    usage = c.Usage()
+    try:
+        async for events in sse_events(stream):
+            out: list[bytes] = []
+            for ev in events:
+                if b"message_st" in ev or b"message_delta" in ev or b"event: error" in ev:
+                    p = _payload(ev)
+                    obj = orjson.loads(p) if p else {}
+                    kind = obj.get("type")
+                    if kind == "message_start":
+                        usage = anth.usage_to_canonical((obj.get("message") or {}).get("usage"))
+                    elif kind == "message_delta":
+                        merged = {**anth.usage_from_canonical(usage),
+                                  **{k: v for k, v in (obj.get("usage") or {}).items() if v is not None}}
+                        usage = anth.usage_to_canonical(merged)
+                    elif kind == "message_stop":
+                        saw_stop = True
+                    elif kind == "error":
+                        ctx.status, ctx.error = 502, f"upstream {ctx.deployment} sent an error mid-stream"
+                        saw_stop = True
+                out.append(ev)
+                out.append(b"\n\n")
+            ctx.mark_first_byte()
+            await resp.write(b"".join(out))
+        if not saw_stop:
+            raise _early(ctx, "no message_stop")
+        usage_into_ctx(usage, ctx)
+    except GatewayError as e:
+        ctx.status, ctx.error = e.status, e.message
+        await resp.write(anth.stream_error_event(e))
+    await resp.write_eof()
+    return resp
+
+
+# -- entry points for the OpenAI handler (OpenAI callers, non-OpenAI upstreams) -------------------
+def openai_call(provider: Provider, endpoint: str, body: dict[str, Any], cache: list[c.Request]) -> UpstreamCall:
+    if endpoint != "chat":
+        raise GatewayError(ErrorKind.INVALID_REQUEST,
+                           f"this model's deployment {provider.id} speaks the {provider.protocol} protocol, which has "
+                           f"no {endpoint} endpoint; use /v1/chat/completions", code="unsupported_endpoint")
+    if not cache:
+        cache.append(oc.request_to_canonical(body))
+    return upstream_call(provider, cache[0])
+
+
+async def openai_reply(request: web.Request, ctx: RequestContext, provider: Provider, reply: UpstreamReply,
+                       include_usage: bool) -> web.StreamResponse:
+    public = ctx.model or ""
+    if reply.stream is not None:
+        ctx.status = 200
+        return await relay_to_openai(request, ctx, provider.protocol, reply.stream, public, include_usage)
+    r = reply_to_canonical(provider.protocol, reply.body or b"", ctx)
+    data = orjson.dumps(oc.response_from_canonical(r, public))
+    ctx.status = reply.status
+    ctx.mark_first_byte()
+    if ctx.log_bodies or "capture_response" in ctx.extra:  # trials: shadow-sampled requests
+        ctx.response_body = data
+    return web.Response(body=data, status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))

@@ -217,13 +217,39 @@ def kaiyuan_config(up_port: int, port: int, db: Path, patch: dict[str, Any]) -> 
     return deep_merge(base, patch)
 
 
-def start_kaiyuan(fleet: Fleet, up: Target, cpu: str, variant: Variant | None, workdir: Path) -> Target:
+def start_redis(fleet: Fleet, cpu: str) -> str:
+    """A private, non-persistent redis-server on 127.0.0.1; returns its URL."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
+    port = free_port()
+    proc = fleet.start("redis", [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], cpu)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"redis-server exited: {tail(proc.log)}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(64).startswith(b"+PONG"):
+                    return f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("redis-server did not answer PING within 20 s")
+
+
+def start_kaiyuan(fleet: Fleet, up: Target, cpu: str, variant: Variant | None, workdir: Path,
+                  redis_url: str | None = None) -> Target:
     name = variant.name if variant else "kaiyuan"
     port = free_port()
     safe = name.replace("+", "_")
     db = workdir / f"{safe}.db"
     cfg = workdir / f"{safe}.yaml"
-    cfg.write_text(yaml.safe_dump(kaiyuan_config(up.port, port, db, variant.config_patch if variant else {})))
+    patch = dict(variant.config_patch) if variant else {}
+    if variant and variant.redis:
+        patch = deep_merge(patch, {"limits": {"redis_url": redis_url}})
+    cfg.write_text(yaml.safe_dump(kaiyuan_config(up.port, port, db, patch)))
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
     env.update(variant.env if variant else {})
     cmd = [PY, "-m", "kaiyuan", "--log-level", "warning", "serve", "--config", str(cfg), "--port", str(port)]
@@ -433,7 +459,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, help="warm-up seconds per cell (default 1, quick 0.5)")
     p.add_argument("--concurrency", type=lambda s: tuple(int(x) for x in s.split(",")), default=CONCURRENCY)
     p.add_argument("--procs", type=int, default=1, help="load generator processes per cell")
-    p.add_argument("--with", dest="flags", action="append", default=[], help="enable flagged scenarios/variants: anthropic, auth")
+    p.add_argument("--with", dest="flags", action="append", default=[], help="enable flagged scenarios/variants: anthropic, auth, keys, keys-redis, nolog")
     p.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM column")
     p.add_argument("--no-wrk", action="store_true", help="skip the wrk raw-throughput table")
     p.add_argument("--wrk-concurrency", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
@@ -465,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     info["command"] = " ".join(["python bench/run.py", *(sys.argv[1:] if argv is None else argv)])
     info["pinning"] = (
-        f"upstream + load generators (+ wrk) on CPU {gen_cpu}; the gateway under test on CPU {gw_cpu}; "
+        f"upstream + load generators (+ wrk, + redis-server when a variant needs it) on CPU {gen_cpu}; "
+        f"the gateway under test on CPU {gw_cpu}; "
         "one target measured at a time"
         if pin
         else "none (taskset missing, fewer than 2 CPUs, or --no-pin)"
@@ -480,9 +507,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         up = start_upstream(fleet, gen_cpu)
         targets: list[Target] = [up, start_kaiyuan(fleet, up, gw_cpu, None, workdir)]
+        redis_url: str | None = None
         for v in VARIANTS:
             if v.flag is None or v.flag in args.flags:
-                targets.append(start_kaiyuan(fleet, up, gw_cpu, v, workdir))
+                try:
+                    if v.redis and redis_url is None:
+                        redis_url = start_redis(fleet, gen_cpu)
+                    targets.append(start_kaiyuan(fleet, up, gw_cpu, v, workdir, redis_url))
+                except RuntimeError as e:
+                    notes.append(f"Variant {v.name} not run: {e}")
         if args.no_litellm:
             notes.append("LiteLLM column not run: --no-litellm.")
         elif not (LITELLM_VENV / "bin" / "litellm").exists():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 STREAM_CHUNKS = 20  # content chunks per fast stream (fast_upstream --chunks)
@@ -113,19 +114,42 @@ class Variant:
     setup: Callable[[str], dict[str, str]] | None = None
     flag: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    redis: bool = False  # run.py starts a private redis-server and sets limits.redis_url
 
 
 MASTER_KEY = "sk-bench-master"
+PRICES = {"prices_file": str(Path(__file__).resolve().parent / "prices.yaml")}  # budgets need prices
+
+
+def _virtual_key(base_url: str) -> dict[str, str]:
+    """A virtual key with RPM + TPM + a monthly budget, far above what the benchmark sends."""
+    from bench.keys_overhead import key_setup  # imports kaiyuan: only when the variant runs
+
+    return key_setup(base_url, MASTER_KEY)
+
 
 VARIANTS: list[Variant] = [
-    # Auth with the master key only (what exists in the core today). Issue 5 adds
-    # "kaiyuan+keys-sqlite" / "kaiyuan+keys-redis" here (virtual key + RPM/TPM + budget), and issue 6
-    # "kaiyuan+shadow100" (a shadow trial at 100%); each is one entry with its config patch.
+    # Auth with the master key only. Issue 6 adds "kaiyuan+shadow100" (a shadow trial at 100%) as
+    # one more entry with its config patch.
     Variant(
         "kaiyuan+master-key",
         config_patch={"server": {"master_key": MASTER_KEY}},
         headers={"Authorization": f"Bearer {MASTER_KEY}"},
         flag="auth",
+    ),
+    # Issue 5: auth + RPM/TPM limits + budget reservation per request, counters in process / in Redis.
+    Variant(
+        "kaiyuan+keys-sqlite",
+        config_patch={"server": {"master_key": MASTER_KEY}, "accounting": PRICES},
+        setup=_virtual_key,
+        flag="keys",
+    ),
+    Variant(
+        "kaiyuan+keys-redis",
+        config_patch={"server": {"master_key": MASTER_KEY}, "accounting": PRICES, "limits": {"backend": "redis"}},
+        setup=_virtual_key,
+        flag="keys-redis",
+        redis=True,
     ),
     # Diagnostic: the same gateway without the request log, to see what the log costs.
     Variant("kaiyuan-nolog", config_patch={"request_log": {"enabled": False}}, flag="nolog"),

@@ -294,3 +294,16 @@ def test_tool_calls_with_finish_stop_still_end_in_tool_use() -> None:
 def test_tool_choice_none_without_tools_is_not_sent_to_openai() -> None:
     body = {"model": "m", "max_tokens": 5, "tool_choice": {"type": "none"}, "messages": [{"role": "user", "content": "x"}]}
     assert "tool_choice" not in oc.request_from_canonical(anth.request_to_canonical(body), "m")
+
+
+def test_anthropic_message_delta_usage_is_cumulative_not_added() -> None:
+    """Anthropic's message_delta usage is cumulative and, on the current API, repeats input_tokens and the
+    cache counts; the stream carries extra fields (service_tier, cache_creation, a tool_use ``caller``)."""
+    tr = AnthropicToOpenAI("claude", include_usage=True)
+    chunks = [ch for ev in sse_objects("anthropic/stream_cumulative_usage.sse") for ch in tr.feed(ev)]
+    got = accumulate_openai(chunks)
+    assert got["content"] == "Checking Paris."
+    assert got["tool_calls"] == {0: {"id": "toolu_01WireCumulativeUsage01", "name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    assert got["finish"] == "tool_calls"
+    assert got["usage"] == {"prompt_tokens": 35, "completion_tokens": 30, "total_tokens": 65,
+                            "prompt_tokens_details": {"cached_tokens": 10}}

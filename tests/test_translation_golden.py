@@ -13,7 +13,9 @@ from kaiyuan.dialects import anthropic as anth
 from kaiyuan.dialects import gemini as gem
 from kaiyuan.dialects import openai_chat as oc
 from kaiyuan.dialects.streams import AnthropicToOpenAI, GeminiToOpenAI, OpenAIToAnthropic
+from kaiyuan.context import RequestContext
 from kaiyuan.errors import ErrorKind, GatewayError, invalid
+from kaiyuan.server.translate import usage_into_ctx
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -25,7 +27,7 @@ def load(name: str) -> Any:
 def sse_objects(name: str) -> list[dict[str, Any]]:
     """The data objects of an SSE fixture, checking its framing on the way."""
     raw = (FIX / name).read_bytes().replace(b"\r\n", b"\n")
-    assert raw.endswith(b"\n\n")
+    assert raw.endswith(b"\n")  # docs code blocks sometimes stop right after the last event's data line
     out = []
     for ev in raw.strip().split(b"\n\n"):
         lines = ev.split(b"\n")
@@ -120,13 +122,51 @@ def test_anthropic_tool_use_stream_to_openai() -> None:
 
 
 def test_anthropic_thinking_stream_to_openai_keeps_signature() -> None:
+    """The docs' extended-thinking example: no usage in message_start nor message_delta."""
     tr = AnthropicToOpenAI("claude", include_usage=False)
     chunks = [ch for ev in sse_objects("anthropic/stream_thinking.sse") for ch in tr.feed(ev)]
     got = accumulate_openai(chunks)
-    assert got["reasoning"].endswith("So GCD(1071, 462) = 21") and got["reasoning"].startswith("I need to find")
+    assert got["reasoning"].startswith("Let me solve this step by step:\n\n1. First") and got["reasoning"].endswith("= 12,231")
     assert got["signature"] == "EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds..."
-    assert got["content"] == "The greatest common divisor of 1071 and 462 is **21**."
+    assert got["content"] == "27 * 453 = 12,231"
     assert got["finish"] == "stop" and got["usage"] is None and all("usage" not in c for c in chunks)
+
+
+def test_stream_without_usage_leaves_the_cost_unknown() -> None:
+    """An upstream stream that reports no usage (the docs' thinking example) must not be priced as 0 tokens:
+    the request's usage stays unknown, so accounting charges the reservation instead of $0."""
+    tr = AnthropicToOpenAI("claude", include_usage=True)
+    for ev in sse_objects("anthropic/stream_thinking.sse"):
+        tr.feed(ev)
+    ctx = RequestContext(request_id="r", dialect="openai", endpoint="chat")
+    usage_into_ctx(tr.usage, ctx)
+    assert ctx.usage.prompt_tokens is None and ctx.usage.completion_tokens is None
+    known = AnthropicToOpenAI("claude", include_usage=True)
+    for ev in sse_objects("anthropic/stream_text.sse"):
+        known.feed(ev)
+    usage_into_ctx(known.usage, ctx)
+    assert (ctx.usage.prompt_tokens, ctx.usage.completion_tokens) == (25, 15)
+
+
+def test_anthropic_basic_text_stream_to_openai() -> None:
+    """The docs' basic streaming example, byte for byte (spaces after colons, ``"stop_sequence":null``)."""
+    tr = AnthropicToOpenAI("claude", include_usage=True)
+    chunks = [ch for ev in sse_objects("anthropic/stream_text.sse") for ch in tr.feed(ev)]
+    got = accumulate_openai(chunks)
+    assert got["content"] == "Hello!" and got["finish"] == "stop"
+    assert got["usage"] == {"prompt_tokens": 25, "completion_tokens": 15, "total_tokens": 40,
+                            "prompt_tokens_details": {"cached_tokens": 0}}
+
+
+def test_anthropic_error_event_from_docs_is_an_overloaded_error() -> None:
+    tr = AnthropicToOpenAI("claude", include_usage=False)
+    (ev,) = sse_objects("anthropic/stream_error.sse")
+    with pytest.raises(GatewayError) as ei:
+        tr.feed(ev)
+    assert ei.value.kind is ErrorKind.OVERLOADED and ei.value.status == 529
+    # what Kaiyuan itself writes for the same error carries the same fields
+    ours = orjson.loads(anth.stream_error_event(GatewayError(ErrorKind.OVERLOADED, "Overloaded")).split(b"data: ", 1)[1])
+    assert ours == ev
 
 
 def test_openai_parallel_tool_stream_to_anthropic() -> None:

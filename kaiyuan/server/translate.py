@@ -44,6 +44,8 @@ def upstream_call(provider: Provider, req: c.Request) -> UpstreamCall:
 
 
 def usage_into_ctx(u: c.Usage, ctx: RequestContext) -> None:
+    if not u.input_tokens and not u.output_tokens:  # the upstream reported none: unknown, never "0 tokens, $0"
+        return
     ctx.usage.prompt_tokens = u.input_tokens
     ctx.usage.completion_tokens = u.output_tokens
     ctx.usage.cached_tokens = u.cache_read

@@ -9,11 +9,11 @@ from typing import Any
 import orjson
 import pytest
 
+from kaiyuan.context import RequestContext
 from kaiyuan.dialects import anthropic as anth
 from kaiyuan.dialects import gemini as gem
 from kaiyuan.dialects import openai_chat as oc
 from kaiyuan.dialects.streams import AnthropicToOpenAI, GeminiToOpenAI, OpenAIToAnthropic
-from kaiyuan.context import RequestContext
 from kaiyuan.errors import ErrorKind, GatewayError, invalid
 from kaiyuan.server.translate import usage_into_ctx
 

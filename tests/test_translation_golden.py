@@ -347,3 +347,36 @@ def test_anthropic_message_delta_usage_is_cumulative_not_added() -> None:
     assert got["finish"] == "tool_calls"
     assert got["usage"] == {"prompt_tokens": 35, "completion_tokens": 30, "total_tokens": 65,
                             "prompt_tokens_details": {"cached_tokens": 10}}
+
+
+def test_openai_reference_stream_to_anthropic() -> None:
+    """The API reference's chunk objects (spaces and all), as an Anthropic caller sees them."""
+    tr = OpenAIToAnthropic("gpt-4o-mini")
+    raw = b"".join(b"".join(tr.feed(ch)) for ch in sse_objects("openai/stream_text.sse")) + b"".join(tr.end())
+    events = parse_anthropic_sse(raw)
+    assert [n for n, _ in events][:2] == ["message_start", "ping"]
+    msg = accumulate_anthropic(events)
+    assert msg["content"] == [{"type": "text", "text": "Hello"}] and msg["stop_reason"] == "end_turn"
+
+
+def test_fake_openai_chunks_have_the_reference_fields() -> None:
+    """The fake upstream's chunks carry exactly the fields (and key order) of the reference's chunk objects."""
+    ref = sse_objects("openai/stream_text.sse")
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from kaiyuan.testing.fake_openai import FakeOpenAI
+
+    async def fetch() -> list[dict[str, Any]]:
+        fake = FakeOpenAI()
+        async with TestClient(TestServer(fake.app)) as cl:
+            r = await cl.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "stream": True,
+                                                            "messages": [{"role": "user", "content": "Hello"}]})
+            body = await r.read()
+        return [orjson.loads(x[6:]) for x in body.split(b"\n\n") if x.startswith(b"data: {")]
+
+    got = asyncio.run(fetch())
+    assert [list(c) for c in got] == [list(ref[0])] * len(got)
+    assert [list(c["choices"][0]) for c in got] == [list(ref[0]["choices"][0])] * len(got)
+    assert got[0]["choices"][0]["delta"]["role"] == "assistant" and got[-1]["choices"][0]["delta"] == {}

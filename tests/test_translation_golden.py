@@ -286,7 +286,8 @@ def test_openai_request_to_anthropic_and_gemini() -> None:
     assert a["tools"][0]["input_schema"] == src["tools"][0]["function"]["parameters"]
     assert (a["max_tokens"], a["temperature"], a["stop_sequences"], a["tool_choice"]) == (256, 0.2, ["\n\n"], {"type": "auto"})
     g = gem.request_from_canonical(canon)
-    assert g["contents"][1] == {"role": "model", "parts": [{"functionCall": {"name": "get_current_weather", "args": {"location": "Boston, MA"}}}]}
+    assert g["contents"][1] == {"role": "model", "parts": [{"functionCall": {"name": "get_current_weather", "args": {"location": "Boston, MA"}},
+                                                            "thoughtSignature": gem.FOREIGN_SIGNATURE}]}  # not Gemini's call
     assert g["contents"][2] == {"role": "user", "parts": [{"functionResponse": {
         "name": "get_current_weather", "response": {"temperature": 22, "unit": "celsius"}}}]}
     assert g["contents"][0]["parts"][1] == {"inlineData": {"mimeType": "image/jpeg", "data": "/9j/4AAQSkZJRg=="}}
@@ -380,3 +381,67 @@ def test_fake_openai_chunks_have_the_reference_fields() -> None:
     assert [list(c) for c in got] == [list(ref[0])] * len(got)
     assert [list(c["choices"][0]) for c in got] == [list(ref[0]["choices"][0])] * len(got)
     assert got[0]["choices"][0]["delta"]["role"] == "assistant" and got[-1]["choices"][0]["delta"] == {}
+
+
+def test_gemini_parallel_calls_signature_only_on_the_first_and_sent_back_exactly() -> None:
+    """Gemini's thought-signature docs: with parallel calls only the first functionCall carries the
+    signature, and it must come back exactly as received (here a placeholder that is not base64)."""
+    out = oc.response_from_canonical(gem.response_to_canonical(load("gemini/generate_parallel_signature.json")), "gemini")
+    msg = out["choices"][0]["message"]
+    assert [orjson.loads(t["function"]["arguments"]) for t in msg["tool_calls"]] == [{"location": "Paris"}, {"location": "London"}]
+    assert out["choices"][0]["finish_reason"] == "tool_calls"  # no finishReason at all: still a tool turn
+    history = {"model": "gemini", "messages": [
+        {"role": "user", "content": "Check the weather in Paris and London."}, msg,
+        {"role": "tool", "tool_call_id": msg["tool_calls"][0]["id"], "content": '{"temp": "15C"}'},
+        {"role": "tool", "tool_call_id": msg["tool_calls"][1]["id"], "content": '{"temp": "12C"}'}]}
+    g = gem.request_from_canonical(oc.request_to_canonical(history))
+    assert g["contents"][1]["parts"] == [
+        {"functionCall": {"name": "get_current_temperature", "args": {"location": "Paris"}}, "thoughtSignature": "<Signature_A>"},
+        {"functionCall": {"name": "get_current_temperature", "args": {"location": "London"}}}]
+    assert g["contents"][2]["parts"] == [
+        {"functionResponse": {"name": "get_current_temperature", "response": {"temp": "15C"}}},
+        {"functionResponse": {"name": "get_current_temperature", "response": {"temp": "12C"}}}]
+
+
+@pytest.mark.parametrize("sig", ["CiQB0e2Kb+abc/x==", "Ab-_c", "context_engineering_is_the_way_to_go", "<Signature_A>", "a b=="])
+def test_any_thought_signature_survives_the_call_id(sig: str) -> None:
+    cid = gem.call_id_with_signature("call_1", sig)
+    assert gem.signature_of(cid) == sig and cid.startswith("call_1")
+    assert all(ch.isalnum() or ch in "_-" for ch in cid)  # still a valid Anthropic tool_use id
+
+
+def test_foreign_function_calls_get_geminis_documented_stand_in_signature() -> None:
+    """History Gemini did not produce (another upstream's calls) would be a 400 on Gemini 3 without a signature."""
+    history = {"model": "m", "messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+            {"id": "call_b", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_a", "content": "1"}, {"role": "tool", "tool_call_id": "call_b", "content": "2"}]}
+    parts = gem.request_from_canonical(oc.request_to_canonical(history))["contents"][1]["parts"]
+    assert [p.get("thoughtSignature") for p in parts] == [gem.FOREIGN_SIGNATURE, None]
+
+
+def test_fake_gemini_enforces_signatures_like_gemini_3() -> None:
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from kaiyuan.testing.fake_gemini import FakeGemini
+
+    def body(sig: str | None) -> dict[str, Any]:
+        call: dict[str, Any] = {"functionCall": {"name": "f", "args": {}}}
+        if sig:
+            call["thoughtSignature"] = sig
+        return {"contents": [{"role": "user", "parts": [{"text": "x"}]}, {"role": "model", "parts": [call]},
+                             {"role": "user", "parts": [{"functionResponse": {"name": "f", "response": {"r": 1}}}]}]}
+
+    async def statuses() -> list[int]:
+        async with TestClient(TestServer(FakeGemini().app)) as cl:
+            out = []
+            for sig in (None, gem.FOREIGN_SIGNATURE):
+                r = await cl.post("/v1beta/models/g:generateContent", json=body(sig))
+                out.append(r.status)
+            return out
+
+    assert asyncio.run(statuses()) == [400, 200]

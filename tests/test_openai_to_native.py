@@ -286,3 +286,12 @@ def test_anthropic_docs_stream_replayed_byte_for_byte(native_gateway: RunningGat
         assert json.loads("".join(tc.function.arguments or "" for tc in calls)) == tool_args  # type: ignore[union-attr]
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == (15 if tool_args is None else 89)
+
+
+def test_anthropic_docs_error_body_keeps_status_and_message(native_gateway: RunningGateway, fake_anthropic: Any) -> None:
+    """Anthropic's documented error shape (with request_id), as an OpenAI caller sees it."""
+    raw = (Path(__file__).parent / "fixtures" / "anthropic" / "error_not_found.json").read_bytes()
+    fake_anthropic.default = Behaviour(status=404, raw_body=raw, headers={"Content-Type": "application/json"})  # persistent
+    with pytest.raises(openai.NotFoundError) as ei:
+        client(native_gateway).chat.completions.create(model="claude", messages=[{"role": "user", "content": "x"}])
+    assert "The requested resource could not be found." in ei.value.message

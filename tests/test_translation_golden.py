@@ -445,3 +445,17 @@ def test_fake_gemini_enforces_signatures_like_gemini_3() -> None:
             return out
 
     assert asyncio.run(statuses()) == [400, 200]
+
+
+def test_gemini_cookbook_stream_every_chunk_says_stop_and_no_usage() -> None:
+    """Google's recorded streamGenerateContent?alt=sse output: finishReason STOP on every chunk, safety
+    ratings, promptFeedback on the first, and no usageMetadata at all."""
+    tr = GeminiToOpenAI("gemini", include_usage=True)
+    chunks = [ch for o in sse_objects("gemini/stream_cookbook_text.sse") for ch in tr.feed(o)] + tr.end()
+    got = accumulate_openai(chunks)
+    assert got["content"].startswith("In the quaint, sunlit cottage") and got["content"].endswith("stronger than ever.")
+    assert "\"冒险伙伴\" (Adventure Buddies)" in got["content"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]] == ["stop"]
+    ctx = RequestContext(request_id="r", dialect="openai", endpoint="chat")
+    usage_into_ctx(tr.usage, ctx)
+    assert ctx.usage.prompt_tokens is None  # unknown, not 0 tokens

@@ -155,11 +155,13 @@ def test_messages_shadow_respects_data_policy_and_passes_through(make_gateway: A
     rt = runtime_of(gw)
     c = aclient(gw)
     c.messages.create(model="claude", max_tokens=20, messages=[{"role": "user", "content": "secret"}],
-                      extra_headers={"x-kaiyuan-policy": "self_hosted"})
+                      extra_headers={"x-kaiyuan-policy": "self_hosted", "anthropic-beta": "some-beta-2025"})
     wait_for(lambda: rt.counters["out"]["skipped_policy"] == 1 and rt.counters["in"]["results"] == 1, "policy skip + mirror")
     assert not fake_openai.requests  # never mirrored to the hosted candidate
-    mirrored = [r for r in fake_anthropic.requests if r.get("model") == "claude-up-2"]
-    assert len(mirrored) == 1 and mirrored[0]["messages"] == [{"role": "user", "content": "secret"}]  # as the client sent it
+    mirrored = [i for i, r in enumerate(fake_anthropic.requests) if r.get("model") == "claude-up-2"]
+    assert len(mirrored) == 1 and fake_anthropic.requests[mirrored[0]]["messages"] == [{"role": "user", "content": "secret"}]
+    assert fake_anthropic.headers[mirrored[0]].get("anthropic-beta") == "some-beta-2025"  # forwarded like the handler does
+    mirrored = [fake_anthropic.requests[i] for i in mirrored]
     assert mirrored[0]["max_tokens"] == 20 and "stream" not in mirrored[0]
     c.messages.create(model="claude", max_tokens=20, messages=[{"role": "user", "content": "public"}])
     wait_for(lambda: rt.counters["out"]["results"] == 1, "the unrestricted mirror")

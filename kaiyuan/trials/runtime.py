@@ -44,6 +44,7 @@ log = logging.getLogger("kaiyuan.trials")
 
 REFRESH_S = float(os.environ.get("KAIYUAN_TRIALS_REFRESH_S", "5"))
 FLUSH_S = 1.0
+FORWARDED_HEADERS = ("anthropic-beta",)  # as the Messages handler forwards them to an Anthropic upstream
 QUEUE_FACTOR = 16  # pending shadow tasks per trial beyond max_concurrency x this are dropped (counted)
 
 
@@ -277,6 +278,7 @@ class TrialsRuntime:
             "cost": ctx.cost_usd,
             "usage": (ctx.usage.prompt_tokens, ctx.usage.completion_tokens),
             "policy": request_policy(ctx),
+            "headers": {h: ctx.headers[h] for h in FORWARDED_HEADERS if ctx.headers and h in ctx.headers},
         }
 
     def _spawn(self, t: TrialConfig, coro: Any) -> bool:
@@ -325,10 +327,10 @@ class TrialsRuntime:
             self._spend.append((t.name, kind, model, cost))
 
     async def call_model(self, model: str, body: dict[str, Any], policy: str | None,
-                         dialect: str = "openai") -> CallOutcome:
+                         dialect: str = "openai", headers: dict[str, str] | None = None) -> CallOutcome:
         """One non-streaming call to ``model``, only on deployments ``policy`` allows. ``body`` is an
         OpenAI chat request, or an Anthropic Messages request when ``dialect`` is "anthropic"; it goes
-        as is to a deployment of the same protocol, through the canonical form to any other."""
+        as is (with ``headers``) to a deployment of the same protocol, through the canonical form to any other."""
         providers: list[Provider] = allowed(self.gw.providers.get(model, ()), policy)
         probe = RequestContext("trial", "openai", "chat", model=model)
         plan = [p for p in self.gw.router.plan(probe) if p in providers]
@@ -342,7 +344,7 @@ class TrialsRuntime:
             try:
                 if p.protocol == dialect:  # same protocol: the request as the client sent it
                     call = UpstreamCall("chat" if dialect == "openai" else "messages",
-                                        {**body, "model": p.deployment.model}, False)
+                                        {**body, "model": p.deployment.model}, False, headers=dict(headers or {}))
                 elif dialect == "openai":  # an Anthropic / Gemini deployment: translate like the OpenAI handler does
                     call = translate.openai_call(p, "chat", body, canon)
                 else:  # an Anthropic request to another protocol: as the Messages handler does
@@ -418,7 +420,7 @@ class TrialsRuntime:
             if not allowed(self.gw.providers.get(cand_name, ()), policy):
                 c["skipped_policy"] += 1
                 continue
-            cand = await self.call_model(cand_name, body, policy, dialect)
+            cand = await self.call_model(cand_name, body, policy, dialect, snap["headers"])
             cand.cost = price_of(cand_name, t, self.gw.config, cand.prompt_tokens, cand.completion_tokens, cand.deployment)
             self._charge(t, "candidate", cand_name, cand.cost)
             c["candidate_failures" if cand.answer is None else "candidate_calls"] += 1
@@ -445,7 +447,7 @@ class TrialsRuntime:
                 row["judge_status"] = "skipped_policy"
                 c["canary_judge_skipped_policy"] += 1
                 return
-            inc = await self.call_model(t.incumbent, snap["body"], policy, dialect)
+            inc = await self.call_model(t.incumbent, snap["body"], policy, dialect, snap["headers"])
             self._charge(t, "incumbent", t.incumbent,
                          price_of(t.incumbent, t, self.gw.config, inc.prompt_tokens, inc.completion_tokens, inc.deployment))
             if inc.answer is None:  # our reference call failed: not the candidate's loss, so not scored

@@ -10,6 +10,7 @@ import anthropic
 import pytest
 
 from kaiyuan.config import parse_config
+from kaiyuan.gateway import Gateway
 from kaiyuan.testing.fake_openai import FakeOpenAI
 from kaiyuan.testing.fake_quiz import FakeQuiz, quiz_items
 from kaiyuan.testing.harness import RunningGateway
@@ -18,6 +19,7 @@ from kaiyuan.trials.capture import answer_of, judge_request
 from kaiyuan.trials.evaluate import price_of
 from kaiyuan.trials.models import TrialConfig
 from kaiyuan.trials.report import build_report
+from kaiyuan.trials.runtime import TrialsRuntime
 from tests.conftest import openai_model
 from tests.test_trials_shadow import StallingFake, _set, client, runtime_of, wait_for
 
@@ -67,6 +69,21 @@ def test_price_of_uses_trial_prices_then_deployment_price_then_catalog() -> None
     assert price_of("nope", t, cfg, m, m) is None
     # the deployment that answered is priced, not the model's first
     assert price_of("inc", t2, cfg, m, m, cfg.model("ds").deployments[0]) == pytest.approx(1.37)  # type: ignore[union-attr]
+
+
+def test_unpriced_trial_models_are_named_at_start(caplog: Any) -> None:
+    url = "http://127.0.0.1:9/v1"
+    models = [openai_model("inc", url, "mystery-model-x"), openai_model("ds", url, "deepseek-chat"),
+              openai_model("odd", url, "mystery-model-y")]
+    trials = [{"name": "a", "incumbent": "inc", "candidates": ["ds"], "budget_usd": 1},
+              {"name": "b", "incumbent": "inc", "candidates": ["odd"], "budget_usd": 1},
+              {"name": "c", "mode": "canary", "incumbent": "inc", "candidates": ["ds"], "budget_usd": 1,
+               "judge": {"model": "ds"}}]
+    with caplog.at_level("WARNING", logger="kaiyuan.trials"):
+        TrialsRuntime(Gateway(parse_config({"models": models, "trials": trials})))
+    warned = [r.getMessage() for r in caplog.records if "no price" in r.getMessage()]
+    assert len(warned) == 2  # trial a's catalog-priced candidate is fine
+    assert "trial b: no price for odd" in warned[0] and "trial c: no price for inc" in warned[1]
 
 
 @pytest.mark.parametrize("upstream, stops", [("deepseek-chat", True), ("mystery-model-x", False)])

@@ -87,7 +87,8 @@ class TrialsRuntime:
     def _warn_unpriced(self, t: TrialConfig) -> None:
         if t.budget_usd is None or t.mode == "offline":
             return
-        for model in [*t.candidates, *([t.judge.model] if t.judge else [])]:
+        judged_canary = t.mode == "canary" and t.judge is not None and t.canary_judge_rate > 0
+        for model in [*t.candidates, *([t.judge.model] if t.judge else []), *([t.incumbent] if judged_canary else [])]:
             if not has_price(model, t, self.gw.config):
                 log.warning("trial %s: no price for %s (not in trials[].prices, the deployment's price or the price "
                             "catalog); its calls cost 'unknown' and budget_usd cannot stop them", t.name, model)

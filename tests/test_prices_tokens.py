@@ -31,6 +31,14 @@ def test_lookup_exact_prefix_and_vendor_prefix() -> None:
     assert cat.lookup("deepseek-ai/deepseek-chat") is ds
     assert cat.lookup("gemini-2.5-flash-lite-preview") is not cat.lookup("gemini-2.5-flash")  # longest prefix wins
     assert cat.lookup("my-private-model") is None
+    turbo, k2 = cat.lookup("kimi-k2-turbo-preview"), cat.lookup("kimi-k2-0905-preview")
+    assert turbo is not None and k2 is not None and turbo.base.output > k2.base.output  # turbo is not priced as kimi-k2
+
+
+def test_verified_rows_say_what_was_read() -> None:
+    """A verified row must carry a note naming what was read; unverified rows say why not."""
+    for row in yaml.safe_load(CATALOG_PATH.read_text())["models"]:
+        assert isinstance(row.get("note"), str) and row["note"], row["names"]
 
 
 def test_cost_with_cache_tiers_and_cny() -> None:

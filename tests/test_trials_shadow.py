@@ -250,7 +250,8 @@ def test_participating_keys_teams_and_dialects() -> None:
 
     assert sampled("key-a", "t1")
     assert not sampled("key-b", "t1") and not sampled("key-a", "t2") and not sampled(None, None)
-    assert not sampled("key-a", "t1", dialect="anthropic")  # the answer is only captured on the OpenAI path
+    assert sampled("key-a", "t1", dialect="anthropic", endpoint="messages")  # Anthropic Messages traffic is mirrored too
+    assert not sampled("key-a", "t1", dialect="anthropic")  # (no such endpoint: the answer is not captured)
     assert not sampled("key-a", "t1", endpoint="embeddings") and not sampled("key-a", "t1", model="cand")
 
 

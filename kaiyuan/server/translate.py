@@ -44,6 +44,8 @@ def upstream_call(provider: Provider, req: c.Request) -> UpstreamCall:
 
 
 def usage_into_ctx(u: c.Usage, ctx: RequestContext) -> None:
+    if not u.input_tokens and not u.output_tokens:  # the upstream reported none: unknown, never "0 tokens, $0"
+        return
     ctx.usage.prompt_tokens = u.input_tokens
     ctx.usage.completion_tokens = u.output_tokens
     ctx.usage.cached_tokens = u.cache_read
@@ -152,14 +154,20 @@ async def relay_to_openai(request: web.Request, ctx: RequestContext, protocol: s
                           model: str, include_usage: bool) -> web.StreamResponse:
     """An Anthropic or Gemini upstream stream, to an OpenAI caller."""
     resp = await open_stream(request, ctx)
+    tail = bytearray() if "capture_response" in ctx.extra else None  # trials: sampled requests
     try:
         async for ch in openai_chunks(protocol, stream, ctx, model, include_usage):
             ctx.mark_first_byte()
-            await resp.write(oc.chunk_bytes(ch))
+            data = oc.chunk_bytes(ch)
+            if tail is not None and len(tail) < 1_000_000:
+                tail += data
+            await resp.write(data)
         await resp.write(DONE + b"\n\n")
     except GatewayError as e:
         ctx.status, ctx.error = e.status, e.message
         await resp.write(openai_error_event(e))
+    if tail is not None:
+        ctx.response_body = bytes(tail)
     await resp.write_eof()
     return resp
 
@@ -169,6 +177,7 @@ async def relay_to_anthropic(request: web.Request, ctx: RequestContext, protocol
     """An OpenAI-compatible or Gemini upstream stream, to an Anthropic caller."""
     resp = await open_stream(request, ctx)
     tr = OpenAIToAnthropic(model)
+    tail = bytearray() if "capture_response" in ctx.extra else None  # trials: sampled requests
     try:
         async for ch in openai_chunks(protocol, stream, ctx, model, True):
             try:
@@ -177,12 +186,17 @@ async def relay_to_anthropic(request: web.Request, ctx: RequestContext, protocol
                 raise _malformed(ctx, e) from None
             if out:
                 ctx.mark_first_byte()
-                await resp.write(b"".join(out))
+                data = b"".join(out)
+                if tail is not None and len(tail) < 1_000_000:
+                    tail += data
+                await resp.write(data)
         await resp.write(b"".join(tr.end()))
         usage_into_ctx(tr.usage, ctx)
     except GatewayError as e:
         ctx.status, ctx.error = e.status, e.message
         await resp.write(anth.stream_error_event(e))
+    if tail is not None:
+        ctx.response_body = bytes(tail)
     await resp.write_eof()
     return resp
 
@@ -193,6 +207,7 @@ async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext,
     resp = await open_stream(request, ctx)
     saw_stop = False
     usage = c.Usage()
+    tail = bytearray() if "capture_response" in ctx.extra else None  # trials: sampled requests
     try:
         async for events in sse_events(stream):
             out: list[bytes] = []
@@ -215,13 +230,18 @@ async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext,
                 out.append(ev)
                 out.append(b"\n\n")
             ctx.mark_first_byte()
-            await resp.write(b"".join(out))
+            data = b"".join(out)
+            if tail is not None and len(tail) < 1_000_000:
+                tail += data
+            await resp.write(data)
         if not saw_stop:
             raise _early(ctx, "no message_stop")
         usage_into_ctx(usage, ctx)
     except GatewayError as e:
         ctx.status, ctx.error = e.status, e.message
         await resp.write(anth.stream_error_event(e))
+    if tail is not None:
+        ctx.response_body = bytes(tail)
     await resp.write_eof()
     return resp
 

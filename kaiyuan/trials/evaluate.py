@@ -6,6 +6,7 @@ the gateway). Produces one ``trial_result`` row.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -13,7 +14,9 @@ from typing import Any
 
 import orjson
 
-from kaiyuan.config import GatewayConfig
+from kaiyuan.accounting.prices import PriceCatalog, deployment_price
+from kaiyuan.config import ConfigError, DeploymentBase, GatewayConfig
+from kaiyuan.context import Usage
 from kaiyuan.trials.judge import JudgeCall, JudgeResult, judge_pair
 from kaiyuan.trials.models import TrialConfig
 from kaiyuan.trials.scorers import Answer, Scorer, build_scorer, score_pair
@@ -28,6 +31,25 @@ class CallOutcome:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     request_id: str | None = None  # the gateway's x-kaiyuan-request-id (offline replays)
+    deployment: DeploymentBase | None = None  # the deployment that answered (calls inside the gateway)
+
+
+log = logging.getLogger("kaiyuan.trials")
+_CATALOGS: dict[tuple[str | None, float], PriceCatalog | None] = {}
+
+
+def catalog_for(config: GatewayConfig | None) -> PriceCatalog | None:
+    """The gateway's price catalog (bundled + ``accounting.prices_file``), loaded once per setting."""
+    if config is None:
+        return None
+    key = (config.accounting.prices_file, config.accounting.cny_per_usd)
+    if key not in _CATALOGS:
+        try:
+            _CATALOGS[key] = PriceCatalog.load(config.accounting)
+        except ConfigError as e:
+            log.error("trials: price catalog unavailable, pricing from trial prices only: %s", e)
+            _CATALOGS[key] = None
+    return _CATALOGS[key]
 
 
 def usage_tokens(obj: Any) -> tuple[int | None, int | None]:
@@ -37,24 +59,31 @@ def usage_tokens(obj: Any) -> tuple[int | None, int | None]:
     return u.get("prompt_tokens"), u.get("completion_tokens")
 
 
-def price_of(model: str, trial: TrialConfig, config: GatewayConfig | None, pt: int | None, ct: int | None) -> float | None:
-    """USD for one call: the trial's own ``prices``, else the model's first deployment ``price``
-    (``{input, output}`` per 1M tokens, USD only); ``None`` when unknown."""
+def price_of(model: str, trial: TrialConfig, config: GatewayConfig | None, pt: int | None, ct: int | None,
+             dep: DeploymentBase | None = None) -> float | None:
+    """USD for one call: the trial's own ``prices``, else the deployment's price as the gateway's
+    accounting resolves it (its config ``price``, else the price catalog by upstream model id, CNY
+    converted). ``dep`` is the deployment that answered; default the model's first. ``None`` when unknown."""
     if pt is None and ct is None:
         return None
     p = trial.prices.get(model)
     if p is not None:
         return ((pt or 0) * p.input_per_mtok + (ct or 0) * p.output_per_mtok) / 1e6
-    m = config.model(model) if config is not None else None
-    if m is not None:
-        price = m.deployments[0].price or {}
-        if str(price.get("currency", "USD")).upper() != "USD":
+    if dep is None:
+        m = config.model(model) if config is not None else None
+        if m is None or not m.deployments:
             return None
-        try:
-            return ((pt or 0) * float(price["input"]) + (ct or 0) * float(price["output"])) / 1e6
-        except (KeyError, TypeError, ValueError):
-            return None
-    return None
+        dep = m.deployments[0]
+    catalog = catalog_for(config)
+    if catalog is None:
+        return None
+    resolved = deployment_price(dep, catalog)
+    return resolved.cost(Usage(prompt_tokens=pt, completion_tokens=ct)) if resolved is not None else None
+
+
+def has_price(model: str, trial: TrialConfig, config: GatewayConfig | None) -> bool:
+    """Whether ``price_of`` can price calls to ``model`` (on its first deployment)."""
+    return price_of(model, trial, config, 1, 1) is not None
 
 
 def build_scorers(trial: TrialConfig) -> dict[str, Scorer]:

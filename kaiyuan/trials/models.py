@@ -87,6 +87,9 @@ class TrialConfig(_Strict):
     prices: dict[str, Price] = Field(default_factory=dict, description="per-model prices when the catalog has none")
     max_concurrency: int = Field(4, gt=0, description="background calls in flight at once")
     sticky: Literal["user", "first_message"] = Field("user", description="canary: what keeps a conversation on one arm")
+    canary_judge_rate: float = Field(
+        0.1, ge=0, le=1, description="canary with a judge: share of candidate-arm answers judged against an incumbent call "
+        "made in the background")
     dataset: str | None = Field(None, description="offline: JSONL file")
     enabled: bool = True
 

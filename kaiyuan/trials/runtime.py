@@ -20,20 +20,31 @@ from typing import Any
 import orjson
 
 from kaiyuan.context import RequestContext
+from kaiyuan.dialects import anthropic as anth
 from kaiyuan.dialects import openai_chat as oc
 from kaiyuan.gateway import RETRYABLE_STATUSES, Gateway
 from kaiyuan.providers.base import Provider, UpstreamCall
 from kaiyuan.server import translate
-from kaiyuan.trials.evaluate import CallOutcome, build_scorers, evaluate, price_of, usage_tokens
+from kaiyuan.trials.capture import answer_of, judge_request
+from kaiyuan.trials.evaluate import (
+    CallOutcome,
+    build_scorers,
+    catalog_for,
+    evaluate,
+    has_price,
+    price_of,
+    usage_tokens,
+)
 from kaiyuan.trials.models import TrialConfig, check_trial_models
 from kaiyuan.trials.policy import allowed, request_policy
-from kaiyuan.trials.scorers import Scorer, answer_from_bytes, answer_from_json
+from kaiyuan.trials.scorers import Scorer, answer_from_json
 from kaiyuan.trials.store import RoutingState, TrialStore
 
 log = logging.getLogger("kaiyuan.trials")
 
 REFRESH_S = float(os.environ.get("KAIYUAN_TRIALS_REFRESH_S", "5"))
 FLUSH_S = 1.0
+FORWARDED_HEADERS = ("anthropic-beta",)  # as the Messages handler forwards them to an Anthropic upstream
 QUEUE_FACTOR = 16  # pending shadow tasks per trial beyond max_concurrency x this are dropped (counted)
 
 
@@ -69,17 +80,18 @@ class TrialsRuntime:
         self._loop_task: asyncio.Task[None] | None = None
         self.rng = random.Random()
         self._index()
+        catalog_for(gw.config)  # load the price catalog now, not in the first background call
         for t in self.trials.values():
             self._warn_unpriced(t)
 
     def _warn_unpriced(self, t: TrialConfig) -> None:
         if t.budget_usd is None or t.mode == "offline":
             return
-        for model in [*t.candidates, *([t.judge.model] if t.judge else [])]:
-            m = self.gw.models.get(model)
-            if model not in t.prices and not (m and m.deployments[0].price):
-                log.warning("trial %s: no price for %s (set trials[].prices); its calls cost 'unknown' and "
-                            "budget_usd cannot stop them", t.name, model)
+        judged_canary = t.mode == "canary" and t.judge is not None and t.canary_judge_rate > 0
+        for model in [*t.candidates, *([t.judge.model] if t.judge else []), *([t.incumbent] if judged_canary else [])]:
+            if not has_price(model, t, self.gw.config):
+                log.warning("trial %s: no price for %s (not in trials[].prices, the deployment's price or the price "
+                            "catalog); its calls cost 'unknown' and budget_usd cannot stop them", t.name, model)
 
     # -- configuration ------------------------------------------------------------------------
     def _index(self) -> None:
@@ -212,8 +224,8 @@ class TrialsRuntime:
         trials = self.by_incumbent.get(model)
         if not trials or ctx.endpoint not in ("chat", "messages"):
             return
-        # the incumbent's answer is captured on the OpenAI chat path only
-        shadow_ok = ctx.dialect == "openai" and ctx.endpoint == "chat"
+        # the answer the client got is captured on the OpenAI chat and Anthropic Messages paths
+        shadow_ok = (ctx.dialect, ctx.endpoint) in (("openai", "chat"), ("anthropic", "messages"))
         for t in trials:
             if not self._participates(t, ctx):
                 continue
@@ -223,6 +235,10 @@ class TrialsRuntime:
                 if sticky_unit(ctx, t.name, t.sticky) < t.sample_rate and self._may_use(ctx, cand):
                     ctx.extra["trial_arm"] = "candidate"
                     ctx.model = cand
+                    if (shadow_ok and t.judge is not None and not self.exhausted(t)
+                            and self.rng.random() < t.canary_judge_rate):
+                        ctx.extra["trial_canary_judge"] = True  # judged against a background incumbent call
+                        ctx.extra["capture_response"] = True
                     return  # answered by the candidate: nothing left to shadow
                 ctx.extra["trial_arm"] = "incumbent"
                 continue
@@ -245,27 +261,38 @@ class TrialsRuntime:
             for name in names:
                 self.counters.setdefault(name, Counter())["no_incumbent_answer"] += 1
             return
-        snapshot = {
+        snapshot = self._snapshot(ctx)
+        for name in names:
+            t = self.trials.get(name)
+            if t is not None:
+                self._spawn(t, self._background(t, self._shadow_one(t, snapshot)))
+
+    @staticmethod
+    def _snapshot(ctx: RequestContext) -> dict[str, Any]:
+        """What a background trial call needs from a finished request (nothing that refers to ctx)."""
+        return {
             "request_id": ctx.request_id,
+            "dialect": ctx.dialect,
             "body": {k: v for k, v in ctx.body.items() if k not in ("stream", "stream_options")},
             "response": ctx.response_body,
             "ms": ctx.elapsed() * 1000,
             "cost": ctx.cost_usd,
             "usage": (ctx.usage.prompt_tokens, ctx.usage.completion_tokens),
             "policy": request_policy(ctx),
+            "headers": {h: ctx.headers[h] for h in FORWARDED_HEADERS if ctx.headers and h in ctx.headers},
         }
-        loop = asyncio.get_running_loop()
-        for name in names:
-            t = self.trials.get(name)
-            if t is None:
-                continue
-            if self.pending[name] >= t.max_concurrency * QUEUE_FACTOR:
-                self.counters[name]["dropped_queue_full"] += 1
-                continue
-            self.pending[name] += 1
-            task = loop.create_task(self._shadow(t, snapshot))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+
+    def _spawn(self, t: TrialConfig, coro: Any) -> bool:
+        """Schedule one background evaluation; False (counted, coroutine closed) when the queue is full."""
+        if self.pending[t.name] >= t.max_concurrency * QUEUE_FACTOR:
+            self.counters[t.name]["dropped_queue_full"] += 1
+            coro.close()
+            return False
+        self.pending[t.name] += 1
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return True
 
     def _canary_row(self, ctx: RequestContext) -> None:
         t = self.trials.get(ctx.trial or "")
@@ -284,9 +311,15 @@ class TrialsRuntime:
                "judge_score": None, "judge_status": None, "judge_detail": None, "scores": None}
         row[f"{side}_ms"], row[f"{side}_cost"], row[f"{side}_error"] = ms, cost, err
         self.counters[t.name][f"canary_{side}"] += 1
-        self._rows.append(row)
         if arm == "candidate" and cost:
             self._charge(t, "candidate", ctx.model or "", cost)
+        if (arm == "candidate" and ctx.extra.get("trial_canary_judge") and err is None and ctx.status == 200
+                and not ctx.cancelled):
+            if not ctx.response_body:
+                self.counters[t.name]["canary_no_answer"] += 1
+            elif self._spawn(t, self._background(t, self._canary_judge(t, row, self._snapshot(ctx)))):
+                return  # the background task adds the row, with the judge's score
+        self._rows.append(row)
 
     # -- background ------------------------------------------------------------------------------
     def _charge(self, t: TrialConfig, kind: str, model: str, cost: float | None) -> None:
@@ -294,8 +327,11 @@ class TrialsRuntime:
             self.spent[t.name] = self.spent.get(t.name, 0.0) + cost
             self._spend.append((t.name, kind, model, cost))
 
-    async def call_model(self, model: str, body: dict[str, Any], policy: str | None) -> CallOutcome:
-        """One non-streaming chat call to ``model``, only on deployments ``policy`` allows."""
+    async def call_model(self, model: str, body: dict[str, Any], policy: str | None,
+                         dialect: str = "openai", headers: dict[str, str] | None = None) -> CallOutcome:
+        """One non-streaming call to ``model``, only on deployments ``policy`` allows. ``body`` is an
+        OpenAI chat request, or an Anthropic Messages request when ``dialect`` is "anthropic"; it goes
+        as is (with ``headers``) to a deployment of the same protocol, through the canonical form to any other."""
         providers: list[Provider] = allowed(self.gw.providers.get(model, ()), policy)
         probe = RequestContext("trial", "openai", "chat", model=model)
         plan = [p for p in self.gw.router.plan(probe) if p in providers]
@@ -307,10 +343,15 @@ class TrialsRuntime:
         for p in plan:
             reply = None
             try:
-                if p.protocol == "openai":
-                    call = UpstreamCall("chat", {**body, "model": p.deployment.model}, False)
-                else:  # an Anthropic / Gemini deployment: translate like the OpenAI handler does
+                if p.protocol == dialect:  # same protocol: the request as the client sent it
+                    call = UpstreamCall("chat" if dialect == "openai" else "messages",
+                                        {**body, "model": p.deployment.model}, False, headers=dict(headers or {}))
+                elif dialect == "openai":  # an Anthropic / Gemini deployment: translate like the OpenAI handler does
                     call = translate.openai_call(p, "chat", body, canon)
+                else:  # an Anthropic request to another protocol: as the Messages handler does
+                    if not canon:
+                        canon.append(anth.request_to_canonical(body))
+                    call = translate.upstream_call(p, canon[0])
                 reply = await p.send(call)
                 if reply.status < 300:
                     if p.protocol == "openai":
@@ -319,7 +360,8 @@ class TrialsRuntime:
                         r = translate.reply_to_canonical(p.protocol, reply.body or b"", probe)
                         obj = oc.response_from_canonical(r, model)
                     pt, ct = usage_tokens(obj)
-                    return CallOutcome(answer_from_json(obj), (time.perf_counter() - t0) * 1000, None, None, pt, ct)
+                    return CallOutcome(answer_from_json(obj), (time.perf_counter() - t0) * 1000, None, None, pt, ct,
+                                       deployment=p.deployment)
                 err = f"HTTP {reply.status} from {p.id}: {(reply.body or b'')[:200].decode('utf-8', 'replace')}"
                 if reply.status not in RETRYABLE_STATUSES:
                     break
@@ -330,23 +372,46 @@ class TrialsRuntime:
                     await reply.aclose()
         return CallOutcome(ms=(time.perf_counter() - t0) * 1000, error=err)
 
-    async def _shadow(self, t: TrialConfig, snap: dict[str, Any]) -> None:
+    async def _background(self, t: TrialConfig, work: Any) -> None:
+        """Run one background evaluation within the trial's concurrency bound; errors are counted."""
         try:
             async with self.sems[t.name]:
-                await self._shadow_one(t, snap)
+                await work
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("trial %s: shadow evaluation failed", t.name)
+            log.exception("trial %s: background evaluation failed", t.name)
             self.counters[t.name]["internal_errors"] += 1
         finally:
             self.pending[t.name] -= 1
 
+    def _judge_call(self, t: TrialConfig, policy: str | None) -> Any:
+        """The judge as a JudgeCall: on deployments ``policy`` allows, priced into the trial's spend."""
+
+        async def judge_call(messages: list[dict[str, Any]]) -> str:
+            assert t.judge is not None
+            o = await self.call_model(t.judge.model, {"messages": messages, "max_tokens": t.judge.max_tokens,
+                                                      "temperature": t.judge.temperature}, policy)
+            self._charge(t, "judge", t.judge.model,
+                         price_of(t.judge.model, t, self.gw.config, o.prompt_tokens, o.completion_tokens, o.deployment))
+            if o.answer is None:
+                raise RuntimeError(o.error or "judge call failed")
+            return o.answer.text
+
+        return judge_call
+
+    def _judge_skip(self, t: TrialConfig, policy: str | None) -> str | None:
+        if t.judge is None:
+            return None
+        if not allowed(self.gw.providers.get(t.judge.model, ()), policy):
+            return "skipped_policy"
+        return "skipped_budget" if self.exhausted(t) else None
+
     async def _shadow_one(self, t: TrialConfig, snap: dict[str, Any]) -> None:
         c = self.counters[t.name]
-        policy = snap["policy"]
+        policy, dialect = snap["policy"], snap["dialect"]
         pt, ct = snap["usage"]
-        inc = CallOutcome(answer_from_bytes(snap["response"]), snap["ms"], None, None, pt, ct)
+        inc = CallOutcome(answer_of(dialect, snap["response"]), snap["ms"], None, None, pt, ct)
         inc.cost = snap["cost"] if snap["cost"] is not None else price_of(t.incumbent, t, self.gw.config, pt, ct)
         body = snap["body"]
         for cand_name in t.candidates:
@@ -356,32 +421,53 @@ class TrialsRuntime:
             if not allowed(self.gw.providers.get(cand_name, ()), policy):
                 c["skipped_policy"] += 1
                 continue
-            cand = await self.call_model(cand_name, body, policy)
-            cand.cost = price_of(cand_name, t, self.gw.config, cand.prompt_tokens, cand.completion_tokens)
+            cand = await self.call_model(cand_name, body, policy, dialect, snap["headers"])
+            cand.cost = price_of(cand_name, t, self.gw.config, cand.prompt_tokens, cand.completion_tokens, cand.deployment)
             self._charge(t, "candidate", cand_name, cand.cost)
             c["candidate_failures" if cand.answer is None else "candidate_calls"] += 1
-            judge_skip = None
-            if t.judge is not None:
-                if not allowed(self.gw.providers.get(t.judge.model, ()), policy):
-                    judge_skip = "skipped_policy"
-                elif self.exhausted(t):
-                    judge_skip = "skipped_budget"
-
-            async def judge_call(messages: list[dict[str, Any]]) -> str:
-                assert t.judge is not None
-                o = await self.call_model(t.judge.model, {"messages": messages, "max_tokens": t.judge.max_tokens,
-                                                          "temperature": t.judge.temperature}, policy)
-                self._charge(t, "judge", t.judge.model, price_of(t.judge.model, t, self.gw.config, o.prompt_tokens, o.completion_tokens))
-                if o.answer is None:
-                    raise RuntimeError(o.error or "judge call failed")
-                return o.answer.text
-
-            row, jr = await evaluate(t, source="shadow", item_id=snap["request_id"], request=body, meta={},
-                                     candidate=cand_name, inc=inc, cand=cand, scorers=self.scorers.get(t.name, {}),
-                                     judge=judge_call if t.judge is not None else None, judge_skip=judge_skip)
+            row, jr = await evaluate(t, source="shadow", item_id=snap["request_id"], request=judge_request(dialect, body),
+                                     meta={}, candidate=cand_name, inc=inc, cand=cand, scorers=self.scorers.get(t.name, {}),
+                                     judge=self._judge_call(t, policy) if t.judge is not None else None,
+                                     judge_skip=self._judge_skip(t, policy))
             if jr is not None and jr.status == "unparsable":
                 c["judge_unparsable"] += 1
             c["results"] += 1
+            self._rows.append(row)
+
+    async def _canary_judge(self, t: TrialConfig, row: dict[str, Any], snap: dict[str, Any]) -> None:
+        """Judge a candidate-arm canary answer against the incumbent's answer to the same request,
+        asked in the background (policy-respecting, priced into the trial's spend). The arm's own
+        latency and cost in ``row`` stay the live request's; the background call only adds a score."""
+        c = self.counters[t.name]
+        try:
+            policy, dialect = snap["policy"], snap["dialect"]
+            if self.exhausted(t):
+                row["judge_status"] = "skipped_budget"
+                return
+            if not allowed(self.gw.providers.get(t.incumbent, ()), policy):
+                row["judge_status"] = "skipped_policy"
+                c["canary_judge_skipped_policy"] += 1
+                return
+            inc = await self.call_model(t.incumbent, snap["body"], policy, dialect, snap["headers"])
+            self._charge(t, "incumbent", t.incumbent,
+                         price_of(t.incumbent, t, self.gw.config, inc.prompt_tokens, inc.completion_tokens, inc.deployment))
+            if inc.answer is None:  # our reference call failed: not the candidate's loss, so not scored
+                row["judge_status"] = "incumbent_call_failed"
+                row["judge_detail"] = orjson.dumps({"error": (inc.error or "")[:2000]}).decode()
+                c["canary_judge_incumbent_failed"] += 1
+                return
+            pt, ct = snap["usage"]
+            cand = CallOutcome(answer_of(dialect, snap["response"]), snap["ms"], None, None, pt, ct)
+            judged, jr = await evaluate(t, source="canary", item_id=snap["request_id"],
+                                        request=judge_request(dialect, snap["body"]), meta={}, candidate=row["candidate"],
+                                        inc=inc, cand=cand, scorers=self.scorers.get(t.name, {}),
+                                        judge=self._judge_call(t, policy), judge_skip=self._judge_skip(t, policy))
+            for k in ("request", "incumbent_answer", "candidate_answer", "judge_score", "judge_status", "judge_detail", "scores"):
+                row[k] = judged[k]
+            if jr is not None and jr.status == "unparsable":
+                c["judge_unparsable"] += 1
+            c["canary_judged"] += 1
+        finally:
             self._rows.append(row)
 
     def status(self) -> list[dict[str, Any]]:

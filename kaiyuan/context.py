@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,7 @@ class RequestContext:
     ttft: float | None = None  # seconds from arrival to the first byte/token sent to the client
     usage: Usage = field(default_factory=Usage)
     cost_usd: float | None = None
+    pricer: Callable[[RequestContext], float | None] | None = None  # set by the guard; prices ctx.usage
     log_bodies: bool = False
     response_body: bytes | None = None
     trial: str | None = None

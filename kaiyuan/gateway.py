@@ -10,10 +10,11 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from kaiyuan.accounting.guard import KeyGuard
 from kaiyuan.config import GatewayConfig, ModelConfig
 from kaiyuan.context import RequestContext
 from kaiyuan.errors import ErrorKind, GatewayError
-from kaiyuan.guard import Guard, MasterKeyGuard
+from kaiyuan.guard import Guard
 from kaiyuan.observability.metrics import Metrics
 from kaiyuan.observability.request_log import RequestLogWriter
 from kaiyuan.observability.tracing import Tracer
@@ -39,9 +40,12 @@ class Gateway:
             m.name: [build_provider(d) for d in m.deployments] for m in config.models
         }
         self.router = Router(self.providers, self.models, self.metrics.registry)
-        self.guard: Guard = MasterKeyGuard(config.server.master_key)
+        self.guard: Guard = KeyGuard(self)  # master key + virtual keys, limits, budgets, cost
         self.request_log = RequestLogWriter(engine, config.request_log, self.metrics)
         self.on_complete: list[CompletionHook] = []
+        # Called first in model_config (after auth): may rewrite ctx.model (trials: canary, promote)
+        # or flag the request in ctx.extra (trials: shadow sampling). Must be fast and not raise.
+        self.pre_route: list[CompletionHook] = []
         self.tracer: Tracer | None = None
         if config.tracing.enabled:
             t = config.tracing
@@ -70,6 +74,8 @@ class Gateway:
 
     # -- the request path ------------------------------------------------------------------
     def model_config(self, ctx: RequestContext) -> ModelConfig:
+        for hook in self.pre_route:
+            hook(ctx)
         m = self.models.get(ctx.model or "")
         if m is None:
             names = ", ".join(sorted(self.models)) or "(none configured)"

@@ -167,3 +167,23 @@ def test_request_log_records_every_request(gateway: RunningGateway) -> None:
     assert ok["latency_ms"] > 0 and ok["prompt_tokens"] and ok["error"] is None
     assert ok["request_body"] and "logged" in ok["request_body"] and "echo: logged" in ok["response_body"]
     assert bad["status"] == 404 and "does not exist" in bad["error"]
+
+
+def test_cost_header_on_whole_answers_matches_the_log(make_gateway, fake_openai: FakeOpenAI) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import openai_model
+
+    gw = make_gateway({"models": [openai_model("deepseek-chat", fake_openai.url)]})
+    raw = client(gw).chat.completions.with_raw_response.create(
+        model="deepseek-chat", messages=[{"role": "user", "content": "price me"}]
+    )
+    cost = float(raw.headers["x-kaiyuan-cost"])
+    assert cost > 0
+    row = gw.log_rows()[-1]
+    assert abs(row["cost_usd"] - cost) < 1e-9
+    # Streams send headers before usage exists: the cost is in the log only.
+    stream = client(gw).chat.completions.with_raw_response.create(
+        model="deepseek-chat", messages=[{"role": "user", "content": "x"}], stream=True
+    )
+    assert "x-kaiyuan-cost" not in stream.headers
+    list(stream.parse())
+    assert gw.log_rows()[-1]["cost_usd"] > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -245,9 +246,10 @@ def test_gemini_thought_signature_rides_in_the_call_id(native_gateway: RunningGa
     stripped = [msgs[0], {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_plain", "type": "function", "function": {"name": "search", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "call_plain", "content": "ok"}]
-    with pytest.raises(openai.BadRequestError) as ei:
-        c.chat.completions.create(model="gemini", messages=stripped, tools=TOOLS)
-    assert "thought_signature" in ei.value.message  # the fake enforces it, so the test above means something
+    # a call Gemini did not make (another upstream's, or hand-built) goes with Gemini's documented stand-in
+    # signature instead of a 400; the fake, like Gemini 3, refuses a first call without any signature
+    assert c.chat.completions.create(model="gemini", messages=stripped, tools=TOOLS).choices[0].message.content == "tool said: ok"
+    assert fake_gemini.requests[-1]["contents"][1]["parts"][0]["thoughtSignature"] == "context_engineering_is_the_way_to_go"
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -262,3 +264,34 @@ def test_untranslatable_messages_are_a_clear_400(native_gateway: RunningGateway,
     with pytest.raises(openai.BadRequestError) as ei:
         client(native_gateway).chat.completions.create(model=model, messages=messages)
     assert needle in ei.value.message and ei.value.body["type"] == "invalid_request_error"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(("fixture", "text", "tool_args"), [
+    ("stream_text.sse", "Hello!", None),
+    ("stream_tool_use.sse", "Okay, let's check the weather for San Francisco, CA:", {"location": "San Francisco, CA", "unit": "fahrenheit"}),
+])
+def test_anthropic_docs_stream_replayed_byte_for_byte(native_gateway: RunningGateway, fake_anthropic: Any,
+                                                      fixture: str, text: str, tool_args: Any) -> None:
+    """The exact SSE bytes of Anthropic's streaming examples, sent by the fake upstream, reach the openai SDK intact."""
+    raw = (Path(__file__).parent / "fixtures" / "anthropic" / fixture).read_bytes()
+    fake_anthropic.next(Behaviour(raw_body=raw, headers={"Content-Type": "text/event-stream"}))
+    chunks = list(client(native_gateway).chat.completions.create(
+        model="claude", messages=[{"role": "user", "content": "weather?"}], stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    if tool_args is None:
+        assert not calls and [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    else:
+        assert calls[0].id == "toolu_01T1x1fJ34qAmk2tNTrN7Up6" and calls[0].function.name == "get_weather"  # type: ignore[union-attr]
+        assert json.loads("".join(tc.function.arguments or "" for tc in calls)) == tool_args  # type: ignore[union-attr]
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == (15 if tool_args is None else 89)
+
+
+def test_anthropic_docs_error_body_keeps_status_and_message(native_gateway: RunningGateway, fake_anthropic: Any) -> None:
+    """Anthropic's documented error shape (with request_id), as an OpenAI caller sees it."""
+    raw = (Path(__file__).parent / "fixtures" / "anthropic" / "error_not_found.json").read_bytes()
+    fake_anthropic.default = Behaviour(status=404, raw_body=raw, headers={"Content-Type": "application/json"})  # persistent
+    with pytest.raises(openai.NotFoundError) as ei:
+        client(native_gateway).chat.completions.create(model="claude", messages=[{"role": "user", "content": "x"}])
+    assert "The requested resource could not be found." in ei.value.message

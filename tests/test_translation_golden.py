@@ -9,11 +9,13 @@ from typing import Any
 import orjson
 import pytest
 
+from kaiyuan.context import RequestContext
 from kaiyuan.dialects import anthropic as anth
 from kaiyuan.dialects import gemini as gem
 from kaiyuan.dialects import openai_chat as oc
 from kaiyuan.dialects.streams import AnthropicToOpenAI, GeminiToOpenAI, OpenAIToAnthropic
 from kaiyuan.errors import ErrorKind, GatewayError, invalid
+from kaiyuan.server.translate import usage_into_ctx
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -25,7 +27,7 @@ def load(name: str) -> Any:
 def sse_objects(name: str) -> list[dict[str, Any]]:
     """The data objects of an SSE fixture, checking its framing on the way."""
     raw = (FIX / name).read_bytes().replace(b"\r\n", b"\n")
-    assert raw.endswith(b"\n\n")
+    assert raw.endswith(b"\n")  # docs code blocks sometimes stop right after the last event's data line
     out = []
     for ev in raw.strip().split(b"\n\n"):
         lines = ev.split(b"\n")
@@ -120,13 +122,51 @@ def test_anthropic_tool_use_stream_to_openai() -> None:
 
 
 def test_anthropic_thinking_stream_to_openai_keeps_signature() -> None:
+    """The docs' extended-thinking example: no usage in message_start nor message_delta."""
     tr = AnthropicToOpenAI("claude", include_usage=False)
     chunks = [ch for ev in sse_objects("anthropic/stream_thinking.sse") for ch in tr.feed(ev)]
     got = accumulate_openai(chunks)
-    assert got["reasoning"].endswith("So GCD(1071, 462) = 21") and got["reasoning"].startswith("I need to find")
+    assert got["reasoning"].startswith("Let me solve this step by step:\n\n1. First") and got["reasoning"].endswith("= 12,231")
     assert got["signature"] == "EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds..."
-    assert got["content"] == "The greatest common divisor of 1071 and 462 is **21**."
+    assert got["content"] == "27 * 453 = 12,231"
     assert got["finish"] == "stop" and got["usage"] is None and all("usage" not in c for c in chunks)
+
+
+def test_stream_without_usage_leaves_the_cost_unknown() -> None:
+    """An upstream stream that reports no usage (the docs' thinking example) must not be priced as 0 tokens:
+    the request's usage stays unknown, so accounting charges the reservation instead of $0."""
+    tr = AnthropicToOpenAI("claude", include_usage=True)
+    for ev in sse_objects("anthropic/stream_thinking.sse"):
+        tr.feed(ev)
+    ctx = RequestContext(request_id="r", dialect="openai", endpoint="chat")
+    usage_into_ctx(tr.usage, ctx)
+    assert ctx.usage.prompt_tokens is None and ctx.usage.completion_tokens is None
+    known = AnthropicToOpenAI("claude", include_usage=True)
+    for ev in sse_objects("anthropic/stream_text.sse"):
+        known.feed(ev)
+    usage_into_ctx(known.usage, ctx)
+    assert (ctx.usage.prompt_tokens, ctx.usage.completion_tokens) == (25, 15)
+
+
+def test_anthropic_basic_text_stream_to_openai() -> None:
+    """The docs' basic streaming example, byte for byte (spaces after colons, ``"stop_sequence":null``)."""
+    tr = AnthropicToOpenAI("claude", include_usage=True)
+    chunks = [ch for ev in sse_objects("anthropic/stream_text.sse") for ch in tr.feed(ev)]
+    got = accumulate_openai(chunks)
+    assert got["content"] == "Hello!" and got["finish"] == "stop"
+    assert got["usage"] == {"prompt_tokens": 25, "completion_tokens": 15, "total_tokens": 40,
+                            "prompt_tokens_details": {"cached_tokens": 0}}
+
+
+def test_anthropic_error_event_from_docs_is_an_overloaded_error() -> None:
+    tr = AnthropicToOpenAI("claude", include_usage=False)
+    (ev,) = sse_objects("anthropic/stream_error.sse")
+    with pytest.raises(GatewayError) as ei:
+        tr.feed(ev)
+    assert ei.value.kind is ErrorKind.OVERLOADED and ei.value.status == 529
+    # what Kaiyuan itself writes for the same error carries the same fields
+    ours = orjson.loads(anth.stream_error_event(GatewayError(ErrorKind.OVERLOADED, "Overloaded")).split(b"data: ", 1)[1])
+    assert ours == ev
 
 
 def test_openai_parallel_tool_stream_to_anthropic() -> None:
@@ -246,7 +286,8 @@ def test_openai_request_to_anthropic_and_gemini() -> None:
     assert a["tools"][0]["input_schema"] == src["tools"][0]["function"]["parameters"]
     assert (a["max_tokens"], a["temperature"], a["stop_sequences"], a["tool_choice"]) == (256, 0.2, ["\n\n"], {"type": "auto"})
     g = gem.request_from_canonical(canon)
-    assert g["contents"][1] == {"role": "model", "parts": [{"functionCall": {"name": "get_current_weather", "args": {"location": "Boston, MA"}}}]}
+    assert g["contents"][1] == {"role": "model", "parts": [{"functionCall": {"name": "get_current_weather", "args": {"location": "Boston, MA"}},
+                                                            "thoughtSignature": gem.FOREIGN_SIGNATURE}]}  # not Gemini's call
     assert g["contents"][2] == {"role": "user", "parts": [{"functionResponse": {
         "name": "get_current_weather", "response": {"temperature": 22, "unit": "celsius"}}}]}
     assert g["contents"][0]["parts"][1] == {"inlineData": {"mimeType": "image/jpeg", "data": "/9j/4AAQSkZJRg=="}}
@@ -294,3 +335,127 @@ def test_tool_calls_with_finish_stop_still_end_in_tool_use() -> None:
 def test_tool_choice_none_without_tools_is_not_sent_to_openai() -> None:
     body = {"model": "m", "max_tokens": 5, "tool_choice": {"type": "none"}, "messages": [{"role": "user", "content": "x"}]}
     assert "tool_choice" not in oc.request_from_canonical(anth.request_to_canonical(body), "m")
+
+
+def test_anthropic_message_delta_usage_is_cumulative_not_added() -> None:
+    """Anthropic's message_delta usage is cumulative and, on the current API, repeats input_tokens and the
+    cache counts; the stream carries extra fields (service_tier, cache_creation, a tool_use ``caller``)."""
+    tr = AnthropicToOpenAI("claude", include_usage=True)
+    chunks = [ch for ev in sse_objects("anthropic/stream_cumulative_usage.sse") for ch in tr.feed(ev)]
+    got = accumulate_openai(chunks)
+    assert got["content"] == "Checking Paris."
+    assert got["tool_calls"] == {0: {"id": "toolu_01WireCumulativeUsage01", "name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    assert got["finish"] == "tool_calls"
+    assert got["usage"] == {"prompt_tokens": 35, "completion_tokens": 30, "total_tokens": 65,
+                            "prompt_tokens_details": {"cached_tokens": 10}}
+
+
+def test_openai_reference_stream_to_anthropic() -> None:
+    """The API reference's chunk objects (spaces and all), as an Anthropic caller sees them."""
+    tr = OpenAIToAnthropic("gpt-4o-mini")
+    raw = b"".join(b"".join(tr.feed(ch)) for ch in sse_objects("openai/stream_text.sse")) + b"".join(tr.end())
+    events = parse_anthropic_sse(raw)
+    assert [n for n, _ in events][:2] == ["message_start", "ping"]
+    msg = accumulate_anthropic(events)
+    assert msg["content"] == [{"type": "text", "text": "Hello"}] and msg["stop_reason"] == "end_turn"
+
+
+def test_fake_openai_chunks_have_the_reference_fields() -> None:
+    """The fake upstream's chunks carry exactly the fields (and key order) of the reference's chunk objects."""
+    ref = sse_objects("openai/stream_text.sse")
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from kaiyuan.testing.fake_openai import FakeOpenAI
+
+    async def fetch() -> list[dict[str, Any]]:
+        fake = FakeOpenAI()
+        async with TestClient(TestServer(fake.app)) as cl:
+            r = await cl.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "stream": True,
+                                                            "messages": [{"role": "user", "content": "Hello"}]})
+            body = await r.read()
+        return [orjson.loads(x[6:]) for x in body.split(b"\n\n") if x.startswith(b"data: {")]
+
+    got = asyncio.run(fetch())
+    assert [list(c) for c in got] == [list(ref[0])] * len(got)
+    assert [list(c["choices"][0]) for c in got] == [list(ref[0]["choices"][0])] * len(got)
+    assert got[0]["choices"][0]["delta"]["role"] == "assistant" and got[-1]["choices"][0]["delta"] == {}
+
+
+def test_gemini_parallel_calls_signature_only_on_the_first_and_sent_back_exactly() -> None:
+    """Gemini's thought-signature docs: with parallel calls only the first functionCall carries the
+    signature, and it must come back exactly as received (here a placeholder that is not base64)."""
+    out = oc.response_from_canonical(gem.response_to_canonical(load("gemini/generate_parallel_signature.json")), "gemini")
+    msg = out["choices"][0]["message"]
+    assert [orjson.loads(t["function"]["arguments"]) for t in msg["tool_calls"]] == [{"location": "Paris"}, {"location": "London"}]
+    assert out["choices"][0]["finish_reason"] == "tool_calls"  # no finishReason at all: still a tool turn
+    history = {"model": "gemini", "messages": [
+        {"role": "user", "content": "Check the weather in Paris and London."}, msg,
+        {"role": "tool", "tool_call_id": msg["tool_calls"][0]["id"], "content": '{"temp": "15C"}'},
+        {"role": "tool", "tool_call_id": msg["tool_calls"][1]["id"], "content": '{"temp": "12C"}'}]}
+    g = gem.request_from_canonical(oc.request_to_canonical(history))
+    assert g["contents"][1]["parts"] == [
+        {"functionCall": {"name": "get_current_temperature", "args": {"location": "Paris"}}, "thoughtSignature": "<Signature_A>"},
+        {"functionCall": {"name": "get_current_temperature", "args": {"location": "London"}}}]
+    assert g["contents"][2]["parts"] == [
+        {"functionResponse": {"name": "get_current_temperature", "response": {"temp": "15C"}}},
+        {"functionResponse": {"name": "get_current_temperature", "response": {"temp": "12C"}}}]
+
+
+@pytest.mark.parametrize("sig", ["CiQB0e2Kb+abc/x==", "Ab-_c", "context_engineering_is_the_way_to_go", "<Signature_A>", "a b=="])
+def test_any_thought_signature_survives_the_call_id(sig: str) -> None:
+    cid = gem.call_id_with_signature("call_1", sig)
+    assert gem.signature_of(cid) == sig and cid.startswith("call_1")
+    assert all(ch.isalnum() or ch in "_-" for ch in cid)  # still a valid Anthropic tool_use id
+
+
+def test_foreign_function_calls_get_geminis_documented_stand_in_signature() -> None:
+    """History Gemini did not produce (another upstream's calls) would be a 400 on Gemini 3 without a signature."""
+    history = {"model": "m", "messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+            {"id": "call_b", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_a", "content": "1"}, {"role": "tool", "tool_call_id": "call_b", "content": "2"}]}
+    parts = gem.request_from_canonical(oc.request_to_canonical(history))["contents"][1]["parts"]
+    assert [p.get("thoughtSignature") for p in parts] == [gem.FOREIGN_SIGNATURE, None]
+
+
+def test_fake_gemini_enforces_signatures_like_gemini_3() -> None:
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from kaiyuan.testing.fake_gemini import FakeGemini
+
+    def body(sig: str | None) -> dict[str, Any]:
+        call: dict[str, Any] = {"functionCall": {"name": "f", "args": {}}}
+        if sig:
+            call["thoughtSignature"] = sig
+        return {"contents": [{"role": "user", "parts": [{"text": "x"}]}, {"role": "model", "parts": [call]},
+                             {"role": "user", "parts": [{"functionResponse": {"name": "f", "response": {"r": 1}}}]}]}
+
+    async def statuses() -> list[int]:
+        async with TestClient(TestServer(FakeGemini().app)) as cl:
+            out = []
+            for sig in (None, gem.FOREIGN_SIGNATURE):
+                r = await cl.post("/v1beta/models/g:generateContent", json=body(sig))
+                out.append(r.status)
+            return out
+
+    assert asyncio.run(statuses()) == [400, 200]
+
+
+def test_gemini_cookbook_stream_every_chunk_says_stop_and_no_usage() -> None:
+    """Google's recorded streamGenerateContent?alt=sse output: finishReason STOP on every chunk, safety
+    ratings, promptFeedback on the first, and no usageMetadata at all."""
+    tr = GeminiToOpenAI("gemini", include_usage=True)
+    chunks = [ch for o in sse_objects("gemini/stream_cookbook_text.sse") for ch in tr.feed(o)] + tr.end()
+    got = accumulate_openai(chunks)
+    assert got["content"].startswith("In the quaint, sunlit cottage") and got["content"].endswith("stronger than ever.")
+    assert "\"冒险伙伴\" (Adventure Buddies)" in got["content"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]] == ["stop"]
+    ctx = RequestContext(request_id="r", dialect="openai", endpoint="chat")
+    usage_into_ctx(tr.usage, ctx)
+    assert ctx.usage.prompt_tokens is None  # unknown, not 0 tokens

@@ -8,7 +8,9 @@ canonical form; nothing in between drops them.
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 from typing import Any
 
 import orjson
@@ -33,15 +35,32 @@ def new_call_id() -> str:
 # (Gemini 3 answers 400 without it). Other dialects have no field for it, so it rides inside the
 # tool call id, which every client echoes back: ``<id>__ts__<url-safe signature>``.
 SIG_MARK = "__ts__"
+# Gemini's documented stand-in for a function call the model did not produce itself (history from
+# another upstream, e.g. after a fallback; hand-built transcripts): with it, Gemini 3 skips the
+# signature check instead of answering 400 (ai.google.dev/gemini-api/docs/gemini-3, "Migrating from
+# other models"). Only the first functionCall of a model turn needs a signature.
+FOREIGN_SIGNATURE = "context_engineering_is_the_way_to_go"
+
+
+_STD_B64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+SIG_MARK_BYTES = "__tsb__"  # any other signature: base64url of its UTF-8 bytes, so it always round-trips
 
 
 def call_id_with_signature(call_id: str, signature: Any) -> str:
     if not isinstance(signature, str) or not signature:
         return call_id
-    return call_id + SIG_MARK + signature.replace("+", "-").replace("/", "_").rstrip("=")
+    if len(signature) % 4 == 0 and _STD_B64.fullmatch(signature):  # what Gemini sends: standard base64
+        return call_id + SIG_MARK + signature.replace("+", "-").replace("/", "_").rstrip("=")
+    return call_id + SIG_MARK_BYTES + base64.urlsafe_b64encode(signature.encode()).decode().rstrip("=")
 
 
 def signature_of(call_id: str) -> str | None:
+    if SIG_MARK_BYTES in call_id:
+        enc = call_id.split(SIG_MARK_BYTES, 1)[1]
+        try:
+            return base64.urlsafe_b64decode(enc + "=" * (-len(enc) % 4)).decode()
+        except (ValueError, UnicodeDecodeError):
+            return None
     if SIG_MARK not in call_id:
         return None
     enc = call_id.split(SIG_MARK, 1)[1].replace("-", "+").replace("_", "/")
@@ -99,6 +118,9 @@ def _parts(m: c.Message) -> list[dict[str, Any]]:
         elif isinstance(b, c.ToolResult):
             parts.append(_function_response(b))
         # Thinking is not sent back: Gemini does not accept earlier thoughts as input.
+    calls = [p for p in parts if "functionCall" in p]
+    if calls and not any("thoughtSignature" in p for p in calls):
+        calls[0]["thoughtSignature"] = FOREIGN_SIGNATURE
     return parts
 
 

@@ -12,7 +12,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 STRATEGIES = ("weighted", "least_in_flight", "lowest_latency", "cheapest")
 Strategy = Literal["weighted", "least_in_flight", "lowest_latency", "cheapest"]
-PRICE_KEYS = {"input", "output", "cached_input", "currency"}
 
 
 class _Strict(BaseModel):
@@ -73,32 +72,6 @@ class RoutingSettings(_Strict):
 
             parse_policy(v)  # raises ValueError with the reason
         return v
-
-
-def validate_price(v: dict[str, Any] | None) -> dict[str, Any] | None:
-    """``price: {input: 0.27, output: 1.10, cached_input: 0.07, currency: USD}`` (per million tokens).
-
-    Returned as a plain dict (``currency`` filled in) so that any module can read ``price["input"]``.
-    """
-    if v is None:
-        return None
-    unknown = sorted(set(v) - PRICE_KEYS)
-    if unknown:
-        raise ValueError(f"unknown price keys {unknown}; use input, output, cached_input (per 1M tokens), currency")
-    for k in ("input", "output"):
-        if k not in v:
-            raise ValueError(f"price needs '{k}' (price per million {k} tokens)")
-    out: dict[str, Any] = {"currency": "USD"}
-    for k, x in v.items():
-        if k == "currency":
-            if not isinstance(x, str) or not x:
-                raise ValueError("price.currency must be a currency code such as USD")
-            out[k] = x.upper()
-            continue
-        if isinstance(x, bool) or not isinstance(x, int | float) or x < 0:
-            raise ValueError(f"price.{k} must be a number >= 0 (per million tokens), got {x!r}")
-        out[k] = float(x)
-    return out
 
 
 def check_routing(models: Sequence[Any]) -> None:

@@ -85,7 +85,7 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
             r = translate.reply_to_canonical(provider.protocol, data, ctx)
             data = orjson.dumps(anth.response_from_canonical(r, public))
         ctx.mark_first_byte()
-        if ctx.log_bodies:
+        if ctx.log_bodies or "capture_response" in ctx.extra:  # trials: sampled requests
             ctx.response_body = data
         return web.Response(body=data, status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))
     except GatewayError as e:

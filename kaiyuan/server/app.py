@@ -28,6 +28,9 @@ RouteInstaller = Callable[[web.Application], None]
 # Other API families (Anthropic, admin, ...) register here; each installs its own routes.
 EXTRA_ROUTES: list[RouteInstaller] = []
 
+from kaiyuan.server import admin_api  # noqa: E402  (the admin API: keys, teams, budgets, spend)
+
+EXTRA_ROUTES.append(admin_api.add_routes)
 EXTRA_ROUTES.append(anthropic_api.add_routes)
 ERROR_SHAPES.append(("/v1/messages", anth.error_body))
 
@@ -66,6 +69,18 @@ async def error_middleware(
         return error_response(err, ser)
 
 
+def _load_plugins() -> None:
+    """Import optional modules that register into EXTRA_ROUTES (trials)."""
+    import importlib
+
+    for mod in ("kaiyuan.trials.server",):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
 def create_app(config: GatewayConfig, gateway: Gateway | None = None) -> web.Application:
     """Build the aiohttp application. The gateway's store, providers and log writer start with it."""
     app = web.Application(
@@ -78,6 +93,7 @@ def create_app(config: GatewayConfig, gateway: Gateway | None = None) -> web.App
     openai_api.add_routes(app)
     health.add_routes(app)
     routing_admin.add_routes(app)
+    _load_plugins()
     for install in EXTRA_ROUTES:
         install(app)
 

@@ -75,6 +75,8 @@ def kaiyuan_headers(ctx: RequestContext) -> dict[str, str]:
         h["x-kaiyuan-deployment"] = ctx.deployment
     if ctx.attempts:
         h["x-kaiyuan-attempts"] = str(len(ctx.attempts))
+    if ctx.cost_usd is None and ctx.pricer is not None and ctx.usage.prompt_tokens is not None:
+        ctx.cost_usd = ctx.pricer(ctx)  # usage is known: a whole (non-streamed) answer
     if ctx.cost_usd is not None:
         h["x-kaiyuan-cost"] = f"{ctx.cost_usd:.8f}".rstrip("0").rstrip(".") or "0"
     served = ctx.extra.get("served_model")

@@ -48,6 +48,7 @@ async def _handle(request: web.Request, endpoint: str, validate: Validator) -> w
         ctx.raw_body, body = await read_json(request, gw.config.server.max_body_bytes)
         if isinstance(body.get("model"), str):
             ctx.model = body["model"]
+        ctx.body = body  # the guard counts the prompt from it
         await gw.guard.admit(ctx)
         validate(body)
         ctx.body = body
@@ -70,7 +71,7 @@ async def _handle(request: web.Request, endpoint: str, validate: Validator) -> w
         ctx.status = reply.status
         ctx.mark_first_byte()
         _read_usage(data, ctx)
-        if ctx.log_bodies:
+        if ctx.log_bodies or "capture_response" in ctx.extra:  # trials: shadow-sampled requests
             ctx.response_body = data
         return web.Response(body=data, status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))
     except GatewayError as e:

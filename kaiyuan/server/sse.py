@@ -102,7 +102,7 @@ async def relay_openai_stream(
 ) -> web.StreamResponse:
     """Forward an OpenAI-protocol stream. ``strip_usage`` drops the usage-only final chunk that the
     gateway asked for on the caller's behalf (the caller did not set ``include_usage``)."""
-    tail = bytearray() if ctx.log_bodies else None
+    tail = bytearray() if ctx.log_bodies or "capture_response" in ctx.extra else None
 
     async def pump(resp: web.StreamResponse) -> None:
         saw_done = False

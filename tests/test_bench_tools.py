@@ -1,0 +1,99 @@
+"""The benchmark's own tools count what they claim to: the fast upstream's wire format, and the load
+generator's chunk-loss and [DONE] accounting (a benchmark that cannot see a lost chunk proves nothing)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.loadgen import Spec, run
+from bench.report import pct
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[int]:
+    p = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "fast_upstream.py"), "--port", "0", "--chunks", "20"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert p.stdout is not None
+        line = p.stdout.readline()  # "PORT <n> PID <pid>"
+        assert line.startswith("PORT "), line
+        yield int(line.split()[1])
+    finally:
+        p.terminate()
+        p.wait(10)
+
+
+def _post(port: int, body: dict[str, object]) -> tuple[int, str, bytes]:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode(), method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.status, r.headers.get("Content-Type", ""), r.read()
+
+
+def test_upstream_speaks_openai_json_and_sse(upstream: int) -> None:
+    status, ctype, data = _post(upstream, {"model": "fast", "messages": []})
+    assert status == 200 and ctype == "application/json"
+    obj = json.loads(data)
+    assert obj["object"] == "chat.completion" and obj["usage"]["completion_tokens"] == 20
+
+    _, ctype, data = _post(upstream, {"model": "paced-3-1", "stream": True})
+    events = [e for e in data.decode().split("\n\n") if e]
+    assert ctype == "text/event-stream"
+    assert events[-1] == "data: [DONE]"
+    assert len(events) == 1 + 3 + 1 + 1  # role, 3 content chunks, finish, [DONE]; no usage unless asked
+    assert all('"usage"' not in e for e in events)
+
+    _, _, data = _post(upstream, {"model": "fast", "stream": True, "stream_options": {"include_usage": True}})
+    events = [e for e in data.decode().split("\n\n") if e]
+    usage = json.loads(events[-2][len("data: "):])
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 20
+
+
+def _spec(port: int, body: dict[str, object], **kw: object) -> Spec:
+    base: dict[str, object] = {
+        "host": "127.0.0.1", "port": port, "path": "/v1/chat/completions", "body": json.dumps(body),
+        "stream": bool(body.get("stream")), "concurrency": 3, "per_conn": 4, "timeout": 10.0,
+    }
+    base.update(kw)
+    return Spec(**base)  # type: ignore[arg-type]
+
+
+def test_loadgen_counts_every_chunk_and_done(upstream: int) -> None:
+    res = asyncio.run(run(_spec(upstream, {"model": "fast", "stream": True}, expect_chunks=20)))
+    assert res.ok == 12 and res.errors == 0
+    assert res.chunks_expected == 240 and res.chunks_received == 240
+    assert res.streams_with_loss == 0 and res.missing_done == 0 and len(res.ttfc) == 12
+
+
+def test_loadgen_sees_missing_chunks_and_missing_done(upstream: int) -> None:
+    # The upstream sends 20 chunks; asking for 25 must show 5 lost per stream.
+    res = asyncio.run(run(_spec(upstream, {"model": "fast", "stream": True}, expect_chunks=25, done_marker="no-such")))
+    assert res.ok == 12
+    assert res.chunks_expected - res.chunks_received == 12 * 5
+    assert res.streams_with_loss == 12 and res.missing_done == 12
+
+
+def test_loadgen_records_http_errors(upstream: int) -> None:
+    res = asyncio.run(run(_spec(upstream, {"model": "fast"}, path="/v1/nope", per_conn=2)))
+    assert res.ok == 0 and res.errors == 6 and res.status_counts == {"404": 6}
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    xs = [float(i) for i in range(1, 101)]
+    assert pct(xs, 50) == 50.0 and pct(xs, 99) == 99.0 and pct(xs, 100) == 100.0
+    assert pct([], 50) is None and pct([7.0], 99) == 7.0

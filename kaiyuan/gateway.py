@@ -34,7 +34,7 @@ class Gateway:
     def __init__(self, config: GatewayConfig, engine: Engine | None = None) -> None:
         self.config = config
         self.engine = engine
-        self.metrics = Metrics(m.name for m in config.models)
+        self.metrics = Metrics()
         self.models: dict[str, ModelConfig] = {m.name: m for m in config.models}
         self.providers: dict[str, list[Provider]] = {
             m.name: [build_provider(d) for d in m.deployments] for m in config.models
@@ -110,7 +110,7 @@ class Gateway:
     def finish(self, ctx: RequestContext) -> None:
         """Record the outcome of a request (metrics, request log, completion hooks). Never raises."""
         try:
-            self.metrics.observe(ctx)
+            self.metrics.observe(ctx, self.models)
             self.request_log.submit(ctx)
             for hook in self.on_complete:
                 hook(ctx)

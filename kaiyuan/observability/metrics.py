@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Container
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from kaiyuan.context import RequestContext
 
+UNKNOWN_MODEL = "(unknown)"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
-UNKNOWN_MODEL = "(unknown)"
-
-
 class Metrics:
-    def __init__(self, models: Iterable[str] | None = None) -> None:
-        # Label values come only from config: a model name a client made up is counted under
-        # UNKNOWN_MODEL, so no caller can grow the registry (and its memory) without bound.
-        self.models: frozenset[str] | None = frozenset(models) if models is not None else None
+    def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # see child(); never cleared
         self.requests = Counter(
@@ -59,9 +54,11 @@ class Metrics:
             c = self._children[key] = metric.labels(*labels)
         return c
 
-    def observe(self, ctx: RequestContext) -> None:
+    def observe(self, ctx: RequestContext, known_models: Container[str] | None = None) -> None:
+        """Count one finished request. A model name outside ``known_models`` (whatever a client
+        sent) is labelled ``(unknown)``, so bad requests cannot grow the series without bound."""
         model = ctx.model or ""
-        if self.models is not None and model and model not in self.models:
+        if known_models is not None and model not in known_models:
             model = UNKNOWN_MODEL
         dep = ctx.deployment or ""
         child = self.child

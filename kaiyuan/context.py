@@ -5,7 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kaiyuan.providers.base import UpstreamReply
 
 
 @dataclass(slots=True)
@@ -66,6 +69,7 @@ class RequestContext:
     response_body: bytes | None = None
     trial: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    reply: UpstreamReply | None = None  # the upstream's reply, closed when the handler ends
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started

@@ -16,18 +16,11 @@ from aiohttp import web
 from kaiyuan.context import RequestContext
 from kaiyuan.dialects import anthropic as anth
 from kaiyuan.dialects import canonical as c
-from kaiyuan.errors import ErrorKind, GatewayError
-from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
+from kaiyuan.gateway import Gateway
+from kaiyuan.providers.base import Provider, UpstreamCall
 from kaiyuan.server import translate
-from kaiyuan.server.common import (
-    JSON_CT,
-    client_gone,
-    error_response,
-    kaiyuan_headers,
-    new_request_id,
-    read_json,
-)
-from kaiyuan.server.openai_api import GATEWAY_KEY
+from kaiyuan.server.common import JSON_CT, kaiyuan_headers
+from kaiyuan.server.handler import api_handler
 
 FORWARDED_HEADERS = ("anthropic-beta",)
 
@@ -36,75 +29,48 @@ def _forward_headers(request: web.Request) -> dict[str, str]:
     return {h: request.headers[h] for h in FORWARDED_HEADERS if h in request.headers}
 
 
-async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
-    gw = request.app[GATEWAY_KEY]
-    ctx = RequestContext(new_request_id(), "anthropic", endpoint, headers=request.headers)
-    reply: UpstreamReply | None = None
-    gw.metrics.in_flight.inc()
-    try:
-        ctx.raw_body, body = await read_json(request, gw.config.server.max_body_bytes)
-        if isinstance(body.get("model"), str):
-            ctx.model = body["model"]
-        await gw.guard.admit(ctx)
-        if endpoint == "count_tokens":
-            body.setdefault("max_tokens", 1)
-        anth.validate(body)
-        ctx.body = body
-        ctx.model = body["model"]
-        gw.model_config(ctx)
-        if endpoint == "count_tokens":
-            return await _count_tokens(request, ctx, body)
-        stream = ctx.stream = body.get("stream") is True
-        canon: list[c.Request] = []
-        extra_headers = _forward_headers(request)
+def _validate_count(body: dict[str, Any]) -> None:
+    body.setdefault("max_tokens", 1)
+    anth.validate(body)
 
-        def build(provider: Provider) -> UpstreamCall:
-            if provider.protocol == "anthropic":
-                b = dict(body)
-                b["model"] = provider.deployment.model
-                return UpstreamCall("messages", b, stream, headers=extra_headers)
-            return translate.translated_call(provider, anth.request_to_canonical, body, canon)
 
-        provider, reply = await gw.execute(ctx, build)
-        public = ctx.model or ""
-        if reply.stream is not None:
-            ctx.status = 200
-            if provider.protocol == "anthropic":
-                return await translate.relay_anthropic_passthrough(request, ctx, reply.stream)
-            return await translate.relay_to_anthropic(request, ctx, provider.protocol, reply.stream, public)
-        data = reply.body or b""
-        ctx.status = reply.status
-        if provider.protocol == "anthropic":  # pass-through: only read the usage
-            try:
-                obj = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                obj = None
-            if isinstance(obj, dict):
-                translate.usage_into_ctx(anth.usage_to_canonical(obj.get("usage")), ctx)
-        else:
-            r = translate.reply_to_canonical(provider.protocol, data, ctx)
-            data = orjson.dumps(anth.response_from_canonical(r, public))
-        ctx.mark_first_byte()
-        if ctx.log_bodies or "capture_response" in ctx.extra:  # trials: sampled requests
-            ctx.response_body = data
-        return web.Response(body=data, status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))
-    except GatewayError as e:
-        ctx.status, ctx.error = e.status, e.message
-        return error_response(e, anth.error_body, ctx)
-    except (asyncio.CancelledError, ConnectionResetError):
-        client_gone(ctx)
-        raise
-    except Exception as e:  # a bug must still answer in the caller's dialect
-        request.app.logger.exception("internal error on %s", ctx.request_id)
-        err = GatewayError(ErrorKind.INTERNAL, f"internal gateway error ({type(e).__name__}); request id {ctx.request_id}")
-        ctx.status, ctx.error = 500, err.message
-        return error_response(err, anth.error_body, ctx)
-    finally:
-        if reply is not None:
-            await reply.aclose()
-        gw.metrics.in_flight.dec()
-        await gw.guard.settle(ctx)
-        gw.finish(ctx)
+async def _messages(request: web.Request, gw: Gateway, ctx: RequestContext, body: dict[str, Any],
+                    _arg: Any) -> web.StreamResponse:
+    stream = ctx.stream = body.get("stream") is True
+    canon: list[c.Request] = []
+    extra_headers = _forward_headers(request)
+
+    def build(provider: Provider) -> UpstreamCall:
+        if provider.protocol == "anthropic":
+            b = dict(body)
+            b["model"] = provider.deployment.model
+            return UpstreamCall("messages", b, stream, headers=extra_headers)
+        return translate.translated_call(provider, anth.request_to_canonical, body, canon)
+
+    provider, reply = await gw.execute(ctx, build)
+    ctx.reply = reply
+    public = ctx.model or ""
+    if reply.stream is not None:
+        ctx.status = 200
+        if provider.protocol == "anthropic":
+            return await translate.relay_anthropic_passthrough(request, ctx, reply.stream)
+        return await translate.relay_to_anthropic(request, ctx, provider.protocol, reply.stream, public)
+    data = reply.body or b""
+    ctx.status = reply.status
+    if provider.protocol == "anthropic":  # pass-through: only read the usage
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict):
+            translate.usage_into_ctx(anth.usage_to_canonical(obj.get("usage")), ctx)
+    else:
+        r = translate.reply_to_canonical(provider.protocol, data, ctx)
+        data = orjson.dumps(anth.response_from_canonical(r, public))
+    ctx.mark_first_byte()
+    if ctx.log_bodies or "capture_response" in ctx.extra:  # trials: sampled requests
+        ctx.response_body = data
+    return web.Response(body=data, status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))
 
 
 _ENCODING: list[Any] = []
@@ -170,14 +136,15 @@ def estimate_input_tokens(body: dict[str, Any]) -> int:
     return n + _count("\n".join(parts))
 
 
-async def _count_tokens(request: web.Request, ctx: RequestContext, body: dict[str, Any]) -> web.StreamResponse:
-    gw = request.app[GATEWAY_KEY]
+async def _count_tokens(request: web.Request, gw: Gateway, ctx: RequestContext, body: dict[str, Any],
+                       _arg: Any) -> web.StreamResponse:
     providers = [p for p in gw.providers.get(ctx.model or "", []) if p.unavailable is None]
     if providers and all(p.protocol == "anthropic" for p in providers):  # the upstream's own count
         b = {k: v for k, v in body.items() if k not in ("max_tokens", "stream")}
         b["model"] = providers[0].deployment.model
         _prov, reply = await gw.execute(ctx, lambda p: UpstreamCall("count_tokens", {**b, "model": p.deployment.model},
                                                                         False, headers=_forward_headers(request)))
+        ctx.reply = reply
         ctx.status = reply.status
         return web.Response(body=reply.body or b"", status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))
     ctx.status = 200
@@ -191,12 +158,8 @@ async def _count_tokens(request: web.Request, ctx: RequestContext, body: dict[st
     return web.Response(body=orjson.dumps({"input_tokens": tokens}), content_type=JSON_CT, headers=kaiyuan_headers(ctx))
 
 
-async def messages(request: web.Request) -> web.StreamResponse:
-    return await _handle(request, "messages")
-
-
-async def count_tokens(request: web.Request) -> web.StreamResponse:
-    return await _handle(request, "count_tokens")
+messages = api_handler("anthropic", "messages", anth.error_body, anth.validate, _messages)
+count_tokens = api_handler("anthropic", "count_tokens", anth.error_body, _validate_count, _count_tokens)
 
 
 def add_routes(app: web.Application) -> None:

@@ -1,0 +1,116 @@
+"""The request-handler skeleton (kaiyuan.server.handler) that both API families share: whatever the
+dialect's middle does (answers, raises a GatewayError, has a bug, is cancelled), the reply it got is
+closed, the in-flight gauge goes back, the request is logged, and errors use the route's dialect."""
+
+from __future__ import annotations
+
+import http.client
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import pytest
+from aiohttp import web
+
+from kaiyuan.context import RequestContext
+from kaiyuan.dialects import anthropic as anth
+from kaiyuan.dialects import openai as oai
+from kaiyuan.errors import ErrorKind, GatewayError
+from kaiyuan.gateway import Gateway
+from kaiyuan.providers.base import UpstreamReply
+from kaiyuan.server import anthropic_api, app, handler, openai_api
+from kaiyuan.testing.harness import RunningGateway
+from tests.conftest import openai_model
+
+CLOSED: list[str] = []
+
+
+async def _middle(request: web.Request, gw: Gateway, ctx: RequestContext, body: dict[str, Any],
+                  arg: Any) -> web.StreamResponse:
+    async def closer() -> None:
+        CLOSED.append(ctx.request_id)
+
+    ctx.reply = UpstreamReply(200, {}, body=b"{}", _closer=closer)
+    what = body.get("do")
+    if what == "gateway_error":
+        raise GatewayError(ErrorKind.UPSTREAM_ERROR, "the upstream said no")
+    if what == "bug":
+        raise ZeroDivisionError("oops")
+    ctx.status = 200
+    return web.Response(body=orjson.dumps({"arg": arg}), content_type="application/json")
+
+
+def _routes(a: web.Application) -> None:
+    a.router.add_post("/test/openai", handler.api_handler("openai", "chat", oai.error_body, oai.validate_chat, _middle, "o"))
+    a.router.add_post("/test/anthropic", handler.api_handler("anthropic", "messages", anth.error_body, anth.validate,
+                                                              _middle, "a"))
+
+
+@pytest.fixture
+def sk(make_gateway: Callable[[dict[str, Any]], RunningGateway], fake_openai: Any) -> Iterator[RunningGateway]:
+    app.EXTRA_ROUTES.append(_routes)
+    try:
+        yield make_gateway({"models": [openai_model("m", fake_openai.url)]})
+    finally:
+        app.EXTRA_ROUTES.remove(_routes)
+
+
+def _post(g: RunningGateway, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+    u = urlsplit(g.url)
+    conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port, timeout=20)
+    try:
+        conn.request("POST", path, body=orjson.dumps(body), headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        return r.status, orjson.loads(r.read())
+    finally:
+        conn.close()
+
+
+OPENAI = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+ANTHROPIC = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(("path", "base"), [("/test/openai", OPENAI), ("/test/anthropic", ANTHROPIC)])
+@pytest.mark.parametrize(("do", "status"), [("answer", 200), ("gateway_error", 502), ("bug", 500)])
+def test_skeleton_always_closes_and_finishes(sk: RunningGateway, path: str, base: dict[str, Any], do: str,
+                                             status: int) -> None:
+    CLOSED.clear()
+    code, data = _post(sk, path, {**base, "do": do})
+    assert code == status, data
+    if status == 200:
+        assert data == {"arg": "o" if path == "/test/openai" else "a"}
+    elif path == "/test/openai":
+        assert set(data) == {"error"} and "type" in data["error"], data
+    else:
+        assert data["type"] == "error" and "type" in data["error"], data
+    if do == "bug":
+        assert "internal gateway error (ZeroDivisionError)" in (data["error"]["message"])
+    assert len(CLOSED) == 1  # the reply the middle stored was closed
+    sk.settle()
+    rows = sk.log_rows()
+    assert rows[-1]["status"] == status and rows[-1]["model"] == "m"
+    assert sk.gateway.metrics.in_flight._value.get() == 0
+
+
+@pytest.mark.parametrize(("path", "body", "shape"), [
+    ("/test/openai", {"model": "m"}, "openai"),  # no messages: the route's validator
+    ("/test/anthropic", {"model": "m", "messages": []}, "anthropic"),
+    ("/test/openai", {**OPENAI, "model": "nope"}, "openai"),  # model_config: unknown model
+    ("/test/anthropic", {**ANTHROPIC, "model": "nope"}, "anthropic"),
+])
+def test_skeleton_refuses_before_the_middle_in_the_dialect(sk: RunningGateway, path: str, body: dict[str, Any],
+                                                          shape: str) -> None:
+    CLOSED.clear()
+    code, data = _post(sk, path, body)
+    assert code in (400, 404), data
+    assert (data["type"] == "error") if shape == "anthropic" else ("type" not in data)
+    assert CLOSED == []
+
+
+def test_both_api_families_use_the_skeleton() -> None:
+    for h, name in [(openai_api.chat_completions, "openai_chat"), (openai_api.completions, "openai_completions"),
+                    (openai_api.embeddings, "openai_embeddings"), (anthropic_api.messages, "anthropic_messages"),
+                    (anthropic_api.count_tokens, "anthropic_count_tokens")]:
+        assert h.__qualname__ == name
+        assert h.__code__ is handler.api_handler("x", "y", oai.error_body, oai.validate_chat, _middle).__code__

@@ -31,6 +31,7 @@ class UpstreamReply:
     headers: Mapping[str, str]
     body: bytes | None = None  # the whole body (non-stream, or any error)
     stream: AsyncIterator[bytes] | None = None  # raw SSE bytes as they arrive (2xx streams only)
+    parsed: dict[str, Any] | None = None  # a 2xx whole body as JSON, once the executor has checked it
     _closer: Any = None
     _finisher: Any = None  # like _closer, for a stream whose consumer saw its final event (may keep the connection)
 

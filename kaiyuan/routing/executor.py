@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -217,14 +217,15 @@ async def _attempt(run: _Run, route: ModelRoute, slot: Slot) -> tuple[str, tuple
         _on_close(reply, h, ctx)
     else:  # the whole body is here: the deployment's work is done
         h.done()
-        if provider.deployment.tpm is not None and reply.body:
-            h.add_tokens(_usage_tokens(reply.body))
+        if provider.deployment.tpm is not None and reply.parsed is not None:
+            h.add_tokens(_usage_tokens(reply.parsed))
     return "ok", (provider, reply)
 
 
 def _bad_body(provider: Provider, reply: UpstreamReply) -> GatewayError | None:
     """A 2xx whole body that is not a JSON object, or that carries an error object, is a failed
-    attempt (502, retried elsewhere), not an answer to pass on."""
+    attempt (502, retried elsewhere), not an answer to pass on. A good body is kept, parsed, in
+    ``reply.parsed``: the handlers read usage from it instead of parsing the bytes again."""
     body = reply.body or b""
     try:
         obj = orjson.loads(body)
@@ -239,14 +240,15 @@ def _bad_body(provider: Provider, reply: UpstreamReply) -> GatewayError | None:
     if err:
         msg = err.get("message") if isinstance(err, dict) else err
         return GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {provider.id} answered {reply.status} with an error: {msg}")
+    reply.parsed = obj
     return None
 
 
-def _usage_tokens(body: bytes) -> int:
+def _usage_tokens(obj: dict[str, Any]) -> int:
     try:
-        usage = orjson.loads(body).get("usage") or {}
+        usage = obj.get("usage") or {}
         return int(usage.get("total_tokens") or (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0))
-    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+    except (AttributeError, TypeError, ValueError):
         return 0
 
 

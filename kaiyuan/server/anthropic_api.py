@@ -58,14 +58,11 @@ async def _messages(request: web.Request, gw: Gateway, ctx: RequestContext, body
     data = reply.body or b""
     ctx.status = reply.status
     if provider.protocol == "anthropic":  # pass-through: only read the usage
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            obj = None
-        if isinstance(obj, dict):
+        obj = translate.parsed_body(reply)
+        if obj is not None:
             translate.usage_into_ctx(anth.usage_to_canonical(obj.get("usage")), ctx)
     else:
-        r = translate.reply_to_canonical(provider.protocol, data, ctx)
+        r = translate.reply_to_canonical(provider.protocol, data, ctx, reply.parsed)
         data = orjson.dumps(anth.response_from_canonical(r, public))
     ctx.mark_first_byte()
     if ctx.log_bodies or "capture_response" in ctx.extra:  # trials: sampled requests

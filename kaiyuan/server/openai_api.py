@@ -16,7 +16,7 @@ from kaiyuan.context import RequestContext
 from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
-from kaiyuan.providers.base import Provider, UpstreamCall
+from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
 from kaiyuan.server import translate
 from kaiyuan.server.common import JSON_CT, error_response, kaiyuan_headers, new_request_id
 from kaiyuan.server.handler import GATEWAY_KEY, api_handler
@@ -57,18 +57,15 @@ async def _middle(request: web.Request, gw: Gateway, ctx: RequestContext, body: 
     data = reply.body or b""
     ctx.status = reply.status
     ctx.mark_first_byte()
-    _read_usage(data, ctx)
+    _read_usage(reply, ctx)
     if ctx.log_bodies or "capture_response" in ctx.extra:  # trials: shadow-sampled requests
         ctx.response_body = data
     return web.Response(body=data, status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))
 
 
-def _read_usage(data: bytes, ctx: RequestContext) -> None:
-    try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return
-    if isinstance(obj, dict):
+def _read_usage(reply: UpstreamReply, ctx: RequestContext) -> None:
+    obj = translate.parsed_body(reply)
+    if obj is not None:
         oai.usage_into(obj.get("usage"), ctx.usage)
 
 

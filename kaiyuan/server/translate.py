@@ -71,11 +71,25 @@ def usage_into_ctx(u: c.Usage, ctx: RequestContext) -> None:
     ctx.usage.reasoning_tokens = _count(u.reasoning)
 
 
-def reply_to_canonical(protocol: str, data: bytes, ctx: RequestContext) -> c.Response:
+def parsed_body(reply: UpstreamReply) -> dict[str, Any] | None:
+    """A whole reply's body as a JSON object: the one the executor parsed when it checked the body
+    (``UpstreamReply.parsed``), else parsed here; None when it is not a JSON object."""
+    if reply.parsed is not None:
+        return reply.parsed
     try:
-        obj = orjson.loads(data)
+        obj = orjson.loads(reply.body or b"")
     except orjson.JSONDecodeError:
-        raise GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {ctx.deployment} returned a body that is not JSON") from None
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def reply_to_canonical(protocol: str, data: bytes, ctx: RequestContext, obj: Any = None) -> c.Response:
+    """The canonical response from a whole reply; ``obj`` is its body already parsed, if it was."""
+    if obj is None:
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {ctx.deployment} returned a body that is not JSON") from None
     if not isinstance(obj, dict):
         raise GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {ctx.deployment} returned an unexpected body")
     try:
@@ -292,7 +306,7 @@ async def openai_reply(request: web.Request, ctx: RequestContext, provider: Prov
     if reply.stream is not None:
         ctx.status = 200
         return await relay_to_openai(request, ctx, provider.protocol, reply.stream, public, include_usage)
-    r = reply_to_canonical(provider.protocol, reply.body or b"", ctx)
+    r = reply_to_canonical(provider.protocol, reply.body or b"", ctx, reply.parsed)
     data = orjson.dumps(oc.response_from_canonical(r, public))
     ctx.status = reply.status
     ctx.mark_first_byte()

@@ -21,6 +21,8 @@ from kaiyuan.trials.models import TrialConfig, check_trial_models
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4000
 DEFAULT_LOCAL_MODEL_NAME = "smollm2-135m-instruct"
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+MAX_RESPONSE_DOC = "largest whole (non-streamed) upstream body, success or error, after decompression; beyond: 502"
 
 
 class ConfigError(Exception):
@@ -156,6 +158,7 @@ class OpenAICompatibleDeployment(DeploymentBase):
     api_key: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
     max_connections: int = Field(1000, gt=0)
+    max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, gt=0, description=MAX_RESPONSE_DOC)
 
     @field_validator("base_url")
     @classmethod
@@ -190,6 +193,7 @@ class _NativeHTTPDeployment(DeploymentBase):
     api_key: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
     max_connections: int = Field(1000, gt=0)
+    max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, gt=0, description=MAX_RESPONSE_DOC)
 
     @field_validator("base_url")
     @classmethod

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from kaiyuan.config import Timeouts
+from kaiyuan.config import DEFAULT_MAX_RESPONSE_BYTES, Timeouts
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
 
@@ -101,8 +101,10 @@ async def post_json(
     timeouts: Timeouts,
     stream: bool,
     label: str,
+    max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
 ) -> UpstreamReply:
-    """POST ``body``; return the whole body, or for 2xx streams an iterator of raw chunks."""
+    """POST ``body``; return the whole body (at most ``max_bytes``), or for 2xx streams an iterator
+    of raw chunks."""
     start = time.monotonic()
     deadline = start + timeouts.total
     resp: aiohttp.ClientResponse | None = None
@@ -110,7 +112,7 @@ async def post_json(
         async with asyncio.timeout(min(timeouts.first_byte, timeouts.total)):
             resp = await session.post(url, data=body, headers=headers)
             if not stream or resp.status >= 300:
-                data = await _read_all(resp, deadline, label)
+                data = await _read_all(resp, deadline, label, max_bytes)
                 resp.release()
                 return UpstreamReply(resp.status, resp.headers, body=data)
     except GatewayError:
@@ -156,15 +158,35 @@ async def post_json(
     )
 
 
-async def _read_all(resp: aiohttp.ClientResponse, deadline: float, label: str) -> bytes:
+async def _read_all(resp: aiohttp.ClientResponse, deadline: float, label: str, max_bytes: int) -> bytes:
     remaining = deadline - time.monotonic()
     try:
         async with asyncio.timeout(max(remaining, 0.001)):
-            return await resp.read()
+            length = resp.content_length
+            if length is not None and "Content-Encoding" not in resp.headers:
+                if length > max_bytes:
+                    raise _too_large(label, max_bytes)
+                return await resp.read()  # the common case: a known, allowed size
+            chunks: list[bytes] = []  # chunked or compressed: count what arrives (decompressed)
+            size = 0
+            async for chunk in resp.content.iter_any():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise _too_large(label, max_bytes)
+                chunks.append(chunk)
+            return b"".join(chunks)
     except TimeoutError:
         raise GatewayError(
             ErrorKind.UPSTREAM_TIMEOUT, f"upstream {label} exceeded its total time limit (timeouts.total)"
         ) from None
+
+
+def _too_large(label: str, max_bytes: int) -> GatewayError:
+    return GatewayError(
+        ErrorKind.UPSTREAM_ERROR,
+        f"upstream {label} sent a reply body larger than this deployment's limit of {max_bytes} bytes "
+        f"(max_response_bytes); raise max_response_bytes if such replies are expected",
+    )
 
 
 class PooledHTTPProvider(Provider):
@@ -197,4 +219,5 @@ class PooledHTTPProvider(Provider):
         if call.headers:
             headers = {**headers, **call.headers}
         body = call.body_bytes if call.body_bytes is not None else orjson.dumps(call.body)
-        return await post_json(self._session, url, body, headers, self.cfg.timeouts, call.stream, self.label)
+        return await post_json(self._session, url, body, headers, self.cfg.timeouts, call.stream, self.label,
+                               self.cfg.max_response_bytes)

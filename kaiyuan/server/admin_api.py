@@ -25,7 +25,7 @@ from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
 from kaiyuan.guard import bearer_token
-from kaiyuan.server.common import JSON_CT, error_response
+from kaiyuan.server.common import JSON_CT, error_response, read_body
 from kaiyuan.server.openai_api import GATEWAY_KEY
 
 Period = Literal["day", "week", "month", "total"]
@@ -135,7 +135,7 @@ def admin(handler: Handler) -> Handler:
 
 async def _body(request: web.Request, model: type[_In]) -> Any:
     try:
-        data = orjson.loads(await request.read() or b"{}")
+        data = orjson.loads(await read_body(request) or b"{}")
     except orjson.JSONDecodeError as e:
         raise _err(400, f"the request body is not valid JSON: {e}", "invalid_json") from None
     if not isinstance(data, dict):

@@ -86,7 +86,9 @@ def create_app(config: GatewayConfig, gateway: Gateway | None = None) -> web.App
     app = web.Application(
         middlewares=[error_middleware],
         client_max_size=config.server.max_body_bytes + 1024,
-        handler_args={"max_field_size": 65536},
+        # auto_decompress off: request bodies are decoded by server.common.decode_body, so that a
+        # Content-Encoding aiohttp cannot decode (br without Brotli) is an error in the caller's dialect
+        handler_args={"max_field_size": 65536, "auto_decompress": False},
     )
     gw = gateway or Gateway(config, engine=None)
     app[GATEWAY_KEY] = gw

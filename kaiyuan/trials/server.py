@@ -17,7 +17,7 @@ from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.guard import bearer_token
 from kaiyuan.server.app import EXTRA_ROUTES
-from kaiyuan.server.common import JSON_CT, error_response
+from kaiyuan.server.common import JSON_CT, error_response, read_body
 from kaiyuan.server.openai_api import GATEWAY_KEY
 from kaiyuan.trials.models import TrialConfig, check_trial_models
 from kaiyuan.trials.runtime import TrialsRuntime
@@ -57,7 +57,7 @@ def _trial(request: web.Request) -> TrialConfig:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+    raw = await read_body(request)
     if not raw:
         return {}
     try:

@@ -88,6 +88,7 @@ class SettleBatcher:
         self._replica = uuid.uuid4().hex[:12]
         self._seq = 0
         self.applied = 0  # tickets applied (for tests and metrics)
+        self.batches = 0  # EVALSHAs that applied them
         self.dropped = 0
 
     def __len__(self) -> int:
@@ -156,6 +157,7 @@ class SettleBatcher:
             try:
                 await self._script(keys=keys, args=args)
                 self.applied += len(batch)
+                self.batches += 1
                 return
             except asyncio.CancelledError:
                 raise

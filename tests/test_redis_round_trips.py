@@ -168,21 +168,35 @@ async def test_a_retried_batch_is_applied_once_and_close_flushes() -> None:
         await check.close()
 
 
-async def test_pending_releases_free_parallel_slots_at_admit() -> None:
+async def test_queued_and_in_flight_releases_free_parallel_slots_at_admit() -> None:
     assert REDIS_URL
     rc = RedisCounters(REDIS_URL)
+    bt = rc.batcher
     scope = f"key:par_{uuid.uuid4().hex}"
+    rate = [RateCheck(scope, None, None, 1)]
     try:
-        t = await rc.admit([RateCheck(scope, None, None, 1)], [], 1, 30.0)
+        t = await rc.admit(rate, [], 1, 30.0)
         assert isinstance(t, Ticket)
-        refused = await rc.admit([RateCheck(scope, None, None, 1)], [], 1, 30.0)
+        refused = await rc.admit(rate, [], 1, 30.0)
         assert not isinstance(refused, Ticket) and refused.kind == "parallel"
-        rc.batcher._queue.append((t, [], 1))  # queued but not sent yet (what put() does, minus the wake-up)
-        rc.batcher.pending_parallel[scope] = 1
-        again = await rc.admit([RateCheck(scope, None, None, 1)], [], 1, 30.0)
-        assert isinstance(again, Ticket)  # the queued release counts
-        await rc.batcher.drain()
-        assert int(await rc.redis.get(f"ky:par:{scope}")) == 1  # exactly the one in flight
+        # queued, not sent yet (what put() does, minus waking the task): the slot counts as free
+        bt._queue.append((t, [], 1))
+        bt.pending_parallel[scope] = 1
+        t2 = await rc.admit(rate, [], 1, 30.0)
+        assert isinstance(t2, Ticket)
+        await bt.drain()
+        assert int(await rc.redis.get(f"ky:par:{scope}")) == 1  # exactly t2
+        # in flight (sent, reply not back): free while the batch's marker is absent in Redis ...
+        keys, args = bt.encode([(t2, [], 1)])
+        bt.inflight_marker, bt.inflight_parallel = keys[0], {scope: 1}
+        t3 = await rc.admit(rate, [], 1, 30.0)
+        assert isinstance(t3, Ticket)
+        # ... and no longer discounted once the batch has landed (its release is in the count now)
+        script = rc.redis.register_script(settle_batch.SETTLE_MANY_LUA)
+        assert await script(keys=keys, args=args) == 1
+        late = await rc.admit(rate, [], 1, 30.0)
+        assert not isinstance(late, Ticket) and late.kind == "parallel" and late.current == 1  # t3 is in flight
+        bt.inflight_marker, bt.inflight_parallel = None, {}
     finally:
         await rc.close()
 

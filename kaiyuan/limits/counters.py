@@ -153,16 +153,20 @@ class MemoryCounters:
 
 # -- Redis ---------------------------------------------------------------------------------------
 # KEYS: for each rate scope: rpm window, tpm window, parallel; then one hash per budget counter.
-# ARGV: n_rates, n_budgets, prompt_tokens, window_ttl, parallel_ttl,
-#       per rate: rpm, tpm, max_parallel (-1 = no limit), parallel releases queued on this replica
-#       (not yet sent: certain to be applied, so those slots count as free),
+#       then, if ARGV[6] is 1, the marker of this replica's settle batch in flight (see settle_batch).
+# ARGV: n_rates, n_budgets, prompt_tokens, window_ttl, parallel_ttl, has_marker,
+#       per rate: rpm, tpm, max_parallel (-1 = no limit), this replica's parallel releases queued
+#       (not sent yet: certain to be applied, so those slots count as free) and in the batch in
+#       flight (free too while its marker is absent, i.e. the batch has not been applied yet),
 #       per budget: limit, seed, reserve, ttl (-1 = none)
 ADMIT_LUA = """
 local nr = tonumber(ARGV[1]); local nb = tonumber(ARGV[2]); local pt = tonumber(ARGV[3])
 local wttl = tonumber(ARGV[4]); local pttl = tonumber(ARGV[5])
-local a = 6
+local a = 7
+local unapplied = 0
+if tonumber(ARGV[6]) == 1 and redis.call('EXISTS', KEYS[nr*3 + nb + 1]) == 0 then unapplied = 1 end
 for i = 0, nr - 1 do
-  local rpm = tonumber(ARGV[a + i*4]); local tpm = tonumber(ARGV[a + i*4 + 1]); local par = tonumber(ARGV[a + i*4 + 2])
+  local rpm = tonumber(ARGV[a + i*5]); local tpm = tonumber(ARGV[a + i*5 + 1]); local par = tonumber(ARGV[a + i*5 + 2])
   if rpm >= 0 then
     local c = tonumber(redis.call('GET', KEYS[i*3 + 1]) or '0')
     if c + 1 > rpm then return {1, i, 'rpm', c, 0} end
@@ -172,11 +176,11 @@ for i = 0, nr - 1 do
     if c + pt > tpm then return {1, i, 'tpm', c, 0} end
   end
   if par >= 0 then
-    local c = tonumber(redis.call('GET', KEYS[i*3 + 3]) or '0') - tonumber(ARGV[a + i*4 + 3])
+    local c = tonumber(redis.call('GET', KEYS[i*3 + 3]) or '0') - tonumber(ARGV[a + i*5 + 3]) - unapplied * tonumber(ARGV[a + i*5 + 4])
     if c + 1 > par then return {1, i, 'parallel', c, 0} end
   end
 end
-local b = a + nr*4
+local b = a + nr*5
 local kb = nr*3
 for j = 0, nb - 1 do
   local k = KEYS[kb + j + 1]
@@ -186,9 +190,9 @@ for j = 0, nb - 1 do
   if s + r + res > limit then return {1, j, 'budget', s, r} end
 end
 for i = 0, nr - 1 do
-  if tonumber(ARGV[a + i*4]) >= 0 then redis.call('INCR', KEYS[i*3 + 1]); redis.call('EXPIRE', KEYS[i*3 + 1], wttl) end
-  if tonumber(ARGV[a + i*4 + 1]) >= 0 then redis.call('INCRBY', KEYS[i*3 + 2], pt); redis.call('EXPIRE', KEYS[i*3 + 2], wttl) end
-  if tonumber(ARGV[a + i*4 + 2]) >= 0 then redis.call('INCR', KEYS[i*3 + 3]); redis.call('EXPIRE', KEYS[i*3 + 3], pttl) end
+  if tonumber(ARGV[a + i*5]) >= 0 then redis.call('INCR', KEYS[i*3 + 1]); redis.call('EXPIRE', KEYS[i*3 + 1], wttl) end
+  if tonumber(ARGV[a + i*5 + 1]) >= 0 then redis.call('INCRBY', KEYS[i*3 + 2], pt); redis.call('EXPIRE', KEYS[i*3 + 2], wttl) end
+  if tonumber(ARGV[a + i*5 + 2]) >= 0 then redis.call('INCR', KEYS[i*3 + 3]); redis.call('EXPIRE', KEYS[i*3 + 3], pttl) end
 end
 for j = 0, nb - 1 do
   local k = KEYS[kb + j + 1]
@@ -249,14 +253,19 @@ class RedisCounters:
     async def admit(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt_tokens: int, now: float) -> Ticket | Denial:
         minute = int(now // 60)
         keys: list[str] = []
-        args: list[Any] = [len(rates), len(budgets), prompt_tokens, 120, PARALLEL_TTL_S]
-        pending = self.batcher.pending_parallel
+        bt = self.batcher
+        marker = bt.inflight_marker
+        args: list[Any] = [len(rates), len(budgets), prompt_tokens, 120, PARALLEL_TTL_S, int(marker is not None)]
+        queued, inflight = bt.pending_parallel, bt.inflight_parallel
         for r in rates:
             keys += self._rate_keys(r.scope, minute)
-            args += [_lim(r.rpm), _lim(r.tpm), _lim(r.max_parallel), pending.get(r.scope, 0) if r.max_parallel is not None else 0]
+            args += [_lim(r.rpm), _lim(r.tpm), _lim(r.max_parallel)]
+            args += [queued.get(r.scope, 0), inflight.get(r.scope, 0)] if r.max_parallel is not None else [0, 0]
         for b in budgets:
             keys.append(f"{self.prefix}bud:{b.counter}")
             args += [b.limit, b.seed, b.reserve, b.ttl_s if b.ttl_s else -1]
+        if marker is not None:
+            keys.append(marker)
         res = await self._admit(keys=keys, args=args)
         if int(res[0]) == 0:
             return Ticket(rates, budgets, minute, prompt_tokens, self.name)

@@ -82,6 +82,8 @@ class SettleBatcher:
         self._script = redis.register_script(SETTLE_MANY_LUA)
         self._queue: deque[tuple[Ticket, list[int], int]] = deque()
         self.pending_parallel: dict[str, int] = {}  # scope -> releases queued here and not yet sent
+        self.inflight_parallel: dict[str, int] = {}  # scope -> releases in the batch in flight
+        self.inflight_marker: str | None = None  # that batch's id key (exists in Redis once applied)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -120,19 +122,28 @@ class SettleBatcher:
         """Apply everything queued now (one EVALSHA per MAX_BATCH tickets)."""
         while self._queue:
             batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
-            self._unpend(batch)
-            await self._send(batch, give_up_at)
+            keys, args = self.encode(batch)
+            self.inflight_parallel = self._unpend(batch)
+            self.inflight_marker = keys[0] if self.inflight_parallel else None
+            try:
+                await self._send(batch, keys, args, give_up_at)
+            finally:
+                self.inflight_parallel, self.inflight_marker = {}, None
 
-    def _unpend(self, batch: list[tuple[Ticket, list[int], int]]) -> None:
+    def _unpend(self, batch: list[tuple[Ticket, list[int], int]]) -> dict[str, int]:
+        """Move the batch's parallel releases from 'queued' to 'in flight' (returned)."""
         pp = self.pending_parallel
+        moved: dict[str, int] = {}
         for ticket, _a, _t in batch:
             for r in ticket.rates:
                 if r.max_parallel is not None:
+                    moved[r.scope] = moved.get(r.scope, 0) + 1
                     n = pp.get(r.scope, 0) - 1
                     if n > 0:
                         pp[r.scope] = n
                     else:
                         pp.pop(r.scope, None)
+        return moved
 
     def encode(self, batch: list[tuple[Ticket, list[int], int]]) -> tuple[list[str], list[Any]]:
         p = self.prefix
@@ -149,8 +160,7 @@ class SettleBatcher:
                 args += [b.reserve, cost]
         return keys, args
 
-    async def _send(self, batch: list[tuple[Ticket, list[int], int]], give_up_at: float | None = None) -> None:
-        keys, args = self.encode(batch)
+    async def _send(self, batch: list[tuple[Ticket, list[int], int]], keys: list[str], args: list[Any], give_up_at: float | None) -> None:
         deadline = give_up_at if give_up_at is not None else time.monotonic() + RETRY_FOR_S
         delay = 0.05
         while True:

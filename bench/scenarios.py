@@ -21,6 +21,7 @@ HOLD_CHUNKS, HOLD_INTERVAL_MS = 100, 100  # the 1,000-stream hold: 100 chunks, 1
 
 MODELS = {
     "bench": "fast",
+    "bench-candidate": "fast",  # the shadow trial's candidate (kaiyuan+shadow100); unused otherwise
     "bench-hold": f"paced-{HOLD_CHUNKS}-{HOLD_INTERVAL_MS}",
 }
 
@@ -150,6 +151,17 @@ VARIANTS: list[Variant] = [
         setup=_virtual_key,
         flag="keys-redis",
         redis=True,
+    ),
+    # Issue 6: every request to "bench" mirrored to "bench-candidate" in the background (shadow at
+    # 100%), priced so the trial ledger is written; no judge, no cap. Compare with plain "kaiyuan".
+    Variant(
+        "kaiyuan+shadow100",
+        config_patch={"trials": [{
+            "name": "bench-shadow", "mode": "shadow", "incumbent": "bench", "candidates": ["bench-candidate"],
+            "sample_rate": 1.0, "max_concurrency": 64,
+            "prices": {"bench-candidate": {"input_per_mtok": 0.1, "output_per_mtok": 0.1}},
+        }]},
+        flag="shadow",
     ),
     # Diagnostic: the same gateway without the request log, to see what the log costs.
     Variant("kaiyuan-nolog", config_patch={"request_log": {"enabled": False}}, flag="nolog"),

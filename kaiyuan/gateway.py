@@ -110,7 +110,7 @@ class Gateway:
     def finish(self, ctx: RequestContext) -> None:
         """Record the outcome of a request (metrics, request log, completion hooks). Never raises."""
         try:
-            self.metrics.observe(ctx)
+            self.metrics.observe(ctx, self.models)
             self.request_log.submit(ctx)
             for hook in self.on_complete:
                 hook(ctx)

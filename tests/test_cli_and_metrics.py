@@ -58,3 +58,15 @@ def test_models_and_check_commands(tmp_path: Any) -> None:
     assert "qwen" in out.stdout and "dashscope" in out.stdout
     out = subprocess.run([sys.executable, "-m", "kaiyuan", "check", "--config", str(p)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "configuration OK" in out.stdout
+
+
+def test_unknown_model_names_do_not_grow_metric_series(gateway: RunningGateway) -> None:
+    c = openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0)
+    for i in range(5):
+        try:
+            c.chat.completions.create(model=f"made-up-{i}", messages=[{"role": "user", "content": "x"}])
+        except openai.NotFoundError:
+            pass
+    text = gateway.gateway.metrics.render().decode()
+    assert "made-up-" not in text
+    assert 'model="(unknown)"' in text and 'status="404"' in text

@@ -94,8 +94,10 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        p = write(tmp_path, f"store: {{url: 'sqlite:///{tmp_path}/k.db'}}\nmodels: []\n")
+        p = write(tmp_path, f"store: {{url: 'sqlite:///{tmp_path}/k.db'}}\nmodels:\n  - name: m\n    deployments:\n"
+                            "      - {provider: openai_compatible, model: m, base_url: 'http://127.0.0.1:9/v1'}\n")
         r = subprocess.run([sys.executable, "-m", "kaiyuan", "serve", "--config", str(p), "--port", str(port)],
                            capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
+    assert "Unclosed" not in r.stderr

@@ -123,12 +123,14 @@ def validate(body: dict[str, Any]) -> None:
         for j, b in enumerate(content):
             where = f"messages.{i}.content.{j}"
             kind = b.get("type") if isinstance(b, dict) else None
-            if kind not in KNOWN_BLOCKS:
+            if not isinstance(kind, str) or kind not in KNOWN_BLOCKS:
                 raise _bad(f"{where}.type: unknown content block type {kind!r}; expected one of "
                            "text, image, document, tool_use, tool_result, thinking, redacted_thinking", f"{where}.type")
             assert isinstance(b, dict)
             if kind == "text" and not isinstance(b.get("text"), str):
                 raise _bad(f"{where}.text: Field required", where)
+            if kind == "thinking" and not isinstance(b.get("thinking"), str):
+                raise _bad(f"{where}.thinking: Field required (a string)", where)
             if kind == "tool_use":
                 if role != "assistant":
                     raise _bad(f"{where}: tool_use blocks may only appear in assistant messages", where)
@@ -139,7 +141,7 @@ def validate(body: dict[str, Any]) -> None:
                 if role != "user":
                     raise _bad(f"{where}: tool_result blocks may only appear in user messages", where)
                 tid = b.get("tool_use_id")
-                if tid not in prev_calls:
+                if not isinstance(tid, str) or tid not in prev_calls:
                     raise _bad(f"{where}: unexpected `tool_use_id` found in `tool_result` blocks: {tid}. Each "
                                "`tool_result` block must have a corresponding `tool_use` block in the previous message.", where)
         prev_calls = calls if role == "assistant" else set()

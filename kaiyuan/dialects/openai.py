@@ -91,7 +91,7 @@ def validate_chat(body: dict[str, Any]) -> None:
         if not isinstance(m, dict):
             raise invalid(f"messages[{i}] must be an object, got {_type_name(m)}", param=f"messages[{i}]", code="invalid_type")
         role = m.get("role")
-        if role not in CHAT_ROLES:
+        if not isinstance(role, str) or role not in CHAT_ROLES:
             raise invalid(
                 f"messages[{i}].role must be one of {', '.join(sorted(CHAT_ROLES))}, got {role!r}",
                 param=f"messages[{i}].role",
@@ -140,8 +140,9 @@ def validate_embeddings(body: dict[str, Any]) -> None:
     _expect(body, "encoding_format", (str,), "a string")
 
 
-def _int(v: Any) -> int | None:
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
+def token_count(v: Any) -> int | None:
+    """A token count: a non-negative integer that fits a database column, else unknown."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 else None
 
 
 def usage_into(usage: Any, out: Usage) -> None:
@@ -149,15 +150,15 @@ def usage_into(usage: Any, out: Usage) -> None:
     (``prompt_tokens_details.cached_tokens``, or DeepSeek's ``prompt_cache_hit_tokens``)."""
     if not isinstance(usage, dict):
         return
-    out.prompt_tokens = _int(usage.get("prompt_tokens"))
-    out.completion_tokens = _int(usage.get("completion_tokens"))
+    out.prompt_tokens = token_count(usage.get("prompt_tokens"))
+    out.completion_tokens = token_count(usage.get("completion_tokens"))
     details = usage.get("prompt_tokens_details")
-    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
+    cached = token_count(details.get("cached_tokens")) if isinstance(details, dict) else None
     if cached is None:
-        cached = _int(usage.get("prompt_cache_hit_tokens"))
+        cached = token_count(usage.get("prompt_cache_hit_tokens"))
     if cached is None:
-        cached = _int(usage.get("cached_tokens"))  # Moonshot/Kimi
+        cached = token_count(usage.get("cached_tokens"))  # Moonshot/Kimi
     out.cached_tokens = cached
     cdetails = usage.get("completion_tokens_details")
     if isinstance(cdetails, dict):
-        out.reasoning_tokens = _int(cdetails.get("reasoning_tokens"))
+        out.reasoning_tokens = token_count(cdetails.get("reasoning_tokens"))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Container
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from kaiyuan.context import RequestContext
 
+UNKNOWN_MODEL = "(unknown)"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -52,8 +54,12 @@ class Metrics:
             c = self._children[key] = metric.labels(*labels)
         return c
 
-    def observe(self, ctx: RequestContext) -> None:
+    def observe(self, ctx: RequestContext, known_models: Container[str] | None = None) -> None:
+        """Count one finished request. A model name outside ``known_models`` (whatever a client
+        sent) is labelled ``(unknown)``, so bad requests cannot grow the series without bound."""
         model = ctx.model or ""
+        if known_models is not None and model not in known_models:
+            model = UNKNOWN_MODEL
         dep = ctx.deployment or ""
         child = self.child
         child(self.requests, model, dep, ctx.endpoint, str(ctx.status)).inc()

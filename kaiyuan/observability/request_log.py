@@ -24,6 +24,9 @@ from kaiyuan.observability.metrics import Metrics
 from kaiyuan.store.schema import request_log
 
 log = logging.getLogger("kaiyuan.request_log")
+# Errors about a row's contents, not the database being down (the driver raises OverflowError /
+# ValueError itself for an integer or a string it cannot bind): such a row is dropped, not retried.
+ROW_ERRORS = (IntegrityError, DataError, OverflowError, ValueError, TypeError)
 
 
 def row_for(ctx: RequestContext) -> dict[str, Any]:
@@ -83,6 +86,7 @@ class RequestLogWriter:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
+        self._flushing = asyncio.Lock()
 
     def submit(self, ctx: RequestContext) -> None:
         if self.engine is None or not self.settings.enabled:
@@ -109,6 +113,10 @@ class RequestLogWriter:
 
     async def flush(self) -> int:
         """Write everything queued now; returns rows written. Keeps rows queued if the write fails."""
+        async with self._flushing:  # one at a time: two would write, then pop, the same batch
+            return await self._flush()
+
+    async def _flush(self) -> int:
         written = 0
         while self._queue:
             n = min(len(self._queue), self.settings.batch_size)
@@ -116,7 +124,7 @@ class RequestLogWriter:
             try:
                 await asyncio.to_thread(self._write, batch)
                 ok = n
-            except (IntegrityError, DataError):
+            except ROW_ERRORS:
                 # One bad row must not block the queue: write the batch row by row, drop the bad ones.
                 try:
                     ok = await asyncio.to_thread(self._write_each, batch)
@@ -157,9 +165,9 @@ class RequestLogWriter:
             try:
                 self._write([row])
                 ok += 1
-            except (IntegrityError, DataError) as e:
+            except ROW_ERRORS as e:
                 self.metrics.log_dropped.inc()
-                log.error("request log row %s dropped: %s", row.get("id"), e.orig)
+                log.error("request log row %s dropped: %s", row.get("id"), getattr(e, "orig", e))
         return ok
 
     async def close(self) -> None:

@@ -32,6 +32,7 @@ class UpstreamReply:
     body: bytes | None = None  # the whole body (non-stream, or any error)
     stream: AsyncIterator[bytes] | None = None  # raw SSE bytes as they arrive (2xx streams only)
     _closer: Any = None
+    _finisher: Any = None  # like _closer, for a stream whose consumer saw its final event (may keep the connection)
 
     async def aclose(self) -> None:
         """Release the upstream connection; cancels an unfinished upstream stream."""

@@ -55,10 +55,42 @@ async def _iter_stream(
                     ErrorKind.UPSTREAM_ERROR, f"upstream {label} connection failed mid-stream: {e}"
                 ) from None
             if not chunk:
+                resp.release()
                 return
             yield chunk
-    finally:
+    except GeneratorExit:  # the consumer stopped: the reply's owner closes (or finishes) it
+        raise
+    except BaseException:
         resp.close()
+        raise
+
+
+DRAIN_S = 1.0  # how long a finished stream may take to send the end of its body
+_DRAINS: set[asyncio.Task[None]] = set()
+
+
+def finish_stream(resp: aiohttp.ClientResponse) -> None:
+    """The consumer has the stream's final event: give the connection back to the pool. What the
+    upstream still sends (normally only the end of the chunked body, a moment later) is read in
+    the background for up to DRAIN_S, so neither the client's answer nor the handler waits for it;
+    a stream that does not end by then is closed."""
+    if resp.connection is None:  # read to its end already (aiohttp released it)
+        resp.release()
+        return
+    task = asyncio.get_running_loop().create_task(_drain(resp))
+    _DRAINS.add(task)
+    task.add_done_callback(_DRAINS.discard)
+
+
+async def _drain(resp: aiohttp.ClientResponse) -> None:
+    try:
+        async with asyncio.timeout(DRAIN_S):
+            while await resp.content.readany():
+                pass
+    except BaseException:  # it did not end in time, broke, or the gateway is shutting down
+        resp.close()
+        return
+    resp.release()
 
 
 async def post_json(
@@ -119,7 +151,8 @@ async def post_json(
         proto.read_timeout = timeouts.idle
         proto.start_timeout()
     return UpstreamReply(
-        r.status, r.headers, stream=_iter_stream(r, deadline, timeouts.idle, label), _closer=r.close
+        r.status, r.headers, stream=_iter_stream(r, deadline, timeouts.idle, label), _closer=r.close,
+        _finisher=lambda: finish_stream(r),
     )
 
 

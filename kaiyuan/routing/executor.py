@@ -210,6 +210,8 @@ async def _attempt(run: _Run, route: ModelRoute, slot: Slot) -> tuple[str, tuple
     if reply.status >= 300:
         err = upstream_error(provider, reply)
         return _failed(run, attempt, h, probe, err, True, t0)
+    if reply.stream is None and (bad := _bad_body(provider, reply)) is not None:
+        return _failed(run, attempt, h, probe, bad, False, t0)
     h.success(probe, elapsed)
     if reply.stream is not None:
         _on_close(reply, h, ctx)
@@ -218,6 +220,26 @@ async def _attempt(run: _Run, route: ModelRoute, slot: Slot) -> tuple[str, tuple
         if provider.deployment.tpm is not None and reply.body:
             h.add_tokens(_usage_tokens(reply.body))
     return "ok", (provider, reply)
+
+
+def _bad_body(provider: Provider, reply: UpstreamReply) -> GatewayError | None:
+    """A 2xx whole body that is not a JSON object, or that carries an error object, is a failed
+    attempt (502, retried elsewhere), not an answer to pass on."""
+    body = reply.body or b""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        text = body[:200].decode("utf-8", "replace").strip()
+        return GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {provider.id} answered {reply.status} with a body "
+                                                      f"that is not JSON: {text!r}")
+    if not isinstance(obj, dict):
+        return GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {provider.id} answered {reply.status} with JSON that "
+                                                      f"is not an object")
+    err = obj.get("error")
+    if err:
+        msg = err.get("message") if isinstance(err, dict) else err
+        return GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {provider.id} answered {reply.status} with an error: {msg}")
+    return None
 
 
 def _usage_tokens(body: bytes) -> int:
@@ -280,9 +302,12 @@ def _on_close(reply: UpstreamReply, h: DeploymentHealth, ctx: RequestContext) ->
     """When the caller closes a stream: the deployment's request is over (in-flight, tokens, and a
     stream that broke after its first byte counts as a failure)."""
     inner = reply._closer
+    finisher = reply._finisher
 
     def closer() -> object:
         try:
+            if finisher is not None and ctx.extra.get("answered"):  # the client has the whole answer
+                return finisher()
             return inner() if inner is not None else None
         finally:
             h.done()

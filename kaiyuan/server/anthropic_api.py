@@ -19,7 +19,14 @@ from kaiyuan.dialects import canonical as c
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
 from kaiyuan.server import translate
-from kaiyuan.server.common import JSON_CT, error_response, kaiyuan_headers, new_request_id, read_json
+from kaiyuan.server.common import (
+    JSON_CT,
+    client_gone,
+    error_response,
+    kaiyuan_headers,
+    new_request_id,
+    read_json,
+)
 from kaiyuan.server.openai_api import GATEWAY_KEY
 
 FORWARDED_HEADERS = ("anthropic-beta",)
@@ -56,9 +63,7 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
                 b = dict(body)
                 b["model"] = provider.deployment.model
                 return UpstreamCall("messages", b, stream, headers=extra_headers)
-            if not canon:
-                canon.append(anth.request_to_canonical(body))
-            return translate.upstream_call(provider, canon[0])
+            return translate.translated_call(provider, anth.request_to_canonical, body, canon)
 
         provider, reply = await gw.execute(ctx, build)
         public = ctx.model or ""
@@ -87,9 +92,7 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
         ctx.status, ctx.error = e.status, e.message
         return error_response(e, anth.error_body, ctx)
     except (asyncio.CancelledError, ConnectionResetError):
-        ctx.cancelled = True
-        ctx.status = 499
-        ctx.error = "client disconnected"
+        client_gone(ctx)
         raise
     except Exception as e:  # a bug must still answer in the caller's dialect
         request.app.logger.exception("internal error on %s", ctx.request_id)
@@ -120,10 +123,16 @@ def _load_encoding() -> None:
         _ENCODING.append(enc)
 
 
+_PIECE = 40_000  # characters per encode call: the tokenizer refuses inputs of 1M chars / 200k tokens
+
+
 def _count(text: str) -> int:
     _load_encoding()
     enc = _ENCODING[0]
-    return len(enc.encode(text)) if enc is not None else max(1, len(text) // 4)
+    if enc is None:
+        return max(1, len(text) // 4)
+    # encode_ordinary: text such as "<|endoftext|>" in a prompt is text, not a special token (encode raises)
+    return sum(len(enc.encode_ordinary(text[i:i + _PIECE])) for i in range(0, len(text), _PIECE))
 
 
 def estimate_input_tokens(body: dict[str, Any]) -> int:
@@ -174,7 +183,10 @@ async def _count_tokens(request: web.Request, ctx: RequestContext, body: dict[st
     ctx.status = 200
     if not _ENCODING:  # the first call loads the tokenizer (~0.3 s) off the event loop
         await asyncio.to_thread(_load_encoding)
-    tokens = estimate_input_tokens(body)
+    if len(ctx.raw_body) > 256 * 1024:  # a long prompt is tokenized off the event loop
+        tokens = await asyncio.to_thread(estimate_input_tokens, body)
+    else:
+        tokens = estimate_input_tokens(body)
     ctx.usage.prompt_tokens = tokens
     return web.Response(body=orjson.dumps({"input_tokens": tokens}), content_type=JSON_CT, headers=kaiyuan_headers(ctx))
 

@@ -126,7 +126,11 @@ async def run_server(config: GatewayConfig, host: str, port: int, ready: Callabl
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
-    await site.start()
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()  # close upstream pools and flush the log before reporting the error
+        raise
     server: Any = site._server
     addrs = [s.getsockname() for s in (server.sockets if server else [])]
     actual_port = addrs[0][1] if addrs else port

@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from kaiyuan.context import RequestContext
 from kaiyuan.errors import ErrorKind, GatewayError, invalid
@@ -32,7 +33,10 @@ async def read_json(request: web.Request, max_bytes: int) -> tuple[bytes, dict[s
     length = request.content_length
     if length is not None and length > max_bytes:
         raise _too_large(max_bytes)
-    raw = await _read_limited(request, max_bytes)
+    try:
+        raw = await _read_limited(request, max_bytes)
+    except RequestPayloadError as e:  # e.g. a Content-Encoding: gzip body that is not gzip
+        raise invalid(f"the request body could not be read: {e}", code="invalid_body") from None
     if not raw:
         raise invalid("the request body is empty; send a JSON object", code="empty_body")
     try:
@@ -86,3 +90,13 @@ def error_response(err: GatewayError, serialize: ErrorSerializer, ctx: RequestCo
     if ctx is not None:
         headers.update(kaiyuan_headers(ctx))
     return web.Response(status=err.status, body=serialize(err), content_type=JSON_CT, headers=headers)
+
+
+def client_gone(ctx: RequestContext) -> None:
+    """Record that the client disconnected: a cancellation (499), unless it already had its whole
+    answer and only hung up while the gateway was still reading the upstream to its end."""
+    if ctx.extra.get("answered"):
+        return
+    ctx.cancelled = True
+    ctx.status = 499
+    ctx.error = "client disconnected"

@@ -18,7 +18,7 @@ from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
-from kaiyuan.server import translate
+from kaiyuan.server import common, translate
 from kaiyuan.server.common import JSON_CT, error_response, kaiyuan_headers, new_request_id, read_json
 from kaiyuan.server.sse import relay_openai_stream
 
@@ -78,9 +78,7 @@ async def _handle(request: web.Request, endpoint: str, validate: Validator) -> w
         ctx.status, ctx.error = e.status, e.message
         return error_response(e, oai.error_body, ctx)
     except (asyncio.CancelledError, ConnectionResetError):
-        ctx.cancelled = True
-        ctx.status = 499
-        ctx.error = "client disconnected"
+        common.client_gone(ctx)
         raise
     except Exception as e:  # a bug must still answer in the caller's dialect, never a stack trace
         request.app.logger.exception("internal error on %s", ctx.request_id)

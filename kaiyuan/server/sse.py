@@ -7,7 +7,8 @@ stream with an error event, never a silent truncation.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
 from aiohttp import web
@@ -17,18 +18,31 @@ from kaiyuan.dialects.openai import stream_error_event, usage_into
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.server.common import kaiyuan_headers
 
+log = logging.getLogger("kaiyuan.server")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]"
+MAX_EVENT_BYTES = 64 * 1024 * 1024  # one event buffered at most (a runaway upstream must not exhaust memory)
+SSE_FIELDS = (b"data:", b"event:", b":", b"id:", b"retry:")  # how every SSE line begins
 
 
 async def sse_events(stream: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
-    """Group raw chunks into complete SSE events (without their blank-line terminator)."""
+    """Group raw chunks into complete SSE events (without their blank-line terminator).
+
+    CRLF framing is normalised to LF, also when a CRLF is split across two chunks."""
     buf = b""
+    cr = False  # the previous chunk ended with a CR whose LF may open this one
     async for chunk in stream:
+        if cr:
+            chunk = b"\r" + chunk
         if b"\r" in chunk:
-            chunk = chunk.replace(b"\r\n", b"\n")
+            cr = chunk.endswith(b"\r")
+            chunk = (chunk[:-1] if cr else chunk).replace(b"\r\n", b"\n")
+        scan = max(len(buf) - 1, 0)  # only the new bytes (and one before) can complete a terminator
         buf += chunk
-        if b"\n\n" not in buf:
+        if buf.find(b"\n\n", scan) < 0:
+            if len(buf) > MAX_EVENT_BYTES:
+                raise GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream sent a stream event larger than "
+                                                             f"{MAX_EVENT_BYTES} bytes with no end in sight")
             continue
         *events, buf = buf.split(b"\n\n")
         ready = [e for e in events if e]
@@ -44,44 +58,95 @@ async def open_stream(request: web.Request, ctx: RequestContext) -> web.StreamRe
     return resp
 
 
+Pump = Callable[[web.StreamResponse], Awaitable[None]]
+ErrorEvent = Callable[[GatewayError], bytes]
+
+
+async def relay(request: web.Request, ctx: RequestContext, pump: Pump, error_event: ErrorEvent) -> web.StreamResponse:
+    """Open the client's SSE response, let ``pump`` write to it, and end it. A failure once the
+    response has started becomes a last error event in the caller's dialect: a GatewayError with
+    its own status, anything else (a bug) as a 500; never a second response in the stream."""
+    resp = await open_stream(request, ctx)
+    try:
+        await pump(resp)
+    except GatewayError as e:
+        if ctx.extra.get("answered"):  # the client has its whole answer and its response is ended
+            return resp
+        ctx.status, ctx.error = e.status, e.message
+        await resp.write(error_event(e))
+    except ConnectionResetError:  # the client went away: the handler records it
+        raise
+    except Exception as e:
+        log.exception("internal error mid-stream on %s", ctx.request_id)
+        if ctx.extra.get("answered"):
+            return resp
+        err = GatewayError(ErrorKind.INTERNAL, f"internal gateway error ({type(e).__name__}); request id {ctx.request_id}")
+        ctx.status, ctx.error = err.status, err.message
+        await resp.write(error_event(err))
+    await resp.write_eof()
+    return resp
+
+
+async def answered(resp: web.StreamResponse, ctx: RequestContext, last: bytes) -> None:
+    """Send the last bytes of the answer and end the client's response in one write (a client that
+    closes as soon as it sees the final event still finds its connection complete and reusable).
+    The relay stops there: the upstream's own end is read in the background when the reply is
+    closed (``providers.http.finish_stream``), and a client that hangs up now is no cancellation
+    (see ``common.client_gone``)."""
+    ctx.extra["answered"] = True
+    await resp.write_eof(last)
+
+
 async def relay_openai_stream(
     request: web.Request, ctx: RequestContext, stream: AsyncIterator[bytes], strip_usage: bool
 ) -> web.StreamResponse:
     """Forward an OpenAI-protocol stream. ``strip_usage`` drops the usage-only final chunk that the
     gateway asked for on the caller's behalf (the caller did not set ``include_usage``)."""
-    resp = await open_stream(request, ctx)
-    saw_done = False
     tail = bytearray() if ctx.log_bodies or "capture_response" in ctx.extra else None
-    try:
-        async for events in sse_events(stream):
-            out: list[bytes] = []
-            for ev in events:
-                if ev.startswith(DONE):
-                    saw_done = True
-                elif b'"usage":{' in ev or b'"usage": {' in ev or b'"error"' in ev:
-                    if _inspect(ev, ctx) and strip_usage:
-                        continue
-                out.append(ev)
-                out.append(b"\n\n")
-            if out:
-                data = b"".join(out)
-                if tail is not None and len(tail) < 1_000_000:
-                    tail += data
-                ctx.mark_first_byte()
-                await resp.write(data)
+
+    async def pump(resp: web.StreamResponse) -> None:
+        saw_done = False
+        try:
+            async for events in sse_events(stream):
+                out: list[bytes] = []
+                for ev in events:
+                    if ev.startswith(DONE) or ev.startswith(b"data:[DONE]"):  # the space is optional in SSE
+                        saw_done = True
+                        out.append(DONE + b"\n\n")
+                        break
+                    if not ev.startswith(SSE_FIELDS):
+                        raise _not_sse(ev, ctx)
+                    if b'"usage":{' in ev or b'"usage": {' in ev or b'"error"' in ev:
+                        if _inspect(ev, ctx) and strip_usage:
+                            continue
+                    out.append(ev)
+                    out.append(b"\n\n")
+                if out:
+                    data = b"".join(out)
+                    if tail is not None and len(tail) < 1_000_000:
+                        tail.extend(data)
+                    ctx.mark_first_byte()
+                    if saw_done:  # the answer is complete: finish now, not when the upstream closes
+                        await answered(resp, ctx, data)
+                        break
+                    await resp.write(data)
+        finally:
+            if tail is not None:
+                ctx.response_body = bytes(tail)
         if not saw_done and ctx.error is None:
             raise GatewayError(
                 ErrorKind.UPSTREAM_ERROR,
                 f"upstream {ctx.deployment} ended the stream early (no 'data: [DONE]'); the answer is incomplete",
             )
         ctx.status = ctx.status or 200
-    except GatewayError as e:
-        ctx.status, ctx.error = e.status, e.message
-        await resp.write(stream_error_event(e))
-    if tail is not None:
-        ctx.response_body = bytes(tail)
-    await resp.write_eof()
-    return resp
+
+    return await relay(request, ctx, pump, stream_error_event)
+
+
+def _not_sse(ev: bytes, ctx: RequestContext) -> GatewayError:
+    text = ev[:200].decode("utf-8", "replace").strip()
+    return GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {ctx.deployment} answered the stream request with "
+                                                  f"something that is not an SSE stream: {text!r}")
 
 
 def _inspect(ev: bytes, ctx: RequestContext) -> bool:

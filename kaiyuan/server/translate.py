@@ -7,7 +7,7 @@ stays on the pass-through paths.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -19,11 +19,12 @@ from kaiyuan.dialects import canonical as c
 from kaiyuan.dialects import gemini as gem
 from kaiyuan.dialects import openai_chat as oc
 from kaiyuan.dialects.openai import stream_error_event as openai_error_event
+from kaiyuan.dialects.openai import token_count as _count
 from kaiyuan.dialects.streams import AnthropicToOpenAI, GeminiToOpenAI, OpenAIToAnthropic
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
 from kaiyuan.server.common import JSON_CT, kaiyuan_headers
-from kaiyuan.server.sse import DONE, open_stream, sse_events
+from kaiyuan.server.sse import DONE, answered, relay, sse_events
 
 RESPONSE_TO_CANONICAL = {
     "openai": oc.response_to_canonical,
@@ -43,14 +44,31 @@ def upstream_call(provider: Provider, req: c.Request) -> UpstreamCall:
     return UpstreamCall("chat", oc.request_from_canonical(req, d.model), req.stream)
 
 
+def translated_call(provider: Provider, parse: Callable[[dict[str, Any]], c.Request], body: dict[str, Any],
+                    cache: list[c.Request]) -> UpstreamCall:
+    """The call for ``provider`` from a client body in another dialect (parsed once, into ``cache``).
+
+    The validators are shallow; a field of the wrong shape deeper down that the translation trips
+    over is the client's to fix: a 400 naming the problem, never a 500."""
+    try:
+        if not cache:
+            cache.append(parse(body))
+        return upstream_call(provider, cache[0])
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
+        raise GatewayError(ErrorKind.INVALID_REQUEST,
+                           f"the request has a field of the wrong type or shape for translation to this model's "
+                           f"{provider.protocol} upstream ({type(e).__name__}: {e}); check it against the API "
+                           f"reference", code="invalid_request") from None
+
+
 def usage_into_ctx(u: c.Usage, ctx: RequestContext) -> None:
     if not u.input_tokens and not u.output_tokens:  # the upstream reported none: unknown, never "0 tokens, $0"
         return
-    ctx.usage.prompt_tokens = u.input_tokens
-    ctx.usage.completion_tokens = u.output_tokens
-    ctx.usage.cached_tokens = u.cache_read
-    ctx.usage.cache_write_tokens = u.cache_write
-    ctx.usage.reasoning_tokens = u.reasoning
+    ctx.usage.prompt_tokens = _count(u.input_tokens)
+    ctx.usage.completion_tokens = _count(u.output_tokens)
+    ctx.usage.cached_tokens = _count(u.cache_read)
+    ctx.usage.cache_write_tokens = _count(u.cache_write)
+    ctx.usage.reasoning_tokens = _count(u.reasoning)
 
 
 def reply_to_canonical(protocol: str, data: bytes, ctx: RequestContext) -> c.Response:
@@ -153,97 +171,110 @@ async def _openai_chunks(protocol: str, stream: AsyncIterator[bytes], ctx: Reque
 async def relay_to_openai(request: web.Request, ctx: RequestContext, protocol: str, stream: AsyncIterator[bytes],
                           model: str, include_usage: bool) -> web.StreamResponse:
     """An Anthropic or Gemini upstream stream, to an OpenAI caller."""
-    resp = await open_stream(request, ctx)
     tail = bytearray() if "capture_response" in ctx.extra else None  # trials: sampled requests
-    try:
-        async for ch in openai_chunks(protocol, stream, ctx, model, include_usage):
-            ctx.mark_first_byte()
-            data = oc.chunk_bytes(ch)
-            if tail is not None and len(tail) < 1_000_000:
-                tail += data
-            await resp.write(data)
-        await resp.write(DONE + b"\n\n")
-    except GatewayError as e:
-        ctx.status, ctx.error = e.status, e.message
-        await resp.write(openai_error_event(e))
-    if tail is not None:
-        ctx.response_body = bytes(tail)
-    await resp.write_eof()
-    return resp
+
+    async def pump(resp: web.StreamResponse) -> None:
+        try:
+            async for ch in openai_chunks(protocol, stream, ctx, model, include_usage):
+                ctx.mark_first_byte()
+                data = oc.chunk_bytes(ch)
+                if tail is not None and len(tail) < 1_000_000:
+                    tail.extend(data)
+                await resp.write(data)
+            await resp.write(DONE + b"\n\n")
+        finally:
+            if tail is not None:
+                ctx.response_body = bytes(tail)
+
+    return await relay(request, ctx, pump, openai_error_event)
 
 
 async def relay_to_anthropic(request: web.Request, ctx: RequestContext, protocol: str, stream: AsyncIterator[bytes],
                              model: str) -> web.StreamResponse:
     """An OpenAI-compatible or Gemini upstream stream, to an Anthropic caller."""
-    resp = await open_stream(request, ctx)
     tr = OpenAIToAnthropic(model)
     tail = bytearray() if "capture_response" in ctx.extra else None  # trials: sampled requests
-    try:
-        async for ch in openai_chunks(protocol, stream, ctx, model, True):
-            try:
-                out = tr.feed(ch)
-            except (KeyError, TypeError, AttributeError, ValueError) as e:
-                raise _malformed(ctx, e) from None
-            if out:
-                ctx.mark_first_byte()
-                data = b"".join(out)
-                if tail is not None and len(tail) < 1_000_000:
-                    tail += data
-                await resp.write(data)
-        await resp.write(b"".join(tr.end()))
-        usage_into_ctx(tr.usage, ctx)
-    except GatewayError as e:
-        ctx.status, ctx.error = e.status, e.message
-        await resp.write(anth.stream_error_event(e))
-    if tail is not None:
-        ctx.response_body = bytes(tail)
-    await resp.write_eof()
-    return resp
+
+    async def pump(resp: web.StreamResponse) -> None:
+        try:
+            async for ch in openai_chunks(protocol, stream, ctx, model, True):
+                try:
+                    out = tr.feed(ch)
+                except (KeyError, TypeError, AttributeError, ValueError) as e:
+                    raise _malformed(ctx, e) from None
+                if out:
+                    ctx.mark_first_byte()
+                    data = b"".join(out)
+                    if tail is not None and len(tail) < 1_000_000:
+                        tail.extend(data)
+                    await resp.write(data)
+            await resp.write(b"".join(tr.end()))
+            usage_into_ctx(tr.usage, ctx)
+        finally:
+            if tail is not None:
+                ctx.response_body = bytes(tail)
+
+    return await relay(request, ctx, pump, anth.stream_error_event)
 
 
 async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext,
                                       stream: AsyncIterator[bytes]) -> web.StreamResponse:
     """An Anthropic upstream stream to an Anthropic caller: bytes as they arrive, usage read on the side."""
-    resp = await open_stream(request, ctx)
-    saw_stop = False
-    usage = c.Usage()
     tail = bytearray() if "capture_response" in ctx.extra else None  # trials: sampled requests
-    try:
-        async for events in sse_events(stream):
-            out: list[bytes] = []
-            for ev in events:
-                if b"message_st" in ev or b"message_delta" in ev or b"event: error" in ev:
-                    p = _payload(ev)
-                    obj = orjson.loads(p) if p else {}
-                    kind = obj.get("type")
-                    if kind == "message_start":
-                        usage = anth.usage_to_canonical((obj.get("message") or {}).get("usage"))
-                    elif kind == "message_delta":
-                        merged = {**anth.usage_from_canonical(usage),
-                                  **{k: v for k, v in (obj.get("usage") or {}).items() if v is not None}}
-                        usage = anth.usage_to_canonical(merged)
-                    elif kind == "message_stop":
-                        saw_stop = True
-                    elif kind == "error":
-                        ctx.status, ctx.error = 502, f"upstream {ctx.deployment} sent an error mid-stream"
-                        saw_stop = True
-                out.append(ev)
-                out.append(b"\n\n")
-            ctx.mark_first_byte()
-            data = b"".join(out)
-            if tail is not None and len(tail) < 1_000_000:
-                tail += data
-            await resp.write(data)
+
+    async def pump(resp: web.StreamResponse) -> None:
+        saw_stop = False
+        usage = c.Usage()
+        try:
+            async for events in sse_events(stream):
+                out: list[bytes] = []
+                for ev in events:
+                    if b"message_st" in ev or b"message_delta" in ev or b"event: error" in ev:
+                        try:
+                            usage, saw_stop = _anthropic_meta(ev, ctx, usage)
+                        except (KeyError, TypeError, AttributeError, ValueError) as e:
+                            raise _malformed(ctx, e) from None
+                    out.append(ev)
+                    out.append(b"\n\n")
+                    if saw_stop:
+                        break
+                ctx.mark_first_byte()
+                data = b"".join(out)
+                if tail is not None and len(tail) < 1_000_000:
+                    tail.extend(data)
+                if saw_stop:  # the answer is complete: finish now, not when the upstream closes
+                    usage_into_ctx(usage, ctx)
+                    await answered(resp, ctx, data)
+                    break
+                await resp.write(data)
+        finally:
+            if tail is not None:
+                ctx.response_body = bytes(tail)
         if not saw_stop:
             raise _early(ctx, "no message_stop")
-        usage_into_ctx(usage, ctx)
-    except GatewayError as e:
-        ctx.status, ctx.error = e.status, e.message
-        await resp.write(anth.stream_error_event(e))
-    if tail is not None:
-        ctx.response_body = bytes(tail)
-    await resp.write_eof()
-    return resp
+
+    return await relay(request, ctx, pump, anth.stream_error_event)
+
+
+def _anthropic_meta(ev: bytes, ctx: RequestContext, usage: c.Usage) -> tuple[c.Usage, bool]:
+    """Usage and end-of-stream out of one pass-through Anthropic event: (usage so far, stream over)."""
+    p = _payload(ev)
+    if not p:
+        return usage, False
+    try:
+        obj = orjson.loads(p)
+    except orjson.JSONDecodeError:
+        raise GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {ctx.deployment} sent a stream event that is not JSON") from None
+    kind = obj["type"]
+    if kind == "message_start":
+        return anth.usage_to_canonical(obj["message"].get("usage")), False
+    if kind == "message_delta":
+        delta = obj.get("usage") or {}
+        merged = {**anth.usage_from_canonical(usage), **{k: v for k, v in delta.items() if v is not None}}
+        return anth.usage_to_canonical(merged), False
+    if kind == "error":
+        ctx.status, ctx.error = 502, f"upstream {ctx.deployment} sent an error mid-stream"
+    return usage, kind in ("message_stop", "error")
 
 
 # -- entry points for the OpenAI handler (OpenAI callers, non-OpenAI upstreams) -------------------
@@ -252,9 +283,7 @@ def openai_call(provider: Provider, endpoint: str, body: dict[str, Any], cache: 
         raise GatewayError(ErrorKind.INVALID_REQUEST,
                            f"this model's deployment {provider.id} speaks the {provider.protocol} protocol, which has "
                            f"no {endpoint} endpoint; use /v1/chat/completions", code="unsupported_endpoint")
-    if not cache:
-        cache.append(oc.request_to_canonical(body))
-    return upstream_call(provider, cache[0])
+    return translated_call(provider, oc.request_to_canonical, body, cache)
 
 
 async def openai_reply(request: web.Request, ctx: RequestContext, provider: Provider, reply: UpstreamReply,

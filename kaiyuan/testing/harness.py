@@ -27,7 +27,17 @@ class RunningGateway:
         return self.url + "/v1"
 
     def flush_logs(self) -> int:
+        self.settle()
         return self.servers.call(self.gateway.request_log.flush())
+
+    def settle(self, timeout: float = 10.0) -> None:
+        """Wait (bounded) until no request is in flight: a stream's handler may still be reading
+        the upstream to its end after the client has its whole answer."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.gateway.metrics.in_flight._value.get() > 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     def log_rows(self) -> list[dict[str, Any]]:
         self.flush_logs()

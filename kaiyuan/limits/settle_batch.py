@@ -37,7 +37,7 @@ log = logging.getLogger("kaiyuan.limits")
 MAX_BATCH = 256  # tickets per EVALSHA
 MAX_QUEUE = 10_000  # queued settles; beyond this a settle is applied inline (back-pressure)
 RETRY_FOR_S = 10.0  # how long a failed batch is retried before it is dropped
-MARK_TTL_S = 600  # how long Redis remembers an applied batch id (dedupes retries)
+MARK_TTL_S = 60  # how long Redis remembers an applied batch id (dedupes retries, which last < 15 s)
 
 # KEYS[1]: the batch marker; then per ticket: per rate scope its tpm window and parallel key, then
 # one hash per budget. ARGV[1]: tickets; per ticket: n_rates, n_budgets, token_delta,
@@ -114,7 +114,10 @@ class SettleBatcher:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await self.drain()
+            try:
+                await self.drain()
+            except Exception:  # a bug must not stop settling for good: log it, keep the task alive
+                log.exception("settle batch failed unexpectedly; its settles are lost (reservations stay counted)")
             if self._closed:
                 return
 

@@ -5,7 +5,9 @@
 the model's deployments) against every budget of the key and its team, and counts it against the
 rate limits, all in one atomic step. ``settle`` (after the request, whatever happened) computes
 the real cost from the upstream's usage, sets ``ctx.cost_usd`` (``None`` when the price is
-unknown, never 0), releases the reservation, adds the real cost and queues a spend-ledger row.
+unknown, never 0), releases the reservation, adds the real cost and queues a spend-ledger row. With
+Redis the settle itself is queued too and applied in batches by a background task, so the only
+Redis round trip on a request's path is the admit's one EVALSHA.
 
 Keys are cached in memory for ``limits.key_cache_ttl_s``; the database is only read on a cache
 miss and never written on the request path (the ledger goes out in batches).
@@ -73,9 +75,16 @@ class KeyGuard:
         self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
         self.local = MemoryCounters()
         self.counters: Counters = self.local
+        r = gw.metrics.registry
+        self.m_settle = Counter(
+            "kaiyuan_limits_settle_problems",
+            "Redis settles that failed once and were retried, were dropped after retrying (their reservations "
+            "stay counted), or were applied in-line because the settle queue was full",
+            ["action"], registry=r,
+        )
         if self.settings.backend == "redis":
             assert self.settings.redis_url is not None
-            self.counters = RedisCounters(self.settings.redis_url)
+            self.counters = RedisCounters(self.settings.redis_url, on_settle_event=lambda what, n: self.m_settle.labels(what).inc(n))
         # deployment id -> (deployment, price or None, vendor); model -> deployments
         self.deployments: dict[str, tuple[DeploymentBase, ResolvedPrice | None, str]] = {}
         self.model_deps: dict[str, list[str]] = {}
@@ -94,7 +103,6 @@ class KeyGuard:
                         m.name, did, d.model,
                     )
             self.model_deps[m.name] = ids
-        r = gw.metrics.registry
         self.m_denied = Counter("kaiyuan_guard_denied", "Requests refused by the guard", ["reason"], registry=r)
         self.m_redis_errors = Counter(
             "kaiyuan_limits_redis_errors", "Redis failures, by what the gateway did (fail_closed, local)", ["action"], registry=r
@@ -281,8 +289,11 @@ class KeyGuard:
                 )
             try:
                 if ticket.backend == "redis" and isinstance(self.counters, RedisCounters):
-                    # shielded: a client that hangs up must not cancel the release of its reservation
-                    await asyncio.shield(self.counters.settle(ticket, [nano] * len(ticket.budgets), total))
+                    # queued, applied off the request path in batches (kaiyuan.limits.settle_batch)
+                    if not self.counters.settle_later(ticket, [nano] * len(ticket.budgets), total):
+                        self.m_settle.labels("inline").inc()
+                        # shielded: a client that hangs up must not cancel the release of its reservation
+                        await asyncio.shield(self.counters.settle(ticket, [nano] * len(ticket.budgets), total))
                 else:
                     self.local.settle_sync(ticket, [nano] * len(ticket.budgets), total)
             except Exception as e:

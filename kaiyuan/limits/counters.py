@@ -4,7 +4,9 @@ One ``admit`` checks every limit that applies to a request (RPM, TPM and paralle
 key and per team; every budget of the key and its team) and, only if all pass, counts the
 request and reserves its worst-case cost. It is atomic: a single synchronous step in memory, a
 single Lua script (one round trip) in Redis. ``settle`` releases the reservation and adds the
-real cost. Money is counted in integer nano-dollars so the sums are exact.
+real cost; in Redis the request path only queues it (``settle_later``) and a background task applies
+the queued settles in batches, one EVALSHA each (see ``settle_batch``), so Redis costs a request
+exactly one round trip. Money is counted in integer nano-dollars so the sums are exact.
 
 RPM and TPM use fixed one-minute windows (tolerance: one window). TPM counts the prompt tokens
 at admit and corrects to the real total (prompt + completion) at settle.
@@ -15,6 +17,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from kaiyuan.limits.settle_batch import OnEvent, SettleBatcher
 
 NANO = 1_000_000_000
 PARALLEL_TTL_S = 900  # a replica that dies mid-request stops holding a parallel slot after this
@@ -149,14 +153,20 @@ class MemoryCounters:
 
 # -- Redis ---------------------------------------------------------------------------------------
 # KEYS: for each rate scope: rpm window, tpm window, parallel; then one hash per budget counter.
-# ARGV: n_rates, n_budgets, prompt_tokens, window_ttl, parallel_ttl,
-#       per rate: rpm, tpm, max_parallel (-1 = no limit), per budget: limit, seed, reserve, ttl (-1 = none)
+#       then, if ARGV[6] is 1, the marker of this replica's settle batch in flight (see settle_batch).
+# ARGV: n_rates, n_budgets, prompt_tokens, window_ttl, parallel_ttl, has_marker,
+#       per rate: rpm, tpm, max_parallel (-1 = no limit), this replica's parallel releases queued
+#       (not sent yet: certain to be applied, so those slots count as free) and in the batch in
+#       flight (free too while its marker is absent, i.e. the batch has not been applied yet),
+#       per budget: limit, seed, reserve, ttl (-1 = none)
 ADMIT_LUA = """
 local nr = tonumber(ARGV[1]); local nb = tonumber(ARGV[2]); local pt = tonumber(ARGV[3])
 local wttl = tonumber(ARGV[4]); local pttl = tonumber(ARGV[5])
-local a = 6
+local a = 7
+local unapplied = 0
+if tonumber(ARGV[6]) == 1 and redis.call('EXISTS', KEYS[nr*3 + nb + 1]) == 0 then unapplied = 1 end
 for i = 0, nr - 1 do
-  local rpm = tonumber(ARGV[a + i*3]); local tpm = tonumber(ARGV[a + i*3 + 1]); local par = tonumber(ARGV[a + i*3 + 2])
+  local rpm = tonumber(ARGV[a + i*5]); local tpm = tonumber(ARGV[a + i*5 + 1]); local par = tonumber(ARGV[a + i*5 + 2])
   if rpm >= 0 then
     local c = tonumber(redis.call('GET', KEYS[i*3 + 1]) or '0')
     if c + 1 > rpm then return {1, i, 'rpm', c, 0} end
@@ -166,11 +176,11 @@ for i = 0, nr - 1 do
     if c + pt > tpm then return {1, i, 'tpm', c, 0} end
   end
   if par >= 0 then
-    local c = tonumber(redis.call('GET', KEYS[i*3 + 3]) or '0')
+    local c = tonumber(redis.call('GET', KEYS[i*3 + 3]) or '0') - tonumber(ARGV[a + i*5 + 3]) - unapplied * tonumber(ARGV[a + i*5 + 4])
     if c + 1 > par then return {1, i, 'parallel', c, 0} end
   end
 end
-local b = a + nr*3
+local b = a + nr*5
 local kb = nr*3
 for j = 0, nb - 1 do
   local k = KEYS[kb + j + 1]
@@ -180,9 +190,9 @@ for j = 0, nb - 1 do
   if s + r + res > limit then return {1, j, 'budget', s, r} end
 end
 for i = 0, nr - 1 do
-  if tonumber(ARGV[a + i*3]) >= 0 then redis.call('INCR', KEYS[i*3 + 1]); redis.call('EXPIRE', KEYS[i*3 + 1], wttl) end
-  if tonumber(ARGV[a + i*3 + 1]) >= 0 then redis.call('INCRBY', KEYS[i*3 + 2], pt); redis.call('EXPIRE', KEYS[i*3 + 2], wttl) end
-  if tonumber(ARGV[a + i*3 + 2]) >= 0 then redis.call('INCR', KEYS[i*3 + 3]); redis.call('EXPIRE', KEYS[i*3 + 3], pttl) end
+  if tonumber(ARGV[a + i*5]) >= 0 then redis.call('INCR', KEYS[i*3 + 1]); redis.call('EXPIRE', KEYS[i*3 + 1], wttl) end
+  if tonumber(ARGV[a + i*5 + 1]) >= 0 then redis.call('INCRBY', KEYS[i*3 + 2], pt); redis.call('EXPIRE', KEYS[i*3 + 2], wttl) end
+  if tonumber(ARGV[a + i*5 + 2]) >= 0 then redis.call('INCR', KEYS[i*3 + 3]); redis.call('EXPIRE', KEYS[i*3 + 3], pttl) end
 end
 for j = 0, nb - 1 do
   local k = KEYS[kb + j + 1]
@@ -193,6 +203,7 @@ end
 return {0}
 """
 
+# One ticket, applied at once (``RedisCounters.settle``: the in-line fallback when the queue is full).
 # KEYS: tpm window and parallel key per rate scope, then budget hashes.
 # ARGV: n_rates, n_budgets, token_delta, per rate: has_tpm, has_parallel; per budget: reserve, actual
 SETTLE_LUA = """
@@ -221,17 +232,19 @@ return 0
 
 
 class RedisCounters:
-    """Counters in Redis, shared by every replica. Each admit and settle is one EVALSHA."""
+    """Counters in Redis, shared by every replica. An admit is one EVALSHA on the request path;
+    settles are queued (``settle_later``) and applied in batches off it."""
 
     name = "redis"
 
-    def __init__(self, url: str, prefix: str = "ky:") -> None:
+    def __init__(self, url: str, prefix: str = "ky:", on_settle_event: OnEvent | None = None) -> None:
         import redis.asyncio as aioredis
 
         self.redis = aioredis.from_url(url, socket_connect_timeout=2, socket_timeout=2, health_check_interval=30)
         self.prefix = prefix
         self._admit = self.redis.register_script(ADMIT_LUA)
         self._settle = self.redis.register_script(SETTLE_LUA)
+        self.batcher = SettleBatcher(self.redis, prefix, on_settle_event)
 
     def _rate_keys(self, scope: str, minute: int) -> list[str]:
         p = self.prefix
@@ -240,20 +253,31 @@ class RedisCounters:
     async def admit(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt_tokens: int, now: float) -> Ticket | Denial:
         minute = int(now // 60)
         keys: list[str] = []
-        args: list[Any] = [len(rates), len(budgets), prompt_tokens, 120, PARALLEL_TTL_S]
+        bt = self.batcher
+        marker = bt.inflight_marker
+        args: list[Any] = [len(rates), len(budgets), prompt_tokens, 120, PARALLEL_TTL_S, int(marker is not None)]
+        queued, inflight = bt.pending_parallel, bt.inflight_parallel
         for r in rates:
             keys += self._rate_keys(r.scope, minute)
             args += [_lim(r.rpm), _lim(r.tpm), _lim(r.max_parallel)]
+            args += [queued.get(r.scope, 0), inflight.get(r.scope, 0)] if r.max_parallel is not None else [0, 0]
         for b in budgets:
             keys.append(f"{self.prefix}bud:{b.counter}")
             args += [b.limit, b.seed, b.reserve, b.ttl_s if b.ttl_s else -1]
+        if marker is not None:
+            keys.append(marker)
         res = await self._admit(keys=keys, args=args)
         if int(res[0]) == 0:
             return Ticket(rates, budgets, minute, prompt_tokens, self.name)
         kind = res[2].decode() if isinstance(res[2], bytes) else str(res[2])
         return Denial(kind, int(res[1]), int(res[3]), int(res[4]))
 
+    def settle_later(self, ticket: Ticket, actual: list[int], total_tokens: int) -> bool:
+        """Queue the settle for the background batcher (no I/O); False when the queue is full."""
+        return self.batcher.put(ticket, actual, total_tokens)
+
     async def settle(self, ticket: Ticket, actual: list[int], total_tokens: int) -> None:
+        """Apply one settle now (one EVALSHA)."""
         keys: list[str] = []
         args: list[Any] = [len(ticket.rates), len(ticket.budgets), total_tokens - ticket.prompt_tokens]
         for r in ticket.rates:
@@ -272,6 +296,7 @@ class RedisCounters:
         return int(v[0]), int(v[1] or 0)
 
     async def close(self) -> None:
+        await self.batcher.close()
         await self.redis.aclose()
 
 

@@ -1,0 +1,206 @@
+"""Redis settles off the request path: queued in memory, applied in batches by one background task.
+
+A request's settle (release its reservation, add its real cost, correct its TPM count, free its
+parallel slot) does not need to finish before the client gets its answer: until it is applied the
+reservation simply stays counted, which can only refuse a request early, never let spend pass a
+budget. So ``RedisCounters.settle_later`` appends the ticket to a bounded deque and wakes the
+flusher, which sends everything queued as **one** EVALSHA of ``SETTLE_MANY_LUA`` (up to
+``MAX_BATCH`` tickets), then loops while more arrived meanwhile. There is no linger: at low load a
+settle reaches Redis within one event-loop turn; under load, the settles that arrive while a batch
+is in flight ride together in the next one.
+
+Retries: a failed batch is retried (same batch id) with backoff for about ``RETRY_FOR_S``; the
+script first does ``SET NX`` on the batch id, so a batch that did apply before its reply was lost is
+not applied twice. A batch that still fails is dropped and logged: its reservations stay counted
+(conservative) until the period ends, and its parallel slots expire after ``PARALLEL_TTL_S``.
+
+Parallel slots: the queued (not yet sent) releases of this replica are known exactly, so the ADMIT
+script is told how many slots of each scope are already free (``pending_parallel``); a client that
+sends its next request the moment it got the last answer is not refused for its own finished one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kaiyuan.limits.counters import Ticket
+
+log = logging.getLogger("kaiyuan.limits")
+
+MAX_BATCH = 256  # tickets per EVALSHA
+MAX_QUEUE = 10_000  # queued settles; beyond this a settle is applied inline (back-pressure)
+RETRY_FOR_S = 10.0  # how long a failed batch is retried before it is dropped
+MARK_TTL_S = 60  # how long Redis remembers an applied batch id (dedupes retries, which last < 15 s)
+
+# KEYS[1]: the batch marker; then per ticket: per rate scope its tpm window and parallel key, then
+# one hash per budget. ARGV[1]: tickets; per ticket: n_rates, n_budgets, token_delta,
+# per rate: has_tpm, has_parallel; per budget: reserve, cost (integer strings, passed through
+# unconverted so that large nano-dollar amounts never go through Lua's %.14g number formatting).
+SETTLE_MANY_LUA = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[2])) then return 0 end
+local a = 3; local k = 2
+for t = 1, tonumber(ARGV[1]) do
+  local nr = tonumber(ARGV[a]); local nb = tonumber(ARGV[a + 1]); local delta = ARGV[a + 2]; a = a + 3
+  for i = 1, nr do
+    if ARGV[a] == '1' and delta ~= '0' and redis.call('EXISTS', KEYS[k]) == 1 then redis.call('INCRBY', KEYS[k], delta) end
+    if ARGV[a + 1] == '1' then
+      local c = tonumber(redis.call('GET', KEYS[k + 1]) or '0')
+      if c > 0 then redis.call('DECR', KEYS[k + 1]) end
+    end
+    a = a + 2; k = k + 2
+  end
+  for j = 1, nb do
+    local res = ARGV[a]; local cost = ARGV[a + 1]
+    if res ~= '0' then
+      local r = tonumber(redis.call('HGET', KEYS[k], 'r') or '0')
+      if r < tonumber(res) then redis.call('HSET', KEYS[k], 'r', '0') else redis.call('HINCRBY', KEYS[k], 'r', '-' .. res) end
+    end
+    if cost ~= '0' then redis.call('HINCRBY', KEYS[k], 's', cost) end
+    a = a + 2; k = k + 1
+  end
+end
+return 1
+"""
+
+OnEvent = Callable[[str, int], None]  # (what happened: "retry" | "dropped" | "inline", tickets)
+
+
+class SettleBatcher:
+    """The queue and the background task that applies queued settles in batches."""
+
+    def __init__(self, redis: Any, prefix: str, on_event: OnEvent | None = None) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.on_event = on_event
+        self._script = redis.register_script(SETTLE_MANY_LUA)
+        self._queue: deque[tuple[Ticket, list[int], int]] = deque()
+        self.pending_parallel: dict[str, int] = {}  # scope -> releases queued here and not yet sent
+        self.inflight_parallel: dict[str, int] = {}  # scope -> releases in the batch in flight
+        self.inflight_marker: str | None = None  # that batch's id key (exists in Redis once applied)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._replica = uuid.uuid4().hex[:12]
+        self._seq = 0
+        self.applied = 0  # tickets applied (for tests and metrics)
+        self.batches = 0  # EVALSHAs that applied them
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def put(self, ticket: Ticket, actual: list[int], total_tokens: int) -> bool:
+        """Queue a settle; False (nothing queued) when the queue is full or closed: settle inline then."""
+        if self._closed or len(self._queue) >= MAX_QUEUE:
+            return False
+        self._queue.append((ticket, actual, total_tokens))
+        pp = self.pending_parallel
+        for r in ticket.rates:
+            if r.max_parallel is not None:
+                pp[r.scope] = pp.get(r.scope, 0) + 1
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="kaiyuan-settle-flush")
+        self._wake.set()
+        return True
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.drain()
+            except Exception:  # a bug must not stop settling for good: log it, keep the task alive
+                log.exception("settle batch failed unexpectedly; its settles are lost (reservations stay counted)")
+            if self._closed:
+                return
+
+    async def drain(self, give_up_at: float | None = None) -> None:
+        """Apply everything queued now (one EVALSHA per MAX_BATCH tickets)."""
+        while self._queue:
+            batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
+            keys, args = self.encode(batch)
+            self.inflight_parallel = self._unpend(batch)
+            self.inflight_marker = keys[0] if self.inflight_parallel else None
+            try:
+                await self._send(batch, keys, args, give_up_at)
+            finally:
+                self.inflight_parallel, self.inflight_marker = {}, None
+
+    def _unpend(self, batch: list[tuple[Ticket, list[int], int]]) -> dict[str, int]:
+        """Move the batch's parallel releases from 'queued' to 'in flight' (returned)."""
+        pp = self.pending_parallel
+        moved: dict[str, int] = {}
+        for ticket, _a, _t in batch:
+            for r in ticket.rates:
+                if r.max_parallel is not None:
+                    moved[r.scope] = moved.get(r.scope, 0) + 1
+                    n = pp.get(r.scope, 0) - 1
+                    if n > 0:
+                        pp[r.scope] = n
+                    else:
+                        pp.pop(r.scope, None)
+        return moved
+
+    def encode(self, batch: list[tuple[Ticket, list[int], int]]) -> tuple[list[str], list[Any]]:
+        p = self.prefix
+        self._seq += 1
+        keys: list[str] = [f"{p}settled:{self._replica}:{self._seq}"]
+        args: list[Any] = [len(batch), MARK_TTL_S]
+        for ticket, actual, total in batch:
+            args += [len(ticket.rates), len(ticket.budgets), total - ticket.prompt_tokens]
+            for r in ticket.rates:
+                keys += [f"{p}tpm:{r.scope}:{ticket.minute}", f"{p}par:{r.scope}"]
+                args += [int(r.tpm is not None), int(r.max_parallel is not None)]
+            for b, cost in zip(ticket.budgets, actual, strict=True):
+                keys.append(f"{p}bud:{b.counter}")
+                args += [b.reserve, cost]
+        return keys, args
+
+    async def _send(self, batch: list[tuple[Ticket, list[int], int]], keys: list[str], args: list[Any], give_up_at: float | None) -> None:
+        deadline = give_up_at if give_up_at is not None else time.monotonic() + RETRY_FOR_S
+        delay = 0.05
+        while True:
+            try:
+                await self._script(keys=keys, args=args)
+                self.applied += len(batch)
+                self.batches += 1
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if time.monotonic() + delay > deadline:
+                    self.dropped += len(batch)
+                    self._event("dropped", len(batch))
+                    log.error(
+                        "could not settle %d requests in Redis (%s); dropped: their reservations stay counted until "
+                        "the budget period ends and their parallel slots expire within 15 minutes", len(batch), e,
+                    )
+                    return
+                self._event("retry", len(batch))
+                log.warning("settling %d requests in Redis failed (%s); retrying in %.2f s", len(batch), e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _event(self, what: str, n: int) -> None:
+        if self.on_event is not None:
+            self.on_event(what, n)
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Stop taking settles and apply what is queued (retrying for at most ``timeout_s``)."""
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            self._wake.set()  # the task drains the queue (and finishes a batch in flight), then returns
+            try:
+                await asyncio.wait_for(task, timeout_s)
+            except (TimeoutError, asyncio.CancelledError, Exception):
+                pass
+        if self._queue:
+            await self.drain(time.monotonic() + 1.0)

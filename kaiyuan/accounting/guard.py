@@ -21,8 +21,9 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable, Hashable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 from prometheus_client import Counter
@@ -53,6 +54,29 @@ log = logging.getLogger("kaiyuan.guard")
 
 TICKET = "kaiyuan.ticket"
 NEGATIVE_TTL_S = 2.0
+T = TypeVar("T")
+
+
+class SingleFlight:
+    """Concurrent callers asking for the same key share one blocking load (run in a thread)."""
+
+    def __init__(self) -> None:
+        self._inflight: dict[Hashable, asyncio.Future[Any]] = {}
+
+    async def run(self, key: Hashable, fn: Callable[..., T], *args: Any) -> T:
+        fut = self._inflight.get(key)
+        if fut is None:
+            fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+            self._inflight[key] = fut
+            fut.add_done_callback(self._done(key))
+        # shield: one caller going away must not cancel the load the others are waiting for
+        return await asyncio.shield(fut)
+
+    def _done(self, key: Hashable) -> Callable[[asyncio.Future[Any]], None]:
+        def forget(_f: asyncio.Future[Any]) -> None:
+            self._inflight.pop(key, None)
+
+        return forget
 BILLED_ENDPOINTS = frozenset({"chat", "completions", "embeddings", "messages"})
 SEED_TTL_S = 60.0
 INVALIDATE_CHANNEL = "ky:invalidate"  # a counter's starting spend is re-read from the ledger at most this often
@@ -113,6 +137,7 @@ class KeyGuard:
         )
         self._ledger: deque[dict[str, Any]] = deque()
         self._seeds: dict[str, tuple[float, int]] = {}
+        self._loads = SingleFlight()
         self._task: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._closing = False
@@ -174,7 +199,8 @@ class KeyGuard:
             if mono - hit[0] < ttl:
                 return hit[1]
         assert self.engine is not None
-        rec = await asyncio.to_thread(keystore.load_key, self.engine, h)
+        # Single flight: when a cached key expires under load, one lookup serves every waiting request.
+        rec = await self._loads.run(("key", h), keystore.load_key, self.engine, h)
         self._cache[h] = (mono, rec)
         if len(self._cache) > 100_000:  # bounded: a flood of random keys cannot grow it forever
             self._cache.clear()
@@ -399,7 +425,7 @@ class KeyGuard:
             return hit[1]
         if self.engine is None:
             return 0
-        v = await asyncio.to_thread(keystore.spent_since, self.engine, b.scope, b.scope_id, start)
+        v = await self._loads.run(("seed", counter, start), keystore.spent_since, self.engine, b.scope, b.scope_id, start)
         if len(seeds) > 100_000:
             seeds.clear()
         seeds[counter] = (mono, round(v * NANO))

@@ -231,6 +231,10 @@ return 0
 """
 
 
+REDIS_MAX_CONNECTIONS = 64
+REDIS_POOL_WAIT_S = 5.0
+
+
 class RedisCounters:
     """Counters in Redis, shared by every replica. An admit is one EVALSHA on the request path;
     settles are queued (``settle_later``) and applied in batches off it."""
@@ -240,7 +244,13 @@ class RedisCounters:
     def __init__(self, url: str, prefix: str = "ky:", on_settle_event: OnEvent | None = None) -> None:
         import redis.asyncio as aioredis
 
-        self.redis = aioredis.from_url(url, socket_connect_timeout=2, socket_timeout=2, health_check_interval=30)
+        # A bounded, blocking pool: under a burst, requests queue for one of REDIS_MAX_CONNECTIONS
+        # connections instead of each opening its own (a connect storm that timed out as "unreachable").
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=REDIS_MAX_CONNECTIONS, timeout=REDIS_POOL_WAIT_S,
+            socket_connect_timeout=2, socket_timeout=5, health_check_interval=30,
+        )
+        self.redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
         self.prefix = prefix
         self._admit = self.redis.register_script(ADMIT_LUA)
         self._settle = self.redis.register_script(SETTLE_LUA)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -152,9 +152,11 @@ class DeploymentBase(_Strict):
         return f"{getattr(self, 'provider', 'deployment')}:{self.model}"
 
 
-class OpenAICompatibleDeployment(DeploymentBase):
-    provider: Literal["openai_compatible"]
-    base_url: str = Field(..., description="e.g. https://api.deepseek.com/v1")
+class _HTTPDeployment(DeploymentBase):
+    """An upstream reached over HTTP: URL, credentials, pool and reply limits."""
+
+    url_example: ClassVar[str] = "https://api.deepseek.com/v1"
+    base_url: str
     api_key: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
     max_connections: int = Field(1000, gt=0)
@@ -164,12 +166,17 @@ class OpenAICompatibleDeployment(DeploymentBase):
     @classmethod
     def _url(cls, v: str) -> str:
         if not re.match(r"^https?://[^/\s]+", v):
-            raise ValueError(f"must be an http(s) URL such as https://api.deepseek.com/v1, got {v!r}")
+            raise ValueError(f"must be an http(s) URL such as {cls.url_example}, got {v!r}")
         return v.rstrip("/")
 
     def default_id(self) -> str:
         host = re.sub(r"^https?://", "", self.base_url).split("/")[0]
-        return f"openai_compatible:{self.model}@{host}"
+        return f"{getattr(self, 'provider', 'http')}:{self.model}@{host}"
+
+
+class OpenAICompatibleDeployment(_HTTPDeployment):
+    provider: Literal["openai_compatible"]
+    base_url: str = Field(..., description="e.g. https://api.deepseek.com/v1")
 
 
 class LocalDeployment(DeploymentBase):
@@ -188,38 +195,21 @@ class LocalDeployment(DeploymentBase):
         return f"local:{self.model}"
 
 
-class _NativeHTTPDeployment(DeploymentBase):
-    base_url: str
-    api_key: str | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
-    max_connections: int = Field(1000, gt=0)
-    max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, gt=0, description=MAX_RESPONSE_DOC)
-
-    @field_validator("base_url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", v):
-            raise ValueError(f"must be an http(s) URL, got {v!r}")
-        return v.rstrip("/")
-
-    def default_id(self) -> str:
-        host = re.sub(r"^https?://", "", self.base_url).split("/")[0]
-        return f"{getattr(self, 'provider', 'native')}:{self.model}@{host}"
-
-
-class AnthropicDeployment(_NativeHTTPDeployment):
+class AnthropicDeployment(_HTTPDeployment):
     """Anthropic's native Messages API (POST {base_url}/v1/messages)."""
 
     provider: Literal["anthropic"]
+    url_example: ClassVar[str] = "https://api.anthropic.com"
     base_url: str = Field("https://api.anthropic.com", description="without /v1")
     anthropic_version: str = "2023-06-01"
     default_max_tokens: int = Field(4096, gt=0, description="max_tokens for OpenAI callers that send none")
 
 
-class GeminiDeployment(_NativeHTTPDeployment):
+class GeminiDeployment(_HTTPDeployment):
     """Google's Gemini API (models/{model}:generateContent and :streamGenerateContent)."""
 
     provider: Literal["gemini"]
+    url_example: ClassVar[str] = "https://generativelanguage.googleapis.com/v1beta"
     base_url: str = Field("https://generativelanguage.googleapis.com/v1beta", description="up to the API version")
 
 

@@ -102,11 +102,6 @@ class Gateway:
         reply; raises the error the caller should see."""
         return await self.router.execute(ctx, build)
 
-    def _no_deployment(self, ctx: RequestContext) -> GatewayError:
-        reasons = [f"{p.id}: {p.unavailable}" for p in self.providers.get(ctx.model or "", ()) if p.unavailable]
-        detail = "; ".join(reasons) if reasons else "no deployment is configured"
-        return GatewayError(ErrorKind.NO_DEPLOYMENT, f"model {ctx.model!r} has no usable deployment ({detail})")
-
     def finish(self, ctx: RequestContext) -> None:
         """Record the outcome of a request (metrics, request log, completion hooks). Never raises."""
         try:

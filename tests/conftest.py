@@ -22,12 +22,16 @@ def servers() -> Iterator[ServerThread]:
     st.close()
 
 
-@pytest.fixture
-def fake_openai(servers: ServerThread) -> Iterator[FakeOpenAI]:
-    fake = FakeOpenAI(api_key="sk-upstream")
-    fake.url = servers.serve(fake.app)  # type: ignore[attr-defined]
+def _served(servers: ServerThread, fake: Any) -> Iterator[Any]:
+    """Serve a fake upstream on 127.0.0.1 for one test; its base URL is ``fake.url``."""
+    fake.url = servers.serve(fake.app)
     yield fake
     servers.stop(fake.app)
+
+
+@pytest.fixture
+def fake_openai(servers: ServerThread) -> Iterator[FakeOpenAI]:
+    yield from _served(servers, FakeOpenAI(api_key="sk-upstream"))
 
 
 def openai_model(name: str, url: str, upstream_model: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -80,20 +84,14 @@ def gateway(make_gateway: Callable[[dict[str, Any]], RunningGateway], fake_opena
 def fake_anthropic(servers: ServerThread) -> Iterator[Any]:
     from kaiyuan.testing.fake_anthropic import FakeAnthropic
 
-    fake = FakeAnthropic(api_key="sk-ant-upstream")
-    fake.url = servers.serve(fake.app)  # type: ignore[attr-defined]
-    yield fake
-    servers.stop(fake.app)
+    yield from _served(servers, FakeAnthropic(api_key="sk-ant-upstream"))
 
 
 @pytest.fixture
 def fake_gemini(servers: ServerThread) -> Iterator[Any]:
     from kaiyuan.testing.fake_gemini import FakeGemini
 
-    fake = FakeGemini(api_key="gm-upstream")
-    fake.url = servers.serve(fake.app)  # type: ignore[attr-defined]
-    yield fake
-    servers.stop(fake.app)
+    yield from _served(servers, FakeGemini(api_key="gm-upstream"))
 
 
 @pytest.fixture

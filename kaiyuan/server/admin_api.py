@@ -147,6 +147,12 @@ def _guard(gw: Gateway) -> KeyGuard | None:
     return gw.guard if isinstance(gw.guard, KeyGuard) else None
 
 
+async def _invalidate(gw: Gateway, key_hash: str | None = None) -> None:
+    """After an admin change: drop cached keys here and, with Redis, on every replica."""
+    if (g := _guard(gw)) is not None:
+        await g.invalidate_everywhere(key_hash)
+
+
 def _check_models(gw: Gateway, models: list[str] | None) -> None:
     if models is None:
         return
@@ -217,8 +223,7 @@ async def patch_team(request: web.Request) -> web.StreamResponse:
     _check_models(gw, body.allowed_models)
     _check_policy(body.policy)
     out = await _run(keystore.update_team, gw.engine, request.match_info["id"], _fields(body))
-    if (g := _guard(gw)) is not None:
-        await g.invalidate_everywhere()
+    await _invalidate(gw)
     return _json(out)
 
 
@@ -226,8 +231,7 @@ async def patch_team(request: web.Request) -> web.StreamResponse:
 async def delete_team(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
     await _run(keystore.delete_team, gw.engine, request.match_info["id"])
-    if (g := _guard(gw)) is not None:
-        await g.invalidate_everywhere()
+    await _invalidate(gw)
     return _json({"id": request.match_info["id"], "deleted": True})
 
 
@@ -286,8 +290,7 @@ async def patch_key(request: web.Request) -> web.StreamResponse:
     if "expires_at" in data or body.expires_in_s is not None:
         data["expires_at"] = _expiry(body.expires_at, body.expires_in_s)
     out, old_hash = await _run(keystore.update_key, gw.engine, request.match_info["id"], data)
-    if (g := _guard(gw)) is not None:
-        await g.invalidate_everywhere(old_hash)
+    await _invalidate(gw, old_hash)
     return _json(out)
 
 
@@ -295,8 +298,7 @@ async def patch_key(request: web.Request) -> web.StreamResponse:
 async def revoke_key(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
     out, old_hash = await _run(keystore.revoke_key, gw.engine, request.match_info["id"])
-    if (g := _guard(gw)) is not None:
-        await g.invalidate_everywhere(old_hash)
+    await _invalidate(gw, old_hash)
     return _json(out)
 
 
@@ -304,8 +306,7 @@ async def revoke_key(request: web.Request) -> web.StreamResponse:
 async def rotate_key(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
     out, old_hash = await _run(keystore.rotate_key, gw.engine, request.match_info["id"])
-    if (g := _guard(gw)) is not None:
-        await g.invalidate_everywhere(old_hash)
+    await _invalidate(gw, old_hash)
     out["note"] = "the old secret no longer works; store this key now: it is shown only once"
     return _json(out)
 

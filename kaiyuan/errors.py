@@ -34,6 +34,7 @@ class ErrorKind(Enum):
     UPSTREAM_ERROR = _KindInfo(502, "upstream_error", "api_error")
     UPSTREAM_UNREACHABLE = _KindInfo(502, "upstream_unreachable", "api_error")
     NO_DEPLOYMENT = _KindInfo(503, "service_unavailable", "overloaded_error")
+    STORE_UNAVAILABLE = _KindInfo(503, "service_unavailable", "api_error")  # the gateway's database is down
     OVERLOADED = _KindInfo(529, "overloaded_error", "overloaded_error")
     UPSTREAM_TIMEOUT = _KindInfo(504, "timeout", "api_error")
 

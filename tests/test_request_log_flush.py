@@ -32,4 +32,4 @@ def test_concurrent_flushes_write_every_row_once(tmp_path: Any) -> None:
     assert sum(written) == 30 and w.pending == 0
     with engine.connect() as c:
         assert c.execute(select(func.count()).select_from(request_log)).scalar() == 30
-    assert metrics.log_dropped._value.get() == 0
+    assert metrics.store.dropped.labels("request_log")._value.get() == 0

@@ -46,7 +46,7 @@ def test_sqlite_fast_path_matches_sqlalchemy_insert(tmp_path: Path) -> None:
     writer = RequestLogWriter(open_store(fast_url), RequestLogSettings(batch_size=4), Metrics())
     for i in range(10):
         writer.submit(_ctx(i))
-    queued = [dict(r) for r in writer._queue]  # the same rows, written the reference way
+    queued = [dict(r) for r in writer.writer._queue]  # the same rows, written the reference way
     assert asyncio.run(writer.flush()) == 10
     ref = open_store(ref_url)
     with ref.begin() as conn:

@@ -72,4 +72,4 @@ async def test_queue_limit_drops_and_counts(tmp_path) -> None:  # type: ignore[n
     for i in range(8):
         w.submit(RequestContext(f"q{i}", "openai", "chat", status=200))
     assert w.pending == 5
-    assert "kaiyuan_request_log_dropped_total 3.0" in m.render().decode()
+    assert 'kaiyuan_store_rows_dropped_total{writer="request_log"} 3.0' in m.render().decode()

@@ -20,7 +20,6 @@ import hmac
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Hashable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -30,6 +29,7 @@ from prometheus_client import Counter
 
 from kaiyuan.accounting import keystore
 from kaiyuan.accounting.keystore import Budget, KeyRecord
+from kaiyuan.accounting.ledger import SpendLedger
 from kaiyuan.accounting.prices import PriceCatalog, ResolvedPrice, deployment_price, vendor_of
 from kaiyuan.accounting.tokens import count_prompt, requested_output
 from kaiyuan.config import DeploymentBase
@@ -46,6 +46,7 @@ from kaiyuan.limits.counters import (
     RedisCounters,
     Ticket,
 )
+from kaiyuan.store.boundary import call
 
 if TYPE_CHECKING:
     from kaiyuan.gateway import Gateway
@@ -66,7 +67,7 @@ class SingleFlight:
     async def run(self, key: Hashable, fn: Callable[..., T], *args: Any) -> T:
         fut = self._inflight.get(key)
         if fut is None:
-            fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+            fut = asyncio.ensure_future(call(fn, *args))  # a database that is down: a 503
             self._inflight[key] = fut
             fut.add_done_callback(self._done(key))
         # shield: one caller going away must not cancel the load the others are waiting for
@@ -135,10 +136,9 @@ class KeyGuard:
         self.m_over = Counter(
             "kaiyuan_cost_above_reservation", "Requests whose real cost exceeded their budget reservation", registry=r
         )
-        self._ledger: deque[dict[str, Any]] = deque()
+        self.ledger = SpendLedger(gw.engine, self.acc.spend_flush_interval_s, gw.metrics.store)
         self._seeds: dict[str, tuple[float, int]] = {}
         self._loads = SingleFlight()
-        self._task: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -185,8 +185,6 @@ class KeyGuard:
                 await asyncio.sleep(1.0)
 
     def _start_tasks(self) -> None:
-        if self._task is None and self.engine is not None and not self._closing:
-            self._task = asyncio.create_task(self._run(), name="kaiyuan-spend-ledger")
         if self._listener is None and isinstance(self.counters, RedisCounters) and not self._closing:
             self._listener = asyncio.create_task(self._listen(), name="kaiyuan-key-invalidation")
 
@@ -248,10 +246,11 @@ class KeyGuard:
 
     # -- the Guard protocol ----------------------------------------------------------------------
     async def admit(self, ctx: RequestContext) -> None:
-        if self._task is None:
-            self._start_tasks()
+        self._start_tasks()
         ctx.pricer = self._cost  # lets a non-streamed response carry x-kaiyuan-cost
         rec = await self.authenticate(ctx)
+        if ctx.endpoint in BILLED_ENDPOINTS:
+            self.ledger.check()  # fail closed while spend cannot be recorded
         if rec is None or ctx.endpoint not in BILLED_ENDPOINTS:
             return  # the master key, or an open gateway: no limits (cost is still computed at settle)
         deps = self.model_deps.get(ctx.model or "")
@@ -327,38 +326,17 @@ class KeyGuard:
                 log.error("could not settle request %s in %s: %s (its reservation stays counted)", ctx.request_id, ticket.backend, e)
         if cost is not None and self.engine is not None:
             dep = self.deployments.get(ctx.deployment or "")
-            u = ctx.usage
-            self._ledger.append(
-                {
-                    "request_id": ctx.request_id,
-                    "ts": ctx.started_wall,
-                    "key_id": ctx.principal.key_id,
-                    "team_id": ctx.principal.team_id,
-                    "user_id": ctx.principal.user_id,
-                    "model": ctx.model,
-                    "deployment": ctx.deployment,
-                    "upstream_model": dep[0].model if dep else None,
-                    "vendor": dep[2] if dep else None,
-                    "prompt_tokens": u.prompt_tokens,
-                    "completion_tokens": u.completion_tokens,
-                    "cached_tokens": u.cached_tokens,
-                    "cost_usd": cost,
-                }
-            )
+            self.ledger.record(ctx, cost, dep[0].model if dep else None, dep[2] if dep else None)
             if cost:
                 self.m_spend.labels(ctx.model or "").inc(cost)
 
     async def close(self) -> None:
         self._closing = True
-        for task in (self._task, self._listener):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except (asyncio.CancelledError, Exception):
-                    pass
-        self._task = self._listener = None
-        await self.flush()
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+        self._listener = None
+        await self.ledger.close()
         await self.counters.close()
 
     # -- cost ------------------------------------------------------------------------------------
@@ -493,29 +471,12 @@ class KeyGuard:
             spent, reserved = live[0] / NANO, live[1] / NANO
         else:
             assert self.engine is not None
-            await self.flush()
-            spent, reserved = await asyncio.to_thread(keystore.spent_since, self.engine, b.scope, b.scope_id, start), 0.0
+            spent, reserved = await self.ledger.spent_since(b.scope, b.scope_id, start), 0.0
         return {"spent_usd": round(spent, 9), "reserved_usd": round(reserved, 9), "period_start": start, "resets_at": end}
 
-    # -- spend ledger writer -----------------------------------------------------------------------
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.acc.spend_flush_interval_s)
-            await self.flush()
-
     async def flush(self) -> int:
-        written = 0
-        while self._ledger and self.engine is not None:
-            batch = [self._ledger[i] for i in range(min(len(self._ledger), 1000))]
-            try:
-                await asyncio.to_thread(keystore.write_spend, self.engine, batch)
-            except Exception as e:
-                log.error("spend ledger write failed (%d rows kept, will retry): %s", len(self._ledger), e)
-                return written
-            for _ in batch:
-                self._ledger.popleft()
-            written += len(batch)
-        return written
+        """Write the queued ledger rows now (the admin API, before reading spend; tests)."""
+        return await self.ledger.flush()
 
 
 def _usd(v: float) -> str:

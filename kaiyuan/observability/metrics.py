@@ -8,6 +8,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from kaiyuan.context import RequestContext
+from kaiyuan.store.batch_writer import WriterMetrics
 
 UNKNOWN_MODEL = "(unknown)"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -41,10 +42,7 @@ class Metrics:
             "kaiyuan_requests_cancelled", "Requests whose client disconnected", ["model"], registry=r,
         )
         self.in_flight = Gauge("kaiyuan_requests_in_flight", "Requests being served", registry=r)
-        self.log_dropped = Counter(
-            "kaiyuan_request_log_dropped", "Request-log rows dropped because the queue was full", registry=r,
-        )
-        self.log_written = Counter("kaiyuan_request_log_written", "Request-log rows written", registry=r)
+        self.store = WriterMetrics(r)  # every batch writer's written / dropped / set-aside rows
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached: prometheus_client's lookup costs ~2 us a call."""

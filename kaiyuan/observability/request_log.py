@@ -1,32 +1,25 @@
 """The request log writer: rows go into an in-memory queue on the request path and are written
 in batches by a background task, so no request waits for the database.
 
-A crash loses at most one flush interval of rows. When the queue is full (the database is down
-for long), new rows are dropped and counted in ``kaiyuan_request_log_dropped``.
+The queue, batching and bad-row handling are the shared ``kaiyuan.store.batch_writer``'s. A crash
+loses at most one flush interval of rows. When the queue is full (the database is down for long),
+new rows are dropped and counted in ``kaiyuan_store_rows_dropped{writer="request_log"}``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections import deque
 from functools import lru_cache
 from operator import itemgetter
 from typing import Any
 
 import orjson
 from sqlalchemy import Engine
-from sqlalchemy.exc import DataError, IntegrityError
 
 from kaiyuan.config import RequestLogSettings
 from kaiyuan.context import RequestContext
 from kaiyuan.observability.metrics import Metrics
+from kaiyuan.store.batch_writer import BatchWriter, WriterSpec
 from kaiyuan.store.schema import request_log
-
-log = logging.getLogger("kaiyuan.request_log")
-# Errors about a row's contents, not the database being down (the driver raises OverflowError /
-# ValueError itself for an integer or a string it cannot bind): such a row is dropped, not retried.
-ROW_ERRORS = (IntegrityError, DataError, OverflowError, ValueError, TypeError)
 
 
 def row_for(ctx: RequestContext) -> dict[str, Any]:
@@ -78,70 +71,37 @@ def _sqlite_insert(cols: tuple[str, ...]) -> str:
 
 
 class RequestLogWriter:
+    """The request log's rows through the shared :class:`BatchWriter` (overflow: drop, counted)."""
+
     def __init__(self, engine: Engine | None, settings: RequestLogSettings, metrics: Metrics) -> None:
         self.engine = engine
         self.settings = settings
-        self.metrics = metrics
-        self._queue: deque[dict[str, Any]] = deque()
-        self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
-        self._closing = False
-        self._flushing = asyncio.Lock()
+        spec = WriterSpec("request_log", settings.max_queue, settings.batch_size, settings.flush_interval_s, "drop")
+        self.writer: BatchWriter[dict[str, Any]] = BatchWriter(spec, self._write, metrics.store, _describe)
 
     def submit(self, ctx: RequestContext) -> None:
         if self.engine is None or not self.settings.enabled:
             return
-        if len(self._queue) >= self.settings.max_queue:
-            self.metrics.log_dropped.inc()
-            return
-        self._queue.append(row_for(ctx))
-        if len(self._queue) >= self.settings.batch_size:
-            self._wake.set()
+        self.writer.put(row_for(ctx))
 
     async def start(self) -> None:
-        if self._task is None and self.engine is not None:
-            self._task = asyncio.create_task(self._run(), name="kaiyuan-request-log")
-
-    async def _run(self) -> None:
-        while not self._closing:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.settings.flush_interval_s)
-            except TimeoutError:
-                pass
-            self._wake.clear()
-            await self.flush()
+        if self.engine is not None:
+            self.writer.start()
 
     async def flush(self) -> int:
-        """Write everything queued now; returns rows written. Keeps rows queued if the write fails."""
-        async with self._flushing:  # one at a time: two would write, then pop, the same batch
-            return await self._flush()
+        """Write everything queued now; returns rows written. Keeps rows queued if the database is down."""
+        return await self.writer.flush()
 
-    async def _flush(self) -> int:
-        written = 0
-        while self._queue:
-            n = min(len(self._queue), self.settings.batch_size)
-            batch = [self._queue[i] for i in range(n)]
-            try:
-                await asyncio.to_thread(self._write, batch)
-                ok = n
-            except ROW_ERRORS:
-                # One bad row must not block the queue: write the batch row by row, drop the bad ones.
-                try:
-                    ok = await asyncio.to_thread(self._write_each, batch)
-                except Exception as e:
-                    log.error("request log write failed (%d rows kept, will retry): %s", len(self._queue), e)
-                    return written
-            except Exception as e:  # database down: keep everything, retry next interval
-                log.error("request log write failed (%d rows kept, will retry): %s", len(self._queue), e)
-                return written
-            for _ in range(n):
-                self._queue.popleft()
-            written += ok
-            self.metrics.log_written.inc(ok)
-        return written
+    async def close(self) -> None:
+        await self.writer.close()
+
+    @property
+    def pending(self) -> int:
+        return self.writer.pending
 
     def _write(self, batch: list[dict[str, Any]]) -> None:
-        assert self.engine is not None
+        if self.engine is None:
+            return
         with self.engine.begin() as conn:
             if conn.dialect.name == "sqlite" and batch:
                 # Plain executemany with tuples: half the CPU of SQLAlchemy's per-row parameter
@@ -159,28 +119,7 @@ class RequestLogWriter:
                         return
             conn.execute(request_log.insert(), batch)
 
-    def _write_each(self, batch: list[dict[str, Any]]) -> int:
-        ok = 0
-        for row in batch:
-            try:
-                self._write([row])
-                ok += 1
-            except ROW_ERRORS as e:
-                self.metrics.log_dropped.inc()
-                log.error("request log row %s dropped: %s", row.get("id"), getattr(e, "orig", e))
-        return ok
 
-    async def close(self) -> None:
-        self._closing = True
-        self._wake.set()
-        if self._task is not None:
-            try:
-                await self._task
-            except Exception:  # pragma: no cover - best effort on shutdown
-                pass
-            self._task = None
-        await self.flush()
-
-    @property
-    def pending(self) -> int:
-        return len(self._queue)
+def _describe(row: dict[str, Any]) -> str:
+    """A refused row for the log: everything but the bodies (they can be large and private)."""
+    return repr({k: v for k, v in row.items() if k not in ("request_body", "response_body")})

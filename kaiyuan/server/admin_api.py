@@ -7,7 +7,6 @@ configured the admin API is off (403). Input is validated with pydantic; every e
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import time
 from collections.abc import Awaitable, Callable
@@ -27,6 +26,7 @@ from kaiyuan.gateway import Gateway
 from kaiyuan.guard import bearer_token
 from kaiyuan.server.common import JSON_CT, error_response, read_body
 from kaiyuan.server.openai_api import GATEWAY_KEY
+from kaiyuan.store.boundary import call
 
 Period = Literal["day", "week", "month", "total"]
 
@@ -193,7 +193,7 @@ def _fields(m: BaseModel) -> dict[str, Any]:
 
 
 async def _run(fn: Callable[..., Any], *args: Any) -> Any:
-    return await asyncio.to_thread(fn, *args)
+    return await call(fn, *args)  # a database that is down: a 503
 
 
 # -- teams -----------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from kaiyuan.dialects import openai_chat as oc
 from kaiyuan.gateway import RETRYABLE_STATUSES, Gateway
 from kaiyuan.providers.base import Provider, UpstreamCall
 from kaiyuan.server import translate
+from kaiyuan.store.batch_writer import BatchWriter, WriterSpec
 from kaiyuan.trials.capture import answer_of, judge_request
 from kaiyuan.trials.evaluate import (
     CallOutcome,
@@ -44,6 +45,7 @@ log = logging.getLogger("kaiyuan.trials")
 
 REFRESH_S = float(os.environ.get("KAIYUAN_TRIALS_REFRESH_S", "5"))
 FLUSH_S = 1.0
+MAX_QUEUE = 10_000  # trial rows held in memory while the database is slow or down
 FORWARDED_HEADERS = ("anthropic-beta",)  # as the Messages handler forwards them to an Anthropic upstream
 QUEUE_FACTOR = 16  # pending shadow tasks per trial beyond max_concurrency x this are dropped (counted)
 
@@ -75,8 +77,12 @@ class TrialsRuntime:
         self.sems: dict[str, asyncio.Semaphore] = {}
         self.pending: Counter[str] = Counter()
         self.tasks: set[asyncio.Task[None]] = set()
-        self._rows: list[dict[str, Any]] = []
-        self._spend: list[tuple[str, str, str, float]] = []
+        # bounded, written by the shared batch writer: results may be dropped when the queue is full
+        # (counted); spend is money, so it is held and a full queue stops new trial calls (exhausted)
+        self._rows: BatchWriter[dict[str, Any]] = BatchWriter(
+            WriterSpec("trial_result", MAX_QUEUE, 500, FLUSH_S, "drop"), self._write_results, gw.metrics.store)
+        self._spend: BatchWriter[dict[str, Any]] = BatchWriter(
+            WriterSpec("trial_spend", MAX_QUEUE, 500, FLUSH_S, "hold"), self._write_spend, gw.metrics.store)
         self._loop_task: asyncio.Task[None] | None = None
         self.rng = random.Random()
         self._index()
@@ -179,22 +185,17 @@ class TrialsRuntime:
             self.spent[name] = max(self.spent.get(name, 0.0), db)
 
     async def flush(self) -> None:
-        rows, self._rows = self._rows, []
-        spend, self._spend = self._spend, []
-        if self.store is None or not (rows or spend):
-            return
-        store = self.store
-        try:
-            await asyncio.to_thread(store.add_results, rows)
-            by_trial: dict[str, list[tuple[str, str, float]]] = {}
-            for trial, kind, model, cost in spend:
-                by_trial.setdefault(trial, []).append((kind, model, cost))
-            for trial, entries in by_trial.items():
-                await asyncio.to_thread(store.add_spend, trial, entries)
-        except Exception:
-            log.exception("trials: could not write %d result(s); kept for the next flush", len(rows))
-            self._rows[:0] = rows
-            self._spend[:0] = spend
+        """Write the queued results and spend now (the background loop, shutdown, tests)."""
+        await self._rows.flush()
+        await self._spend.flush()
+
+    def _write_results(self, rows: list[dict[str, Any]]) -> None:
+        if self.store is not None:
+            self.store.add_results(rows)
+
+    def _write_spend(self, rows: list[dict[str, Any]]) -> None:
+        if self.store is not None:
+            self.store.add_spend_rows(rows)
 
     # -- hot path -------------------------------------------------------------------------------
     def _participates(self, t: TrialConfig, ctx: RequestContext) -> bool:
@@ -210,6 +211,8 @@ class TrialsRuntime:
         return bool(allowed(self.gw.providers.get(model, ()), request_policy(ctx)))
 
     def exhausted(self, t: TrialConfig) -> bool:
+        if self._spend.full:
+            return True  # spend cannot be recorded (database down): no new trial calls
         return t.budget_usd is not None and self.spent.get(t.name, 0.0) >= t.budget_usd
 
     def pre_route(self, ctx: RequestContext) -> None:
@@ -319,13 +322,13 @@ class TrialsRuntime:
                 self.counters[t.name]["canary_no_answer"] += 1
             elif self._spawn(t, self._background(t, self._canary_judge(t, row, self._snapshot(ctx)))):
                 return  # the background task adds the row, with the judge's score
-        self._rows.append(row)
+        self._rows.put(row)
 
     # -- background ------------------------------------------------------------------------------
     def _charge(self, t: TrialConfig, kind: str, model: str, cost: float | None) -> None:
         if cost:
             self.spent[t.name] = self.spent.get(t.name, 0.0) + cost
-            self._spend.append((t.name, kind, model, cost))
+            self._spend.put({"trial": t.name, "ts": time.time(), "kind": kind, "model": model, "cost_usd": cost})
 
     async def call_model(self, model: str, body: dict[str, Any], policy: str | None,
                          dialect: str = "openai", headers: dict[str, str] | None = None) -> CallOutcome:
@@ -432,7 +435,7 @@ class TrialsRuntime:
             if jr is not None and jr.status == "unparsable":
                 c["judge_unparsable"] += 1
             c["results"] += 1
-            self._rows.append(row)
+            self._rows.put(row)
 
     async def _canary_judge(self, t: TrialConfig, row: dict[str, Any], snap: dict[str, Any]) -> None:
         """Judge a candidate-arm canary answer against the incumbent's answer to the same request,
@@ -468,7 +471,7 @@ class TrialsRuntime:
                 c["judge_unparsable"] += 1
             c["canary_judged"] += 1
         finally:
-            self._rows.append(row)
+            self._rows.put(row)
 
     def status(self) -> list[dict[str, Any]]:
         out = []

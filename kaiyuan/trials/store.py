@@ -64,6 +64,12 @@ class TrialStore:
             with self.engine.begin() as conn:
                 conn.execute(trial_spend.insert(), rows)
 
+    def add_spend_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Rows of trial_spend (trial, ts, kind, model, cost_usd), from the batch writer."""
+        if rows:
+            with self.engine.begin() as conn:
+                conn.execute(trial_spend.insert(), rows)
+
     def spent(self, trial: str) -> float:
         with self.engine.connect() as conn:
             v = conn.execute(select(func.sum(trial_spend.c.cost_usd)).where(trial_spend.c.trial == trial)).scalar()

@@ -1,0 +1,74 @@
+"""The spend ledger: one row per priced request, written in batches off the request path.
+
+``record`` only queues the row in the shared bounded writer (``kaiyuan.store.batch_writer``,
+overflow ``hold``): a money row is never dropped. Instead the ledger fails closed: while its queue
+is full, or while the database is found unavailable, :meth:`check` raises a 503 and the guard
+refuses new billed requests before reserving anything, so what a crash can lose stays bounded (the
+rows of about one flush interval). A row the database refuses (a value out of range, a duplicate
+request id) is set aside, logged with its content, and never blocks the rows behind it.
+
+The ledger is the authority on spend: :meth:`spent_since` reads it uncached and adds the rows
+this replica has queued but not written yet (the Redis counters are re-seeded from it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine
+
+from kaiyuan.accounting import keystore
+from kaiyuan.context import RequestContext
+from kaiyuan.store.batch_writer import BatchWriter, WriterMetrics, WriterSpec
+from kaiyuan.store.boundary import call, unavailable_error
+
+BATCH = 1000
+MAX_QUEUE = 100_000
+
+
+class SpendLedger:
+    def __init__(self, engine: Engine | None, flush_interval_s: float, metrics: WriterMetrics,
+                 max_queue: int = MAX_QUEUE) -> None:
+        self.engine = engine
+        spec = WriterSpec("spend_ledger", max_queue, BATCH, flush_interval_s, "hold")
+        self.writer: BatchWriter[dict[str, Any]] = BatchWriter(spec, self._write, metrics)
+
+    def record(self, ctx: RequestContext, cost: float, upstream_model: str | None, vendor: str | None) -> None:
+        """Queue the request's spend row (nothing without a store)."""
+        if self.engine is None:
+            return
+        self.writer.start()
+        u = ctx.usage
+        p = ctx.principal
+        self.writer.put({
+            "request_id": ctx.request_id, "ts": ctx.started_wall, "key_id": p.key_id, "team_id": p.team_id,
+            "user_id": p.user_id, "model": ctx.model, "deployment": ctx.deployment, "upstream_model": upstream_model,
+            "vendor": vendor, "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "cached_tokens": u.cached_tokens, "cost_usd": cost,
+        })
+
+    def check(self) -> None:
+        """Fail closed: refuse (503) while spend cannot be recorded (queue full, or database down)."""
+        w = self.writer
+        if self.engine is not None and (w.full or not w.healthy):
+            raise unavailable_error()
+
+    async def spent_since(self, scope: str, scope_id: str, since: float) -> float:
+        """Spend of a key or team since ``since``: the ledger (an uncached read) plus this replica's
+        rows not written yet. The queue is copied before the read, so a row written meanwhile is
+        counted twice (too much, never too little). A database that is down is a 503."""
+        assert self.engine is not None
+        col = "key_id" if scope == "key" else "team_id"
+        queued = sum(r["cost_usd"] or 0.0 for r in self.writer.rows() if r[col] == scope_id and r["ts"] >= since)
+        return await call(keystore.spent_since, self.engine, scope, scope_id, since) + queued
+
+    async def flush(self) -> int:
+        """Write every queued row; the number written (rows kept while the database is down)."""
+        return await self.writer.flush()
+
+    async def close(self) -> None:
+        await self.writer.close()
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        assert self.engine is not None
+        keystore.write_spend(self.engine, rows)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Connection, Engine, create_engine, event, inspect
 
 log = logging.getLogger("kaiyuan.store")
 
@@ -61,8 +61,29 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             from sqlalchemy import text
 
             conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))
+        rename_pre_reorder_revision(conn)
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
+
+
+def rename_pre_reorder_revision(conn: Connection) -> None:
+    """Databases made before the migration chain was put in order (it ran 0001 -> 0004 -> 0002)
+    carry the old revision ids; give them the ids of the same schema in the ordered chain
+    (0001 -> 0002 trials -> 0003 keys). Old "0004" (request log + trials) is now "0002"; old
+    "0002" (everything) is now "0003", told apart from the new "0002" by its keys table."""
+    insp = inspect(conn)
+    if not insp.has_table("alembic_version"):
+        return
+    from sqlalchemy import text
+
+    row = conn.execute(text("SELECT version_num FROM alembic_version")).first()
+    old = row[0] if row else None
+    new = {"0004": "0002"}.get(old or "")
+    if old == "0002" and insp.has_table("api_keys"):
+        new = "0003"
+    if new is not None:
+        log.info("store: renaming migration revision %s to %s (the chain was put in order)", old, new)
+        conn.execute(text("UPDATE alembic_version SET version_num = :new"), {"new": new})
 
 
 def current_revision(engine: Engine) -> str | None:

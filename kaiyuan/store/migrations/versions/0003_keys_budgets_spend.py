@@ -1,15 +1,14 @@
 """Keys, teams, users, budgets and the spend ledger.
 
-Revision ID: 0002
-Revises: 0004 (chained after the trials migration that reached main first, so databases already
-at 0004 still get these tables)
+Revision ID: 0003 (was 0002 before the chain was put in order; ``kaiyuan.store.db`` renames it)
+Revises: 0002
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0004"
+revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 

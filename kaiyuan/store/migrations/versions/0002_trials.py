@@ -1,13 +1,13 @@
 """Trials: definitions, results, spend ledger, routing overrides (promote / rollback).
 
-Revision ID: 0004
+Revision ID: 0002 (was 0004 before the chain was put in order; ``kaiyuan.store.db`` renames it)
 Revises: 0001
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004"
+revision = "0002"
 down_revision = "0001"
 branch_labels = None
 depends_on = None

@@ -70,7 +70,7 @@ def test_mid_stream_error_event_echoing_the_key_is_scrubbed(gw: RunningGateway, 
 async def test_base_url_credentials_are_never_shown(make_gateway: Any, fake_openai: FakeOpenAI) -> None:
     host = fake_openai.url.removeprefix("http://")
     url = f"http://kaiyuan-user:s3cret-pass-word@{host}/v1?token=query-secret-123&region=eu"
-    bad = f"http://other-user:0ther-pass-word@127.0.0.1:9/v1?key=query-secret-456"
+    bad = "http://other-user:0ther-pass-word@127.0.0.1:9/v1?key=query-secret-456"
     gw = make_gateway({"models": [
         {"name": "m", "deployments": [{"provider": "openai_compatible", "base_url": url, "model": "m"}]},
         {"name": "down", "deployments": [{"provider": "openai_compatible", "base_url": bad, "model": "m"}],

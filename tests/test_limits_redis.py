@@ -54,8 +54,10 @@ async def test_redis_budget_is_global_across_replicas() -> None:
         assert admitted == 10 and denied == 50  # exactly the budget, not 10 per replica
         spent, reserved = await replicas[0].peek_budget(counter) or (0, 0)
         assert (spent, reserved) == (0, 10 * NANO)
-        # settle one at a lower real cost: the reservation is released, the real cost added
-        t = Ticket([], [BudgetCheck(counter, 10 * NANO, 0, NANO, 3600)], 0, 10, "redis")
+        # settle one at a lower real cost: the reservation is released, the real cost added (a
+        # reservation of the counter's current generation: one an admit made)
+        gen = (await replicas[0].redis.hget(f"ky:bud:{counter}", "g")).decode()
+        t = Ticket([], [BudgetCheck(counter, 10 * NANO, 0, NANO, 3600, gen)], 0, 10, "redis")
         await replicas[1].settle(t, [NANO // 4], 10)
         assert await replicas[2].peek_budget(counter) == (NANO // 4, 9 * NANO)
     finally:

@@ -28,6 +28,7 @@ import orjson
 from prometheus_client import Counter
 
 from kaiyuan.accounting import keystore
+from kaiyuan.accounting.budget_seeds import BudgetSeeds
 from kaiyuan.accounting.keystore import Budget, KeyRecord
 from kaiyuan.accounting.ledger import SpendLedger
 from kaiyuan.accounting.prices import PriceCatalog, ResolvedPrice, deployment_price, vendor_of
@@ -38,15 +39,17 @@ from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.guard import bearer_token
 from kaiyuan.limits.counters import (
     NANO,
+    SEED_UNKNOWN,
     BudgetCheck,
     Counters,
     Denial,
     MemoryCounters,
+    NeedSeed,
     RateCheck,
     RedisCounters,
     Ticket,
 )
-from kaiyuan.store.boundary import call
+from kaiyuan.store.boundary import call, unavailable_error
 
 if TYPE_CHECKING:
     from kaiyuan.gateway import Gateway
@@ -79,8 +82,7 @@ class SingleFlight:
 
         return forget
 BILLED_ENDPOINTS = frozenset({"chat", "completions", "embeddings", "messages"})
-SEED_TTL_S = 60.0
-INVALIDATE_CHANNEL = "ky:invalidate"  # a counter's starting spend is re-read from the ledger at most this often
+INVALIDATE_CHANNEL = "ky:invalidate"
 PERIOD_WORD = {"day": "daily", "week": "weekly", "month": "monthly", "total": "total"}
 
 
@@ -137,7 +139,7 @@ class KeyGuard:
             "kaiyuan_cost_above_reservation", "Requests whose real cost exceeded their budget reservation", registry=r
         )
         self.ledger = SpendLedger(gw.engine, self.acc.spend_flush_interval_s, gw.metrics.store)
-        self._seeds: dict[str, tuple[float, int]] = {}
+        self.seeds = BudgetSeeds(self.ledger)
         self._loads = SingleFlight()
         self._listener: asyncio.Task[None] | None = None
         self._closing = False
@@ -277,7 +279,7 @@ class KeyGuard:
         ctx.extra["kaiyuan.prompt_estimate"] = prompt
         now = time.time()
         rates = [RateCheck(scope, lim.get("rpm"), lim.get("tpm"), lim.get("max_parallel")) for scope, lim in rec.limits.items()]
-        budgets = await self._budget_checks(rec, now, worst)
+        budgets = self._budget_checks(rec, now, worst)
         if budgets and unpriced:
             self.m_denied.labels("price_unknown").inc()
             raise GatewayError(
@@ -289,9 +291,17 @@ class KeyGuard:
             )
         if not rates and not budgets:
             return
-        result = await self._counters_admit(rates, [b for b, _ in budgets], prompt, now)
+        checks = [b for b, _ in budgets]
+        result = await self._counters_admit(rates, checks, prompt, now)
+        if isinstance(result, NeedSeed):  # a budget counter is missing: seed it from the ledger, now
+            await self.seeds.seed(budgets)
+            result = await self._counters_admit(rates, checks, prompt, now)
+        if isinstance(result, NeedSeed):  # pragma: no cover - every seed is set: the script cannot ask again
+            raise unavailable_error()
         if isinstance(result, Denial):
             raise self._denied(result, rates, budgets, ctx, now)
+        if isinstance(self.counters, RedisCounters) and result.backend == "redis":
+            await self.seeds.hold(result, self.counters)
         result.extra["worst"] = worst
         ctx.extra[TICKET] = result
 
@@ -302,6 +312,7 @@ class KeyGuard:
             cost = ctx.cost_usd  # the catalog has no price, but a hook (a plugin price source) priced it
         ctx.cost_usd = cost
         if ticket is not None:
+            self.seeds.release(ticket)
             nano = 0 if cost is None else round(cost * NANO)
             u = ctx.usage
             total = (u.prompt_tokens or 0) + (u.completion_tokens or 0) if u.prompt_tokens is not None else ticket.prompt_tokens
@@ -383,33 +394,17 @@ class KeyGuard:
         return price.worst_case(prompt, out)
 
     # -- budgets and limits ----------------------------------------------------------------------
-    async def _budget_checks(self, rec: KeyRecord, now: float, worst: float) -> list[tuple[BudgetCheck, Budget]]:
+    def _budget_checks(self, rec: KeyRecord, now: float, worst: float) -> list[tuple[BudgetCheck, Budget]]:
         out = []
         reserve = math.ceil(worst * NANO)
         for b in rec.budgets:
             start, end = keystore.period_bounds(b.period, now)
             counter = f"{b.id}:{int(start)}"
-            seed = await self._seed(b, start, counter)
             ttl = int(end - now) + 2 * 86400 if end is not None else None
-            out.append((BudgetCheck(counter, round(b.limit_usd * NANO), seed, reserve, ttl), b))
+            out.append((BudgetCheck(counter, round(b.limit_usd * NANO), SEED_UNKNOWN, reserve, ttl), b))
         return out
 
-    async def _seed(self, b: Budget, start: float, counter: str) -> int:
-        """Spend already recorded this period (from the ledger), used only when the counter is new."""
-        seeds = self._seeds
-        hit = seeds.get(counter)
-        mono = time.monotonic()
-        if hit is not None and mono - hit[0] < SEED_TTL_S:
-            return hit[1]
-        if self.engine is None:
-            return 0
-        v = await self._loads.run(("seed", counter, start), keystore.spent_since, self.engine, b.scope, b.scope_id, start)
-        if len(seeds) > 100_000:
-            seeds.clear()
-        seeds[counter] = (mono, round(v * NANO))
-        return seeds[counter][1]
-
-    async def _counters_admit(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt: int, now: float) -> Ticket | Denial:
+    async def _counters_admit(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt: int, now: float) -> Ticket | Denial | NeedSeed:
         if self.counters is self.local:
             return self.local.admit_sync(rates, budgets, prompt, now)
         try:

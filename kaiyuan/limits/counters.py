@@ -14,13 +14,16 @@ at admit and corrects to the real total (prompt + completion) at settle.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from kaiyuan.limits.settle_batch import OnEvent, SettleBatcher
+from kaiyuan.limits.settle_batch import BUDGET_SETTLE_LUA, ORPHAN_TTL_S, OnEvent, SettleBatcher
 
 NANO = 1_000_000_000
+SEED_UNKNOWN = -1
+ADMIT_DEADLINE_S = 2.0  # an admit that reaches Redis later than this is refused (see RedisCounters.admit)
 PARALLEL_TTL_S = 900  # a replica that dies mid-request stops holding a parallel slot after this
 
 
@@ -36,9 +39,18 @@ class RateCheck:
 class BudgetCheck:
     counter: str  # budget id + period start: one counter per budget per period
     limit: int  # nano-USD
-    seed: int  # nano-USD already spent this period (from the ledger), used if the counter is new
+    seed: int  # nano-USD already spent this period (from the ledger) if the counter is new; SEED_UNKNOWN: not read
     reserve: int  # nano-USD this request may cost at most
     ttl_s: int | None  # when the counter can be forgotten (after the period ends)
+    gen: str = ""  # Redis: the counter's generation the reservation was made in (set by admit)
+
+
+@dataclass(slots=True)
+class NeedSeed:
+    """The budget counter ``index`` is missing (new period, or Redis lost its data): admit again
+    with its spend read from the ledger."""
+
+    index: int
 
 
 @dataclass(slots=True)
@@ -64,7 +76,7 @@ class Ticket:
 class Counters(Protocol):
     name: str
 
-    async def admit(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt_tokens: int, now: float) -> Ticket | Denial: ...
+    async def admit(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt_tokens: int, now: float) -> Ticket | Denial | NeedSeed: ...
 
     async def settle(self, ticket: Ticket, actual: list[int], total_tokens: int) -> None: ...
 
@@ -84,7 +96,10 @@ class MemoryCounters:
         self.budgets: dict[str, list[int]] = {}  # counter -> [spent, reserved]
         self._last_prune = 0
 
-    def admit_sync(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt_tokens: int, now: float) -> Ticket | Denial:
+    def admit_sync(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt_tokens: int, now: float) -> Ticket | Denial | NeedSeed:
+        for j, b in enumerate(budgets):
+            if b.seed == SEED_UNKNOWN and b.counter not in self.budgets:
+                return NeedSeed(j)
         minute = int(now // 60)
         if minute != self._last_prune:
             self._prune(minute)
@@ -118,7 +133,7 @@ class MemoryCounters:
             self.budgets[b.counter][1] += b.reserve
         return Ticket(rates, budgets, minute, prompt_tokens, self.name)
 
-    async def admit(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt_tokens: int, now: float) -> Ticket | Denial:
+    async def admit(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt_tokens: int, now: float) -> Ticket | Denial | NeedSeed:
         return self.admit_sync(rates, budgets, prompt_tokens, now)
 
     def settle_sync(self, ticket: Ticket, actual: list[int], total_tokens: int) -> None:
@@ -130,7 +145,7 @@ class MemoryCounters:
             if r.max_parallel is not None:
                 self.parallel[r.scope] = max(0, self.parallel.get(r.scope, 0) - 1)
         for b, cost in zip(ticket.budgets, actual, strict=True):
-            sr = self.budgets.setdefault(b.counter, [b.seed, b.reserve])
+            sr = self.budgets.setdefault(b.counter, [max(b.seed, 0), b.reserve])
             sr[1] = max(0, sr[1] - b.reserve)
             sr[0] += cost
 
@@ -151,18 +166,27 @@ class MemoryCounters:
         return None
 
 
-# -- Redis ---------------------------------------------------------------------------------------
+# -- Redis ----------------------------------------------------------------------------------------
 # KEYS: for each rate scope: rpm window, tpm window, parallel; then one hash per budget counter.
 #       then, if ARGV[6] is 1, the marker of this replica's settle batch in flight (see settle_batch).
-# ARGV: n_rates, n_budgets, prompt_tokens, window_ttl, parallel_ttl, has_marker,
+# ARGV: n_rates, n_budgets, prompt_tokens, window_ttl, parallel_ttl, has_marker, deadline_ms (Redis
+#       clock; -1 = none),
 #       per rate: rpm, tpm, max_parallel (-1 = no limit), this replica's parallel releases queued
 #       (not sent yet: certain to be applied, so those slots count as free) and in the batch in
 #       flight (free too while its marker is absent, i.e. the batch has not been applied yet),
-#       per budget: limit, seed, reserve, ttl (-1 = none)
+#       per budget: limit, seed (-1 = not read: answer "need seed" if the counter is missing),
+#       reserve, ttl (-1 = none)
+# A budget hash holds s (spent), r (reserved), g (its generation: when it was seeded) and o (cost
+# settled while it was missing, added on seeding). Returns {0, g...} admitted (each budget's
+# generation), {1, index, kind, current, reserved} refused, {2, index} need seed, {3} too late.
 ADMIT_LUA = """
 local nr = tonumber(ARGV[1]); local nb = tonumber(ARGV[2]); local pt = tonumber(ARGV[3])
 local wttl = tonumber(ARGV[4]); local pttl = tonumber(ARGV[5])
-local a = 7
+local t = redis.call('TIME')
+if tonumber(ARGV[7]) >= 0 and tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[7]) then
+  return {3}
+end
+local a = 8
 local unapplied = 0
 if tonumber(ARGV[6]) == 1 and redis.call('EXISTS', KEYS[nr*3 + nb + 1]) == 0 then unapplied = 1 end
 for i = 0, nr - 1 do
@@ -183,9 +207,18 @@ end
 local b = a + nr*5
 local kb = nr*3
 for j = 0, nb - 1 do
+  if redis.call('HEXISTS', KEYS[kb + j + 1], 's') == 0 and ARGV[b + j*4 + 1] == '-1' then return {2, j} end
+end
+for j = 0, nb - 1 do
   local k = KEYS[kb + j + 1]
+  if redis.call('HEXISTS', k, 's') == 0 then
+    local o = redis.call('HGET', k, 'o') or '0'
+    redis.call('HSET', k, 's', ARGV[b + j*4 + 1], 'r', '0', 'g', t[1] .. '.' .. t[2])
+    redis.call('HDEL', k, 'o')
+    if o ~= '0' then redis.call('HINCRBY', k, 's', o) end
+  end
+  redis.call('HSETNX', k, 'g', t[1] .. '.' .. t[2])
   local limit = tonumber(ARGV[b + j*4]); local res = tonumber(ARGV[b + j*4 + 2])
-  redis.call('HSETNX', k, 's', ARGV[b + j*4 + 1])
   local s = tonumber(redis.call('HGET', k, 's')); local r = tonumber(redis.call('HGET', k, 'r') or '0')
   if s + r + res > limit then return {1, j, 'budget', s, r} end
 end
@@ -194,21 +227,25 @@ for i = 0, nr - 1 do
   if tonumber(ARGV[a + i*5 + 1]) >= 0 then redis.call('INCRBY', KEYS[i*3 + 2], pt); redis.call('EXPIRE', KEYS[i*3 + 2], wttl) end
   if tonumber(ARGV[a + i*5 + 2]) >= 0 then redis.call('INCR', KEYS[i*3 + 3]); redis.call('EXPIRE', KEYS[i*3 + 3], pttl) end
 end
+local out = {0}
 for j = 0, nb - 1 do
   local k = KEYS[kb + j + 1]
   redis.call('HINCRBY', k, 'r', tonumber(ARGV[b + j*4 + 2]))
   local ttl = tonumber(ARGV[b + j*4 + 3])
   if ttl > 0 then redis.call('EXPIRE', k, ttl) end
+  out[j + 2] = redis.call('HGET', k, 'g')
 end
-return {0}
+return out
 """
 
 # One ticket, applied at once (``RedisCounters.settle``: the in-line fallback when the queue is full).
 # KEYS: tpm window and parallel key per rate scope, then budget hashes.
-# ARGV: n_rates, n_budgets, token_delta, per rate: has_tpm, has_parallel; per budget: reserve, actual
+# ARGV: n_rates, n_budgets, token_delta, orphan_ttl, per rate: has_tpm, has_parallel; per budget:
+# reserve, actual, generation. The budget part is BUDGET_SETTLE_LUA, shared with the batch script.
 SETTLE_LUA = """
 local nr = tonumber(ARGV[1]); local nb = tonumber(ARGV[2]); local delta = tonumber(ARGV[3])
-local a = 4
+local ottl = tonumber(ARGV[4])
+local a = 5
 for i = 0, nr - 1 do
   if tonumber(ARGV[a + i*2]) == 1 and delta ~= 0 and redis.call('EXISTS', KEYS[i*2 + 1]) == 1 then
     redis.call('INCRBY', KEYS[i*2 + 1], delta)
@@ -220,19 +257,29 @@ for i = 0, nr - 1 do
 end
 local b = a + nr*2
 for j = 0, nb - 1 do
-  local k = KEYS[nr*2 + j + 1]
-  local res = tonumber(ARGV[b + j*2]); local cost = tonumber(ARGV[b + j*2 + 1])
-  local r = tonumber(redis.call('HGET', k, 'r') or '0')
-  if r - res < 0 then res = r end
-  redis.call('HINCRBY', k, 'r', -res)
-  redis.call('HINCRBY', k, 's', cost)
+  settle_budget(KEYS[nr*2 + j + 1], ARGV[b + j*3], ARGV[b + j*3 + 1], ARGV[b + j*3 + 2], ottl)
 end
 return 0
 """
+SETTLE_LUA = BUDGET_SETTLE_LUA + SETTLE_LUA
 
+
+# Re-count a replica's reservations still in flight in a budget counter that was re-made (Redis lost
+# its data) since they were made. KEYS: the budget hash. ARGV: its generation, nano-USD to reserve.
+ADOPT_LUA = """
+if redis.call('HGET', KEYS[1], 'g') ~= ARGV[1] then return 0 end
+redis.call('HINCRBY', KEYS[1], 'r', ARGV[2])
+return 1
+"""
 
 REDIS_MAX_CONNECTIONS = 64
 REDIS_POOL_WAIT_S = 5.0
+REDIS_SOCKET_TIMEOUT_S = 5.0  # > ADMIT_DEADLINE_S plus any clock-offset error: see RedisCounters.admit
+CLOCK_REFRESH_S = 60.0
+
+
+class AdmitTooLate(Exception):
+    """Redis ran an admit after its deadline (it was paused or overloaded): nothing was counted."""
 
 
 class RedisCounters:
@@ -243,29 +290,45 @@ class RedisCounters:
 
     def __init__(self, url: str, prefix: str = "ky:", on_settle_event: OnEvent | None = None) -> None:
         import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
 
         # A bounded, blocking pool: under a burst, requests queue for one of REDIS_MAX_CONNECTIONS
         # connections instead of each opening its own (a connect storm that timed out as "unreachable").
+        # A pooled connection that Redis dropped (it restarted) fails with a connection error on its
+        # next use: reconnect and retry at once (twice at most) instead of failing that request, so
+        # a restarted Redis is used again as soon as it is up. Timeouts are not retried: the command
+        # may have run.
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=REDIS_MAX_CONNECTIONS, timeout=REDIS_POOL_WAIT_S,
-            socket_connect_timeout=2, socket_timeout=5, health_check_interval=30,
+            socket_connect_timeout=2, socket_timeout=REDIS_SOCKET_TIMEOUT_S, health_check_interval=30,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2, supported_errors=(RedisConnectionError,)),
         )
         self.redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
         self.prefix = prefix
+        self._offset_ms: float | None = None  # Redis clock minus ours, for admit deadlines
+        self._offset_at = 0.0
+        self._clock: asyncio.Task[None] | None = None
         self._admit = self.redis.register_script(ADMIT_LUA)
         self._settle = self.redis.register_script(SETTLE_LUA)
+        self._adopt = self.redis.register_script(ADOPT_LUA)
         self.batcher = SettleBatcher(self.redis, prefix, on_settle_event)
 
     def _rate_keys(self, scope: str, minute: int) -> list[str]:
         p = self.prefix
         return [f"{p}rpm:{scope}:{minute}", f"{p}tpm:{scope}:{minute}", f"{p}par:{scope}"]
 
-    async def admit(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt_tokens: int, now: float) -> Ticket | Denial:
+    async def admit(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt_tokens: int, now: float) -> Ticket | Denial | NeedSeed:
+        """One EVALSHA. It carries a deadline on Redis's clock: an admit that reaches Redis after it
+        (Redis was paused, and the caller has timed out and answered 503) counts nothing, so a late
+        admit can never leave a reservation that no one will release."""
         minute = int(now // 60)
         keys: list[str] = []
         bt = self.batcher
         marker = bt.inflight_marker
-        args: list[Any] = [len(rates), len(budgets), prompt_tokens, 120, PARALLEL_TTL_S, int(marker is not None)]
+        deadline = await self._deadline_ms()
+        args: list[Any] = [len(rates), len(budgets), prompt_tokens, 120, PARALLEL_TTL_S, int(marker is not None), deadline]
         queued, inflight = bt.pending_parallel, bt.inflight_parallel
         for r in rates:
             keys += self._rate_keys(r.scope, minute)
@@ -277,10 +340,46 @@ class RedisCounters:
         if marker is not None:
             keys.append(marker)
         res = await self._admit(keys=keys, args=args)
-        if int(res[0]) == 0:
+        code = int(res[0])
+        if code == 0:
+            for b, g in zip(budgets, res[1:], strict=True):
+                b.gen = g.decode() if isinstance(g, bytes) else str(g)
             return Ticket(rates, budgets, minute, prompt_tokens, self.name)
+        if code == 2:
+            return NeedSeed(int(res[1]))
+        if code == 3:
+            raise AdmitTooLate("Redis ran the admit after its deadline")
         kind = res[2].decode() if isinstance(res[2], bytes) else str(res[2])
         return Denial(kind, int(res[1]), int(res[3]), int(res[4]))
+
+    async def _deadline_ms(self) -> int:
+        """Now plus ADMIT_DEADLINE_S, on Redis's clock (the offset is measured with TIME, then
+        refreshed in the background every CLOCK_REFRESH_S)."""
+        if self._offset_ms is None or time.monotonic() - self._offset_at > CLOCK_REFRESH_S:
+            if self._clock is None or self._clock.done():
+                self._offset_at = time.monotonic()  # one refresh at a time
+                self._clock = asyncio.ensure_future(self._measure_clock())
+                self._clock.add_done_callback(lambda t: t.cancelled() or t.exception())
+            if self._offset_ms is None:
+                await asyncio.shield(self._clock)
+        assert self._offset_ms is not None
+        return int(time.time() * 1000 + self._offset_ms + ADMIT_DEADLINE_S * 1000)
+
+    async def _measure_clock(self) -> None:
+        try:
+            t1 = time.time()
+            sec, usec = await self.redis.time()
+            t2 = time.time()
+        except Exception:
+            self._offset_at = 0.0  # measure again on the next admit
+            raise
+        if self._offset_ms is None or t2 - t1 < 0.5:  # a slow reply measures badly: keep the old one
+            self._offset_ms = sec * 1000 + usec / 1000 - (t1 + t2) * 500
+
+    async def adopt(self, counter: str, gen: str, reserve: int) -> bool:
+        """Count reservations made in an older generation of ``counter`` (before Redis lost it) in
+        the current one, ``gen``; False if the counter has moved on again."""
+        return bool(await self._adopt(keys=[f"{self.prefix}bud:{counter}"], args=[gen, reserve]))
 
     def settle_later(self, ticket: Ticket, actual: list[int], total_tokens: int) -> bool:
         """Queue the settle for the background batcher (no I/O); False when the queue is full."""
@@ -289,14 +388,14 @@ class RedisCounters:
     async def settle(self, ticket: Ticket, actual: list[int], total_tokens: int) -> None:
         """Apply one settle now (one EVALSHA)."""
         keys: list[str] = []
-        args: list[Any] = [len(ticket.rates), len(ticket.budgets), total_tokens - ticket.prompt_tokens]
+        args: list[Any] = [len(ticket.rates), len(ticket.budgets), total_tokens - ticket.prompt_tokens, ORPHAN_TTL_S]
         for r in ticket.rates:
             rk = self._rate_keys(r.scope, ticket.minute)
             keys += [rk[1], rk[2]]
             args += [int(r.tpm is not None), int(r.max_parallel is not None)]
         for b, cost in zip(ticket.budgets, actual, strict=True):
             keys.append(f"{self.prefix}bud:{b.counter}")
-            args += [b.reserve, cost]
+            args += [b.reserve, cost, b.gen]
         await self._settle(keys=keys, args=args)
 
     async def peek_budget(self, counter: str) -> tuple[int, int] | None:
@@ -307,6 +406,8 @@ class RedisCounters:
 
     async def close(self) -> None:
         await self.batcher.close()
+        if self._clock is not None and not self._clock.done():
+            self._clock.cancel()
         await self.redis.aclose()
 
 

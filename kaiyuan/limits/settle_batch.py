@@ -38,14 +38,37 @@ MAX_BATCH = 256  # tickets per EVALSHA
 MAX_QUEUE = 10_000  # queued settles; beyond this a settle is applied inline (back-pressure)
 RETRY_FOR_S = 10.0  # how long a failed batch is retried before it is dropped
 MARK_TTL_S = 60  # how long Redis remembers an applied batch id (dedupes retries, which last < 15 s)
+ORPHAN_TTL_S = 40 * 86400  # cost settled into a missing counter, kept until the counter is re-seeded
+
+# One budget's part of a settle. The reservation is released only if the counter is still the one
+# it was made in (same generation ``g``): after Redis lost its data and the counter was re-seeded,
+# releasing an old reservation would free new requests' reservations. A counter that is missing
+# (not re-seeded yet) keeps the cost aside in ``o``; the admit that seeds it from the ledger adds it
+# (counted twice if the ledger already has the row: too much, never too little).
+BUDGET_SETTLE_LUA = """
+local function settle_budget(k, res, cost, gen, ottl)
+  if redis.call('HEXISTS', k, 's') == 1 then
+    if res ~= '0' and redis.call('HGET', k, 'g') == gen then
+      local r = tonumber(redis.call('HGET', k, 'r') or '0')
+      if r < tonumber(res) then redis.call('HSET', k, 'r', '0') else redis.call('HINCRBY', k, 'r', '-' .. res) end
+    end
+    if cost ~= '0' then redis.call('HINCRBY', k, 's', cost) end
+  elseif cost ~= '0' then
+    redis.call('HINCRBY', k, 'o', cost)
+    if redis.call('TTL', k) < 0 then redis.call('EXPIRE', k, ottl) end
+  end
+end
+"""
 
 # KEYS[1]: the batch marker; then per ticket: per rate scope its tpm window and parallel key, then
-# one hash per budget. ARGV[1]: tickets; per ticket: n_rates, n_budgets, token_delta,
-# per rate: has_tpm, has_parallel; per budget: reserve, cost (integer strings, passed through
-# unconverted so that large nano-dollar amounts never go through Lua's %.14g number formatting).
-SETTLE_MANY_LUA = """
+# one hash per budget. ARGV[1]: tickets; ARGV[2]: marker ttl; ARGV[3]: orphan ttl; per ticket:
+# n_rates, n_budgets, token_delta, per rate: has_tpm, has_parallel; per budget: reserve, cost,
+# generation (integer strings, passed through unconverted so that large nano-dollar amounts never
+# go through Lua's %.14g number formatting).
+SETTLE_MANY_LUA = BUDGET_SETTLE_LUA + """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[2])) then return 0 end
-local a = 3; local k = 2
+local ottl = tonumber(ARGV[3])
+local a = 4; local k = 2
 for t = 1, tonumber(ARGV[1]) do
   local nr = tonumber(ARGV[a]); local nb = tonumber(ARGV[a + 1]); local delta = ARGV[a + 2]; a = a + 3
   for i = 1, nr do
@@ -57,13 +80,8 @@ for t = 1, tonumber(ARGV[1]) do
     a = a + 2; k = k + 2
   end
   for j = 1, nb do
-    local res = ARGV[a]; local cost = ARGV[a + 1]
-    if res ~= '0' then
-      local r = tonumber(redis.call('HGET', KEYS[k], 'r') or '0')
-      if r < tonumber(res) then redis.call('HSET', KEYS[k], 'r', '0') else redis.call('HINCRBY', KEYS[k], 'r', '-' .. res) end
-    end
-    if cost ~= '0' then redis.call('HINCRBY', KEYS[k], 's', cost) end
-    a = a + 2; k = k + 1
+    settle_budget(KEYS[k], ARGV[a], ARGV[a + 1], ARGV[a + 2], ottl)
+    a = a + 3; k = k + 1
   end
 end
 return 1
@@ -152,7 +170,7 @@ class SettleBatcher:
         p = self.prefix
         self._seq += 1
         keys: list[str] = [f"{p}settled:{self._replica}:{self._seq}"]
-        args: list[Any] = [len(batch), MARK_TTL_S]
+        args: list[Any] = [len(batch), MARK_TTL_S, ORPHAN_TTL_S]
         for ticket, actual, total in batch:
             args += [len(ticket.rates), len(ticket.budgets), total - ticket.prompt_tokens]
             for r in ticket.rates:
@@ -160,7 +178,7 @@ class SettleBatcher:
                 args += [int(r.tpm is not None), int(r.max_parallel is not None)]
             for b, cost in zip(ticket.budgets, actual, strict=True):
                 keys.append(f"{p}bud:{b.counter}")
-                args += [b.reserve, cost]
+                args += [b.reserve, cost, b.gen]
         return keys, args
 
     async def _send(self, batch: list[tuple[Ticket, list[int], int]], keys: list[str], args: list[Any], give_up_at: float | None) -> None:

@@ -10,7 +10,7 @@ What must hold (issue 9):
 - no client ever sees a 500.
 
 The fake upstream counts what it received. Each request costs the same (same prompt length, fixed
-answer), so the bill is count x cost. A longer version is bench/fault_drill.py.
+answer), so the bill is count x cost.
 """
 
 from __future__ import annotations

@@ -60,15 +60,32 @@ local function settle_budget(k, res, cost, gen, ottl)
 end
 """
 
+# A script that fails half-way keeps what it wrote, so the keys' types are checked first: a ticket
+# whose keys hold something else (answer -index) is refused before anything is written.
 # KEYS[1]: the batch marker; then per ticket: per rate scope its tpm window and parallel key, then
 # one hash per budget. ARGV[1]: tickets; ARGV[2]: marker ttl; ARGV[3]: orphan ttl; per ticket:
 # n_rates, n_budgets, token_delta, per rate: has_tpm, has_parallel; per budget: reserve, cost,
 # generation (integer strings, passed through unconverted so that large nano-dollar amounts never
 # go through Lua's %.14g number formatting).
 SETTLE_MANY_LUA = BUDGET_SETTLE_LUA + """
+local a = 4; local k = 2
+for t = 1, tonumber(ARGV[1]) do
+  local nr = tonumber(ARGV[a]); local nb = tonumber(ARGV[a + 1])
+  for i = 1, nr * 2 do
+    local ty = redis.call('TYPE', KEYS[k]).ok
+    if ty ~= 'none' and ty ~= 'string' then return -t end
+    k = k + 1
+  end
+  for j = 1, nb do
+    local ty = redis.call('TYPE', KEYS[k]).ok
+    if ty ~= 'none' and ty ~= 'hash' then return -t end
+    k = k + 1
+  end
+  a = a + 3 + nr * 2 + nb * 3
+end
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[2])) then return 0 end
 local ottl = tonumber(ARGV[3])
-local a = 4; local k = 2
+a = 4; k = 2
 for t = 1, tonumber(ARGV[1]) do
   local nr = tonumber(ARGV[a]); local nb = tonumber(ARGV[a + 1]); local delta = ARGV[a + 2]; a = a + 3
   for i = 1, nr do
@@ -87,7 +104,7 @@ end
 return 1
 """
 
-OnEvent = Callable[[str, int], None]  # (what happened: "retry" | "dropped" | "inline", tickets)
+OnEvent = Callable[[str, int], None]  # (what happened: "retry" | "dropped" | "inline" | "set_aside", tickets)
 
 
 class SettleBatcher:
@@ -140,16 +157,38 @@ class SettleBatcher:
                 return
 
     async def drain(self, give_up_at: float | None = None) -> None:
-        """Apply everything queued now (one EVALSHA per MAX_BATCH tickets)."""
+        """Apply everything queued now (one EVALSHA per MAX_BATCH tickets). A batch Redis refuses
+        (a script error: a bad ticket, not a connection problem) is applied ticket by ticket, and a
+        ticket refused alone is set aside (logged, counted): it never holds back the others."""
         while self._queue:
             batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
-            keys, args = self.encode(batch)
-            self.inflight_parallel = self._unpend(batch)
-            self.inflight_marker = keys[0] if self.inflight_parallel else None
-            try:
-                await self._send(batch, keys, args, give_up_at)
-            finally:
-                self.inflight_parallel, self.inflight_marker = {}, None
+            releases = self._unpend(batch)
+            while batch:
+                bad = await self._apply(batch, releases, give_up_at)
+                if bad is None:
+                    break
+                self._set_aside(batch.pop(bad))
+                releases = self._releases(batch)
+
+    async def _apply(self, batch: list[tuple[Ticket, list[int], int]], releases: dict[str, int], give_up_at: float | None) -> int | None:
+        """Send one batch (its parallel releases count as in flight meanwhile); the index of a
+        ticket Redis refused (nothing of the batch was applied then), else None."""
+        keys, args = self.encode(batch)
+        self.inflight_parallel = releases
+        self.inflight_marker = keys[0] if releases else None
+        try:
+            return await self._send(batch, keys, args, give_up_at)
+        finally:
+            self.inflight_parallel, self.inflight_marker = {}, None
+
+    @staticmethod
+    def _releases(batch: list[tuple[Ticket, list[int], int]]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for ticket, _a, _t in batch:
+            for r in ticket.rates:
+                if r.max_parallel is not None:
+                    out[r.scope] = out.get(r.scope, 0) + 1
+        return out
 
     def _unpend(self, batch: list[tuple[Ticket, list[int], int]]) -> dict[str, int]:
         """Move the batch's parallel releases from 'queued' to 'in flight' (returned)."""
@@ -181,15 +220,17 @@ class SettleBatcher:
                 args += [b.reserve, cost, b.gen]
         return keys, args
 
-    async def _send(self, batch: list[tuple[Ticket, list[int], int]], keys: list[str], args: list[Any], give_up_at: float | None) -> None:
+    async def _send(self, batch: list[tuple[Ticket, list[int], int]], keys: list[str], args: list[Any], give_up_at: float | None) -> int | None:
         deadline = give_up_at if give_up_at is not None else time.monotonic() + RETRY_FOR_S
         delay = 0.05
         while True:
             try:
-                await self._script(keys=keys, args=args)
+                res = int(await self._script(keys=keys, args=args))
+                if res < 0:
+                    return -res - 1
                 self.applied += len(batch)
                 self.batches += 1
-                return
+                return None
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -200,11 +241,18 @@ class SettleBatcher:
                         "could not settle %d requests in Redis (%s); dropped: their reservations stay counted until "
                         "the budget period ends and their parallel slots expire within 15 minutes", len(batch), e,
                     )
-                    return
+                    return None
                 self._event("retry", len(batch))
                 log.warning("settling %d requests in Redis failed (%s); retrying in %.2f s", len(batch), e, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+    def _set_aside(self, item: tuple[Ticket, list[int], int]) -> None:
+        t = item[0]
+        self.dropped += 1
+        self._event("set_aside", 1)
+        log.error("a settle was set aside: its Redis keys hold the wrong type (budgets %s, rates %s); its reservation "
+                  "stays counted", [b.counter for b in t.budgets], [r.scope for r in t.rates])
 
     def _event(self, what: str, n: int) -> None:
         if self.on_event is not None:

@@ -157,3 +157,22 @@ def test_a_restarted_redis_is_reseeded_from_the_ledger_including_unwritten_rows(
     one_request = max(row["cost_usd"] for row in rows)
     assert spent <= 0.5 + 1e-9, f"spent ${spent:.4f} of a $0.50 budget (one request: ${one_request:.4f})"
     assert spent > 0.5 - 2 * one_request  # and the budget was used, not refused early
+
+
+async def test_a_settle_redis_refuses_is_set_aside_and_the_rest_of_its_batch_applies(redis_server: PrivateRedis) -> None:
+    events: list[tuple[str, int]] = []
+    rc = RedisCounters(redis_server.url, on_settle_event=lambda what, n: events.append((what, n)))
+    good, bad = f"g{uuid.uuid4().hex}:0", f"x{uuid.uuid4().hex}:0"
+    try:
+        tickets = [await _admit(rc, good) for _ in range(2)]
+        poisoned = await _admit(rc, bad)
+        assert all(isinstance(t, Ticket) for t in [*tickets, poisoned])
+        await rc.redis.delete(f"ky:bud:{bad}")
+        await rc.redis.set(f"ky:bud:{bad}", "not a hash")  # every script touching it fails (WRONGTYPE)
+        for t in (tickets[0], poisoned, tickets[1]):
+            assert rc.settle_later(t, [NANO // 10], 1)
+        await rc.batcher.drain()
+        assert await rc.peek_budget(good) == (2 * (NANO // 10), 0)  # both good settles applied
+        assert ("set_aside", 1) in events and rc.batcher.applied == 2
+    finally:
+        await rc.close()

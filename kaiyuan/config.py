@@ -7,10 +7,14 @@ any string may reference ``${ENV_VAR}`` or ``${ENV_VAR:-default}``.
 
 from __future__ import annotations
 
+import base64
+import difflib
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,6 +27,33 @@ DEFAULT_PORT = 4000
 DEFAULT_LOCAL_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 MAX_RESPONSE_DOC = "largest whole (non-streamed) upstream body, success or error, after decompression; beyond: 502"
+
+
+def public_url(url: str) -> str:
+    """``url`` without its ``user:pass@`` and with every query value replaced by ``***``: a base_url
+    may carry a credential (``https://user:token@host/v1``, ``...?key=SECRET``) that still works for
+    the upstream call but must never be displayed (deployment ids, errors, headers, metrics)."""
+    parts = urlsplit(url)
+    query = "&".join(p.split("=", 1)[0] + "=***" for p in parts.query.split("&") if p)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, query, ""))
+
+
+def upstream_url(base_url: str, path: str) -> str:
+    """``base_url`` + ``path`` for the upstream call: the userinfo left out (it goes in an
+    Authorization header, :func:`credential_headers`), base_url's query kept after the path's."""
+    parts = urlsplit(base_url)
+    path, _, own_query = path.partition("?")
+    query = "&".join(q for q in (own_query, parts.query) if q)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/") + path, query, ""))
+
+
+def credential_headers(base_url: str) -> dict[str, str]:
+    """HTTP Basic auth from a base_url's ``user:pass@`` (none without one)."""
+    parts = urlsplit(base_url)
+    if parts.username is None:
+        return {}
+    pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+    return {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
 
 
 class ConfigError(Exception):
@@ -166,11 +197,16 @@ class _HTTPDeployment(DeploymentBase):
     @classmethod
     def _url(cls, v: str) -> str:
         if not re.match(r"^https?://[^/\s]+", v):
-            raise ValueError(f"must be an http(s) URL such as {cls.url_example}, got {v!r}")
+            raise ValueError(f"must be an http(s) URL such as {cls.url_example}, got {public_url(v)!r}")
         return v.rstrip("/")
 
+    @property
+    def public_url(self) -> str:
+        """``base_url`` without credentials (``user:pass@``, query values): what may be shown."""
+        return public_url(self.base_url)
+
     def default_id(self) -> str:
-        host = re.sub(r"^https?://", "", self.base_url).split("/")[0]
+        host = urlsplit(self.base_url).netloc.rpartition("@")[2]
         return f"{getattr(self, 'provider', 'http')}:{self.model}@{host}"
 
 
@@ -195,6 +231,13 @@ class LocalDeployment(DeploymentBase):
     n_parallel: int = Field(1, gt=0)
     max_tokens_default: int = Field(256, gt=0)
     embeddings: bool = True
+
+    @model_validator(mode="after")
+    def _name_from_path(self) -> LocalDeployment:
+        """A deployment with its own ``path`` and no ``model`` is named after its file, not SmolLM2."""
+        if self.path and "model" not in self.model_fields_set:
+            self.model = Path(self.path).name.removesuffix(".gguf") or self.model
+        return self
 
     def default_id(self) -> str:
         return f"local:{self.model}"
@@ -222,6 +265,10 @@ Deployment = Annotated[
     OpenAICompatibleDeployment | LocalDeployment | AnthropicDeployment | GeminiDeployment,
     Field(discriminator="provider"),
 ]
+_DEPLOYMENT_CLASSES: dict[str, type[BaseModel]] = {
+    "openai_compatible": OpenAICompatibleDeployment, "local": LocalDeployment,
+    "anthropic": AnthropicDeployment, "gemini": GeminiDeployment,
+}
 
 
 class ModelConfig(_Strict):
@@ -250,6 +297,14 @@ class ServerSettings(_Strict):
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description="larger request bodies get a 413")
     master_key: str | None = Field(None, description="admin key; also required of clients when set")
     access_log: bool = False
+    header_timeout_s: float = Field(
+        15.0, gt=0, description="a connection must send a whole request head within this (also idle keep-alive)"
+    )
+    body_timeout_s: float = Field(60.0, gt=0, description="the whole request body must arrive within this; beyond: 408")
+    max_connections: int | None = Field(
+        None, gt=0, description="open client connections at most; default: the open-file limit minus 64 (and at least 16)"
+    )
+    max_json_depth: int = Field(128, ge=8, le=200, description="deepest nesting of a JSON request body; deeper: 400")
 
 
 class StoreSettings(_Strict):
@@ -359,24 +414,69 @@ def _loc(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("openai_compatible", "local", "anthropic", "gemini") and out.endswith("]"):
+        elif part in PROVIDERS and out.endswith("]"):
             continue  # the discriminator tag pydantic inserts; not a key the user wrote
         else:
             out += f".{part}" if out else str(part)
     return out or "(top level)"
 
 
+PROVIDERS = ("openai_compatible", "local", "anthropic", "gemini")
+
+
+def _did_you_mean(word: Any, choices: Any) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The config class that owns the key at ``loc`` (for the keys it allows), or None."""
+    cls: Any = GatewayConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if isinstance(cls, type) and issubclass(cls, BaseModel) and part in cls.model_fields:
+            cls = _inner(cls.model_fields[part].annotation)
+        elif part in _DEPLOYMENT_CLASSES:
+            cls = _DEPLOYMENT_CLASSES[part]
+        else:
+            return None
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _inner(tp: Any) -> Any:
+    """list[X] / X | None / Annotated[...] -> X (the first BaseModel inside, else tp)."""
+    for arg in typing.get_args(tp):
+        found = _inner(arg)
+        if isinstance(found, type) and issubclass(found, BaseModel):
+            return found
+    return tp
+
+
+def _message(e: Any) -> str:
+    kind, loc = e["type"], tuple(e["loc"])
+    if kind == "extra_forbidden":
+        owner = _model_at(loc[:-1])
+        allowed = sorted(owner.model_fields) if owner is not None else []
+        hint = _did_you_mean(loc[-1], allowed) if loc else ""
+        keys = f" (allowed here: {', '.join(allowed)})" if allowed and not hint else ""
+        return f"unknown key{hint}{keys} (see docs/configuration.md)"
+    if kind == "union_tag_invalid":
+        tag = e.get("ctx", {}).get("tag", "")
+        return f"unknown provider {tag!r}{_did_you_mean(tag, PROVIDERS)} (one of: {', '.join(PROVIDERS)})"
+    if kind == "union_tag_not_found":
+        return f"missing 'provider' (one of: {', '.join(PROVIDERS)})"
+    if kind == "literal_error" and isinstance(e.get("input"), str):
+        expected = re.findall(r"'([^']*)'", str(e.get("ctx", {}).get("expected", "")))
+        return f"{e['input']!r} is not allowed{_did_you_mean(e['input'], expected)} (one of: {', '.join(expected)})"
+    msg = str(e["msg"])
+    return msg.removeprefix("Value error, ")
+
+
 def format_validation_error(source: str, err: ValidationError) -> str:
     lines = [f"{source}: invalid configuration"]
     for e in err.errors():
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see docs/configuration.md)"
-        elif e["type"] == "union_tag_invalid":
-            msg = f"{msg}"
-        elif e["type"] == "union_tag_not_found":
-            msg = "missing 'provider' (one of: openai_compatible, local, anthropic, gemini)"
-        lines.append(f"  {_loc(tuple(e['loc']))}: {msg}")
+        lines.append(f"  {_loc(tuple(e['loc']))}: {_message(e)}")
     return "\n".join(lines)
 
 

@@ -212,7 +212,7 @@ async def test_unreachable_redis_batch_is_retried_then_dropped(monkeypatch: pyte
     import redis.asyncio as aioredis
 
     client = aioredis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
-    b = SettleBatcher(client, "ky:", lambda what, n: events.append((what, n)))
+    b = SettleBatcher(client, "ky:", "test-replica", lambda what, n: events.append((what, n)))
     try:
         b.put(_ticket("c:0", "key:x", NANO), [0], 10)
         assert b.pending_parallel == {"key:x": 1}

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from kaiyuan.limits.expiry import Liveness
 from kaiyuan.limits.settle_batch import BUDGET_SETTLE_LUA, ORPHAN_TTL_S, OnEvent, SettleBatcher
 
 NANO = 1_000_000_000
@@ -167,17 +169,18 @@ class MemoryCounters:
 
 
 # -- Redis ----------------------------------------------------------------------------------------
-# KEYS: for each rate scope: rpm window, tpm window, parallel; then one hash per budget counter.
+# KEYS: for each rate scope: rpm window, tpm window, parallel; then one hash per budget counter;
+#       then the set of counters this replica holds reservations on (kept 40 days, see expiry.py);
 #       then, if ARGV[6] is 1, the marker of this replica's settle batch in flight (see settle_batch).
 # ARGV: n_rates, n_budgets, prompt_tokens, window_ttl, parallel_ttl, has_marker, deadline_ms (Redis
-#       clock; -1 = none),
+#       clock; -1 = none), replica id,
 #       per rate: rpm, tpm, max_parallel (-1 = no limit), this replica's parallel releases queued
 #       (not sent yet: certain to be applied, so those slots count as free) and in the batch in
 #       flight (free too while its marker is absent, i.e. the batch has not been applied yet),
 #       per budget: limit, seed (-1 = not read: answer "need seed" if the counter is missing),
 #       reserve, ttl (-1 = none)
-# A budget hash holds s (spent), r (reserved), g (its generation: when it was seeded) and o (cost
-# settled while it was missing, added on seeding). Returns {0, g...} admitted (each budget's
+# A budget hash holds s (spent), r (reserved), r:<replica> (each replica's share of r), g (its
+# generation: when it was seeded) and o (cost settled while it was missing, added on seeding). Returns {0, g...} admitted (each budget's
 # generation), {1, index, kind, current, reserved} refused, {2, index} need seed, {3} too late.
 ADMIT_LUA = """
 local nr = tonumber(ARGV[1]); local nb = tonumber(ARGV[2]); local pt = tonumber(ARGV[3])
@@ -186,9 +189,9 @@ local t = redis.call('TIME')
 if tonumber(ARGV[7]) >= 0 and tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[7]) then
   return {3}
 end
-local a = 8
+local a = 9
 local unapplied = 0
-if tonumber(ARGV[6]) == 1 and redis.call('EXISTS', KEYS[nr*3 + nb + 1]) == 0 then unapplied = 1 end
+if tonumber(ARGV[6]) == 1 and redis.call('EXISTS', KEYS[nr*3 + nb + 2]) == 0 then unapplied = 1 end
 for i = 0, nr - 1 do
   local rpm = tonumber(ARGV[a + i*5]); local tpm = tonumber(ARGV[a + i*5 + 1]); local par = tonumber(ARGV[a + i*5 + 2])
   if rpm >= 0 then
@@ -230,22 +233,25 @@ end
 local out = {0}
 for j = 0, nb - 1 do
   local k = KEYS[kb + j + 1]
-  redis.call('HINCRBY', k, 'r', tonumber(ARGV[b + j*4 + 2]))
+  redis.call('HINCRBY', k, 'r', ARGV[b + j*4 + 2])
+  redis.call('HINCRBY', k, 'r:' .. ARGV[8], ARGV[b + j*4 + 2])
+  redis.call('SADD', KEYS[kb + nb + 1], k)
   local ttl = tonumber(ARGV[b + j*4 + 3])
   if ttl > 0 then redis.call('EXPIRE', k, ttl) end
   out[j + 2] = redis.call('HGET', k, 'g')
 end
+if nb > 0 then redis.call('EXPIRE', KEYS[kb + nb + 1], 3456000) end
 return out
 """
 
 # One ticket, applied at once (``RedisCounters.settle``: the in-line fallback when the queue is full).
 # KEYS: tpm window and parallel key per rate scope, then budget hashes.
-# ARGV: n_rates, n_budgets, token_delta, orphan_ttl, per rate: has_tpm, has_parallel; per budget:
+# ARGV: n_rates, n_budgets, token_delta, orphan_ttl, replica id, per rate: has_tpm, has_parallel; per budget:
 # reserve, actual, generation. The budget part is BUDGET_SETTLE_LUA, shared with the batch script.
 SETTLE_LUA = """
 local nr = tonumber(ARGV[1]); local nb = tonumber(ARGV[2]); local delta = tonumber(ARGV[3])
-local ottl = tonumber(ARGV[4])
-local a = 5
+local ottl = tonumber(ARGV[4]); local rid = ARGV[5]
+local a = 6
 for i = 0, nr - 1 do
   if tonumber(ARGV[a + i*2]) == 1 and delta ~= 0 and redis.call('EXISTS', KEYS[i*2 + 1]) == 1 then
     redis.call('INCRBY', KEYS[i*2 + 1], delta)
@@ -257,7 +263,7 @@ for i = 0, nr - 1 do
 end
 local b = a + nr*2
 for j = 0, nb - 1 do
-  settle_budget(KEYS[nr*2 + j + 1], ARGV[b + j*3], ARGV[b + j*3 + 1], ARGV[b + j*3 + 2], ottl)
+  settle_budget(KEYS[nr*2 + j + 1], ARGV[b + j*3], ARGV[b + j*3 + 1], ARGV[b + j*3 + 2], ottl, rid)
 end
 return 0
 """
@@ -266,9 +272,12 @@ SETTLE_LUA = BUDGET_SETTLE_LUA + SETTLE_LUA
 
 # Re-count a replica's reservations still in flight in a budget counter that was re-made (Redis lost
 # its data) since they were made. KEYS: the budget hash. ARGV: its generation, nano-USD to reserve.
+# KEYS: the budget hash, this replica's set of counters. ARGV: generation, nano-USD, replica id.
 ADOPT_LUA = """
 if redis.call('HGET', KEYS[1], 'g') ~= ARGV[1] then return 0 end
 redis.call('HINCRBY', KEYS[1], 'r', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'r:' .. ARGV[3], ARGV[2])
+redis.call('SADD', KEYS[2], KEYS[1])
 return 1
 """
 
@@ -313,7 +322,9 @@ class RedisCounters:
         self._admit = self.redis.register_script(ADMIT_LUA)
         self._settle = self.redis.register_script(SETTLE_LUA)
         self._adopt = self.redis.register_script(ADOPT_LUA)
-        self.batcher = SettleBatcher(self.redis, prefix, on_settle_event)
+        self.replica = uuid.uuid4().hex[:12]
+        self.liveness = Liveness(self.redis, prefix, self.replica)
+        self.batcher = SettleBatcher(self.redis, prefix, self.replica, on_settle_event)
 
     def _rate_keys(self, scope: str, minute: int) -> list[str]:
         p = self.prefix
@@ -328,7 +339,7 @@ class RedisCounters:
         bt = self.batcher
         marker = bt.inflight_marker
         deadline = await self._deadline_ms()
-        args: list[Any] = [len(rates), len(budgets), prompt_tokens, 120, PARALLEL_TTL_S, int(marker is not None), deadline]
+        args: list[Any] = [len(rates), len(budgets), prompt_tokens, 120, PARALLEL_TTL_S, int(marker is not None), deadline, self.replica]
         queued, inflight = bt.pending_parallel, bt.inflight_parallel
         for r in rates:
             keys += self._rate_keys(r.scope, minute)
@@ -337,6 +348,7 @@ class RedisCounters:
         for b in budgets:
             keys.append(f"{self.prefix}bud:{b.counter}")
             args += [b.limit, b.seed, b.reserve, b.ttl_s if b.ttl_s else -1]
+        keys.append(self.liveness.resof(self.replica))
         if marker is not None:
             keys.append(marker)
         res = await self._admit(keys=keys, args=args)
@@ -375,11 +387,14 @@ class RedisCounters:
             raise
         if self._offset_ms is None or t2 - t1 < 0.5:  # a slow reply measures badly: keep the old one
             self._offset_ms = sec * 1000 + usec / 1000 - (t1 + t2) * 500
+        await self.liveness.beat()  # before this replica's first reservation: see expiry.py
+        self.liveness.start()
 
     async def adopt(self, counter: str, gen: str, reserve: int) -> bool:
         """Count reservations made in an older generation of ``counter`` (before Redis lost it) in
         the current one, ``gen``; False if the counter has moved on again."""
-        return bool(await self._adopt(keys=[f"{self.prefix}bud:{counter}"], args=[gen, reserve]))
+        keys = [f"{self.prefix}bud:{counter}", self.liveness.resof(self.replica)]
+        return bool(await self._adopt(keys=keys, args=[gen, reserve, self.replica]))
 
     def settle_later(self, ticket: Ticket, actual: list[int], total_tokens: int) -> bool:
         """Queue the settle for the background batcher (no I/O); False when the queue is full."""
@@ -388,7 +403,7 @@ class RedisCounters:
     async def settle(self, ticket: Ticket, actual: list[int], total_tokens: int) -> None:
         """Apply one settle now (one EVALSHA)."""
         keys: list[str] = []
-        args: list[Any] = [len(ticket.rates), len(ticket.budgets), total_tokens - ticket.prompt_tokens, ORPHAN_TTL_S]
+        args: list[Any] = [len(ticket.rates), len(ticket.budgets), total_tokens - ticket.prompt_tokens, ORPHAN_TTL_S, self.replica]
         for r in ticket.rates:
             rk = self._rate_keys(r.scope, ticket.minute)
             keys += [rk[1], rk[2]]
@@ -406,6 +421,7 @@ class RedisCounters:
 
     async def close(self) -> None:
         await self.batcher.close()
+        await self.liveness.close()
         if self._clock is not None and not self._clock.done():
             self._clock.cancel()
         await self.redis.aclose()

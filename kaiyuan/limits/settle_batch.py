@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -42,15 +41,22 @@ ORPHAN_TTL_S = 40 * 86400  # cost settled into a missing counter, kept until the
 
 # One budget's part of a settle. The reservation is released only if the counter is still the one
 # it was made in (same generation ``g``): after Redis lost its data and the counter was re-seeded,
-# releasing an old reservation would free new requests' reservations. A counter that is missing
+# releasing an old reservation would free new requests' reservations. It releases at most this
+# replica's share ``r:<replica>`` (expiry.py may have released it already). A counter that is missing
 # (not re-seeded yet) keeps the cost aside in ``o``; the admit that seeds it from the ledger adds it
 # (counted twice if the ledger already has the row: too much, never too little).
 BUDGET_SETTLE_LUA = """
-local function settle_budget(k, res, cost, gen, ottl)
+local function settle_budget(k, res, cost, gen, ottl, rid)
   if redis.call('HEXISTS', k, 's') == 1 then
     if res ~= '0' and redis.call('HGET', k, 'g') == gen then
-      local r = tonumber(redis.call('HGET', k, 'r') or '0')
-      if r < tonumber(res) then redis.call('HSET', k, 'r', '0') else redis.call('HINCRBY', k, 'r', '-' .. res) end
+      local f = 'r:' .. rid
+      local mine = redis.call('HGET', k, f) or '0'
+      if tonumber(mine) < tonumber(res) then res = mine end
+      if res ~= '0' then
+        local r = tonumber(redis.call('HGET', k, 'r') or '0')
+        if r < tonumber(res) then redis.call('HSET', k, 'r', '0') else redis.call('HINCRBY', k, 'r', '-' .. res) end
+        if res == mine then redis.call('HDEL', k, f) else redis.call('HINCRBY', k, f, '-' .. res) end
+      end
     end
     if cost ~= '0' then redis.call('HINCRBY', k, 's', cost) end
   elseif cost ~= '0' then
@@ -63,12 +69,13 @@ end
 # A script that fails half-way keeps what it wrote, so the keys' types are checked first: a ticket
 # whose keys hold something else (answer -index) is refused before anything is written.
 # KEYS[1]: the batch marker; then per ticket: per rate scope its tpm window and parallel key, then
-# one hash per budget. ARGV[1]: tickets; ARGV[2]: marker ttl; ARGV[3]: orphan ttl; per ticket:
+# one hash per budget. ARGV[1]: tickets; ARGV[2]: marker ttl; ARGV[3]: orphan ttl; ARGV[4]: replica
+# id; per ticket:
 # n_rates, n_budgets, token_delta, per rate: has_tpm, has_parallel; per budget: reserve, cost,
 # generation (integer strings, passed through unconverted so that large nano-dollar amounts never
 # go through Lua's %.14g number formatting).
 SETTLE_MANY_LUA = BUDGET_SETTLE_LUA + """
-local a = 4; local k = 2
+local a = 5; local k = 2
 for t = 1, tonumber(ARGV[1]) do
   local nr = tonumber(ARGV[a]); local nb = tonumber(ARGV[a + 1])
   for i = 1, nr * 2 do
@@ -84,8 +91,8 @@ for t = 1, tonumber(ARGV[1]) do
   a = a + 3 + nr * 2 + nb * 3
 end
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[2])) then return 0 end
-local ottl = tonumber(ARGV[3])
-a = 4; k = 2
+local ottl = tonumber(ARGV[3]); local rid = ARGV[4]
+a = 5; k = 2
 for t = 1, tonumber(ARGV[1]) do
   local nr = tonumber(ARGV[a]); local nb = tonumber(ARGV[a + 1]); local delta = ARGV[a + 2]; a = a + 3
   for i = 1, nr do
@@ -97,7 +104,7 @@ for t = 1, tonumber(ARGV[1]) do
     a = a + 2; k = k + 2
   end
   for j = 1, nb do
-    settle_budget(KEYS[k], ARGV[a], ARGV[a + 1], ARGV[a + 2], ottl)
+    settle_budget(KEYS[k], ARGV[a], ARGV[a + 1], ARGV[a + 2], ottl, rid)
     a = a + 3; k = k + 1
   end
 end
@@ -110,7 +117,7 @@ OnEvent = Callable[[str, int], None]  # (what happened: "retry" | "dropped" | "i
 class SettleBatcher:
     """The queue and the background task that applies queued settles in batches."""
 
-    def __init__(self, redis: Any, prefix: str, on_event: OnEvent | None = None) -> None:
+    def __init__(self, redis: Any, prefix: str, replica: str, on_event: OnEvent | None = None) -> None:
         self.redis = redis
         self.prefix = prefix
         self.on_event = on_event
@@ -122,7 +129,7 @@ class SettleBatcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        self._replica = uuid.uuid4().hex[:12]
+        self._replica = replica
         self._seq = 0
         self.applied = 0  # tickets applied (for tests and metrics)
         self.batches = 0  # EVALSHAs that applied them
@@ -209,7 +216,7 @@ class SettleBatcher:
         p = self.prefix
         self._seq += 1
         keys: list[str] = [f"{p}settled:{self._replica}:{self._seq}"]
-        args: list[Any] = [len(batch), MARK_TTL_S, ORPHAN_TTL_S]
+        args: list[Any] = [len(batch), MARK_TTL_S, ORPHAN_TTL_S, self._replica]
         for ticket, actual, total in batch:
             args += [len(ticket.rates), len(ticket.budgets), total - ticket.prompt_tokens]
             for r in ticket.rates:

@@ -19,8 +19,8 @@ The rules, written once here:
   one. A row the database refuses (a value out of range, a duplicate key, a string it cannot
   store) is set aside: logged at ERROR with its content and the error, counted in
   ``kaiyuan_store_rows_set_aside{writer}``, and removed from the queue. A row that fails with a
-  "database unavailable" error while the next row succeeds is set aside too, so no error class
-  can wedge the queue.
+  "database unavailable" error while the next row succeeds, and again on three more tries, is set
+  aside too, so no error class can wedge the queue.
 - **A database that is down loses nothing**: the rows stay queued (in order) and are retried every
   interval. A crash loses what is queued (at most one interval's rows, unless the database was
   already down).
@@ -42,7 +42,9 @@ from kaiyuan.store.boundary import unavailable
 
 log = logging.getLogger("kaiyuan.store.writer")
 R = TypeVar("R")
-LOG_EVERY_S = 10.0  # at most one "queue full" / "database down" line per writer this often
+LOG_EVERY_S = 10.0
+RETRIES = 3  # a suspect row's extra tries (in the writer's thread) before it is set aside
+RETRY_PAUSE_S = 0.2  # at most one "queue full" / "database down" line per writer this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,13 +195,29 @@ class BatchWriter(Generic[R]):
                     return suspect[0], written  # two in a row: the database is down
                 continue
             written += 1
-            if suspect is not None:
-                self._set_aside(suspect[1], suspect[2])
+            if suspect is not None:  # the database is up: try the suspect again before blaming it
+                if self._retry(suspect[1]):
+                    written += 1
+                else:
+                    self._set_aside(suspect[1], suspect[2])
                 suspect = None
         if suspect is not None:  # the last row failed as "unavailable" with nothing after it to tell
             self._down(suspect[2])
             return suspect[0], written
         return len(batch), written
+
+    def _retry(self, row: R) -> bool:
+        """A row that failed as "unavailable" while the row after it was written: the database may
+        just have come back (a fresh connection refused during its start). Three more tries."""
+        for _ in range(RETRIES):
+            time.sleep(RETRY_PAUSE_S)
+            try:
+                self._write([row])
+                return True
+            except Exception as e:
+                if not unavailable(e):
+                    return False
+        return False
 
     def _set_aside(self, row: R, e: BaseException) -> None:
         self.m_set_aside.inc()

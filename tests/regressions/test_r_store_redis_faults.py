@@ -156,7 +156,7 @@ def test_a_restarted_redis_is_reseeded_from_the_ledger_including_unwritten_rows(
     spent = sum(row["cost_usd"] for row in rows)
     one_request = max(row["cost_usd"] for row in rows)
     assert spent <= 0.5 + 1e-9, f"spent ${spent:.4f} of a $0.50 budget (one request: ${one_request:.4f})"
-    assert spent > 0.5 - 2 * one_request  # and the budget was used, not refused early
+    assert spent >= 0.4  # and the budget was used (a reservation is larger than a request's real cost)
 
 
 async def test_a_settle_redis_refuses_is_set_aside_and_the_rest_of_its_batch_applies(redis_server: PrivateRedis) -> None:
@@ -176,3 +176,27 @@ async def test_a_settle_redis_refuses_is_set_aside_and_the_rest_of_its_batch_app
         assert ("set_aside", 1) in events and rc.batcher.applied == 2
     finally:
         await rc.close()
+
+
+async def test_a_dead_replicas_reservations_expire_and_a_live_ones_do_not(redis_server: PrivateRedis) -> None:
+    """Reservations must expire: a replica killed mid-request left them counted until the period ended."""
+    live, dead = RedisCounters(redis_server.url), RedisCounters(redis_server.url)
+    for rc in (live, dead):
+        rc.liveness.ttl_s, rc.liveness.every_s = 1, 0.5
+    counter = f"b{uuid.uuid4().hex}:0"
+    try:
+        mine = await _admit(live, counter)
+        assert isinstance(mine, Ticket) and isinstance(await _admit(dead, counter), Ticket)
+        assert await live.peek_budget(counter) == (0, 2 * NANO)
+        await dead.liveness.close()  # it stops beating, as a killed process does (its requests never settle)
+        for _ in range(40):
+            await asyncio.sleep(0.25)
+            if live.liveness.released:
+                break
+        assert live.liveness.released == 1
+        assert await live.peek_budget(counter) == (0, NANO)  # the dead one's reservation is gone, ours stays
+        await live.settle(mine, [NANO // 4], 1)
+        assert await live.peek_budget(counter) == (NANO // 4, 0)
+    finally:
+        await live.close()
+        await dead.close()

@@ -7,8 +7,9 @@ for the rest of the month for spend that never happened.
 How: every budget counter keeps, beside the total reserved ``r``, each replica's share
 ``r:<replica>``, and a set ``resof:<replica>`` names the counters where a replica holds some.
 Each replica refreshes a heartbeat key (``hb:<replica>``, ``ttl_s``) every ``every_s`` and sweeps
-the others: a replica whose heartbeat was missing at two sweeps ``every_s`` apart (so a Redis
-pause, which expires every heartbeat at once, does not count) has its shares released. Its late
+the others: a replica whose heartbeat has stayed missing for 2.5 sweep intervals (so a Redis
+pause, which expires every heartbeat at once, does not count: live replicas beat again within an
+interval) has its shares released. Its late
 settles, if it was only stalled, release nothing more (a settle releases at most its replica's
 share). A replica stalled for longer than ``ttl_s`` plus two sweeps loses its reservations while
 its requests may still run: their cost is still added when they settle.
@@ -25,6 +26,7 @@ log = logging.getLogger("kaiyuan.limits")
 
 HEARTBEAT_TTL_S = 30
 SWEEP_EVERY_S = 10.0
+MISSING_FOR = 2.5  # sweep intervals a heartbeat must stay missing (a live replica's beat may wait out a timeout)
 RESOF_TTL_S = 40 * 86400
 
 # KEYS: the budget hash, the dead replica's heartbeat key. ARGV: its replica id.
@@ -88,7 +90,7 @@ class Liveness:
                 self._missing.pop(other, None)
                 continue
             first = self._missing.setdefault(other, now)
-            if now - first >= self.every_s * 0.9:
+            if now - first >= MISSING_FOR * self.every_s:
                 await self._release(other)
                 self._missing.pop(other, None)
 

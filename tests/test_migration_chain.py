@@ -46,8 +46,7 @@ def test_the_chain_is_one_ordered_line() -> None:
     heads = scripts.get_heads()
     assert len(heads) == 1, f"migrations must form one line; heads: {heads} (set down_revision to the current head)"
     order = [s.revision for s in reversed(list(scripts.walk_revisions()))]
-    assert order == sorted(order), f"revisions must run in the order of their numbers: {order}"
-    assert order == [f"{i:04d}" for i in range(1, len(order) + 1)], order
+    assert order == sorted(set(order)), f"revisions must run in the order of their numbers: {order}"
 
 
 def test_migrated_schema_matches_schema_py(engine: Engine) -> None:

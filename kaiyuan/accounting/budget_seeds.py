@@ -11,8 +11,10 @@ A restart also loses the reservations of requests in flight. Each counter carrie
 (when it was seeded); a ticket remembers the generation its reservation was made in. The first
 time this replica sees a new generation of a counter, it re-reserves its own requests still in
 flight there (``RedisCounters.adopt``), and their settles release the re-made reservation, not a
-stranger's. What stays open: between the restart and each replica's next admit on that counter,
-that replica's in-flight requests are not reserved (docs/persistence.md).
+stranger's. A counter Redis lost is seeded one ledger flush interval after it was found missing,
+so the rows other replicas had queued are written by then. What stays open: between the restart
+and each replica's next admit on that counter, that replica's in-flight requests are not reserved
+(docs/persistence.md).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from kaiyuan.accounting.ledger import SpendLedger
 from kaiyuan.limits.counters import NANO, BudgetCheck, RedisCounters, Ticket
 
 log = logging.getLogger("kaiyuan.guard")
+MAX_LOST_WAIT_S = 1.5  # a longer flush interval is not waited out in full
+LOST_MARGIN_S = 0.1  # beyond one ledger flush interval, for the other replicas' writes to land
 MAX_TRACKED = 100_000  # counters whose generation is remembered (cleared beyond: re-learned on the next admit)
 
 
@@ -39,11 +43,20 @@ class BudgetSeeds:
 
     # -- seeding -------------------------------------------------------------------------------
     async def seed(self, budgets: list[tuple[BudgetCheck, Budget]]) -> None:
-        """Set every check's seed to its budget's spend this period, read from the ledger now."""
+        """Set every check's seed to its budget's spend this period, read from the ledger now. A
+        counter this replica knew (so Redis lost it) is read one ledger flush interval later: the
+        rows other replicas had queued when Redis lost it, whose cost went with it, are written by
+        then (a new period's counter is read at once)."""
+        if any(check.counter in self._gen for check, _ in budgets):
+            await self._single("lost", self._wait)
         for check, b in budgets:
             start = float(check.counter.rsplit(":", 1)[1])
             spent = await self._single(check.counter, partial(self._spent, b, start))
             check.seed = round(spent * NANO)
+
+    async def _wait(self) -> float:
+        await asyncio.sleep(min(self.ledger.writer.spec.flush_interval_s, MAX_LOST_WAIT_S) + LOST_MARGIN_S)
+        return 0.0
 
     async def _spent(self, b: Budget, start: float) -> float:
         if self.ledger.engine is None:

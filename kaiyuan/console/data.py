@@ -112,7 +112,7 @@ _SUMS = (func.sum(usage_hourly.c.requests), func.sum(usage_hourly.c.prompt_token
 def _sums(r: Any, start: int) -> dict[str, Any]:
     req, pt, ct, cached, cost, unknown = (r[start + i] or 0 for i in range(6))
     return {"requests": int(req), "prompt_tokens": int(pt), "completion_tokens": int(ct), "cached_tokens": int(cached),
-            "tokens": int(pt) + int(ct), "cost_usd": round(float(cost), 6), "cost_unknown_requests": int(unknown)}
+            "tokens": int(pt) + int(ct), "cost_usd": float(cost), "cost_unknown_requests": int(unknown)}
 
 
 def overview(engine: Engine, cat: Catalogue, scope: Scope, period: str, now: float | None = None) -> dict[str, Any]:
@@ -139,7 +139,7 @@ def overview(engine: Engine, cat: Catalogue, scope: Scope, period: str, now: flo
         s = _sums(r, 1)
         p["requests"] += s["requests"]
         p["tokens"] += s["tokens"]
-        p["cost_usd"] = round(p["cost_usd"] + s["cost_usd"], 6)
+        p["cost_usd"] += s["cost_usd"]
     total = _zero()
     by: dict[str, dict[str, dict[str, Any]]] = {"model": {}, "vendor": {}, "origin": {}, "deployment": {}}
     for r in dep_rows:
@@ -155,8 +155,8 @@ def overview(engine: Engine, cat: Catalogue, scope: Scope, period: str, now: flo
     return {
         "object": "console.overview", "period": period, "since": since * HOUR, "until": now, "step_s": step * HOUR,
         "scope": {"team_id": scope.team_id, "key_id": scope.key_id},
-        "totals": {**total, "errors": errors},
-        "series": [points[k] for k in sorted(points)],
+        "totals": {**total, "cost_usd": round(total["cost_usd"], 6), "errors": errors},
+        "series": [{**points[k], "cost_usd": round(points[k]["cost_usd"], 6)} for k in sorted(points)],
         "shares": shares,
         "savings": savings(cat, dep_rows),
     }
@@ -169,13 +169,13 @@ def _zero() -> dict[str, Any]:
 
 def _add(acc: dict[str, Any], s: dict[str, Any]) -> None:
     for k, v in s.items():
-        acc[k] = round(acc[k] + v, 6) if k == "cost_usd" else acc[k] + v
+        acc[k] += v
 
 
 def _shares(rows: dict[str, dict[str, Any]], total: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for name, s in rows.items():
-        out.append({"name": name, **s,
+        out.append({"name": name, **s, "cost_usd": round(s["cost_usd"], 6),
                     "share_requests": round(s["requests"] / total["requests"], 4) if total["requests"] else None,
                     "share_cost": round(s["cost_usd"] / total["cost_usd"], 4) if total["cost_usd"] else None})
     return sorted(out, key=lambda x: (-x["requests"], x["name"]))

@@ -43,12 +43,16 @@ class Console:
         return c
 
 
+VENDORS = {"deepseek-chat": "deepseek", "qwen-plus": "alibaba", "qwen-local": "self-hosted", "gpt-4o": "openai"}
+
+
 def config(upstream: str, **console: Any) -> dict[str, Any]:
     """The seeded models (bench.console_seed.MODELS, same deployment ids and prices), all on the fake upstream."""
     models = []
     for name, dep, pin, pout, _ in MODELS:
         d = {"provider": "openai_compatible", "base_url": upstream + "/v1", "model": dep.split(":", 1)[1].split("@")[0],
              "api_key": "sk-upstream", "id": dep, "price": {"input": pin, "output": pout}}
+        d["vendor"] = VENDORS[name]  # as the real hosts would say (the fake upstream is on 127.0.0.1)
         if name == "qwen-local":
             d["tags"] = ["self_hosted"]
         models.append({"name": name, "deployments": [d], "log_bodies": name == "deepseek-chat"})

@@ -52,7 +52,7 @@ def _sum_hour(conn: Any, hour: int) -> list[dict[str, Any]]:
     t = request_log
     groups: dict[tuple[str, str, str, str, int], _Acc] = {}
     q = select(*_COLS).where(t.c.ts >= hour * HOUR, t.c.ts < (hour + 1) * HOUR)
-    for r in conn.execution_options(yield_per=5000).execute(q):
+    for r in conn.execute(q, execution_options={"yield_per": 5000}):
         k = (r[0] or "", r[1] or "", r[2] or "", r[3] or "", int(r[4]))
         a = groups.get(k)
         if a is None:

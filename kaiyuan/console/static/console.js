@@ -98,8 +98,10 @@
     const series = [{}].concat(lines.map(function (l) {
       return { label: l.label, stroke: l.color || "#2563eb", width: l.width || 2, dash: l.dash, fill: l.fill };
     }));
+    const compact = new Intl.NumberFormat("en", { notation: "compact", maximumFractionDigits: 2 });
     const opts = { width: Math.max(el.clientWidth, 280), height: 180, series: series, scales: { x: { time: xTime } },
-      legend: { show: true }, axes: [{}, { size: 60 }] };
+      legend: { show: true },
+      axes: [{}, { size: 56, values: function (u, vals) { return vals.map(function (v) { return compact.format(v); }); } }] };
     new uPlot(opts, [xs].concat(lines.map(function (l) { return l.values; })), el);
   }
 

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from kaiyuan.accounting.guard import KeyGuard
+from kaiyuan.accounting.prices import output_limit
 from kaiyuan.config import GatewayConfig, ModelConfig
 from kaiyuan.context import RequestContext
 from kaiyuan.errors import ErrorKind, GatewayError
@@ -40,7 +41,12 @@ class Gateway:
             m.name: [build_provider(d) for d in m.deployments] for m in config.models
         }
         self.router = Router(self.providers, self.models, self.metrics.registry)
-        self.guard: Guard = KeyGuard(self)  # master key + virtual keys, limits, budgets, cost
+        key_guard = KeyGuard(self)  # master key + virtual keys, limits, budgets, cost
+        self.guard: Guard = key_guard
+        for ps in self.providers.values():
+            for p in ps:
+                entry = key_guard.deployments.get(p.id)
+                p.max_output = output_limit(p.deployment, entry[1] if entry else None)
         self.request_log = RequestLogWriter(engine, config.request_log, self.metrics)
         self.on_complete: list[CompletionHook] = []
         # Called first in model_config (after auth): may rewrite ctx.model (trials: canary, promote)

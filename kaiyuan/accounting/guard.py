@@ -30,7 +30,7 @@ from prometheus_client import Counter
 
 from kaiyuan.accounting import keystore
 from kaiyuan.accounting.keystore import Budget, KeyRecord
-from kaiyuan.accounting.prices import PriceCatalog, ResolvedPrice, deployment_price, vendor_of
+from kaiyuan.accounting.prices import PriceCatalog, ResolvedPrice, deployment_price, output_limit, vendor_of
 from kaiyuan.accounting.tokens import count_prompt, requested_output
 from kaiyuan.config import DeploymentBase
 from kaiyuan.context import Principal, RequestContext
@@ -213,7 +213,7 @@ class KeyGuard:
         if token is None:
             raise GatewayError(
                 ErrorKind.AUTHENTICATION,
-                "missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
+                "missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>'); retrying without a key will not help",
                 code="missing_api_key",
             )
         if hmac.compare_digest(token.encode(), self.master_key.encode()):
@@ -223,13 +223,15 @@ class KeyGuard:
             self.m_denied.labels("invalid_key").inc()
             raise GatewayError(
                 ErrorKind.AUTHENTICATION,
-                "invalid API key: Kaiyuan keys look like 'sk-ky-' followed by 43 characters; ask your admin for one",
+                "invalid API key: this gateway does not accept the key sent (Kaiyuan keys look like 'sk-ky-' followed by 43 "
+                "characters); check the key your client is configured with, or ask your admin for one. Retrying will not help",
                 code="invalid_api_key",
             )
         rec = await self._record(token)
         if rec is None:
             self.m_denied.labels("invalid_key").inc()
-            raise GatewayError(ErrorKind.AUTHENTICATION, "invalid API key (unknown, or replaced by a rotation)", code="invalid_api_key")
+            raise GatewayError(ErrorKind.AUTHENTICATION, "invalid API key: this gateway does not know the key sent (a wrong key, or one replaced by a "
+                                                             "rotation); check the key your client is configured with. Retrying will not help", code="invalid_api_key")
         if rec.revoked_at is not None:
             self.m_denied.labels("revoked").inc()
             raise GatewayError(ErrorKind.AUTHENTICATION, f"API key {rec.key_id} was revoked at {_iso(rec.revoked_at)}", code="key_revoked")
@@ -375,8 +377,7 @@ class KeyGuard:
             if price is None:
                 unpriced = unpriced or did
                 continue
-            out = cap if cap is not None else (price.max_output_tokens or self.acc.default_max_output_tokens)
-            worst = max(worst, price.worst_case(p, out))
+            worst = max(worst, price.worst_case(p, self._output(dep, price, cap)))
         return prompt, worst, unpriced
 
     def _cost(self, ctx: RequestContext) -> float | None:
@@ -400,9 +401,15 @@ class KeyGuard:
         prompt = ctx.extra.get("kaiyuan.prompt_estimate")
         if prompt is None:
             prompt = count_prompt(entry[0].model, ctx.body)
-        cap = requested_output(ctx.body, ctx.endpoint)
-        out = cap if cap is not None else (price.max_output_tokens or self.acc.default_max_output_tokens)
-        return price.worst_case(prompt, out)
+        return price.worst_case(prompt, self._output(entry[0], price, requested_output(ctx.body, ctx.endpoint)))
+
+    def _output(self, dep: DeploymentBase, price: ResolvedPrice, cap: int | None) -> int:
+        """The output tokens a request can cost: what it asked (clamped to the model's limit, as it is
+        sent upstream), else the limit, else the configured default."""
+        limit = output_limit(dep, price)
+        if cap is None:
+            return limit or self.acc.default_max_output_tokens
+        return min(cap, limit) if limit else cap
 
     # -- budgets and limits ----------------------------------------------------------------------
     async def _budget_checks(self, rec: KeyRecord, now: float, worst: float) -> list[tuple[BudgetCheck, Budget]]:

@@ -197,6 +197,11 @@ def vendor_of(dep: DeploymentBase, price: ResolvedPrice | None) -> str:
     return host or str(provider)
 
 
+def output_limit(dep: DeploymentBase, price: ResolvedPrice | None) -> int | None:
+    """The deployment's output-token limit: its own ``max_output_tokens``, else its price's."""
+    return dep.max_output_tokens or (price.max_output_tokens if price is not None else None)
+
+
 def deployment_price(dep: DeploymentBase, catalog: PriceCatalog) -> ResolvedPrice | None:
     if dep.price is not None:
         return resolve(Price.model_validate(dep.price), catalog.cny_per_usd, dep.vendor, "config")

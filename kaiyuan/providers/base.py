@@ -50,6 +50,15 @@ class Provider(ABC):
     def __init__(self, deployment: DeploymentBase) -> None:
         self.deployment = deployment
         self.id: str = deployment.id or deployment.default_id()
+        # the upstream model's output-token limit (config or price catalog; set by the gateway)
+        self.max_output: int | None = deployment.max_output_tokens
+
+    def output_cap(self, asked: int | None) -> int | None:
+        """``max_tokens`` as sent upstream: what the caller asked, clamped to the model's limit (agents
+        ask 32k or 64k of models whose APIs refuse more than their limit)."""
+        if asked is None or self.max_output is None:
+            return asked
+        return min(asked, self.max_output)
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Open pools, load weights. Must not raise for a missing optional runtime: see ``unavailable``."""

@@ -34,6 +34,24 @@ def _validate_count(body: dict[str, Any]) -> None:
     anth.validate(body)
 
 
+def passthrough_body(provider: Provider, body: dict[str, Any]) -> dict[str, Any]:
+    """The body for an Anthropic upstream: the model renamed, max_tokens clamped to the model's
+    output limit (a thinking budget kept below it), and mid-conversation system messages folded into
+    user turns where the deployment says its model does not take them."""
+    b = dict(body)
+    b["model"] = provider.deployment.model
+    cap = provider.output_cap(body["max_tokens"])
+    if cap is not None and cap != body["max_tokens"]:
+        b["max_tokens"] = cap
+        thinking = body.get("thinking")
+        if isinstance(thinking, dict) and isinstance(thinking.get("budget_tokens"), int) and thinking["budget_tokens"] >= cap:
+            b["thinking"] = {**thinking, "budget_tokens": max(1, cap - 1)}
+    if not getattr(provider.deployment, "mid_conversation_system", True) and any(
+            isinstance(m, dict) and m.get("role") == "system" for m in body["messages"]):
+        b["messages"] = anth.fold_system_messages(body["messages"])
+    return b
+
+
 async def _messages(request: web.Request, gw: Gateway, ctx: RequestContext, body: dict[str, Any],
                     _arg: Any) -> web.StreamResponse:
     stream = ctx.stream = body.get("stream") is True
@@ -42,9 +60,7 @@ async def _messages(request: web.Request, gw: Gateway, ctx: RequestContext, body
 
     def build(provider: Provider) -> UpstreamCall:
         if provider.protocol == "anthropic":
-            b = dict(body)
-            b["model"] = provider.deployment.model
-            return UpstreamCall("messages", b, stream, headers=extra_headers)
+            return UpstreamCall("messages", passthrough_body(provider, body), stream, headers=extra_headers)
         return translate.translated_call(provider, anth.request_to_canonical, body, canon)
 
     provider, reply = await gw.execute(ctx, build)

@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from kaiyuan.context import RequestContext
-from kaiyuan.errors import ErrorKind, GatewayError, invalid
+from kaiyuan.errors import NO_RETRY_STATUSES, ErrorKind, GatewayError, invalid
 
 ErrorSerializer = Callable[[GatewayError], bytes]
 JSON_CT = "application/json"
@@ -159,6 +159,8 @@ def kaiyuan_headers(ctx: RequestContext) -> dict[str, str]:
 
 def error_response(err: GatewayError, serialize: ErrorSerializer, ctx: RequestContext | None = None) -> web.Response:
     headers = dict(err.headers)
+    if err.status in NO_RETRY_STATUSES:
+        headers.setdefault("x-should-retry", "false")
     if ctx is not None:
         headers.update(kaiyuan_headers(ctx))
     return web.Response(status=err.status, body=serialize(err), content_type=JSON_CT, headers=headers)

@@ -33,6 +33,10 @@ def _build_call(endpoint: str, body: dict[str, Any], stream: bool) -> Callable[[
             return translate.openai_call(provider, endpoint, body, canon)
         b = dict(body)
         b["model"] = provider.deployment.model
+        for key in ("max_tokens", "max_completion_tokens"):  # clamped to the upstream model's output limit
+            asked = body.get(key)
+            if isinstance(asked, int) and not isinstance(asked, bool):
+                b[key] = provider.output_cap(asked)
         return UpstreamCall(endpoint, b, stream)
 
     return build

@@ -7,6 +7,7 @@ stays on the pass-through paths.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -37,6 +38,9 @@ def upstream_call(provider: Provider, req: c.Request) -> UpstreamCall:
     """The call for ``provider``'s wire protocol, from the canonical request."""
     proto = provider.protocol
     d: Any = provider.deployment
+    cap = provider.output_cap(req.max_tokens)
+    if cap != req.max_tokens:  # clamped to the upstream model's output limit (the cached request stays as asked)
+        req = dataclasses.replace(req, max_tokens=cap)
     if proto == "anthropic":
         return UpstreamCall("messages", anth.request_from_canonical(req, d.model, d.default_max_tokens), req.stream)
     if proto == "gemini":

@@ -92,6 +92,8 @@ class FakeAnthropic:
             return "messages: at least one message is required"
         prev: set[str] = set()
         for i, m in enumerate(msgs):
+            if m.get("role") == "system" and i > 0 and msgs[i - 1].get("role") == "user":
+                continue  # a mid-conversation system message, right after a user turn (Claude Opus 4.8+)
             if m.get("role") not in ("user", "assistant"):
                 return f"messages.{i}.role: Input should be 'user' or 'assistant'"
             blocks = m["content"] if isinstance(m.get("content"), list) else []

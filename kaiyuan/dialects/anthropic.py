@@ -351,8 +351,6 @@ def request_from_canonical(req: c.Request, model: str, default_max_tokens: int) 
             msgs.append({"role": role, "content": blocks})
     budget = req.thinking_budget
     max_tokens = req.max_tokens or default_max_tokens + max(budget or 0, 0)  # must exceed the budget
-    if budget and budget > 0 and budget >= max_tokens:  # Anthropic needs max_tokens > budget_tokens
-        budget = max(1, max_tokens - 1)
     body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "messages": msgs}
     system = c.joined_text(req.system)
     rf = req.response_format

@@ -18,6 +18,7 @@ from typing import Any
 from kaiyuan.dialects import anthropic as anth
 from kaiyuan.dialects import canonical as c
 from kaiyuan.dialects import gemini as gem
+from kaiyuan.dialects import gemini_in
 from kaiyuan.dialects import openai_chat as oc
 from kaiyuan.errors import ErrorKind, GatewayError
 
@@ -238,3 +239,68 @@ class GeminiToOpenAI(_OpenAIChunks):
     def end(self) -> list[dict[str, Any]]:
         out = [] if self.started else [self.chunk({"role": "assistant", "content": ""})]
         return out + self.final(c.final_stop(self.reason, self.tool_count > 0))
+
+
+class OpenAIToGemini:
+    """OpenAI chat chunks -> Gemini ``streamGenerateContent?alt=sse`` responses (dicts).
+
+    Text and thoughts go out as they arrive; a function call goes out whole (Gemini sends each
+    ``functionCall`` part complete) once its arguments are complete: when the next call starts, or
+    at the end. The last response has the finish reason and the usage."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.id = gemini_in.new_response_id()
+        self.calls: dict[int, list[str]] = {}  # OpenAI tool index -> [id, name, arguments so far]
+        self.sent: set[int] = set()
+        self.finish: str | None = None
+        self.usage = c.Usage()
+
+    def _response(self, parts: list[dict[str, Any]], finish: str | None = None) -> dict[str, Any]:
+        cand: dict[str, Any] = {"content": {"role": "model", "parts": parts}, "index": 0}
+        if finish is not None:
+            cand["finishReason"] = finish
+        return {"candidates": [cand], "modelVersion": self.model, "responseId": self.id}
+
+    def _flush_calls(self, upto: int | None = None) -> list[dict[str, Any]]:
+        parts = []
+        for ti in sorted(self.calls):
+            if ti in self.sent or (upto is not None and ti >= upto):
+                continue
+            cid, name, args = self.calls[ti]
+            parts.append(gemini_in.call_part(cid, name, args))
+            self.sent.add(ti)
+        return parts
+
+    def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.usage = oc.usage_to_canonical(usage)
+        parts: list[dict[str, Any]] = []
+        for ch in chunk.get("choices") or ():
+            if ch.get("index", 0) != 0:
+                continue
+            delta = ch.get("delta") or {}
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if isinstance(reasoning, str) and reasoning:
+                parts.append({"text": reasoning, "thought": True})
+            text = delta.get("content")
+            if isinstance(text, str) and text:
+                parts.append({"text": text})
+            for tc in delta.get("tool_calls") or ():
+                ti = tc.get("index", 0)
+                fn = tc.get("function") or {}
+                if ti not in self.calls:
+                    parts += self._flush_calls(upto=ti)  # the calls before this one are complete
+                    self.calls[ti] = [tc.get("id") or gem.new_call_id(), fn.get("name") or "", ""]
+                if isinstance(fn.get("arguments"), str):
+                    self.calls[ti][2] += fn["arguments"]
+            if ch.get("finish_reason"):
+                self.finish = ch["finish_reason"]
+        return [self._response(parts)] if parts else []
+
+    def end(self) -> list[dict[str, Any]]:
+        reason = c.final_stop(c.OPENAI_FINISH_TO_CANON.get(self.finish or "stop", "end"), bool(self.calls))
+        last = self._response(self._flush_calls(), gemini_in.CANON_TO_FINISH.get(reason, "STOP"))
+        last["usageMetadata"] = gemini_in.usage_from_canonical(self.usage)
+        return [last]

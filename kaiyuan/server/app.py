@@ -11,14 +11,15 @@ from typing import Any
 from aiohttp import web
 
 from kaiyuan.config import GatewayConfig
-from kaiyuan.context import RequestContext
 from kaiyuan.dialects import anthropic as anth
+from kaiyuan.dialects import gemini_in
 from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
 from kaiyuan.routing import admin as routing_admin
-from kaiyuan.server import anthropic_api, health, openai_api
-from kaiyuan.server.common import ErrorSerializer, error_response, new_request_id
+from kaiyuan.server import anthropic_api, gemini_api, health, openai_api
+from kaiyuan.server.common import ErrorSerializer, error_response
+from kaiyuan.server.handler import record_unknown_route
 from kaiyuan.server.openai_api import GATEWAY_KEY
 
 log = logging.getLogger("kaiyuan.server")
@@ -34,6 +35,8 @@ from kaiyuan.server import admin_api  # noqa: E402  (the admin API: keys, teams,
 EXTRA_ROUTES.append(admin_api.add_routes)
 EXTRA_ROUTES.append(anthropic_api.add_routes)
 ERROR_SHAPES.append(("/v1/messages", anth.error_body))
+EXTRA_ROUTES.append(gemini_api.add_routes)
+ERROR_SHAPES.append(("/v1beta", gemini_in.error_body))
 
 
 def _serializer_for(path: str) -> ErrorSerializer:
@@ -54,7 +57,7 @@ async def error_middleware(
             raise
         ser = _serializer_for(request.path)
         if e.status in (404, 405):
-            _record_unknown_route(request, e.status)
+            record_unknown_route(request, e.status)
         if e.status == 404:
             err = GatewayError(ErrorKind.NOT_FOUND, f"no such endpoint: {request.method} {request.path}", code="unknown_url")
         elif e.status == 405:
@@ -70,24 +73,6 @@ async def error_middleware(
         else:
             err = GatewayError(ErrorKind.INVALID_REQUEST, e.text or e.reason, status=e.status)
         return error_response(err, ser)
-
-
-MAX_LOGGED_PATH = 200  # characters of an unknown path kept in the request log
-
-
-def _record_unknown_route(request: web.Request, status: int) -> None:
-    """A request to a route that does not exist: a small request-log row (endpoint "unknown", the
-    method and path, truncated, in its error) and a count in ``kaiyuan_unknown_route_requests``, so a
-    client pointed at a path the gateway lacks shows in ``kaiyuan logs`` and on the dashboard."""
-    gw = request.app.get(GATEWAY_KEY)
-    if gw is None:
-        return
-    gw.metrics.unknown_route(request.method, status)
-    ctx = RequestContext(new_request_id(), "http", "unknown")
-    ctx.status = status
-    path = request.path if len(request.path) <= MAX_LOGGED_PATH else request.path[:MAX_LOGGED_PATH] + "..."
-    ctx.error = f"unknown route: {request.method[:16]} {path}" + (" (method not allowed)" if status == 405 else "")
-    gw.request_log.submit(ctx)
 
 
 def _load_plugins() -> None:

@@ -18,10 +18,12 @@ from kaiyuan.context import RequestContext
 from kaiyuan.dialects import anthropic as anth
 from kaiyuan.dialects import canonical as c
 from kaiyuan.dialects import gemini as gem
+from kaiyuan.dialects import gemini_in
 from kaiyuan.dialects import openai_chat as oc
 from kaiyuan.dialects.openai import stream_error_event as openai_error_event
 from kaiyuan.dialects.openai import token_count as _count
 from kaiyuan.dialects.streams import AnthropicToOpenAI, GeminiToOpenAI, OpenAIToAnthropic
+from kaiyuan.dialects.streams import OpenAIToGemini as GeminiOut
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
 from kaiyuan.server.common import JSON_CT, kaiyuan_headers
@@ -39,8 +41,11 @@ def upstream_call(provider: Provider, req: c.Request) -> UpstreamCall:
     proto = provider.protocol
     d: Any = provider.deployment
     cap = provider.output_cap(req.max_tokens)
-    if cap != req.max_tokens:  # clamped to the upstream model's output limit (the cached request stays as asked)
-        req = dataclasses.replace(req, max_tokens=cap)
+    if cap is not None and cap != req.max_tokens:  # clamped to the model's output limit (the cached request stays as asked)
+        budget = req.thinking_budget
+        if budget is not None and budget >= cap:  # Anthropic needs max_tokens > budget_tokens
+            budget = max(1, cap - 1)
+        req = dataclasses.replace(req, max_tokens=cap, thinking_budget=budget)
     if proto == "anthropic":
         return UpstreamCall("messages", anth.request_from_canonical(req, d.model, d.default_max_tokens), req.stream)
     if proto == "gemini":
@@ -317,3 +322,31 @@ async def openai_reply(request: web.Request, ctx: RequestContext, provider: Prov
     if ctx.log_bodies or "capture_response" in ctx.extra:  # trials: shadow-sampled requests
         ctx.response_body = data
     return web.Response(body=data, status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))
+
+
+async def relay_to_gemini(request: web.Request, ctx: RequestContext, protocol: str, stream: AsyncIterator[bytes],
+                          model: str) -> web.StreamResponse:
+    """Any upstream stream, to a Gemini-dialect caller (``alt=sse``: ``data: <response>`` events)."""
+    tr = GeminiOut(model)
+    tail = bytearray() if "capture_response" in ctx.extra else None  # trials: sampled requests
+
+    async def pump(resp: web.StreamResponse) -> None:
+        try:
+            async for ch in openai_chunks(protocol, stream, ctx, model, True):
+                try:
+                    out = tr.feed(ch)
+                except (KeyError, TypeError, AttributeError, ValueError) as e:
+                    raise _malformed(ctx, e) from None
+                if out:
+                    ctx.mark_first_byte()
+                    data = b"".join(oc.chunk_bytes(o) for o in out)
+                    if tail is not None and len(tail) < 1_000_000:
+                        tail.extend(data)
+                    await resp.write(data)
+            await resp.write(b"".join(oc.chunk_bytes(o) for o in tr.end()))
+            usage_into_ctx(tr.usage, ctx)
+        finally:
+            if tail is not None:
+                ctx.response_body = bytes(tail)
+
+    return await relay(request, ctx, pump, gemini_in.stream_error_event)

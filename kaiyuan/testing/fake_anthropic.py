@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from kaiyuan.testing.fake_openai import Behaviour, count_tokens
+from kaiyuan.testing.fake_openai import Behaviour, agent_call, count_tokens
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
@@ -118,6 +118,13 @@ class FakeAnthropic:
         tools = body.get("tools") or []
         choice = body.get("tool_choice") or {}
         has_result = isinstance(last["content"], list) and any(x.get("type") == "tool_result" for x in last["content"])
+        scripted = agent_call(b, [t.get("name") for t in tools]) if tools else None
+        if scripted is not None:
+            results = [_text(x.get("content")) for m in msgs if isinstance(m["content"], list)
+                       for x in m["content"] if x.get("type") == "tool_result"]
+            if results:
+                return [*blocks, {"type": "text", "text": f"done: {results[-1].strip()}"}], "end_turn", None
+            return [*blocks, {"type": "tool_use", "id": "toolu_agent" + os.urandom(6).hex(), "name": scripted[0], "input": scripted[1]}], "tool_use", None
         if tools and choice.get("type") != "none" and not has_result:
             names = [t["name"] for t in tools]
             if choice.get("type") == "tool":

@@ -19,7 +19,7 @@ from kaiyuan.dialects import canonical as c
 from kaiyuan.gateway import Gateway
 from kaiyuan.providers.base import Provider, UpstreamCall
 from kaiyuan.server import translate
-from kaiyuan.server.common import JSON_CT, kaiyuan_headers
+from kaiyuan.server.common import JSON_CT, kaiyuan_headers, with_public_model
 from kaiyuan.server.handler import api_handler
 
 FORWARDED_HEADERS = ("anthropic-beta",)
@@ -77,6 +77,7 @@ async def _messages(request: web.Request, gw: Gateway, ctx: RequestContext, body
         obj = translate.parsed_body(reply)
         if obj is not None:
             translate.usage_into_ctx(anth.usage_to_canonical(obj.get("usage")), ctx)
+            data = with_public_model(obj, data, public)
     else:
         r = translate.reply_to_canonical(provider.protocol, data, ctx, reply.parsed)
         data = orjson.dumps(anth.response_from_canonical(r, public))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -137,6 +138,36 @@ async def _read_limited(request: web.Request, max_bytes: int) -> bytes:
             raise _too_large(max_bytes)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+_MODEL_FIELD = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
+
+
+class ModelRenamer:
+    """Replies carry the public model name the caller sent, on every path (docs/translation.md):
+    a pass-through stream's ``"model": "<upstream name>"`` is rewritten event by event. The first
+    match is remembered, so later events cost one ``bytes.replace``."""
+
+    __slots__ = ("new", "old")
+
+    def __init__(self, public: str) -> None:
+        self.new = b'"model":' + orjson.dumps(public)
+        self.old: bytes | None = None
+
+    def __call__(self, data: bytes) -> bytes:
+        if self.old is None:
+            m = _MODEL_FIELD.search(data)
+            if m is None:
+                return data
+            self.old = m.group(0)
+        return data.replace(self.old, self.new, 1) if self.old != self.new else data
+
+
+def with_public_model(obj: dict[str, Any] | None, data: bytes, public: str) -> bytes:
+    """A whole pass-through reply with the public model name (re-serialised only when it differs)."""
+    if obj is None or not isinstance(obj.get("model"), str) or obj["model"] == public:
+        return data
+    return orjson.dumps({**obj, "model": public})
 
 
 def kaiyuan_headers(ctx: RequestContext) -> dict[str, str]:

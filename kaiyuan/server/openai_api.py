@@ -18,7 +18,14 @@ from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
 from kaiyuan.server import translate
-from kaiyuan.server.common import JSON_CT, error_response, kaiyuan_headers, new_request_id
+from kaiyuan.server.common import (
+    JSON_CT,
+    ModelRenamer,
+    error_response,
+    kaiyuan_headers,
+    new_request_id,
+    with_public_model,
+)
 from kaiyuan.server.handler import GATEWAY_KEY, api_handler
 from kaiyuan.server.sse import relay_openai_stream
 
@@ -57,11 +64,13 @@ async def _middle(request: web.Request, gw: Gateway, ctx: RequestContext, body: 
         return await translate.openai_reply(request, ctx, _provider, reply, not strip_usage)
     if reply.stream is not None:
         ctx.status = 200
-        return await relay_openai_stream(request, ctx, reply.stream, strip_usage)
+        return await relay_openai_stream(request, ctx, reply.stream, strip_usage, ModelRenamer(ctx.model or ""))
     data = reply.body or b""
     ctx.status = reply.status
     ctx.mark_first_byte()
     _read_usage(reply, ctx)
+    if reply.status < 300:
+        data = with_public_model(translate.parsed_body(reply), data, ctx.model or "")
     if ctx.log_bodies or "capture_response" in ctx.extra:  # trials: shadow-sampled requests
         ctx.response_body = data
     return web.Response(body=data, status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))

@@ -99,10 +99,13 @@ async def answered(resp: web.StreamResponse, ctx: RequestContext, last: bytes) -
 
 
 async def relay_openai_stream(
-    request: web.Request, ctx: RequestContext, stream: AsyncIterator[bytes], strip_usage: bool
+    request: web.Request, ctx: RequestContext, stream: AsyncIterator[bytes], strip_usage: bool,
+    rename: Callable[[bytes], bytes] | None = None,
 ) -> web.StreamResponse:
     """Forward an OpenAI-protocol stream. ``strip_usage`` drops the usage-only final chunk that the
-    gateway asked for on the caller's behalf (the caller did not set ``include_usage``)."""
+    gateway asked for on the caller's behalf (the caller did not set ``include_usage``), and the
+    ``"usage": null`` that upstreams put on every other chunk once usage is asked for (the spec: the
+    field is absent unless asked). ``rename`` rewrites each event's model name."""
     tail = bytearray() if ctx.log_bodies or "capture_response" in ctx.extra else None
 
     async def pump(resp: web.StreamResponse) -> None:
@@ -122,6 +125,10 @@ async def relay_openai_stream(
                             continue
                         if ctx.error is not None:  # an upstream error event may echo its key
                             ev = scrub_bytes(ev)
+                    if strip_usage and b'"usage":' in ev:
+                        ev = drop_null_usage(ev)
+                    if rename is not None:
+                        ev = rename(ev)
                     out.append(ev)
                     out.append(b"\n\n")
                 if out:
@@ -144,6 +151,16 @@ async def relay_openai_stream(
         ctx.status = ctx.status or 200
 
     return await relay(request, ctx, pump, stream_error_event)
+
+
+_NULL_USAGE = (b',"usage":null', b', "usage": null', b'"usage":null,', b'"usage": null, ')
+
+
+def drop_null_usage(ev: bytes) -> bytes:
+    for pattern in _NULL_USAGE:
+        if pattern in ev:
+            return ev.replace(pattern, b"", 1)
+    return ev
 
 
 def _not_sse(ev: bytes, ctx: RequestContext) -> GatewayError:

@@ -8,6 +8,7 @@ stays on the pass-through paths.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -27,7 +28,7 @@ from kaiyuan.dialects.streams import OpenAIToGemini as GeminiOut
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
 from kaiyuan.redact import scrub_bytes
-from kaiyuan.server.common import JSON_CT, kaiyuan_headers
+from kaiyuan.server.common import JSON_CT, ModelRenamer, kaiyuan_headers
 from kaiyuan.server.sse import DONE, answered, relay, sse_events
 
 RESPONSE_TO_CANONICAL = {
@@ -79,6 +80,13 @@ def usage_into_ctx(u: c.Usage, ctx: RequestContext) -> None:
     ctx.usage.cached_tokens = _count(u.cache_read)
     ctx.usage.cache_write_tokens = _count(u.cache_write)
     ctx.usage.reasoning_tokens = _count(u.reasoning)
+
+
+def prompt_estimate(ctx: RequestContext) -> int:
+    """The prompt's size before the upstream reports it (for Anthropic's ``message_start``): the
+    guard's count when it made one, else ceil(body bytes / 3) (no second tokenizer pass)."""
+    known = ctx.extra.get("kaiyuan.prompt_estimate")
+    return known if isinstance(known, int) and known > 0 else math.ceil(len(ctx.raw_body) / 3)
 
 
 def parsed_body(reply: UpstreamReply) -> dict[str, Any] | None:
@@ -216,7 +224,7 @@ async def relay_to_openai(request: web.Request, ctx: RequestContext, protocol: s
 async def relay_to_anthropic(request: web.Request, ctx: RequestContext, protocol: str, stream: AsyncIterator[bytes],
                              model: str) -> web.StreamResponse:
     """An OpenAI-compatible or Gemini upstream stream, to an Anthropic caller."""
-    tr = OpenAIToAnthropic(model)
+    tr = OpenAIToAnthropic(model, prompt_estimate(ctx))
     tail = bytearray() if "capture_response" in ctx.extra else None  # trials: sampled requests
 
     async def pump(resp: web.StreamResponse) -> None:
@@ -245,6 +253,7 @@ async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext,
                                       stream: AsyncIterator[bytes]) -> web.StreamResponse:
     """An Anthropic upstream stream to an Anthropic caller: bytes as they arrive, usage read on the side."""
     tail = bytearray() if "capture_response" in ctx.extra else None  # trials: sampled requests
+    rename = ModelRenamer(ctx.model or "")
 
     async def pump(resp: web.StreamResponse) -> None:
         saw_stop = False
@@ -260,6 +269,8 @@ async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext,
                             raise _malformed(ctx, e) from None
                         if b"event: error" in ev:  # an upstream error event may echo its key
                             ev = scrub_bytes(ev)
+                        elif b"message_start" in ev:
+                            ev = rename(ev)
                     out.append(ev)
                     out.append(b"\n\n")
                     if saw_stop:

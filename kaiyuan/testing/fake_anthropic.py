@@ -193,7 +193,8 @@ class FakeAnthropic:
                 d = {"type": "signature_delta", "signature": blk["signature"]}
                 events.append(sse("content_block_delta", {"type": "content_block_delta", "index": i, "delta": d}))
             else:
-                args = orjson.dumps(blk["input"]).decode()
+                # a call with no input streams only the empty delta, as Anthropic's own streams do
+                args = orjson.dumps(blk["input"]).decode() if blk["input"] else ""
                 for piece in ["", *(args[j:j + 6] for j in range(0, len(args), 6))]:
                     d = {"type": "input_json_delta", "partial_json": piece}
                     events.append(sse("content_block_delta", {"type": "content_block_delta", "index": i, "delta": d}))

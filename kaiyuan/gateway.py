@@ -11,7 +11,6 @@ from typing import Any
 from sqlalchemy import Engine
 
 from kaiyuan.accounting.guard import KeyGuard
-from kaiyuan.accounting.prices import output_limit
 from kaiyuan.config import GatewayConfig, ModelConfig
 from kaiyuan.context import RequestContext
 from kaiyuan.errors import ErrorKind, GatewayError
@@ -46,15 +45,15 @@ class Gateway:
         self.router = Router(self.providers, self.models, self.metrics.registry)
         key_guard = KeyGuard(self)  # master key + virtual keys, limits, budgets, cost
         self.guard: Guard = key_guard
-        for ps in self.providers.values():
-            for p in ps:
-                entry = key_guard.deployments.get(p.id)
-                p.max_output = output_limit(p.deployment, entry[1] if entry else None)
+        self.caps = key_guard.caps  # each request's output cap: reserved and sent upstream
         self.request_log = RequestLogWriter(engine, config.request_log, self.metrics)
         self.on_complete: list[CompletionHook] = []
         # Called first in model_config (after auth): may rewrite ctx.model (trials: canary, promote)
         # or flag the request in ctx.extra (trials: shadow sampling). Must be fast and not raise.
         self.pre_route: list[CompletionHook] = []
+        # Models a pre_route hook may send a request for model X to (trials: canary and promote
+        # targets); budgets reserve over them too.
+        self.route_targets: list[Callable[[str], list[str]]] = []
         self.tracer: Tracer | None = None
         if config.tracing.enabled:
             t = config.tracing
@@ -104,6 +103,15 @@ class Gateway:
             )
         ctx.log_bodies = m.log_bodies
         return m
+
+    def reachable_models(self, model: str) -> list[str]:
+        """Every model a request for ``model`` can be answered by: itself, a pre_route target,
+        and their fallbacks at any depth."""
+        out = list(self.router.reachable(model))
+        for hook in self.route_targets:
+            for target in hook(model):
+                out += [m for m in self.router.reachable(target) if m not in out]
+        return out
 
     async def execute(self, ctx: RequestContext, build: Callable[[Provider], UpstreamCall]) -> tuple[Provider, UpstreamReply]:
         """Route the request: strategy order, retries, breakers, fallbacks and data policy

@@ -197,11 +197,6 @@ def vendor_of(dep: DeploymentBase, price: ResolvedPrice | None) -> str:
     return host or str(provider)
 
 
-def output_limit(dep: DeploymentBase, price: ResolvedPrice | None) -> int | None:
-    """The deployment's output-token limit: its own ``max_output_tokens``, else its price's."""
-    return dep.max_output_tokens or (price.max_output_tokens if price is not None else None)
-
-
 EMBEDDED_PRICE = Price(input=0.0, output=0.0)  # in-process llama.cpp: no vendor bills it
 
 

@@ -107,7 +107,8 @@ class OpenAIToAnthropic:
     def _tool_delta(self, tc: dict[str, Any]) -> list[bytes]:
         ti = tc.get("index", 0)
         fn = tc.get("function") or {}
-        args = fn.get("arguments") if isinstance(fn.get("arguments"), str) else ""
+        raw = fn.get("arguments")
+        args: str = raw if isinstance(raw, str) else ""
         if ti in self.pending:
             self.pending[ti][2] += args
             return []

@@ -32,8 +32,12 @@ class UpstreamReply:
     body: bytes | None = None  # the whole body (non-stream, or any error)
     stream: AsyncIterator[bytes] | None = None  # raw SSE bytes as they arrive (2xx streams only)
     parsed: dict[str, Any] | None = None  # a 2xx whole body as JSON, once the executor has checked it
+    received: int = 0  # bytes of a stream read so far (a bound on what a usage report can claim)
     _closer: Any = None
     _finisher: Any = None  # like _closer, for a stream whose consumer saw its final event (may keep the connection)
+
+    def bytes_received(self) -> int:
+        return self.received if self.stream is not None else len(self.body or b"")
 
     async def aclose(self) -> None:
         """Release the upstream connection; cancels an unfinished upstream stream."""
@@ -50,15 +54,6 @@ class Provider(ABC):
     def __init__(self, deployment: DeploymentBase) -> None:
         self.deployment = deployment
         self.id: str = deployment.id or deployment.default_id()
-        # the upstream model's output-token limit (config or price catalog; set by the gateway)
-        self.max_output: int | None = deployment.max_output_tokens
-
-    def output_cap(self, asked: int | None) -> int | None:
-        """``max_tokens`` as sent upstream: what the caller asked, clamped to the model's limit (agents
-        ask 32k or 64k of models whose APIs refuse more than their limit)."""
-        if asked is None or self.max_output is None:
-            return asked
-        return min(asked, self.max_output)
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Open pools, load weights. Must not raise for a missing optional runtime: see ``unavailable``."""

@@ -14,6 +14,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from kaiyuan.accounting.output_cap import asked
 from kaiyuan.accounting.tokens import count_prompt
 from kaiyuan.context import RequestContext
 from kaiyuan.dialects import gemini_in
@@ -23,6 +24,7 @@ from kaiyuan.providers.base import Provider, UpstreamCall
 from kaiyuan.server import translate
 from kaiyuan.server.common import JSON_CT, error_response, kaiyuan_headers
 from kaiyuan.server.handler import api_handler, record_unknown_route
+from kaiyuan.server.overrun import cut_canonical, output_limit, overran
 
 PREFIXES = ("/v1beta", "/v1")
 GENERATE, STREAM, COUNT = "generateContent", "streamGenerateContent", "countTokens"
@@ -47,17 +49,25 @@ async def _generate(request: web.Request, gw: Gateway, ctx: RequestContext, body
     if stream and request.query.get("alt") != "sse":
         raise invalid("streamGenerateContent is served as server-sent events only: add ?alt=sse to the URL", "alt")
     canon: list[Any] = []
+    ask = asked(body, "generate_content")
+    caps = gw.caps
 
     def build(provider: Provider) -> UpstreamCall:
-        return translate.translated_call(provider, lambda b: gemini_in.request_to_canonical(b, stream), body, canon)
+        cap = ctx.output_cap = caps.cap(provider.id, ask)  # reserved for it, sent, and enforced
+        return translate.translated_call(provider, lambda b: gemini_in.request_to_canonical(b, stream), body, canon,
+                                         cap, caps)
 
     provider, reply = await gw.execute(ctx, build)
     ctx.reply = reply
     public = ctx.model or ""
+    lim = output_limit(ctx, gw.router.flag_overrun, provider.deployment.model)
     if reply.stream is not None:
         ctx.status = 200
-        return await translate.relay_to_gemini(request, ctx, provider.protocol, reply.stream, public)
-    r = translate.reply_to_canonical(provider.protocol, reply.body or b"", ctx, reply.parsed)
+        return await translate.relay_to_gemini(request, ctx, provider.protocol, reply.stream, public, lim)
+    data = reply.body or b""
+    r = translate.reply_to_canonical(provider.protocol, data, ctx, reply.parsed)
+    if lim is not None and overran(lim, r.usage.output_tokens, len(data)):
+        cut_canonical(r, lim)
     data = orjson.dumps(gemini_in.response_from_canonical(r, public))
     ctx.status = reply.status
     ctx.mark_first_byte()

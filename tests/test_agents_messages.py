@@ -36,7 +36,8 @@ def agents_gateway(make_gateway: Callable[[dict[str, Any]], RunningGateway], fak
         {"name": "claude", "deployments": [{"provider": "anthropic", "base_url": fake_anthropic.url, "model": "claude-up",
                                             "api_key": "sk-ant-upstream", "max_output_tokens": 16000}]},
         {"name": "claude-old", "deployments": [{"provider": "anthropic", "base_url": fake_anthropic.url, "model": "claude-up",
-                                                "api_key": "sk-ant-upstream", "mid_conversation_system": False}]},
+                                                "api_key": "sk-ant-upstream", "mid_conversation_system": False,
+                                                "id": "claude-old-dep"}]},
         {"name": "gemini", "deployments": [{"provider": "gemini", "base_url": fake_gemini.url + "/v1beta", "model": "gemini-up",
                                             "api_key": "gm-upstream", "max_output_tokens": 65536}]},
     ]})

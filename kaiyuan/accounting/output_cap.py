@@ -11,7 +11,10 @@ field its protocol has (``max_tokens`` and ``max_completion_tokens`` for OpenAI-
 - No cap given: the deployment's default, so the reservation is finite: Anthropic deployments'
   ``default_max_tokens`` (plus the thinking budget ``reasoning_effort`` asks for), the local
   engine's ``max_tokens_default``, else the model's ``max_output_tokens`` from the price catalog,
-  else ``accounting.default_max_output_tokens``.
+  else ``accounting.default_max_output_tokens``. That default is *sent* only where output costs
+  money: a deployment with no output price (self-hosted at 0, or unpriced, which budgeted keys
+  cannot use) gets the caller's request unchanged, because servers such as vLLM refuse a cap
+  larger than the context left; its reservation still uses the default (for TPM).
 - ``n`` (OpenAI chat/completions) multiplies the output: n completions of up to ``cap`` each.
 - Never above the model's output limit (the deployment's ``max_output_tokens``, else its price's,
   from config or the catalog): agents ask 32k or 64k of models whose APIs refuse more than their
@@ -83,20 +86,26 @@ class OutputCaps:
     """Each deployment's default cap, worked out once at start."""
 
     def __init__(self, defaults: dict[str, int], anthropic: frozenset[str],
-                 fields: dict[str, tuple[str, ...]] | None = None, limits: dict[str, int] | None = None) -> None:
+                 fields: dict[str, tuple[str, ...]] | None = None, free: frozenset[str] = frozenset(),
+                 limits: dict[str, int] | None = None) -> None:
         self.defaults = defaults
         self.anthropic = anthropic  # deployments whose default grows by the thinking budget
         self.fields = fields or {}  # OpenAI-compatible deployments that take one field, not both
+        self.free = free  # deployments whose output costs nothing: no default cap is sent to them
         self.limits = limits or {}  # the model's output limit, where known
 
     @classmethod
-    def build(cls, deployments: list[tuple[str, DeploymentBase, int | None]], acc: AccountingSettings) -> OutputCaps:
-        """``deployments``: (id, config, the catalog's max_output_tokens for it or None)."""
+    def build(cls, deployments: list[tuple[str, DeploymentBase, int | None, bool]], acc: AccountingSettings) -> OutputCaps:
+        """``deployments``: (id, config, the catalog's max_output_tokens for it or None, whether
+        its output has a price above 0)."""
         defaults: dict[str, int] = {}
         anthropic = set()
+        free = set()
         fields: dict[str, tuple[str, ...]] = {}
         limits: dict[str, int] = {}
-        for did, dep, catalog_max in deployments:
+        for did, dep, catalog_max, paid in deployments:
+            if not paid:
+                free.add(did)
             limit = dep.max_output_tokens or catalog_max
             if limit:
                 limits[did] = limit
@@ -109,7 +118,7 @@ class OutputCaps:
                 defaults[did] = dep.max_tokens_default
             else:
                 defaults[did] = catalog_max or acc.default_max_output_tokens
-        return cls(defaults, frozenset(anthropic), fields, limits)
+        return cls(defaults, frozenset(anthropic), fields, frozenset(free), limits)
 
     def cap(self, deployment: str, ask: OutputAsk, fallback: int = 8192) -> int:
         """The output cap (per completion) sent to ``deployment`` and reserved for it."""
@@ -118,6 +127,13 @@ class OutputCaps:
             return min(ask.cap, limit) if limit else ask.cap
         base = self.defaults.get(deployment, fallback)
         return base + ask.thinking if deployment in self.anthropic else base
+
+    def sent(self, deployment: str, ask: OutputAsk) -> int | None:
+        """The cap sent to ``deployment`` (and enforced on its answer); None: the caller's request
+        goes unchanged (no cap asked, and the deployment's output is free)."""
+        if ask.cap is None and deployment in self.free and deployment not in self.anthropic:
+            return None
+        return self.cap(deployment, ask)
 
     def reserved_output(self, deployment: str, ask: OutputAsk) -> int:
         """Output tokens to reserve on ``deployment``: the cap times n."""

@@ -36,15 +36,15 @@ def _validate_count(body: dict[str, Any]) -> None:
     anth.validate(body)
 
 
-def passthrough_body(provider: Provider, body: dict[str, Any], cap: int) -> dict[str, Any]:
+def passthrough_body(provider: Provider, body: dict[str, Any], cap: int | None) -> dict[str, Any]:
     """The body for an Anthropic upstream: the model renamed, ``max_tokens`` the output cap (the
     caller's, clamped to the model's limit: :mod:`kaiyuan.accounting.output_cap`) with a thinking
     budget kept below it, and mid-conversation system messages folded into user turns where the
     deployment says its model does not take them."""
     b = dict(body)
     b["model"] = provider.deployment.model
-    b["max_tokens"] = cap
-    if cap != body["max_tokens"]:
+    if cap is not None and cap != body["max_tokens"]:
+        b["max_tokens"] = cap
         thinking = body.get("thinking")
         if isinstance(thinking, dict) and isinstance(thinking.get("budget_tokens"), int) and thinking["budget_tokens"] >= cap:
             b["thinking"] = {**thinking, "budget_tokens": max(1, cap - 1)}
@@ -63,7 +63,7 @@ async def _messages(request: web.Request, gw: Gateway, ctx: RequestContext, body
     caps = gw.caps
 
     def build(provider: Provider) -> UpstreamCall:
-        cap = ctx.output_cap = caps.cap(provider.id, ask)  # reserved for it, sent, and enforced
+        cap = ctx.output_cap = caps.sent(provider.id, ask)  # reserved for it, sent, and enforced
         if provider.protocol == "anthropic":
             return UpstreamCall("messages", passthrough_body(provider, body, cap), stream, headers=extra_headers)
         return translate.translated_call(provider, anth.request_to_canonical, body, canon, cap, caps)

@@ -53,7 +53,7 @@ async def _generate(request: web.Request, gw: Gateway, ctx: RequestContext, body
     caps = gw.caps
 
     def build(provider: Provider) -> UpstreamCall:
-        cap = ctx.output_cap = caps.cap(provider.id, ask)  # reserved for it, sent, and enforced
+        cap = ctx.output_cap = caps.sent(provider.id, ask)  # reserved for it, sent, and enforced
         return translate.translated_call(provider, lambda b: gemini_in.request_to_canonical(b, stream), body, canon,
                                          cap, caps)
 

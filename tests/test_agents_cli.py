@@ -58,6 +58,8 @@ def run(cmd: list[str], home: Path, env: dict[str, str]) -> subprocess.Completed
 def upstream_model(name: str, fake: Any, protocol: str = "openai") -> dict[str, Any]:
     if protocol == "anthropic":
         dep = {"provider": "anthropic", "base_url": fake.url, "model": "claude-up", "api_key": "sk-ant-upstream"}
+    elif protocol == "gemini":
+        dep = {"provider": "gemini", "base_url": fake.url + "/v1beta", "model": "gemini-up", "api_key": "gm-upstream"}
     else:
         dep = {"provider": "openai_compatible", "base_url": fake.url + "/v1", "model": "up-model", "api_key": "sk-upstream"}
     return {"name": name, "deployments": [dep]}
@@ -77,12 +79,12 @@ def fake_agent_openai(fake_openai: FakeOpenAI) -> FakeOpenAI:
     return fake_openai
 
 
-@pytest.mark.parametrize("upstream", ["anthropic", "openai"])
+@pytest.mark.parametrize("upstream", ["anthropic", "openai", "gemini"])
 def test_claude_code(make_gateway: Callable[[dict[str, Any]], RunningGateway], fake_agent_openai: FakeOpenAI,
-                     fake_anthropic: Any, tmp_path: Path, upstream: str) -> None:
+                     fake_anthropic: Any, fake_gemini: Any, tmp_path: Path, upstream: str) -> None:
     claude = cli("claude")
-    fake_anthropic.default = EPISODE
-    fake = fake_anthropic if upstream == "anthropic" else fake_agent_openai
+    fake_anthropic.default = fake_gemini.default = EPISODE
+    fake = {"anthropic": fake_anthropic, "openai": fake_agent_openai, "gemini": fake_gemini}[upstream]
     gw = make_gateway({"models": [upstream_model(CLAUDE_DEFAULT_MODEL, fake, upstream)]})
     p = run([claude, "-p", "Print the word using the shell.", "--allowedTools", "Bash", "--max-turns", "4"], tmp_path,
             {"ANTHROPIC_BASE_URL": gw.url, "ANTHROPIC_API_KEY": "sk-any"})
@@ -90,6 +92,8 @@ def test_claude_code(make_gateway: Callable[[dict[str, Any]], RunningGateway], f
     sent = fake.requests[-1]
     if upstream == "anthropic":  # Claude Code's own fields passed through
         assert sent["model"] == "claude-up" and sent["max_tokens"] > 0
+    elif upstream == "gemini":
+        assert any(d["name"] == "Bash" for t in sent["tools"] for d in t["functionDeclarations"])
     else:
         assert any(t["function"]["name"] == "Bash" for t in sent["tools"])
 
@@ -107,15 +111,18 @@ def test_claude_code_wrong_key_fails_fast(make_gateway: Callable[[dict[str, Any]
     assert not fake_agent_openai.requests
 
 
+@pytest.mark.parametrize("upstream", ["openai", "gemini"])
 def test_gemini_cli(make_gateway: Callable[[dict[str, Any]], RunningGateway], fake_agent_openai: FakeOpenAI,
-                    tmp_path: Path) -> None:
+                    fake_gemini: Any, tmp_path: Path, upstream: str) -> None:
     gemini = cli("gemini")
-    gw = make_gateway({"models": [upstream_model(m, fake_agent_openai) for m in GEMINI_MODELS]})
+    fake_gemini.default = EPISODE
+    fake = fake_gemini if upstream == "gemini" else fake_agent_openai
+    gw = make_gateway({"models": [upstream_model(m, fake, upstream) for m in GEMINI_MODELS]})
     (tmp_path / ".gemini").mkdir()
     (tmp_path / ".gemini" / "settings.json").write_text(json.dumps(GEMINI_SETTINGS))
     p = run([gemini, "-p", "Print the word using the shell.", "--yolo"], tmp_path,
             {"GOOGLE_GEMINI_BASE_URL": gw.url, "GEMINI_API_KEY": "any", "GEMINI_CLI_TRUST_WORKSPACE": "true"})
-    assert_episode(p, gw, fake_agent_openai)
+    assert_episode(p, gw, fake)
     assert {r["dialect"] for r in gw.log_rows()} == {"gemini"}
 
 

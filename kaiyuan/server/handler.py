@@ -23,6 +23,7 @@ from kaiyuan.context import RequestContext
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
 from kaiyuan.server.common import ErrorSerializer, client_gone, error_response, new_request_id, read_json
+from kaiyuan.server.deadline import send_whole
 
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
 
@@ -53,7 +54,7 @@ def api_handler(dialect: str, endpoint: str, serialize: ErrorSerializer, validat
             validate(body)
             ctx.model = body["model"]
             gw.model_config(ctx)
-            return await middle(request, gw, ctx, body, arg)
+            return await send_whole(request, await middle(request, gw, ctx, body, arg), ctx)
         except GatewayError as e:
             ctx.status, ctx.error = e.status, e.message
             return error_response(e, serialize, ctx)

@@ -18,6 +18,7 @@ from kaiyuan.dialects.openai import stream_error_event, usage_into
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.redact import scrub, scrub_bytes
 from kaiyuan.server.common import kaiyuan_headers
+from kaiyuan.server.deadline import within
 
 log = logging.getLogger("kaiyuan.server")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -68,24 +69,29 @@ async def relay(request: web.Request, ctx: RequestContext, pump: Pump, error_eve
     response has started becomes a last error event in the caller's dialect: a GatewayError with
     its own status, anything else (a bug) as a 500; never a second response in the stream."""
     resp = await open_stream(request, ctx)
+    async with within(request, ctx):  # the deadline covers writing to the client (server.deadline)
+        await _pump_and_end(resp, ctx, pump, error_event)
+    return resp
+
+
+async def _pump_and_end(resp: web.StreamResponse, ctx: RequestContext, pump: Pump, error_event: ErrorEvent) -> None:
     try:
         await pump(resp)
     except GatewayError as e:
         if ctx.extra.get("answered"):  # the client has its whole answer and its response is ended
-            return resp
+            return
         ctx.status, ctx.error = e.status, e.message
         await resp.write(error_event(e))
-    except ConnectionResetError:  # the client went away: the handler records it
+    except (ConnectionResetError, TimeoutError):  # the client went away / the deadline: the caller records it
         raise
     except Exception as e:
         log.exception("internal error mid-stream on %s", ctx.request_id)
         if ctx.extra.get("answered"):
-            return resp
+            return
         err = GatewayError(ErrorKind.INTERNAL, f"internal gateway error ({type(e).__name__}); request id {ctx.request_id}")
         ctx.status, ctx.error = err.status, err.message
         await resp.write(error_event(err))
     await resp.write_eof()
-    return resp
 
 
 async def answered(resp: web.StreamResponse, ctx: RequestContext, last: bytes) -> None:

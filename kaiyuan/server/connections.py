@@ -1,0 +1,102 @@
+"""A cap on open client connections, so that slow or idle ones cannot lock everyone out.
+
+Slowloris: 1,100 half-sent requests used to hold every file descriptor the process had, and no
+one else got in. Two rules now:
+
+- **a request head must arrive in time**: aiohttp's keep-alive timer, set to
+  ``server.header_timeout_s``, closes a connection that has not sent a whole request head within
+  that time of opening (or of its previous response);
+- **connections are capped below the open-file limit** (``server.max_connections``, default
+  ``(RLIMIT_NOFILE - 64) // 2``: each busy client connection may hold one upstream connection
+  too). At the cap, a new connection closes the *oldest idle* one, a connection that is waiting
+  for (or still receiving) a request head and has no request in progress. A real client sends its
+  head at once and is never idle long; an attacker's slow heads are what gets closed. Only when
+  every connection is busy with a request is a new one refused, with a plain 503 and
+  ``Retry-After``.
+
+:class:`ConnectionLimiter` is the protocol factory given to ``loop.create_server`` in place of
+aiohttp's ``web.Server`` (which it wraps). It reads two aiohttp internals of ``RequestHandler``
+(``_waiter``, ``_messages``) to tell an idle connection from a busy one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+log = logging.getLogger("kaiyuan.server")
+
+FD_HEADROOM = 64  # descriptors kept for the database, log files, DNS and the listening socket
+MIN_CONNECTIONS = 16
+_FRESH_S = 1.0  # a handler whose connection is not made yet counts as open for this long
+
+_BUSY_BODY = (b'{"error": {"message": "the gateway has too many open connections; retry shortly", '
+              b'"type": "service_unavailable", "code": "busy"}}')
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+         b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(_BUSY_BODY)) + _BUSY_BODY
+
+
+def default_max_connections() -> int:
+    """Half of what the open-file limit leaves after some headroom, and at least MIN_CONNECTIONS."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(MIN_CONNECTIONS, (soft - FD_HEADROOM) // 2)
+
+
+class _Refused(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(_BUSY)
+        transport.close()
+
+
+def _idle(h: RequestHandler) -> bool:
+    """Waiting for a request head (none begun, or one half-sent), no request in progress."""
+    waiter = h._waiter
+    return h.transport is not None and waiter is not None and not waiter.done() and not h._messages
+
+
+class ConnectionLimiter:
+    """The protocol factory that enforces the cap (see the module docstring)."""
+
+    def __init__(self, server: web.Server, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.server = server
+        self.limit = limit
+        self.loop = loop
+        self.open: dict[RequestHandler, float] = {}  # handler -> when it was made, oldest first
+        self.evicted = 0
+        self.refused = 0
+
+    def __call__(self) -> asyncio.Protocol:
+        if len(self.open) >= self.limit:
+            self._prune()
+            if len(self.open) >= self.limit and not self._evict_one():
+                self.refused += 1
+                if self.refused in (1, 100) or self.refused % 10_000 == 0:
+                    log.warning("connection cap %d reached with every connection busy: refused %d so far "
+                                "(server.max_connections)", self.limit, self.refused)
+                return _Refused()
+        h = self.server()
+        self.open[h] = self.loop.time()
+        return h
+
+    def _prune(self) -> None:
+        """Forget handlers whose connection is closed (at the cap only: this walks them all)."""
+        stale = self.loop.time() - _FRESH_S
+        gone = [h for h, t in self.open.items() if h.transport is None and t < stale]
+        for h in gone:
+            del self.open[h]
+
+    def _evict_one(self) -> bool:
+        for h in self.open:
+            if _idle(h):
+                del self.open[h]
+                h.force_close()
+                self.evicted += 1
+                return True
+        return False

@@ -8,11 +8,12 @@ one else got in. Two rules now:
   that time of opening (or of its previous response);
 - **connections are capped below the open-file limit** (``server.max_connections``, default
   ``(RLIMIT_NOFILE - 64) // 2``: each busy client connection may hold one upstream connection
-  too). At the cap, a new connection closes the *oldest idle* one, a connection that is waiting
-  for (or still receiving) a request head and has no request in progress. A real client sends its
-  head at once and is never idle long; an attacker's slow heads are what gets closed. Only when
-  every connection is busy with a request is a new one refused, with a plain 503 and
-  ``Retry-After``.
+  too). At the cap, a new connection closes the *oldest idle* one: a connection that has waited
+  for (or been receiving) a request head for at least :data:`GRACE_S`, with no request in
+  progress. A real client sends its head at once and is never idle that long; an attacker's slow
+  heads are what gets closed, and a fresh connection cannot be pushed out before its head had a
+  chance to arrive. When no connection can be closed, the new one is refused with a plain 503 and
+  ``Retry-After: 1`` (the SDKs retry it).
 
 :class:`ConnectionLimiter` is the protocol factory given to ``loop.create_server`` in place of
 aiohttp's ``web.Server`` (which it wraps). It reads two aiohttp internals of ``RequestHandler``
@@ -33,6 +34,9 @@ log = logging.getLogger("kaiyuan.server")
 FD_HEADROOM = 64  # descriptors kept for the database, log files, DNS and the listening socket
 MIN_CONNECTIONS = 16
 _FRESH_S = 1.0  # a handler whose connection is not made yet counts as open for this long
+GRACE_S = 0.5  # an idle connection younger than this is not closed to make room
+LINGER_S = 0.25  # a refused connection is closed after this at the latest
+MAX_LINGERING = 64  # refused connections waiting to be closed; beyond, new ones are dropped at once
 
 _BUSY_BODY = (b'{"error": {"message": "the gateway has too many open connections; retry shortly", '
               b'"type": "service_unavailable", "code": "busy"}}')
@@ -49,10 +53,33 @@ def default_max_connections() -> int:
 
 
 class _Refused(asyncio.Protocol):
+    """Answers 503 and closes once the client has sent its request (closing with the request still
+    unread would reset the connection, and the client would see no answer); at most LINGER_S."""
+
+    lingering = 0  # refused connections still open, across the process (bounded by MAX_LINGERING)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if _Refused.lingering >= MAX_LINGERING:
+            transport.abort()
+            return
+        _Refused.lingering += 1
+        self.counted = True
         transport.write(_BUSY)
-        transport.close()
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.timer = asyncio.get_running_loop().call_later(LINGER_S, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data:  # the head is in; a body, if any, is dropped with the connection
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if getattr(self, "counted", False):
+            _Refused.lingering -= 1
+            self.counted = False
+            self.timer.cancel()
 
 
 def _idle(h: RequestHandler) -> bool:
@@ -69,6 +96,7 @@ class ConnectionLimiter:
         self.limit = limit
         self.loop = loop
         self.open: dict[RequestHandler, float] = {}  # handler -> when it was made, oldest first
+        self.grace = GRACE_S
         self.evicted = 0
         self.refused = 0
 
@@ -93,7 +121,10 @@ class ConnectionLimiter:
             del self.open[h]
 
     def _evict_one(self) -> bool:
-        for h in self.open:
+        old_enough = self.loop.time() - self.grace
+        for h, made in self.open.items():
+            if made > old_enough:  # oldest first: the rest are younger still
+                return False
             if _idle(h):
                 del self.open[h]
                 h.force_close()

@@ -23,8 +23,13 @@ aiohttp's ``web.Server`` (which it wraps). It reads two aiohttp internals of ``R
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import resource
+import struct
+import termios
+from collections import deque
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -53,19 +58,18 @@ def default_max_connections() -> int:
 
 
 class _Refused(asyncio.Protocol):
-    """Answers 503 and closes once the client has sent its request (closing with the request still
-    unread would reset the connection, and the client would see no answer); at most LINGER_S."""
+    """Answers 503 and closes once the client has sent its request head, or after LINGER_S (closing
+    with the request unread would reset the connection before the client read the answer). At
+    most MAX_LINGERING wait at once; beyond that the oldest is dropped."""
 
-    lingering = 0  # refused connections still open, across the process (bounded by MAX_LINGERING)
+    lingering: deque[_Refused] = deque()  # process-wide, oldest first
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        if _Refused.lingering >= MAX_LINGERING:
-            transport.abort()
-            return
-        _Refused.lingering += 1
-        self.counted = True
+        if len(_Refused.lingering) >= MAX_LINGERING:
+            _Refused.lingering.popleft().transport.abort()
+        _Refused.lingering.append(self)
         transport.write(_BUSY)
         if transport.can_write_eof():
             transport.write_eof()
@@ -76,10 +80,21 @@ class _Refused(asyncio.Protocol):
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if getattr(self, "counted", False):
-            _Refused.lingering -= 1
-            self.counted = False
-            self.timer.cancel()
+        self.timer.cancel()
+        with contextlib.suppress(ValueError):
+            _Refused.lingering.remove(self)
+
+
+def _unread(h: RequestHandler) -> int:
+    """Bytes the kernel holds for this connection that the loop has not read yet (FIONREAD)."""
+    sock = h.transport.get_extra_info("socket") if h.transport is not None else None
+    if sock is None:
+        return 0
+    try:
+        buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int(struct.unpack("i", buf)[0])
 
 
 def _idle(h: RequestHandler) -> bool:
@@ -125,7 +140,7 @@ class ConnectionLimiter:
         for h, made in self.open.items():
             if made > old_enough:  # oldest first: the rest are younger still
                 return False
-            if _idle(h):
+            if _idle(h) and not _unread(h):  # unread bytes: its head is arriving, not idle
                 del self.open[h]
                 h.force_close()
                 self.evicted += 1

@@ -39,7 +39,7 @@ log = logging.getLogger("kaiyuan.server")
 FD_HEADROOM = 64  # descriptors kept for the database, log files, DNS and the listening socket
 MIN_CONNECTIONS = 16
 _FRESH_S = 1.0  # a handler whose connection is not made yet counts as open for this long
-GRACE_S = 0.5  # an idle connection younger than this is not closed to make room
+GRACE_S = 0.2  # an idle connection younger than this is not closed to make room
 LINGER_S = 0.25  # a refused connection is closed after this at the latest
 MAX_LINGERING = 64  # refused connections waiting to be closed; beyond, new ones are dropped at once
 

@@ -92,7 +92,10 @@ class GatewayProcess:
         cfg_path.write_text(yaml.safe_dump(config))
         self.config_path = str(cfg_path)
         self.log_path = Path(workdir) / f"kaiyuan-{self.port}.log"
+        # the child runs this checkout's kaiyuan (the one under test), not whichever is installed
+        root = str(Path(__file__).resolve().parents[2])
         full_env = {**os.environ, **(env or {})}
+        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, full_env.get("PYTHONPATH")) if p)
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kaiyuan", "serve", "--config", self.config_path, "--port", str(self.port)],

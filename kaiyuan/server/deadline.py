@@ -5,7 +5,8 @@ A client that stops reading used to hold its upstream connection open past ``tim
 clients starved everyone else. Now a reply's ``deadline`` (``providers.http.post_json``: the start
 of the call plus the deployment's ``timeouts.total``) bounds the whole relay of a stream and the
 write of a whole body. Past it the client's connection is dropped (nothing more can be delivered
-to it), the request is logged as a 504, and the handler closes the upstream reply.
+to it); a stream is logged as a 504 and the handler closes its upstream request (a whole body was
+already read from the upstream, and the request recorded as answered, before it is written).
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def api_handler(dialect: str, endpoint: str, serialize: ErrorSerializer, validat
             validate(body)
             ctx.model = body["model"]
             gw.model_config(ctx)
-            return await send_whole(request, await middle(request, gw, ctx, body, arg), ctx)
+            resp = await middle(request, gw, ctx, body, arg)
         except GatewayError as e:
             ctx.status, ctx.error = e.status, e.message
             return error_response(e, serialize, ctx)
@@ -72,6 +72,9 @@ def api_handler(dialect: str, endpoint: str, serialize: ErrorSerializer, validat
             gw.metrics.in_flight.dec()
             await gw.guard.settle(ctx)
             gw.finish(ctx)
+        # A whole body goes out under the reply's deadline (server.deadline), once the request is
+        # recorded: a client that does not read it is dropped, it is logged as answered.
+        return await send_whole(request, resp, ctx)
 
     handle.__name__ = handle.__qualname__ = f"{dialect}_{endpoint}"
     return handle

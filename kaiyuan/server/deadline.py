@@ -33,6 +33,7 @@ def remaining(ctx: RequestContext, floor: float = 0.0) -> float | None:
 
 def abandon(request: web.Request, ctx: RequestContext) -> None:
     """The client did not take its answer in time: drop its connection and record why."""
+    ctx.extra["dropped"] = True  # the disconnect that follows is the gateway's doing, not a cancellation
     ctx.status = 504
     ctx.error = "the client did not read its answer within the deployment's timeouts.total; connection dropped"
     if request.transport is not None:

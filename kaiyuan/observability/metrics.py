@@ -45,6 +45,9 @@ class Metrics:
             "kaiyuan_request_log_dropped", "Request-log rows dropped because the queue was full", registry=r,
         )
         self.log_written = Counter("kaiyuan_request_log_written", "Request-log rows written", registry=r)
+        self.denied = Counter("kaiyuan_guard_denied", "Requests refused by authentication, limits or budgets",
+                              ["reason"], registry=r)
+        self.spend = Counter("kaiyuan_spend_usd", "Spend recorded, USD", ["model"], registry=r)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached: prometheus_client's lookup costs ~2 us a call."""

@@ -1,42 +1,26 @@
 """``GET /admin/deployments``: every deployment's routing state (breaker, cooldown, load) and why.
 
-Protected by ``server.master_key`` when one is set (``Authorization: Bearer <master key>``).
+Needs the master key, like every admin route (:mod:`kaiyuan.server.admin_auth`).
 """
 
 from __future__ import annotations
-
-import hmac
 
 import orjson
 from aiohttp import web
 
 from kaiyuan.dialects import openai as oai
-from kaiyuan.errors import ErrorKind, GatewayError
-from kaiyuan.guard import bearer_token
+from kaiyuan.errors import GatewayError
+from kaiyuan.pipeline import GATEWAY_KEY
+from kaiyuan.server.admin_auth import require_admin
 from kaiyuan.server.common import JSON_CT, error_response
 
 
-def _check_admin(request: web.Request, master_key: str | None) -> GatewayError | None:
-    if master_key is None:
-        return None
-    token = bearer_token(request.headers)
-    if token is None:
-        return GatewayError(
-            ErrorKind.AUTHENTICATION, "admin endpoint: send 'Authorization: Bearer <master key>'", code="missing_api_key"
-        )
-    if not hmac.compare_digest(token.encode(), master_key.encode()):
-        return GatewayError(ErrorKind.AUTHENTICATION, "admin endpoint: invalid master key", code="invalid_api_key")
-    return None
-
-
 async def deployments(request: web.Request) -> web.Response:
-    from kaiyuan.server.openai_api import GATEWAY_KEY
-
-    gw = request.app[GATEWAY_KEY]
-    err = _check_admin(request, gw.config.server.master_key)
-    if err is not None:
-        return error_response(err, oai.error_body)
-    data = gw.router.describe()
+    try:
+        require_admin(request)
+    except GatewayError as e:
+        return error_response(e, oai.error_body)
+    data = request.app[GATEWAY_KEY].router.describe()
     model = request.query.get("model")
     if model:
         data = [d for d in data if d["model"] == model]

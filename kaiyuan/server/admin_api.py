@@ -1,14 +1,13 @@
 """The admin REST API under /admin: teams, users, keys, budgets, spend, prices.
 
-Every route needs the master key (``server.master_key``) as a bearer token; with no master key
-configured the admin API is off (403). Input is validated with pydantic; every error is a JSON
+Every route needs the master key (``server.master_key``) as a bearer token, the one admin rule
+of :mod:`kaiyuan.server.admin_auth`; with no master key configured the admin API is off (403). Input is validated with pydantic; every error is a JSON
 ``{"error": {...}}`` with a status that means what it says. Each change is one transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -19,12 +18,11 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kaiyuan.accounting import keystore, reports
-from kaiyuan.accounting.guard import KeyGuard
 from kaiyuan.accounting.keystore import Budget, StoreError
 from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
-from kaiyuan.guard import bearer_token
+from kaiyuan.server.admin_auth import require_admin
 from kaiyuan.server.common import JSON_CT, error_response, read_body
 from kaiyuan.server.openai_api import GATEWAY_KEY
 
@@ -113,14 +111,9 @@ def admin(handler: Handler) -> Handler:
     async def wrapped(request: web.Request) -> web.StreamResponse:
         gw = request.app[GATEWAY_KEY]
         try:
-            master = gw.config.server.master_key
-            if master is None or gw.engine is None:
-                raise _err(403, "the admin API is off: set server.master_key (and a store) in the config", "admin_disabled")
-            token = bearer_token(request.headers)
-            if token is None:
-                raise _err(401, "the admin API needs the master key: 'Authorization: Bearer <master key>'", "missing_api_key")
-            if not hmac.compare_digest(token.encode(), master.encode()):
-                raise _err(401, "invalid master key", "invalid_master_key")
+            require_admin(request)
+            if gw.engine is None:
+                raise _err(403, "the admin API is off: this gateway has no store (set store.url)", "admin_disabled")
             return await handler(request)
         except GatewayError as e:
             return error_response(e, oai.error_body)
@@ -143,14 +136,9 @@ async def _body(request: web.Request, model: type[_In]) -> Any:
     return model.model_validate(data)
 
 
-def _guard(gw: Gateway) -> KeyGuard | None:
-    return gw.guard if isinstance(gw.guard, KeyGuard) else None
-
-
 async def _invalidate(gw: Gateway, key_hash: str | None = None) -> None:
     """After an admin change: drop cached keys here and, with Redis, on every replica."""
-    if (g := _guard(gw)) is not None:
-        await g.invalidate_everywhere(key_hash)
+    await gw.auth.invalidate_everywhere(key_hash)
 
 
 def _check_models(gw: Gateway, models: list[str] | None) -> None:
@@ -273,10 +261,8 @@ async def list_keys(request: web.Request) -> web.StreamResponse:
 async def get_key(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
     out = await _run(keystore.get_key, gw.engine, request.match_info["id"])
-    g = _guard(gw)
-    if g is not None:
-        for b in out["budgets"]:
-            b.update(await g.budget_status(Budget(b["id"], b["scope"], b["scope_id"], b["period"], b["limit_usd"])))
+    for b in out["budgets"]:
+        b.update(await gw.reservations.budget_status(Budget(b["id"], b["scope"], b["scope_id"], b["period"], b["limit_usd"])))
     return _json(out)
 
 
@@ -325,10 +311,8 @@ async def put_budget(request: web.Request) -> web.StreamResponse:
 async def list_budgets(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
     data = await _run(keystore.list_budgets, gw.engine)
-    g = _guard(gw)
-    if g is not None:
-        for b in data:
-            b.update(await g.budget_status(Budget(b["id"], b["scope"], b["scope_id"], b["period"], b["limit_usd"])))
+    for b in data:
+        b.update(await gw.reservations.budget_status(Budget(b["id"], b["scope"], b["scope_id"], b["period"], b["limit_usd"])))
     return _json({"object": "list", "data": data})
 
 
@@ -341,20 +325,15 @@ async def delete_budget(request: web.Request) -> web.StreamResponse:
 
 
 async def _invalidate_scope(gw: Gateway, scope: str, scope_id: str) -> None:
-    g = _guard(gw)
-    if g is None:
-        return
     for h in await _run(keystore.hashes_for_scope, gw.engine, scope, scope_id):
-        await g.invalidate_everywhere(h)
+        await gw.auth.invalidate_everywhere(h)
 
 
 # -- spend and prices ------------------------------------------------------------------------------
 @admin
 async def spend(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
-    g = _guard(gw)
-    if g is not None:
-        await g.flush()
+    await gw.ledger.flush()
     q = request.query
     try:
         params = reports.SpendQuery.from_query(dict(q))
@@ -362,7 +341,7 @@ async def spend(request: web.Request) -> web.StreamResponse:
         raise _err(400, str(e), "invalid_query") from None
     ref = None
     if params.reference:
-        ref = reports.reference_price(params.reference, gw.config, g.catalog if g else None)
+        ref = reports.reference_price(params.reference, gw.config, gw.costing.catalog)
         if ref is None:
             raise _err(400, f"reference model {params.reference!r} has no known price", "unknown_reference", "reference")
     result = await _run(reports.spend_report, gw.engine, params, ref)
@@ -378,21 +357,19 @@ async def spend(request: web.Request) -> web.StreamResponse:
 @admin
 async def prices(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
-    g = _guard(gw)
-    if g is None:
-        return _json({"object": "list", "data": []})
     data = []
-    for did, (dep, price, vendor) in g.deployments.items():
+    for did, pd in gw.costing.deployments.items():
+        price = pd.price
         data.append({
             "deployment": did,
-            "upstream_model": dep.model,
-            "vendor": vendor,
+            "upstream_model": pd.deployment.model,
+            "vendor": pd.vendor,
             "source": price.source if price else None,
             "input_usd_per_m": round(price.base.input * 1e6, 6) if price else None,
             "output_usd_per_m": round(price.base.output * 1e6, 6) if price else None,
             "price_known": price is not None,
         })
-    return _json({"object": "list", "catalog_version": g.catalog.version, "data": data})
+    return _json({"object": "list", "catalog_version": gw.costing.catalog.version, "data": data})
 
 
 def add_routes(app: web.Application) -> None:

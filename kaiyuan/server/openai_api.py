@@ -16,10 +16,10 @@ from kaiyuan.context import RequestContext
 from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
+from kaiyuan.pipeline import GATEWAY_KEY, api_handler
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
 from kaiyuan.server import translate
 from kaiyuan.server.common import JSON_CT, error_response, kaiyuan_headers, new_request_id
-from kaiyuan.server.handler import GATEWAY_KEY, api_handler
 from kaiyuan.server.sse import relay_openai_stream
 
 __all__ = ["GATEWAY_KEY", "add_routes", "chat_completions", "completions", "embeddings", "list_models", "retrieve_model"]
@@ -48,7 +48,6 @@ async def _middle(request: web.Request, gw: Gateway, ctx: RequestContext, body: 
             body["stream_options"] = {**(so or {}), "include_usage": True}
             strip_usage = True
     _provider, reply = await gw.execute(ctx, _build_call(endpoint, body, stream))
-    ctx.reply = reply
     if _provider.protocol != "openai":
         return await translate.openai_reply(request, ctx, _provider, reply, not strip_usage)
     if reply.stream is not None:
@@ -58,7 +57,7 @@ async def _middle(request: web.Request, gw: Gateway, ctx: RequestContext, body: 
     ctx.status = reply.status
     ctx.mark_first_byte()
     _read_usage(reply, ctx)
-    if ctx.log_bodies or "capture_response" in ctx.extra:  # trials: shadow-sampled requests
+    if ctx.log_bodies or ctx.capture_response:  # trials: shadow-sampled requests
         ctx.response_body = data
     return web.Response(body=data, status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))
 
@@ -74,28 +73,34 @@ completions = api_handler("openai", "completions", oai.error_body, oai.validate_
 embeddings = api_handler("openai", "embeddings", oai.error_body, oai.validate_embeddings, _middle, "embeddings")
 
 
-async def list_models(request: web.Request) -> web.Response:
+async def _models_for(request: web.Request, ctx: RequestContext) -> list[dict[str, Any]]:
+    """The models the caller may use: /v1/models and /v1/models/{id} authenticate alike."""
     gw = request.app[GATEWAY_KEY]
+    await gw.auth.authenticate(ctx)
+    return gw.public_models(ctx.principal)
+
+
+async def list_models(request: web.Request) -> web.Response:
     ctx = RequestContext(new_request_id(), "openai", "models", headers=request.headers)
     try:
-        await gw.guard.admit(ctx)
+        models = await _models_for(request, ctx)
     except GatewayError as e:
         return error_response(e, oai.error_body, ctx)
-    models = gw.public_models()
-    allowed = ctx.principal.allowed_models
-    if allowed is not None:
-        models = [m for m in models if m["id"] in allowed]
     return web.Response(body=orjson.dumps({"object": "list", "data": models}), content_type=JSON_CT)
 
 
 async def retrieve_model(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY_KEY]
+    """One model, as in /v1/models; a model the key may not use is not shown (404, as if absent)."""
+    ctx = RequestContext(new_request_id(), "openai", "models", headers=request.headers)
     name = request.match_info["model"]
-    for m in gw.public_models():
-        if m["id"] == name:
-            return web.Response(body=orjson.dumps(m), content_type=JSON_CT)
+    try:
+        for m in await _models_for(request, ctx):
+            if m["id"] == name:
+                return web.Response(body=orjson.dumps(m), content_type=JSON_CT)
+    except GatewayError as e:
+        return error_response(e, oai.error_body, ctx)
     err = GatewayError(ErrorKind.NOT_FOUND, f"model {name!r} does not exist on this gateway", param="model", code="model_not_found")
-    return error_response(err, oai.error_body)
+    return error_response(err, oai.error_body, ctx)
 
 
 def add_routes(app: web.Application) -> None:
@@ -109,3 +114,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/completions", completions)
     app.router.add_post("/embeddings", embeddings)
     app.router.add_get("/models", list_models)
+    app.router.add_get("/models/{model}", retrieve_model)

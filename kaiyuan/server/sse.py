@@ -70,7 +70,7 @@ async def relay(request: web.Request, ctx: RequestContext, pump: Pump, error_eve
     try:
         await pump(resp)
     except GatewayError as e:
-        if ctx.extra.get("answered"):  # the client has its whole answer and its response is ended
+        if ctx.answered:  # the client has its whole answer and its response is ended
             return resp
         ctx.status, ctx.error = e.status, e.message
         await resp.write(error_event(e))
@@ -78,7 +78,7 @@ async def relay(request: web.Request, ctx: RequestContext, pump: Pump, error_eve
         raise
     except Exception as e:
         log.exception("internal error mid-stream on %s", ctx.request_id)
-        if ctx.extra.get("answered"):
+        if ctx.answered:
             return resp
         err = GatewayError(ErrorKind.INTERNAL, f"internal gateway error ({type(e).__name__}); request id {ctx.request_id}")
         ctx.status, ctx.error = err.status, err.message
@@ -93,7 +93,7 @@ async def answered(resp: web.StreamResponse, ctx: RequestContext, last: bytes) -
     The relay stops there: the upstream's own end is read in the background when the reply is
     closed (``providers.http.finish_stream``), and a client that hangs up now is no cancellation
     (see ``common.client_gone``)."""
-    ctx.extra["answered"] = True
+    ctx.answered = True
     await resp.write_eof(last)
 
 
@@ -102,7 +102,7 @@ async def relay_openai_stream(
 ) -> web.StreamResponse:
     """Forward an OpenAI-protocol stream. ``strip_usage`` drops the usage-only final chunk that the
     gateway asked for on the caller's behalf (the caller did not set ``include_usage``)."""
-    tail = bytearray() if ctx.log_bodies or "capture_response" in ctx.extra else None
+    tail = bytearray() if ctx.log_bodies or ctx.capture_response else None
 
     async def pump(resp: web.StreamResponse) -> None:
         saw_done = False

@@ -185,7 +185,7 @@ async def _openai_chunks(protocol: str, stream: AsyncIterator[bytes], ctx: Reque
 async def relay_to_openai(request: web.Request, ctx: RequestContext, protocol: str, stream: AsyncIterator[bytes],
                           model: str, include_usage: bool) -> web.StreamResponse:
     """An Anthropic or Gemini upstream stream, to an OpenAI caller."""
-    tail = bytearray() if "capture_response" in ctx.extra else None  # trials: sampled requests
+    tail = bytearray() if ctx.capture_response else None  # trials: sampled requests
 
     async def pump(resp: web.StreamResponse) -> None:
         try:
@@ -207,7 +207,7 @@ async def relay_to_anthropic(request: web.Request, ctx: RequestContext, protocol
                              model: str) -> web.StreamResponse:
     """An OpenAI-compatible or Gemini upstream stream, to an Anthropic caller."""
     tr = OpenAIToAnthropic(model)
-    tail = bytearray() if "capture_response" in ctx.extra else None  # trials: sampled requests
+    tail = bytearray() if ctx.capture_response else None  # trials: sampled requests
 
     async def pump(resp: web.StreamResponse) -> None:
         try:
@@ -234,7 +234,7 @@ async def relay_to_anthropic(request: web.Request, ctx: RequestContext, protocol
 async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext,
                                       stream: AsyncIterator[bytes]) -> web.StreamResponse:
     """An Anthropic upstream stream to an Anthropic caller: bytes as they arrive, usage read on the side."""
-    tail = bytearray() if "capture_response" in ctx.extra else None  # trials: sampled requests
+    tail = bytearray() if ctx.capture_response else None  # trials: sampled requests
 
     async def pump(resp: web.StreamResponse) -> None:
         saw_stop = False
@@ -310,6 +310,6 @@ async def openai_reply(request: web.Request, ctx: RequestContext, provider: Prov
     data = orjson.dumps(oc.response_from_canonical(r, public))
     ctx.status = reply.status
     ctx.mark_first_byte()
-    if ctx.log_bodies or "capture_response" in ctx.extra:  # trials: shadow-sampled requests
+    if ctx.log_bodies or ctx.capture_response:  # trials: shadow-sampled requests
         ctx.response_body = data
     return web.Response(body=data, status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))

@@ -1,12 +1,12 @@
 """Wires trials into the gateway (hooks, background loop) and serves the admin API under /admin/trials.
 
-The admin API needs the master key (``Authorization: Bearer``) when ``server.master_key`` is set.
+The admin API needs the master key, like every admin route (:mod:`kaiyuan.server.admin_auth`): with
+no master key configured it is closed, since trials can be promoted and their rows hold users' prompts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 from typing import Any
 
 import orjson
@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
-from kaiyuan.guard import bearer_token
+from kaiyuan.server.admin_auth import require_admin
 from kaiyuan.server.app import EXTRA_ROUTES
 from kaiyuan.server.common import JSON_CT, error_response, read_body
 from kaiyuan.server.openai_api import GATEWAY_KEY
@@ -27,21 +27,6 @@ TRIALS_KEY: web.AppKey[TrialsRuntime] = web.AppKey("trials", TrialsRuntime)
 
 def _json(obj: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(obj), status=status, content_type=JSON_CT)
-
-
-def _err(kind: ErrorKind, msg: str, **kw: Any) -> web.Response:
-    return error_response(GatewayError(kind, msg, **kw), oai.error_body)
-
-
-def _authorised(request: web.Request) -> web.Response | None:
-    key = request.app[GATEWAY_KEY].config.server.master_key
-    if key is None:
-        return None
-    token = bearer_token(request.headers)
-    if token is None or not hmac.compare_digest(token.encode(), key.encode()):
-        return _err(ErrorKind.AUTHENTICATION, "the admin API needs the master key: 'Authorization: Bearer <master key>'",
-                    code="invalid_api_key")
-    return None
 
 
 def _rt(request: web.Request) -> TrialsRuntime:
@@ -71,10 +56,8 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 def admin(handler: Any) -> Any:
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        denied = _authorised(request)
-        if denied is not None:
-            return denied
         try:
+            require_admin(request)
             return await handler(request)
         except GatewayError as e:
             return error_response(e, oai.error_body)

@@ -41,7 +41,8 @@ class Gateway:
         self.providers: dict[str, list[Provider]] = {
             m.name: [build_provider(d) for d in m.deployments] for m in config.models
         }
-        self.router = Router(self.providers, self.models, self.metrics.registry)
+        self.router = Router(self.providers, self.models, self.metrics.registry,
+                             cny_per_usd=config.accounting.cny_per_usd)
         self.costing = Costing(config.models, config.accounting)
         self.ledger = SpendLedger(engine, config.accounting.spend_flush_interval_s)
         limits = config.limits

@@ -9,7 +9,8 @@ A request's life, top to bottom (:func:`api_handler`'s ``handle``):
 5. reserve: limits and budget (virtual keys with limits or budgets only);
 6. execute and 7. respond: the dialect's own middle builds the upstream call, runs it through the
    one attempt loop (``gw.execute``, :mod:`kaiyuan.routing.executor`) and writes the answer;
-8. settle: close the upstream reply, price the usage, release the reservation, queue the ledger row;
+8. settle: close the upstream reply, then price the usage, release the reservation, queue the
+   ledger row;
 9. finish: metrics, request log, completion hooks (trials, tracing).
 
 Whatever happens in 2-7 (an answer, an error, a bug, the client hanging up), 8 and 9 run, and an
@@ -70,6 +71,7 @@ def api_handler(dialect: str, endpoint: str, serialize: ErrorSerializer, validat
             ctx.status, ctx.error = 500, err.message
             return error_response(err, serialize, ctx)
         finally:
+            await close_upstream(ctx)  # the one place the upstream reply is closed
             gw.metrics.in_flight.dec()
             await settle(gw, ctx)
             gw.finish(ctx)
@@ -117,9 +119,8 @@ def authorize(gw: Gateway, ctx: RequestContext, m: ModelConfig) -> None:
 
 
 async def settle(gw: Gateway, ctx: RequestContext) -> None:
-    """After the answer, whatever happened: close the upstream reply, price the request, release its
-    reservation and queue its ledger row. Never raises for accounting."""
-    await close_upstream(ctx)
+    """After the answer, whatever happened (and the upstream reply closed): price the request,
+    release its reservation and queue its ledger row."""
     cost = gw.costing.cost(ctx)
     if cost is None:
         cost = ctx.cost_usd  # the catalog has no price, but a hook (a plugin price source) priced it

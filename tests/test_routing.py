@@ -63,6 +63,7 @@ def admin(gw: RunningGateway, key: str | None = None) -> dict[str, dict[str, Any
     """/admin/deployments with ``key``; without one (a gateway in open mode, whose admin routes are
     closed) the same rows straight from the router the endpoint serves."""
     if key is None:
+        gw.settle()  # as an HTTP round trip would: the handlers of finished requests have ended
         data = gw.gateway.router.describe()
     else:
         status, body = get(gw.url + "/admin/deployments", {"Authorization": f"Bearer {key}"})

@@ -81,8 +81,10 @@ def api_handler(dialect: str, endpoint: str, serialize: ErrorSerializer, validat
 
 
 async def read_body(request: web.Request, gw: Gateway, ctx: RequestContext, validate: Validator) -> dict[str, Any]:
-    """Read the JSON body (within ``server.max_body_bytes``) and validate it in the caller's dialect."""
-    ctx.raw_body, body = await read_json(request, gw.config.server.max_body_bytes)
+    """Read the JSON body (within ``server.max_body_bytes``, ``body_timeout_s`` and ``max_json_depth``)
+    and validate it in the caller's dialect."""
+    srv = gw.config.server
+    ctx.raw_body, body = await read_json(request, srv.max_body_bytes, srv.body_timeout_s, srv.max_json_depth)
     ctx.body = body
     if isinstance(body.get("model"), str):
         ctx.model = body["model"]  # for the log, should validation refuse the body

@@ -92,6 +92,7 @@ class RequestContext:
     cost_usd: float | None = None
     pricer: Callable[[RequestContext], float | None] | None = None  # prices ctx.usage (x-kaiyuan-cost)
     prompt_estimate: int | None = None  # prompt tokens counted at reservation
+    tokens_reserved: int | None = None  # tokens reserved against TPM limits (prompt + output cap x n)
     ticket: Ticket | None = None  # the reservation to settle
     log_bodies: bool = False
     capture_response: bool = False  # keep the answer in response_body (trials: sampled requests)
@@ -102,6 +103,9 @@ class RequestContext:
     trial_promoted: str | None = None  # the promoted trial that rewrote the model
     trial_shadow: tuple[str, ...] = ()  # shadow trials that sampled this request
     upstream: Upstream | None = None
+    output_cap: int | None = None  # the output cap (per completion) sent to the deployment called last
+    choices: int = 1  # completions asked for (OpenAI n)
+    upstream_bytes: int = 0  # bytes the upstream sent (set when its reply is closed; bounds usage claims)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started

@@ -50,14 +50,18 @@ class Gateway:
         self.ledger = SpendLedger(engine, config.accounting.spend_flush_interval_s)
         limits = config.limits
         self.auth = Authenticator(config.server.master_key, engine, limits.key_cache_ttl_s, self.metrics.denied)
+        self.caps = self.costing.caps  # each request's output cap: reserved and sent upstream
         self.reservations = Reservations(limits, self.costing, engine, self.auth.loads, self.metrics.registry,
-                                         self.metrics.denied, self.ledger.flush)
+                                         self.metrics.denied, self.ledger.flush, self.reachable_models)
         self.auth.redis = self.reservations.redis  # key invalidations travel on the counters' Redis
         self.request_log = RequestLogWriter(engine, config.request_log, self.metrics)
         self.on_complete: list[CompletionHook] = []
         # Run by the pipeline's resolve step (after auth): may rewrite ctx.model (trials: canary,
         # promote) or flag the request (trials: shadow sampling). Must be fast and not raise.
         self.pre_route: list[CompletionHook] = []
+        # Models a pre_route hook may send a request for model X to (trials: canary and promote
+        # targets); budgets reserve over them too.
+        self.route_targets: list[Callable[[str], list[str]]] = []
         self.tracer: Tracer | None = None
         if config.tracing.enabled:
             t = config.tracing
@@ -88,6 +92,15 @@ class Gateway:
             self.tracer.shutdown()
 
     # -- the request path (see kaiyuan.pipeline) --------------------------------------------
+    def reachable_models(self, model: str) -> list[str]:
+        """Every model a request for ``model`` can be answered by: itself, a pre_route target,
+        and their fallbacks at any depth."""
+        out = list(self.router.reachable(model))
+        for hook in self.route_targets:
+            for target in hook(model):
+                out += [m for m in self.router.reachable(target) if m not in out]
+        return out
+
     async def execute(self, ctx: RequestContext, build: Callable[[Provider], UpstreamCall]) -> tuple[Provider, UpstreamReply]:
         """Route the request: strategy order, retries, breakers, fallbacks and data policy
         (see :mod:`kaiyuan.routing.executor`). Returns the deployment that answered 2xx and its

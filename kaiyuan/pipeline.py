@@ -25,6 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
+from kaiyuan.accounting.usage_check import clamp_to_plausible
 from kaiyuan.config import ModelConfig
 from kaiyuan.context import RequestContext
 from kaiyuan.errors import ErrorKind, GatewayError
@@ -122,7 +123,10 @@ def authorize(gw: Gateway, ctx: RequestContext, m: ModelConfig) -> None:
 
 async def settle(gw: Gateway, ctx: RequestContext) -> None:
     """After the answer, whatever happened (and the upstream reply closed): price the request,
-    release its reservation and queue its ledger row."""
+    release its reservation and queue its ledger row. Reported usage is clamped to what the request
+    could have used first (:mod:`kaiyuan.accounting.usage_check`)."""
+    clamp_to_plausible(ctx.usage, ctx.request_id, ctx.raw_body, ctx.upstream_bytes, ctx.output_cap, ctx.choices,
+                       lambda: gw.costing.prompt_count(ctx))
     cost = gw.costing.cost(ctx)
     if cost is None:
         cost = ctx.cost_usd  # the catalog has no price, but a hook (a plugin price source) priced it

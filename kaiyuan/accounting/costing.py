@@ -1,19 +1,22 @@
 """What a request costs: each deployment's price, the worst case before the call, the real cost after.
 
-Built once at start from the config and the price catalog. ``estimate`` gives the reservation's
-size (prompt counted, plus the output cap or the model's output limit, at the highest price of the
-model's deployments); ``cost`` prices the upstream's reported usage, or, when an answer went out
-with no usage reported, charges the worst case so a budget is never under-counted.
+Built once at start from the config and the price catalog, with each deployment's output cap
+(:mod:`kaiyuan.accounting.output_cap`). ``reservation`` gives the reservation's size over every
+deployment a request can reach (:mod:`kaiyuan.accounting.reserve`); ``cost`` prices the
+upstream's reported usage, or, when an answer went out with no usage reported, charges the worst
+case so a budget is never under-counted.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable
+from typing import NamedTuple
 
+from kaiyuan.accounting.output_cap import OutputCaps, asked
 from kaiyuan.accounting.prices import PriceCatalog, ResolvedPrice, deployment_price, vendor_of
-from kaiyuan.accounting.tokens import count_prompt, requested_output
+from kaiyuan.accounting.reserve import Reservation, reserve
+from kaiyuan.accounting.tokens import count_prompt
 from kaiyuan.config import AccountingSettings, DeploymentBase, ModelConfig
 from kaiyuan.context import RequestContext
 
@@ -22,8 +25,7 @@ log = logging.getLogger("kaiyuan.costing")
 BILLED_ENDPOINTS = frozenset({"chat", "completions", "embeddings", "messages"})
 
 
-@dataclass(frozen=True, slots=True)
-class PricedDeployment:
+class PricedDeployment(NamedTuple):
     deployment: DeploymentBase
     price: ResolvedPrice | None
     vendor: str
@@ -50,23 +52,22 @@ class Costing:
                         m.name, did, d.model,
                     )
             self.model_deps[m.name] = ids
+        self.caps = OutputCaps.build(
+            [(did, pd.deployment, pd.price.max_output_tokens if pd.price else None) for did, pd in self.deployments.items()],
+            acc,
+        )
 
-    def estimate(self, model: str, body: dict[str, Any], endpoint: str) -> tuple[int, float, str | None]:
-        """(prompt tokens, worst-case USD, first deployment without a price) over the model's deployments."""
-        prompt = 0
-        worst = 0.0
-        unpriced = None
-        cap = requested_output(body, endpoint)
-        for did in self.model_deps.get(model, ()):
-            pd = self.deployments[did]
-            p = count_prompt(pd.deployment.model, body)
-            prompt = max(prompt, p)
-            if pd.price is None:
-                unpriced = unpriced or did
-                continue
-            out = cap if cap is not None else (pd.price.max_output_tokens or self.acc.default_max_output_tokens)
-            worst = max(worst, pd.price.worst_case(p, out))
-        return prompt, worst, unpriced
+    def reservation(self, models: Iterable[str], ctx: RequestContext) -> Reservation:
+        """What ``ctx`` reserves over every deployment of ``models`` (the plan's reach)."""
+        deps = [d for m in models for d in self.model_deps.get(m, ())]
+        return reserve(deps, self.deployments, self.caps, asked(ctx.body, ctx.endpoint), ctx.body)
+
+    def prompt_count(self, ctx: RequestContext) -> int:
+        """The prompt as the gateway counts it (at reservation, or now for the deployment that answered)."""
+        if ctx.prompt_estimate is not None:
+            return ctx.prompt_estimate
+        pd = self.deployments.get(ctx.deployment or "")
+        return count_prompt(pd.deployment.model if pd else "", ctx.body)
 
     def cost(self, ctx: RequestContext) -> float | None:
         """The request's cost in USD, ``None`` when unknown (never reached an upstream, or no price)."""
@@ -87,9 +88,4 @@ class Costing:
             return 0.0  # the upstream refused or failed before answering: nothing billed
         # An answer went out but the upstream reported no usage (e.g. the client hung up mid-stream):
         # charge the worst case we reserved for it, so a budget can never be under-counted.
-        prompt = ctx.prompt_estimate
-        if prompt is None:
-            prompt = count_prompt(pd.deployment.model, ctx.body)
-        cap = requested_output(ctx.body, ctx.endpoint)
-        out = cap if cap is not None else (price.max_output_tokens or self.acc.default_max_output_tokens)
-        return price.worst_case(prompt, out)
+        return price.worst_case(self.prompt_count(ctx), self.caps.reserved_output(ctx.deployment, asked(ctx.body, ctx.endpoint)))

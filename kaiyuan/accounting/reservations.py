@@ -1,7 +1,8 @@
 """Limits and budgets: reserve a request's worst case before the call, settle to its real cost after.
 
-``reserve`` counts the request against the key's RPM/TPM/parallel limits and reserves its
-worst-case cost (:meth:`Costing.estimate`) against every budget of the key and its team, in one
+``reserve`` counts the request (tokens: prompt plus output cap x n) against the key's
+RPM/TPM/parallel limits and reserves its worst-case cost over every deployment the plan can reach
+(:meth:`Costing.reservation`) against every budget of the key and its team, in one
 atomic step of the counters (in process, or one Redis EVALSHA). ``release`` runs once the request
 has ended, whatever happened: it gives the reservation back and adds the real cost. With Redis the
 release is queued and applied in batches (:mod:`kaiyuan.limits.settle_batch`), so the reserve is
@@ -47,11 +48,14 @@ PERIOD_WORD = {"day": "daily", "week": "weekly", "month": "monthly", "total": "t
 
 
 class Reservations:
-    """``engine`` is read for budget seeds; ``flush_ledger`` is awaited before reading spend from it."""
+    """``engine`` is read for budget seeds; ``flush_ledger`` is awaited before reading spend from it;
+    ``reachable`` names every model a request for a model can be answered by (fallbacks, trial targets)."""
 
     def __init__(self, settings: LimitsSettings, costing: Costing, engine: Engine | None, loads: SingleFlight,
-                 registry: CollectorRegistry, denied: Counter, flush_ledger: Callable[[], Awaitable[int]]) -> None:
+                 registry: CollectorRegistry, denied: Counter, flush_ledger: Callable[[], Awaitable[int]],
+                 reachable: Callable[[str], list[str]]) -> None:
         self.settings = settings
+        self.reachable = reachable
         self.costing = costing
         self.engine = engine
         self.loads = loads
@@ -92,8 +96,12 @@ class Reservations:
         model = ctx.model or ""
         if model not in self.costing.model_deps:
             return
-        prompt, worst, unpriced = self.costing.estimate(model, ctx.body, ctx.endpoint)
-        ctx.prompt_estimate = prompt
+        models = self.reachable(ctx.requested_model or model)
+        if model not in models:  # a trial hook sent it elsewhere: that plan's reach too
+            models = [*models, *self.reachable(model)]
+        res = self.costing.reservation(models, ctx)
+        ctx.prompt_estimate, ctx.tokens_reserved = res.prompt_tokens, res.tokens
+        worst, unpriced = res.worst_usd, res.unpriced
         now = time.time()
         rates = [RateCheck(scope, lim.get("rpm"), lim.get("tpm"), lim.get("max_parallel")) for scope, lim in rec.limits.items()]
         budgets = await self._budget_checks(rec, now, worst)
@@ -108,7 +116,7 @@ class Reservations:
             )
         if not rates and not budgets:
             return
-        result = await self._counters_admit(rates, [b for b, _ in budgets], prompt, now)
+        result = await self._counters_admit(rates, [b for b, _ in budgets], res.tokens, now)
         if isinstance(result, Denial):
             raise self._denied(result, rates, budgets, ctx, now)
         ctx.ticket = result
@@ -182,8 +190,8 @@ class Reservations:
             msg = f"rate limit exceeded for {r.scope}: {d.current} requests this minute, limit {r.rpm} per minute"
         else:
             msg = (
-                f"token rate limit exceeded for {r.scope}: {d.current} tokens this minute, this request needs about "
-                f"{ctx.prompt_estimate} more, limit {r.tpm} per minute"
+                f"token rate limit exceeded for {r.scope}: {d.current} tokens this minute, this request reserves "
+                f"{ctx.tokens_reserved} more (its prompt and its output cap), limit {r.tpm} per minute"
             )
         return GatewayError(ErrorKind.RATE_LIMITED, msg, code=f"{d.kind}_limit_exceeded", headers={"Retry-After": retry})
 

@@ -53,7 +53,8 @@ class Costing:
                     )
             self.model_deps[m.name] = ids
         self.caps = OutputCaps.build(
-            [(did, pd.deployment, pd.price.max_output_tokens if pd.price else None) for did, pd in self.deployments.items()],
+            [(did, pd.deployment, pd.price.max_output_tokens if pd.price else None,
+              pd.price is not None and pd.price.charges_output()) for did, pd in self.deployments.items()],
             acc,
         )
 

@@ -374,7 +374,7 @@ def test_admin_endpoint_requires_the_master_key(make_gateway: MakeGateway, fakes
         dep(f, "a", tags=["self_hosted"], weight=2, price={"input": 0.5, "output": 1})]}]})
     assert get(gw.url + "/admin/deployments")[0] == 401
     status, body = get(gw.url + "/admin/deployments", {"Authorization": "Bearer wrong"})
-    assert status == 401 and json.loads(body)["error"]["code"] == "invalid_master_key"
+    assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
     d = admin(gw, "sk-master")["m/a"]
     assert d["state"] == "closed" and d["tags"] == ["self_hosted"] and d["weight"] == 2
     assert d["price"] == {"input": 0.5, "output": 1.0, "currency": "USD"}

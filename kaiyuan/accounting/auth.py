@@ -1,4 +1,5 @@
-"""Who is calling: the master key, virtual keys, and the one rule for the admin API.
+"""Who is calling a model route: the master key or a virtual key (the admin API's rule, built on
+:func:`bearer_token` here, is :func:`kaiyuan.console.access.authorize`).
 
 Authentication reads only the request's headers, so the pipeline runs it before it reads a body.
 Virtual keys are cached in memory for ``limits.key_cache_ttl_s`` (unknown keys for at most
@@ -6,7 +7,8 @@ Virtual keys are cached in memory for ``limits.key_cache_ttl_s`` (unknown keys f
 with Redis, an admin change on any replica drops the cached key everywhere at once (pub/sub).
 
 Open mode (no ``server.master_key``): model routes take any caller, and every ``/admin/*`` route
-is closed, because an admin API nobody can authenticate to must not be one everybody can use.
+is closed (``console.access.authorize``), because an admin API nobody can authenticate to must not
+be one everybody can use.
 """
 
 from __future__ import annotations
@@ -143,18 +145,6 @@ class Authenticator:
         ctx.principal = Principal(key_id=rec.key_id, team_id=rec.team_id, user_id=rec.user_id,
                                   allowed_models=rec.allowed_models, policy=rec.policy, key_name=rec.name)
         return rec
-
-    def require_admin(self, headers: Any) -> None:
-        """The one rule of every ``/admin/*`` route: the master key, and no admin API without one."""
-        if self.master_key is None:
-            raise GatewayError(ErrorKind.PERMISSION, "the admin API is off: this gateway has no master key; set "
-                                                     "server.master_key in the config to use it", code="admin_disabled")
-        token = bearer_token(headers)
-        if token is None:
-            raise _unauthenticated("the admin API needs the master key: 'Authorization: Bearer <master key>'",
-                                   "missing_api_key")
-        if not _matches(token, self.master_key):
-            raise _unauthenticated("invalid master key", "invalid_master_key")
 
     # -- the key cache ---------------------------------------------------------------------------
     async def _record(self, token: str) -> KeyRecord | None:

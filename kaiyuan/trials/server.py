@@ -1,7 +1,7 @@
 """Wires trials into the gateway (hooks, background loop) and serves the admin API under /admin/trials.
 
-The admin API needs the master key, like every admin route (:mod:`kaiyuan.server.admin_auth`): with
-no master key configured it is closed, since trials can be promoted and their rows hold users' prompts.
+The admin API follows the one admin rule (:func:`kaiyuan.console.access.authorize`): with no
+master key configured it is closed, since trials can be promoted and their rows hold users' prompts.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
+from kaiyuan.console.access import VIEWER, authorize
 from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
-from kaiyuan.server.admin_auth import require_admin
 from kaiyuan.server.app import EXTRA_ROUTES
 from kaiyuan.server.common import JSON_CT, error_response, read_body
 from kaiyuan.server.openai_api import GATEWAY_KEY
@@ -27,6 +27,15 @@ TRIALS_KEY: web.AppKey[TrialsRuntime] = web.AppKey("trials", TrialsRuntime)
 
 def _json(obj: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(obj), status=status, content_type=JSON_CT)
+
+
+def _err(kind: ErrorKind, msg: str, **kw: Any) -> web.Response:
+    return error_response(GatewayError(kind, msg, **kw), oai.error_body)
+
+
+def _actor(request: web.Request) -> str:
+    v = request.get(VIEWER)
+    return f"{v.via}:{v.name}"[:200] if v is not None else "admin-api"
 
 
 def _rt(request: web.Request) -> TrialsRuntime:
@@ -57,7 +66,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
 def admin(handler: Any) -> Any:
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
-            require_admin(request)
+            await authorize(request)  # closed in open mode: no master key, no admin API
             return await handler(request)
         except GatewayError as e:
             return error_response(e, oai.error_body)
@@ -162,7 +171,7 @@ async def promote(request: web.Request) -> web.Response:
         raise GatewayError(ErrorKind.NO_DEPLOYMENT, "promote needs a database (store.url)")
     store = rt.store
     await asyncio.to_thread(store.record_routing, t.name, "promote", t.incumbent, cand, [float(x) for x in steps],
-                            float(step_s), "admin-api", body.get("note"))
+                            float(step_s), _actor(request), body.get("note"))
     rt.apply_routing(await asyncio.to_thread(store.routing_states))
     return _json({"trial": t.name, "action": "promote", "candidate": cand, "share_now": rt.overrides[t.incumbent].share()})
 
@@ -174,7 +183,7 @@ async def rollback(request: web.Request) -> web.Response:
     if rt.store is None:
         raise GatewayError(ErrorKind.NO_DEPLOYMENT, "rollback needs a database (store.url)")
     store = rt.store
-    await asyncio.to_thread(store.record_routing, t.name, "rollback", t.incumbent, t.candidates[0], [0.0], 0.0, "admin-api", None)
+    await asyncio.to_thread(store.record_routing, t.name, "rollback", t.incumbent, t.candidates[0], [0.0], 0.0, _actor(request), None)
     rt.apply_routing(await asyncio.to_thread(store.routing_states))
     return _json({"trial": t.name, "action": "rollback"})
 

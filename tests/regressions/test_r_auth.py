@@ -114,7 +114,7 @@ def test_admin_routes_all_use_the_master_key(keyed: RunningGateway) -> None:
     for method, path in [("GET", "/admin/deployments"), ("GET", "/admin/keys"), ("GET", "/admin/spend")]:
         assert _raw(keyed, method, path, None, {})[0] == 401
         status, err = _raw(keyed, method, path, None, {"Authorization": b"Bearer wrong"})
-        assert status == 401 and err["error"]["code"] == "invalid_master_key", (path, err)
+        assert status == 401 and err["error"]["code"] == "invalid_api_key", (path, err)
         assert _raw(keyed, method, path, None, {"Authorization": b"Bearer " + MASTER.encode()})[0] == 200, path
 
 

@@ -39,8 +39,9 @@ T = TypeVar("T")
 
 
 def bearer_token(headers: Any) -> str | None:
-    """The caller's key, from ``Authorization: Bearer`` (OpenAI SDK) or ``x-api-key`` (Anthropic
-    SDK); ``None`` when neither header is sent. A header that is sent but holds no usable key
+    """The caller's key, from ``Authorization: Bearer`` (OpenAI SDK), ``x-api-key`` (Anthropic SDK)
+    or ``x-goog-api-key`` (Gemini SDKs; the Gemini routes also move a ``?key=`` query parameter
+    there); ``None`` when none is sent. A header that is sent but holds no usable key
     (empty once stripped, another scheme, bytes that are not UTF-8) is a 401, never a match."""
     auth = headers.get("Authorization")
     if auth is not None:
@@ -49,6 +50,8 @@ def bearer_token(headers: Any) -> str | None:
             raise _unauthenticated("the Authorization header must be 'Bearer <key>'", "invalid_api_key")
         return _usable(token)
     key = headers.get("x-api-key")
+    if key is None:
+        key = headers.get("x-goog-api-key")
     return None if key is None else _usable(key)
 
 
@@ -123,19 +126,22 @@ class Authenticator:
             return None
         token = bearer_token(ctx.headers)
         if token is None:
-            raise _unauthenticated("missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
-                                   "missing_api_key")
+            raise _unauthenticated("missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>'); "
+                                   "retrying without a key will not help", "missing_api_key")
         if _matches(token, self.master_key):
             ctx.principal = ADMIN
             return None
         if not keystore.looks_like_key(token) or self.engine is None:
             self.m_denied.labels("invalid_key").inc()
-            raise _unauthenticated("invalid API key: Kaiyuan keys look like 'sk-ky-' followed by 43 characters; "
-                                   "ask your admin for one", "invalid_api_key")
+            raise _unauthenticated("invalid API key: this gateway does not accept the key sent (Kaiyuan keys look like "
+                                   "'sk-ky-' followed by 43 characters); check the key your client is configured "
+                                   "with, or ask your admin for one. Retrying will not help", "invalid_api_key")
         rec = await self._record(token)
         if rec is None:
             self.m_denied.labels("invalid_key").inc()
-            raise _unauthenticated("invalid API key (unknown, or replaced by a rotation)", "invalid_api_key")
+            raise _unauthenticated("invalid API key: this gateway does not know the key sent (a wrong key, or one "
+                                   "replaced by a rotation); check the key your client is configured with. "
+                                   "Retrying will not help", "invalid_api_key")
         if rec.revoked_at is not None:
             self.m_denied.labels("revoked").inc()
             raise _unauthenticated(f"API key {rec.key_id} was revoked at {iso(rec.revoked_at)}", "key_revoked")

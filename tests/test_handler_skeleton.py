@@ -20,7 +20,7 @@ from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
 from kaiyuan.providers.base import UpstreamReply
-from kaiyuan.server import anthropic_api, app, openai_api
+from kaiyuan.server import anthropic_api, app, gemini_api, openai_api
 from kaiyuan.testing.harness import RunningGateway
 from tests.conftest import openai_model
 
@@ -109,9 +109,10 @@ def test_skeleton_refuses_before_the_middle_in_the_dialect(sk: RunningGateway, p
     assert CLOSED == []
 
 
-def test_both_api_families_use_the_skeleton() -> None:
+def test_every_api_family_uses_the_pipeline() -> None:
     for h, name in [(openai_api.chat_completions, "openai_chat"), (openai_api.completions, "openai_completions"),
                     (openai_api.embeddings, "openai_embeddings"), (anthropic_api.messages, "anthropic_messages"),
-                    (anthropic_api.count_tokens, "anthropic_count_tokens")]:
+                    (anthropic_api.count_tokens, "anthropic_count_tokens"),
+                    (gemini_api.generate, "gemini_generate_content"), (gemini_api.count_tokens, "gemini_count_tokens")]:
         assert h.__qualname__ == name
         assert h.__code__ is pipeline.api_handler("x", "y", oai.error_body, oai.validate_chat, _middle).__code__

@@ -87,6 +87,7 @@ class RequestContext:
     error: str | None = None
     cancelled: bool = False
     answered: bool = False  # the client has its whole answer (a later hang-up is no cancellation)
+    dropped: bool = False  # the gateway dropped a client that did not read its answer (server.deadline)
     ttft: float | None = None  # seconds from arrival to the first byte/token sent to the client
     usage: Usage = field(default_factory=Usage)
     cost_usd: float | None = None
@@ -103,6 +104,7 @@ class RequestContext:
     trial_promoted: str | None = None  # the promoted trial that rewrote the model
     trial_shadow: tuple[str, ...] = ()  # shadow trials that sampled this request
     upstream: Upstream | None = None
+    deadline: float | None = None  # monotonic end of the upstream reply's timeouts.total (covers the relay too)
     output_cap: int | None = None  # the output cap (per completion) sent to the deployment called last
     choices: int = 1  # completions asked for (OpenAI n)
     upstream_bytes: int = 0  # bytes the upstream sent (set when its reply is closed; bounds usage claims)

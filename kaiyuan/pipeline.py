@@ -11,7 +11,8 @@ A request's life, top to bottom (:func:`api_handler`'s ``handle``):
    one attempt loop (``gw.execute``, :mod:`kaiyuan.routing.executor`) and writes the answer;
 8. settle: close the upstream reply, then price the usage, release the reservation, queue the
    ledger row;
-9. finish: metrics, request log, completion hooks (trials, tracing).
+9. finish: metrics, request log, completion hooks (trials, tracing);
+10. a whole (non-streamed) body is sent last, under the reply's deadline (:mod:`kaiyuan.server.deadline`).
 
 Whatever happens in 2-7 (an answer, an error, a bug, the client hanging up), 8 and 9 run, and an
 error reaches the caller in its own dialect. Nothing here allocates per request beyond the context.
@@ -32,6 +33,7 @@ from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
 from kaiyuan.routing.executor import close_upstream
 from kaiyuan.server.common import ErrorSerializer, client_gone, error_response, new_request_id, read_json
+from kaiyuan.server.deadline import send_whole
 
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
 
@@ -62,7 +64,7 @@ def api_handler(dialect: str, endpoint: str, serialize: ErrorSerializer, validat
             authorize(gw, ctx, model)
             if key is not None:
                 await gw.reservations.reserve(ctx, key)
-            return await middle(request, gw, ctx, body, arg)
+            resp = await middle(request, gw, ctx, body, arg)
         except GatewayError as e:
             ctx.status, ctx.error = e.status, e.message
             return error_response(e, serialize, ctx)
@@ -79,6 +81,9 @@ def api_handler(dialect: str, endpoint: str, serialize: ErrorSerializer, validat
             gw.metrics.in_flight.dec()
             await settle(gw, ctx)
             gw.finish(ctx)
+        # 10. a whole body goes out under the reply's deadline (server.deadline), once the request is
+        # recorded: a client that does not read it is dropped, and it is logged as answered.
+        return await send_whole(request, resp, ctx)
 
     handle.__name__ = handle.__qualname__ = f"{dialect}_{endpoint}"
     return handle

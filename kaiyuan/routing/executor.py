@@ -219,6 +219,7 @@ async def _attempt(run: _Run, route: ModelRoute, slot: Slot) -> tuple[str, tuple
     h.success(probe, elapsed)
     # Opened here, closed by the pipeline (close_upstream): a stream's work ends when it is closed.
     ctx.upstream = Upstream(provider, reply, h if reply.stream is not None else None)
+    ctx.deadline = reply.deadline
     if reply.stream is None:  # the whole body is here: the deployment's work is done
         h.done()
         if provider.deployment.tpm is not None and reply.parsed is not None:

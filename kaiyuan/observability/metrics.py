@@ -44,6 +44,9 @@ class Metrics:
         )
         self.in_flight = Gauge("kaiyuan_requests_in_flight", "Requests being served", registry=r)
         self.store = WriterMetrics(r)  # every batch writer's written / dropped / set-aside rows
+        self.denied = Counter("kaiyuan_guard_denied", "Requests refused by authentication, limits or budgets",
+                              ["reason"], registry=r)
+        self.spend = Counter("kaiyuan_spend_usd", "Spend recorded, USD", ["model"], registry=r)
         self.unknown_routes = Counter(
             "kaiyuan_unknown_route_requests", "Requests to paths this gateway does not serve (404) or with a method "
             "it does not take there (405), by method and status; the path is in the request log, never a label",

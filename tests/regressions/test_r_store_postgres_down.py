@@ -91,7 +91,7 @@ def test_postgres_down_is_a_503_with_retry_after_in_each_dialect_and_nothing_is_
                 assert time.monotonic() < deadline, "the gateway did not recover after PostgreSQL came back"
                 time.sleep(0.2)
         gw.settle()
-        gw.servers.call(gw.gateway.guard.flush())  # type: ignore[attr-defined]
+        gw.servers.call(gw.gateway.ledger.flush())
         assert set(served) <= _ledger_ids(gw)  # every request served has its ledger row
     finally:
         pg.remove()

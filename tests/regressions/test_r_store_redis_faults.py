@@ -151,7 +151,7 @@ def test_a_restarted_redis_is_reseeded_from_the_ledger_including_unwritten_rows(
     results = [one() for _ in range(60)]
     assert results[0] == "ok"  # reconnected at once: no 503
     assert "budget_exceeded" in results
-    ledger = gw.gateway.guard.ledger  # type: ignore[attr-defined]
+    ledger = gw.gateway.ledger
     rows = ledger.writer.rows()
     spent = sum(row["cost_usd"] for row in rows)
     one_request = max(row["cost_usd"] for row in rows)

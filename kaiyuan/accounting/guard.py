@@ -19,6 +19,7 @@ import asyncio
 import hmac
 import logging
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -46,6 +47,8 @@ from kaiyuan.limits.counters import (
     RedisCounters,
     Ticket,
 )
+from kaiyuan.limits.shared import ENV_SOCKET as SHARED_COUNTERS_ENV
+from kaiyuan.limits.shared import SharedCounters
 
 if TYPE_CHECKING:
     from kaiyuan.gateway import Gateway
@@ -109,6 +112,8 @@ class KeyGuard:
         if self.settings.backend == "redis":
             assert self.settings.redis_url is not None
             self.counters = RedisCounters(self.settings.redis_url, on_settle_event=lambda what, n: self.m_settle.labels(what).inc(n))
+        elif (shared := os.environ.get(SHARED_COUNTERS_ENV)):  # a worker of `kaiyuan serve --workers N`
+            self.counters = SharedCounters(shared, on_invalidate=self.invalidate)
         # deployment id -> (deployment, price or None, vendor); model -> deployments
         self.deployments: dict[str, tuple[DeploymentBase, ResolvedPrice | None, str]] = {}
         self.model_deps: dict[str, list[str]] = {}
@@ -154,6 +159,12 @@ class KeyGuard:
         """Forget cached keys here and, with Redis, on every replica at once (the admin API calls this
         after every change); replicas that miss the message still drop the key within the cache TTL."""
         self.invalidate(key_hash)
+        if isinstance(self.counters, SharedCounters):
+            try:
+                await self.counters.publish_invalidation(key_hash)
+            except Exception as e:
+                log.warning("could not tell the other workers to drop a cached key (%s); they will within %ss",
+                            e, self.settings.key_cache_ttl_s)
         if isinstance(self.counters, RedisCounters):
             try:
                 await self.counters.redis.publish(INVALIDATE_CHANNEL, key_hash or "*")
@@ -187,6 +198,8 @@ class KeyGuard:
     def _start_tasks(self) -> None:
         if self._task is None and self.engine is not None and not self._closing:
             self._task = asyncio.create_task(self._run(), name="kaiyuan-spend-ledger")
+        if self._listener is None and isinstance(self.counters, SharedCounters) and not self._closing:
+            self._listener = asyncio.create_task(self.counters.connect(), name="kaiyuan-shared-counters-connect")
         if self._listener is None and isinstance(self.counters, RedisCounters) and not self._closing:
             self._listener = asyncio.create_task(self._listen(), name="kaiyuan-key-invalidation")
 
@@ -320,6 +333,8 @@ class KeyGuard:
                         self.m_settle.labels("inline").inc()
                         # shielded: a client that hangs up must not cancel the release of its reservation
                         await asyncio.shield(self.counters.settle(ticket, [nano] * len(ticket.budgets), total))
+                elif ticket.backend == "shared" and isinstance(self.counters, SharedCounters):
+                    await asyncio.shield(self.counters.settle(ticket, [nano] * len(ticket.budgets), total))
                 else:
                     self.local.settle_sync(ticket, [nano] * len(ticket.budgets), total)
             except Exception as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -118,16 +119,22 @@ def build_gateway(config: GatewayConfig) -> Gateway:
     return Gateway(config, engine)
 
 
-async def run_server(config: GatewayConfig, host: str, port: int, ready: Callable[[str], None] | None = None) -> None:
+async def run_server(config: GatewayConfig, host: str, port: int, ready: Callable[[str], None] | None = None,
+                     sock: socket.socket | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then drain: stop accepting, let in-flight requests and streams
+    finish for up to ``server.shutdown_grace_s``, flush the logs. ``sock``: a listening socket to
+    accept on instead of binding ``host:port`` (a worker of ``kaiyuan serve --workers``)."""
     gw = build_gateway(config)
     app = create_app(config, gw)
     runner = web.AppRunner(
         app,
         handler_cancellation=True,  # a client that disconnects cancels its upstream request
         access_log=log if config.server.access_log else None,
+        shutdown_timeout=config.server.shutdown_grace_s,
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
+    site: web.BaseSite = (web.SockSite(runner, sock) if sock is not None
+                          else web.TCPSite(runner, host, port, backlog=4096, reuse_address=True))
     try:
         await site.start()
     except BaseException:

@@ -213,6 +213,11 @@ class _HTTPDeployment(DeploymentBase):
 class OpenAICompatibleDeployment(_HTTPDeployment):
     provider: Literal["openai_compatible"]
     base_url: str = Field(..., description="e.g. https://api.deepseek.com/v1")
+    max_tokens_fields: Literal["both", "max_tokens", "max_completion_tokens"] | None = Field(
+        None,
+        description="which output-cap field(s) chat calls carry; default: both, except hosts known to refuse "
+        "both at once (api.openai.com, Azure: max_completion_tokens; Volcengine Ark: max_tokens)",
+    )
 
 
 class LocalDeployment(DeploymentBase):

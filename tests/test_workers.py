@@ -156,7 +156,7 @@ def test_budget_holds_across_workers_under_concurrent_load(served: Served, fake_
             break
         time.sleep(0.3)
     engine.dispose()
-    assert rows == ok  # every request the upstream answered has its ledger row
+    assert rows == ok, results  # every request the upstream answered has its ledger row
     assert float(spent) <= 0.2 + 1e-9, (spent, results)
 
 

@@ -348,7 +348,9 @@ class KeyGuard:
                         # shielded: a client that hangs up must not cancel the release of its reservation
                         await asyncio.shield(self.counters.settle(ticket, [nano] * len(ticket.budgets), total))
                 elif ticket.backend == "shared" and isinstance(self.counters, SharedCounters):
-                    await asyncio.shield(self.counters.settle(ticket, [nano] * len(ticket.budgets), total))
+                    # a write on a local socket, no await: nothing here may be cut short by a cancellation
+                    if not self.counters.settle_later(ticket, [nano] * len(ticket.budgets), total):
+                        asyncio.get_running_loop().create_task(self.counters.settle(ticket, [nano] * len(ticket.budgets), total))
                 else:
                     self.local.settle_sync(ticket, [nano] * len(ticket.budgets), total)
             except Exception as e:

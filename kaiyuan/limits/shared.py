@@ -242,12 +242,22 @@ class SharedCounters:
             out.backend = self.name
         return out
 
-    async def settle(self, ticket: Ticket, actual: list[int], total_tokens: int) -> None:
+    def settle_later(self, ticket: Ticket, actual: list[int], total_tokens: int) -> bool:
+        """Send the settle without awaiting anything (the request's last steps must not be a point
+        where its cancellation could skip the ledger row); False when not connected."""
         tid = ticket.extra.get("shared_id")
+        w = self._writer
         if tid is None:
-            return
-        w = await self._conn()
+            return True
+        if w is None or w.is_closing():
+            return False
         w.write(_frame(["settle", 0, [tid, actual, total_tokens]]))
+        return True
+
+    async def settle(self, ticket: Ticket, actual: list[int], total_tokens: int) -> None:
+        if not self.settle_later(ticket, actual, total_tokens):
+            w = await self._conn()
+            w.write(_frame(["settle", 0, [ticket.extra["shared_id"], actual, total_tokens]]))
 
     async def peek_budget(self, counter: str) -> tuple[int, int] | None:
         out = await self._call("peek", [counter])

@@ -7,7 +7,6 @@ import logging
 import signal
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 
@@ -20,6 +19,7 @@ from kaiyuan.gateway import Gateway
 from kaiyuan.routing import admin as routing_admin
 from kaiyuan.server import anthropic_api, gemini_api, health, openai_api
 from kaiyuan.server.common import ErrorSerializer, error_response
+from kaiyuan.server.connections import ConnectionLimiter, default_max_connections
 from kaiyuan.server.handler import record_unknown_route
 from kaiyuan.server.openai_api import GATEWAY_KEY
 
@@ -134,28 +134,32 @@ async def run_server(config: GatewayConfig, host: str, port: int, ready: Callabl
     accept on instead of binding ``host:port`` (a worker of ``kaiyuan serve --workers``)."""
     gw = build_gateway(config)
     app = create_app(config, gw)
+    srv = config.server
     runner = web.AppRunner(
         app,
         handler_cancellation=True,  # a client that disconnects cancels its upstream request
-        access_log=log if config.server.access_log else None,
-        shutdown_timeout=config.server.shutdown_grace_s,
+        access_log=log if srv.access_log else None,
+        keepalive_timeout=srv.header_timeout_s,  # also the time a new connection has to send its head
+        shutdown_timeout=srv.shutdown_grace_s,  # SIGTERM: in-flight requests and streams may finish
     )
     await runner.setup()
-    site: web.BaseSite = (web.SockSite(runner, sock) if sock is not None
-                          else web.TCPSite(runner, host, port, backlog=4096, reuse_address=True))
-    try:
-        await site.start()
+    loop = asyncio.get_running_loop()
+    assert runner.server is not None
+    limiter = ConnectionLimiter(runner.server, srv.max_connections or default_max_connections(), loop)
+    try:  # not a web.TCPSite: the limiter is the protocol factory (server.connections)
+        if sock is not None:  # a worker of `kaiyuan serve --workers`: the supervisor's socket
+            server = await loop.create_server(limiter, sock=sock, backlog=4096)
+        else:
+            server = await loop.create_server(limiter, host, port, backlog=4096, reuse_address=True)
     except BaseException:
         await runner.cleanup()  # close upstream pools and flush the log before reporting the error
         raise
-    server: Any = site._server
-    addrs = [s.getsockname() for s in (server.sockets if server else [])]
+    addrs = [s.getsockname() for s in server.sockets]
     actual_port = addrs[0][1] if addrs else port
     url = f"http://{host}:{actual_port}"
     if ready is not None:
         ready(url)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(sig, stop.set)
@@ -165,4 +169,5 @@ async def run_server(config: GatewayConfig, host: str, port: int, ready: Callabl
         await stop.wait()
     finally:
         log.info("shutting down: flushing the request log")
+        server.close()
         await runner.cleanup()

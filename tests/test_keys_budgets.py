@@ -99,12 +99,20 @@ def test_bad_keys_get_clear_401s(kgw: RunningGateway) -> None:
     with pytest.raises(openai.AuthenticationError) as e:
         chat(kgw, k["key"])
     assert e.value.code == "key_revoked"
-    k2 = new_key(kgw, expires_in_s=0.2)
+    # Expiry without sleeping: a key that works until an admin moves its expiry into the past
+    # (the guard's cached record must be dropped), and a key created already expired.
+    k2 = new_key(kgw, expires_in_s=3600)
     chat(kgw, k2["key"])
-    time.sleep(0.3)
+    past = time.time() - 60
+    assert admin(kgw, "PATCH", f"/admin/keys/{k2['id']}", {"expires_at": past}).json()["status"] == "expired"
     with pytest.raises(openai.AuthenticationError) as e:
         chat(kgw, k2["key"])
     assert e.value.code == "key_expired" and "expired at" in str(e.value)
+    k3 = new_key(kgw, expires_at=past)
+    assert k3["status"] == "expired"
+    with pytest.raises(openai.AuthenticationError) as e:
+        chat(kgw, k3["key"])
+    assert e.value.code == "key_expired"
 
 
 def test_bad_admin_input_is_rejected_and_nothing_is_written(kgw: RunningGateway) -> None:

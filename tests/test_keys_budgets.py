@@ -482,3 +482,26 @@ def test_key_policy_is_enforced_by_the_router(kgw: RunningGateway, fake_openai: 
         chat(kgw, k["key"])
     assert "self_hosted" in str(e.value) and len(fake_openai.requests) == before
     assert admin(kgw, "POST", "/admin/keys", {"name": "bad", "policy": "self hosted"}).status_code == 400
+
+
+def test_models_sharing_an_upstream_keep_their_own_prices(
+    make_gateway: Callable[[dict[str, Any]], RunningGateway], fake_openai: FakeOpenAI
+) -> None:
+    """Two public models on one upstream model and host (same generated deployment id) used to share
+    one price: the second overwrote the first in the guard's deployment map."""
+    url = fake_openai.url  # type: ignore[attr-defined]
+    gw = make_gateway({
+        "server": {"master_key": MASTER},
+        "models": [
+            openai_model("plain", url, "upstream-chat", deployment={"price": PRICE}),
+            openai_model("premium", url, "upstream-chat", deployment={"price": {"input": 10.0, "output": 20.0}}),
+        ],
+    })
+    chat(gw, MASTER, "one two three", model="plain")
+    chat(gw, MASTER, "one two three", model="premium")
+    plain, premium = gw.log_rows()[-2:]
+    # fake usage: prompt = 3 words + 3, completion = "echo: one two three" = 4 words
+    assert plain["cost_usd"] == pytest.approx((6 * 1.0 + 4 * 2.0) / 1e6)
+    assert premium["cost_usd"] == pytest.approx((6 * 10.0 + 4 * 20.0) / 1e6)
+    assert plain["deployment"] != premium["deployment"]
+    assert premium["deployment"].endswith("#premium")

@@ -313,6 +313,8 @@ def unique_deployment_ids(models: list[ModelConfig]) -> None:
     across models: generated ids that collide get ``#MODEL``; written ids that collide are an error."""
     owners: dict[str, list[tuple[int, int, ModelConfig]]] = {}
     for mi, m in enumerate(models):
+        if _is_arm_copy(m, models):
+            continue
         for di, d in enumerate(m.deployments):
             owners.setdefault(str(d.id), []).append((mi, di, m))
     for dep_id, where in owners.items():
@@ -325,9 +327,15 @@ def unique_deployment_ids(models: list[ModelConfig]) -> None:
         for _mi, di, m in where:
             if m.deployments[di]._auto_id:
                 m.deployments[di].id = f"{dep_id}#{m.name}"
-    ids = [str(d.id) for m in models for d in m.deployments]
+    ids = [str(d.id) for m in models if not _is_arm_copy(m, models) for d in m.deployments]
     if len(set(ids)) != len(ids):
         raise ValueError(f"deployment ids must be unique across models; repeated: {sorted({i for i in ids if ids.count(i) > 1})}")
+
+
+def _is_arm_copy(m: ModelConfig, models: list[ModelConfig]) -> bool:
+    """A ``MODEL@ID`` trial arm written out (a dumped config): it reuses MODEL's deployment, same id."""
+    base = next((b for b in models if "@" in m.name and b.name == m.name.split("@", 1)[0]), None)
+    return base is not None and {d.id for d in m.deployments} <= {d.id for d in base.deployments}
 
 
 def _arm_deployments(m: ModelConfig, dep_id: str) -> list[Deployment]:

@@ -77,7 +77,7 @@ class SingleFlight:
             self._inflight.pop(key, None)
 
         return forget
-BILLED_ENDPOINTS = frozenset({"chat", "completions", "embeddings", "messages"})
+BILLED_ENDPOINTS = frozenset({"chat", "completions", "embeddings", "messages", "responses"})
 SEED_TTL_S = 60.0
 INVALIDATE_CHANNEL = "ky:invalidate"  # a counter's starting spend is re-read from the ledger at most this often
 PERIOD_WORD = {"day": "daily", "week": "weekly", "month": "monthly", "total": "total"}

@@ -103,7 +103,7 @@ def count_prompt(model: str, body: dict[str, Any]) -> int:
     images = [0]
     messages = body.get("messages")
     n_messages = len(messages) if isinstance(messages, list) else 0
-    for key in ("system", "messages", "prompt", "input", "tools", "functions", "response_format", "suffix"):
+    for key in ("system", "instructions", "messages", "prompt", "input", "tools", "functions", "response_format", "suffix"):
         v = body.get(key)
         if v is not None:
             _strings(v, texts, images)

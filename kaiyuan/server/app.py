@@ -16,7 +16,7 @@ from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
 from kaiyuan.routing import admin as routing_admin
-from kaiyuan.server import anthropic_api, health, openai_api
+from kaiyuan.server import anthropic_api, health, openai_api, responses_api
 from kaiyuan.server.common import ErrorSerializer, error_response
 from kaiyuan.server.openai_api import GATEWAY_KEY
 
@@ -32,6 +32,7 @@ from kaiyuan.server import admin_api  # noqa: E402  (the admin API: keys, teams,
 
 EXTRA_ROUTES.append(admin_api.add_routes)
 EXTRA_ROUTES.append(anthropic_api.add_routes)
+EXTRA_ROUTES.append(responses_api.add_routes)
 ERROR_SHAPES.append(("/v1/messages", anth.error_body))
 
 

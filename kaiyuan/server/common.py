@@ -154,6 +154,9 @@ def kaiyuan_headers(ctx: RequestContext) -> dict[str, str]:
     served = ctx.extra.get("served_model")
     if served:
         h["x-kaiyuan-model"] = served
+    omitted = ctx.extra.get("omitted_tools")
+    if omitted:  # /v1/responses: hosted tools left out of the upstream call
+        h["x-kaiyuan-omitted-tools"] = omitted
     return h
 
 

@@ -1,0 +1,238 @@
+"""POST /v1/responses with the official openai SDK, through a real gateway onto the fake
+OpenAI-compatible upstream and the fake Anthropic-native upstream (create, stream, parse, tool
+episodes, stored state, sealed reasoning) and its bad inputs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import openai
+import pytest
+from pydantic import BaseModel
+
+from kaiyuan.testing.harness import RunningGateway
+from tests.conftest import openai_model
+
+MODELS = ["fake-chat", "claude"]
+TOOLS: Any = [{"type": "function", "name": "search", "description": "search the web",
+               "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}]
+
+
+@pytest.fixture
+def rgw(make_gateway: Callable[[dict[str, Any]], RunningGateway], fake_openai: Any, fake_anthropic: Any) -> RunningGateway:
+    return make_gateway({"models": [
+        openai_model("fake-chat", fake_openai.url, "upstream-chat", log_bodies=True),
+        openai_model("deepseek-reasoner", fake_openai.url),
+        openai_model("strict-chat", fake_openai.url, "upstream-chat", hosted_tools="refuse"),
+        {"name": "claude", "deployments": [
+            {"provider": "anthropic", "base_url": fake_anthropic.url, "model": "claude-up", "api_key": "sk-ant-upstream"}]},
+    ]})
+
+
+def client(gw: RunningGateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.base_url, api_key="unused", max_retries=0)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_create_string_input(rgw: RunningGateway, model: str) -> None:
+    r = client(rgw).responses.create(model=model, input="hello there", instructions="be kind", max_output_tokens=50)
+    assert r.output_text == "echo: hello there"
+    assert r.status == "completed" and r.model == model and r.id.startswith("resp_")
+    assert r.instructions == "be kind" and r.max_output_tokens == 50
+    assert r.usage is not None and r.usage.input_tokens > 0 and r.usage.output_tokens > 0
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+    assert r.output[0].type == "message" and r.output[0].role == "assistant"
+
+
+def test_fields_reach_the_chat_upstream(rgw: RunningGateway, fake_openai: Any) -> None:
+    client(rgw).responses.create(
+        model="fake-chat", instructions="sys", temperature=0.3, top_p=0.9, max_output_tokens=77, user="u1",
+        input=[{"role": "developer", "content": "dev rule"},
+               {"role": "user", "content": [{"type": "input_text", "text": "look"},
+                                            {"type": "input_image", "image_url": "https://example.com/a.png"}]}],
+        metadata={"k": "v"}, store=False, prompt_cache_key="pk", include=["reasoning.encrypted_content"],
+        extra_body={"client_metadata": {"x": "y"}})
+    sent = fake_openai.requests[-1]
+    assert sent["model"] == "upstream-chat" and sent["max_tokens"] == 77 and sent["temperature"] == 0.3
+    assert sent["top_p"] == 0.9 and sent["user"] == "u1"
+    assert sent["messages"][0] == {"role": "system", "content": "sys\ndev rule"} or sent["messages"][0]["role"] == "system"
+    assert sent["messages"][1]["content"][1] == {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_tool_episode_stateless(rgw: RunningGateway, model: str) -> None:
+    c = client(rgw)
+    r1 = c.responses.create(model=model, input="weather in Paris", tools=TOOLS, store=False)
+    calls = [o for o in r1.output if o.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "search"
+    assert json.loads(calls[0].arguments)["query"] == "weather in Paris"
+    items: list[Any] = [{"role": "user", "content": "weather in Paris"}]
+    items += [o.model_dump(exclude_none=True) for o in r1.output]
+    items.append({"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny"})
+    r2 = c.responses.create(model=model, input=items, tools=TOOLS, store=False)
+    assert r2.output_text == "tool said: sunny"
+    with pytest.raises(openai.NotFoundError):  # store: false keeps nothing
+        c.responses.retrieve(r1.id)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_tool_episode_previous_response_id(rgw: RunningGateway, model: str) -> None:
+    c = client(rgw)
+    r1 = c.responses.create(model=model, input="weather in Rome", tools=TOOLS)
+    call = next(o for o in r1.output if o.type == "function_call")
+    r2 = c.responses.create(model=model, previous_response_id=r1.id, tools=TOOLS,
+                            input=[{"type": "function_call_output", "call_id": call.call_id, "output": "rain"}])
+    assert r2.output_text == "tool said: rain" and r2.previous_response_id == r1.id
+    got = c.responses.retrieve(r2.id)
+    assert got.output_text == "tool said: rain"
+    items = c.responses.input_items.list(r2.id)
+    assert [i.type for i in items.data] == ["function_call_output"]
+    c.responses.delete(r2.id)
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(r2.id)
+    with pytest.raises(openai.NotFoundError) as e:
+        c.responses.create(model=model, previous_response_id=r2.id, input="more")
+    assert isinstance(e.value.body, dict) and e.value.body["param"] == "previous_response_id"
+
+
+def test_state_survives_the_write_behind(rgw: RunningGateway) -> None:
+    c = client(rgw)
+    r1 = c.responses.create(model="fake-chat", input="first")
+    from kaiyuan.server.responses_state import RUNTIME_KEY
+
+    rt = next(r.app[RUNTIME_KEY] for r in rgw.servers._runners if r.app is not None and RUNTIME_KEY in r.app
+              and r.app[RUNTIME_KEY].gw is rgw.gateway)
+    rgw.servers.call(rt.store.flush())
+    assert not rt.store.pending
+    r2 = c.responses.create(model="fake-chat", input="second", previous_response_id=r1.id)
+    assert r2.output_text == "echo: second"
+    assert c.responses.retrieve(r1.id).output_text == "echo: first"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_stream_text(rgw: RunningGateway, model: str) -> None:
+    with client(rgw).responses.stream(model=model, input="one two three") as s:
+        events = list(s)
+        final = s.get_final_response()
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] == "response.completed"
+    for k in ("response.output_item.added", "response.content_part.added", "response.output_text.delta",
+              "response.output_text.done", "response.content_part.done", "response.output_item.done"):
+        assert k in kinds
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert final.output_text == "echo: one two three"
+    assert final.usage is not None and final.usage.output_tokens > 0
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_stream_tool_call(rgw: RunningGateway, model: str) -> None:
+    with client(rgw).responses.stream(model=model, input="parallel lookups", tools=TOOLS) as s:
+        events = list(s)
+        final = s.get_final_response()
+    kinds = [e.type for e in events]
+    assert "response.function_call_arguments.delta" in kinds and "response.function_call_arguments.done" in kinds
+    calls = [o for o in final.output if o.type == "function_call"]
+    assert len(calls) == 2 and all(json.loads(c.arguments)["query"] == "parallel lookups" for c in calls)
+
+
+class Answer(BaseModel):
+    answer: str
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_parse_json_schema(rgw: RunningGateway, model: str) -> None:
+    r = client(rgw).responses.parse(model=model, input="capital of France", text_format=Answer)
+    assert r.output_parsed == Answer(answer="capital of France")
+
+
+def test_reasoning_summary_and_encrypted_round_trip(rgw: RunningGateway, fake_openai: Any) -> None:
+    c = client(rgw)
+    with c.responses.stream(model="deepseek-reasoner", input="why", tools=TOOLS, store=False,
+                            reasoning={"summary": "auto"}, include=["reasoning.encrypted_content"]) as s:
+        events = list(s)
+        final = s.get_final_response()
+    kinds = [e.type for e in events]
+    assert "response.reasoning_summary_text.delta" in kinds and "response.reasoning_summary_text.done" in kinds
+    rs = next(o for o in final.output if o.type == "reasoning")
+    assert rs.summary[0].text == "thinking about: why " or rs.summary[0].text.startswith("thinking about: why")
+    assert rs.encrypted_content and "thinking" not in rs.encrypted_content
+    call = next(o for o in final.output if o.type == "function_call")
+    items: list[Any] = [{"role": "user", "content": "why"}, {"type": "reasoning", "id": rs.id, "summary": [],
+                                                             "encrypted_content": rs.encrypted_content},
+                        call.model_dump(exclude_none=True),
+                        {"type": "function_call_output", "call_id": call.call_id, "output": "42"}]
+    r2 = c.responses.create(model="deepseek-reasoner", input=items, tools=TOOLS, store=False)
+    assert r2.output_text == "tool said: 42"
+    assistant = next(m for m in fake_openai.requests[-1]["messages"] if m["role"] == "assistant")
+    assert assistant["reasoning_content"].startswith("thinking about: why")  # DeepSeek needs it back
+    tampered = dict(items[1], encrypted_content=rs.encrypted_content[:-4] + "AAAA")
+    with pytest.raises(openai.BadRequestError) as e:
+        c.responses.create(model="deepseek-reasoner", input=[items[0], tampered, *items[2:]], tools=TOOLS, store=False)
+    assert "encrypted_content" in str(e.value)
+
+
+def test_hosted_tools_omitted_with_header_or_refused(rgw: RunningGateway, fake_openai: Any) -> None:
+    c = client(rgw)
+    raw = c.responses.with_raw_response.create(model="fake-chat", input="hi",
+                                               tools=[{"type": "web_search"}, *TOOLS])
+    assert raw.headers["x-kaiyuan-omitted-tools"] == "web_search"
+    assert [t["function"]["name"] for t in fake_openai.requests[-1]["tools"]] == ["search"]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.responses.create(model="strict-chat", input="hi", tools=[{"type": "web_search"}])
+    assert "web_search" in str(e.value)
+
+
+def test_namespace_tools_flattened_and_mapped_back(rgw: RunningGateway, fake_openai: Any) -> None:
+    ns: Any = {"type": "namespace", "name": "crm", "description": "CRM tools",
+               "tools": [{"type": "function", "name": "find", "parameters": {"type": "object", "properties": {}}}]}
+    r = client(rgw).responses.create(model="fake-chat", input="find bob", tools=[ns])
+    assert fake_openai.requests[-1]["tools"][0]["function"]["name"] == "crm__find"
+    call = next(o for o in r.output if o.type == "function_call")
+    assert call.name == "find" and call.namespace == "crm"
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"model": "fake-chat"}, "input"),
+    ({"model": "fake-chat", "input": 5}, "input"),
+    ({"model": "fake-chat", "input": "x", "bogus": 1}, "bogus"),
+    ({"model": "fake-chat", "input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"model": "fake-chat", "input": "x", "reasoning": {"effort": "galactic"}}, "reasoning.effort"),
+    ({"model": "fake-chat", "input": "x", "text": {"format": {"type": "yaml"}}}, "text.format"),
+    ({"model": "fake-chat", "input": [{"type": "function_call_output", "call_id": "nope", "output": "x"}]}, "input[0].call_id"),
+    ({"model": "fake-chat", "input": [{"type": "message", "role": "wizard", "content": "x"}]}, "input[0].role"),
+    ({"model": "fake-chat", "input": [{"type": "telepathy"}]}, "input[0].type"),
+    ({"model": "fake-chat", "input": "x", "background": True}, "background"),
+    ({"model": "fake-chat", "input": "x", "include": ["everything"]}, "include[0]"),
+])
+def test_bad_input_is_a_400_naming_the_field(rgw: RunningGateway, body: dict[str, Any], param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client(rgw).post("/responses", body=body, cast_to=dict)
+    err = e.value.body
+    assert isinstance(err, dict) and err.get("param") == param, err
+
+
+def test_unknown_model_and_previous_id(rgw: RunningGateway) -> None:
+    c = client(rgw)
+    with pytest.raises(openai.NotFoundError):
+        c.responses.create(model="nope", input="x")
+    with pytest.raises(openai.NotFoundError):
+        c.responses.create(model="fake-chat", input="x", previous_response_id="resp_missing")
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve("resp_missing")
+    r = c.responses.create(model="fake-chat", input="x")
+    with pytest.raises(openai.BadRequestError) as e:
+        c.get(f"/responses/{r.id}/input_items?limit=0", cast_to=dict)
+    assert isinstance(e.value.body, dict) and e.value.body["param"] == "limit"
+
+
+def test_broken_upstream_stream_ends_with_error_and_failed(rgw: RunningGateway, fake_openai: Any) -> None:
+    from kaiyuan.testing.fake_openai import Behaviour
+
+    fake_openai.next(Behaviour(drop_after_chunks=2))
+    with pytest.raises(openai.APIError):
+        with client(rgw).responses.stream(model="fake-chat", input="a b c d e f") as s:
+            for _ in s:
+                pass

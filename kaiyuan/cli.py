@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from kaiyuan import __version__
 from kaiyuan.config import DEFAULT_HOST, DEFAULT_PORT, ConfigError, GatewayConfig, load_config
@@ -58,20 +59,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from sqlalchemy import select
+    from sqlalchemy import inspect, select
 
-    from kaiyuan.store.db import open_store
+    from kaiyuan.store.db import make_engine, sqlite_path
     from kaiyuan.store.schema import request_log as t
 
     config = _config(args)
-    engine = open_store(args.db or config.store.url)
-    q = select(t).order_by(t.c.ts.desc()).limit(args.limit)
-    if args.model:
-        q = q.where(t.c.model == args.model)
-    if args.errors:
-        q = q.where(t.c.status >= 400)
+    url = args.db or config.store.url
+    path = sqlite_path(url)
+    if path is not None and not Path(path).exists():
+        print(f"no request log at {Path(path).resolve()} (store.url {url}); run this where the gateway started, "
+              "or pass --config / --db", file=sys.stderr)
+        return 1
+    engine = make_engine(url)  # reading never migrates or creates anything
+    where = str(Path(path).resolve()) if path else engine.url.render_as_string(hide_password=True)
+    print(f"request log: {where}", file=sys.stderr)
     with engine.connect() as conn:
+        if not inspect(conn).has_table("request_log"):
+            print("no request_log table in that database (has the gateway run with it?)", file=sys.stderr)
+            return 1
+        q = select(t).order_by(t.c.ts.desc()).limit(args.limit)
+        if args.model:
+            q = q.where(t.c.model == args.model)
+        if args.errors:
+            q = q.where(t.c.status >= 400)
         rows = list(conn.execute(q).mappings())
+    engine.dispose()
     if not rows:
         print("no requests logged yet")
         return 0
@@ -108,8 +121,13 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = _config(args)
-    print(f"configuration OK: {len(config.models)} model(s)")
+    path = getattr(args, "config", None) or os.environ.get("KAIYUAN_CONFIG")
+    config = load_config(path)
+    what = path or "the zero-config default (no --config, no KAIYUAN_CONFIG)"
+    if not config.models:
+        print(f"error: {what}: no models configured; add at least one under 'models:' (see README)", file=sys.stderr)
+        return 2
+    print(f"configuration OK: {what}: {len(config.models)} model(s)")
     return 0
 
 
@@ -138,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     c = sub.add_parser("check", help="validate a config file and exit")
-    c.add_argument("--config", "-c", required=True)
+    c.add_argument("--config", "-c", help="YAML config file (default: $KAIYUAN_CONFIG, else the zero-config default)")
     c.set_defaults(func=cmd_check)
 
     _load_plugins()

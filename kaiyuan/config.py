@@ -7,8 +7,10 @@ any string may reference ``${ENV_VAR}`` or ``${ENV_VAR:-default}``.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -195,6 +197,13 @@ class LocalDeployment(DeploymentBase):
     max_tokens_default: int = Field(256, gt=0)
     embeddings: bool = True
 
+    @model_validator(mode="after")
+    def _name_from_path(self) -> LocalDeployment:
+        """A deployment with its own ``path`` and no ``model`` is named after its file, not SmolLM2."""
+        if self.path and "model" not in self.model_fields_set:
+            self.model = Path(self.path).name.removesuffix(".gguf") or self.model
+        return self
+
     def default_id(self) -> str:
         return f"local:{self.model}"
 
@@ -221,6 +230,10 @@ Deployment = Annotated[
     OpenAICompatibleDeployment | LocalDeployment | AnthropicDeployment | GeminiDeployment,
     Field(discriminator="provider"),
 ]
+_DEPLOYMENT_CLASSES: dict[str, type[BaseModel]] = {
+    "openai_compatible": OpenAICompatibleDeployment, "local": LocalDeployment,
+    "anthropic": AnthropicDeployment, "gemini": GeminiDeployment,
+}
 
 
 class ModelConfig(_Strict):
@@ -375,24 +388,69 @@ def _loc(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("openai_compatible", "local", "anthropic", "gemini") and out.endswith("]"):
+        elif part in PROVIDERS and out.endswith("]"):
             continue  # the discriminator tag pydantic inserts; not a key the user wrote
         else:
             out += f".{part}" if out else str(part)
     return out or "(top level)"
 
 
+PROVIDERS = ("openai_compatible", "local", "anthropic", "gemini")
+
+
+def _did_you_mean(word: Any, choices: Any) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The config class that owns the key at ``loc`` (for the keys it allows), or None."""
+    cls: Any = GatewayConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if isinstance(cls, type) and issubclass(cls, BaseModel) and part in cls.model_fields:
+            cls = _inner(cls.model_fields[part].annotation)
+        elif part in _DEPLOYMENT_CLASSES:
+            cls = _DEPLOYMENT_CLASSES[part]
+        else:
+            return None
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _inner(tp: Any) -> Any:
+    """list[X] / X | None / Annotated[...] -> X (the first BaseModel inside, else tp)."""
+    for arg in typing.get_args(tp):
+        found = _inner(arg)
+        if isinstance(found, type) and issubclass(found, BaseModel):
+            return found
+    return tp
+
+
+def _message(e: Any) -> str:
+    kind, loc = e["type"], tuple(e["loc"])
+    if kind == "extra_forbidden":
+        owner = _model_at(loc[:-1])
+        allowed = sorted(owner.model_fields) if owner is not None else []
+        hint = _did_you_mean(loc[-1], allowed) if loc else ""
+        keys = f" (allowed here: {', '.join(allowed)})" if allowed and not hint else ""
+        return f"unknown key{hint}{keys} (see docs/configuration.md)"
+    if kind == "union_tag_invalid":
+        tag = e.get("ctx", {}).get("tag", "")
+        return f"unknown provider {tag!r}{_did_you_mean(tag, PROVIDERS)} (one of: {', '.join(PROVIDERS)})"
+    if kind == "union_tag_not_found":
+        return f"missing 'provider' (one of: {', '.join(PROVIDERS)})"
+    if kind == "literal_error" and isinstance(e.get("input"), str):
+        expected = re.findall(r"'([^']*)'", str(e.get("ctx", {}).get("expected", "")))
+        return f"{e['input']!r} is not allowed{_did_you_mean(e['input'], expected)} (one of: {', '.join(expected)})"
+    msg = str(e["msg"])
+    return msg.removeprefix("Value error, ")
+
+
 def format_validation_error(source: str, err: ValidationError) -> str:
     lines = [f"{source}: invalid configuration"]
     for e in err.errors():
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see docs/configuration.md)"
-        elif e["type"] == "union_tag_invalid":
-            msg = f"{msg}"
-        elif e["type"] == "union_tag_not_found":
-            msg = "missing 'provider' (one of: openai_compatible, local, anthropic, gemini)"
-        lines.append(f"  {_loc(tuple(e['loc']))}: {msg}")
+        lines.append(f"  {_loc(tuple(e['loc']))}: {_message(e)}")
     return "\n".join(lines)
 
 

@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # Start throw-away Redis and PostgreSQL servers on 127.0.0.1 for the test suite, if their binaries
 # are installed and the caller has not already pointed the tests at servers of their own.
-# Prints `export ...` lines to eval; stops nothing (scripts/test.sh stops them on exit).
+# Prints `export ...` lines to eval; stops nothing (scripts/test.sh stops them on exit and deletes
+# the state directory it created, KAIYUAN_TEST_STATE_OWNED).
 set -euo pipefail
-state="${KAIYUAN_TEST_STATE:-$(mktemp -d /tmp/kaiyuan-test-services.XXXXXX)}"
+if [ -n "${KAIYUAN_TEST_STATE:-}" ]; then
+  state="$KAIYUAN_TEST_STATE"
+else
+  state="$(mktemp -d "${TMPDIR:-/tmp}/kaiyuan-test-services.XXXXXX")"
+  # ours to delete: scripts/test.sh removes it (the PostgreSQL data dir is ~60 MB) once the servers stop
+  echo "export KAIYUAN_TEST_STATE_OWNED=$state"
+fi
 mkdir -p "$state"
 chmod 777 "$state"
 

@@ -15,6 +15,10 @@ cleanup() {
     if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$KAIYUAN_TEST_POSTGRES_BIN/pg_ctl" -D "$KAIYUAN_TEST_POSTGRES_DATA" -m immediate stop >/dev/null 2>&1
     else "$KAIYUAN_TEST_POSTGRES_BIN/pg_ctl" -D "$KAIYUAN_TEST_POSTGRES_DATA" -m immediate stop >/dev/null 2>&1; fi
   fi
+  # the throw-away state (PostgreSQL data dir, Redis log) goes too; only a dir test-services.sh made
+  case "${KAIYUAN_TEST_STATE_OWNED:-}" in
+    */kaiyuan-test-services.*) rm -rf -- "$KAIYUAN_TEST_STATE_OWNED" ;;
+  esac
 }
 trap cleanup EXIT
 echo "redis: ${KAIYUAN_TEST_REDIS_URL:-not installed (those tests will skip)}"

@@ -197,7 +197,13 @@ def vendor_of(dep: DeploymentBase, price: ResolvedPrice | None) -> str:
     return host or str(provider)
 
 
+EMBEDDED_PRICE = Price(input=0.0, output=0.0)  # in-process llama.cpp: no vendor bills it
+
+
 def deployment_price(dep: DeploymentBase, catalog: PriceCatalog) -> ResolvedPrice | None:
+    """Config ``price`` first; the embedded (``provider: local``) engine costs 0; else the catalog."""
     if dep.price is not None:
         return resolve(Price.model_validate(dep.price), catalog.cny_per_usd, dep.vendor, "config")
+    if getattr(dep, "provider", None) == "local":
+        return resolve(EMBEDDED_PRICE, catalog.cny_per_usd, "self-hosted", "embedded model, run in-process: priced at 0")
     return catalog.lookup(dep.model)

@@ -21,6 +21,15 @@ def normalise_url(url: str) -> str:
     return url
 
 
+def sqlite_path(url: str) -> str | None:
+    """The file behind a ``sqlite:///path`` URL (None for other databases and for :memory:)."""
+    url = normalise_url(url)
+    if not url.startswith("sqlite") or ":///" not in url:
+        return None
+    path = url.split(":///", 1)[1].split("?", 1)[0]
+    return None if path in ("", ":memory:") else str(Path(path).expanduser())
+
+
 def make_engine(url: str) -> Engine:
     url = normalise_url(url)
     if url.startswith("sqlite"):

@@ -28,6 +28,7 @@ ECHOED: dict[str, Any] = {
     "instructions": None, "max_output_tokens": None, "parallel_tool_calls": True, "previous_response_id": None,
     "temperature": None, "top_p": None, "tool_choice": "auto", "tools": [], "user": None, "metadata": {},
     "store": True, "truncation": "disabled", "prompt_cache_key": None, "service_tier": "default",
+    "max_tool_calls": None, "safety_identifier": None, "top_logprobs": 0,
 }
 
 
@@ -45,7 +46,8 @@ class Shape:
 
 
 def usage(u: c.Usage) -> dict[str, Any]:
-    return {"input_tokens": u.input_tokens, "input_tokens_details": {"cached_tokens": u.cache_read or 0},
+    return {"input_tokens": u.input_tokens,
+            "input_tokens_details": {"cached_tokens": u.cache_read or 0, "cache_write_tokens": u.cache_write or 0},
             "output_tokens": u.output_tokens, "output_tokens_details": {"reasoning_tokens": u.reasoning or 0},
             "total_tokens": u.input_tokens + u.output_tokens}
 

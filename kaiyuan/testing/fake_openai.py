@@ -43,6 +43,7 @@ class Behaviour:
     status_on_fail: int = 500
     content: str | None = None  # override the answer text
     raw_body: bytes | None = None  # answer exactly these bytes (with `status`)
+    tool_calls: list[tuple[str, str]] | None = None  # answer with these calls: (function name, arguments JSON)
 
 
 def count_tokens(text: str) -> int:
@@ -125,6 +126,10 @@ class FakeOpenAI:
         model = str(body.get("model", ""))
         if "reasoner" in model or "thinking" in model:
             reasoning = f"thinking about: {last_user}"
+        if b.tool_calls:  # scripted: exactly these calls
+            calls = [{"id": f"call_s{i}_{self.rng.randrange(10**8)}", "type": "function",
+                      "function": {"name": name, "arguments": args}} for i, (name, args) in enumerate(b.tool_calls)]
+            return {"content": None, "tool_calls": calls, "reasoning": reasoning, "finish": "tool_calls", "user": last_user}
         if tools and body.get("tool_choice") != "none" and last.get("role") != "tool":
             calls = []
             n_calls = 2 if body.get("parallel_tool_calls") is not False and "parallel" in last_user else 1

@@ -115,7 +115,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     for m in config.models:
         print(m.name)
         for d in m.deployments:
-            where = getattr(d, "base_url", None) or getattr(d, "path", None) or "(embedded)"
+            where = getattr(d, "public_url", None) or getattr(d, "path", None) or "(embedded)"
             print(f"  - {d.id}  provider={d.provider}  model={d.model}  {where}")
     return 0
 

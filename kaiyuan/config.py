@@ -7,12 +7,14 @@ any string may reference ``${ENV_VAR}`` or ``${ENV_VAR:-default}``.
 
 from __future__ import annotations
 
+import base64
 import difflib
 import os
 import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,6 +27,33 @@ DEFAULT_PORT = 4000
 DEFAULT_LOCAL_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 MAX_RESPONSE_DOC = "largest whole (non-streamed) upstream body, success or error, after decompression; beyond: 502"
+
+
+def public_url(url: str) -> str:
+    """``url`` without its ``user:pass@`` and with every query value replaced by ``***``: a base_url
+    may carry a credential (``https://user:token@host/v1``, ``...?key=SECRET``) that still works for
+    the upstream call but must never be displayed (deployment ids, errors, headers, metrics)."""
+    parts = urlsplit(url)
+    query = "&".join(p.split("=", 1)[0] + "=***" for p in parts.query.split("&") if p)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, query, ""))
+
+
+def upstream_url(base_url: str, path: str) -> str:
+    """``base_url`` + ``path`` for the upstream call: the userinfo left out (it goes in an
+    Authorization header, :func:`credential_headers`), base_url's query kept after the path's."""
+    parts = urlsplit(base_url)
+    path, _, own_query = path.partition("?")
+    query = "&".join(q for q in (own_query, parts.query) if q)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/") + path, query, ""))
+
+
+def credential_headers(base_url: str) -> dict[str, str]:
+    """HTTP Basic auth from a base_url's ``user:pass@`` (none without one)."""
+    parts = urlsplit(base_url)
+    if parts.username is None:
+        return {}
+    pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+    return {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
 
 
 class ConfigError(Exception):
@@ -168,11 +197,16 @@ class _HTTPDeployment(DeploymentBase):
     @classmethod
     def _url(cls, v: str) -> str:
         if not re.match(r"^https?://[^/\s]+", v):
-            raise ValueError(f"must be an http(s) URL such as {cls.url_example}, got {v!r}")
+            raise ValueError(f"must be an http(s) URL such as {cls.url_example}, got {public_url(v)!r}")
         return v.rstrip("/")
 
+    @property
+    def public_url(self) -> str:
+        """``base_url`` without credentials (``user:pass@``, query values): what may be shown."""
+        return public_url(self.base_url)
+
     def default_id(self) -> str:
-        host = re.sub(r"^https?://", "", self.base_url).split("/")[0]
+        host = urlsplit(self.base_url).netloc.rpartition("@")[2]
         return f"{getattr(self, 'provider', 'http')}:{self.model}@{host}"
 
 
@@ -266,6 +300,14 @@ class ServerSettings(_Strict):
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description="larger request bodies get a 413")
     master_key: str | None = Field(None, description="admin key; also required of clients when set")
     access_log: bool = False
+    header_timeout_s: float = Field(
+        15.0, gt=0, description="a connection must send a whole request head within this (also idle keep-alive)"
+    )
+    body_timeout_s: float = Field(60.0, gt=0, description="the whole request body must arrive within this; beyond: 408")
+    max_connections: int | None = Field(
+        None, gt=0, description="open client connections at most; default: the open-file limit minus 64 (and at least 16)"
+    )
+    max_json_depth: int = Field(128, ge=8, le=200, description="deepest nesting of a JSON request body; deeper: 400")
 
 
 class StoreSettings(_Strict):

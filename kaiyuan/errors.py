@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from kaiyuan.redact import scrub
+
 
 @dataclass(frozen=True, slots=True)
 class _KindInfo:
@@ -25,6 +27,7 @@ class ErrorKind(Enum):
     PERMISSION = _KindInfo(403, "permission_error", "permission_error")
     NOT_FOUND = _KindInfo(404, "not_found_error", "not_found_error")
     METHOD_NOT_ALLOWED = _KindInfo(405, "invalid_request_error", "invalid_request_error")
+    REQUEST_TIMEOUT = _KindInfo(408, "invalid_request_error", "invalid_request_error")
     REQUEST_TOO_LARGE = _KindInfo(413, "invalid_request_error", "request_too_large")
     UNSUPPORTED_MEDIA_TYPE = _KindInfo(415, "invalid_request_error", "invalid_request_error")
     RATE_LIMITED = _KindInfo(429, "rate_limit_error", "rate_limit_error")
@@ -60,6 +63,7 @@ class GatewayError(Exception):
         headers: dict[str, str] | None = None,
         upstream_type: str | None = None,
     ) -> None:
+        message = scrub(message)  # a secret an upstream echoed never reaches a caller, log or span
         super().__init__(message)
         self.kind = kind
         self.message = message

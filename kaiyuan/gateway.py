@@ -20,6 +20,7 @@ from kaiyuan.observability.request_log import RequestLogWriter
 from kaiyuan.observability.tracing import Tracer
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
 from kaiyuan.providers.registry import build_provider
+from kaiyuan.redact import install_log_redaction, register_secrets, secrets_of
 from kaiyuan.routing.executor import upstream_error
 from kaiyuan.routing.retry import RETRYABLE_STATUSES
 from kaiyuan.routing.router import Router
@@ -34,6 +35,8 @@ class Gateway:
     def __init__(self, config: GatewayConfig, engine: Engine | None = None) -> None:
         self.config = config
         self.engine = engine
+        register_secrets(secrets_of(config))  # scrubbed from every error, log row, span and log line
+        install_log_redaction()
         self.metrics = Metrics()
         self.models: dict[str, ModelConfig] = {m.name: m for m in config.models}
         self.providers: dict[str, list[Provider]] = {

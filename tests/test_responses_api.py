@@ -236,3 +236,72 @@ def test_broken_upstream_stream_ends_with_error_and_failed(rgw: RunningGateway, 
         with client(rgw).responses.stream(model="fake-chat", input="a b c d e f") as s:
             for _ in s:
                 pass
+
+
+# -- keys, cost, the request log, redaction --------------------------------------------------------
+MASTER = "sk-master-responses-test"
+
+
+@pytest.fixture
+def kgw(make_gateway: Callable[[dict[str, Any]], RunningGateway], fake_openai: Any) -> RunningGateway:
+    return make_gateway({"server": {"master_key": MASTER}, "models": [
+        openai_model("cheap", fake_openai.url, "upstream-chat", deployment={"price": {"input": 1.0, "output": 2.0}},
+                     log_bodies=True)]})
+
+
+def _key(gw: RunningGateway, **body: Any) -> str:
+    from tests.http import http
+
+    r = http("POST", gw.url + "/admin/keys", {"name": "k", **body}, MASTER)
+    assert r.status_code == 201, r.text
+    return str(r.json()["key"])
+
+
+def test_stored_responses_are_scoped_to_their_key(kgw: RunningGateway) -> None:
+    a = openai.OpenAI(base_url=kgw.base_url, api_key=_key(kgw), max_retries=0)
+    b = openai.OpenAI(base_url=kgw.base_url, api_key=_key(kgw), max_retries=0)
+    r = a.responses.create(model="cheap", input="mine")
+    assert a.responses.retrieve(r.id).output_text == "echo: mine"
+    with pytest.raises(openai.NotFoundError):
+        b.responses.retrieve(r.id)
+    with pytest.raises(openai.NotFoundError):
+        b.responses.delete(r.id)
+    with pytest.raises(openai.NotFoundError):
+        b.responses.create(model="cheap", input="theirs?", previous_response_id=r.id)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=kgw.base_url, api_key="sk-wrong", max_retries=0).responses.retrieve(r.id)
+    assert a.responses.retrieve(r.id).id == r.id  # b's delete did nothing
+
+
+def test_cost_usage_and_request_log(kgw: RunningGateway) -> None:
+    c = openai.OpenAI(base_url=kgw.base_url, api_key=_key(kgw), max_retries=0)
+    raw = c.responses.with_raw_response.create(model="cheap", input="count me")
+    r = raw.parse()
+    assert r.usage is not None
+    expected = (r.usage.input_tokens * 1.0 + r.usage.output_tokens * 2.0) / 1e6
+    assert float(raw.headers["x-kaiyuan-cost"]) == pytest.approx(expected)
+    with c.responses.stream(model="cheap", input="stream me") as s:
+        for _ in s:
+            pass
+    rows = [row for row in kgw.log_rows() if row["endpoint"] == "responses"]
+    assert [row["stream"] for row in rows] == [False, True]
+    assert all(row["status"] == 200 and row["prompt_tokens"] and row["completion_tokens"] for row in rows)
+    assert rows[0]["cost_usd"] == pytest.approx(expected)
+    assert rows[1]["cost_usd"] and rows[1]["cached_tokens"] is not None
+
+
+def test_budget_applies_to_responses(kgw: RunningGateway) -> None:
+    key = _key(kgw, budgets=[{"period": "month", "limit_usd": 0.0000001}])
+    c = openai.OpenAI(base_url=kgw.base_url, api_key=key, max_retries=0)
+    with pytest.raises(openai.RateLimitError):
+        for _ in range(3):
+            c.responses.create(model="cheap", input="spend " * 50)
+
+
+def test_stored_bodies_are_scrubbed_of_secrets(rgw: RunningGateway) -> None:
+    c = client(rgw)
+    secret = "sk-proj-" + "a1B2" * 8
+    r = c.responses.create(model="fake-chat", input=f"my key is {secret}")
+    items = c.responses.input_items.list(r.id)
+    text = items.data[0].content[0].text  # type: ignore[union-attr]
+    assert secret not in text and "[REDACTED]" in text

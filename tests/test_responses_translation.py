@@ -97,7 +97,7 @@ def test_output_items_round_trip_as_input(blocks: list[c.Block]) -> None:
         if isinstance(b, c.ToolCall) and b.name == "edit":
             b.arguments = orjson.dumps({"input": b.arguments}).decode()
     items = ro.output_items(blocks, ro.Shape(names, summary=True, seal=SEALER.seal))
-    prep = rq.prepare({"model": "m", "input": items + [{"role": "user", "content": "next"}]}, [], SEALER.open)
+    prep = rq.prepare({"model": "m", "input": [*items, {"role": "user", "content": "next"}]}, [], SEALER.open)
     back = [b for m in prep.request.messages if m.role == "assistant" for b in m.content]
     assert _normal(back) == _normal(blocks)
     for it in items:

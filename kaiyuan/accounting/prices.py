@@ -185,7 +185,7 @@ def vendor_of(dep: DeploymentBase, price: ResolvedPrice | None) -> str:
     provider = getattr(dep, "provider", "unknown")
     if provider == "local":
         return "self-hosted"
-    url = str(getattr(dep, "base_url", "") or "")
+    url = str(getattr(dep, "public_url", "") or "")
     for needle, vendor in _VENDOR_HOSTS:
         if needle in url:
             return vendor

@@ -21,6 +21,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 from kaiyuan.config import RequestLogSettings
 from kaiyuan.context import RequestContext
 from kaiyuan.observability.metrics import Metrics
+from kaiyuan.redact import clip, scrub, scrub_opt
 from kaiyuan.store.schema import request_log
 
 log = logging.getLogger("kaiyuan.request_log")
@@ -29,14 +30,28 @@ log = logging.getLogger("kaiyuan.request_log")
 ROW_ERRORS = (IntegrityError, DataError, OverflowError, ValueError, TypeError)
 
 
+# Logged strings that come from callers or upstreams are bounded (a 16 MiB model name must not
+# become 16 MiB of log row) and scrubbed of secrets (kaiyuan.redact).
+MAX_NAME_CHARS = 256
+MAX_ERROR_CHARS = 2000
+
+
+def _name(v: str | None) -> str | None:
+    return clip(v, MAX_NAME_CHARS)
+
+
+def _error(v: str | None) -> str | None:
+    return clip(scrub_opt(v), MAX_ERROR_CHARS)
+
+
 def row_for(ctx: RequestContext) -> dict[str, Any]:
     u = ctx.usage
     attempt_log = None
     if ctx.attempts:
         attempt_log = orjson.dumps(
             [
-                {"model": a.model, "deployment": a.deployment, "status": a.status, "error": a.error, "ms": a.ms}
-                for a in ctx.attempts
+                {"model": _name(a.model), "deployment": a.deployment, "status": a.status, "error": _error(a.error), "ms": a.ms}
+                for a in ctx.attempts[:32]
             ]
         ).decode()
     return {
@@ -46,7 +61,7 @@ def row_for(ctx: RequestContext) -> dict[str, Any]:
         "team_id": ctx.principal.team_id,
         "dialect": ctx.dialect,
         "endpoint": ctx.endpoint,
-        "model": ctx.model,
+        "model": _name(ctx.model),
         "deployment": ctx.deployment,
         "stream": ctx.stream,
         "status": ctx.status,
@@ -59,12 +74,12 @@ def row_for(ctx: RequestContext) -> dict[str, Any]:
         "ttft_ms": round(ctx.ttft * 1000, 3) if ctx.ttft is not None else None,
         "attempts": len(ctx.attempts),
         "attempt_log": attempt_log,
-        "policy": ctx.policy,
-        "trial": ctx.trial,
+        "policy": _name(ctx.policy),
+        "trial": _name(ctx.trial),
         "cancelled": ctx.cancelled,
-        "error": ctx.error,
+        "error": _error(ctx.error),
         "request_body": ctx.raw_body.decode("utf-8", "replace") if ctx.log_bodies and ctx.raw_body else None,
-        "response_body": ctx.response_body.decode("utf-8", "replace") if ctx.log_bodies and ctx.response_body else None,
+        "response_body": scrub(ctx.response_body.decode("utf-8", "replace")) if ctx.log_bodies and ctx.response_body else None,
     }
 
 

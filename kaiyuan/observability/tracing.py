@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from kaiyuan.context import RequestContext
+from kaiyuan.redact import clip, scrub
 
 
 class Tracer:
@@ -56,7 +57,7 @@ class Tracer:
             "kaiyuan.dialect": ctx.dialect,
             "kaiyuan.endpoint": ctx.endpoint,
             "http.response.status_code": ctx.status,
-            "gen_ai.request.model": ctx.model or "",
+            "gen_ai.request.model": clip(ctx.model, 256) or "",
             "kaiyuan.stream": ctx.stream,
             "kaiyuan.cancelled": ctx.cancelled,
         }
@@ -72,7 +73,7 @@ class Tracer:
             attrs["kaiyuan.cost_usd"] = ctx.cost_usd
         span = self.tracer.start_span("kaiyuan.request", start_time=start_ns, attributes=attrs)
         if ctx.status >= 400 or ctx.error:
-            span.set_status(Status(StatusCode.ERROR, ctx.error or str(ctx.status)))
+            span.set_status(Status(StatusCode.ERROR, clip(scrub(ctx.error), 2000) if ctx.error else str(ctx.status)))
         parent = set_span_in_context(span)
         t = start_ns
         for a in ctx.attempts:
@@ -82,7 +83,7 @@ class Tracer:
                 attributes={"kaiyuan.deployment": a.deployment, "http.response.status_code": a.status or 0},
             )
             if a.error:
-                child.set_status(Status(StatusCode.ERROR, a.error))
+                child.set_status(Status(StatusCode.ERROR, clip(scrub(a.error), 2000)))
             child.end(end_time=t + dur)
             t += dur
         span.end(end_time=end_ns)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import ClassVar
 from urllib.parse import quote
 
-from kaiyuan.config import GeminiDeployment
+from kaiyuan.config import GeminiDeployment, credential_headers, upstream_url
 from kaiyuan.providers.base import UpstreamCall
 from kaiyuan.providers.http import PooledHTTPProvider
 
@@ -16,15 +16,16 @@ class GeminiProvider(PooledHTTPProvider):
 
     def __init__(self, deployment: GeminiDeployment) -> None:
         super().__init__(deployment)
-        h = {"Content-Type": "application/json", "Accept": "application/json", **deployment.headers}
+        h = {"Content-Type": "application/json", "Accept": "application/json",
+             **credential_headers(deployment.base_url), **deployment.headers}
         if deployment.api_key:
             h["x-goog-api-key"] = deployment.api_key
         self._headers = h
         self._stream_headers = {**h, "Accept": "text/event-stream"}
         model = deployment.model if deployment.model.startswith(("models/", "tunedModels/")) else "models/" + deployment.model
-        base = deployment.base_url + "/" + quote(model, safe="/")
-        self._url = base + ":generateContent"
-        self._stream_url = base + ":streamGenerateContent?alt=sse"
+        path = "/" + quote(model, safe="/")
+        self._url = upstream_url(deployment.base_url, path + ":generateContent")
+        self._stream_url = upstream_url(deployment.base_url, path + ":streamGenerateContent?alt=sse")
 
     def target(self, call: UpstreamCall) -> tuple[str, dict[str, str]]:
         if call.stream:

@@ -196,7 +196,7 @@ class PooledHTTPProvider(Provider):
         super().__init__(deployment)
         self.cfg = deployment
         self._session: aiohttp.ClientSession | None = None
-        self.label = f"{self.id} ({deployment.base_url})"
+        self.label = f"{self.id} ({deployment.public_url})"
 
     async def start(self) -> None:
         if self._session is None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
-import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +11,7 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from kaiyuan.codecs import DECODE_ERRORS, REQUEST_CODINGS, TooLarge, decode_all
 from kaiyuan.context import RequestContext
 from kaiyuan.errors import ErrorKind, GatewayError, invalid
 
@@ -22,8 +23,11 @@ def new_request_id() -> str:
     return "req_" + os.urandom(12).hex()
 
 
-async def read_json(request: web.Request, max_bytes: int) -> tuple[bytes, dict[str, Any]]:
-    """The body as bytes and as a JSON object, or a 4xx that says what to fix."""
+async def read_json(request: web.Request, max_bytes: int, timeout_s: float = 60.0,
+                    max_depth: int = 128) -> tuple[bytes, dict[str, Any]]:
+    """The body as bytes and as a JSON object, or a 4xx that says what to fix: a body that does not
+    arrive within ``timeout_s`` is a 408 (a slow sender must not hold a connection for ever), one
+    nested deeper than ``max_depth`` a 400."""
     ctype = request.headers.get("Content-Type", "")
     if ctype and not ctype.split(";", 1)[0].strip().lower().endswith("json"):
         raise GatewayError(
@@ -35,9 +39,13 @@ async def read_json(request: web.Request, max_bytes: int) -> tuple[bytes, dict[s
     if length is not None and length > max_bytes:
         raise _too_large(max_bytes)
     try:
-        raw = await _read_limited(request, max_bytes)
+        async with asyncio.timeout(timeout_s):
+            raw = await _read_limited(request, max_bytes)
     except RequestPayloadError as e:
         raise invalid(f"the request body could not be read: {e}", code="invalid_body") from None
+    except TimeoutError:
+        raise GatewayError(ErrorKind.REQUEST_TIMEOUT, f"the request body did not arrive within {timeout_s:g}s "
+                                                      f"(server.body_timeout_s)", code="request_timeout") from None
     encoding = request.headers.get("Content-Encoding")
     if encoding:
         raw = decode_body(raw, encoding, max_bytes)
@@ -49,24 +57,37 @@ async def read_json(request: web.Request, max_bytes: int) -> tuple[bytes, dict[s
         raise invalid(f"the request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object", code="invalid_json")
+    check_depth(body, max_depth)
     return raw, body
 
 
-try:  # Brotli is optional, as for aiohttp: without it "br" bodies get a 415 like any unknown coding
-    import brotli  # type: ignore[import-not-found, unused-ignore]
-except ImportError:  # pragma: no cover - depends on the environment
-    try:
-        import brotlicffi as brotli  # type: ignore[import-not-found, no-redef, unused-ignore]
-    except ImportError:
-        brotli = None
+ORJSON_MAX_DEPTH = 254  # orjson.dumps refuses deeper data (a TypeError: it used to surface as a 500)
 
-_DECODE_ERRORS: tuple[type[Exception], ...] = (zlib.error, ValueError) + ((brotli.error,) if brotli is not None else ())
-DECODABLE = ("gzip", "x-gzip", "deflate", "identity") + (("br",) if brotli is not None else ())
+
+def check_depth(body: Any, max_depth: int) -> None:
+    """A 400 when ``body`` nests deeper than ``max_depth`` (arrays and objects). Deep data breaks
+    serialising (orjson stops at 254 levels) and recursive walks (Python stops near 1000) later on;
+    it is refused here, at C speed: orjson serialises the body under ``254 - max_depth`` wrapping
+    levels and refuses it exactly when the body itself is deeper than ``max_depth``."""
+    wrapped: Any = body
+    for _ in range(ORJSON_MAX_DEPTH - max_depth):
+        wrapped = (wrapped,)
+    try:
+        orjson.dumps(wrapped)
+    except orjson.JSONEncodeError as e:
+        if "Recursion" not in str(e):
+            raise invalid(f"the request body cannot be processed: {e}", code="invalid_json") from None
+        raise invalid(f"the request body is nested more than {max_depth} levels deep (server.max_json_depth)",
+                      code="json_too_deep") from None
+
+
+DECODABLE = REQUEST_CODINGS
 
 
 def decode_body(raw: bytes, encoding: str, max_bytes: int) -> bytes:
     """``raw`` decoded from its ``Content-Encoding`` (codings applied in order, undone in reverse),
-    at most ``max_bytes`` once decoded (a 413, also for a small body that inflates past it).
+    at most ``max_bytes`` once decoded (a 413, also for a small body that inflates past it: the
+    decoders of :mod:`kaiyuan.codecs` stop there, they never inflate the whole bomb).
 
     The server runs with aiohttp's own request decompression off (``server.app``), so that a coding
     it cannot decode is answered here, in the caller's dialect: a 415 listing what is accepted
@@ -75,41 +96,18 @@ def decode_body(raw: bytes, encoding: str, max_bytes: int) -> bytes:
         if coding not in DECODABLE:
             raise GatewayError(
                 ErrorKind.UNSUPPORTED_MEDIA_TYPE,
-                f"Content-Encoding {coding!r} is not supported; send the body uncompressed or as "
+                f"Content-Encoding {coding[:64]!r} is not supported; send the body uncompressed or as "
                 f"{', '.join(c for c in DECODABLE if c != 'identity')}",
                 code="unsupported_content_encoding",
                 headers={"Accept-Encoding": ", ".join(c for c in DECODABLE if c not in ("identity", "x-gzip"))},
             )
         try:
-            if coding == "br":
-                raw = brotli.decompress(raw)
-            elif coding != "identity":
-                raw = _inflate(raw, coding, max_bytes)
-        except _DECODE_ERRORS as e:
+            raw = decode_all(raw, coding, max_bytes)
+        except TooLarge:
+            raise _too_large(max_bytes) from None
+        except DECODE_ERRORS as e:
             raise invalid(f"the request body could not be decoded as {coding}: {e}", code="invalid_body") from None
-        if len(raw) > max_bytes:
-            raise _too_large(max_bytes)
     return raw
-
-
-def _inflate(raw: bytes, coding: str, max_bytes: int) -> bytes:
-    if coding == "deflate":  # zlib-wrapped as the RFC says, or raw deflate as some clients send it
-        wbits = zlib.MAX_WBITS if raw[:1] and raw[0] & 0x0F == 8 else -zlib.MAX_WBITS
-    else:
-        wbits = 16 + zlib.MAX_WBITS
-    out: list[bytes] = []
-    size = 0
-    while raw:
-        d = zlib.decompressobj(wbits)
-        part = d.decompress(raw, max_bytes + 1 - size)
-        size += len(part)
-        if size > max_bytes:
-            raise _too_large(max_bytes)
-        out.append(part)
-        if not d.eof:
-            raise ValueError("the compressed data ends early")
-        raw = d.unused_data if coding != "deflate" else b""  # gzip: concatenated members
-    return b"".join(out)
 
 
 async def read_body(request: web.Request) -> bytes:

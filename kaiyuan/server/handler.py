@@ -44,7 +44,8 @@ def api_handler(dialect: str, endpoint: str, serialize: ErrorSerializer, validat
         ctx = RequestContext(new_request_id(), dialect, endpoint, headers=request.headers)
         gw.metrics.in_flight.inc()
         try:
-            ctx.raw_body, body = await read_json(request, gw.config.server.max_body_bytes)
+            srv = gw.config.server
+            ctx.raw_body, body = await read_json(request, srv.max_body_bytes, srv.body_timeout_s, srv.max_json_depth)
             if isinstance(body.get("model"), str):
                 ctx.model = body["model"]
             ctx.body = body  # the guard counts the prompt from it

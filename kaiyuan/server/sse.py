@@ -16,6 +16,7 @@ from aiohttp import web
 from kaiyuan.context import RequestContext
 from kaiyuan.dialects.openai import stream_error_event, usage_into
 from kaiyuan.errors import ErrorKind, GatewayError
+from kaiyuan.redact import scrub, scrub_bytes
 from kaiyuan.server.common import kaiyuan_headers
 
 log = logging.getLogger("kaiyuan.server")
@@ -119,6 +120,8 @@ async def relay_openai_stream(
                     if b'"usage":{' in ev or b'"usage": {' in ev or b'"error"' in ev:
                         if _inspect(ev, ctx) and strip_usage:
                             continue
+                        if ctx.error is not None:  # an upstream error event may echo its key
+                            ev = scrub_bytes(ev)
                     out.append(ev)
                     out.append(b"\n\n")
                 if out:
@@ -162,7 +165,7 @@ def _inspect(ev: bytes, ctx: RequestContext) -> bool:
     if err:
         msg = err.get("message") if isinstance(err, dict) else str(err)
         ctx.status = 502
-        ctx.error = f"upstream {ctx.deployment} sent an error mid-stream: {msg}"
+        ctx.error = scrub(f"upstream {ctx.deployment} sent an error mid-stream: {msg}")
         return False
     usage = obj.get("usage")
     if isinstance(usage, dict):

@@ -23,6 +23,7 @@ from kaiyuan.dialects.openai import token_count as _count
 from kaiyuan.dialects.streams import AnthropicToOpenAI, GeminiToOpenAI, OpenAIToAnthropic
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
+from kaiyuan.redact import scrub_bytes
 from kaiyuan.server.common import JSON_CT, kaiyuan_headers
 from kaiyuan.server.sse import DONE, answered, relay, sse_events
 
@@ -248,6 +249,8 @@ async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext,
                             usage, saw_stop = _anthropic_meta(ev, ctx, usage)
                         except (KeyError, TypeError, AttributeError, ValueError) as e:
                             raise _malformed(ctx, e) from None
+                        if b"event: error" in ev:  # an upstream error event may echo its key
+                            ev = scrub_bytes(ev)
                     out.append(ev)
                     out.append(b"\n\n")
                     if saw_stop:

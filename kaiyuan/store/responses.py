@@ -9,7 +9,9 @@ flush intervals before answering 404, so a client that hops replicas within a fe
 the previous answer still finds it. A crash loses at most the pending rows (one interval).
 
 Rows are scoped to the key that made them and expire after ``retention_days``; expired rows are
-invisible at once and deleted by the writer.
+invisible at once and deleted by the writer. Like request-log bodies, every string in them is
+scrubbed of secrets (:mod:`kaiyuan.redact`) before it is kept, except sealed reasoning blobs (opaque,
+and already encrypted).
 """
 
 from __future__ import annotations
@@ -26,10 +28,23 @@ import orjson
 from sqlalchemy import Engine, delete, insert, select
 
 from kaiyuan.config import ResponsesSettings
+from kaiyuan.redact import scrub
 from kaiyuan.store.schema import responses
 
 log = logging.getLogger("kaiyuan.responses")
 PURGE_EVERY_S = 60.0
+OPAQUE = frozenset({"encrypted_content"})
+
+
+def scrubbed(node: Any) -> Any:
+    """``node`` with every string scrubbed of secrets, except the values of :data:`OPAQUE` keys."""
+    if isinstance(node, str):
+        return scrub(node)
+    if isinstance(node, dict):
+        return {k: v if k in OPAQUE else scrubbed(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [scrubbed(v) for v in node]
+    return node
 
 
 @dataclass(slots=True)
@@ -116,7 +131,8 @@ class ResponseStore:
                       len(self.pending), resp_id)
             return False
         now = time.time()
-        self.pending[resp_id] = Stored(resp_id, key_id, now, now + self.retention_s, model, response, input_items, history)
+        self.pending[resp_id] = Stored(resp_id, key_id, now, now + self.retention_s, model, scrubbed(response),
+                                       scrubbed(input_items), scrubbed(history))
         return True
 
     async def get(self, resp_id: str, key_id: str | None, wait_for_peers: bool = True) -> Stored | None:

@@ -44,6 +44,8 @@ class Behaviour:
     content: str | None = None  # override the answer text
     raw_body: bytes | None = None  # answer exactly these bytes (with `status`)
     tool_calls: list[tuple[str, str]] | None = None  # answer with these calls: (function name, arguments JSON)
+    raw_stream: list[bytes] | None = None  # a 2xx stream of exactly these chunks (with `headers`, e.g. Content-Encoding)
+    echo_key: bool = False  # error messages quote the Authorization header received, as some vendors' do
 
 
 def count_tokens(text: str) -> int:
@@ -113,7 +115,10 @@ class FakeOpenAI:
         if b.fail_rate and self.rng.random() < b.fail_rate:
             return body, b, self._error(b.status_on_fail, "The server had an error while processing your request.", headers=b.headers)
         if b.status >= 400:
-            return body, b, self._error(b.status, b.error_message or f"scripted failure {b.status}", b.error_type, b.headers)
+            msg = b.error_message or f"scripted failure {b.status}"
+            if b.echo_key:
+                msg += f" (request sent with Authorization: {request.headers.get('Authorization')})"
+            return body, b, self._error(b.status, msg, b.error_type, b.headers)
         return body, b, None
 
     # -- chat ------------------------------------------------------------------------------------
@@ -237,6 +242,8 @@ class FakeOpenAI:
         self.active += 1
         self.max_active = max(self.max_active, self.active)
         finished = False
+        if b.raw_stream is not None:
+            events = b.raw_stream
         try:
             for i, ev in enumerate(events):
                 if b.stall_after_chunks is not None and i == b.stall_after_chunks:
@@ -246,7 +253,11 @@ class FakeOpenAI:
                     request.transport.close()
                     return resp
                 if b.error_event_after_chunks is not None and i == b.error_event_after_chunks:
-                    await resp.write(b'data: {"error": {"message": "The server had an error while processing your request.", "type": "server_error", "param": null, "code": null}}\n\n')
+                    msg = "The server had an error while processing your request."
+                    if b.echo_key:
+                        msg += f" (key: {request.headers.get('Authorization')})"
+                    err = {"error": {"message": msg, "type": "server_error", "param": None, "code": None}}
+                    await resp.write(b"data: " + orjson.dumps(err) + b"\n\n")
                     return resp
                 await resp.write(ev)
                 if b.chunk_delay:

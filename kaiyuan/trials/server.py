@@ -128,7 +128,23 @@ async def _report(request: web.Request) -> dict[str, Any]:
         raise GatewayError(ErrorKind.NO_DEPLOYMENT, "trials need a database (store.url)")
     await rt.flush()
     store = rt.store
-    return await asyncio.to_thread(build_report, t, store, resamples=int(request.query.get("resamples", "500")))
+    return await asyncio.to_thread(build_report, t, store, resamples=_resamples(request))
+
+
+MAX_RESAMPLES = 20_000
+
+
+def _resamples(request: web.Request) -> int:
+    """``?resamples=N`` (bootstrap resamples, default 500): a whole number in 1..MAX_RESAMPLES, or a 400."""
+    raw = request.query.get("resamples", "500")
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_RESAMPLES:
+        raise GatewayError(ErrorKind.INVALID_REQUEST, f"'resamples' must be a whole number from 1 to {MAX_RESAMPLES}, "
+                                                      f"got {raw[:40]!r}", param="resamples", code="invalid_query")
+    return n
 
 
 @admin

@@ -65,11 +65,16 @@ class Sealer:
         nonce = os.urandom(12)
         return PREFIX + base64.urlsafe_b64encode(nonce + self._aead.encrypt(nonce, plain, AAD)).decode().rstrip("=")
 
-    def open(self, blob: str) -> c.Thinking:
+    def open(self, blob: str) -> c.Thinking | None:
+        """The reasoning in a blob this gateway sealed; None for a blob that is not one of ours (another
+        provider's, e.g. OpenAI's own, from before a client moved here: no upstream here could use it);
+        a 400 for one of ours that was altered or sealed with another key."""
+        if not blob.startswith(PREFIX):
+            return None
         bad = invalid("reasoning.encrypted_content cannot be opened: it was altered, or sealed by another gateway "
                       "or with another key; send the reasoning item back exactly as it was returned, or leave it out",
                       param="input", code="invalid_encrypted_content")
-        if not blob.startswith(PREFIX) or len(blob) > MAX_BLOB:
+        if len(blob) > MAX_BLOB:
             raise bad
         try:
             raw = base64.urlsafe_b64decode(blob[len(PREFIX):] + "=" * (-len(blob) % 4))

@@ -305,3 +305,92 @@ def test_stored_bodies_are_scrubbed_of_secrets(rgw: RunningGateway) -> None:
     items = c.responses.input_items.list(r.id)
     text = items.data[0].content[0].text  # type: ignore[union-attr]
     assert secret not in text and "[REDACTED]" in text
+
+
+# -- reasoning with signatures, Gemini, pass-through ----------------------------------------------
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_thinking_signature_survives_a_stateless_turn(rgw: RunningGateway, fake_anthropic: Any,
+                                                                 stream: bool) -> None:
+    c = client(rgw)
+    kw: Any = {"model": "claude", "tools": TOOLS, "store": False, "reasoning": {"effort": "low", "summary": "auto"},
+               "include": ["reasoning.encrypted_content"]}
+    if stream:
+        with c.responses.stream(input="think then call", **kw) as s:
+            for _ in s:
+                pass
+            r1 = s.get_final_response()
+    else:
+        r1 = c.responses.create(input="think then call", **kw)
+    assert fake_anthropic.requests[-1]["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+    rs = next(o for o in r1.output if o.type == "reasoning")
+    assert rs.summary and rs.summary[0].text == "thinking about: think then call"
+    call = next(o for o in r1.output if o.type == "function_call")
+    items: list[Any] = [{"role": "user", "content": "think then call"},
+                        *(o.model_dump(exclude_none=True) for o in r1.output),
+                        {"type": "function_call_output", "call_id": call.call_id, "output": "done"}]
+    r2 = c.responses.create(input=items, **kw)
+    assert r2.output_text == "tool said: done"
+    sent = fake_anthropic.requests[-1]["messages"][1]["content"]
+    assert sent[0]["type"] == "thinking" and sent[0]["thinking"] == "thinking about: think then call"
+    assert sent[0]["signature"].startswith("sig_")  # the upstream's own signature, carried in the sealed blob
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_gemini_upstream(native_gateway: RunningGateway, fake_gemini: Any, stream: bool) -> None:
+    c = client(native_gateway)
+    if stream:
+        with c.responses.stream(model="gemini", input="weather in Lima", tools=TOOLS) as s:
+            for _ in s:
+                pass
+            r1 = s.get_final_response()
+    else:
+        r1 = c.responses.create(model="gemini", input="weather in Lima", tools=TOOLS)
+    call = next(o for o in r1.output if o.type == "function_call")
+    r2 = c.responses.create(model="gemini", previous_response_id=r1.id, tools=TOOLS,
+                            input=[{"type": "function_call_output", "call_id": call.call_id, "output": "warm"}])
+    assert r2.output_text == "tool said: warm"
+    assert "functionResponse" in str(fake_gemini.requests[-1]["contents"])
+
+
+@pytest.fixture
+def pgw(make_gateway: Callable[[dict[str, Any]], RunningGateway], fake_openai: Any) -> RunningGateway:
+    return make_gateway({"models": [openai_model("native", fake_openai.url, "upstream-resp",
+                                                 deployment={"responses_api": True})]})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_pass_through_to_a_responses_upstream(pgw: RunningGateway, fake_openai: Any, stream: bool) -> None:
+    c = client(pgw)
+    if stream:
+        with c.responses.stream(model="native", input="hi there", previous_response_id="resp_upstream_state") as s:
+            kinds = [e.type for e in s]
+            r = s.get_final_response()
+        assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    else:
+        r = c.responses.create(model="native", input="hi there", previous_response_id="resp_upstream_state")
+    assert r.output_text == "echo: hi there"
+    sent = fake_openai.requests[-1]
+    assert sent["model"] == "upstream-resp" and sent["previous_response_id"] == "resp_upstream_state"
+    assert fake_openai.headers[-1]["Authorization"] == "Bearer sk-upstream"
+    row = pgw.log_rows()[-1]
+    assert row["endpoint"] == "responses" and row["prompt_tokens"] == 7 and row["cached_tokens"] == 2
+
+
+def test_pass_through_stream_cut_short_is_an_error(pgw: RunningGateway, fake_openai: Any) -> None:
+    from kaiyuan.testing.fake_openai import Behaviour
+
+    fake_openai.next(Behaviour(drop_after_chunks=3))
+    with pytest.raises(openai.APIError):
+        with client(pgw).responses.stream(model="native", input="a b c d") as s:
+            for _ in s:
+                pass
+
+
+def test_canary_trial_splits_responses_traffic(make_gateway: Callable[[dict[str, Any]], RunningGateway],
+                                               fake_openai: Any) -> None:
+    trial = {"name": "ca", "mode": "canary", "incumbent": "big", "candidates": ["small"], "sample_rate": 1.0,
+             "prices": {"big": {"input_per_mtok": 10, "output_per_mtok": 30}, "small": {"input_per_mtok": 1, "output_per_mtok": 1}}}
+    gw = make_gateway({"models": [openai_model("big", fake_openai.url, "up-big"),
+                                  openai_model("small", fake_openai.url, "up-small")], "trials": [trial]})
+    r = client(gw).responses.create(model="big", input="hello")
+    assert r.output_text == "echo: hello" and fake_openai.requests[-1]["model"] == "up-small"

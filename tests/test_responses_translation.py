@@ -111,12 +111,22 @@ def NS_SEP_FREE(name: str) -> bool:
 
 def test_tampered_reasoning_is_refused() -> None:
     blob = SEALER.seal(c.Thinking("secret thoughts", signature="sig"))
-    assert SEALER.open(blob).signature == "sig"
+    opened = SEALER.open(blob)
+    assert opened is not None and opened.signature == "sig"
     flipped = blob[:-2] + ("A" if blob[-2] != "A" else "B") + blob[-1]
-    for bad in (flipped, "ky1.", "not-a-blob", Sealer(derive_key("other")).seal(c.Thinking("x"))):
+    for bad in (flipped, "ky1.", "ky1.!!", Sealer(derive_key("other")).seal(c.Thinking("x"))):
         with pytest.raises(GatewayError) as e:
             SEALER.open(bad)
         assert e.value.status == 400 and e.value.code == "invalid_encrypted_content"
+    assert SEALER.open("gAAAAABo-openai-own-blob") is None  # another provider's: not ours to judge
+
+
+def test_foreign_reasoning_blob_falls_back_to_its_summary() -> None:
+    item = {"type": "reasoning", "id": "rs_1", "encrypted_content": "gAAAAABsomething",
+            "summary": [{"type": "summary_text", "text": "I looked it up."}]}
+    prep = rq.prepare({"model": "m", "input": [item, {"role": "user", "content": "go on"}]}, [], SEALER.open)
+    th = prep.request.messages[0].content[0]
+    assert isinstance(th, c.Thinking) and th.text == "I looked it up." and th.signature is None
 
 
 # -- the stream translator ------------------------------------------------------------------------

@@ -52,7 +52,7 @@ INCLUDABLE = frozenset({
     "computer_call_output.output.image_url", "code_interpreter_call.outputs",
 })
 NS_SEP = "__"
-Unseal = Callable[[str], c.Thinking]
+Unseal = Callable[[str], c.Thinking | None]  # None: a blob not sealed by this gateway
 
 
 @dataclass(slots=True)
@@ -350,7 +350,9 @@ def _messages(items: list[dict[str, Any]], own_from: int, system: list[c.Text], 
 def _reasoning(it: dict[str, Any], where: str, unseal: Unseal) -> c.Thinking:
     enc = it.get("encrypted_content")
     if isinstance(enc, str) and enc:
-        return unseal(enc)
+        opened = unseal(enc)
+        if opened is not None:
+            return opened
     texts = [p.get("text", "") for p in it.get("content") or [] if isinstance(p, dict) and p.get("type") == "reasoning_text"]
     if not texts:
         texts = [p.get("text", "") for p in it.get("summary") or [] if isinstance(p, dict)]

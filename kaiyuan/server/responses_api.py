@@ -135,7 +135,7 @@ async def _pass(request: web.Request, gw: Gateway, ctx: RequestContext, body: di
     ctx.reply = reply
     if reply.stream is not None:
         ctx.status = 200
-        return await relay(request, ctx, lambda resp: _pass_pump(resp, ctx, reply.stream), oai.stream_error_event)
+        return await relay(request, ctx, lambda resp: _pass_pump(resp, ctx, reply.stream), _pass_error)
     obj = translate.parsed_body(reply)
     if obj is not None:
         translate.usage_into_ctx(ro.usage_to_canonical(obj.get("usage")), ctx)
@@ -144,13 +144,30 @@ async def _pass(request: web.Request, gw: Gateway, ctx: RequestContext, body: di
     return web.Response(body=reply.body or b"", status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))
 
 
+def _pass_error(err: GatewayError) -> bytes:
+    """An ``error`` event for a pass-through stream that broke (the upstream's numbering is unknown)."""
+    code = err.code if err.code is not None else err.kind.name.lower()
+    nested = {"type": err.kind.value.openai_type, "code": code, "message": err.message, "param": err.param}
+    return b"event: error\ndata: " + orjson.dumps({"type": "error", **nested, "error": nested}) + b"\n\n"
+
+
+TERMINAL = (b"event: response.completed", b"event: response.incomplete", b"event: response.failed")
+
+
 async def _pass_pump(resp: web.StreamResponse, ctx: RequestContext, upstream: Any) -> None:
+    """Relay the upstream's events as they arrive; usage from its last one. A stream that ends
+    without a terminal event ends with an error, never a silent truncation."""
+    ended = False
     async for events in sse_events(upstream):
         for ev in events:
-            if b"response.completed" in ev or b"response.incomplete" in ev:
+            if ev.startswith(TERMINAL):
+                ended = True
                 _pass_usage(ev, ctx)
         ctx.mark_first_byte()
         await resp.write(b"".join(e + b"\n\n" for e in events))
+    if not ended:
+        raise GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {ctx.deployment} ended the stream early (no "
+                           "response.completed); the answer is incomplete")
 
 
 def _pass_usage(ev: bytes, ctx: RequestContext) -> None:

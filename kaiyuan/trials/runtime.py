@@ -222,8 +222,8 @@ class TrialsRuntime:
                 ctx.model = st.candidate
                 return
         trials = self.by_incumbent.get(model)
-        if not trials or ctx.endpoint not in ("chat", "messages"):
-            return
+        if not trials or ctx.endpoint not in ("chat", "messages", "responses"):
+            return  # /v1/responses: canary splits apply; shadows need a captured chat or Messages answer
         # the answer the client got is captured on the OpenAI chat and Anthropic Messages paths
         shadow_ok = (ctx.dialect, ctx.endpoint) in (("openai", "chat"), ("anthropic", "messages"))
         for t in trials:

@@ -57,15 +57,19 @@ def run_cli(cfg: Path, *args: str) -> int:
 
 
 def test_offline_quiz_trial_end_to_end(make_gateway: Any, quiz: FakeQuiz, tmp_path: Path, capsys: Any) -> None:
-    gw, cfg, data = setup(make_gateway, quiz, tmp_path, 160)
+    gw, cfg, data = setup(make_gateway, quiz, tmp_path, 200)
     assert run_cli(cfg, "run", "quiz", "--dataset", str(data), "--gateway", gw.url, "--concurrency", "8") == 0
     out = capsys.readouterr().out
-    assert "replayed 160 item(s): 160 pair(s), 0 candidate failure(s)" in out
+    assert "replayed 200 item(s): 200 pair(s), 0 candidate failure(s)" in out
     js = tmp_path / "r.json"
     html = tmp_path / "r.html"
     assert run_cli(cfg, "report", "quiz", "--json", str(js), "--html", str(html), "--resamples", "400") == 0
     text = capsys.readouterr().out
-    assert "VERDICT (reference_difference, margin 0.4): NON_INFERIOR" in text
+    assert "VERDICT (reference_difference, margin 0.4): NON_INFERIOR" in text, text
+    assert "replay order: seeded random, seed 0" in text
+    # a rerun of the report prints the very same intervals (rows sorted, bootstrap seeded)
+    assert run_cli(cfg, "report", "quiz", "--resamples", "400") == 0
+    assert capsys.readouterr().out.splitlines()[:12] == text.splitlines()[:12]
     rep = orjson.loads(js.read_bytes())
     c = rep["by_candidate"][0]
     means = c["scorers"]["numeric"]["means"]
@@ -74,7 +78,7 @@ def test_offline_quiz_trial_end_to_end(make_gateway: Any, quiz: FakeQuiz, tmp_pa
     assert means["candidate"]["lo"] <= 0.70 + 0.06 and means["candidate"]["hi"] >= 0.70 - 0.06
     assert means["difference"]["rate"] < 0
     j = c["judge"]
-    assert j["n"] == 160 and j["unparsable"] == 0
+    assert j["n"] == 200 and j["unparsable"] == 0
     # the judge agrees with the reference: candidate wins only where it is right and the incumbent wrong
     assert j["rates"]["loss"]["rate"] > j["rates"]["win"]["rate"]
     assert c["cost"]["candidate_per_1k_usd"] < c["cost"]["incumbent_per_1k_usd"]
@@ -87,6 +91,13 @@ def test_offline_quiz_trial_end_to_end(make_gateway: Any, quiz: FakeQuiz, tmp_pa
     # the same results judged at a margin smaller than the true gap (0.15): the verdict flips
     assert run_cli(cfg, "status", "quiz", "--margin", "0.02", "--resamples", "100") == 0
     assert "margin 0.02): INFERIOR" in capsys.readouterr().out
+    # fixed horizon: one look at a planned size; before it is reached, no verdict and how many to go
+    assert run_cli(cfg, "status", "quiz", "--planned-n", "150", "--resamples", "50") == 0
+    assert "fixed-horizon CI (planned n=150)" in capsys.readouterr().out
+    assert run_cli(cfg, "status", "quiz", "--planned-n", "500", "--resamples", "50") == 0
+    assert "read once the planned 500 results are in (300 to go)" in capsys.readouterr().out
+    assert run_cli(cfg, "status", "quiz", "--planned-n", "5") == 2
+    assert "planned_n" in capsys.readouterr().err
 
 
 
@@ -203,3 +214,39 @@ def test_costs_from_the_request_log_when_the_trial_has_no_prices(make_gateway: A
     cost = rep["by_candidate"][0]["cost"]
     assert cost["incumbent_per_1k_usd"] == pytest.approx(2.0) and cost["candidate_per_1k_usd"] == pytest.approx(0.5)
     assert rep["spend"]["total_usd"] == pytest.approx(4 * 0.0025)
+
+
+def test_savings_projection_counts_real_traffic_not_replays(make_gateway: Any, quiz: FakeQuiz, tmp_path: Path,
+                                                            capsys: Any) -> None:
+    gw, cfg, data = setup(make_gateway, quiz, tmp_path, 10, judge=None)
+    assert run_cli(cfg, "run", "quiz", "--dataset", str(data), "--gateway", gw.url, "--progress") == 0
+    err = capsys.readouterr().err
+    assert "seeded random order (seed 0)" in err
+    assert "10/10 items" in err and "items/s" in err and "$0.0" in err and "numeric diff" in err
+    # replays are logged as such, and are not traffic
+    rows = gw.log_rows()
+    assert rows and {r["trial"] for r in rows} == {"replay:quiz"}
+    js = tmp_path / "r.json"
+
+    def projection(*extra: str) -> dict[str, Any]:
+        assert run_cli(cfg, "report", "quiz", "--json", str(js), "--resamples", "20", *extra) == 0
+        capsys.readouterr()
+        return dict(orjson.loads(js.read_bytes())["by_candidate"][0]["cost"]["projection"])
+
+    p = projection()
+    assert p["requests_per_month"] is None and "pass --monthly-requests" in p["volume_source"]
+    import openai
+
+    c = openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0)
+    for item in quiz_items(7, seed=9):
+        c.chat.completions.create(model="gpt-big", messages=item["messages"])
+    gw.flush_logs()
+    assert projection()["requests_per_month"] == pytest.approx(7 / 7 * 30)  # 7 real requests in 7 days
+    # a --fresh rerun adds replays, not traffic: the projection does not move
+    assert run_cli(cfg, "run", "quiz", "--dataset", str(data), "--gateway", gw.url, "--fresh") == 0
+    gw.flush_logs()
+    assert projection()["requests_per_month"] == pytest.approx(30)
+    # --monthly-requests is taken as given, and small volumes still project
+    assert projection("--monthly-requests", "1000")["requests_per_month"] == 1000
+    small = projection("--monthly-requests", "12")
+    assert small["requests_per_month"] == 12 and small["savings_usd"] is not None and small["savings_usd"] > 0

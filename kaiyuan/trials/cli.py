@@ -13,6 +13,7 @@ import orjson
 from kaiyuan.cli import EXTRA_COMMANDS, _config
 from kaiyuan.config import GatewayConfig
 from kaiyuan.trials.models import TrialConfig
+from kaiyuan.trials.progress import Progress
 from kaiyuan.trials.store import TrialStore
 
 
@@ -76,6 +77,9 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{t.name}  mode={t.mode}  {t.incumbent} -> {', '.join(t.candidates)}  sample={t.sample_rate}")
         return 0
     trial = _trial(config, store, args.name)
+    overrides = {k: v for k, v in (("seed", args.seed), ("order", args.order), ("planned_n", args.planned_n)) if v is not None}
+    if overrides:
+        trial = TrialConfig.model_validate({**trial.model_dump(mode="json", by_alias=True), **overrides})
     if action == "run":
         return _cmd_run(args, config, store, trial)
     if action in ("status", "report"):
@@ -130,10 +134,14 @@ def _cmd_run(args: argparse.Namespace, config: GatewayConfig, store: TrialStore,
         store.clear_results(trial.name)
     url = args.gateway or f"http://{config.server.host}:{config.server.port}"
     key = args.api_key or os.environ.get("KAIYUAN_API_KEY") or config.server.master_key
+    progress = Progress(len(items), trial.primary_metric, enabled=True if args.progress else None)
+    if trial.mode == "offline":
+        print(f"replaying {len(items)} item(s) in " + (f"a seeded random order (seed {trial.seed})" if trial.order == "shuffled"
+                                                    else "the dataset's own order"), file=sys.stderr)
 
     async def go() -> RunSummary:
-        async with GatewayClient(url, key) as client:
-            return await run_offline(trial, items, client, store, config, args.concurrency)
+        async with GatewayClient(url, key, replay=trial.name) as client:
+            return await run_offline(trial, items, client, store, config, args.concurrency, progress=progress)
 
     summary = asyncio.run(go())
     print(f"replayed {summary.items} item(s): {summary.pairs} pair(s), {summary.candidate_failures} candidate failure(s), "
@@ -155,6 +163,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", help="run: key for the gateway (default: $KAIYUAN_API_KEY or the master key)")
     p.add_argument("--concurrency", type=int)
     p.add_argument("--fresh", action="store_true", help="run: forget earlier results of this trial")
+    p.add_argument("--seed", type=int, help="run/report: seed of the random replay order (default: the trial's, 0)")
+    p.add_argument("--order", choices=["shuffled", "dataset"], help="run/report: replay order (default: shuffled)")
+    p.add_argument("--planned-n", type=int, help="status/report: fixed-horizon verdict read once at this many results")
+    p.add_argument("--progress", action="store_true", help="run: show the progress bar even when stderr is not a terminal")
     p.add_argument("--json", help="report: write the JSON export here")
     p.add_argument("--html", help="report: write the HTML report here")
     p.add_argument("--monthly-requests", type=float, help="report: project costs at this volume")

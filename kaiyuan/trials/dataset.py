@@ -7,6 +7,7 @@ are kept on the item for scorers. A bad line fails the load with its line number
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,18 @@ class Item:
     id: str
     request: dict[str, Any]
     meta: dict[str, Any]  # reference / schema / tool_call / anything else, for scorers
+
+
+def replay_key(seed: int, item_id: str) -> bytes:
+    """The item's place in the seeded random replay order: a hash of (seed, id), so the order is
+    reproducible from the ids alone (the report re-sorts stored results with it) and independent
+    of every outcome, which is what the confidence sequence needs."""
+    return hashlib.blake2b(f"{seed}\0{item_id}".encode(), digest_size=8).digest()
+
+
+def replay_order(items: list[Item], seed: int) -> list[Item]:
+    """``items`` in the seeded random order (ties between repeated ids keep dataset order)."""
+    return sorted(items, key=lambda it: replay_key(seed, it.id))
 
 
 def parse_line(obj: Any, where: str, index: int) -> Item:

@@ -112,7 +112,7 @@ async def evaluate(
     judge_skip: str | None = None,
 ) -> tuple[dict[str, Any], JudgeResult | None]:
     """Score one pair and return the ``trial_result`` row (and the judge result, for spend)."""
-    scores = score_pair(scorers, inc.answer, cand.answer, meta) if scorers else {}
+    scores = score_pair(scorers, inc.answer, cand.answer, {**meta, "request": request}) if scorers else {}
     jr: JudgeResult | None = None
     judge_score: float | None = None
     judge_status: str | None = None

@@ -94,9 +94,12 @@ def _candidate_section(c: dict[str, Any]) -> str:
     v = c.get("verdict") or {}
     verdict = v.get("verdict", "no_data")
     out.append(f'<p class="verdict {_e(verdict)}"><b>Verdict: {_e(verdict.replace("_", " "))}</b> '
-               f"on {_e(v.get('metric'))} (margin {_e(v.get('margin'))}); anytime-valid interval "
+               f"on {_e(v.get('metric'))} (margin {_e(v.get('margin'))}); "
+               f"{'fixed-horizon interval (planned n=' + _e(v.get('planned_n')) + ')' if v.get('method') == 'fixed_horizon' else 'anytime-valid interval'} "
                f"[{_num(v.get('lo'))}, {_num(v.get('hi'))}] against threshold {_num(v.get('threshold'))}"
-               + (f", reached after {_e(v['decided_at'])} results" if v.get("decided_at") else "") + ".</p>")
+               + (f", reached after {_e(v['decided_at'])} results" if v.get("decided_at") else "")
+               + (f"; probably needs about {_e(v['items_needed'])} more results" if verdict == "inconclusive" and v.get("items_needed") else "")
+               + ".</p>")
     f = c["failures"]
     out.append(f"<p>{c['pairs']} pairs; candidate failures: {f['candidate']}; incumbent failures: {f['incumbent']}.</p>")
     if f.get("candidate_errors"):
@@ -123,8 +126,9 @@ def _candidate_section(c: dict[str, Any]) -> str:
     out.append(cost_bars(c["cost"]))
     p = c["cost"].get("projection") or {}
     if p.get("savings_usd") is not None:
-        out.append(f"<p>Projected monthly at {p['requests_per_month']:.0f} requests: ${p['incumbent_usd']:.2f} → "
-                   f"${p['candidate_usd']:.2f}, saving ${p['savings_usd']:.2f} ({_num(p.get('savings_pct'), '.1f')}%).</p>")
+        out.append(f"<p>Projected monthly at {p['requests_per_month']:,.1f} requests ({_e(p.get('volume_source'))}): "
+                   f"${p['incumbent_usd']:.2f} → ${p['candidate_usd']:.2f}, saving ${p['savings_usd']:.2f} "
+                   f"({_num(p.get('savings_pct'), '.1f')}%).</p>")
     if c.get("disagreements"):
         out.append("<h3>Largest disagreements</h3><table><tr><th>item</th><th>request</th><th>incumbent</th><th>candidate</th><th>judge</th></tr>")
         for d in c["disagreements"]:
@@ -134,17 +138,27 @@ def _candidate_section(c: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _order_text(o: dict[str, Any]) -> str:
+    if o.get("order") == "shuffled":
+        return f"replayed in a seeded random order (seed {o.get('seed')})"
+    if o.get("order") == "dataset":
+        return "replayed in the dataset's own order: the verdict covers the items replayed so far"
+    return "results in arrival order: under drift the verdict covers the traffic seen so far"
+
+
 def render_html(rep: dict[str, Any]) -> str:
     spend = rep["spend"]
     cap = spend.get("cap_usd")
     body = [f"<h1>Trial {_e(rep['trial'])}</h1>",
             f"<p>Mode {_e(rep['mode'])}; incumbent <b>{_e(rep['incumbent'])}</b>; candidates {_e(', '.join(rep['candidates']))}; "
-            f"{rep['results']} results; confidence {rep['confidence']:.0%}.</p>",
+            f"{rep['results']} results; confidence {rep['confidence']:.0%}; "
+            f"{_e(_order_text(rep.get('order') or {}))}.</p>",
             f"<p>Trial spend ${spend['total_usd']:.4f}" + (f" of a ${cap:.2f} cap" if cap is not None else "") + ".</p>"]
     body += [_candidate_section(c) for c in rep["by_candidate"]]
     if rep.get("routing"):
         body.append("<h2>Routing history</h2><ul>" + "".join(
-            f"<li>{_e(r['action'])} → {_e(r['candidate'])} steps {_e(r['steps'])}</li>" for r in rep["routing"]) + "</ul>")
+            f"<li>{_e(r['action'])} → {_e(r['candidate'])} steps {_e(r['steps'])} by {_e(r.get('actor'))}"
+            f"{': ' + _e(r['note']) if r.get('note') else ''}</li>" for r in rep["routing"]) + "</ul>")
     style = ("body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#111}"
              "table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:4px;vertical-align:top;font-size:12px}"
              "pre{white-space:pre-wrap;margin:0}.verdict.non_inferior{color:#15803d}.verdict.inferior{color:#b91c1c}")

@@ -6,6 +6,7 @@ A judge output whose verdict cannot be read is never guessed at: the pair is mar
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,27 @@ from kaiyuan.trials.models import JudgeSettings
 JudgeCall = Callable[[list[dict[str, Any]]], Awaitable[str]]
 
 _VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]", re.IGNORECASE)
+_PLACEHOLDER = re.compile(r"\{(question|answer_a|answer_b)\}")
+
+
+def quote(text: str, name: str) -> str:
+    """``text`` between two marker lines carrying a tag derived from the content and not found
+    in it, so an answer cannot end its own quotation and pose as the judge's instructions."""
+    salt = 0
+    while True:
+        tag = hashlib.blake2b(f"{salt}\0{text}".encode(), digest_size=6).hexdigest()
+        if tag not in text:
+            return f"<<<{name} {tag}\n{text}\n{name} {tag}>>>"
+        salt += 1
+
+
+def fill_prompt(template: str, question: str, answer_a: str, answer_b: str) -> str:
+    """The judge prompt with every placeholder filled in ONE pass over the template: text that
+    comes from the request or an answer is never scanned for placeholders (a request that says
+    ``{answer_b}`` stays as written), and each input is quoted."""
+    values = {"question": quote(question, "REQUEST"), "answer_a": quote(answer_a, "ANSWER A"),
+              "answer_b": quote(answer_b, "ANSWER B")}
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
 def parse_verdict(text: str) -> str | None:
@@ -61,7 +83,7 @@ async def judge_pair(settings: JudgeSettings, call: JudgeCall, request: dict[str
     res = JudgeResult("ok", None)
     scores: list[float] = []
     for a, b, cand_letter in orders:
-        prompt = settings.prompt.replace("{question}", q).replace("{answer_a}", a).replace("{answer_b}", b)
+        prompt = fill_prompt(settings.prompt, q, a, b)
         try:
             text = await call([{"role": "user", "content": prompt}])
         except Exception as e:

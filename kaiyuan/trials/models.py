@@ -6,6 +6,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# An offline replay marks its calls with this header (value: the trial's name). The gateway then
+# leaves them out of live trials (no canary split, no mirror) and logs them with trial
+# ``replay:NAME``, so savings projections never count replays as traffic.
+REPLAY_HEADER = "x-kaiyuan-trial-replay"
+REPLAY_PREFIX = "replay:"
+
 DEFAULT_JUDGE_PROMPT = """You are comparing two answers to the same request. Judge which answer is more \
 helpful, correct and complete. Ignore length and style unless they matter for the request.
 
@@ -41,14 +47,16 @@ class JudgeSettings(_Strict):
         return self
 
 
-ScorerType = Literal["exact", "normalized", "regex", "numeric", "json_schema", "tool_call", "plugin"]
+ScorerType = Literal["exact", "normalized", "regex", "numeric", "json_schema", "tool_call", "tool_schema", "tool_agreement",
+                     "plugin"]
 
 
 class ScorerSpec(_Strict):
     type: ScorerType
     name: str | None = Field(None, description="label in reports; defaults to the type (or plugin name)")
     pattern: str | None = Field(None, description="regex scorer: pattern the answer must match (else the item's reference)")
-    json_schema: dict[str, Any] | None = Field(None, alias="schema", description="json_schema scorer (else the item's 'schema')")
+    json_schema: dict[str, Any] | None = Field(
+        None, alias="schema", description="json_schema scorer (else the item's 'schema', else the request's response_format)")
     tolerance: float = Field(1e-6, ge=0, description="numeric scorer: absolute tolerance")
     plugin: str | None = Field(None, description="entry point name in the 'kaiyuan.scorers' group")
 
@@ -91,6 +99,11 @@ class TrialConfig(_Strict):
         0.1, ge=0, le=1, description="canary with a judge: share of candidate-arm answers judged against an incumbent call "
         "made in the background")
     dataset: str | None = Field(None, description="offline: JSONL file")
+    order: Literal["shuffled", "dataset"] = Field(
+        "shuffled", description="offline: replay in a seeded random order (default) or in the dataset's own order")
+    seed: int = Field(0, ge=0, description="offline: seed of the random replay order (shown in the report)")
+    planned_n: int | None = Field(
+        None, ge=30, description="fixed-horizon verdict: read once at this many results (default: anytime-valid sequence)")
     enabled: bool = True
 
     @model_validator(mode="after")

@@ -17,10 +17,11 @@ from sqlalchemy import select, update
 
 from kaiyuan.config import GatewayConfig
 from kaiyuan.store.schema import request_log, trial_result
-from kaiyuan.trials.dataset import Item
+from kaiyuan.trials.dataset import Item, replay_order
 from kaiyuan.trials.evaluate import CallOutcome, build_scorers, evaluate, price_of, usage_tokens
-from kaiyuan.trials.models import TrialConfig
+from kaiyuan.trials.models import REPLAY_HEADER, TrialConfig
 from kaiyuan.trials.policy import POLICY_HEADER, permits
+from kaiyuan.trials.progress import Progress
 from kaiyuan.trials.scorers import answer_from_json
 from kaiyuan.trials.store import TrialStore
 
@@ -44,11 +45,13 @@ class RunSummary:
 class GatewayClient:
     """Chat calls through the gateway's OpenAI API (so keys, policies and accounting apply)."""
 
-    def __init__(self, base_url: str, api_key: str | None, timeout_s: float = 300) -> None:
+    def __init__(self, base_url: str, api_key: str | None, timeout_s: float = 300, replay: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         if not self.base_url.endswith("/v1"):
             self.base_url += "/v1"
         self.headers = {"Content-Type": "application/json"}
+        if replay:
+            self.headers[REPLAY_HEADER] = replay
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -104,7 +107,11 @@ async def run_offline(
     config: GatewayConfig | None = None,
     concurrency: int | None = None,
     backfill_wait_s: float = 5.0,
+    progress: Progress | None = None,
 ) -> RunSummary:
+    """Replay ``items`` (in the trial's seeded random order unless ``order: dataset``)."""
+    if trial.order == "shuffled":
+        items = replay_order(items, trial.seed)
     summary = RunSummary()
     unpriced: list[_Unpriced] = []
     scorers = build_scorers(trial)
@@ -175,14 +182,22 @@ async def run_offline(
                     inc_fill.rows.append((row["id"], "incumbent_cost"))
                 await asyncio.to_thread(store.add_results, [row])
                 summary.pairs += 1
+                if progress is not None:
+                    progress.observe(row)
             if inc_cost is None and inc_fill.request_id:
                 unpriced.append(inc_fill)
             async with lock:
                 if ledger:
                     await asyncio.to_thread(store.add_spend, trial.name, ledger)
                     spent += sum(x[2] for x in ledger)
+                if progress is not None:
+                    progress.item_done(spent)
 
-    await asyncio.gather(*(one(it) for it in items))
+    try:
+        await asyncio.gather(*(one(it) for it in items))
+    finally:
+        if progress is not None:
+            progress.close()
     if unpriced and backfill_wait_s > 0:
         summary.backfilled, extra = await asyncio.to_thread(backfill_costs, store, trial.name, unpriced, backfill_wait_s)
         spent += extra

@@ -7,11 +7,12 @@ import time
 from typing import Any
 
 import orjson
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 
 from kaiyuan.store.schema import request_log
-from kaiyuan.trials import stats
-from kaiyuan.trials.models import TrialConfig
+from kaiyuan.trials import sequential, stats
+from kaiyuan.trials.dataset import replay_key
+from kaiyuan.trials.models import REPLAY_PREFIX, TrialConfig
 from kaiyuan.trials.store import TrialStore
 
 
@@ -26,31 +27,44 @@ def _clean(v: Any) -> Any:
 
 
 def observed_volume(store: TrialStore, models: list[str], since: float, until: float) -> int:
-    """Requests to ``models`` in the request log between two times (0 when the log is off)."""
+    """Real requests to ``models`` in the request log between two times (0 when the log is off).
+    Offline replays are not traffic: they are logged with trial ``replay:NAME`` and left out."""
     t = request_log
-    q = select(func.count()).select_from(t).where(t.c.model.in_(models), t.c.ts >= since, t.c.ts <= until)
+    q = (select(func.count()).select_from(t)
+         .where(t.c.model.in_(models), t.c.ts >= since, t.c.ts <= until,
+                or_(t.c.trial.is_(None), t.c.trial.not_like(REPLAY_PREFIX + "%"))))
     with store.engine.connect() as conn:
         return int(conn.execute(q).scalar() or 0)
 
 
-def _volume(trial: TrialConfig, store: TrialStore, rows: list[dict[str, Any]]) -> tuple[int, float, str]:
-    """(requests, window seconds, where the number comes from) for the monthly projection."""
+def _volume(trial: TrialConfig, store: TrialStore, rows: list[dict[str, Any]]) -> tuple[float | None, str]:
+    """(requests per month, where the number comes from) for the projection."""
     models = [trial.incumbent, *trial.candidates]
     if trial.mode == "offline" or len(rows) < 2:
         now = time.time()
         n = observed_volume(store, [trial.incumbent], now - 7 * 86400, now)
-        return n, 7 * 86400.0, "request log, last 7 days"
+        if not n:
+            return None, "no traffic to the incumbent in the request log in the last 7 days: pass --monthly-requests"
+        return stats.per_month(n, 7 * 86400.0), "request log, last 7 days (replays excluded)"
     since, until = min(r["ts"] for r in rows), max(r["ts"] for r in rows)
     n = observed_volume(store, models, since, until)
     if n:
-        return n, until - since, "request log, trial window"
+        return stats.per_month(n, until - since), "request log, trial window"
     n = round(len(rows) / trial.sample_rate) if trial.mode == "shadow" and trial.sample_rate else len(rows)
-    return n, until - since, "trial results"
+    return stats.per_month(n, until - since), "trial results"
+
+
+def ordered(trial: TrialConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Results in the order the confidence sequence reads them: an offline trial's seeded random
+    replay order (so reruns read the same sequence), else arrival order."""
+    if trial.mode == "offline" and trial.order == "shuffled":
+        return sorted(rows, key=lambda r: (replay_key(trial.seed, r["item"] or ""), r["ts"], r["id"]))
+    return sorted(rows, key=lambda r: (r["ts"], r["id"]))
 
 
 def candidate_report(trial: TrialConfig, rows: list[dict[str, Any]], candidate: str, resamples: int = 1000,
-                     volume: tuple[int, float, str] = (0, 0.0, "")) -> dict[str, Any]:
-    rows = [r for r in rows if r["candidate"] == candidate]
+                     volume: tuple[float | None, str] = (None, "")) -> dict[str, Any]:
+    rows = ordered(trial, [r for r in rows if r["candidate"] == candidate])
     out: dict[str, Any] = {"candidate": candidate, "pairs": len(rows)}
     out["failures"] = {
         "candidate": sum(1 for r in rows if r["candidate_error"]),
@@ -66,7 +80,7 @@ def candidate_report(trial: TrialConfig, rows: list[dict[str, Any]], candidate: 
         j: dict[str, Any] = {"n": len(judged), "status_counts": statuses, "unparsable": statuses.get("unparsable", 0)}
         if judged:
             j["rates"] = {k: v.as_dict() for k, v in stats.win_tie_loss(judged, resamples=resamples).items()}
-        j["verdict"] = stats.judge_verdict(judged, trial.margin, trial.alpha).as_dict()
+        j["verdict"] = sequential.judge_verdict(judged, trial.margin, trial.alpha, trial.planned_n).as_dict()
         j["unparsable_examples"] = [
             {"item": r["item"], "judge_output": orjson.loads(r["judge_detail"])["raw"] if r["judge_detail"] else None}
             for r in rows if r["judge_status"] == "unparsable"][:5]
@@ -84,7 +98,7 @@ def candidate_report(trial: TrialConfig, rows: list[dict[str, Any]], candidate: 
         if pairs:
             inc, cand = [p[0] for p in pairs], [p[1] for p in pairs]
             entry["means"] = {k: v.as_dict() for k, v in stats.paired_difference(inc, cand, resamples=resamples).items()}
-            entry["verdict"] = stats.reference_verdict(inc, cand, trial.margin, trial.alpha).as_dict()
+            entry["verdict"] = sequential.reference_verdict(inc, cand, trial.margin, trial.alpha, trial.planned_n).as_dict()
         ref[s.label] = entry
     out["scorers"] = ref
     primary = trial.primary_metric
@@ -102,7 +116,7 @@ def candidate_report(trial: TrialConfig, rows: list[dict[str, Any]], candidate: 
     inc_1k = stats.cost_per_1k([r["incumbent_cost"] for r in rows])
     cand_1k = stats.cost_per_1k([r["candidate_cost"] for r in rows])
     out["cost"] = {"incumbent_per_1k_usd": inc_1k, "candidate_per_1k_usd": cand_1k,
-                   "projection": {**stats.monthly_projection(inc_1k, cand_1k, volume[0], volume[1]), "volume_source": volume[2]}}
+                   "projection": {**stats.monthly_projection(inc_1k, cand_1k, volume[0]), "volume_source": volume[1]}}
     # largest disagreements
     def gap(r: dict[str, Any]) -> float:
         if r["judge_score"] is not None:
@@ -120,20 +134,17 @@ def candidate_report(trial: TrialConfig, rows: list[dict[str, Any]], candidate: 
 
 def build_report(trial: TrialConfig, store: TrialStore, *, monthly_requests: float | None = None, resamples: int = 1000) -> dict[str, Any]:
     rows = store.results(trial.name)
+    volume = (monthly_requests, "--monthly-requests") if monthly_requests else _volume(trial, store, rows)
     rep: dict[str, Any] = {
         "trial": trial.name, "mode": trial.mode, "incumbent": trial.incumbent, "candidates": trial.candidates,
         "margin": trial.margin, "confidence": 1 - trial.alpha, "primary_metric": trial.primary_metric,
         "results": len(rows),
+        "order": {"order": trial.order, "seed": trial.seed} if trial.mode == "offline" else {"order": "arrival", "seed": None},
         "spend": {"total_usd": store.spent(trial.name), "by_kind": store.spend_by_kind(trial.name), "cap_usd": trial.budget_usd},
         "routing": [{**{k: r[k] for k in ("ts", "action", "candidate", "step_s", "actor", "note")}, "steps": orjson.loads(r["steps"])}
                     for r in store.routing_history(trial.name)],
-        "by_candidate": [candidate_report(trial, rows, c, resamples, _volume(trial, store, rows)) for c in trial.candidates],
+        "by_candidate": [candidate_report(trial, rows, c, resamples, volume) for c in trial.candidates],
     }
-    if monthly_requests:
-        for c in rep["by_candidate"]:
-            per_s = monthly_requests / (30 * 86400)
-            c["cost"]["projection"] = {**stats.monthly_projection(c["cost"]["incumbent_per_1k_usd"], c["cost"]["candidate_per_1k_usd"],
-                                                                  int(per_s * 86400), 86400), "volume_source": "--monthly-requests"}
     return _clean(rep)
 
 
@@ -141,8 +152,35 @@ def _f(v: Any, fmt: str = ".3f") -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _interval_name(v: dict[str, Any]) -> str:
+    if v.get("method") == "fixed_horizon":
+        return f"fixed-horizon CI (planned n={v.get('planned_n')})"
+    return "anytime-valid CS"
+
+
+def _needed(v: dict[str, Any]) -> str:
+    k = v.get("items_needed")
+    if v.get("verdict") != "inconclusive":
+        return ""
+    if k is None:
+        return "; the estimate sits on the threshold: more items may not settle it"
+    if v.get("method") == "fixed_horizon" and v.get("n", 0) < (v.get("planned_n") or 0):
+        return f"; read once the planned {v.get('planned_n')} results are in ({k} to go)"
+    return f"; probably needs about {k} more results if the current mean and spread hold"
+
+
+def _order_line(rep: dict[str, Any]) -> str:
+    o = rep.get("order") or {}
+    if o.get("order") == "shuffled":
+        return f"replay order: seeded random, seed {o.get('seed')}"
+    if o.get("order") == "dataset":
+        return "replay order: the dataset's own order - the verdict covers the items replayed so far, not the whole set"
+    return "order: arrival; under drift the verdict covers the traffic seen so far"
+
+
 def render_text(rep: dict[str, Any]) -> str:
     lines = [f"trial {rep['trial']}  mode={rep['mode']}  incumbent={rep['incumbent']}  results={rep['results']}",
+             _order_line(rep),
              f"spend: ${rep['spend']['total_usd']:.4f}" + (f" of cap ${rep['spend']['cap_usd']:.4f}" if rep['spend']['cap_usd'] is not None else "")]
     for c in rep["by_candidate"]:
         lines.append("")
@@ -163,9 +201,10 @@ def render_text(rep: dict[str, Any]) -> str:
                              f"  diff {m['difference']['rate']:+.3f} [{_f(m['difference']['lo'])}, {_f(m['difference']['hi'])}]  (n={s['n']})")
         v = c["verdict"]
         if v.get("verdict") != "no_data":
-            lines.append(f"  VERDICT ({v['metric']}, margin {v['margin']}): {v['verdict'].upper()}  "
-                         f"anytime-valid CS [{_f(v['lo'])}, {_f(v['hi'])}] vs threshold {_f(v['threshold'])}"
-                         + (f", decided after {v['decided_at']} results" if v.get("decided_at") else ""))
+            lines.append(f"  VERDICT ({v['metric']}, margin {v['margin']}): {v['verdict'].upper()}  {_interval_name(v)} "
+                         f"[{_f(v['lo'])}, {_f(v['hi'])}] vs threshold {_f(v['threshold'])}"
+                         + (f", decided after {v['decided_at']} results" if v.get("decided_at") else "")
+                         + _needed(v))
         else:
             lines.append("  VERDICT: no data yet")
         lat = c["latency_ms"]
@@ -176,7 +215,10 @@ def render_text(rep: dict[str, Any]) -> str:
         p = cost["projection"]
         if p.get("savings_usd") is not None:
             lines.append(f"  projected monthly: ${p['incumbent_usd']:.2f} -> ${p['candidate_usd']:.2f} "
-                         f"(saves ${p['savings_usd']:.2f}, {_f(p['savings_pct'], '.1f')}%) at {p['requests_per_month']:.0f} req/month")
+                         f"(saves ${p['savings_usd']:.2f}, {_f(p['savings_pct'], '.1f')}%) at {p['requests_per_month']:,.1f} req/month"
+                         f" ({p.get('volume_source')})")
+        elif p.get("volume_source"):
+            lines.append(f"  projected monthly: - ({p['volume_source']})")
     if rep["routing"]:
         r = rep["routing"][-1]
         lines.append("")

@@ -35,7 +35,7 @@ from kaiyuan.trials.evaluate import (
     price_of,
     usage_tokens,
 )
-from kaiyuan.trials.models import TrialConfig, check_trial_models
+from kaiyuan.trials.models import REPLAY_HEADER, REPLAY_PREFIX, TrialConfig, check_trial_models
 from kaiyuan.trials.policy import allowed, request_policy
 from kaiyuan.trials.scorers import Scorer, answer_from_json
 from kaiyuan.trials.store import RoutingState, TrialStore
@@ -213,6 +213,10 @@ class TrialsRuntime:
         return t.budget_usd is not None and self.spent.get(t.name, 0.0) >= t.budget_usd
 
     def pre_route(self, ctx: RequestContext) -> None:
+        replay = ctx.headers.get(REPLAY_HEADER) if ctx.headers is not None else None
+        if replay:  # an offline replay: not live traffic, never split or mirrored
+            ctx.trial = REPLAY_PREFIX + str(replay)[:100]
+            return
         model = ctx.model or ""
         st = self.overrides.get(model)
         if st is not None:

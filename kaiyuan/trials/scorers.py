@@ -13,7 +13,7 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, Protocol, cast
 
 import orjson
 
@@ -151,23 +151,6 @@ def regex(answer: Answer, item: dict[str, Any], pattern: str | None = None) -> f
     return float(re.search(str(pat), answer.text) is not None)
 
 
-def json_schema(answer: Answer, item: dict[str, Any], schema: dict[str, Any] | None = None) -> float | None:
-    import jsonschema
-
-    sch = schema or item.get("schema")
-    if sch is None:
-        return None
-    try:
-        doc = orjson.loads(answer.text)
-    except orjson.JSONDecodeError:
-        return 0.0
-    try:
-        jsonschema.validate(doc, sch)
-    except jsonschema.ValidationError:
-        return 0.0
-    return 1.0
-
-
 def tool_call(answer: Answer, item: dict[str, Any]) -> float | None:
     """Item ``tool_call: {"name": ..., "arguments": {...}}``: the first call must match; arguments
     compared as JSON (only the keys the reference names)."""
@@ -202,6 +185,17 @@ def load_plugin(name: str) -> Scorer:
     return fn
 
 
+class PairScorer(Protocol):
+    """A scorer that needs both answers (agreement with the incumbent). It is also a plain
+    :data:`Scorer` (alone it does not apply: None); :func:`score_pair` calls ``pair`` instead."""
+
+    pairwise: bool
+
+    def __call__(self, answer: Answer, item: dict[str, Any]) -> float | None: ...
+
+    def pair(self, inc: Answer | None, cand: Answer | None, item: dict[str, Any]) -> dict[str, float | None]: ...
+
+
 def build_scorer(spec: ScorerSpec) -> Scorer:
     t = spec.type
     if t == "exact":
@@ -212,8 +206,10 @@ def build_scorer(spec: ScorerSpec) -> Scorer:
         return lambda a, i: numeric(a, i, spec.tolerance)
     if t == "regex":
         return lambda a, i: regex(a, i, spec.pattern)
-    if t == "json_schema":
-        return lambda a, i: json_schema(a, i, spec.json_schema)
+    if t in ("json_schema", "tool_schema", "tool_agreement"):
+        from kaiyuan.trials import tool_scorers
+
+        return tool_scorers.build(t, spec.json_schema)
     if t == "tool_call":
         return tool_call
     assert spec.plugin is not None
@@ -226,6 +222,14 @@ def score_pair(scorers: dict[str, Scorer], inc: Answer | None, cand: Answer | No
     out: dict[str, Any] = {}
     for label, fn in scorers.items():
         entry: dict[str, Any] = {}
+        if getattr(fn, "pairwise", False):
+            pair_fn = cast(PairScorer, fn)
+            try:
+                entry.update(pair_fn.pair(inc, cand, item))
+            except Exception as e:
+                entry = {"incumbent": None, "candidate": None, "errors": [f"{type(e).__name__}: {e}"]}
+            out[label] = entry
+            continue
         for side, ans in (("incumbent", inc), ("candidate", cand)):
             try:
                 if ans is None:

@@ -1,11 +1,10 @@
 """Trial statistics: pure functions, no I/O, standard library only.
 
-- :func:`win_tie_loss` - rates with paired bootstrap percentile 95% intervals;
-- :func:`eb_confidence_sequence` - an anytime-valid confidence sequence for the mean of values in
-  [0, 1] (predictable plug-in empirical Bernstein, Waudby-Smith & Ramdas 2023, Thm. 2). It holds
-  at every sample size simultaneously, so a trial may look after every result and stop early;
-- :func:`non_inferiority` - the verdict "candidate is not worse than the incumbent by more than m";
+- :func:`win_tie_loss` - rates with paired bootstrap percentile 95% intervals, the same on every
+  rerun (rows are grouped and sorted before resampling, and the generator is seeded);
 - latency quantiles, cost per 1,000 requests and monthly projections.
+
+The anytime-valid verdicts live in :mod:`kaiyuan.trials.sequential`.
 """
 
 from __future__ import annotations
@@ -63,8 +62,9 @@ def paired_bootstrap(
 ) -> dict[str, Rate]:
     """Percentile bootstrap intervals for statistics of paired rows.
 
-    Rows are resampled whole (pairs stay together). Identical rows are grouped first, so the cost
-    is O(resamples x n) draws but the statistics run on category counts only.
+    Rows are resampled whole (pairs stay together). Identical rows are grouped and sorted first, so
+    the result does not depend on the order rows were stored in, the cost is O(resamples x n)
+    draws, and the statistics run on category counts only.
     ``statistics`` maps a name to ``f(counts: dict[row, int], n) -> float``.
     """
     n = len(rows)
@@ -72,7 +72,7 @@ def paired_bootstrap(
         return {k: Rate(math.nan, math.nan, math.nan) for k in statistics}
     rng = random.Random(seed)
     counts = Counter(rows)
-    cats = list(counts)
+    cats = sorted(counts, key=repr)
     cum: list[int] = []
     total = 0
     for c in cats:
@@ -119,107 +119,6 @@ def paired_difference(
     return paired_bootstrap(rows, stats, level=level, resamples=resamples, seed=seed)
 
 
-# -- anytime-valid confidence sequence --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CSPoint:
-    n: int
-    mean: float
-    lo: float
-    hi: float
-
-
-def eb_confidence_sequence(xs: Sequence[float], *, alpha: float = 0.05, cap: float = 0.5) -> list[CSPoint]:
-    """A two-sided (1 - alpha) confidence sequence for the mean of i.i.d. values in [0, 1].
-
-    Predictable plug-in empirical-Bernstein CS (Waudby-Smith & Ramdas, "Estimating means of bounded
-    random variables by betting", JRSS-B 2023, Theorem 2), with the running intersection taken so
-    the interval never widens. P(the true mean leaves the interval at ANY n) <= alpha.
-    """
-    log_term = math.log(2 / alpha)
-    out: list[CSPoint] = []
-    sum_lam = sum_lam_x = sum_v_psi = 0.0
-    mu_prev = 0.5  # mu_hat_{t-1}, regularised
-    sigma2_prev = 0.25
-    sum_x = 0.0
-    sum_sq = 0.0
-    lo_run, hi_run = 0.0, 1.0
-    for t, x in enumerate(xs, start=1):
-        if not 0.0 <= x <= 1.0:
-            raise ValueError(f"confidence sequence values must lie in [0, 1], got {x}")
-        lam = min(math.sqrt(2 * log_term / (sigma2_prev * t * math.log(1 + t))), cap)
-        sum_lam += lam
-        sum_lam_x += lam * x
-        v = 4 * (x - mu_prev) ** 2
-        psi = (-math.log(1 - lam) - lam) / 4
-        sum_v_psi += v * psi
-        centre = sum_lam_x / sum_lam
-        width = (log_term + sum_v_psi) / sum_lam
-        lo_run = max(lo_run, centre - width)
-        hi_run = min(hi_run, centre + width)
-        sum_x += x
-        mu_prev = (0.5 + sum_x) / (t + 1)
-        sum_sq += (x - mu_prev) ** 2
-        sigma2_prev = (0.25 + sum_sq) / (t + 1)
-        out.append(CSPoint(t, sum_x / t, max(lo_run, 0.0), min(hi_run, 1.0)))
-    return out
-
-
-@dataclass(frozen=True)
-class Verdict:
-    verdict: str  # "non_inferior" | "inferior" | "inconclusive" | "no_data"
-    margin: float
-    threshold: float  # on the [0, 1] scale of the confidence sequence
-    n: int
-    mean: float
-    lo: float
-    hi: float
-    decided_at: int | None  # the first sample size at which the verdict was reached
-    metric: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def non_inferiority(xs: Sequence[float], threshold: float, *, margin: float, alpha: float = 0.05, metric: str = "") -> Verdict:
-    """Test "mean(xs) > threshold" with an anytime-valid confidence sequence.
-
-    ``non_inferior`` when the whole sequence interval lies above ``threshold``, ``inferior`` when it
-    lies below, else ``inconclusive``. Because the sequence is time-uniform, the first crossing is a
-    valid stopping time: ``decided_at`` tells how many results were needed.
-    """
-    cs = eb_confidence_sequence(xs, alpha=alpha)
-    if not cs:
-        return Verdict("no_data", margin, threshold, 0, math.nan, math.nan, math.nan, None, metric)
-    decided_at = None
-    verdict = "inconclusive"
-    for p in cs:
-        if p.lo > threshold:
-            verdict, decided_at = "non_inferior", p.n
-            break
-        if p.hi < threshold:
-            verdict, decided_at = "inferior", p.n
-            break
-    last = cs[-1]
-    return Verdict(verdict, margin, threshold, last.n, last.mean, last.lo, last.hi, decided_at, metric)
-
-
-def judge_verdict(scores: Sequence[float], margin: float, alpha: float = 0.05) -> Verdict:
-    """Pairwise judge scores (1 win, 0.5 tie, 0 loss): non-inferior when E[score] > 0.5 - margin."""
-    return non_inferiority(scores, 0.5 - margin, margin=margin, alpha=alpha, metric="judge_score")
-
-
-def reference_verdict(incumbent: Sequence[float], candidate: Sequence[float], margin: float, alpha: float = 0.05) -> Verdict:
-    """Per-item reference scores in [0, 1]: non-inferior when E[candidate - incumbent] > -margin.
-
-    The difference d in [-1, 1] is mapped to (d + 1) / 2 in [0, 1] for the sequence.
-    """
-    xs = [(b - a + 1) / 2 for a, b in zip(incumbent, candidate, strict=True)]
-    v = non_inferiority(xs, (1 - margin) / 2, margin=margin, alpha=alpha, metric="reference_difference")
-    return Verdict(v.verdict, margin, -margin, v.n, 2 * v.mean - 1, 2 * v.lo - 1, 2 * v.hi - 1, v.decided_at, v.metric)
-
-
 # -- latency and cost ---------------------------------------------------------------------------
 
 
@@ -243,14 +142,22 @@ def cost_per_1k(costs: Sequence[float | None]) -> float | None:
 
 
 def monthly_projection(
-    incumbent_per_1k: float | None, candidate_per_1k: float | None, requests: int, window_s: float
+    incumbent_per_1k: float | None, candidate_per_1k: float | None, requests_per_month: float | None
 ) -> dict[str, float | None]:
-    """Project monthly cost (30 days) of each model at the observed request rate, and the savings."""
-    if requests <= 0 or window_s <= 0:
+    """Monthly cost of each model at ``requests_per_month`` (any positive volume, not rounded), and
+    the savings. All ``None`` without a volume."""
+    if requests_per_month is None or requests_per_month <= 0 or math.isnan(requests_per_month):
         return {"requests_per_month": None, "incumbent_usd": None, "candidate_usd": None, "savings_usd": None, "savings_pct": None}
-    per_month = requests / window_s * 30 * 86400
+    per_month = float(requests_per_month)
     inc = incumbent_per_1k * per_month / 1000 if incumbent_per_1k is not None else None
     cand = candidate_per_1k * per_month / 1000 if candidate_per_1k is not None else None
     savings = inc - cand if inc is not None and cand is not None else None
     pct = (savings / inc * 100) if savings is not None and inc else None
     return {"requests_per_month": per_month, "incumbent_usd": inc, "candidate_usd": cand, "savings_usd": savings, "savings_pct": pct}
+
+
+def per_month(requests: int, window_s: float) -> float | None:
+    """A volume observed over ``window_s`` seconds, scaled to 30 days; None without one."""
+    if requests <= 0 or window_s <= 0:
+        return None
+    return requests / window_s * 30 * 86400

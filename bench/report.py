@@ -171,6 +171,9 @@ def render(info: dict[str, Any], cells: list[Cell], wrks: list[WrkResult], holds
     w(f"- Machine: {info['nproc']} CPUs, {info['cpu_model']}, Linux {info['kernel']}, Python {info['python']}; "
       f"load average at start {fmt_load(info['loadavg_start'])}, at end {fmt_load(info.get('loadavg_end'))}")
     w(f"- Pinning: {info['pinning']}")
+    if info.get("portkey"):
+        w(f"- Portkey gateway {info['portkey']} (npm, Node, headless; @hono/node-server pinned to 1.13.8 because "
+          "1.14+ fails every streaming request with `TypeError: immutable`)")
     if info.get("litellm"):
         w(f"- LiteLLM {info['litellm']} (proxy, 1 worker, its default install, no database)")
     w(f"- Cells: {args.warmup:g} s warm-up + {args.duration:g} s measured, closed loop "
@@ -239,8 +242,15 @@ def render(info: dict[str, Any], cells: list[Cell], wrks: list[WrkResult], holds
             if h.error_samples:
                 w(f"|  | errors: {'; '.join(h.error_samples[:2])} |" + " |" * 11)
         w("")
+    floors = floor_table(cells, wrks)
+    if floors:
+        w("## Against the floors (bare pass-throughs on the same core, bench/floors/)\n")
+        w("\n".join(floors))
+        w("")
     w("## Targets (issue 2)\n")
     w("\n".join(verdicts(cells, holds)))
+    w("\n## Targets (issue 13: one core, every feature on)\n")
+    w("\n".join(verdicts_13(cells, wrks)))
     if notes:
         w("\n## Notes\n")
         w("\n".join(f"- {n}" for n in notes))
@@ -283,6 +293,74 @@ def verdicts(cells: list[Cell], holds: list[HoldResult]) -> list[str]:
                          f"{h.errors} errors, peak {h.peak_upstream_streams} open upstream: "
                          f"{'PASS' if h.held else 'MISS'}")
     return lines
+
+
+FLOOR_NAMES = ("floor-aiohttp", "floor-granian")
+
+
+def floor_table(cells: list[Cell], wrks: list[WrkResult]) -> list[str]:
+    """Kaiyuan's throughput, CPU per request and added latency as ratios to each floor's, per cell."""
+    by = {(c.scenario, c.target, c.concurrency): c for c in cells}
+    rows = []
+    for c in cells:
+        if not c.target.startswith("kaiyuan"):
+            continue
+        direct = by.get((_baseline_of(c.scenario), "direct", c.concurrency))
+        for fl in FLOOR_NAMES:
+            f0 = by.get((c.scenario, fl, c.concurrency))
+            if f0 is None:
+                continue
+            add_k = _diff(c.p50, direct.p50 if direct else None)
+            add_f = _diff(f0.p50, direct.p50 if direct else None)
+            rows.append(f"| {c.scenario} | {c.concurrency} | {c.target} | {fl} | {_x(_ratio(c.rps, f0.rps))} | "
+                        f"{f(c.cpu_us_per_req, 0)} / {f(f0.cpu_us_per_req, 0)} | {_x(_ratio(c.cpu_us_per_req, f0.cpu_us_per_req))} | "
+                        f"{f(add_k, 3)} / {f(add_f, 3)} | {f(_diff(add_k, add_f), 3)} |")
+    wby = {(x.scenario, x.target, x.concurrency): x for x in wrks}
+    wrows = []
+    for x in wrks:
+        if not x.target.startswith("kaiyuan"):
+            continue
+        for fl in FLOOR_NAMES:
+            f0 = wby.get((x.scenario, fl, x.concurrency))
+            if f0 is not None:
+                wrows.append(f"| {x.scenario} | {x.concurrency} | {x.target} | {fl} | {f(x.rps, 0)} / {f(f0.rps, 0)} | "
+                             f"{_x(_ratio(x.rps, f0.rps))} |")
+    out = []
+    if rows:
+        out += ["`rps x`: Kaiyuan's req/s over the floor's; `CPU`: us per request, Kaiyuan / floor; `added p50`: ms over "
+                "direct, Kaiyuan / floor; `gap`: the difference (issue 13's target at c=1: <= 0.1 ms).\n",
+                "| scenario | c | target | floor | rps x | CPU us/req | CPU x | added p50 | gap |",
+                "|---|---:|---|---|---:|---:|---:|---:|---:|", *rows, ""]
+    if wrows:
+        out += ["wrk:\n", "| scenario | c | target | floor | req/s (target / floor) | x |", "|---|---:|---|---|---:|---:|", *wrows]
+    return out
+
+
+def verdicts_13(cells: list[Cell], wrks: list[WrkResult]) -> list[str]:
+    """Issue 13's goals for the plain Kaiyuan column (request log and metrics on)."""
+    by = {(c.scenario, c.target, c.concurrency): c for c in cells}
+    lines = []
+    best = max((x for x in wrks if x.scenario == "chat" and x.target == "kaiyuan"), key=lambda x: x.rps, default=None)
+    if best is not None:
+        lines.append(f"- non-streaming throughput, one core (wrk c={best.concurrency}): {best.rps:.0f} req/s "
+                     f"(target >= 4,000): {'PASS' if best.rps >= 4000 else 'MISS'}")
+    k64 = by.get(("chat", "kaiyuan", 64))
+    if k64 is not None and k64.cpu_us_per_req is not None:
+        lines.append(f"- CPU per non-streaming request at c=64: {k64.cpu_us_per_req:.0f} us (target <= 250): "
+                     f"{'PASS' if k64.cpu_us_per_req <= 250 else 'MISS'}")
+    s64 = by.get(("chat-stream", "kaiyuan", 64))
+    if s64 is not None:
+        ok = s64.rps >= 2500 and s64.chunks_lost == 0
+        lines.append(f"- streams at c=64: {s64.rps:.0f}/s, {s64.chunks_lost} chunks lost (target >= 2,500/s, none lost): "
+                     f"{'PASS' if ok else 'MISS'}")
+    for sc in ("chat", "chat-stream"):
+        k, d, fl = by.get((sc, "kaiyuan", 1)), by.get((sc, "direct", 1)), by.get((sc, "floor-aiohttp", 1))
+        if k and d and fl and None not in (k.p50, d.p50, fl.p50, k.p99):
+            gap = (k.p50 - d.p50) - (fl.p50 - d.p50)
+            lines.append(f"- {sc}, c=1: added p50 {gap:+.3f} ms over the aiohttp floor's (target <= 0.1): "
+                         f"{'PASS' if gap <= 0.1 else 'MISS'}; p99 {k.p99:.2f} ms (target <= 1.5): "
+                         f"{'PASS' if k.p99 <= 1.5 else 'MISS'}")
+    return lines or ["- not measured in this run"]
 
 
 def _verdict(value: float, limit: float) -> str:

@@ -14,6 +14,7 @@ Markdown report and writes it, with the raw numbers, to bench/out/. Every child 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -51,6 +52,11 @@ from bench.scenarios import (  # noqa: E402
 BENCH = ROOT / "bench"
 PY = sys.executable
 LITELLM_VENV = BENCH / ".venv-litellm"
+PORTKEY_DIR = BENCH / ".portkey"  # bench/install-portkey.sh
+FLOORS = {  # name -> (module under bench/floors, the Python packages it needs)
+    "floor-aiohttp": ("aiohttp_floor", ("aiohttp",)),
+    "floor-granian": ("granian_floor", ("granian", "pyreqwest")),
+}
 CONCURRENCY = (1, 16, 64, 256)
 HOLD_STREAMS = 1000
 
@@ -70,7 +76,7 @@ class Proc:
 
 @dataclass
 class Target:
-    name: str  # "direct", "kaiyuan", "kaiyuan+...", "litellm"
+    name: str  # "direct", "kaiyuan", "kaiyuan+...", "litellm", "portkey", "floor-..."
     port: int
     proc: Proc
     headers: dict[str, str] = field(default_factory=dict)
@@ -305,6 +311,43 @@ def start_litellm(fleet: Fleet, up: Target, cpu: str, workdir: Path) -> Target:
     return Target("litellm", port, proc, family="litellm")
 
 
+def start_floor(fleet: Fleet, up: Target, cpu: str, name: str) -> Target:
+    """A bare pass-through (bench/floors/) on the gateway's CPU: Kaiyuan's cost is reported against it."""
+    module, needs = FLOORS[name]
+    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RuntimeError(f"needs {', '.join(missing)} (pip install {' '.join(missing)})")
+    port = free_port()
+    env = {"PYTHONPATH": str(ROOT)}
+    proc = fleet.start(name, [PY, str(BENCH / "floors" / f"{module}.py"), "--port", str(port),
+                              "--upstream", f"http://127.0.0.1:{up.port}"], cpu, env)
+    wait_ready(proc, f"http://127.0.0.1:{port}/readyz", 30)
+    return Target(name, port, proc, family="floor")
+
+
+def portkey_version() -> str | None:
+    try:
+        pkg = json.loads((PORTKEY_DIR / "node_modules/@portkey-ai/gateway/package.json").read_text())
+        node = json.loads((PORTKEY_DIR / "node_modules/@hono/node-server/package.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return f"{pkg['version']} (@hono/node-server {node['version']})"
+
+
+def start_portkey(fleet: Fleet, up: Target, cpu: str) -> Target:
+    """Portkey's open-source gateway (npm @portkey-ai/gateway), headless, against the same upstream."""
+    node = shutil.which("node")
+    if node is None:
+        raise RuntimeError("node is not installed")
+    port = free_port()
+    script = PORTKEY_DIR / "node_modules/@portkey-ai/gateway/build/start-server.js"
+    proc = fleet.start("portkey", [node, str(script), f"--port={port}", "--headless"], cpu, {"NODE_ENV": "production"})
+    wait_ready(proc, f"http://127.0.0.1:{port}/", 60)
+    headers = {"x-portkey-provider": "openai", "x-portkey-custom-host": f"http://127.0.0.1:{up.port}/v1",
+               "Authorization": "Bearer sk-bench-upstream"}
+    return Target("portkey", port, proc, headers, family="portkey")
+
+
 # -- measuring ----------------------------------------------------------------------------------
 def run_loadgen(fleet: Fleet, spec: dict[str, Any], procs: int, cpu: str) -> dict[str, Any]:
     """Run ``procs`` load generator processes sharing the concurrency; merge their raw samples."""
@@ -461,6 +504,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--procs", type=int, default=1, help="load generator processes per cell")
     p.add_argument("--with", dest="flags", action="append", default=[], help="enable flagged scenarios/variants: anthropic, auth, keys, keys-redis, shadow, nolog")
     p.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM column")
+    p.add_argument("--no-floors", action="store_true", help="skip the bare pass-through floors (bench/floors/)")
+    p.add_argument("--no-portkey", action="store_true", help="skip the Portkey column")
     p.add_argument("--no-wrk", action="store_true", help="skip the wrk raw-throughput table")
     p.add_argument("--wrk-concurrency", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
                    help="default 1,64,256 (quick: 64)")
@@ -529,6 +574,21 @@ def main(argv: list[str] | None = None) -> int:
                 info["litellm"] = litellm_version()
             except RuntimeError as e:
                 notes.append(f"LiteLLM column not run: it did not start: {e}")
+        if args.no_portkey:
+            notes.append("Portkey column not run: --no-portkey.")
+        elif portkey_version() is None:
+            notes.append("Portkey column not run: bench/.portkey is not installed (bench/install-portkey.sh).")
+        else:
+            try:
+                targets.append(start_portkey(fleet, up, gw_cpu))
+                info["portkey"] = portkey_version()
+            except RuntimeError as e:
+                notes.append(f"Portkey column not run: it did not start: {e}")
+        for name in () if args.no_floors else FLOORS:
+            try:
+                targets.append(start_floor(fleet, up, gw_cpu, name))
+            except RuntimeError as e:
+                notes.append(f"Floor {name} not run: {e}")
         scenarios = [s for s in SCENARIOS if s.flag is None or s.flag in args.flags]
         runnable: list[tuple[Scenario, Target]] = []
         for sc in scenarios:
@@ -558,8 +618,8 @@ def main(argv: list[str] | None = None) -> int:
             notes.append("wrk table not run: wrk is not installed (apt-get install -y wrk).")
         if args.hold:
             for t in targets:
-                if t.family == "litellm" and not args.hold_litellm:
-                    notes.append("LiteLLM not in the stream-holding table (it takes minutes there); add --hold-litellm.")
+                if t.family in ("litellm", "portkey") and not args.hold_litellm:
+                    notes.append(f"{t.name} not in the stream-holding table (slow there); add --hold-litellm.")
                     continue
                 h = hold(fleet, t, up, args.hold, gen_cpu, args.procs)
                 holds.append(h)

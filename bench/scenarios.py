@@ -35,7 +35,8 @@ class Scenario:
     body: dict[str, Any]
     stream: bool
     headers: dict[str, str] = field(default_factory=dict)
-    targets: tuple[str, ...] = ("direct", "kaiyuan", "litellm")  # "kaiyuan" also covers its variants
+    # "kaiyuan" also covers its variants; "floor" the bare pass-throughs (bench/floors/)
+    targets: tuple[str, ...] = ("direct", "kaiyuan", "litellm", "portkey", "floor")
     baseline: str | None = None  # the scenario whose *direct* numbers are the reference; None: itself
     done_marker: str = "[DONE]"
     expect_chunks: int = 0
@@ -44,7 +45,7 @@ class Scenario:
 
     def body_for(self, target: str) -> dict[str, Any]:
         """The body as sent to ``target``: the upstream itself expects the upstream model name."""
-        if target == "direct":
+        if target == "direct" or target.startswith("floor-"):  # the floors forward bytes untouched
             return {**self.body, "model": MODELS.get(self.body["model"], self.body["model"])}
         return self.body
 

@@ -217,6 +217,11 @@ class OpenAICompatibleDeployment(_HTTPDeployment):
         False, description="the upstream serves POST {base_url}/responses itself: /v1/responses is passed through "
         "when every deployment of the model says so (see docs/responses.md)"
     )
+    max_tokens_fields: Literal["both", "max_tokens", "max_completion_tokens"] | None = Field(
+        None,
+        description="which output-cap field(s) chat calls carry; default: both, except hosts known to refuse "
+        "both at once (api.openai.com, Azure: max_completion_tokens; Volcengine Ark: max_tokens)",
+    )
 
 
 class LocalDeployment(DeploymentBase):

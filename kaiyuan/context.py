@@ -70,6 +70,8 @@ class RequestContext:
     trial: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     reply: UpstreamReply | None = None  # the upstream's reply, closed when the handler ends
+    output_cap: int | None = None  # the output cap (per completion) sent to the deployment called last
+    choices: int = 1  # completions asked for (OpenAI n)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started

@@ -43,12 +43,17 @@ class Gateway:
             m.name: [build_provider(d) for d in m.deployments] for m in config.models
         }
         self.router = Router(self.providers, self.models, self.metrics.registry)
-        self.guard: Guard = KeyGuard(self)  # master key + virtual keys, limits, budgets, cost
+        key_guard = KeyGuard(self)  # master key + virtual keys, limits, budgets, cost
+        self.guard: Guard = key_guard
+        self.caps = key_guard.caps  # each request's output cap: reserved and sent upstream
         self.request_log = RequestLogWriter(engine, config.request_log, self.metrics)
         self.on_complete: list[CompletionHook] = []
         # Called first in model_config (after auth): may rewrite ctx.model (trials: canary, promote)
         # or flag the request in ctx.extra (trials: shadow sampling). Must be fast and not raise.
         self.pre_route: list[CompletionHook] = []
+        # Models a pre_route hook may send a request for model X to (trials: canary and promote
+        # targets); budgets reserve over them too.
+        self.route_targets: list[Callable[[str], list[str]]] = []
         self.tracer: Tracer | None = None
         if config.tracing.enabled:
             t = config.tracing
@@ -98,6 +103,15 @@ class Gateway:
             )
         ctx.log_bodies = m.log_bodies
         return m
+
+    def reachable_models(self, model: str) -> list[str]:
+        """Every model a request for ``model`` can be answered by: itself, a pre_route target,
+        and their fallbacks at any depth."""
+        out = list(self.router.reachable(model))
+        for hook in self.route_targets:
+            for target in hook(model):
+                out += [m for m in self.router.reachable(target) if m not in out]
+        return out
 
     async def execute(self, ctx: RequestContext, build: Callable[[Provider], UpstreamCall]) -> tuple[Provider, UpstreamReply]:
         """Route the request: strategy order, retries, breakers, fallbacks and data policy

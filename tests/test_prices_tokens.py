@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kaiyuan.accounting.output_cap import OutputAsk, asked
 from kaiyuan.accounting.prices import CATALOG_PATH, PriceCatalog, deployment_price, resolve
-from kaiyuan.accounting.tokens import count_prompt, counter_for, estimate_tokens, requested_output
+from kaiyuan.accounting.tokens import count_prompt, counter_for, estimate_tokens
 from kaiyuan.config import AccountingSettings, ConfigError, OpenAICompatibleDeployment, Price, parse_config
 from kaiyuan.context import Usage
 
@@ -117,7 +118,7 @@ def test_tokenizers_are_offline_and_exact() -> None:
     assert name == "qwen3"
     _est, name = counter_for("deepseek-chat")
     assert name == "estimate"
-    assert estimate_tokens("abcdef") == 2 and estimate_tokens("开源") == 2
+    assert estimate_tokens("abcdef") == 3 and estimate_tokens("开源") == 3
 
 
 def test_count_prompt_and_output_cap() -> None:
@@ -126,10 +127,10 @@ def test_count_prompt_and_output_cap() -> None:
     assert n == 2 + 2 + 2 * 4 + 3
     anthropic = {"system": "be brief", "messages": [{"role": "user", "content": "hello world"}], "max_tokens": 100}
     assert count_prompt("claude-sonnet-4", anthropic) > 0
-    assert requested_output({"max_tokens": 100, "n": 3}, "chat") == 300
-    assert requested_output({"max_completion_tokens": 7, "max_tokens": 100}, "chat") == 7
-    assert requested_output({}, "chat") is None and requested_output({}, "embeddings") == 0
-    assert requested_output({"max_tokens": True}, "chat") is None
+    assert asked({"max_tokens": 100, "n": 3}, "chat") == OutputAsk(100, 3)
+    assert asked({"max_completion_tokens": 7, "max_tokens": 100}, "chat").cap == 7
+    assert asked({}, "chat").cap is None and asked({}, "embeddings") == OutputAsk(0, 1)
+    assert asked({"max_tokens": True, "n": "3"}, "chat") == OutputAsk(None, 1)
 
 
 def test_cache_writes_are_part_of_the_prompt() -> None:

@@ -1,9 +1,10 @@
 """The full guard: virtual keys, allowed models, RPM/TPM/parallel limits, budgets and cost.
 
 ``admit`` (before routing) authenticates the caller, then reserves the request's worst-case cost
-(its prompt tokens counted, plus max_tokens or the model's output limit, at the highest price of
-the model's deployments) against every budget of the key and its team, and counts it against the
-rate limits, all in one atomic step. ``settle`` (after the request, whatever happened) computes
+(:mod:`kaiyuan.accounting.reserve`: prompt counted plus the output cap sent upstream times n, at
+the highest price over every deployment the plan can reach) against every budget of the key and
+its team, and counts it (tokens: prompt plus output cap) against the rate limits, all in one
+atomic step. ``settle`` (after the request, whatever happened) computes
 the real cost from the upstream's usage, sets ``ctx.cost_usd`` (``None`` when the price is
 unknown, never 0), releases the reservation, adds the real cost and queues a spend-ledger row. With
 Redis the settle itself is queued too and applied in batches by a background task, so the only
@@ -30,8 +31,11 @@ from prometheus_client import Counter
 
 from kaiyuan.accounting import keystore
 from kaiyuan.accounting.keystore import Budget, KeyRecord
+from kaiyuan.accounting.output_cap import OutputCaps, asked
 from kaiyuan.accounting.prices import PriceCatalog, ResolvedPrice, deployment_price, vendor_of
-from kaiyuan.accounting.tokens import count_prompt, requested_output
+from kaiyuan.accounting.reserve import reserve
+from kaiyuan.accounting.tokens import count_prompt
+from kaiyuan.accounting.usage_check import clamp_to_plausible
 from kaiyuan.config import DeploymentBase
 from kaiyuan.context import Principal, RequestContext
 from kaiyuan.errors import ErrorKind, GatewayError
@@ -127,6 +131,9 @@ class KeyGuard:
                         m.name, did, d.model,
                     )
             self.model_deps[m.name] = ids
+        self.caps = OutputCaps.build(
+            [(did, d, p.max_output_tokens if p else None) for did, (d, p, _v) in self.deployments.items()], self.acc
+        )
         self.m_denied = Counter("kaiyuan_guard_denied", "Requests refused by the guard", ["reason"], registry=r)
         self.m_redis_errors = Counter(
             "kaiyuan_limits_redis_errors", "Redis failures, by what the gateway did (fail_closed, local)", ["action"], registry=r
@@ -274,8 +281,12 @@ class KeyGuard:
                 body = parsed if isinstance(parsed, dict) else {}
             except orjson.JSONDecodeError:
                 body = {}
-        prompt, worst, unpriced = self._estimate(deps, body, ctx.endpoint)
-        ctx.extra["kaiyuan.prompt_estimate"] = prompt
+        # the worst case over every deployment the plan can reach (fallbacks, canary and promote targets)
+        reachable = [d for m in self.gw.reachable_models(ctx.model or "") for d in self.model_deps.get(m, ())]
+        res = reserve(reachable, self.deployments, self.caps, asked(body, ctx.endpoint), body)
+        ctx.extra["kaiyuan.prompt_estimate"] = res.prompt_tokens
+        ctx.extra["kaiyuan.tokens_reserved"] = res.tokens
+        worst, unpriced = res.worst_usd, res.unpriced
         now = time.time()
         rates = [RateCheck(scope, lim.get("rpm"), lim.get("tpm"), lim.get("max_parallel")) for scope, lim in rec.limits.items()]
         budgets = await self._budget_checks(rec, now, worst)
@@ -290,7 +301,7 @@ class KeyGuard:
             )
         if not rates and not budgets:
             return
-        result = await self._counters_admit(rates, [b for b, _ in budgets], prompt, now)
+        result = await self._counters_admit(rates, [b for b, _ in budgets], res.tokens, now)
         if isinstance(result, Denial):
             raise self._denied(result, rates, budgets, ctx, now)
         result.extra["worst"] = worst
@@ -298,6 +309,9 @@ class KeyGuard:
 
     async def settle(self, ctx: RequestContext) -> None:
         ticket: Ticket | None = ctx.extra.pop(TICKET, None)
+        clamp_to_plausible(ctx.usage, ctx.request_id, ctx.raw_body,
+                           ctx.reply.bytes_received() if ctx.reply is not None else 0, ctx.output_cap, ctx.choices,
+                           lambda: self._prompt_count(ctx))
         cost = self._cost(ctx)
         if cost is None and ctx.cost_usd is not None:
             cost = ctx.cost_usd  # the catalog has no price, but a hook (a plugin price source) priced it
@@ -362,23 +376,6 @@ class KeyGuard:
         await self.counters.close()
 
     # -- cost ------------------------------------------------------------------------------------
-    def _estimate(self, deps: list[str], body: dict[str, Any], endpoint: str) -> tuple[int, float, str | None]:
-        """(prompt tokens, worst-case USD, first deployment without a price) over the model's deployments."""
-        prompt = 0
-        worst = 0.0
-        unpriced = None
-        cap = requested_output(body, endpoint)
-        for did in deps:
-            dep, price, _vendor = self.deployments[did]
-            p = count_prompt(dep.model, body)
-            prompt = max(prompt, p)
-            if price is None:
-                unpriced = unpriced or did
-                continue
-            out = cap if cap is not None else (price.max_output_tokens or self.acc.default_max_output_tokens)
-            worst = max(worst, price.worst_case(p, out))
-        return prompt, worst, unpriced
-
     def _cost(self, ctx: RequestContext) -> float | None:
         if ctx.deployment is None:
             return None  # never reached an upstream
@@ -397,12 +394,16 @@ class KeyGuard:
             return 0.0  # the upstream refused or failed before answering: nothing billed
         # An answer went out but the upstream reported no usage (e.g. the client hung up mid-stream):
         # charge the worst case we reserved for it, so a budget can never be under-counted.
+        prompt = self._prompt_count(ctx)
+        return price.worst_case(prompt, self.caps.reserved_output(ctx.deployment, asked(ctx.body, ctx.endpoint)))
+
+    def _prompt_count(self, ctx: RequestContext) -> int:
+        """The prompt as the gateway counts it (at admission, or now for the deployment that answered)."""
         prompt = ctx.extra.get("kaiyuan.prompt_estimate")
         if prompt is None:
-            prompt = count_prompt(entry[0].model, ctx.body)
-        cap = requested_output(ctx.body, ctx.endpoint)
-        out = cap if cap is not None else (price.max_output_tokens or self.acc.default_max_output_tokens)
-        return price.worst_case(prompt, out)
+            entry = self.deployments.get(ctx.deployment or "")
+            prompt = count_prompt(entry[0].model if entry else "", ctx.body)
+        return int(prompt)
 
     # -- budgets and limits ----------------------------------------------------------------------
     async def _budget_checks(self, rec: KeyRecord, now: float, worst: float) -> list[tuple[BudgetCheck, Budget]]:
@@ -473,8 +474,8 @@ class KeyGuard:
             msg = f"rate limit exceeded for {r.scope}: {d.current} requests this minute, limit {r.rpm} per minute"
         else:
             msg = (
-                f"token rate limit exceeded for {r.scope}: {d.current} tokens this minute, this request needs about "
-                f"{ctx.extra.get('kaiyuan.prompt_estimate')} more, limit {r.tpm} per minute"
+                f"token rate limit exceeded for {r.scope}: {d.current} tokens this minute, this request reserves "
+                f"{ctx.extra.get('kaiyuan.tokens_reserved')} more (its prompt and its output cap), limit {r.tpm} per minute"
             )
         return GatewayError(ErrorKind.RATE_LIMITED, msg, code=f"{d.kind}_limit_exceeded" if d.kind != "parallel" else "parallel_limit_exceeded", headers={"Retry-After": retry})
 

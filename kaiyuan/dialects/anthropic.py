@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from kaiyuan.accounting.usage_check import reported_tokens
 from kaiyuan.dialects import canonical as c
 from kaiyuan.errors import ErrorKind, GatewayError, invalid
 
@@ -344,10 +345,10 @@ def request_from_canonical(req: c.Request, model: str, default_max_tokens: int) 
 def usage_to_canonical(u: Any) -> c.Usage:
     if not isinstance(u, dict):
         return c.Usage()
-    read = u.get("cache_read_input_tokens")
-    write = u.get("cache_creation_input_tokens")
-    total_in = int(u.get("input_tokens") or 0) + int(read or 0) + int(write or 0)
-    return c.Usage(total_in, int(u.get("output_tokens") or 0), read, write)
+    read = reported_tokens(u.get("cache_read_input_tokens"), "cache_read_input_tokens")
+    write = reported_tokens(u.get("cache_creation_input_tokens"), "cache_creation_input_tokens")
+    total_in = (reported_tokens(u.get("input_tokens"), "input_tokens") or 0) + (read or 0) + (write or 0)
+    return c.Usage(total_in, reported_tokens(u.get("output_tokens"), "output_tokens") or 0, read, write)
 
 
 def usage_from_canonical(u: c.Usage) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from kaiyuan.accounting.usage_check import reported_tokens
 from kaiyuan.dialects import canonical as c
 from kaiyuan.errors import ErrorKind, GatewayError, invalid, kind_for_upstream_status
 
@@ -179,9 +180,10 @@ def request_from_canonical(req: c.Request) -> dict[str, Any]:
 def usage_to_canonical(u: Any) -> c.Usage:
     if not isinstance(u, dict):
         return c.Usage()
-    thoughts = u.get("thoughtsTokenCount")
-    out = int(u.get("candidatesTokenCount") or 0) + int(thoughts or 0)
-    return c.Usage(int(u.get("promptTokenCount") or 0), out, u.get("cachedContentTokenCount"), None, thoughts)
+    thoughts = reported_tokens(u.get("thoughtsTokenCount"), "thoughtsTokenCount")
+    out = (reported_tokens(u.get("candidatesTokenCount"), "candidatesTokenCount") or 0) + (thoughts or 0)
+    return c.Usage(reported_tokens(u.get("promptTokenCount"), "promptTokenCount") or 0, out,
+                   reported_tokens(u.get("cachedContentTokenCount")), None, thoughts)
 
 
 def response_to_canonical(obj: dict[str, Any]) -> c.Response:

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from kaiyuan.accounting.usage_check import reported_tokens
 from kaiyuan.context import Usage
 from kaiyuan.errors import GatewayError, invalid
 
@@ -141,8 +142,8 @@ def validate_embeddings(body: dict[str, Any]) -> None:
 
 
 def token_count(v: Any) -> int | None:
-    """A token count: a non-negative integer that fits a database column, else unknown."""
-    return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 else None
+    """A reported token count, validated and clamped (kaiyuan.accounting.usage_check); None: unknown."""
+    return reported_tokens(v)
 
 
 def usage_into(usage: Any, out: Usage) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from kaiyuan.accounting.usage_check import reported_tokens
 from kaiyuan.dialects import canonical as c
 from kaiyuan.errors import invalid
 
@@ -265,12 +266,13 @@ def usage_to_canonical(u: Any) -> c.Usage:
     if not isinstance(u, dict):
         return c.Usage()
     details = u.get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    cached = reported_tokens(details.get("cached_tokens")) if isinstance(details, dict) else None
     if cached is None:
-        cached = u.get("prompt_cache_hit_tokens")
+        cached = reported_tokens(u.get("prompt_cache_hit_tokens"))
     cd = u.get("completion_tokens_details")
-    return c.Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0), cached, None,
-                   cd.get("reasoning_tokens") if isinstance(cd, dict) else None)
+    return c.Usage(reported_tokens(u.get("prompt_tokens"), "prompt_tokens") or 0,
+                   reported_tokens(u.get("completion_tokens"), "completion_tokens") or 0, cached, None,
+                   reported_tokens(cd.get("reasoning_tokens")) if isinstance(cd, dict) else None)
 
 
 def usage_from_canonical(u: c.Usage) -> dict[str, Any]:

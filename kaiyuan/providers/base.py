@@ -32,8 +32,12 @@ class UpstreamReply:
     body: bytes | None = None  # the whole body (non-stream, or any error)
     stream: AsyncIterator[bytes] | None = None  # raw SSE bytes as they arrive (2xx streams only)
     parsed: dict[str, Any] | None = None  # a 2xx whole body as JSON, once the executor has checked it
+    received: int = 0  # bytes of a stream read so far (a bound on what a usage report can claim)
     _closer: Any = None
     _finisher: Any = None  # like _closer, for a stream whose consumer saw its final event (may keep the connection)
+
+    def bytes_received(self) -> int:
+        return self.received if self.stream is not None else len(self.body or b"")
 
     async def aclose(self) -> None:
         """Release the upstream connection; cancels an unfinished upstream stream."""

@@ -278,7 +278,7 @@ async def _send(provider: Provider, call: UpstreamCall) -> UpstreamReply:
         except BaseException:
             await reply.aclose()
             raise
-        reply.stream = _prefixed(first, reply.stream)
+        reply.stream = _prefixed(first, reply.stream, reply)
     return reply
 
 
@@ -294,9 +294,11 @@ async def _first_chunk(stream: AsyncIterator[bytes], label: str) -> bytes:
             return chunk
 
 
-async def _prefixed(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _prefixed(first: bytes, rest: AsyncIterator[bytes], reply: UpstreamReply) -> AsyncIterator[bytes]:
+    reply.received = len(first)
     yield first
     async for chunk in rest:
+        reply.received += len(chunk)
         yield chunk
 
 

@@ -50,6 +50,16 @@ class Slot:
         return self.health.ewma_ttft
 
 
+@dataclass(slots=True)
+class Overrun:
+    """A deployment seen producing more output than the cap it was sent (it ignores max_tokens)."""
+
+    count: int
+    last_at: float
+    last_cap: int
+    last_output: int
+
+
 @dataclass(slots=True, eq=False)
 class ModelRoute:
     name: str
@@ -73,6 +83,10 @@ class RoutingMetrics:
         self.fallbacks = Counter(
             "kaiyuan_routing_fallbacks", "Requests served by a fallback model", ["model", "fallback"], registry=r,
         )
+        self.overruns = Counter(
+            "kaiyuan_max_tokens_overruns", "Answers that ran past the output cap the gateway sent (cut at the cap)",
+            ["deployment"], registry=r,
+        )
         self.refusals = Counter(
             "kaiyuan_routing_refusals", "Requests refused because no allowed deployment was usable",
             ["model", "reason"], registry=r,
@@ -95,6 +109,7 @@ class Router:
         self.routes: dict[str, ModelRoute] = {}
         self._policy_cache: dict[str, Policy] = {}
         self._allowed_cache: dict[tuple[str, str], list[Slot]] = {}
+        self.overruns: dict[str, Overrun] = {}  # deployment id -> what it did (bounded by the config)
         for name, provs in providers.items():
             mc = models.get(name) if models else None
             settings: RoutingSettings = getattr(mc, "routing", None) or RoutingSettings()
@@ -110,6 +125,26 @@ class Router:
                 name, settings, slots, STRATEGY_FUNCS[settings.strategy],
                 parse_policy(settings.policy) if settings.policy else None,
             )
+
+        self._reachable = {name: self._closure(name) for name in self.routes}
+
+    def _closure(self, model: str) -> tuple[str, ...]:
+        """``model`` and every fallback (any list, any depth) the executor may try after it."""
+        out = [model]
+        i = 0
+        while i < len(out):
+            route = self.routes.get(out[i])
+            i += 1
+            if route is None:
+                continue
+            st = route.settings
+            for name in (*st.fallbacks, *st.context_window_fallbacks, *st.content_policy_fallbacks):
+                if name not in out:
+                    out.append(name)
+        return tuple(out)
+
+    def reachable(self, model: str) -> tuple[str, ...]:
+        return self._reachable.get(model, (model,))
 
     # -- time (injectable for tests) ---------------------------------------------------------
     def _now(self) -> float:
@@ -203,6 +238,19 @@ class Router:
 
         return await execute(self, ctx, build)
 
+    def flag_overrun(self, deployment: str, cap: int, output: int) -> None:
+        """Remember that ``deployment`` produced ``output`` tokens against a cap of ``cap``."""
+        o = self.overruns.get(deployment)
+        if o is None:
+            if not any(s.provider.id == deployment for r in self.routes.values() for s in r.slots):
+                return
+            o = self.overruns[deployment] = Overrun(0, 0.0, cap, output)
+            log.warning("deployment %s does not honour max_tokens: %d output tokens against a cap of %d; the gateway "
+                        "cuts its answers at the cap (see /admin/deployments)", deployment, output, cap)
+        o.count += 1
+        o.last_at, o.last_cap, o.last_output = time.time(), cap, output
+        self.metrics.overruns.labels(deployment).inc()
+
     # -- admin -------------------------------------------------------------------------------------
     def describe(self) -> list[dict[str, Any]]:
         now = self.now()
@@ -220,7 +268,12 @@ class Router:
                     "tags": sorted(s.tags),
                     "price": d.price,
                     **s.health.describe(now),
+                    "honours_max_tokens": s.provider.id not in self.overruns,
                 }
+                o = self.overruns.get(s.provider.id)
+                if o is not None:
+                    entry["max_tokens_overruns"] = {"count": o.count, "last_at": o.last_at, "last_cap": o.last_cap,
+                                                    "last_output": o.last_output}
                 if s.provider.unavailable:
                     entry["state"] = "unavailable"
                     entry["reason"] = s.provider.unavailable

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from kaiyuan.accounting.output_cap import asked
 from kaiyuan.context import RequestContext
 from kaiyuan.dialects import anthropic as anth
 from kaiyuan.dialects import canonical as c
@@ -21,6 +22,7 @@ from kaiyuan.providers.base import Provider, UpstreamCall
 from kaiyuan.server import translate
 from kaiyuan.server.common import JSON_CT, kaiyuan_headers
 from kaiyuan.server.handler import api_handler
+from kaiyuan.server.overrun import cut_anthropic_body, cut_canonical, output_limit, overran, reported_output
 
 FORWARDED_HEADERS = ("anthropic-beta",)
 
@@ -39,30 +41,40 @@ async def _messages(request: web.Request, gw: Gateway, ctx: RequestContext, body
     stream = ctx.stream = body.get("stream") is True
     canon: list[c.Request] = []
     extra_headers = _forward_headers(request)
+    ask = asked(body, "messages")
+    caps = gw.caps
 
     def build(provider: Provider) -> UpstreamCall:
+        cap = ctx.output_cap = caps.cap(provider.id, ask)  # reserved for it, sent, and enforced
         if provider.protocol == "anthropic":
             b = dict(body)
             b["model"] = provider.deployment.model
+            b["max_tokens"] = cap
             return UpstreamCall("messages", b, stream, headers=extra_headers)
-        return translate.translated_call(provider, anth.request_to_canonical, body, canon)
+        return translate.translated_call(provider, anth.request_to_canonical, body, canon, cap, caps)
 
     provider, reply = await gw.execute(ctx, build)
     ctx.reply = reply
     public = ctx.model or ""
+    lim = output_limit(ctx, gw.router.flag_overrun, provider.deployment.model)
     if reply.stream is not None:
         ctx.status = 200
         if provider.protocol == "anthropic":
-            return await translate.relay_anthropic_passthrough(request, ctx, reply.stream)
-        return await translate.relay_to_anthropic(request, ctx, provider.protocol, reply.stream, public)
+            return await translate.relay_anthropic_passthrough(request, ctx, reply.stream, lim)
+        return await translate.relay_to_anthropic(request, ctx, provider.protocol, reply.stream, public, lim)
     data = reply.body or b""
     ctx.status = reply.status
     if provider.protocol == "anthropic":  # pass-through: only read the usage
         obj = translate.parsed_body(reply)
         if obj is not None:
             translate.usage_into_ctx(anth.usage_to_canonical(obj.get("usage")), ctx)
+            reported = reported_output(obj.get("usage"), "output_tokens")
+            if lim is not None and overran(lim, reported, len(data)):
+                data = cut_anthropic_body(obj, lim, reported)
     else:
         r = translate.reply_to_canonical(provider.protocol, data, ctx, reply.parsed)
+        if lim is not None and overran(lim, r.usage.output_tokens, len(data)):
+            cut_canonical(r, lim)
         data = orjson.dumps(anth.response_from_canonical(r, public))
     ctx.mark_first_byte()
     if ctx.log_bodies or "capture_response" in ctx.extra:  # trials: sampled requests

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from kaiyuan.accounting.output_cap import asked
 from kaiyuan.context import RequestContext
 from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
@@ -20,19 +21,28 @@ from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
 from kaiyuan.server import translate
 from kaiyuan.server.common import JSON_CT, error_response, kaiyuan_headers, new_request_id
 from kaiyuan.server.handler import GATEWAY_KEY, api_handler
+from kaiyuan.server.overrun import cut_openai_body, output_limit, overran, reported_output
 from kaiyuan.server.sse import relay_openai_stream
 
 __all__ = ["GATEWAY_KEY", "add_routes", "chat_completions", "completions", "embeddings", "list_models", "retrieve_model"]
 
 
-def _build_call(endpoint: str, body: dict[str, Any], stream: bool) -> Callable[[Provider], UpstreamCall]:
+def _build_call(gw: Gateway, ctx: RequestContext, endpoint: str, body: dict[str, Any],
+                stream: bool) -> Callable[[Provider], UpstreamCall]:
     canon: list[Any] = []
+    ask = asked(body, endpoint)
+    ctx.choices = ask.n
+    caps = gw.caps
 
     def build(provider: Provider) -> UpstreamCall:
+        cap = None if endpoint == "embeddings" else caps.cap(provider.id, ask)
+        ctx.output_cap = cap  # the cap the answering deployment was sent: enforced on its answer
         if provider.protocol != "openai":  # Anthropic / Gemini upstream: through the canonical form
-            return translate.openai_call(provider, endpoint, body, canon)
+            return translate.openai_call(provider, endpoint, body, canon, cap, caps)
         b = dict(body)
         b["model"] = provider.deployment.model
+        if cap is not None:
+            caps.set_openai(provider.id, b, endpoint, cap)
         return UpstreamCall(endpoint, b, stream)
 
     return build
@@ -47,26 +57,32 @@ async def _middle(request: web.Request, gw: Gateway, ctx: RequestContext, body: 
         if not (isinstance(so, dict) and so.get("include_usage") is True):
             body["stream_options"] = {**(so or {}), "include_usage": True}
             strip_usage = True
-    _provider, reply = await gw.execute(ctx, _build_call(endpoint, body, stream))
+    provider, reply = await gw.execute(ctx, _build_call(gw, ctx, endpoint, body, stream))
     ctx.reply = reply
-    if _provider.protocol != "openai":
-        return await translate.openai_reply(request, ctx, _provider, reply, not strip_usage)
+    lim = output_limit(ctx, gw.router.flag_overrun, provider.deployment.model)
+    if provider.protocol != "openai":
+        return await translate.openai_reply(request, ctx, provider, reply, not strip_usage, lim)
     if reply.stream is not None:
         ctx.status = 200
-        return await relay_openai_stream(request, ctx, reply.stream, strip_usage)
+        return await relay_openai_stream(request, ctx, reply.stream, strip_usage, lim)
     data = reply.body or b""
     ctx.status = reply.status
     ctx.mark_first_byte()
-    _read_usage(reply, ctx)
+    obj = _read_usage(reply, ctx)
+    if lim is not None and obj is not None and reply.status < 300:
+        reported = reported_output(obj.get("usage"), "completion_tokens")
+        if overran(lim, reported, len(data)):
+            data = cut_openai_body(obj, lim, reported)
     if ctx.log_bodies or "capture_response" in ctx.extra:  # trials: shadow-sampled requests
         ctx.response_body = data
     return web.Response(body=data, status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))
 
 
-def _read_usage(reply: UpstreamReply, ctx: RequestContext) -> None:
+def _read_usage(reply: UpstreamReply, ctx: RequestContext) -> dict[str, Any] | None:
     obj = translate.parsed_body(reply)
     if obj is not None:
         oai.usage_into(obj.get("usage"), ctx.usage)
+    return obj
 
 
 chat_completions = api_handler("openai", "chat", oai.error_body, oai.validate_chat, _middle, "chat")

@@ -18,6 +18,13 @@ from kaiyuan.dialects.openai import stream_error_event, usage_into
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.redact import scrub, scrub_bytes
 from kaiyuan.server.common import kaiyuan_headers
+from kaiyuan.server.overrun import (
+    OutputLimit,
+    close_upstream,
+    openai_cut_events,
+    openai_event_tokens,
+    record_cut,
+)
 
 log = logging.getLogger("kaiyuan.server")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -99,10 +106,12 @@ async def answered(resp: web.StreamResponse, ctx: RequestContext, last: bytes) -
 
 
 async def relay_openai_stream(
-    request: web.Request, ctx: RequestContext, stream: AsyncIterator[bytes], strip_usage: bool
+    request: web.Request, ctx: RequestContext, stream: AsyncIterator[bytes], strip_usage: bool,
+    lim: OutputLimit | None = None,
 ) -> web.StreamResponse:
     """Forward an OpenAI-protocol stream. ``strip_usage`` drops the usage-only final chunk that the
-    gateway asked for on the caller's behalf (the caller did not set ``include_usage``)."""
+    gateway asked for on the caller's behalf (the caller did not set ``include_usage``). An answer
+    that runs past ``lim`` is cut there (see :mod:`kaiyuan.server.overrun`)."""
     tail = bytearray() if ctx.log_bodies or "capture_response" in ctx.extra else None
 
     async def pump(resp: web.StreamResponse) -> None:
@@ -117,6 +126,13 @@ async def relay_openai_stream(
                         break
                     if not ev.startswith(SSE_FIELDS):
                         raise _not_sse(ev, ctx)
+                    if lim is not None and lim.over(openai_event_tokens(ev)):
+                        await close_upstream(ctx)
+                        usage = record_cut(ctx, lim, ctx.body)
+                        out.append(openai_cut_events(ev, lim, None if strip_usage else usage))
+                        ctx.mark_first_byte()
+                        await answered(resp, ctx, b"".join(out))
+                        return
                     if b'"usage":{' in ev or b'"usage": {' in ev or b'"error"' in ev:
                         if _inspect(ev, ctx) and strip_usage:
                             continue

@@ -8,11 +8,13 @@ stays on the pass-through paths.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from kaiyuan.accounting.output_cap import OutputCaps
 from kaiyuan.context import RequestContext
 from kaiyuan.dialects import anthropic as anth
 from kaiyuan.dialects import canonical as c
@@ -25,6 +27,14 @@ from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
 from kaiyuan.redact import scrub_bytes
 from kaiyuan.server.common import JSON_CT, kaiyuan_headers
+from kaiyuan.server.overrun import (
+    OutputLimit,
+    capped_chunks,
+    close_upstream,
+    cut_canonical,
+    overran,
+    record_cut,
+)
 from kaiyuan.server.sse import DONE, answered, relay, sse_events
 
 RESPONSE_TO_CANONICAL = {
@@ -34,19 +44,25 @@ RESPONSE_TO_CANONICAL = {
 }
 
 
-def upstream_call(provider: Provider, req: c.Request) -> UpstreamCall:
-    """The call for ``provider``'s wire protocol, from the canonical request."""
+def upstream_call(provider: Provider, req: c.Request, cap: int | None = None, caps: OutputCaps | None = None) -> UpstreamCall:
+    """The call for ``provider``'s wire protocol, from the canonical request, carrying the output
+    cap ``cap`` (the one reserved for it) in the protocol's own field(s)."""
     proto = provider.protocol
     d: Any = provider.deployment
+    if cap is not None and cap != req.max_tokens:
+        req = replace(req, max_tokens=cap)
     if proto == "anthropic":
         return UpstreamCall("messages", anth.request_from_canonical(req, d.model, d.default_max_tokens), req.stream)
     if proto == "gemini":
         return UpstreamCall("chat", gem.request_from_canonical(req), req.stream)
-    return UpstreamCall("chat", oc.request_from_canonical(req, d.model), req.stream)
+    body = oc.request_from_canonical(req, d.model)
+    if cap is not None and caps is not None:
+        caps.set_openai(provider.id, body, "chat", cap)
+    return UpstreamCall("chat", body, req.stream)
 
 
 def translated_call(provider: Provider, parse: Callable[[dict[str, Any]], c.Request], body: dict[str, Any],
-                    cache: list[c.Request]) -> UpstreamCall:
+                    cache: list[c.Request], cap: int | None = None, caps: OutputCaps | None = None) -> UpstreamCall:
     """The call for ``provider`` from a client body in another dialect (parsed once, into ``cache``).
 
     The validators are shallow; a field of the wrong shape deeper down that the translation trips
@@ -54,7 +70,7 @@ def translated_call(provider: Provider, parse: Callable[[dict[str, Any]], c.Requ
     try:
         if not cache:
             cache.append(parse(body))
-        return upstream_call(provider, cache[0])
+        return upstream_call(provider, cache[0], cap, caps)
     except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
         raise GatewayError(ErrorKind.INVALID_REQUEST,
                            f"the request has a field of the wrong type or shape for translation to this model's "
@@ -184,13 +200,14 @@ async def _openai_chunks(protocol: str, stream: AsyncIterator[bytes], ctx: Reque
 
 
 async def relay_to_openai(request: web.Request, ctx: RequestContext, protocol: str, stream: AsyncIterator[bytes],
-                          model: str, include_usage: bool) -> web.StreamResponse:
-    """An Anthropic or Gemini upstream stream, to an OpenAI caller."""
+                          model: str, include_usage: bool, lim: OutputLimit | None = None) -> web.StreamResponse:
+    """An Anthropic or Gemini upstream stream, to an OpenAI caller (cut at ``lim``)."""
     tail = bytearray() if "capture_response" in ctx.extra else None  # trials: sampled requests
 
     async def pump(resp: web.StreamResponse) -> None:
         try:
-            async for ch in openai_chunks(protocol, stream, ctx, model, include_usage):
+            chunks = openai_chunks(protocol, stream, ctx, model, include_usage)
+            async for ch in capped_chunks(chunks, ctx, lim, include_usage):
                 ctx.mark_first_byte()
                 data = oc.chunk_bytes(ch)
                 if tail is not None and len(tail) < 1_000_000:
@@ -205,14 +222,14 @@ async def relay_to_openai(request: web.Request, ctx: RequestContext, protocol: s
 
 
 async def relay_to_anthropic(request: web.Request, ctx: RequestContext, protocol: str, stream: AsyncIterator[bytes],
-                             model: str) -> web.StreamResponse:
-    """An OpenAI-compatible or Gemini upstream stream, to an Anthropic caller."""
+                             model: str, lim: OutputLimit | None = None) -> web.StreamResponse:
+    """An OpenAI-compatible or Gemini upstream stream, to an Anthropic caller (cut at ``lim``)."""
     tr = OpenAIToAnthropic(model)
     tail = bytearray() if "capture_response" in ctx.extra else None  # trials: sampled requests
 
     async def pump(resp: web.StreamResponse) -> None:
         try:
-            async for ch in openai_chunks(protocol, stream, ctx, model, True):
+            async for ch in capped_chunks(openai_chunks(protocol, stream, ctx, model, True), ctx, lim, True):
                 try:
                     out = tr.feed(ch)
                 except (KeyError, TypeError, AttributeError, ValueError) as e:
@@ -232,9 +249,10 @@ async def relay_to_anthropic(request: web.Request, ctx: RequestContext, protocol
     return await relay(request, ctx, pump, anth.stream_error_event)
 
 
-async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext,
-                                      stream: AsyncIterator[bytes]) -> web.StreamResponse:
-    """An Anthropic upstream stream to an Anthropic caller: bytes as they arrive, usage read on the side."""
+async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext, stream: AsyncIterator[bytes],
+                                      lim: OutputLimit | None = None) -> web.StreamResponse:
+    """An Anthropic upstream stream to an Anthropic caller: bytes as they arrive, usage read on the
+    side, cut at ``lim`` (one token counted per content delta)."""
     tail = bytearray() if "capture_response" in ctx.extra else None  # trials: sampled requests
 
     async def pump(resp: web.StreamResponse) -> None:
@@ -244,6 +262,9 @@ async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext,
             async for events in sse_events(stream):
                 out: list[bytes] = []
                 for ev in events:
+                    if lim is not None and b"content_block_delta" in ev and lim.over(1):
+                        await _cut_anthropic(resp, ctx, lim, ev, usage, b"".join(out))
+                        return
                     if b"message_st" in ev or b"message_delta" in ev or b"event: error" in ev:
                         try:
                             usage, saw_stop = _anthropic_meta(ev, ctx, usage)
@@ -273,6 +294,27 @@ async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext,
     return await relay(request, ctx, pump, anth.stream_error_event)
 
 
+async def _cut_anthropic(resp: web.StreamResponse, ctx: RequestContext, lim: OutputLimit, ev: bytes,
+                         usage: c.Usage, pending: bytes) -> None:
+    """End a pass-through Anthropic stream at the cap: close the open block, then message_delta
+    (stop_reason max_tokens, the output counted) and message_stop; the upstream is closed."""
+    await close_upstream(ctx)
+    p = _payload(ev)
+    try:
+        index = orjson.loads(p or b"{}").get("index", 0)
+    except (orjson.JSONDecodeError, AttributeError):
+        index = 0
+    ctx.usage.prompt_tokens = usage.input_tokens or None
+    _prompt, out = record_cut(ctx, lim, ctx.body)
+    tail = [anth.sse("content_block_stop", {"type": "content_block_stop", "index": index}),
+            anth.sse("message_delta", {"type": "message_delta",
+                                       "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+                                       "usage": {"output_tokens": out}}),
+            anth.sse("message_stop", {"type": "message_stop"})]
+    ctx.mark_first_byte()
+    await answered(resp, ctx, pending + b"".join(tail))
+
+
 def _anthropic_meta(ev: bytes, ctx: RequestContext, usage: c.Usage) -> tuple[c.Usage, bool]:
     """Usage and end-of-stream out of one pass-through Anthropic event: (usage so far, stream over)."""
     p = _payload(ev)
@@ -295,21 +337,24 @@ def _anthropic_meta(ev: bytes, ctx: RequestContext, usage: c.Usage) -> tuple[c.U
 
 
 # -- entry points for the OpenAI handler (OpenAI callers, non-OpenAI upstreams) -------------------
-def openai_call(provider: Provider, endpoint: str, body: dict[str, Any], cache: list[c.Request]) -> UpstreamCall:
+def openai_call(provider: Provider, endpoint: str, body: dict[str, Any], cache: list[c.Request],
+                cap: int | None = None, caps: OutputCaps | None = None) -> UpstreamCall:
     if endpoint != "chat":
         raise GatewayError(ErrorKind.INVALID_REQUEST,
                            f"this model's deployment {provider.id} speaks the {provider.protocol} protocol, which has "
                            f"no {endpoint} endpoint; use /v1/chat/completions", code="unsupported_endpoint")
-    return translated_call(provider, oc.request_to_canonical, body, cache)
+    return translated_call(provider, oc.request_to_canonical, body, cache, cap, caps)
 
 
 async def openai_reply(request: web.Request, ctx: RequestContext, provider: Provider, reply: UpstreamReply,
-                       include_usage: bool) -> web.StreamResponse:
+                       include_usage: bool, lim: OutputLimit | None = None) -> web.StreamResponse:
     public = ctx.model or ""
     if reply.stream is not None:
         ctx.status = 200
-        return await relay_to_openai(request, ctx, provider.protocol, reply.stream, public, include_usage)
+        return await relay_to_openai(request, ctx, provider.protocol, reply.stream, public, include_usage, lim)
     r = reply_to_canonical(provider.protocol, reply.body or b"", ctx, reply.parsed)
+    if lim is not None and overran(lim, r.usage.output_tokens, len(reply.body or b"")):
+        cut_canonical(r, lim)
     data = orjson.dumps(oc.response_from_canonical(r, public))
     ctx.status = reply.status
     ctx.mark_first_byte()

@@ -136,15 +136,16 @@ class FakeAnthropic:
                 text, reason, seq = text.split(s, 1)[0], "stop_sequence", s
                 break
         words = text.split(" ")
-        if len(words) > body["max_tokens"]:
+        if len(words) > body["max_tokens"] and not b.ignore_max_tokens:
             text, reason = " ".join(words[: body["max_tokens"]]), "max_tokens"
         blocks.append({"type": "text", "text": text})
         return blocks, reason, seq
 
-    def _usage(self, body: dict[str, Any], blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    def _usage(self, body: dict[str, Any], blocks: list[dict[str, Any]], b: Behaviour) -> dict[str, Any]:
         prompt = sum(count_tokens(_text(m["content"])) + 3 for m in body["messages"])
         out = sum(count_tokens(x.get("text") or x.get("thinking") or orjson.dumps(x.get("input")).decode()) for x in blocks)
-        return {"input_tokens": prompt, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 2, "output_tokens": out}
+        usage = {"input_tokens": prompt, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 2, "output_tokens": out}
+        return {**usage, **(b.usage or {})}
 
     async def count(self, request: web.Request) -> web.StreamResponse:
         body, _b, early = await self._pre(request)
@@ -159,7 +160,7 @@ class FakeAnthropic:
             return early
         assert body is not None
         blocks, reason, seq = self._answer(body, b)
-        usage = self._usage(body, blocks)
+        usage = self._usage(body, blocks, b)
         msg = {"id": "msg_" + os.urandom(12).hex(), "type": "message", "role": "assistant", "model": body.get("model"),
                "content": blocks, "stop_reason": reason, "stop_sequence": seq, "usage": usage}
         if not body.get("stream"):

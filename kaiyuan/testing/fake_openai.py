@@ -44,6 +44,8 @@ class Behaviour:
     content: str | None = None  # override the answer text
     raw_body: bytes | None = None  # answer exactly these bytes (with `status`)
     tool_calls: list[tuple[str, str]] | None = None  # answer with these calls: (function name, arguments JSON)
+    ignore_max_tokens: bool = False  # a non-compliant upstream: answer in full whatever the output cap
+    usage: dict[str, Any] | None = None  # fields put over the usage reported (absurd counts, strings...)
     raw_stream: list[bytes] | None = None  # a 2xx stream of exactly these chunks (with `headers`, e.g. Content-Encoding)
     echo_key: bool = False  # error messages quote the Authorization header received, as some vendors' do
 
@@ -150,7 +152,7 @@ class FakeOpenAI:
             text = b.content if b.content is not None else f"echo: {last_user}"
         finish = "stop"
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-        if isinstance(max_tokens, int) and count_tokens(text) > max_tokens:
+        if isinstance(max_tokens, int) and count_tokens(text) > max_tokens and not b.ignore_max_tokens:
             text = " ".join(text.split()[:max_tokens])
             finish = "length"
         rf = body.get("response_format") or {}
@@ -158,7 +160,7 @@ class FakeOpenAI:
             text = orjson.dumps({"answer": last_user}).decode()
         return {"content": text, "tool_calls": None, "reasoning": reasoning, "finish": finish, "user": last_user}
 
-    def _usage(self, body: dict[str, Any], ans: dict[str, Any]) -> dict[str, Any]:
+    def _usage(self, body: dict[str, Any], ans: dict[str, Any], b: Behaviour) -> dict[str, Any]:
         prompt = sum(count_tokens(_text_of(m.get("content"))) + 3 for m in body.get("messages") or [])
         completion = count_tokens(ans["content"] or "") + sum(
             count_tokens(c["function"]["arguments"]) for c in ans["tool_calls"] or []
@@ -175,7 +177,7 @@ class FakeOpenAI:
         if ans["reasoning"]:
             usage["prompt_cache_hit_tokens"] = cached
             usage["prompt_cache_miss_tokens"] = prompt - cached
-        return usage
+        return {**usage, **(b.usage or {})}
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body, b, early = await self._pre(request)
@@ -203,7 +205,7 @@ class FakeOpenAI:
                 "id": cid, "object": "chat.completion", "created": created, "model": model,
                 "system_fingerprint": "fp_fake",
                 "choices": [{"index": i, "message": message, "logprobs": None, "finish_reason": ans["finish"]} for i in range(n)],
-                "usage": self._usage(body, ans),
+                "usage": self._usage(body, ans, b),
             }
             return web.Response(body=orjson.dumps(resp), content_type="application/json", headers=b.headers)
         return await self._stream_chat(request, body, b, ans, cid, created, model)
@@ -234,7 +236,7 @@ class FakeOpenAI:
             events += [chunk({"content": (w if i == 0 else " " + w)}) for i, w in enumerate(words)]
         events.append(chunk({}, ans["finish"]))
         if include_usage:
-            events.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": self._usage(body, ans)}) + b"\n\n")
+            events.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": self._usage(body, ans, b)}) + b"\n\n")
         return await self._send_stream(request, events, b)
 
     async def _send_stream(self, request: web.Request, events: list[bytes], b: Behaviour) -> web.StreamResponse:

@@ -212,6 +212,17 @@ class TrialsRuntime:
     def exhausted(self, t: TrialConfig) -> bool:
         return t.budget_usd is not None and self.spent.get(t.name, 0.0) >= t.budget_usd
 
+    def targets(self, model: str) -> list[str]:
+        """Models ``pre_route`` may send a request for ``model`` to (budgets reserve over them)."""
+        out = []
+        st = self.overrides.get(model)
+        if st is not None:
+            out.append(st.candidate)
+        for t in self.by_incumbent.get(model, ()):
+            if t.mode == "canary" and t.candidates:
+                out.append(t.candidates[0])
+        return out
+
     def pre_route(self, ctx: RequestContext) -> None:
         replay = ctx.headers.get(REPLAY_HEADER) if ctx.headers is not None else None
         if replay:  # an offline replay: not live traffic, never split or mirrored

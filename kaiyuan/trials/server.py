@@ -201,6 +201,7 @@ def install(app: web.Application) -> None:
     rt = TrialsRuntime(gw)
     app[TRIALS_KEY] = rt
     gw.pre_route.append(rt.pre_route)
+    gw.route_targets.append(rt.targets)
     gw.on_complete.append(rt.on_complete)
 
     async def start(_app: web.Application) -> None:

@@ -1,0 +1,69 @@
+"""The aiohttp floor: an aiohttp server that forwards each request to one upstream with one pooled
+aiohttp client, and nothing else (no parsing, no auth, no log, no metrics).
+
+    python bench/floors/aiohttp_floor.py --port 8001 --upstream http://127.0.0.1:9000
+
+It is the cheapest a gateway built on Kaiyuan's own stack (aiohttp + uvloop) can be: bench/run.py
+reports Kaiyuan's cost as a ratio to it. Streams are relayed chunk by chunk as they arrive.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import aiohttp
+from aiohttp import web
+
+HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
+SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("session", aiohttp.ClientSession)
+
+
+def build_app(upstream: str) -> web.Application:
+    app = web.Application()
+
+    async def start(app: web.Application) -> None:
+        app[SESSION] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
+
+    async def stop(app: web.Application) -> None:
+        await app[SESSION].close()
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
+        async with app[SESSION].post(upstream + request.path, data=body, headers=headers) as up:
+            ctype = up.headers.get("Content-Type", "application/json")
+            if not ctype.startswith("text/event-stream"):
+                return web.Response(body=await up.read(), status=up.status, headers={"Content-Type": ctype})
+            resp = web.StreamResponse(status=up.status, headers={"Content-Type": ctype})
+            await resp.prepare(request)
+            async for chunk in up.content.iter_any():
+                await resp.write(chunk)
+            await resp.write_eof()
+            return resp
+
+    async def ready(_request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
+    app.router.add_get("/readyz", ready)
+    app.router.add_post("/{tail:.*}", forward)
+    return app
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--upstream", required=True)
+    a = p.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    web.run_app(build_app(a.upstream.rstrip("/")), host="127.0.0.1", port=a.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -64,7 +64,7 @@ class ResponsesRuntime:
     def keep(self, ctx: RequestContext, final: dict[str, Any], prep: rq.Prepared, history: list[dict[str, Any]],
              output_for_history: list[dict[str, Any]]) -> None:
         items = [_with_id(it) for it in prep.input_items]
-        self.store.put(final["id"], ctx.principal.key_id, ctx.model, final, items, history + items + output_for_history)
+        self.store.put(final["id"], ctx.principal.key_id, ctx.model, final, items, history, output_for_history)
 
 
 def history_items(blocks: list[c.Block], prep: rq.Prepared, sealer: Sealer) -> list[dict[str, Any]]:

@@ -123,16 +123,18 @@ class ResponseStore:
 
     # -- the API ------------------------------------------------------------------------------
     def put(self, resp_id: str, key_id: str | None, model: str | None, response: dict[str, Any],
-            input_items: list[dict[str, Any]], history: list[dict[str, Any]]) -> bool:
-        """Keep a finished response (no I/O). False when the pending table is full (not stored)."""
+            input_items: list[dict[str, Any]], history: list[dict[str, Any]], output: list[dict[str, Any]]) -> bool:
+        """Keep a finished response (no I/O): its conversation is ``history`` (a stored one, already
+        scrubbed), then ``input_items`` and ``output``. False when the pending table is full (not stored)."""
         if len(self.pending) >= self.settings.max_pending:
             self.dropped += 1
             log.error("stored responses: %d waiting to be written (database down?); response %s not stored",
                       len(self.pending), resp_id)
             return False
         now = time.time()
+        items = scrubbed(input_items)  # only what is new is scrubbed: the cost does not grow with the conversation
         self.pending[resp_id] = Stored(resp_id, key_id, now, now + self.retention_s, model, scrubbed(response),
-                                       scrubbed(input_items), scrubbed(history))
+                                       items, history + items + scrubbed(output))
         return True
 
     async def get(self, resp_id: str, key_id: str | None, wait_for_peers: bool = True) -> Stored | None:

@@ -81,25 +81,43 @@ def record_cut(ctx: RequestContext, lim: OutputLimit, body: dict[str, Any]) -> t
 
 
 # -- OpenAI-protocol events (bytes, pass-through) ------------------------------------------------
+_EMPTY_DELTA = (b"{}", b'{"role"', b'{ "role"')
+_NO_CONTENT = (b'{"content":""', b'{"content":null', b'{"content": ""', b'{"content": null')
+
+
 def openai_event_tokens(ev: bytes) -> int:
-    """1 for a chunk that carries generated text, reasoning or tool arguments; 0 for the opening
-    (role) chunk, the closing (finish) chunk, usage-only chunks and empty deltas."""
-    if b'"delta"' not in ev or b'"role"' in ev:
+    """1 for a chat chunk whose delta carries generated text, reasoning or tool arguments, or a
+    legacy completions chunk with text; 0 for the opening (role) chunk, an empty delta (the
+    closing chunk), usage-only chunks. One scan to the delta, then a look at its first bytes."""
+    i = ev.find(b'"delta":')
+    if i < 0:  # legacy completions ({"choices": [{"text": ...}]}) or a usage-only chunk
+        k = ev.find(b'"text":"')
+        return 1 if k >= 0 and ev[k + 8:k + 9] != b'"' else 0
+    d = ev[i + 8:i + 48].lstrip()
+    if d.startswith(_EMPTY_DELTA):
         return 0
-    if b'"finish_reason":"' in ev or b'"finish_reason": "' in ev:
-        return 0
-    if (b'"content":""' in ev or b'"content": ""' in ev) and b"reasoning" not in ev and b"tool_calls" not in ev:
-        return 0
+    if d.startswith(_NO_CONTENT):
+        return 1 if b"reasoning" in ev or b"tool_calls" in ev else 0
     return 1
+
+
+def anthropic_event_tokens(ev: bytes) -> int:
+    """1 for a content_block_delta that carries text, thinking or tool input; 0 for the rest
+    (a signature, an empty first piece of tool input)."""
+    if b"content_block_delta" not in ev or b"signature_delta" in ev:
+        return 0
+    return 0 if b'"partial_json":""' in ev or b'"partial_json": ""' in ev else 1
 
 
 def openai_cut_events(last: bytes, lim: OutputLimit, usage: tuple[int, int] | None) -> bytes:
     """The end of a cut OpenAI stream: one ``length`` finish chunk per choice, the usage chunk
     (when ``usage`` is given: the caller asked for it) and ``[DONE]``."""
     base = _chunk_base(last)
+    legacy = base["object"] == "text_completion"
     out = []
     for i in range(lim.n):
-        ch = {**base, "choices": [{"index": i, "delta": {}, "logprobs": None, "finish_reason": "length"}]}
+        choice: dict[str, Any] = {"text": ""} if legacy else {"delta": {}}
+        ch = {**base, "choices": [{"index": i, **choice, "logprobs": None, "finish_reason": "length"}]}
         out.append(b"data: " + orjson.dumps(ch) + b"\n\n")
     if usage is not None:
         u = {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": usage[0] + usage[1]}

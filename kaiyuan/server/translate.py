@@ -29,6 +29,7 @@ from kaiyuan.redact import scrub_bytes
 from kaiyuan.server.common import JSON_CT, kaiyuan_headers
 from kaiyuan.server.overrun import (
     OutputLimit,
+    anthropic_event_tokens,
     capped_chunks,
     close_upstream,
     cut_canonical,
@@ -262,7 +263,7 @@ async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext,
             async for events in sse_events(stream):
                 out: list[bytes] = []
                 for ev in events:
-                    if lim is not None and b"content_block_delta" in ev and lim.over(1):
+                    if lim is not None and lim.over(anthropic_event_tokens(ev)):
                         await _cut_anthropic(resp, ctx, lim, ev, usage, b"".join(out))
                         return
                     if b"message_st" in ev or b"message_delta" in ev or b"event: error" in ev:

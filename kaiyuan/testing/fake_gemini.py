@@ -138,7 +138,7 @@ class FakeGemini:
             if s in text:
                 text = text.split(s, 1)[0]
         mx = gc.get("maxOutputTokens")
-        if isinstance(mx, int) and len(text.split(" ")) > mx:
+        if isinstance(mx, int) and len(text.split(" ")) > mx and not b.ignore_max_tokens:
             text, finish = " ".join(text.split(" ")[:mx]), "MAX_TOKENS"
         parts.append({"text": text})
         return parts, finish

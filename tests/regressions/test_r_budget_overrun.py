@@ -100,3 +100,24 @@ def test_an_upstream_that_honours_the_cap_is_never_cut_or_flagged(gw: RunningGat
         assert (r.choices[0].message.content or "").split() == words
     assert _flag(gw, "m")["honours_max_tokens"] is True
     assert fake_openai.cancelled == 0
+
+
+def test_gemini_and_legacy_completions_are_cut_too(make_gateway: Callable[[dict[str, Any]], RunningGateway],
+                                                   fake_openai: FakeOpenAI, fake_gemini: Any) -> None:
+    gw = make_gateway({"server": {"master_key": MASTER}, "models": [
+        priced("gemini", fake_gemini.url, "gemini-up", IN, OUT, protocol="gemini"),
+        priced("m", fake_openai.url, "up-m", IN, OUT),  # type: ignore[attr-defined]
+    ]})
+    fake_gemini.default = Behaviour(ignore_max_tokens=True, content=LONG)
+    chunks = list(oai(gw, MASTER).chat.completions.create(model="gemini", messages=MSGS, max_tokens=3, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).split() == ["w0", "w1", "w2"]
+    assert chunks[-1].choices[0].finish_reason == "length"
+    with anth(gw, MASTER).messages.stream(model="gemini", max_tokens=2, messages=MSGS) as s:
+        assert s.get_final_message().stop_reason == "max_tokens"
+    fake_openai.default = Behaviour(content=LONG)  # the fake's legacy completions ignore max_tokens
+    parts = list(oai(gw, MASTER).completions.create(model="m", prompt="go", max_tokens=4, stream=True))
+    assert "".join(p.choices[0].text for p in parts if p.choices) == "w0w1w2w3"  # the fake sends bare words
+    assert parts[-1].choices[0].finish_reason == "length"
+    whole = oai(gw, MASTER).completions.create(model="m", prompt="go", max_tokens=4)
+    assert whole.choices[0].finish_reason == "length" and len(whole.choices[0].text) < len(LONG) // 5
+    assert _flag(gw, "gemini")["honours_max_tokens"] is False

@@ -394,3 +394,23 @@ def test_canary_trial_splits_responses_traffic(make_gateway: Callable[[dict[str,
                                   openai_model("small", fake_openai.url, "up-small")], "trials": [trial]})
     r = client(gw).responses.create(model="big", input="hello")
     assert r.output_text == "echo: hello" and fake_openai.requests[-1]["model"] == "up-small"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_output_cap_is_sent_and_enforced(rgw: RunningGateway, fake_openai: Any, stream: bool) -> None:
+    from kaiyuan.testing.fake_openai import Behaviour
+
+    fake_openai.default = Behaviour(ignore_max_tokens=True, content=" ".join(f"w{i}" for i in range(60)))
+    c = client(rgw)
+    if stream:
+        with c.responses.stream(model="fake-chat", input="long please", max_output_tokens=5) as s:
+            events = list(s)
+        assert events[-1].type == "response.incomplete"  # (the SDK's get_final_response wants .completed)
+        r = events[-1].response  # type: ignore[union-attr]
+    else:
+        r = c.responses.create(model="fake-chat", input="long please", max_output_tokens=5)
+    sent = fake_openai.requests[-1]
+    assert sent["max_tokens"] == 5 or sent.get("max_completion_tokens") == 5
+    assert r.status == "incomplete" and r.incomplete_details is not None
+    assert r.incomplete_details.reason == "max_output_tokens"
+    assert 0 < len(r.output_text) <= len(" ".join(f"w{i}" for i in range(60))) * 6 // 60  # cut near the cap

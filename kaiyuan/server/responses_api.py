@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from kaiyuan.accounting.output_cap import asked
 from kaiyuan.context import RequestContext
 from kaiyuan.dialects import openai as oai
 from kaiyuan.dialects import responses as rq
@@ -30,6 +31,7 @@ from kaiyuan.server import responses_state as state
 from kaiyuan.server import translate
 from kaiyuan.server.common import JSON_CT, kaiyuan_headers
 from kaiyuan.server.handler import api_handler
+from kaiyuan.server.overrun import OutputLimit, capped_chunks, cut_canonical, output_limit, overran
 from kaiyuan.server.sse import relay, sse_events
 
 log = logging.getLogger("kaiyuan.responses")
@@ -61,22 +63,29 @@ async def _create(request: web.Request, gw: Gateway, ctx: RequestContext, body: 
     if prep.omitted_tools:
         rt.note_omitted(ctx, prep.omitted_tools)
 
+    ask = asked(body, "responses")
+    caps = gw.caps
+
     def build(provider: Provider) -> UpstreamCall:
+        cap = ctx.output_cap = caps.cap(provider.id, ask)  # reserved for it, sent, and enforced
         try:
-            return translate.upstream_call(provider, prep.request)
+            return translate.upstream_call(provider, prep.request, cap, caps)
         except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
             raise GatewayError(ErrorKind.INVALID_REQUEST, f"the request cannot be translated for this model's "
                                f"{provider.protocol} upstream ({type(e).__name__}: {e})", code="invalid_request") from None
 
     provider, reply = await gw.execute(ctx, build)
     ctx.reply = reply
+    lim = output_limit(ctx, gw.router.flag_overrun, provider.deployment.model)
     shape = ro.Shape(prep.names, prep.summary, rt.sealer.seal if prep.encrypted else None)
     skeleton = ro.skeleton(ro.new_id("resp"), ctx.model or "", body)
     store = body.get("store", True) is not False
     if reply.stream is not None:
         ctx.status = 200
-        return await _stream(request, ctx, provider, reply.stream, skeleton, shape, prep, history, rt, store)
+        return await _stream(request, ctx, provider, reply.stream, skeleton, shape, prep, history, rt, store, lim)
     r = translate.reply_to_canonical(provider.protocol, reply.body or b"", ctx, reply.parsed)
+    if lim is not None and overran(lim, r.usage.output_tokens, len(reply.body or b"")):
+        cut_canonical(r, lim)  # an upstream that ignored the cap: cut to it, status incomplete
     translate.usage_into_ctx(r.usage, ctx)
     final = ro.finished(skeleton, ro.output_items(r.content, shape), r.stop_reason, r.usage)
     if store:
@@ -91,7 +100,7 @@ async def _create(request: web.Request, gw: Gateway, ctx: RequestContext, body: 
 
 async def _stream(request: web.Request, ctx: RequestContext, provider: Provider, upstream: AsyncIterator[bytes],
                   skeleton: dict[str, Any], shape: ro.Shape, prep: rq.Prepared, history: list[dict[str, Any]],
-                  rt: state.ResponsesRuntime, store: bool) -> web.StreamResponse:
+                  rt: state.ResponsesRuntime, store: bool, lim: OutputLimit | None) -> web.StreamResponse:
     tr = ChatToResponses(skeleton, shape)
     tail = bytearray() if ctx.log_bodies or "capture_response" in ctx.extra else None
 
@@ -106,7 +115,8 @@ async def _stream(request: web.Request, ctx: RequestContext, provider: Provider,
 
         try:
             await write(tr.start())
-            async for ch in translate.openai_chunks(provider.protocol, upstream, ctx, ctx.model or "", True):
+            chunks = translate.openai_chunks(provider.protocol, upstream, ctx, ctx.model or "", True)
+            async for ch in capped_chunks(chunks, ctx, lim, True):
                 try:
                     out = tr.feed(ch)
                 except (KeyError, TypeError, AttributeError, ValueError) as e:
@@ -128,8 +138,11 @@ async def _stream(request: web.Request, ctx: RequestContext, provider: Provider,
 # -- pass-through (the upstream speaks Responses) ------------------------------------------------
 async def _pass(request: web.Request, gw: Gateway, ctx: RequestContext, body: dict[str, Any],
                 stream: bool) -> web.StreamResponse:
+    ask = asked(body, "responses")
+
     def build(provider: Provider) -> UpstreamCall:
-        return UpstreamCall("responses", {**body, "model": provider.deployment.model}, stream)
+        cap = ctx.output_cap = gw.caps.cap(provider.id, ask)  # reserved for it and sent
+        return UpstreamCall("responses", {**body, "model": provider.deployment.model, "max_output_tokens": cap}, stream)
 
     _provider, reply = await gw.execute(ctx, build)
     ctx.reply = reply

@@ -52,7 +52,11 @@ def paired_items(rng: random.Random, n: int, diff: float, disagree: float) -> li
 
 def accepts_new(xs: Sequence[float], thr: float, alpha: float) -> bool:
     cs = sq.ConfidenceSequence(alpha)
-    return any(cs.update(x).lo > thr for x in xs)
+    for x in xs:
+        cs.update(x)
+        if cs.above(thr):
+            return True
+    return False
 
 
 def accepts_legacy(xs: Sequence[float], thr: float, alpha: float) -> bool:

@@ -195,8 +195,7 @@ def test_seed_and_penalties_refused_for_anthropic_but_sent_to_gemini(native_gate
     assert "'seed' has no equivalent in the Anthropic" in ei.value.message
     client(native_gateway).chat.completions.create(model="gemini", messages=[{"role": "user", "content": "x"}], seed=1,
                                                    presence_penalty=0.5)
-    # the output cap is always sent (no cap asked: accounting.default_max_output_tokens)
-    assert fake_gemini.requests[-1]["generationConfig"] == {"seed": 1, "presencePenalty": 0.5, "maxOutputTokens": 8192}
+    assert fake_gemini.requests[-1]["generationConfig"] == {"seed": 1, "presencePenalty": 0.5}
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -44,9 +44,8 @@ def test_the_sequence_covers_the_running_average_at_every_step(order: str) -> No
     for _ in range(reps):
         cs = sq.ConfidenceSequence(alpha=0.05)
         for t, e in enumerate(truth):
-            p = cs.update(_draw(rng, e))
-            assert 0.0 <= p.lo <= p.mean <= p.hi <= 1.0 and p.lo < p.hi
-            if not p.lo <= running[t] <= p.hi:
+            cs.update(_draw(rng, e))
+            if not cs.covers(running[t]):
                 misses += 1
                 break
     assert misses / reps <= 0.05 + 0.06, misses  # nominal <= 0.05; 0.11 is > 3 sd above it
@@ -54,11 +53,13 @@ def test_the_sequence_covers_the_running_average_at_every_step(order: str) -> No
 
 def test_intervals_are_never_inverted_or_empty_even_against_an_adaptive_adversary() -> None:
     cs = sq.ConfidenceSequence(alpha=0.05)
-    for _ in range(400):  # each value pushes against the current interval
+    for _ in range(150):  # each value pushes against the current interval
         p = cs.point()
         cs.update(0.0 if p.n and p.mean > (p.lo + p.hi) / 2 else 1.0)
         q = cs.point()
         assert 0.0 <= q.lo <= q.mean <= q.hi <= 1.0 and q.lo < q.hi
+        assert cs.covers(q.mean) and not cs.above(q.mean) and not cs.below(q.mean)
+        assert cs.above(q.lo - 1e-9) == (q.lo > 1e-9) and cs.below(q.hi + 1e-9) == (q.hi < 1 - 1e-9)
     for const in (0.0, 0.5, 1.0):
         pts = sq.confidence_sequence([const] * 200)
         assert all(p.lo <= const <= p.hi and p.lo < p.hi for p in pts)
@@ -77,6 +78,8 @@ def test_bad_values_are_refused() -> None:
         sq.confidence_sequence([math.nan])
     with pytest.raises(ValueError, match="alpha"):
         sq.ConfidenceSequence(alpha=0)
+    with pytest.raises(ValueError, match="weights"):
+        sq.ConfidenceSequence(weights=[1.0] * len(sq.GRID))
     with pytest.raises(ValueError):
         sq.reference_verdict([1.0], [1.0, 0.0], margin=0.1)
     assert sq.judge_verdict([], margin=0.1).verdict == "no_data"
@@ -84,7 +87,11 @@ def test_bad_values_are_refused() -> None:
 
 def _peeking_accepts(xs: list[float], threshold: float) -> bool:
     cs = sq.ConfidenceSequence(alpha=0.05)
-    return any(cs.update(x).lo > threshold for x in xs)
+    for x in xs:
+        cs.update(x)
+        if cs.above(threshold):
+            return True
+    return False
 
 
 def test_false_acceptance_under_continuous_peeking_stays_below_alpha() -> None:
@@ -134,8 +141,7 @@ def test_fixed_horizon_waits_for_the_planned_size_and_covers() -> None:
 def test_more_items_needed_is_a_fair_estimate() -> None:
     v = sq.non_inferiority([0.5] * 20, 0.45, margin=0.1)
     assert v.verdict == "inconclusive" and v.items_needed is not None
-    cs = sq.ConfidenceSequence()
-    decided = next(i for i in range(1, 10_000) if cs.update(0.5).lo > 0.45)
+    decided = next(i for i in range(1, 10_000) if sq.non_inferiority([0.5] * i, 0.45, margin=0.1).verdict == "non_inferior")
     assert abs(20 + v.items_needed - decided) <= 0.25 * decided
     assert sq.non_inferiority([0.5] * 200, 0.45, margin=0.1).items_needed == 0
     assert sq.non_inferiority([0.0, 1.0] * 10, 0.5, margin=0.0).items_needed is None  # mean on the threshold

@@ -132,7 +132,8 @@ class KeyGuard:
                     )
             self.model_deps[m.name] = ids
         self.caps = OutputCaps.build(
-            [(did, d, p.max_output_tokens if p else None) for did, (d, p, _v) in self.deployments.items()], self.acc
+            [(did, d, p.max_output_tokens if p else None, p is not None and p.charges_output())
+             for did, (d, p, _v) in self.deployments.items()], self.acc
         )
         self.m_denied = Counter("kaiyuan_guard_denied", "Requests refused by the guard", ["reason"], registry=r)
         self.m_redis_errors = Counter(

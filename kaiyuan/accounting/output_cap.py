@@ -11,7 +11,10 @@ field its protocol has (``max_tokens`` and ``max_completion_tokens`` for OpenAI-
 - No cap given: the deployment's default, so the reservation is finite: Anthropic deployments'
   ``default_max_tokens`` (plus the thinking budget ``reasoning_effort`` asks for), the local
   engine's ``max_tokens_default``, else the model's ``max_output_tokens`` from the price catalog,
-  else ``accounting.default_max_output_tokens``.
+  else ``accounting.default_max_output_tokens``. That default is *sent* only where output costs
+  money: a deployment with no output price (self-hosted at 0, or unpriced, which budgeted keys
+  cannot use) gets the caller's request unchanged, because servers such as vLLM refuse a cap
+  larger than the context left; its reservation still uses the default (for TPM).
 - ``n`` (OpenAI chat/completions) multiplies the output: n completions of up to ``cap`` each.
 """
 
@@ -79,18 +82,23 @@ class OutputCaps:
     """Each deployment's default cap, worked out once at start."""
 
     def __init__(self, defaults: dict[str, int], anthropic: frozenset[str],
-                 fields: dict[str, tuple[str, ...]] | None = None) -> None:
+                 fields: dict[str, tuple[str, ...]] | None = None, free: frozenset[str] = frozenset()) -> None:
         self.defaults = defaults
         self.anthropic = anthropic  # deployments whose default grows by the thinking budget
         self.fields = fields or {}  # OpenAI-compatible deployments that take one field, not both
+        self.free = free  # deployments whose output costs nothing: no default cap is sent to them
 
     @classmethod
-    def build(cls, deployments: list[tuple[str, DeploymentBase, int | None]], acc: AccountingSettings) -> OutputCaps:
-        """``deployments``: (id, config, the catalog's max_output_tokens for it or None)."""
+    def build(cls, deployments: list[tuple[str, DeploymentBase, int | None, bool]], acc: AccountingSettings) -> OutputCaps:
+        """``deployments``: (id, config, the catalog's max_output_tokens for it or None, whether
+        its output has a price above 0)."""
         defaults: dict[str, int] = {}
         anthropic = set()
+        free = set()
         fields: dict[str, tuple[str, ...]] = {}
-        for did, dep, catalog_max in deployments:
+        for did, dep, catalog_max, paid in deployments:
+            if not paid:
+                free.add(did)
             if isinstance(dep, OpenAICompatibleDeployment):
                 fields[did] = cap_fields(dep)
             if isinstance(dep, AnthropicDeployment):
@@ -100,7 +108,7 @@ class OutputCaps:
                 defaults[did] = dep.max_tokens_default
             else:
                 defaults[did] = catalog_max or acc.default_max_output_tokens
-        return cls(defaults, frozenset(anthropic), fields)
+        return cls(defaults, frozenset(anthropic), fields, frozenset(free))
 
     def cap(self, deployment: str, ask: OutputAsk, fallback: int = 8192) -> int:
         """The output cap (per completion) sent to ``deployment`` and reserved for it."""
@@ -108,6 +116,13 @@ class OutputCaps:
             return ask.cap
         base = self.defaults.get(deployment, fallback)
         return base + ask.thinking if deployment in self.anthropic else base
+
+    def sent(self, deployment: str, ask: OutputAsk) -> int | None:
+        """The cap sent to ``deployment`` (and enforced on its answer); None: the caller's request
+        goes unchanged (no cap asked, and the deployment's output is free)."""
+        if ask.cap is None and deployment in self.free and deployment not in self.anthropic:
+            return None
+        return self.cap(deployment, ask)
 
     def reserved_output(self, deployment: str, ask: OutputAsk) -> int:
         """Output tokens to reserve on ``deployment``: the cap times n."""

@@ -66,6 +66,9 @@ class ResolvedPrice:
         r = self.rates_for(p)
         return (p - cached - written) * r.input + cached * r.cache_hit + written * r.cache_write + c * r.output
 
+    def charges_output(self) -> bool:
+        return self.base.output > 0 or any(r.output > 0 for _above, r in self.tiers)
+
     def worst_case(self, prompt_tokens: int, max_output: int) -> float:
         """Upper bound: every prompt token uncached (or written to the cache), ``max_output`` out."""
         r = self.rates_for(prompt_tokens)

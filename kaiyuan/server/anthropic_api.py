@@ -45,11 +45,12 @@ async def _messages(request: web.Request, gw: Gateway, ctx: RequestContext, body
     caps = gw.caps
 
     def build(provider: Provider) -> UpstreamCall:
-        cap = ctx.output_cap = caps.cap(provider.id, ask)  # reserved for it, sent, and enforced
+        cap = ctx.output_cap = caps.sent(provider.id, ask)  # reserved for it, sent, and enforced
         if provider.protocol == "anthropic":
             b = dict(body)
             b["model"] = provider.deployment.model
-            b["max_tokens"] = cap
+            if cap is not None:
+                b["max_tokens"] = cap
             return UpstreamCall("messages", b, stream, headers=extra_headers)
         return translate.translated_call(provider, anth.request_to_canonical, body, canon, cap, caps)
 

@@ -35,7 +35,7 @@ def _build_call(gw: Gateway, ctx: RequestContext, endpoint: str, body: dict[str,
     caps = gw.caps
 
     def build(provider: Provider) -> UpstreamCall:
-        cap = None if endpoint == "embeddings" else caps.cap(provider.id, ask)
+        cap = None if endpoint == "embeddings" else caps.sent(provider.id, ask)
         ctx.output_cap = cap  # the cap the answering deployment was sent: enforced on its answer
         if provider.protocol != "openai":  # Anthropic / Gemini upstream: through the canonical form
             return translate.openai_call(provider, endpoint, body, canon, cap, caps)

@@ -174,6 +174,9 @@ async def capped_chunks(chunks: AsyncIterator[dict[str, Any]], ctx: RequestConte
     else:
         return
     await close_upstream(ctx)
+    closer = getattr(chunks, "aclose", None)
+    if closer is not None:
+        await closer()
     prompt, out = record_cut(ctx, lim, ctx.body)
     base = {k: last.get(k) for k in ("id", "object", "created", "model")}
     yield {**base, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}]}

@@ -73,6 +73,21 @@ class ScorerSpec(_Strict):
         return self.name or (self.plugin if self.type == "plugin" and self.plugin else self.type)
 
 
+class GuardSettings(_Strict):
+    """Automatic rollback lines for a canary or a promotion (see kaiyuan/trials/guard.py)."""
+
+    max_loss_rate: float | None = Field(None, gt=0, lt=1, description="judged loss rate of the candidate's answers")
+    max_error_rate: float | None = Field(None, gt=0, lt=1, description="share of the candidate's requests that fail")
+    max_p95_ms: float | None = Field(None, gt=0, description="p95 latency of the candidate's answers, ms")
+    min_results: int = Field(20, ge=1, description="results a metric needs before it may trigger a rollback")
+
+    @model_validator(mode="after")
+    def _some_line(self) -> GuardSettings:
+        if self.max_loss_rate is None and self.max_error_rate is None and self.max_p95_ms is None:
+            raise ValueError("a guard needs at least one of max_loss_rate, max_error_rate, max_p95_ms")
+        return self
+
+
 class Price(_Strict):
     input_per_mtok: float = Field(..., ge=0, description="USD per 1M prompt tokens")
     output_per_mtok: float = Field(..., ge=0, description="USD per 1M completion tokens")
@@ -98,6 +113,8 @@ class TrialConfig(_Strict):
     canary_judge_rate: float = Field(
         0.1, ge=0, le=1, description="canary with a judge: share of candidate-arm answers judged against an incumbent call "
         "made in the background")
+    guard: GuardSettings | None = Field(
+        None, description="canary / after promotion: roll back automatically when a line is crossed")
     dataset: str | None = Field(None, description="offline: JSONL file")
     order: Literal["shuffled", "dataset"] = Field(
         "shuffled", description="offline: replay in a seeded random order (default) or in the dataset's own order")
@@ -117,6 +134,10 @@ class TrialConfig(_Strict):
             raise ValueError(f"trial {self.name!r}: scorer labels must be unique; name them with 'name'")
         if self.primary is not None and self.primary != "judge" and self.primary not in labels:
             raise ValueError(f"trial {self.name!r}: primary {self.primary!r} is neither 'judge' nor a scorer label")
+        if self.guard is not None and self.mode == "offline":
+            raise ValueError(f"trial {self.name!r}: a guard watches live traffic; an offline trial has none")
+        if self.guard is not None and self.guard.max_loss_rate is not None and self.judge is None:
+            raise ValueError(f"trial {self.name!r}: guard.max_loss_rate needs a judge")
         if self.primary == "judge" and self.judge is None:
             raise ValueError(f"trial {self.name!r}: primary is 'judge' but no judge is configured")
         return self

@@ -64,7 +64,7 @@ def ordered(trial: TrialConfig, rows: list[dict[str, Any]]) -> list[dict[str, An
 
 def candidate_report(trial: TrialConfig, rows: list[dict[str, Any]], candidate: str, resamples: int = 1000,
                      volume: tuple[float | None, str] = (None, "")) -> dict[str, Any]:
-    rows = ordered(trial, [r for r in rows if r["candidate"] == candidate])
+    rows = ordered(trial, [r for r in rows if r["candidate"] == candidate and r["source"] != "promoted"])
     out: dict[str, Any] = {"candidate": candidate, "pairs": len(rows)}
     out["failures"] = {
         "candidate": sum(1 for r in rows if r["candidate_error"]),
@@ -144,8 +144,21 @@ def build_report(trial: TrialConfig, store: TrialStore, *, monthly_requests: flo
         "routing": [{**{k: r[k] for k in ("ts", "action", "candidate", "step_s", "actor", "note")}, "steps": orjson.loads(r["steps"])}
                     for r in store.routing_history(trial.name)],
         "by_candidate": [candidate_report(trial, rows, c, resamples, volume) for c in trial.candidates],
+        "after_promotion": _promoted_summary([r for r in rows if r["source"] == "promoted"]),
+        "guard": trial.guard.model_dump() if trial.guard is not None else None,
     }
     return _clean(rep)
+
+
+def _promoted_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What the guard watches after a promotion: the candidate's live answers to promoted traffic."""
+    if not rows:
+        return None
+    ok_ms = [r["candidate_ms"] for r in rows if r["candidate_ms"] is not None and not r["candidate_error"]]
+    judged = [r["judge_score"] for r in rows if r["judge_score"] is not None]
+    return {"results": len(rows), "error_rate": sum(1 for r in rows if r["candidate_error"]) / len(rows),
+            "p95_ms": stats.quantile(ok_ms, 0.95) if ok_ms else None, "judged": len(judged),
+            "loss_rate": sum(1 for x in judged if x < 0.5) / len(judged) if judged else None}
 
 
 def _f(v: Any, fmt: str = ".3f") -> str:
@@ -219,8 +232,22 @@ def render_text(rep: dict[str, Any]) -> str:
                          f" ({p.get('volume_source')})")
         elif p.get("volume_source"):
             lines.append(f"  projected monthly: - ({p['volume_source']})")
+    a = rep.get("after_promotion")
+    if a:
+        lines.append("")
+        lines.append(f"after promotion: {a['results']} answers, error rate {a['error_rate']:.3f}, p95 {_f(a['p95_ms'], '.1f')} ms, "
+                     f"judged loss rate {_f(a['loss_rate'])} ({a['judged']} judged)")
+    if rep.get("guard"):
+        g = rep["guard"]
+        lines.append("guard: rolls back when " + ", ".join(
+            f"{k} > {g[k]}" for k in ("max_loss_rate", "max_error_rate", "max_p95_ms") if g.get(k) is not None)
+            + " (anytime-valid)")
     if rep["routing"]:
         r = rep["routing"][-1]
         lines.append("")
         lines.append(f"routing: last action {r['action']} to {r['candidate']} steps {r['steps']}")
+        for r in rep["routing"]:
+            if r.get("actor") == "guard":
+                when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(r["ts"]))
+                lines.append(f"  AUTOMATIC {r['action']} of {r['candidate']} at {when}: {r.get('note')}")
     return "\n".join(lines)

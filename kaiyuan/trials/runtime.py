@@ -35,6 +35,7 @@ from kaiyuan.trials.evaluate import (
     price_of,
     usage_tokens,
 )
+from kaiyuan.trials.guard import Breach, Watch
 from kaiyuan.trials.models import REPLAY_HEADER, REPLAY_PREFIX, TrialConfig, check_trial_models
 from kaiyuan.trials.policy import allowed, request_policy
 from kaiyuan.trials.scorers import Scorer, answer_from_json
@@ -45,6 +46,7 @@ log = logging.getLogger("kaiyuan.trials")
 REFRESH_S = float(os.environ.get("KAIYUAN_TRIALS_REFRESH_S", "5"))
 FLUSH_S = 1.0
 FORWARDED_HEADERS = ("anthropic-beta",)  # as the Messages handler forwards them to an Anthropic upstream
+CAPTURED = (("openai", "chat"), ("anthropic", "messages"))  # where the client's answer bytes are captured
 QUEUE_FACTOR = 16  # pending shadow tasks per trial beyond max_concurrency x this are dropped (counted)
 
 
@@ -69,6 +71,9 @@ class TrialsRuntime:
         self.trials: dict[str, TrialConfig] = {t.name: t for t in gw.config.trials}
         self.by_incumbent: dict[str, list[TrialConfig]] = {}
         self.overrides: dict[str, RoutingState] = {}  # incumbent model -> latest promote
+        self.watches: dict[str, Watch] = {}  # guarded trial -> its current watch window
+        self.halted: set[str] = set()  # canary trials whose latest routing action is a rollback
+        self._states: dict[str, RoutingState] = {}  # latest routing action per trial
         self.scorers: dict[str, dict[str, Scorer]] = {}
         self.spent: dict[str, float] = {}
         self.counters: dict[str, Counter[str]] = {}
@@ -108,6 +113,7 @@ class TrialsRuntime:
                     log.error("trial %s: %s; scoring with the judge only", t.name, e)
                     self.scorers[t.name] = {}
         self.by_incumbent = by
+        self._sync_watches(self._states)
 
     def add_trial(self, t: TrialConfig) -> None:
         check_trial_models([t], set(self.gw.models))
@@ -128,6 +134,47 @@ class TrialsRuntime:
                 if prev is None or st.ts > prev.ts:
                     out[st.incumbent] = st
         self.overrides = out
+        self._states = states
+        self.halted = {name for name, st in states.items() if st.action == "rollback"}
+        self._sync_watches(states)
+
+    def _sync_watches(self, states: dict[str, RoutingState]) -> None:
+        """One watch window per guarded trial: from its latest promotion, else from the start of
+        its canary; none while it is rolled back."""
+        watches: dict[str, Watch] = {}
+        for t in self.trials.values():
+            st = states.get(t.name)
+            if t.guard is None or (st is not None and st.action == "rollback"):
+                continue
+            since = st.ts if st is not None else 0.0
+            if st is None and t.mode != "canary":
+                continue  # a shadow trial's candidate answers no one until it is promoted
+            cur = self.watches.get(t.name)
+            watches[t.name] = cur if cur is not None and cur.since == since and cur.settings == t.guard else \
+                Watch(t.guard, t.alpha, since)
+        self.watches = watches
+
+    async def _watch(self, rows: list[dict[str, Any]]) -> None:
+        """Feed the guards; roll back (recorded, applied, logged) on a breach."""
+        for row in rows:
+            w = self.watches.get(row["trial"])
+            if w is None or row["source"] not in ("canary", "promoted"):
+                continue
+            breach = w.observe(row)
+            if breach is not None:
+                await self._auto_rollback(self.trials[row["trial"]], row["candidate"], breach)
+
+    async def _auto_rollback(self, t: TrialConfig, candidate: str, breach: Breach) -> None:
+        log.warning("trial %s: automatic rollback of %s: %s", t.name, candidate, breach.note())
+        self.counters[t.name]["guard_rollbacks"] += 1
+        if self.store is None:  # no database: this gateway alone goes back to the incumbent
+            self.halted.add(t.name)
+            self.overrides = {k: v for k, v in self.overrides.items() if v.trial != t.name}
+            return
+        store = self.store
+        await asyncio.to_thread(store.record_routing, t.name, "rollback", t.incumbent, candidate, [0.0], 0.0,
+                                "guard", breach.note())
+        self.apply_routing(await asyncio.to_thread(store.routing_states))
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -181,6 +228,11 @@ class TrialsRuntime:
     async def flush(self) -> None:
         rows, self._rows = self._rows, []
         spend, self._spend = self._spend, []
+        if self.watches and rows:
+            try:
+                await self._watch(rows)
+            except Exception:
+                log.exception("trials: the guard could not act on %d result(s); will look again at the next ones", len(rows))
         if self.store is None or not (rows or spend):
             return
         store = self.store
@@ -235,25 +287,25 @@ class TrialsRuntime:
             if share > 0 and sticky_unit(ctx, st.trial) < share and self._may_use(ctx, st.candidate):
                 ctx.extra["trial_promoted"] = st.trial
                 ctx.model = st.candidate
+                if st.trial in self.watches:  # guarded: the promoted answers are watched like a canary arm
+                    self._arm(ctx, self.trials[st.trial], shadow_ok=(ctx.dialect, ctx.endpoint) in CAPTURED)
                 return
         trials = self.by_incumbent.get(model)
         if not trials or ctx.endpoint not in ("chat", "messages", "responses"):
             return  # /v1/responses: canary splits apply; shadows need a captured chat or Messages answer
         # the answer the client got is captured on the OpenAI chat and Anthropic Messages paths
-        shadow_ok = (ctx.dialect, ctx.endpoint) in (("openai", "chat"), ("anthropic", "messages"))
+        shadow_ok = (ctx.dialect, ctx.endpoint) in CAPTURED
         for t in trials:
             if not self._participates(t, ctx):
                 continue
             if t.mode == "canary":
+                if t.name in self.halted:  # rolled back: the candidate answers no one
+                    continue
                 ctx.trial = t.name
                 cand = t.candidates[0]
                 if sticky_unit(ctx, t.name, t.sticky) < t.sample_rate and self._may_use(ctx, cand):
-                    ctx.extra["trial_arm"] = "candidate"
                     ctx.model = cand
-                    if (shadow_ok and t.judge is not None and not self.exhausted(t)
-                            and self.rng.random() < t.canary_judge_rate):
-                        ctx.extra["trial_canary_judge"] = True  # judged against a background incumbent call
-                        ctx.extra["capture_response"] = True
+                    self._arm(ctx, t, shadow_ok)
                     return  # answered by the candidate: nothing left to shadow
                 ctx.extra["trial_arm"] = "incumbent"
                 continue
@@ -264,6 +316,15 @@ class TrialsRuntime:
                 sampled.append(t.name)
                 ctx.extra["capture_response"] = True
                 ctx.trial = ctx.trial or t.name
+
+    def _arm(self, ctx: RequestContext, t: TrialConfig, shadow_ok: bool) -> None:
+        """Mark a request the candidate answers (canary arm, or a guarded promotion) for a row,
+        and a sampled share of them for judging against a background incumbent call."""
+        ctx.trial = t.name
+        ctx.extra["trial_arm"] = "candidate"
+        if shadow_ok and t.judge is not None and not self.exhausted(t) and self.rng.random() < t.canary_judge_rate:
+            ctx.extra["trial_canary_judge"] = True
+            ctx.extra["capture_response"] = True
 
     def on_complete(self, ctx: RequestContext) -> None:
         extra = ctx.extra
@@ -319,8 +380,10 @@ class TrialsRuntime:
         ms = ctx.elapsed() * 1000
         err = ctx.error if ctx.status >= 400 or ctx.error else None
         side = "candidate" if arm == "candidate" else "incumbent"
-        row = {"id": "tr_" + os.urandom(10).hex(), "trial": t.name, "ts": time.time(), "source": "canary",
-               "item": ctx.request_id, "candidate": t.candidates[0], "request": None,
+        promoted = "trial_promoted" in ctx.extra
+        row = {"id": "tr_" + os.urandom(10).hex(), "trial": t.name, "ts": time.time(),
+               "source": "promoted" if promoted else "canary", "item": ctx.request_id,
+               "candidate": (ctx.model or t.candidates[0]) if promoted else t.candidates[0], "request": None,
                "incumbent_answer": None, "candidate_answer": None, "incumbent_ms": None, "candidate_ms": None,
                "incumbent_cost": None, "candidate_cost": None, "incumbent_error": None, "candidate_error": None,
                "judge_score": None, "judge_status": None, "judge_detail": None, "scores": None}
@@ -494,5 +557,7 @@ class TrialsRuntime:
                         "budget_usd": t.budget_usd, "exhausted": self.exhausted(t), "in_flight": self.pending[t.name],
                         "counters": dict(self.counters.get(t.name, {})),
                         "promoted_share": st.share() if st else 0.0,
+                        "halted": t.name in self.halted,
+                        "guard": self.watches[t.name].status() if t.name in self.watches else None,
                         "source": "config" if any(c.name == t.name for c in self.gw.config.trials) else "admin"})
         return out

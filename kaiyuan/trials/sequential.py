@@ -18,14 +18,12 @@ For x_i in [0, 1], a constant bet lam >= 0 and any predictable centre c_i (known
 
 is a nonnegative supermartingale whatever the conditional means mu_i are: its factor has
 conditional expectation (1 + y) e^(-y) <= 1 with y = lam (mu_i - c_i). Its exponent is linear in
-sum_i mu_i = t mu_bar_t, so Ville's inequality on a uniform mixture over a grid of K bets gives, with
-probability >= 1 - alpha/2 at every t at once,
-
-    mu_bar_t >= max_k [ sum_i log(1 + lam_k (x_i - c_ik)) + lam_k sum_i c_ik - log(2K / alpha) ] / (lam_k t)
-
-and the same on 1 - x gives the upper bound. Because log(1 + y) <= y, the lower bound is always
-strictly below the running mean and the upper bound strictly above it: the interval is never
-inverted or empty, and there is no running intersection (which is only valid for a constant mean).
+sum_i mu_i = t mu_bar_t, so a mixture sum_k w_k M_t(lam_k) over a grid of bets is a supermartingale
+too, and by Ville's inequality the set of m where that mixture (evaluated at mu_bar_t = m) stays
+below 2 / alpha covers mu_bar_t at every t at once with probability >= 1 - alpha/2; the same on
+1 - x gives the other side. Because log(1 + y) <= y, every bet's wealth at m = the running mean is
+at most 1: the interval always contains the running mean, so it is never inverted or empty, and
+there is no running intersection (which is only valid for a constant mean).
 The centre c_ik is the running mean shrunk to 1/2, clipped so that 1 + lam_k (x - c) >= 1 - CLIP.
 Bets up to 20 (not 1) make the sequence tight when outcomes barely vary (identical answers).
 """
@@ -40,6 +38,8 @@ from typing import Any
 
 GRID_LO, GRID_HI, GRID_RATIO = 0.01, 20.0, 1.6
 CLIP = 0.9  # 1 + lam (x - c) >= 1 - CLIP: keeps every factor positive and its log finite
+CORE = (0.25, 3.0)  # bets that suit 50 to 5,000 items; they get CORE_WEIGHT of the mixture
+CORE_WEIGHT = 0.8
 
 
 def _grid() -> tuple[float, ...]:
@@ -50,7 +50,18 @@ def _grid() -> tuple[float, ...]:
     return tuple(out)
 
 
+def _weights(grid: Sequence[float]) -> tuple[float, ...]:
+    """Prior weights of the bets (summing to 1): most on the bets typical trial sizes need, the
+    rest spread evenly, so very small and very large trials still work, a little less tightly."""
+    core = [CORE[0] <= lam <= CORE[1] for lam in grid]
+    k_core = sum(core)
+    if k_core in (0, len(grid)):
+        return tuple(1 / len(grid) for _ in grid)
+    return tuple(CORE_WEIGHT / k_core if c else (1 - CORE_WEIGHT) / (len(grid) - k_core) for c in core)
+
+
 GRID = _grid()
+WEIGHTS = _weights(GRID)
 
 
 @dataclass(frozen=True)
@@ -61,22 +72,34 @@ class CSPoint:
     hi: float
 
 
+def _log_mixture(sums: Sequence[float], log_w: Sequence[float], grid: Sequence[float], n: int, m: float) -> float:
+    """log sum_k w_k M_n(lam_k) at the running average m (log-sum-exp, no overflow)."""
+    terms = [lw + s - lam * n * m for s, lw, lam in zip(sums, log_w, grid, strict=True)]
+    top = max(terms)
+    return top + math.log(math.fsum(math.exp(t - top) for t in terms))
+
+
 class ConfidenceSequence:
     """Anytime-valid two-sided (1 - alpha) confidence sequence for the running average of the
-    conditional means of values in [0, 1]. O(len(GRID)) per update, constant memory."""
+    conditional means of values in [0, 1]. O(len(GRID)) per update and per test of a value,
+    constant memory; :meth:`point` finds the interval's ends by bisection."""
 
-    def __init__(self, alpha: float = 0.05, grid: Sequence[float] = GRID) -> None:
+    def __init__(self, alpha: float = 0.05, grid: Sequence[float] = GRID, weights: Sequence[float] | None = None) -> None:
         if not 0 < alpha < 1:
             raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+        w = tuple(weights) if weights is not None else (WEIGHTS if tuple(grid) == GRID else _weights(grid))
+        if len(w) != len(grid) or any(x <= 0 for x in w) or math.fsum(w) > 1 + 1e-9:
+            raise ValueError("weights: one positive weight per bet, summing to at most 1")
         self.alpha = alpha
         self.grid = tuple(grid)
-        self.threshold = math.log(2 * len(self.grid) / alpha)
+        self.log_w = tuple(math.log(x) for x in w)
+        self.log_level = math.log(2 / alpha)  # each side spends alpha / 2
         self.n = 0
         self.total = 0.0
         self._lo = [0.0] * len(self.grid)  # per bet: sum log(1 + lam (x - c)) + lam sum c, on x
         self._hi = [0.0] * len(self.grid)  # the same on 1 - x
 
-    def update(self, x: float) -> CSPoint:
+    def update(self, x: float) -> None:
         if not 0.0 <= x <= 1.0 or math.isnan(x):
             raise ValueError(f"confidence sequence values must lie in [0, 1], got {x}")
         centre = (0.5 + self.total) / (self.n + 1)  # predictable: uses only earlier values
@@ -87,24 +110,50 @@ class ConfidenceSequence:
             self._hi[k] += math.log1p(lam * ((1.0 - x) - c)) + lam * c
         self.n += 1
         self.total += x
-        return self.point()
 
-    def _bound(self, sums: list[float]) -> float:
-        return max((s - self.threshold) / (lam * self.n) for s, lam in zip(sums, self.grid, strict=True))
+    def above(self, m: float) -> bool:
+        """Whether the whole interval lies above ``m`` (lower bound > m)."""
+        return self.n > 0 and _log_mixture(self._lo, self.log_w, self.grid, self.n, m) > self.log_level
+
+    def below(self, m: float) -> bool:
+        """Whether the whole interval lies below ``m`` (upper bound < m)."""
+        return self.n > 0 and _log_mixture(self._hi, self.log_w, self.grid, self.n, 1.0 - m) > self.log_level
+
+    def covers(self, m: float) -> bool:
+        return not self.above(m) and not self.below(m)
+
+    def _end(self, sums: list[float], mean: float) -> float:
+        """The lower end on the scale of ``sums``: the largest m <= mean that the mixture rejects
+        (it rejects every smaller m: the mixture decreases in m). 0 when it rejects none."""
+        def rejects(m: float) -> bool:
+            return _log_mixture(sums, self.log_w, self.grid, self.n, m) > self.log_level
+
+        if not rejects(0.0):
+            return 0.0
+        lo, hi = 0.0, mean  # rejects(lo), and never rejects the running mean (log(1 + y) <= y)
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            if rejects(mid):
+                lo = mid
+            else:
+                hi = mid
+        return lo
 
     def point(self) -> CSPoint:
         if self.n == 0:
             return CSPoint(0, math.nan, 0.0, 1.0)
         mean = self.total / self.n
-        lo = min(max(self._bound(self._lo), 0.0), mean)
-        hi = max(min(1.0 - self._bound(self._hi), 1.0), mean)
-        return CSPoint(self.n, mean, lo, hi)
+        return CSPoint(self.n, mean, self._end(self._lo, mean), 1.0 - self._end(self._hi, 1.0 - mean))
 
 
 def confidence_sequence(xs: Iterable[float], *, alpha: float = 0.05) -> list[CSPoint]:
     """The sequence's interval after each value of ``xs`` (in the order given)."""
     cs = ConfidenceSequence(alpha)
-    return [cs.update(x) for x in xs]
+    out = []
+    for x in xs:
+        cs.update(x)
+        out.append(cs.point())
+    return out
 
 
 # -- how many more items ------------------------------------------------------------------------
@@ -115,21 +164,23 @@ def items_needed(cs: ConfidenceSequence, var: float, target: float) -> int | Non
     if the running mean and the variance ``var`` stay as they are: each bet's log-wealth is carried
     forward at its expected growth per item, lam * mean - lam^2 * var / 2. 0 when it already has;
     None when the mean sits on the target (or it would take more than a billion items)."""
-    p = cs.point()
-    if cs.n == 0 or p.mean == target or math.isnan(p.mean):
+    if cs.n == 0:
         return None
-    if p.lo > target or p.hi < target:
+    mean_x = cs.total / cs.n
+    if mean_x == target or math.isnan(mean_x):
+        return None
+    if cs.above(target) or cs.below(target):
         return 0
-    above = p.mean > target
-    mean = p.mean if above else 1.0 - p.mean  # the upper bound on x is a lower bound on 1 - x
+    above = mean_x > target
+    mean = mean_x if above else 1.0 - mean_x  # the upper bound on x is a lower bound on 1 - x
     goal = target if above else 1.0 - target
     sums = cs._lo if above else cs._hi
     var = max(var, 1e-6)
-    growth = [lam * mean - lam * lam * var / 2 if lam * mean <= CLIP else -math.inf for lam in cs.grid]
+    growth = [lam * mean - lam * lam * var / 2 if lam * mean <= CLIP else -1e9 for lam in cs.grid]
 
     def clears(m: int) -> bool:
-        n = cs.n + m
-        return max((s + m * g - cs.threshold) / (lam * n) for s, g, lam in zip(sums, growth, cs.grid, strict=True)) > goal
+        projected = [s + m * g for s, g in zip(sums, growth, strict=True)]
+        return _log_mixture(projected, cs.log_w, cs.grid, cs.n + m, goal) > cs.log_level
 
     hi = 1
     while not clears(hi):
@@ -208,10 +259,10 @@ def non_inferiority(xs: Sequence[float], threshold: float, *, margin: float, alp
     cs = ConfidenceSequence(alpha)
     verdict, decided_at = "inconclusive", None
     for x in xs:
-        p = cs.update(x)
-        now = "non_inferior" if p.lo > threshold else "inferior" if p.hi < threshold else "inconclusive"
+        cs.update(x)
+        now = "non_inferior" if cs.above(threshold) else "inferior" if cs.below(threshold) else "inconclusive"
         if now != verdict:
-            verdict, decided_at = now, (p.n if now != "inconclusive" else None)
+            verdict, decided_at = now, (cs.n if now != "inconclusive" else None)
     last = cs.point()
     needed = 0 if decided_at else items_needed(cs, _variance(xs), threshold)
     return Verdict(verdict, margin, threshold, last.n, last.mean, last.lo, last.hi, decided_at, metric, "anytime", None, needed)

@@ -32,6 +32,7 @@ def gw(make_gateway: Callable[[dict[str, Any]], RunningGateway], fake_openai: Fa
         priced("claude", fake_anthropic.url, "claude-up", 0.0, OUT, protocol="anthropic",
                dep={"default_max_tokens": 300}),
         priced("gemini", fake_gemini.url, "gemini-up", 0.0, OUT, 700, protocol="gemini"),
+        priced("free", fake_openai.url, "up-free", 0.0, 0.0, 700),  # type: ignore[attr-defined]
     ]})
 
 
@@ -102,3 +103,14 @@ def test_bad_caps_are_a_400(gw: RunningGateway, fake_openai: FakeOpenAI, field: 
         oai(gw, k["key"]).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
                                                   **{field: value})
     assert field in e.value.message and fake_openai.requests == []
+
+
+def test_a_free_deployment_gets_no_default_cap(gw: RunningGateway, fake_openai: FakeOpenAI) -> None:
+    """Self-hosted (price 0): no money to protect, and vLLM refuses a cap above the context left."""
+    c = oai(gw, MASTER)
+    c.chat.completions.create(model="free", messages=[{"role": "user", "content": "hi"}])
+    sent = fake_openai.requests[-1]
+    assert "max_tokens" not in sent and "max_completion_tokens" not in sent
+    c.chat.completions.create(model="free", messages=[{"role": "user", "content": "hi"}], max_tokens=9)
+    sent = fake_openai.requests[-1]
+    assert sent["max_tokens"] == 9 and sent["max_completion_tokens"] == 9

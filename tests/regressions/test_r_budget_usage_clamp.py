@@ -6,6 +6,7 @@ more tokens than the cap sent or the bytes received; a prompt, more than its req
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -67,3 +68,18 @@ def test_reported_tokens_rule() -> None:
     assert reported_tokens(-1) is None and reported_tokens("x") is None and reported_tokens(True) is None
     assert reported_tokens(None) is None and reported_tokens(float("inf")) is None
     assert reported_tokens(3e9) == MAX_TOKENS and reported_tokens(2**200) == MAX_TOKENS
+
+
+@pytest.mark.skipif(not os.environ.get("KAIYUAN_TEST_POSTGRES_URL"), reason="set KAIYUAN_TEST_POSTGRES_URL")
+def test_postgres_ledger_takes_the_row_and_the_next(make_gateway: Callable[[dict[str, Any]], RunningGateway],
+                                                   fake_openai: FakeOpenAI) -> None:
+    """The original failure: a PostgreSQL integer column refused 3e9 and the batch was retried forever."""
+    gw = make_gateway({"server": {"master_key": MASTER}, "store": {"url": os.environ["KAIYUAN_TEST_POSTGRES_URL"]},
+                       "models": [priced("m", fake_openai.url, "up-m", IN, OUT)]})  # type: ignore[attr-defined]
+    k = new_key(gw, budgets=[{"period": "day", "limit_usd": 10}])
+    fake_openai.next(Behaviour(usage={"completion_tokens": 3e9, "prompt_tokens": 2**63}))
+    c = oai(gw, k["key"])
+    c.chat.completions.create(model="m", messages=MSGS, max_tokens=50)
+    c.chat.completions.create(model="m", messages=MSGS, max_tokens=50)
+    rows = ledger(gw, k["id"])
+    assert len(rows) == 2 and rows[0]["completion_tokens"] == 50 and rows[0]["prompt_tokens"] < 100

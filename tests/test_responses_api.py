@@ -104,8 +104,13 @@ def test_state_survives_the_write_behind(rgw: RunningGateway) -> None:
 
     rt = next(r.app[RUNTIME_KEY] for r in rgw.servers._runners if r.app is not None and RUNTIME_KEY in r.app
               and r.app[RUNTIME_KEY].gw is rgw.gateway)
-    rgw.servers.call(rt.store.flush())
+    import time
+
+    deadline = time.monotonic() + 10  # the background writer takes it (woken by the put, one batch later)
+    while rt.store.pending and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not rt.store.pending
+    assert rgw.servers.call(rt.store.get(r1.id, None)) is not None  # now read back from the database
     r2 = c.responses.create(model="fake-chat", input="second", previous_response_id=r1.id)
     assert r2.output_text == "echo: second"
     assert c.responses.retrieve(r1.id).output_text == "echo: first"

@@ -76,6 +76,7 @@ class ResponseStore:
         self.retention_s = settings.retention_days * 86400
         self.pending: OrderedDict[str, Stored] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
         self._last_purge = 0.0
         self.dropped = 0
 
@@ -94,11 +95,15 @@ class ResponseStore:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.flush_interval_s)
+            await self._wake.wait()  # idle until something is pending: no wake-ups on a quiet gateway
+            await asyncio.sleep(self.settings.flush_interval_s)  # then gather a batch
+            self._wake.clear()
             try:
                 await self.flush()
             except Exception:  # the database is down: rows stay pending (bounded) and are retried
                 log.exception("writing stored responses failed; %d pending", len(self.pending))
+            if self.pending:
+                self._wake.set()
 
     async def flush(self) -> None:
         if self.engine is None or not self.pending:
@@ -135,6 +140,7 @@ class ResponseStore:
         items = scrubbed(input_items)  # only what is new is scrubbed: the cost does not grow with the conversation
         self.pending[resp_id] = Stored(resp_id, key_id, now, now + self.retention_s, model, scrubbed(response),
                                        items, history + items + scrubbed(output))
+        self._wake.set()
         return True
 
     async def get(self, resp_id: str, key_id: str | None, wait_for_peers: bool = True) -> Stored | None:

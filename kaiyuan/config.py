@@ -299,6 +299,30 @@ class ModelConfig(_Strict):
         return self
 
 
+def deployment_arms(models: list[ModelConfig], trials: list[TrialConfig]) -> list[ModelConfig]:
+    """Trial arms that name one deployment of a model, ``MODEL@DEPLOYMENT_ID`` (compare hosts or
+    quantizations of one model), as models of their own: that deployment only, the model's
+    settings, no fallback to other models (an arm's answers are that host's answers)."""
+    by_name = {m.name: m for m in models}
+    out: list[ModelConfig] = []
+    for i, t in enumerate(trials):
+        for path, arm in t.models_used():
+            if arm in by_name or "@" not in arm:
+                continue
+            base, dep_id = arm.split("@", 1)
+            m = by_name.get(base)
+            if m is None:
+                continue  # check_trial_models names the unknown model
+            deps = [d for d in m.deployments if d.id == dep_id]
+            if not deps:
+                ids = ", ".join(str(d.id) for d in m.deployments)
+                raise ValueError(f"trials[{i}].{path}: model {base!r} has no deployment {dep_id!r}; its deployment ids: {ids}")
+            routing = m.routing.model_copy(update={"fallbacks": [], "context_window_fallbacks": [], "content_policy_fallbacks": []})
+            by_name[arm] = m.model_copy(update={"name": arm, "deployments": deps, "routing": routing})
+            out.append(by_name[arm])
+    return out
+
+
 class ServerSettings(_Strict):
     host: str = DEFAULT_HOST
     port: int = Field(DEFAULT_PORT, ge=0, le=65535)
@@ -386,6 +410,7 @@ class GatewayConfig(_Strict):
 
     @model_validator(mode="after")
     def _trial_models(self) -> GatewayConfig:
+        self.models.extend(deployment_arms(self.models, self.trials))
         check_trial_models(self.trials, {m.name for m in self.models})
         return self
 

@@ -1,7 +1,8 @@
 """Offline trial input: a JSONL dataset, or requests replayed from the request log.
 
 Each line is one JSON object: either a chat request (``{"messages": [...]}``) or
-``{"id": ..., "request": {...}, "reference": ..., "schema": ..., "tool_call": ...}``. Extra keys
+``{"id": ..., "request": {...}, "reference": ..., "schema": ..., "tool_call": ..., "trace": ...}``
+(``trace``: a multi-turn agent conversation, see :mod:`kaiyuan.trials.agent`). Extra keys
 are kept on the item for scorers. A bad line fails the load with its line number.
 """
 
@@ -17,7 +18,7 @@ from sqlalchemy import Engine, select
 
 from kaiyuan.store.schema import request_log
 
-ITEM_KEYS = ("id", "request", "reference", "schema", "tool_call", "pattern", "policy")
+ITEM_KEYS = ("id", "request", "reference", "schema", "tool_call", "pattern", "policy", "trace")
 
 
 class DatasetError(ValueError):
@@ -56,6 +57,13 @@ def parse_line(obj: Any, where: str, index: int) -> Item:
     msgs = req.get("messages")
     if not (isinstance(msgs, list) and msgs):
         raise DatasetError(f"{where}: the request needs a non-empty 'messages' list")
+    if "trace" in meta:
+        from kaiyuan.trials.agent import TraceError, parse_trace
+
+        try:
+            parse_trace(meta["trace"])
+        except TraceError as e:
+            raise DatasetError(f"{where}: {e}") from None
     return Item(str(obj.get("id", index)), req, meta)
 
 

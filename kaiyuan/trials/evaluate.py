@@ -91,10 +91,11 @@ def build_scorers(trial: TrialConfig) -> dict[str, Scorer]:
 
 
 def _text(a: Answer) -> str:
+    steps = "".join(f"[step {i}] {s}\n" for i, s in enumerate(a.steps, start=1))
     if a.tool_calls:
         calls = "; ".join(f"{c.get('name')}({c.get('arguments')})" for c in a.tool_calls)
-        return (a.text + "\n" if a.text else "") + f"[tool calls] {calls}"
-    return a.text
+        return steps + (a.text + "\n" if a.text else "") + f"[tool calls] {calls}"
+    return steps + a.text
 
 
 async def evaluate(

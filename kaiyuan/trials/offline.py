@@ -17,6 +17,7 @@ from sqlalchemy import select, update
 
 from kaiyuan.config import GatewayConfig
 from kaiyuan.store.schema import request_log, trial_result
+from kaiyuan.trials.agent import parse_trace, replay
 from kaiyuan.trials.dataset import Item, replay_order
 from kaiyuan.trials.evaluate import CallOutcome, build_scorers, evaluate, price_of, usage_tokens
 from kaiyuan.trials.models import REPLAY_HEADER, TrialConfig
@@ -99,6 +100,17 @@ def _policy_allows(config: GatewayConfig | None, model: str, policy: str | None)
     return any(permits(policy, d.tags) for d in m.deployments)
 
 
+async def _call(client: GatewayClient, model: str, item: Item, policy: str | None) -> tuple[CallOutcome, Any]:
+    """One call, or, for an agent trace, the whole conversation (its final answer is scored)."""
+    if "trace" not in item.meta:
+        return await client.chat(model, item.request, policy)
+
+    async def chat(request: dict[str, Any]) -> CallOutcome:
+        return (await client.chat(model, request, policy))[0]
+
+    return await replay(chat, item.request, parse_trace(item.meta["trace"])), None
+
+
 async def run_offline(
     trial: TrialConfig,
     items: list[Item],
@@ -134,7 +146,7 @@ async def run_offline(
             policy = item.meta.get("policy")
             cands = [c for c in trial.candidates if _policy_allows(config, c, policy)]
             summary.skipped_policy += len(trial.candidates) - len(cands)
-            calls = [client.chat(trial.incumbent, item.request, policy)] + [client.chat(c, item.request, policy) for c in cands]
+            calls = [_call(client, m, item, policy) for m in (trial.incumbent, *cands)]
             outs = await asyncio.gather(*calls)
             inc = outs[0][0]
             ledger: list[tuple[str, str, float]] = []

@@ -26,6 +26,7 @@ ENTRY_POINT_GROUP = "kaiyuan.scorers"
 class Answer:
     text: str = ""
     tool_calls: list[dict[str, Any]] = field(default_factory=list)  # [{"name":..., "arguments": str}]
+    steps: list[str] = field(default_factory=list)  # agent traces: the tool calls made before this final answer
 
 
 Scorer = Callable[[Answer, dict[str, Any]], "float | None"]

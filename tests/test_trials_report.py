@@ -40,3 +40,49 @@ def test_text_report() -> None:
     assert "VERDICT (judge_score, margin 0.05): INCONCLUSIVE" in text
     assert "win   0.500  95% CI [0.100, 0.900]" in text
     assert "projected monthly: $2.00 -> $0.20 (saves $1.80, 90.0%)" in text
+
+
+def test_reports_show_order_items_needed_guard_actions_and_after_promotion() -> None:
+    rep = _rep()
+    rep["order"] = {"order": "shuffled", "seed": 7}
+    rep["by_candidate"][0]["verdict"].update({"items_needed": 140, "method": "anytime", "n": 3})
+    rep["after_promotion"] = {"results": 9, "error_rate": 0.5, "p95_ms": 12.0, "judged": 0, "loss_rate": None}
+    rep["guard"] = {"max_error_rate": 0.2, "max_loss_rate": None, "max_p95_ms": None, "min_results": 5}
+    rep["routing"] = [{"ts": 0.0, "action": "rollback", "candidate": "b<x>", "step_s": 0, "actor": "guard",
+                       "note": "guard: error rate 0.500 <wholly> above", "steps": [0.0]}]
+    text = render_text(rep)
+    assert "replay order: seeded random, seed 7" in text
+    assert "probably needs about 140 more results" in text
+    assert "after promotion: 9 answers, error rate 0.500" in text and "guard: rolls back when max_error_rate > 0.2" in text
+    assert "AUTOMATIC rollback of b<x> at 1970-01-01 00:00:00 UTC: guard: error rate 0.500" in text
+    page = render_html(rep)
+    assert "seeded random order (seed 7)" in page and "probably needs about 140 more results" in page
+    assert "After promotion" in page and "by guard: guard: error rate 0.500 &lt;wholly&gt; above" in page
+    rep["order"] = {"order": "dataset", "seed": None}
+    rep["by_candidate"][0]["verdict"].update({"method": "fixed_horizon", "planned_n": 400, "items_needed": 397})
+    text = render_text(rep)
+    assert "the verdict covers the items replayed so far" in text
+    assert "fixed-horizon CI (planned n=400)" in text and "read once the planned 400 results are in (397 to go)" in text
+
+
+def test_progress_bar_goes_to_stderr_only_when_asked_or_on_a_terminal() -> None:
+    import io
+
+    from kaiyuan.trials.progress import Progress
+
+    quiet = io.StringIO()
+    p = Progress(2, "numeric", stream=quiet)  # a StringIO is not a terminal
+    p.observe({"scores": '{"numeric": {"incumbent": 1.0, "candidate": 0.0}}'})
+    p.item_done(0.5)
+    p.close()
+    assert quiet.getvalue() == ""
+    loud = io.StringIO()
+    p = Progress(2, "judge", stream=loud, enabled=True, every_s=0)
+    p.observe({"judge_score": 0.75})
+    p.item_done(0.0123)
+    p.observe({"judge_score": None})  # not judged: not in the estimate
+    p.item_done(0.02)
+    p.close()
+    out = loud.getvalue()
+    assert "1/2 items" in out and "2/2 items" in out and "$0.0200" in out and "judge score 0.750 (n=1)" in out
+    assert "items/s" in out and out.endswith("\n")

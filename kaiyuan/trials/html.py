@@ -155,6 +155,11 @@ def render_html(rep: dict[str, Any]) -> str:
             f"{_e(_order_text(rep.get('order') or {}))}.</p>",
             f"<p>Trial spend ${spend['total_usd']:.4f}" + (f" of a ${cap:.2f} cap" if cap is not None else "") + ".</p>"]
     body += [_candidate_section(c) for c in rep["by_candidate"]]
+    a = rep.get("after_promotion")
+    if a:
+        body.append(f"<h2>After promotion</h2><p>{a['results']} answers; error rate {a['error_rate']:.3f}; "
+                    f"p95 {_num(a.get('p95_ms'), '.1f')} ms; judged loss rate {_num(a.get('loss_rate'))} "
+                    f"({a['judged']} judged).</p>")
     if rep.get("routing"):
         body.append("<h2>Routing history</h2><ul>" + "".join(
             f"<li>{_e(r['action'])} → {_e(r['candidate'])} steps {_e(r['steps'])} by {_e(r.get('actor'))}"

@@ -45,6 +45,11 @@ def test_a_stream_past_the_cap_is_cut_and_the_upstream_closed(gw: RunningGateway
     usage = chunks[-1].usage
     assert usage is not None and usage.completion_tokens == 6  # counted: the 6th token is where it was cut
     gw.settle()
+    import time
+
+    deadline = time.monotonic() + 5  # the fake sees the closed connection at its next write (20 ms on, or later under load)
+    while fake_openai.cancelled == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert fake_openai.cancelled == 1  # the upstream request was closed mid-generation
     [row] = ledger(gw, k["id"])
     assert row["completion_tokens"] == 6

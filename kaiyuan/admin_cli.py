@@ -132,6 +132,7 @@ def keys_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--user")
     c.add_argument("--budget", action="append", type=budget_spec, default=[], help="period=USD, e.g. month=50 (repeatable)")
     c.add_argument("--expires-in", type=duration_s, help="e.g. 30d")
+    c.add_argument("--admin", action="store_true", help="admin-scoped: may use the admin API and the /ui console as an admin")
     _limit_args(c)
     ls = sub.add_parser("list")
     ls.add_argument("--team")
@@ -152,6 +153,8 @@ def keys_run(a: argparse.Namespace) -> int:
         body = {"name": a.name, "team_id": a.team, "user_id": a.user, "budgets": a.budget, **_limits(a)}
         if a.expires_in:
             body["expires_in_s"] = a.expires_in
+        if a.admin:
+            body["admin"] = True
         return _do(a, "POST", "/admin/keys", body)
     if a.action == "list":
         return _do(a, "GET", "/admin/keys", query={"team_id": a.team})

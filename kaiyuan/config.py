@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kaiyuan.console.settings import ConsoleSettings
 from kaiyuan.routing.settings import RoutingSettings, check_routing
 from kaiyuan.trials.models import TrialConfig, check_trial_models
 
@@ -407,6 +408,7 @@ class GatewayConfig(_Strict):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     models: list[ModelConfig] = Field(default_factory=list)
     trials: list[TrialConfig] = Field(default_factory=list, description="see docs/trials.md")
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings, description="the /ui web console, see docs/console.md")
 
     @model_validator(mode="after")
     def _trial_models(self) -> GatewayConfig:

@@ -57,11 +57,16 @@ def chat(gw: RunningGateway, key: str, text: str = "hello there", model: str = "
 # -- auth and the admin API ------------------------------------------------------------------------
 def test_admin_requires_the_master_key(kgw: RunningGateway) -> None:
     r = admin(kgw, "GET", "/admin/keys", key="wrong")
-    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_master_key"
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     r = admin(kgw, "GET", "/admin/keys", key=None)
     assert r.status_code == 401 and "master key" in r.json()["error"]["message"]
-    key = new_key(kgw)["key"]
-    assert admin(kgw, "GET", "/admin/keys", key=key).status_code == 401  # a virtual key is not an admin key
+    made = new_key(kgw)
+    key = made["key"]
+    r = admin(kgw, "GET", "/admin/teams", key=key)  # a virtual key is not an admin key
+    assert r.status_code == 403 and r.json()["error"]["code"] == "admin_required"
+    assert admin(kgw, "POST", "/admin/keys", {"name": "x"}, key=key).status_code == 403
+    mine = admin(kgw, "GET", "/admin/keys", key=key).json()["data"]  # it may read its own (team's) keys
+    assert [k["id"] for k in mine] == [made["id"]]
 
 
 def test_key_is_shown_once_and_stored_as_a_hash(kgw: RunningGateway) -> None:

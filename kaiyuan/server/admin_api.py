@@ -1,14 +1,14 @@
 """The admin REST API under /admin: teams, users, keys, budgets, spend, prices.
 
-Every route needs the master key (``server.master_key``) as a bearer token; with no master key
-configured the admin API is off (403). Input is validated with pydantic; every error is a JSON
+Every route follows one rule (:func:`kaiyuan.console.access.authorize`): the master key, an
+admin-scoped key or an admin's console session; a few read routes also serve a team's key or
+session, limited to its own team. With no master key configured the admin API is off (403). Input is validated with pydantic; every error is a JSON
 ``{"error": {...}}`` with a status that means what it says. Each change is one transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -21,10 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from kaiyuan.accounting import keystore, reports
 from kaiyuan.accounting.guard import KeyGuard
 from kaiyuan.accounting.keystore import Budget, StoreError
+from kaiyuan.console.access import VIEWER, Viewer, authorize
 from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
-from kaiyuan.guard import bearer_token
 from kaiyuan.server.common import JSON_CT, error_response, read_body
 from kaiyuan.server.openai_api import GATEWAY_KEY
 
@@ -64,6 +64,7 @@ class BudgetSpec(_In):
 
 class KeyIn(Limits):
     name: str = Field(..., min_length=1, max_length=200)
+    admin: bool = Field(False, description="admin-scoped: may use the admin API and the console as an admin")
     team_id: str | None = None
     user_id: str | None = None
     expires_at: datetime | float | None = Field(None, description="ISO 8601 or unix seconds")
@@ -107,20 +108,12 @@ def _err(status: int, message: str, code: str, param: str | None = None) -> Gate
     return GatewayError(kind, message, status=status, code=code, param=param)
 
 
-def admin(handler: Handler) -> Handler:
-    """Master-key check, input/store errors -> JSON errors."""
+def admin(handler: Handler, *, team_ok: bool = False) -> Handler:
+    """The one admin rule (kaiyuan.console.access.authorize); input/store errors -> JSON errors."""
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        gw = request.app[GATEWAY_KEY]
         try:
-            master = gw.config.server.master_key
-            if master is None or gw.engine is None:
-                raise _err(403, "the admin API is off: set server.master_key (and a store) in the config", "admin_disabled")
-            token = bearer_token(request.headers)
-            if token is None:
-                raise _err(401, "the admin API needs the master key: 'Authorization: Bearer <master key>'", "missing_api_key")
-            if not hmac.compare_digest(token.encode(), master.encode()):
-                raise _err(401, "invalid master key", "invalid_master_key")
+            await authorize(request, team_ok=team_ok)
             return await handler(request)
         except GatewayError as e:
             return error_response(e, oai.error_body)
@@ -131,6 +124,11 @@ def admin(handler: Handler) -> Handler:
             return error_response(_err(400, "invalid input: " + "; ".join(parts), "invalid_input"), oai.error_body)
 
     return wrapped
+
+
+def team_readable(handler: Handler) -> Handler:
+    """An admin route that a team's key or console session may also read (its own team's rows only)."""
+    return admin(handler, team_ok=True)
 
 
 async def _body(request: web.Request, model: type[_In]) -> Any:
@@ -262,10 +260,16 @@ async def create_key(request: web.Request) -> web.StreamResponse:
     return _json(out, 201)
 
 
-@admin
+@team_readable
 async def list_keys(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
-    data = await _run(keystore.list_keys, gw.engine, request.query.get("team_id"))
+    viewer: Viewer = request[VIEWER]
+    if viewer.is_admin:
+        data = await _run(keystore.list_keys, gw.engine, request.query.get("team_id"))
+    elif viewer.team_id is not None:
+        data = await _run(keystore.list_keys, gw.engine, viewer.team_id)
+    else:
+        data = [k for k in await _run(keystore.list_keys, gw.engine, None) if k["id"] == viewer.key_id]
     return _json({"object": "list", "data": data})
 
 

@@ -28,9 +28,11 @@ RouteInstaller = Callable[[web.Application], None]
 # Other API families (Anthropic, admin, ...) register here; each installs its own routes.
 EXTRA_ROUTES: list[RouteInstaller] = []
 
+from kaiyuan.console.install import install as install_console  # noqa: E402  (the /ui console and its data)
 from kaiyuan.server import admin_api  # noqa: E402  (the admin API: keys, teams, budgets, spend)
 
 EXTRA_ROUTES.append(admin_api.add_routes)
+EXTRA_ROUTES.append(install_console)
 EXTRA_ROUTES.append(anthropic_api.add_routes)
 EXTRA_ROUTES.append(responses_api.add_routes)
 ERROR_SHAPES.append(("/v1/messages", anth.error_body))

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    false,
+)
 
 metadata = MetaData()
 
@@ -38,6 +51,8 @@ request_log = Table(
 Index("ix_request_log_ts", request_log.c.ts)
 Index("ix_request_log_key_ts", request_log.c.key_id, request_log.c.ts)
 Index("ix_request_log_model_ts", request_log.c.model, request_log.c.ts)
+Index("ix_request_log_team_ts", request_log.c.team_id, request_log.c.ts)
+Index("ix_request_log_status_ts", request_log.c.status, request_log.c.ts)
 
 # -- keys, teams, budgets, spend (revision 0002) ---------------------------------------------------
 # Lists (allowed_models) are stored as JSON text; NULL means "no restriction / no limit".
@@ -86,6 +101,8 @@ api_keys = Table(
     Column("revoked_at", Float, nullable=True),
     Column("rotated_at", Float, nullable=True),
     Column("version", Integer, nullable=False, default=1, doc="bumped on every change (rotation compare-and-set)"),
+    Column("admin", Boolean, nullable=False, default=False, server_default=false(),
+           doc="admin-scoped: may use the admin API and the console as an admin (revision 0005)"),
 )
 Index("ix_api_keys_team", api_keys.c.team_id)
 
@@ -185,7 +202,40 @@ trial_routing = Table(
 )
 Index("ix_trial_routing_trial", trial_routing.c.trial, trial_routing.c.id)
 
-# -- stored Responses API responses (revision 0005) -----------------------------------------------
+# -- console rollups (migration 0005) --------------------------------------------------------------
+# NULL dimensions are stored as "" so that they can be part of the primary key.
+usage_hourly = Table(
+    "usage_hourly",
+    metadata,
+    Column("hour", BigInteger, nullable=False, doc="unix hour: floor(ts / 3600)"),
+    Column("model", String(200), nullable=False),
+    Column("deployment", String(300), nullable=False),
+    Column("team_id", String(64), nullable=False),
+    Column("key_id", String(64), nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("requests", BigInteger, nullable=False),
+    Column("prompt_tokens", BigInteger, nullable=False),
+    Column("completion_tokens", BigInteger, nullable=False),
+    Column("cached_tokens", BigInteger, nullable=False),
+    Column("cost_usd", Float, nullable=False, doc="sum over requests with a known cost"),
+    Column("cost_unknown", BigInteger, nullable=False, doc="answered requests (status < 400) whose cost is unknown (no price)"),
+    Column("priced_prompt_tokens", BigInteger, nullable=False, doc="tokens of the requests with a known cost (for savings)"),
+    Column("priced_completion_tokens", BigInteger, nullable=False),
+    Column("priced_cached_tokens", BigInteger, nullable=False),
+    Column("latency_hist", Text, nullable=False, doc="JSON {bucket: count}, see kaiyuan.console.histogram"),
+    Column("ttft_hist", Text, nullable=False),
+    PrimaryKeyConstraint("hour", "model", "deployment", "team_id", "key_id", "status"),
+)
+Index("ix_usage_hourly_team_hour", usage_hourly.c.team_id, usage_hourly.c.hour)
+
+rollup_hours = Table(
+    "rollup_hours",
+    metadata,
+    Column("hour", BigInteger, primary_key=True, doc="an hour whose request-log rows are in usage_hourly"),
+    Column("rows", BigInteger, nullable=False),
+)
+
+# -- stored Responses API responses (revision 0006) -----------------------------------------------
 # One row per response made with store: true, scoped to the key that made it. ``history`` is the
 # whole conversation up to and including this response's output (Responses items, JSON), so that
 # ``previous_response_id`` costs one read, not a walk up the chain.

@@ -1,21 +1,20 @@
 """Wires trials into the gateway (hooks, background loop) and serves the admin API under /admin/trials.
 
-The admin API needs the master key (``Authorization: Bearer``) when ``server.master_key`` is set.
+The admin API follows the one admin rule (:func:`kaiyuan.console.access.authorize`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 from typing import Any
 
 import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
+from kaiyuan.console.access import VIEWER, authorize
 from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
-from kaiyuan.guard import bearer_token
 from kaiyuan.server.app import EXTRA_ROUTES
 from kaiyuan.server.common import JSON_CT, error_response, read_body
 from kaiyuan.server.openai_api import GATEWAY_KEY
@@ -33,15 +32,9 @@ def _err(kind: ErrorKind, msg: str, **kw: Any) -> web.Response:
     return error_response(GatewayError(kind, msg, **kw), oai.error_body)
 
 
-def _authorised(request: web.Request) -> web.Response | None:
-    key = request.app[GATEWAY_KEY].config.server.master_key
-    if key is None:
-        return None
-    token = bearer_token(request.headers)
-    if token is None or not hmac.compare_digest(token.encode(), key.encode()):
-        return _err(ErrorKind.AUTHENTICATION, "the admin API needs the master key: 'Authorization: Bearer <master key>'",
-                    code="invalid_api_key")
-    return None
+def _actor(request: web.Request) -> str:
+    v = request.get(VIEWER)
+    return f"{v.via}:{v.name}"[:200] if v is not None else "admin-api"
 
 
 def _rt(request: web.Request) -> TrialsRuntime:
@@ -71,10 +64,9 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 def admin(handler: Any) -> Any:
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        denied = _authorised(request)
-        if denied is not None:
-            return denied
         try:
+            if request.app[GATEWAY_KEY].config.server.master_key is not None:  # open without one, as before
+                await authorize(request)
             return await handler(request)
         except GatewayError as e:
             return error_response(e, oai.error_body)
@@ -179,7 +171,7 @@ async def promote(request: web.Request) -> web.Response:
         raise GatewayError(ErrorKind.NO_DEPLOYMENT, "promote needs a database (store.url)")
     store = rt.store
     await asyncio.to_thread(store.record_routing, t.name, "promote", t.incumbent, cand, [float(x) for x in steps],
-                            float(step_s), "admin-api", body.get("note"))
+                            float(step_s), _actor(request), body.get("note"))
     rt.apply_routing(await asyncio.to_thread(store.routing_states))
     return _json({"trial": t.name, "action": "promote", "candidate": cand, "share_now": rt.overrides[t.incumbent].share()})
 
@@ -191,7 +183,7 @@ async def rollback(request: web.Request) -> web.Response:
     if rt.store is None:
         raise GatewayError(ErrorKind.NO_DEPLOYMENT, "rollback needs a database (store.url)")
     store = rt.store
-    await asyncio.to_thread(store.record_routing, t.name, "rollback", t.incumbent, t.candidates[0], [0.0], 0.0, "admin-api", None)
+    await asyncio.to_thread(store.record_routing, t.name, "rollback", t.incumbent, t.candidates[0], [0.0], 0.0, _actor(request), None)
     rt.apply_routing(await asyncio.to_thread(store.routing_states))
     return _json({"trial": t.name, "action": "rollback"})
 

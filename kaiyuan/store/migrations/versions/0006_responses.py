@@ -1,15 +1,15 @@
 """Stored Responses API responses (previous_response_id, GET/DELETE /v1/responses/{id}) and the
 gateway's generated secrets (the reasoning seal key when none is configured).
 
-Revision ID: 0005
-Revises: 0002
+Revision ID: 0006
+Revises: 0005
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005"
-down_revision = "0002"
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 

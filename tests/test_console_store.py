@@ -1,0 +1,128 @@
+"""The console's rollup and reads on SQLite and (when available) PostgreSQL: sums equal the log's.
+
+Also: the rollup is idempotent (two passes, two replicas at once, a rebuild never double count),
+open hours are summed again on every pass, and a team scope filters every read.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy import func, insert, select
+
+from bench.console_seed import MODELS, TEAMS, seed
+from kaiyuan.config import parse_config
+from kaiyuan.console import data, rollup
+from kaiyuan.store.db import open_store
+from kaiyuan.store.schema import request_log, rollup_hours, usage_hourly
+from tests.test_store import db_url  # noqa: F401  (the sqlite / postgres fixture)
+
+NOW = 1_790_000_000.0 + 1800  # a fixed half past the hour
+
+
+def _cat() -> data.Catalogue:
+    models = [{"name": m, "deployments": [{"provider": "openai_compatible", "base_url": "http://h/v1", "model": m, "id": d,
+                                           "price": {"input": pin, "output": pout}}]} for m, d, pin, pout, _ in MODELS]
+    return data.Catalogue(parse_config({"console": {"reference_model": "gpt-4o"}, "models": models}, "<t>"))
+
+
+def _log_sums(engine: Any, since: float, team: str | None = None) -> tuple[int, int, float]:
+    t = request_log
+    q = select(func.count(), func.coalesce(func.sum(t.c.prompt_tokens), 0) + func.coalesce(func.sum(t.c.completion_tokens), 0),
+               func.coalesce(func.sum(t.c.cost_usd), 0.0)).where(t.c.ts >= since)
+    if team:
+        q = q.where(t.c.team_id == team)
+    with engine.connect() as c:
+        n, tok, cost = c.execute(q).one()
+    return int(n), int(tok), float(cost)
+
+
+def test_rollup_sums_equal_the_log(db_url: str) -> None:  # noqa: F811
+    engine = open_store(db_url)
+    seed(engine, 2000, NOW, days=3)
+    assert rollup.catch_up(engine, NOW) > 0
+    cat = _cat()
+    for period in ("24h", "7d"):
+        ov = data.overview(engine, cat, data.Scope(), period, NOW)
+        n, tok, cost = _log_sums(engine, ov["since"])
+        assert (ov["totals"]["requests"], ov["totals"]["tokens"]) == (n, tok)
+        assert ov["totals"]["cost_usd"] == pytest.approx(cost, abs=1e-6)
+    team = data.overview(engine, cat, data.Scope(team_id=TEAMS[1]), "7d", NOW)
+    n, tok, _ = _log_sums(engine, team["since"], TEAMS[1])
+    assert (team["totals"]["requests"], team["totals"]["tokens"]) == (n, tok)
+    assert [s["name"] for s in team["shares"]["team"]] == [TEAMS[1]]
+    tr = data.traffic(engine, data.Scope(), "7d", NOW)
+    assert tr["requests"] == data.overview(engine, cat, data.Scope(), "7d", NOW)["totals"]["requests"]
+    page = data.search_requests(engine, data.Scope(team_id=TEAMS[2]), data.LogFilter(status="error", limit=10))
+    assert page["data"] and all(r["team_id"] == TEAMS[2] and r["status"] >= 400 for r in page["data"])
+    older = data.search_requests(engine, data.Scope(), data.LogFilter(limit=5, before=page["data"][-1]["ts"]))
+    assert all(r["ts"] < page["data"][-1]["ts"] for r in older["data"])
+    assert data.request_detail(engine, data.Scope(team_id=TEAMS[0]), page["data"][0]["id"]) is None  # another team's
+    assert data.request_detail(engine, data.Scope(), page["data"][0]["id"]) is not None
+
+
+def test_rollup_never_double_counts(db_url: str) -> None:  # noqa: F811
+    engine = open_store(db_url)
+    seed(engine, 600, NOW, days=1)
+    threads = [threading.Thread(target=rollup.catch_up, args=(engine, NOW)) for _ in range(3)]  # three replicas at once
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    rollup.catch_up(engine, NOW)
+    with engine.connect() as c:
+        rolled = c.execute(select(func.sum(usage_hourly.c.requests))).scalar()
+        marked = c.execute(select(func.count()).select_from(rollup_hours)).scalar()
+    assert int(rolled) == 600
+    assert marked and marked >= 23
+    assert rollup.rebuild(engine, NOW) > 0
+    with engine.connect() as c:
+        assert int(c.execute(select(func.sum(usage_hourly.c.requests))).scalar()) == 600
+
+
+def test_open_hours_are_summed_again_and_closed_ones_are_not(db_url: str) -> None:  # noqa: F811
+    engine = open_store(db_url)
+    seed(engine, 100, NOW, days=1)
+    rollup.catch_up(engine, NOW)
+
+    def add(ts: float) -> None:
+        with engine.begin() as c:
+            c.execute(insert(request_log), [{"id": uuid.uuid4().hex, "ts": ts, "dialect": "openai", "endpoint": "chat",
+                                             "model": "late", "status": 200, "stream": False, "attempts": 1, "cancelled": False,
+                                             "latency_ms": 5.0}])
+
+    add(NOW - 10)  # the open hour
+    add(NOW - 6 * 3600)  # an hour rolled up already: not counted until a rebuild (docs/console.md)
+    rollup.catch_up(engine, NOW)
+    ov = data.overview(engine, _cat(), data.Scope(), "24h", NOW)
+    assert {s["name"]: s["requests"] for s in ov["shares"]["model"]}.get("late") == 1
+    rollup.rebuild(engine, NOW)
+    ov = data.overview(engine, _cat(), data.Scope(), "24h", NOW)
+    assert {s["name"]: s["requests"] for s in ov["shares"]["model"]}.get("late") == 2
+
+
+def test_savings_price_the_priced_tokens_at_the_reference(db_url: str) -> None:  # noqa: F811
+    engine = open_store(db_url)
+    seed(engine, 500, NOW, days=1)
+    rollup.catch_up(engine, NOW)
+    ov = data.overview(engine, _cat(), data.Scope(), "24h", NOW)
+    t = request_log
+    with engine.connect() as c:
+        pt, ct, cached, cost = c.execute(select(func.sum(t.c.prompt_tokens), func.sum(t.c.completion_tokens), func.sum(t.c.cached_tokens),
+                                                func.sum(t.c.cost_usd)).where(t.c.ts >= ov["since"], t.c.cost_usd.is_not(None))).one()
+    ref = ((pt - cached) * 2.5 + cached * 2.5 + ct * 10.0) / 1e6  # gpt-4o at the given price (no cache price: input)
+    sv = ov["savings"]
+    assert sv["reference_usd"] == pytest.approx(ref, rel=1e-9)
+    assert sv["actual_usd"] == pytest.approx(float(cost), abs=1e-6)
+    assert sv["savings_usd"] == pytest.approx(ref - float(cost), abs=1e-6)
+
+
+def test_no_reference_model_says_how_to_set_one(tmp_path: Any) -> None:
+    engine = open_store(f"sqlite:///{tmp_path}/x.db")
+    cat = data.Catalogue(parse_config({"models": []}, "<t>"))
+    sv = data.overview(engine, cat, data.Scope(), "24h", time.time())["savings"]
+    assert not sv["available"] and "console.reference_model" in sv["why"]

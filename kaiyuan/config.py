@@ -174,6 +174,9 @@ class DeploymentBase(_Strict):
         None, description="{input, output, cache_hit, cache_write: per 1M tokens, currency, tiers}; overrides the catalog"
     )
     vendor: str | None = Field(None, description="who bills this deployment (for spend reports); default: guessed")
+    max_output_tokens: int | None = Field(
+        None, gt=0, description="the upstream model's output limit: larger max_tokens are clamped to it; default: "
+                                "price.max_output_tokens, else the price catalog's row")
 
     @field_validator("price", mode="before")
     @classmethod
@@ -256,6 +259,9 @@ class AnthropicDeployment(_HTTPDeployment):
     base_url: str = Field("https://api.anthropic.com", description="without /v1")
     anthropic_version: str = "2023-06-01"
     default_max_tokens: int = Field(4096, gt=0, description="max_tokens for OpenAI callers that send none")
+    mid_conversation_system: bool = Field(
+        True, description="the model takes role 'system' messages inside 'messages' (Claude Opus 4.8 and later); "
+                          "false: they are folded into user turns marked <system>")
 
 
 class GeminiDeployment(_HTTPDeployment):

@@ -38,7 +38,7 @@ class ErrorKind(Enum):
     UPSTREAM_UNREACHABLE = _KindInfo(502, "upstream_unreachable", "api_error")
     NO_DEPLOYMENT = _KindInfo(503, "service_unavailable", "overloaded_error")
     OVERLOADED = _KindInfo(529, "overloaded_error", "overloaded_error")
-    UPSTREAM_TIMEOUT = _KindInfo(504, "timeout", "api_error")
+    UPSTREAM_TIMEOUT = _KindInfo(504, "timeout", "timeout_error")
 
     @property
     def status(self) -> int:
@@ -91,6 +91,34 @@ _STATUS_TO_KIND = {
     429: ErrorKind.RATE_LIMITED,
     529: ErrorKind.OVERLOADED,
 }
+
+
+# The Anthropic error type of each status Anthropic documents: the type follows the status the
+# caller gets, whoever produced the error (the gateway, or an upstream of any protocol).
+ANTHROPIC_TYPE_BY_STATUS = {
+    400: "invalid_request_error", 401: "authentication_error", 402: "billing_error", 403: "permission_error",
+    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+    504: "timeout_error", 529: "overloaded_error",
+}
+# Google's canonical error status (google.rpc.Code) for each HTTP status, for the Gemini dialect.
+GOOGLE_STATUS_BY_STATUS = {
+    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+    405: "UNIMPLEMENTED", 409: "ABORTED", 413: "INVALID_ARGUMENT", 415: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL", 501: "UNIMPLEMENTED", 502: "UNAVAILABLE",
+    503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED", 529: "UNAVAILABLE",
+}
+# Statuses a retry cannot fix: answered with ``x-should-retry: false`` (honoured by the OpenAI and
+# Anthropic SDKs and by Claude Code, which otherwise retries a 401 ten times).
+NO_RETRY_STATUSES = frozenset({400, 401, 402, 403, 404, 405, 413, 415, 422})
+
+
+def anthropic_type(err: GatewayError, upstream_type: str | None = None) -> str:
+    """The Anthropic ``error.type`` for ``err``: from its status; else the upstream's own type; else its kind's."""
+    return ANTHROPIC_TYPE_BY_STATUS.get(err.status) or upstream_type or err.kind.value.anthropic_type
+
+
+def google_status(status: int) -> str:
+    return GOOGLE_STATUS_BY_STATUS.get(status) or ("INVALID_ARGUMENT" if 400 <= status < 500 else "INTERNAL")
 
 
 def kind_for_upstream_status(status: int) -> ErrorKind:

@@ -21,7 +21,8 @@ class Guard(Protocol):
 
 
 def bearer_token(headers: object) -> str | None:
-    """The caller's key, from ``Authorization: Bearer`` (OpenAI SDK) or ``x-api-key`` (Anthropic SDK)."""
+    """The caller's key, from ``Authorization: Bearer`` (OpenAI SDK), ``x-api-key`` (Anthropic SDK) or
+    ``x-goog-api-key`` (Gemini SDKs; the Gemini routes also move a ``?key=`` query parameter there)."""
     get = getattr(headers, "get", None)
     if get is None:
         return None
@@ -31,5 +32,5 @@ def bearer_token(headers: object) -> str | None:
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
         return None
-    key = get("x-api-key")
+    key = get("x-api-key") or get("x-goog-api-key")
     return key.strip() if key else None

@@ -11,6 +11,10 @@ PREFIX="${KAIYUAN_AGENTS_DIR:-.agents}"
 # name@version, one per CLI. Helpers add their CLIs here.
 PACKAGES=(
   "@openai/codex@0.171.0"
+  "@anthropic-ai/claude-code@2.1.332"
+  "@google/gemini-cli@0.61.0"
+  "@qwen-code/qwen-code@0.24.4"
+  "opencode-ai@1.18.33"
 )
 
 if ! command -v npm >/dev/null 2>&1; then

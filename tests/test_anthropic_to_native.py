@@ -23,7 +23,7 @@ def test_pass_through_to_anthropic(native_gateway: RunningGateway, fake_anthropi
     body_extra = {"cache_control": {"type": "ephemeral"}}
     r = client(native_gateway).messages.create(model="claude", max_tokens=30, messages=[{"role": "user", "content": "hi"}],
                                                extra_body=body_extra, extra_headers={"anthropic-beta": "some-beta"})
-    assert r.content[0].text == "echo: hi" and r.model == "claude-up"  # the upstream's own bytes
+    assert r.content[0].text == "echo: hi" and r.model == "claude"  # the public name (docs/translation.md)
     sent = fake_anthropic.requests[-1]
     assert sent == {"max_tokens": 30, "messages": [{"role": "user", "content": "hi"}], "model": "claude-up", **body_extra}
     assert fake_anthropic.headers[-1]["anthropic-beta"] == "some-beta"

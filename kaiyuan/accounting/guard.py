@@ -221,7 +221,7 @@ class KeyGuard:
         if token is None:
             raise GatewayError(
                 ErrorKind.AUTHENTICATION,
-                "missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
+                "missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>'); retrying without a key will not help",
                 code="missing_api_key",
             )
         if hmac.compare_digest(token.encode(), self.master_key.encode()):
@@ -231,13 +231,15 @@ class KeyGuard:
             self.m_denied.labels("invalid_key").inc()
             raise GatewayError(
                 ErrorKind.AUTHENTICATION,
-                "invalid API key: Kaiyuan keys look like 'sk-ky-' followed by 43 characters; ask your admin for one",
+                "invalid API key: this gateway does not accept the key sent (Kaiyuan keys look like 'sk-ky-' followed by 43 "
+                "characters); check the key your client is configured with, or ask your admin for one. Retrying will not help",
                 code="invalid_api_key",
             )
         rec = await self._record(token)
         if rec is None:
             self.m_denied.labels("invalid_key").inc()
-            raise GatewayError(ErrorKind.AUTHENTICATION, "invalid API key (unknown, or replaced by a rotation)", code="invalid_api_key")
+            raise GatewayError(ErrorKind.AUTHENTICATION, "invalid API key: this gateway does not know the key sent (a wrong key, or one replaced by a "
+                                                             "rotation); check the key your client is configured with. Retrying will not help", code="invalid_api_key")
         if rec.revoked_at is not None:
             self.m_denied.labels("revoked").inc()
             raise GatewayError(ErrorKind.AUTHENTICATION, f"API key {rec.key_id} was revoked at {_iso(rec.revoked_at)}", code="key_revoked")

@@ -16,6 +16,9 @@ field its protocol has (``max_tokens`` and ``max_completion_tokens`` for OpenAI-
   cannot use) gets the caller's request unchanged, because servers such as vLLM refuse a cap
   larger than the context left; its reservation still uses the default (for TPM).
 - ``n`` (OpenAI chat/completions) multiplies the output: n completions of up to ``cap`` each.
+- Never above the model's output limit (the deployment's ``max_output_tokens``, else its price's,
+  from config or the catalog): agents ask 32k or 64k of models whose APIs refuse more than their
+  limit, so a larger cap is clamped to it (and so is what is reserved).
 """
 
 from __future__ import annotations
@@ -70,6 +73,9 @@ def asked(body: dict[str, Any], endpoint: str) -> OutputAsk:
         cap = _positive_int(body.get(key))
         if cap is not None:
             break
+    gc = body.get("generationConfig")  # Gemini callers
+    if cap is None and isinstance(gc, dict):
+        cap = _positive_int(gc.get("maxOutputTokens"))
     n = _positive_int(body.get("n")) or 1  # not clamped: an upstream that accepts n=500 bills 500
     effort = body.get("reasoning_effort")
     if effort is None and isinstance(body.get("reasoning"), dict):  # the Responses API's reasoning.effort
@@ -82,11 +88,13 @@ class OutputCaps:
     """Each deployment's default cap, worked out once at start."""
 
     def __init__(self, defaults: dict[str, int], anthropic: frozenset[str],
-                 fields: dict[str, tuple[str, ...]] | None = None, free: frozenset[str] = frozenset()) -> None:
+                 fields: dict[str, tuple[str, ...]] | None = None, free: frozenset[str] = frozenset(),
+                 limits: dict[str, int] | None = None) -> None:
         self.defaults = defaults
         self.anthropic = anthropic  # deployments whose default grows by the thinking budget
         self.fields = fields or {}  # OpenAI-compatible deployments that take one field, not both
         self.free = free  # deployments whose output costs nothing: no default cap is sent to them
+        self.limits = limits or {}  # the model's output limit, where known
 
     @classmethod
     def build(cls, deployments: list[tuple[str, DeploymentBase, int | None, bool]], acc: AccountingSettings) -> OutputCaps:
@@ -96,9 +104,13 @@ class OutputCaps:
         anthropic = set()
         free = set()
         fields: dict[str, tuple[str, ...]] = {}
+        limits: dict[str, int] = {}
         for did, dep, catalog_max, paid in deployments:
             if not paid:
                 free.add(did)
+            limit = dep.max_output_tokens or catalog_max
+            if limit:
+                limits[did] = limit
             if isinstance(dep, OpenAICompatibleDeployment):
                 fields[did] = cap_fields(dep)
             if isinstance(dep, AnthropicDeployment):
@@ -108,12 +120,13 @@ class OutputCaps:
                 defaults[did] = dep.max_tokens_default
             else:
                 defaults[did] = catalog_max or acc.default_max_output_tokens
-        return cls(defaults, frozenset(anthropic), fields, frozenset(free))
+        return cls(defaults, frozenset(anthropic), fields, frozenset(free), limits)
 
     def cap(self, deployment: str, ask: OutputAsk, fallback: int = 8192) -> int:
         """The output cap (per completion) sent to ``deployment`` and reserved for it."""
         if ask.cap is not None:
-            return ask.cap
+            limit = self.limits.get(deployment)
+            return min(ask.cap, limit) if limit else ask.cap
         base = self.defaults.get(deployment, fallback)
         return base + ask.thinking if deployment in self.anthropic else base
 

@@ -95,7 +95,7 @@ def _strings(node: Any, out: list[str], images: list[int]) -> None:
         out.append(node)
     elif isinstance(node, dict):
         t = node.get("type")
-        if t in ("image_url", "image", "input_image", "document"):
+        if t in ("image_url", "image", "input_image", "document") or "inlineData" in node or "fileData" in node:
             images[0] += 1
             return
         for k, v in node.items():
@@ -108,13 +108,14 @@ def _strings(node: Any, out: list[str], images: list[int]) -> None:
 
 
 def count_prompt(model: str, body: dict[str, Any]) -> int:
-    """Prompt tokens of an OpenAI or Anthropic request body (chat, completions, embeddings, messages)."""
+    """Prompt tokens of an OpenAI, Anthropic or Gemini request body (chat, completions, embeddings,
+    messages, generateContent)."""
     count, _ = counter_for(model)
     texts: list[str] = []
     images = [0]
-    messages = body.get("messages")
+    messages = body.get("messages", body.get("contents"))
     n_messages = len(messages) if isinstance(messages, list) else 0
-    for key in ("system", "instructions", "messages", "prompt", "input", "suffix"):
+    for key in ("system", "instructions", "messages", "prompt", "input", "suffix", "contents", "systemInstruction"):
         v = body.get(key)
         if v is not None:
             _strings(v, texts, images)

@@ -14,9 +14,10 @@ import orjson
 
 from kaiyuan.accounting.usage_check import reported_tokens
 from kaiyuan.dialects import canonical as c
-from kaiyuan.errors import ErrorKind, GatewayError, invalid
+from kaiyuan.dialects import context_edits
+from kaiyuan.errors import ErrorKind, GatewayError, anthropic_type, invalid
 
-ROLES = ("user", "assistant")
+ROLES = ("user", "assistant", "system")  # "system": a mid-conversation system message (not first)
 # Every block type the Messages API defines; anything else is a client bug (400).
 KNOWN_BLOCKS = frozenset({
     "text", "image", "document", "tool_use", "tool_result", "thinking", "redacted_thinking", "server_tool_use",
@@ -34,15 +35,14 @@ KNOWN_PARAMS = frozenset({
     "cache_control", "output_config", "output_format", "inference_geo", "speed", "diagnostics", "user_profile_id",
     "workspace_id",
 })
-UNTRANSLATABLE_PARAMS = ("container", "mcp_servers", "context_management")
+UNTRANSLATABLE_PARAMS = ("container", "mcp_servers")
+THINKING_TYPES = ("enabled", "disabled", "adaptive")
 
 
 def error_type(err: GatewayError) -> str:
-    if err.upstream_type in ANTHROPIC_TYPES:
-        return err.upstream_type
-    if err.status == 529:
-        return "overloaded_error"
-    return err.kind.value.anthropic_type
+    """The type follows the status (one table, :func:`kaiyuan.errors.anthropic_type`); an upstream's
+    own Anthropic type is kept only for a status the table does not name."""
+    return anthropic_type(err, err.upstream_type if err.upstream_type in ANTHROPIC_TYPES else None)
 
 
 def error_body(err: GatewayError) -> bytes:
@@ -110,11 +110,15 @@ def validate(body: dict[str, Any]) -> None:
             raise _bad(f"messages.{i}: must be an object with role and content", f"messages.{i}")
         role = m.get("role")
         if role not in ROLES:
-            hint = " (put system prompts in the top-level 'system' parameter)" if role == "system" else ""
-            raise _bad(f"messages.{i}.role: must be 'user' or 'assistant', got {role!r}{hint}", f"messages.{i}.role")
+            raise _bad(f"messages.{i}.role: must be 'user', 'assistant' or 'system', got {role!r}", f"messages.{i}.role")
         if i == 0 and role != "user":
-            raise _bad("messages.0.role: the first message must use the 'user' role", "messages.0.role")
+            hint = " (put the leading system prompt in the top-level 'system' parameter)" if role == "system" else ""
+            raise _bad(f"messages.0.role: the first message must use the 'user' role{hint}", "messages.0.role")
         content = m.get("content")
+        if role == "system":
+            _validate_system_message(content, i)
+            prev_calls = set()
+            continue
         if isinstance(content, str):
             prev_calls = set()
             continue
@@ -146,6 +150,44 @@ def validate(body: dict[str, Any]) -> None:
                     raise _bad(f"{where}: unexpected `tool_use_id` found in `tool_result` blocks: {tid}. Each "
                                "`tool_result` block must have a corresponding `tool_use` block in the previous message.", where)
         prev_calls = calls if role == "assistant" else set()
+
+
+def _validate_system_message(content: Any, i: int) -> None:
+    if isinstance(content, str):
+        return
+    if not isinstance(content, list) or not all(
+            isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str) for b in content):
+        raise _bad(f"messages.{i}.content: a system message holds a string or text blocks only", f"messages.{i}.content")
+
+
+def system_text(content: Any) -> str:
+    """The text of a (validated) system message's content."""
+    return content if isinstance(content, str) else "".join(b["text"] for b in content)
+
+
+def fold_system_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mid-conversation system messages as user-turn text blocks marked as system (for an upstream
+    that does not take ``role: system`` in ``messages``; the API merges consecutive user turns)."""
+    return [{"role": "user", "content": [{"type": "text", "text": c.SYSTEM_MARK.format(system_text(m["content"]))}]}
+            if m.get("role") == "system" else m for m in messages]
+
+
+def thinking_budget(thinking: Any) -> int | None:
+    """``thinking`` -> canonical budget: enabled N -> N, adaptive -> THINKING_ADAPTIVE, disabled -> 0."""
+    if thinking is None:
+        return None
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind not in THINKING_TYPES:
+        raise invalid("thinking.type: must be 'enabled', 'disabled' or 'adaptive'", param="thinking.type")
+    assert isinstance(thinking, dict)
+    if kind == "adaptive":
+        return c.THINKING_ADAPTIVE
+    if kind == "disabled":
+        return 0
+    budget = thinking.get("budget_tokens", 1024)
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise invalid(f"thinking.budget_tokens: must be a whole number >= 1, got {budget!r}", param="thinking.budget_tokens")
+    return budget
 
 
 # -- Anthropic request -> canonical ---------------------------------------------------------------
@@ -217,6 +259,9 @@ def request_to_canonical(body: dict[str, Any]) -> c.Request:
     messages: list[c.Message] = []
     calls: dict[str, str] = {}
     for i, m in enumerate(body["messages"]):
+        if m["role"] == "system":
+            messages.append(c.Message("system", [c.Text(system_text(m["content"]))]))
+            continue
         blocks = _blocks(m["content"], i, calls)
         calls = {b.id: b.name for b in blocks if isinstance(b, c.ToolCall)}
         messages.append(c.Message(m["role"], blocks))
@@ -236,22 +281,22 @@ def request_to_canonical(body: dict[str, Any]) -> c.Request:
         choice = c.ToolChoice(mode, tc.get("name") if mode == "tool" else None)
         if tc.get("disable_parallel_tool_use") is True:
             parallel = False
-    thinking = body.get("thinking")
-    budget = None
-    if isinstance(thinking, dict):
-        budget = int(thinking.get("budget_tokens") or 1024) if thinking.get("type") == "enabled" else 0
+    budget = thinking_budget(body.get("thinking"))
+    edits = context_edits.parse(body.get("context_management"))
     meta = body.get("metadata")
     fmt = (body.get("output_config") or {}).get("format") or body.get("output_format")
     response_format = None
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
         response_format = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt.get("schema") or {}}}
-    return c.Request(
+    req = c.Request(
         model=body["model"], messages=messages, system=system, max_tokens=body["max_tokens"],
         temperature=body.get("temperature"), top_p=body.get("top_p"), top_k=body.get("top_k"),
         stop=list(body.get("stop_sequences") or []), stream=body.get("stream") is True, tools=tools,
         tool_choice=choice, parallel_tool_calls=parallel, thinking_budget=budget, response_format=response_format,
         user=meta.get("user_id") if isinstance(meta, dict) else None,
     )
+    context_edits.apply(edits, req)
+    return req
 
 
 # -- canonical -> Anthropic request (OpenAI callers to Anthropic upstreams) -----------------------
@@ -294,14 +339,19 @@ def request_from_canonical(req: c.Request, model: str, default_max_tokens: int) 
                           code="unsupported_parameter")
     msgs: list[dict[str, Any]] = []
     for m in req.messages:
-        blocks = [o for o in (_block_out(b) for b in m.content) if o is not None]
-        if m.role == "user":  # tool results first, as Anthropic requires
+        role = m.role
+        if role == "system":  # folded into a user turn (see fold_system_messages)
+            role, blocks = "user", [{"type": "text", "text": c.SYSTEM_MARK.format(c.joined_text(m.content))}]
+        else:
+            blocks = [o for o in (_block_out(b) for b in m.content) if o is not None]
+        if role == "user":  # tool results first, as Anthropic requires
             blocks.sort(key=lambda o: o["type"] != "tool_result")
-        if msgs and msgs[-1]["role"] == m.role:
+        if msgs and msgs[-1]["role"] == role:
             msgs[-1]["content"].extend(blocks)
         else:
-            msgs.append({"role": m.role, "content": blocks})
-    max_tokens = req.max_tokens or default_max_tokens + (req.thinking_budget or 0)  # must exceed the budget
+            msgs.append({"role": role, "content": blocks})
+    budget = req.thinking_budget
+    max_tokens = req.max_tokens or default_max_tokens + max(budget or 0, 0)  # must exceed the budget
     body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "messages": msgs}
     system = c.joined_text(req.system)
     rf = req.response_format
@@ -333,9 +383,9 @@ def request_from_canonical(req: c.Request, model: str, default_max_tokens: int) 
             choice["disable_parallel_tool_use"] = True
         if req.tools or choice["type"] == "none":
             body["tool_choice"] = choice
-    if req.thinking_budget is not None:
-        body["thinking"] = ({"type": "enabled", "budget_tokens": req.thinking_budget} if req.thinking_budget
-                            else {"type": "disabled"})
+    if budget is not None:
+        body["thinking"] = ({"type": "adaptive"} if budget == c.THINKING_ADAPTIVE
+                            else {"type": "enabled", "budget_tokens": budget} if budget else {"type": "disabled"})
     if req.stream:
         body["stream"] = True
     return body

@@ -11,7 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Role = Literal["user", "assistant"]
+# "system" is a system message *inside* the conversation (Anthropic's mid-conversation system
+# messages); the leading system prompt stays in Request.system. Each outbound dialect maps it onto
+# its nearest form (see docs/translation.md).
+Role = Literal["user", "assistant", "system"]
+# Request.thinking_budget: None not asked, 0 disabled, > 0 a budget in tokens, THINKING_ADAPTIVE the
+# model decides (Anthropic ``{"type": "adaptive"}``, Gemini ``thinkingBudget: -1``).
+THINKING_ADAPTIVE = -1
+# A mid-conversation system message folded into a user turn, for an upstream with no place for it.
+SYSTEM_MARK = "<system>\n{}\n</system>"
 
 
 @dataclass(slots=True)
@@ -85,7 +93,7 @@ class Request:
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None  # OpenAI shape: {"type": "json_object"|"json_schema", ...}
-    thinking_budget: int | None = None  # None: not asked; 0: disabled
+    thinking_budget: int | None = None  # None: not asked; 0: disabled; THINKING_ADAPTIVE: the model decides
     user: str | None = None
     include_usage: bool = False  # OpenAI stream_options.include_usage
     seed: int | None = None

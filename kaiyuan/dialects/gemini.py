@@ -130,7 +130,14 @@ def request_from_canonical(req: c.Request) -> dict[str, Any]:
         raise invalid("'parallel_tool_calls': false has no equivalent in the Gemini API; remove it",
                       param="parallel_tool_calls", code="unsupported_parameter")
     contents: list[dict[str, Any]] = []
+    system = c.joined_text(req.system)
     for m in req.messages:
+        if m.role == "system":  # mid-conversation: the system instruction before any turn, else a user part
+            text = c.joined_text(m.content)
+            if not contents:
+                system = (system + "\n\n" + text) if system else text
+                continue
+            m = c.Message("user", [c.Text(c.SYSTEM_MARK.format(text))])
         parts = _parts(m)
         if not parts:
             continue
@@ -140,8 +147,8 @@ def request_from_canonical(req: c.Request) -> dict[str, Any]:
         else:
             contents.append({"role": role, "parts": parts})
     body: dict[str, Any] = {"contents": contents}
-    if req.system:
-        body["systemInstruction"] = {"parts": [{"text": c.joined_text(req.system)}]}
+    if system:
+        body["systemInstruction"] = {"parts": [{"text": system}]}
     if req.tools:
         decls = []
         for t in req.tools:
@@ -170,8 +177,9 @@ def request_from_canonical(req: c.Request) -> dict[str, Any]:
         schema = (rf.get("json_schema") or {}).get("schema")
         if schema:
             gc["responseJsonSchema"] = schema
-    if req.thinking_budget is not None:
-        gc["thinkingConfig"] = {"thinkingBudget": req.thinking_budget, "includeThoughts": req.thinking_budget > 0}
+    if req.thinking_budget is not None:  # THINKING_ADAPTIVE is Gemini's -1 (dynamic thinking)
+        budget = req.thinking_budget
+        gc["thinkingConfig"] = {"thinkingBudget": budget, "includeThoughts": budget != 0}
     if gc:
         body["generationConfig"] = gc
     return body

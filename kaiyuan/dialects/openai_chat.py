@@ -210,7 +210,9 @@ def request_from_canonical(req: c.Request, model: str) -> dict[str, Any]:
     if req.system:
         msgs.append({"role": "system", "content": c.joined_text(req.system)})
     for m in req.messages:
-        if m.role == "user":
+        if m.role == "system":  # a mid-conversation system message: in place
+            msgs.append({"role": "system", "content": c.joined_text(m.content)})
+        elif m.role == "user":
             rest: list[c.Text | c.Image] = []
             for b in m.content:
                 if isinstance(b, c.ToolResult):

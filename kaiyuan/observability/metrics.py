@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from kaiyuan.context import RequestContext
 
 UNKNOWN_MODEL = "(unknown)"
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -45,6 +46,11 @@ class Metrics:
             "kaiyuan_request_log_dropped", "Request-log rows dropped because the queue was full", registry=r,
         )
         self.log_written = Counter("kaiyuan_request_log_written", "Request-log rows written", registry=r)
+        self.unknown_routes = Counter(
+            "kaiyuan_unknown_route_requests", "Requests to paths this gateway does not serve (404) or with a method "
+            "it does not take there (405), by method and status; the path is in the request log, never a label",
+            ["method", "status"], registry=r,
+        )
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached: prometheus_client's lookup costs ~2 us a call."""
@@ -80,6 +86,11 @@ class Metrics:
                 self.upstream_errors.labels(model, a.deployment, str(a.status or "transport")).inc()
         if ctx.cancelled:
             self.cancelled.labels(model).inc()
+
+    def unknown_route(self, method: str, status: int) -> None:
+        """Count a request to a route that does not exist; any method outside HTTP's own is OTHER."""
+        m = method if method in HTTP_METHODS else "OTHER"
+        self.child(self.unknown_routes, m, str(status)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -15,6 +15,7 @@ a chunk may have reached the client, nothing is retried.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -45,7 +46,7 @@ MAX_COOLDOWN_S = 300.0
 class _Run:
     """The state of one request's routing."""
 
-    __slots__ = ("build", "ctx", "deadline", "last", "notes", "policy", "router", "tried_any")
+    __slots__ = ("build", "cooldown_s", "ctx", "deadline", "last", "notes", "policy", "router", "tried_any")
 
     def __init__(self, router: Router, ctx: RequestContext, build: Callable[[Provider], UpstreamCall], policy: Policy | None, deadline: float) -> None:
         self.router = router
@@ -56,6 +57,7 @@ class _Run:
         self.last: GatewayError | None = None
         self.notes: list[str] = []  # why deployments/models were skipped, for the final error
         self.tried_any = False
+        self.cooldown_s: float | None = None  # the soonest end of a cooldown among skipped deployments
 
 
 async def execute(router: Router, ctx: RequestContext, build: Callable[[Provider], UpstreamCall]) -> tuple[Provider, UpstreamReply]:
@@ -332,7 +334,9 @@ def _note_unusable(run: _Run, route: ModelRoute, ordered: list[Slot], now: float
             d = s.provider.deployment
             why = s.health.over_capacity(now, d.rpm, d.tpm, d.max_concurrency) or ""
             if now < s.health.cooldown_until:
-                why = f"cooling down for {s.health.cooldown_until - now:.1f}s ({s.health.cooldown_reason})"
+                left = s.health.cooldown_until - now
+                why = f"cooling down for {left:.1f}s ({s.health.cooldown_reason})"
+                run.cooldown_s = left if run.cooldown_s is None else min(run.cooldown_s, left)
             elif not s.health.available(now):
                 why = f"circuit {s.health.state} ({s.health.reason})"
         run.notes.append(f"{route.name}/{s.provider.id}: {why}")
@@ -359,7 +363,9 @@ def _final_error(run: _Run, primary: ModelRoute) -> GatewayError:
         else:
             msg = f"model {primary.name!r} has no usable deployment now ({notes or 'none configured'})"
             code = "no_healthy_deployment"
-        return GatewayError(ErrorKind.NO_DEPLOYMENT, msg, code=code)
+        # cooling down after an upstream's 429 / Retry-After: tell the caller when to come back
+        headers = {"Retry-After": str(math.ceil(run.cooldown_s))} if run.cooldown_s is not None else None
+        return GatewayError(ErrorKind.NO_DEPLOYMENT, msg, code=code, headers=headers)
     last = run.last
     n = len(ctx.attempts)
     msg = f"model {primary.name!r}: all {n} attempt(s) failed; last: {last.message}"

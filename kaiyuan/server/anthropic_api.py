@@ -20,7 +20,7 @@ from kaiyuan.dialects import canonical as c
 from kaiyuan.gateway import Gateway
 from kaiyuan.providers.base import Provider, UpstreamCall
 from kaiyuan.server import translate
-from kaiyuan.server.common import JSON_CT, kaiyuan_headers
+from kaiyuan.server.common import JSON_CT, kaiyuan_headers, with_public_model
 from kaiyuan.server.handler import api_handler
 from kaiyuan.server.overrun import cut_anthropic_body, cut_canonical, output_limit, overran, reported_output
 
@@ -36,6 +36,24 @@ def _validate_count(body: dict[str, Any]) -> None:
     anth.validate(body)
 
 
+def passthrough_body(provider: Provider, body: dict[str, Any], cap: int | None) -> dict[str, Any]:
+    """The body for an Anthropic upstream: the model renamed, ``max_tokens`` the output cap (the
+    caller's, clamped to the model's limit: :mod:`kaiyuan.accounting.output_cap`) with a thinking
+    budget kept below it, and mid-conversation system messages folded into user turns where the
+    deployment says its model does not take them."""
+    b = dict(body)
+    b["model"] = provider.deployment.model
+    if cap is not None and cap != body["max_tokens"]:
+        b["max_tokens"] = cap
+        thinking = body.get("thinking")
+        if isinstance(thinking, dict) and isinstance(thinking.get("budget_tokens"), int) and thinking["budget_tokens"] >= cap:
+            b["thinking"] = {**thinking, "budget_tokens": max(1, cap - 1)}
+    if not getattr(provider.deployment, "mid_conversation_system", True) and any(
+            isinstance(m, dict) and m.get("role") == "system" for m in body["messages"]):
+        b["messages"] = anth.fold_system_messages(body["messages"])
+    return b
+
+
 async def _messages(request: web.Request, gw: Gateway, ctx: RequestContext, body: dict[str, Any],
                     _arg: Any) -> web.StreamResponse:
     stream = ctx.stream = body.get("stream") is True
@@ -47,11 +65,7 @@ async def _messages(request: web.Request, gw: Gateway, ctx: RequestContext, body
     def build(provider: Provider) -> UpstreamCall:
         cap = ctx.output_cap = caps.sent(provider.id, ask)  # reserved for it, sent, and enforced
         if provider.protocol == "anthropic":
-            b = dict(body)
-            b["model"] = provider.deployment.model
-            if cap is not None:
-                b["max_tokens"] = cap
-            return UpstreamCall("messages", b, stream, headers=extra_headers)
+            return UpstreamCall("messages", passthrough_body(provider, body, cap), stream, headers=extra_headers)
         return translate.translated_call(provider, anth.request_to_canonical, body, canon, cap, caps)
 
     provider, reply = await gw.execute(ctx, build)
@@ -71,7 +85,9 @@ async def _messages(request: web.Request, gw: Gateway, ctx: RequestContext, body
             translate.usage_into_ctx(anth.usage_to_canonical(obj.get("usage")), ctx)
             reported = reported_output(obj.get("usage"), "output_tokens")
             if lim is not None and overran(lim, reported, len(data)):
-                data = cut_anthropic_body(obj, lim, reported)
+                data = cut_anthropic_body({**obj, "model": public}, lim, reported)
+            else:
+                data = with_public_model(obj, data, public)
     else:
         r = translate.reply_to_canonical(provider.protocol, data, ctx, reply.parsed)
         if lim is not None and overran(lim, r.usage.output_tokens, len(data)):

@@ -12,12 +12,14 @@ from aiohttp import web
 
 from kaiyuan.config import GatewayConfig
 from kaiyuan.dialects import anthropic as anth
+from kaiyuan.dialects import gemini_in
 from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
 from kaiyuan.routing import admin as routing_admin
-from kaiyuan.server import anthropic_api, health, openai_api, responses_api
+from kaiyuan.server import anthropic_api, gemini_api, health, openai_api, responses_api
 from kaiyuan.server.common import ErrorSerializer, error_response
+from kaiyuan.server.handler import record_unknown_route
 from kaiyuan.server.openai_api import GATEWAY_KEY
 
 log = logging.getLogger("kaiyuan.server")
@@ -36,6 +38,8 @@ EXTRA_ROUTES.append(install_console)
 EXTRA_ROUTES.append(anthropic_api.add_routes)
 EXTRA_ROUTES.append(responses_api.add_routes)
 ERROR_SHAPES.append(("/v1/messages", anth.error_body))
+EXTRA_ROUTES.append(gemini_api.add_routes)
+ERROR_SHAPES.append(("/v1beta", gemini_in.error_body))
 
 
 def _serializer_for(path: str) -> ErrorSerializer:
@@ -55,6 +59,8 @@ async def error_middleware(
         if e.status < 400:
             raise
         ser = _serializer_for(request.path)
+        if e.status in (404, 405):
+            record_unknown_route(request, e.status)
         if e.status == 404:
             err = GatewayError(ErrorKind.NOT_FOUND, f"no such endpoint: {request.method} {request.path}", code="unknown_url")
         elif e.status == 405:

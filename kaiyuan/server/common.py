@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +14,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from kaiyuan.codecs import DECODE_ERRORS, REQUEST_CODINGS, TooLarge, decode_all
 from kaiyuan.context import RequestContext
-from kaiyuan.errors import ErrorKind, GatewayError, invalid
+from kaiyuan.errors import NO_RETRY_STATUSES, ErrorKind, GatewayError, invalid
 
 ErrorSerializer = Callable[[GatewayError], bytes]
 JSON_CT = "application/json"
@@ -139,6 +140,36 @@ async def _read_limited(request: web.Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+_MODEL_FIELD = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
+
+
+class ModelRenamer:
+    """Replies carry the public model name the caller sent, on every path (docs/translation.md):
+    a pass-through stream's ``"model": "<upstream name>"`` is rewritten event by event. The first
+    match is remembered, so later events cost one ``bytes.replace``."""
+
+    __slots__ = ("new", "old")
+
+    def __init__(self, public: str) -> None:
+        self.new = b'"model":' + orjson.dumps(public)
+        self.old: bytes | None = None
+
+    def __call__(self, data: bytes) -> bytes:
+        if self.old is None:
+            m = _MODEL_FIELD.search(data)
+            if m is None:
+                return data
+            self.old = m.group(0)
+        return data.replace(self.old, self.new, 1) if self.old != self.new else data
+
+
+def with_public_model(obj: dict[str, Any] | None, data: bytes, public: str) -> bytes:
+    """A whole pass-through reply with the public model name (re-serialised only when it differs)."""
+    if obj is None or not isinstance(obj.get("model"), str) or obj["model"] == public:
+        return data
+    return orjson.dumps({**obj, "model": public})
+
+
 def kaiyuan_headers(ctx: RequestContext) -> dict[str, str]:
     h = {"x-kaiyuan-request-id": ctx.request_id}
     if ctx.deployment:
@@ -160,6 +191,8 @@ def kaiyuan_headers(ctx: RequestContext) -> dict[str, str]:
 
 def error_response(err: GatewayError, serialize: ErrorSerializer, ctx: RequestContext | None = None) -> web.Response:
     headers = dict(err.headers)
+    if err.status in NO_RETRY_STATUSES:
+        headers.setdefault("x-should-retry", "false")
     if ctx is not None:
         headers.update(kaiyuan_headers(ctx))
     return web.Response(status=err.status, body=serialize(err), content_type=JSON_CT, headers=headers)

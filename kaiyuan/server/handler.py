@@ -30,14 +30,17 @@ Validator = Callable[[dict[str, Any]], None]
 # (request, gateway, ctx, body, the route's own argument) -> the response
 Middle = Callable[[web.Request, Gateway, RequestContext, dict[str, Any], Any], Awaitable[web.StreamResponse]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# (request, body) -> None: fills the body from the URL before anything reads it (Gemini: the model)
+Prepare = Callable[[web.Request, dict[str, Any]], None]
 
 
 def api_handler(dialect: str, endpoint: str, serialize: ErrorSerializer, validate: Validator, middle: Middle,
-                arg: Any = None) -> Handler:
+                arg: Any = None, prepare: Prepare | None = None) -> Handler:
     """The route handler for ``endpoint`` in ``dialect``: the shared skeleton around ``middle``.
 
     ``validate`` checks the body after admission (a 400 in the caller's dialect); ``serialize`` is
-    the dialect's error body; ``arg`` is passed to ``middle`` unchanged."""
+    the dialect's error body; ``arg`` is passed to ``middle`` unchanged; ``prepare``, when given, sees
+    the body first (for dialects that carry the model in the URL)."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
         gw = request.app[GATEWAY_KEY]
@@ -46,6 +49,8 @@ def api_handler(dialect: str, endpoint: str, serialize: ErrorSerializer, validat
         try:
             srv = gw.config.server
             ctx.raw_body, body = await read_json(request, srv.max_body_bytes, srv.body_timeout_s, srv.max_json_depth)
+            if prepare is not None:
+                prepare(request, body)
             if isinstance(body.get("model"), str):
                 ctx.model = body["model"]
             ctx.body = body  # the guard counts the prompt from it
@@ -74,3 +79,21 @@ def api_handler(dialect: str, endpoint: str, serialize: ErrorSerializer, validat
 
     handle.__name__ = handle.__qualname__ = f"{dialect}_{endpoint}"
     return handle
+
+
+MAX_LOGGED_PATH = 200  # characters of an unknown path kept in the request log
+
+
+def record_unknown_route(request: web.Request, status: int) -> None:
+    """A request to a route that does not exist: a small request-log row (endpoint "unknown", the
+    method and path, truncated, in its error) and a count in ``kaiyuan_unknown_route_requests``, so a
+    client pointed at a path the gateway lacks shows in ``kaiyuan logs`` and on the dashboard."""
+    gw = request.app.get(GATEWAY_KEY)
+    if gw is None:
+        return
+    gw.metrics.unknown_route(request.method, status)
+    ctx = RequestContext(new_request_id(), "http", "unknown")
+    ctx.status = status
+    path = request.path if len(request.path) <= MAX_LOGGED_PATH else request.path[:MAX_LOGGED_PATH] + "..."
+    ctx.error = f"unknown route: {request.method[:16]} {path}" + (" (method not allowed)" if status == 405 else "")
+    gw.request_log.submit(ctx)

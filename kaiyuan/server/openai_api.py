@@ -19,7 +19,14 @@ from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
 from kaiyuan.server import translate
-from kaiyuan.server.common import JSON_CT, error_response, kaiyuan_headers, new_request_id
+from kaiyuan.server.common import (
+    JSON_CT,
+    ModelRenamer,
+    error_response,
+    kaiyuan_headers,
+    new_request_id,
+    with_public_model,
+)
 from kaiyuan.server.handler import GATEWAY_KEY, api_handler
 from kaiyuan.server.overrun import cut_openai_body, output_limit, overran, reported_output
 from kaiyuan.server.sse import relay_openai_stream
@@ -64,15 +71,18 @@ async def _middle(request: web.Request, gw: Gateway, ctx: RequestContext, body: 
         return await translate.openai_reply(request, ctx, provider, reply, not strip_usage, lim)
     if reply.stream is not None:
         ctx.status = 200
-        return await relay_openai_stream(request, ctx, reply.stream, strip_usage, lim)
+        return await relay_openai_stream(request, ctx, reply.stream, strip_usage, lim, ModelRenamer(ctx.model or ""))
     data = reply.body or b""
     ctx.status = reply.status
     ctx.mark_first_byte()
     obj = _read_usage(reply, ctx)
-    if lim is not None and obj is not None and reply.status < 300:
-        reported = reported_output(obj.get("usage"), "completion_tokens")
-        if overran(lim, reported, len(data)):
-            data = cut_openai_body(obj, lim, reported)
+    if obj is not None and reply.status < 300:
+        public = ctx.model or ""
+        reported = reported_output(obj.get("usage"), "completion_tokens") if lim is not None else 0
+        if lim is not None and overran(lim, reported, len(data)):
+            data = cut_openai_body({**obj, "model": public} if "model" in obj else obj, lim, reported)
+        else:
+            data = with_public_model(obj, data, public)
     if ctx.log_bodies or "capture_response" in ctx.extra:  # trials: shadow-sampled requests
         ctx.response_body = data
     return web.Response(body=data, status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))

@@ -107,11 +107,13 @@ async def answered(resp: web.StreamResponse, ctx: RequestContext, last: bytes) -
 
 async def relay_openai_stream(
     request: web.Request, ctx: RequestContext, stream: AsyncIterator[bytes], strip_usage: bool,
-    lim: OutputLimit | None = None,
+    lim: OutputLimit | None = None, rename: Callable[[bytes], bytes] | None = None,
 ) -> web.StreamResponse:
     """Forward an OpenAI-protocol stream. ``strip_usage`` drops the usage-only final chunk that the
-    gateway asked for on the caller's behalf (the caller did not set ``include_usage``). An answer
-    that runs past ``lim`` is cut there (see :mod:`kaiyuan.server.overrun`)."""
+    gateway asked for on the caller's behalf (the caller did not set ``include_usage``), and the
+    ``"usage": null`` that upstreams put on every other chunk once usage is asked for (the spec: the
+    field is absent unless asked). An answer that runs past ``lim`` is cut there (see
+    :mod:`kaiyuan.server.overrun`). ``rename`` rewrites each event's model name."""
     tail = bytearray() if ctx.log_bodies or "capture_response" in ctx.extra else None
 
     async def pump(resp: web.StreamResponse) -> None:
@@ -129,7 +131,8 @@ async def relay_openai_stream(
                     if lim is not None and lim.over(openai_event_tokens(ev)):
                         await close_upstream(ctx)
                         usage = record_cut(ctx, lim, ctx.body)
-                        out.append(openai_cut_events(ev, lim, None if strip_usage else usage))
+                        cut = openai_cut_events(ev, lim, None if strip_usage else usage)
+                        out.append(rename(cut) if rename is not None else cut)
                         ctx.mark_first_byte()
                         await answered(resp, ctx, b"".join(out))
                         return
@@ -138,6 +141,10 @@ async def relay_openai_stream(
                             continue
                         if ctx.error is not None:  # an upstream error event may echo its key
                             ev = scrub_bytes(ev)
+                    if strip_usage and b'"usage":' in ev:
+                        ev = drop_null_usage(ev)
+                    if rename is not None:
+                        ev = rename(ev)
                     out.append(ev)
                     out.append(b"\n\n")
                 if out:
@@ -160,6 +167,16 @@ async def relay_openai_stream(
         ctx.status = ctx.status or 200
 
     return await relay(request, ctx, pump, stream_error_event)
+
+
+_NULL_USAGE = (b',"usage":null', b', "usage": null', b'"usage":null,', b'"usage": null, ')
+
+
+def drop_null_usage(ev: bytes) -> bytes:
+    for pattern in _NULL_USAGE:
+        if pattern in ev:
+            return ev.replace(pattern, b"", 1)
+    return ev
 
 
 def _not_sse(ev: bytes, ctx: RequestContext) -> GatewayError:

@@ -7,6 +7,7 @@ stays on the pass-through paths.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
@@ -19,14 +20,16 @@ from kaiyuan.context import RequestContext
 from kaiyuan.dialects import anthropic as anth
 from kaiyuan.dialects import canonical as c
 from kaiyuan.dialects import gemini as gem
+from kaiyuan.dialects import gemini_in
 from kaiyuan.dialects import openai_chat as oc
 from kaiyuan.dialects.openai import stream_error_event as openai_error_event
 from kaiyuan.dialects.openai import token_count as _count
 from kaiyuan.dialects.streams import AnthropicToOpenAI, GeminiToOpenAI, OpenAIToAnthropic
+from kaiyuan.dialects.streams import OpenAIToGemini as GeminiOut
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
 from kaiyuan.redact import scrub_bytes
-from kaiyuan.server.common import JSON_CT, kaiyuan_headers
+from kaiyuan.server.common import JSON_CT, ModelRenamer, kaiyuan_headers
 from kaiyuan.server.overrun import (
     OutputLimit,
     anthropic_event_tokens,
@@ -50,8 +53,11 @@ def upstream_call(provider: Provider, req: c.Request, cap: int | None = None, ca
     cap ``cap`` (the one reserved for it) in the protocol's own field(s)."""
     proto = provider.protocol
     d: Any = provider.deployment
-    if cap is not None and cap != req.max_tokens:
-        req = replace(req, max_tokens=cap)
+    if cap is not None and cap != req.max_tokens:  # the output cap (clamped to the model's limit)
+        budget = req.thinking_budget
+        if budget is not None and budget >= cap:  # Anthropic needs max_tokens > budget_tokens
+            budget = max(1, cap - 1)
+        req = replace(req, max_tokens=cap, thinking_budget=budget)
     if proto == "anthropic":
         return UpstreamCall("messages", anth.request_from_canonical(req, d.model, d.default_max_tokens), req.stream)
     if proto == "gemini":
@@ -87,6 +93,13 @@ def usage_into_ctx(u: c.Usage, ctx: RequestContext) -> None:
     ctx.usage.cached_tokens = _count(u.cache_read)
     ctx.usage.cache_write_tokens = _count(u.cache_write)
     ctx.usage.reasoning_tokens = _count(u.reasoning)
+
+
+def prompt_estimate(ctx: RequestContext) -> int:
+    """The prompt's size before the upstream reports it (for Anthropic's ``message_start``): the
+    guard's count when it made one, else ceil(body bytes / 3) (no second tokenizer pass)."""
+    known = ctx.extra.get("kaiyuan.prompt_estimate")
+    return known if isinstance(known, int) and known > 0 else math.ceil(len(ctx.raw_body) / 3)
 
 
 def parsed_body(reply: UpstreamReply) -> dict[str, Any] | None:
@@ -225,7 +238,7 @@ async def relay_to_openai(request: web.Request, ctx: RequestContext, protocol: s
 async def relay_to_anthropic(request: web.Request, ctx: RequestContext, protocol: str, stream: AsyncIterator[bytes],
                              model: str, lim: OutputLimit | None = None) -> web.StreamResponse:
     """An OpenAI-compatible or Gemini upstream stream, to an Anthropic caller (cut at ``lim``)."""
-    tr = OpenAIToAnthropic(model)
+    tr = OpenAIToAnthropic(model, prompt_estimate(ctx))
     tail = bytearray() if "capture_response" in ctx.extra else None  # trials: sampled requests
 
     async def pump(resp: web.StreamResponse) -> None:
@@ -255,6 +268,7 @@ async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext,
     """An Anthropic upstream stream to an Anthropic caller: bytes as they arrive, usage read on the
     side, cut at ``lim`` (one token counted per content delta)."""
     tail = bytearray() if "capture_response" in ctx.extra else None  # trials: sampled requests
+    rename = ModelRenamer(ctx.model or "")
 
     async def pump(resp: web.StreamResponse) -> None:
         saw_stop = False
@@ -273,6 +287,8 @@ async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext,
                             raise _malformed(ctx, e) from None
                         if b"event: error" in ev:  # an upstream error event may echo its key
                             ev = scrub_bytes(ev)
+                        elif b"message_start" in ev:
+                            ev = rename(ev)
                     out.append(ev)
                     out.append(b"\n\n")
                     if saw_stop:
@@ -362,3 +378,32 @@ async def openai_reply(request: web.Request, ctx: RequestContext, provider: Prov
     if ctx.log_bodies or "capture_response" in ctx.extra:  # trials: shadow-sampled requests
         ctx.response_body = data
     return web.Response(body=data, status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))
+
+
+async def relay_to_gemini(request: web.Request, ctx: RequestContext, protocol: str, stream: AsyncIterator[bytes],
+                          model: str, lim: OutputLimit | None = None) -> web.StreamResponse:
+    """Any upstream stream, to a Gemini-dialect caller (``alt=sse``: ``data: <response>`` events),
+    cut at ``lim``."""
+    tr = GeminiOut(model)
+    tail = bytearray() if "capture_response" in ctx.extra else None  # trials: sampled requests
+
+    async def pump(resp: web.StreamResponse) -> None:
+        try:
+            async for ch in capped_chunks(openai_chunks(protocol, stream, ctx, model, True), ctx, lim, True):
+                try:
+                    out = tr.feed(ch)
+                except (KeyError, TypeError, AttributeError, ValueError) as e:
+                    raise _malformed(ctx, e) from None
+                if out:
+                    ctx.mark_first_byte()
+                    data = b"".join(oc.chunk_bytes(o) for o in out)
+                    if tail is not None and len(tail) < 1_000_000:
+                        tail.extend(data)
+                    await resp.write(data)
+            await resp.write(b"".join(oc.chunk_bytes(o) for o in tr.end()))
+            usage_into_ctx(tr.usage, ctx)
+        finally:
+            if tail is not None:
+                ctx.response_body = bytes(tail)
+
+    return await relay(request, ctx, pump, gemini_in.stream_error_event)

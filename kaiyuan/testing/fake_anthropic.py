@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from kaiyuan.testing.fake_openai import Behaviour, count_tokens
+from kaiyuan.testing.fake_openai import Behaviour, agent_call, count_tokens
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
@@ -92,6 +92,8 @@ class FakeAnthropic:
             return "messages: at least one message is required"
         prev: set[str] = set()
         for i, m in enumerate(msgs):
+            if m.get("role") == "system" and i > 0 and msgs[i - 1].get("role") == "user":
+                continue  # a mid-conversation system message, right after a user turn (Claude Opus 4.8+)
             if m.get("role") not in ("user", "assistant"):
                 return f"messages.{i}.role: Input should be 'user' or 'assistant'"
             blocks = m["content"] if isinstance(m.get("content"), list) else []
@@ -116,6 +118,13 @@ class FakeAnthropic:
         tools = body.get("tools") or []
         choice = body.get("tool_choice") or {}
         has_result = isinstance(last["content"], list) and any(x.get("type") == "tool_result" for x in last["content"])
+        scripted = agent_call(b, [t.get("name") for t in tools]) if tools else None
+        if scripted is not None:
+            results = [_text(x.get("content")) for m in msgs if isinstance(m["content"], list)
+                       for x in m["content"] if x.get("type") == "tool_result"]
+            if results:
+                return [*blocks, {"type": "text", "text": f"done: {results[-1].strip()}"}], "end_turn", None
+            return [*blocks, {"type": "tool_use", "id": "toolu_agent" + os.urandom(6).hex(), "name": scripted[0], "input": scripted[1]}], "tool_use", None
         if tools and choice.get("type") != "none" and not has_result:
             names = [t["name"] for t in tools]
             if choice.get("type") == "tool":
@@ -185,7 +194,8 @@ class FakeAnthropic:
                 d = {"type": "signature_delta", "signature": blk["signature"]}
                 events.append(sse("content_block_delta", {"type": "content_block_delta", "index": i, "delta": d}))
             else:
-                args = orjson.dumps(blk["input"]).decode()
+                # a call with no input streams only the empty delta, as Anthropic's own streams do
+                args = orjson.dumps(blk["input"]).decode() if blk["input"] else ""
                 for piece in ["", *(args[j:j + 6] for j in range(0, len(args), 6))]:
                     d = {"type": "input_json_delta", "partial_json": piece}
                     events.append(sse("content_block_delta", {"type": "content_block_delta", "index": i, "delta": d}))

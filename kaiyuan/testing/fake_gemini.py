@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from kaiyuan.testing.fake_openai import Behaviour, count_tokens
+from kaiyuan.testing.fake_openai import Behaviour, agent_call, count_tokens
 
 STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
           429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
@@ -122,6 +122,17 @@ class FakeGemini:
         decls = [d for t in body.get("tools") or [] for d in t.get("functionDeclarations") or []]
         fcc = (body.get("toolConfig") or {}).get("functionCallingConfig") or {}
         answered = any("functionResponse" in p for p in last["parts"])
+        scripted = agent_call(b, [d.get("name") for d in decls]) if decls else None
+        if scripted is not None:  # an agent episode (see Behaviour.agent_tools)
+            results = [p["functionResponse"].get("response") for ct in contents for p in ct["parts"] if "functionResponse" in p]
+            if results:
+                r = results[-1]
+                text = r.get("output", r.get("result")) if isinstance(r, dict) else None
+                parts.append({"text": f"done: {str(text if text is not None else orjson.dumps(r).decode()).strip()}"})
+                return parts, "STOP"
+            parts.append({"functionCall": {"name": scripted[0], "args": scripted[1]},
+                          "thoughtSignature": "CiQB0e2Kb+" + os.urandom(9).hex() + "/x=="})
+            return parts, "STOP"
         if decls and fcc.get("mode") != "NONE" and not answered:
             names = fcc.get("allowedFunctionNames") or [d["name"] for d in decls]
             for i in range(2 if "parallel" in last_text else 1):

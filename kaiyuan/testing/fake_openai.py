@@ -48,6 +48,18 @@ class Behaviour:
     usage: dict[str, Any] | None = None  # fields put over the usage reported (absurd counts, strings...)
     raw_stream: list[bytes] | None = None  # a 2xx stream of exactly these chunks (with `headers`, e.g. Content-Encoding)
     echo_key: bool = False  # error messages quote the Authorization header received, as some vendors' do
+    # An agent episode: when the request offers a tool named here (the first listed that is offered)
+    # and holds no tool result yet, call it with these arguments; once it has a result, answer
+    # "done: <result>". Requests without that tool get the usual echo.
+    agent_tools: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def agent_call(b: Behaviour, offered: list[str]) -> tuple[str, dict[str, Any]] | None:
+    """The scripted shell call for a request offering ``offered`` tools, or None."""
+    for name, args in b.agent_tools.items():
+        if name in offered:
+            return name, args
+    return None
 
 
 def count_tokens(text: str) -> int:
@@ -138,6 +150,16 @@ class FakeOpenAI:
             calls = [{"id": f"call_s{i}_{self.rng.randrange(10**8)}", "type": "function",
                       "function": {"name": name, "arguments": args}} for i, (name, args) in enumerate(b.tool_calls)]
             return {"content": None, "tool_calls": calls, "reasoning": reasoning, "finish": "tool_calls", "user": last_user}
+        offered = [t.get("function", {}).get("name") for t in tools or []]
+        scripted = agent_call(b, offered) if tools else None
+        if scripted is not None:
+            if any(m.get("role") == "tool" for m in msgs):
+                result = next(_text_of(m.get("content")) for m in reversed(msgs) if m.get("role") == "tool")
+                return {"content": f"done: {result.strip()}", "tool_calls": None, "reasoning": reasoning, "finish": "stop",
+                        "user": last_user}
+            call = {"id": f"call_agent_{abs(hash(last_user)) % 10**8}", "type": "function",
+                    "function": {"name": scripted[0], "arguments": orjson.dumps(scripted[1]).decode()}}
+            return {"content": None, "tool_calls": [call], "reasoning": reasoning, "finish": "tool_calls", "user": last_user}
         if tools and body.get("tool_choice") != "none" and last.get("role") != "tool":
             calls = []
             n_calls = 2 if body.get("parallel_tool_calls") is not False and "parallel" in last_user else 1

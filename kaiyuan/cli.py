@@ -171,7 +171,7 @@ def _load_plugins() -> None:
     """Import the modules that register extra subcommands (kept lazy: serve stays fast to start)."""
     import importlib
 
-    for mod in ("kaiyuan.admin_cli", "kaiyuan.trials.cli"):
+    for mod in ("kaiyuan.admin_cli", "kaiyuan.trials.cli", "kaiyuan.console.cli"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

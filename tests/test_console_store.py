@@ -126,3 +126,19 @@ def test_no_reference_model_says_how_to_set_one(tmp_path: Any) -> None:
     cat = data.Catalogue(parse_config({"models": []}, "<t>"))
     sv = data.overview(engine, cat, data.Scope(), "24h", time.time())["savings"]
     assert not sv["available"] and "console.reference_model" in sv["why"]
+
+
+def test_console_rollup_command_rebuilds(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from kaiyuan.cli import main
+
+    url = f"sqlite:///{tmp_path}/r.db"
+    engine = open_store(url)
+    seed(engine, 200, time.time(), days=1)
+    assert main(["console-rollup", "--db", url]) == 0
+    assert "caught up" in capsys.readouterr().err
+    with engine.begin() as c:  # an old row imported after its hour was rolled up
+        c.execute(insert(request_log), [{"id": "old", "ts": time.time() - 20 * 3600, "dialect": "openai", "endpoint": "chat",
+                                         "model": "imported", "status": 200, "stream": False, "attempts": 1, "cancelled": False}])
+    assert main(["console-rollup", "--db", url, "--rebuild"]) == 0
+    with engine.connect() as c:
+        assert int(c.execute(select(func.sum(usage_hourly.c.requests))).scalar()) == 201

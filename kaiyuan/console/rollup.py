@@ -8,7 +8,7 @@ A background task, off the request path, catches up every ``console.rollup_inter
 * the open hours (the current one and any still within the grace) are summed again on every pass.
 
 Rows written for a closed hour after it was rolled up (for example an import of old logs) are not
-counted until :func:`rebuild` runs (``kaiyuan console-rollup --rebuild``).
+counted until :func:`rebuild` runs (``kaiyuan console-rollup --rebuild``, kaiyuan/console/cli.py).
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ class UpstreamReply:
     body: bytes | None = None  # the whole body (non-stream, or any error)
     stream: AsyncIterator[bytes] | None = None  # raw SSE bytes as they arrive (2xx streams only)
     parsed: dict[str, Any] | None = None  # a 2xx whole body as JSON, once the executor has checked it
+    deadline: float | None = None  # time.monotonic() by which the call and its relay must be over (timeouts.total)
     received: int = 0  # bytes of a stream read so far (a bound on what a usage report can claim)
     _closer: Any = None
     _finisher: Any = None  # like _closer, for a stream whose consumer saw its final event (may keep the connection)

@@ -114,7 +114,7 @@ async def post_json(
             if not stream or resp.status >= 300:
                 data = await _read_all(resp, deadline, label, max_bytes)
                 resp.release()
-                return UpstreamReply(resp.status, resp.headers, body=data)
+                return UpstreamReply(resp.status, resp.headers, body=data, deadline=deadline)
     except GatewayError:
         if resp is not None:
             resp.close()
@@ -154,7 +154,7 @@ async def post_json(
         proto.start_timeout()
     return UpstreamReply(
         r.status, r.headers, stream=_iter_stream(r, deadline, timeouts.idle, label), _closer=r.close,
-        _finisher=lambda: finish_stream(r),
+        _finisher=lambda: finish_stream(r), deadline=deadline,
     )
 
 

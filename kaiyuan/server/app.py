@@ -6,7 +6,6 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 
@@ -19,6 +18,7 @@ from kaiyuan.gateway import Gateway
 from kaiyuan.routing import admin as routing_admin
 from kaiyuan.server import anthropic_api, gemini_api, health, openai_api, responses_api
 from kaiyuan.server.common import ErrorSerializer, error_response
+from kaiyuan.server.connections import ConnectionLimiter, default_max_connections
 from kaiyuan.server.handler import record_unknown_route
 from kaiyuan.server.openai_api import GATEWAY_KEY
 
@@ -130,26 +130,28 @@ def build_gateway(config: GatewayConfig) -> Gateway:
 async def run_server(config: GatewayConfig, host: str, port: int, ready: Callable[[str], None] | None = None) -> None:
     gw = build_gateway(config)
     app = create_app(config, gw)
+    srv = config.server
     runner = web.AppRunner(
         app,
         handler_cancellation=True,  # a client that disconnects cancels its upstream request
-        access_log=log if config.server.access_log else None,
+        access_log=log if srv.access_log else None,
+        keepalive_timeout=srv.header_timeout_s,  # also the time a new connection has to send its head
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
-    try:
-        await site.start()
+    loop = asyncio.get_running_loop()
+    assert runner.server is not None
+    limiter = ConnectionLimiter(runner.server, srv.max_connections or default_max_connections(), loop)
+    try:  # not a web.TCPSite: the limiter is the protocol factory (server.connections)
+        server = await loop.create_server(limiter, host, port, backlog=4096, reuse_address=True)
     except BaseException:
         await runner.cleanup()  # close upstream pools and flush the log before reporting the error
         raise
-    server: Any = site._server
-    addrs = [s.getsockname() for s in (server.sockets if server else [])]
+    addrs = [s.getsockname() for s in server.sockets]
     actual_port = addrs[0][1] if addrs else port
     url = f"http://{host}:{actual_port}"
     if ready is not None:
         ready(url)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(sig, stop.set)
@@ -159,4 +161,5 @@ async def run_server(config: GatewayConfig, host: str, port: int, ready: Callabl
         await stop.wait()
     finally:
         log.info("shutting down: flushing the request log")
+        server.close()
         await runner.cleanup()

@@ -201,7 +201,7 @@ def error_response(err: GatewayError, serialize: ErrorSerializer, ctx: RequestCo
 def client_gone(ctx: RequestContext) -> None:
     """Record that the client disconnected: a cancellation (499), unless it already had its whole
     answer and only hung up while the gateway was still reading the upstream to its end."""
-    if ctx.extra.get("answered"):
+    if ctx.extra.get("answered") or ctx.extra.get("dropped"):  # dropped: by the gateway (server.deadline)
         return
     ctx.cancelled = True
     ctx.status = 499

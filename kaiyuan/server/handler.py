@@ -23,6 +23,7 @@ from kaiyuan.context import RequestContext
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
 from kaiyuan.server.common import ErrorSerializer, client_gone, error_response, new_request_id, read_json
+from kaiyuan.server.deadline import send_whole
 
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
 
@@ -58,7 +59,7 @@ def api_handler(dialect: str, endpoint: str, serialize: ErrorSerializer, validat
             validate(body)
             ctx.model = body["model"]
             gw.model_config(ctx)
-            return await middle(request, gw, ctx, body, arg)
+            resp = await middle(request, gw, ctx, body, arg)
         except GatewayError as e:
             ctx.status, ctx.error = e.status, e.message
             return error_response(e, serialize, ctx)
@@ -76,6 +77,9 @@ def api_handler(dialect: str, endpoint: str, serialize: ErrorSerializer, validat
             gw.metrics.in_flight.dec()
             await gw.guard.settle(ctx)
             gw.finish(ctx)
+        # A whole body goes out under the reply's deadline (server.deadline), once the request is
+        # recorded: a client that does not read it is dropped, it is logged as answered.
+        return await send_whole(request, resp, ctx)
 
     handle.__name__ = handle.__qualname__ = f"{dialect}_{endpoint}"
     return handle

@@ -7,6 +7,7 @@ stream with an error event, never a silent truncation.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -18,6 +19,7 @@ from kaiyuan.dialects.openai import stream_error_event, usage_into
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.redact import scrub, scrub_bytes
 from kaiyuan.server.common import kaiyuan_headers
+from kaiyuan.server.deadline import MIN_WRITE_S, abandon, remaining
 from kaiyuan.server.overrun import (
     OutputLimit,
     close_upstream,
@@ -75,24 +77,47 @@ async def relay(request: web.Request, ctx: RequestContext, pump: Pump, error_eve
     response has started becomes a last error event in the caller's dialect: a GatewayError with
     its own status, anything else (a bug) as a 500; never a second response in the stream."""
     resp = await open_stream(request, ctx)
+    try:  # the deadline covers writing to the client too (server.deadline)
+        async with asyncio.timeout(remaining(ctx)):
+            await _pump_and_end(resp, ctx, pump, error_event)
+    except TimeoutError:
+        await _end_late(request, resp, ctx, error_event)
+    return resp
+
+
+async def _end_late(request: web.Request, resp: web.StreamResponse, ctx: RequestContext, error_event: ErrorEvent) -> None:
+    """The deadline passed (a slow upstream, or a client that does not read): end the stream with
+    an error event if the client takes it within MIN_WRITE_S, else drop the client."""
+    err = GatewayError(ErrorKind.UPSTREAM_TIMEOUT, f"the request to {ctx.deployment} exceeded its total time limit "
+                                                   f"(timeouts.total); the answer is incomplete")
+    ctx.status, ctx.error = err.status, err.message
+    ctx.extra["dropped"] = True  # however this write ends, the deadline ended the request (no 499)
+    try:
+        async with asyncio.timeout(MIN_WRITE_S):
+            await resp.write(error_event(err))
+            await resp.write_eof()
+    except (TimeoutError, ConnectionResetError):
+        abandon(request, ctx)
+
+
+async def _pump_and_end(resp: web.StreamResponse, ctx: RequestContext, pump: Pump, error_event: ErrorEvent) -> None:
     try:
         await pump(resp)
     except GatewayError as e:
         if ctx.extra.get("answered"):  # the client has its whole answer and its response is ended
-            return resp
+            return
         ctx.status, ctx.error = e.status, e.message
         await resp.write(error_event(e))
-    except ConnectionResetError:  # the client went away: the handler records it
+    except (ConnectionResetError, TimeoutError):  # the client went away / the deadline: the caller records it
         raise
     except Exception as e:
         log.exception("internal error mid-stream on %s", ctx.request_id)
         if ctx.extra.get("answered"):
-            return resp
+            return
         err = GatewayError(ErrorKind.INTERNAL, f"internal gateway error ({type(e).__name__}); request id {ctx.request_id}")
         ctx.status, ctx.error = err.status, err.message
         await resp.write(error_event(err))
     await resp.write_eof()
-    return resp
 
 
 async def answered(resp: web.StreamResponse, ctx: RequestContext, last: bytes) -> None:

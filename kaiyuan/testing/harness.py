@@ -59,6 +59,12 @@ def start_gateway(servers: ServerThread, config: dict[str, Any] | GatewayConfig,
     return RunningGateway(url, gw, cfg, servers)
 
 
+def _limit_files(n: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+
 def free_port() -> int:
     import socket
 
@@ -70,7 +76,9 @@ def free_port() -> int:
 class GatewayProcess:
     """``kaiyuan serve`` in a child process, as an operator runs it."""
 
-    def __init__(self, config: dict[str, Any], workdir: str, port: int | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: dict[str, Any], workdir: str, port: int | None = None, env: dict[str, str] | None = None,
+                 nofile: int | None = None) -> None:
+        """``nofile``: the child's open-file limit (RLIMIT_NOFILE), as an operator's ``ulimit -n``."""
         import os
         import subprocess
         import sys
@@ -84,11 +92,15 @@ class GatewayProcess:
         cfg_path.write_text(yaml.safe_dump(config))
         self.config_path = str(cfg_path)
         self.log_path = Path(workdir) / f"kaiyuan-{self.port}.log"
+        # the child runs this checkout's kaiyuan (the one under test), not whichever is installed
+        root = str(Path(__file__).resolve().parents[2])
         full_env = {**os.environ, **(env or {})}
+        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, full_env.get("PYTHONPATH")) if p)
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kaiyuan", "serve", "--config", self.config_path, "--port", str(self.port)],
             stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=workdir,
+            preexec_fn=None if nofile is None else lambda: _limit_files(nofile),
         )
 
     def wait_ready(self, timeout: float = 60) -> None:

@@ -1,0 +1,61 @@
+"""The deadline covers writing to the client too.
+
+A client that stops reading used to hold its upstream connection open past ``timeouts.total``
+(the relay waited on a full socket buffer, so nothing read the upstream either), and enough such
+clients starved everyone else. Now a reply's ``deadline`` (``providers.http.post_json``: the start
+of the call plus the deployment's ``timeouts.total``) bounds the whole relay of a stream and the
+write of a whole body. Past it the client's connection is dropped (nothing more can be delivered
+to it); a stream is logged as a 504 and the handler closes its upstream request (a whole body was
+already read from the upstream, and the request recorded as answered, before it is written).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from kaiyuan.context import RequestContext
+
+MIN_WRITE_S = 1.0  # a whole body always gets at least this long to go out
+
+
+def remaining(ctx: RequestContext, floor: float = 0.0) -> float | None:
+    """Seconds left for this request's upstream call and relay; None when it has no deadline."""
+    deadline = ctx.reply.deadline if ctx.reply is not None else None
+    if deadline is None:
+        return None
+    return max(deadline - time.monotonic(), floor)
+
+
+def abandon(request: web.Request, ctx: RequestContext) -> None:
+    """The client did not take its answer in time: drop its connection and record why."""
+    ctx.extra["dropped"] = True  # the disconnect that follows is the gateway's doing, not a cancellation
+    ctx.status = 504
+    ctx.error = "the client did not read its answer within the deployment's timeouts.total; connection dropped"
+    if request.transport is not None:
+        request.transport.abort()
+
+
+@contextlib.asynccontextmanager
+async def within(request: web.Request, ctx: RequestContext, floor: float = 0.0) -> AsyncIterator[None]:
+    """Run the block under the reply's deadline; past it, :func:`abandon` the client."""
+    left = remaining(ctx, floor)
+    try:
+        async with asyncio.timeout(left):
+            yield
+    except TimeoutError:
+        abandon(request, ctx)
+
+
+async def send_whole(request: web.Request, resp: web.StreamResponse, ctx: RequestContext) -> web.StreamResponse:
+    """Write a whole (non-streamed) response now, under the deadline (at least MIN_WRITE_S)."""
+    if ctx.reply is None or ctx.reply.deadline is None or resp.prepared:
+        return resp
+    async with within(request, ctx, MIN_WRITE_S):
+        await resp.prepare(request)
+        await resp.write_eof()
+    return resp

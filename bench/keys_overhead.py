@@ -26,6 +26,7 @@ from kaiyuan.accounting import keystore
 from kaiyuan.config import parse_config
 from kaiyuan.context import RequestContext, Usage
 from kaiyuan.gateway import Gateway
+from kaiyuan.pipeline import settle
 from kaiyuan.store.db import open_store
 
 MASTER = "sk-bench-master"
@@ -65,11 +66,13 @@ async def measure(gw: Gateway, key: str, n: int, concurrency: int = 1, gap_s: fl
         for i in range(w, n + 200, concurrency):
             ctx = RequestContext(f"r{i}", "openai", "chat", headers=headers, body=BODY, model="bench")
             t0 = time.perf_counter()
-            await gw.guard.admit(ctx)
+            rec = await gw.auth.authenticate(ctx)
+            if rec is not None:
+                await gw.reservations.reserve(ctx, rec)
             ctx.deployment = "bench-dep"
             ctx.status = 200
             ctx.usage = Usage(12, 10)
-            await gw.guard.settle(ctx)
+            await settle(gw, ctx)
             if i >= 200:  # warm-up: key cache, tokenizer, script load
                 out.append((time.perf_counter() - t0) * 1e6)
             if gap_s:
@@ -98,8 +101,8 @@ async def run_variant(name: str, limits: dict[str, Any], n: int, concurrency: in
     t0 = time.perf_counter()
     samples = await measure(gw, key, n, concurrency, gap_s)
     wall = time.perf_counter() - t0
-    batcher = getattr(gw.guard.counters, "batcher", None)  # type: ignore[attr-defined]
-    await gw.guard.close()
+    batcher = getattr(gw.reservations.counters, "batcher", None)
+    await gw.close()
     samples.sort()
     return {"variant": name, "n": len(samples), "median_us": statistics.median(samples),
             "p99_us": samples[int(len(samples) * 0.99)], "rps": (n + 200) / wall,

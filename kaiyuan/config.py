@@ -345,6 +345,15 @@ class ServerSettings(_Strict):
     )
     max_json_depth: int = Field(128, ge=8, le=200, description="deepest nesting of a JSON request body; deeper: 400")
 
+    @field_validator("master_key")
+    @classmethod
+    def _master_key_not_blank(cls, v: str | None) -> str | None:
+        # An empty key (often a ${VAR} set to "") would make a blank header an admin key.
+        if v is not None and not v.strip():
+            raise ValueError("the master key is empty or only whitespace; set it to a long random secret, "
+                             "or remove server.master_key to run without keys (admin API closed)")
+        return v
+
 
 class StoreSettings(_Strict):
     url: str = Field("sqlite:///kaiyuan.db", description="SQLAlchemy URL: sqlite:///path or postgresql://...")

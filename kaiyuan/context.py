@@ -1,4 +1,10 @@
-"""The per-request record that flows through the pipeline: parse -> auth -> plan -> call -> settle -> log."""
+"""The per-request record that flows through the pipeline (:mod:`kaiyuan.pipeline`).
+
+Every stage fills typed fields here: who is calling (``principal``), what was asked (``model``,
+``body``), the trial hooks' decisions (``trial_*``), the reservation (``ticket``), the upstream
+reply (``upstream``, opened by the executor and closed by the pipeline), usage and cost. There is
+no dict of string keys: a new stage adds a field, so a typo is a type error, not a silent miss.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kaiyuan.providers.base import UpstreamReply
+    from kaiyuan.limits.counters import Ticket
+    from kaiyuan.providers.base import Provider, UpstreamReply
+    from kaiyuan.routing.breaker import DeploymentHealth
 
 
 @dataclass(slots=True)
@@ -22,7 +30,7 @@ class Usage:
 
 @dataclass(slots=True)
 class Principal:
-    """Who is calling: filled by the guard (auth). ``None`` fields mean "not known / no limit"."""
+    """Who is calling: filled by authentication. ``None`` fields mean "not known / no limit"."""
 
     key_id: str | None = None
     team_id: str | None = None
@@ -30,7 +38,11 @@ class Principal:
     is_admin: bool = False
     allowed_models: frozenset[str] | None = None
     policy: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    key_name: str | None = None
+
+    def may_use(self, model: str) -> bool:
+        """The one rule for allowed models (the pipeline, fallbacks, /v1/models and trials ask it)."""
+        return self.allowed_models is None or model in self.allowed_models
 
 
 @dataclass(slots=True)
@@ -43,6 +55,16 @@ class Attempt:
 
 
 @dataclass(slots=True)
+class Upstream:
+    """The reply the executor opened for this request, and whose health it counts against. The
+    pipeline closes it in one place (:func:`kaiyuan.routing.executor.close_upstream`)."""
+
+    provider: Provider
+    reply: UpstreamReply
+    health: DeploymentHealth | None = None  # set for a stream: its deployment's work ends when it is closed
+
+
+@dataclass(slots=True)
 class RequestContext:
     request_id: str
     dialect: str  # the caller's wire format: "openai" | "anthropic"
@@ -52,26 +74,41 @@ class RequestContext:
     body: dict[str, Any] = field(default_factory=dict)
     raw_body: bytes = b""
     headers: Any = None  # the inbound request headers (case-insensitive mapping)
-    model: str | None = None  # the public model name
+    model: str | None = None  # the public model name (after the trial hooks: what is served)
+    requested_model: str | None = None  # the model the caller asked for
     stream: bool = False
     principal: Principal = field(default_factory=Principal)
     policy: str | None = None
+    background: bool = False  # a trial mirror or judge call: no client, no caller's budget
     deployment: str | None = None
     attempts: list[Attempt] = field(default_factory=list)
+    served_model: str | None = None  # the fallback model that answered, when not ``model``
+    omitted_tools: str | None = None  # /v1/responses: hosted tools left out of the upstream call
     status: int = 0
     error: str | None = None
     cancelled: bool = False
+    answered: bool = False  # the client has its whole answer (a later hang-up is no cancellation)
+    dropped: bool = False  # the gateway dropped a client that did not read its answer (server.deadline)
     ttft: float | None = None  # seconds from arrival to the first byte/token sent to the client
     usage: Usage = field(default_factory=Usage)
     cost_usd: float | None = None
-    pricer: Callable[[RequestContext], float | None] | None = None  # set by the guard; prices ctx.usage
+    pricer: Callable[[RequestContext], float | None] | None = None  # prices ctx.usage (x-kaiyuan-cost)
+    prompt_estimate: int | None = None  # prompt tokens counted at reservation
+    tokens_reserved: int | None = None  # tokens reserved against TPM limits (prompt + output cap x n)
+    ticket: Ticket | None = None  # the reservation to settle
     log_bodies: bool = False
+    capture_response: bool = False  # keep the answer in response_body (trials: sampled requests)
     response_body: bytes | None = None
     trial: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    reply: UpstreamReply | None = None  # the upstream's reply, closed when the handler ends
+    trial_arm: str | None = None  # canary: "candidate" | "incumbent"
+    trial_canary_judge: bool = False
+    trial_promoted: str | None = None  # the promoted trial that rewrote the model
+    trial_shadow: tuple[str, ...] = ()  # shadow trials that sampled this request
+    upstream: Upstream | None = None
+    deadline: float | None = None  # monotonic end of the upstream reply's timeouts.total (covers the relay too)
     output_cap: int | None = None  # the output cap (per completion) sent to the deployment called last
     choices: int = 1  # completions asked for (OpenAI n)
+    upstream_bytes: int = 0  # bytes the upstream sent (set when its reply is closed; bounds usage claims)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started

@@ -1,4 +1,5 @@
-"""The gateway runtime: config, providers, router, guard, metrics and request log, wired once at start."""
+"""The gateway runtime: config, providers, router, auth, reservations, ledger, metrics and request
+log, wired once at start. The request path that uses them is :mod:`kaiyuan.pipeline`."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from kaiyuan.accounting.guard import KeyGuard
+from kaiyuan.accounting.auth import Authenticator
+from kaiyuan.accounting.costing import Costing
+from kaiyuan.accounting.ledger import SpendLedger
+from kaiyuan.accounting.reservations import Reservations
 from kaiyuan.config import GatewayConfig, ModelConfig
-from kaiyuan.context import RequestContext
-from kaiyuan.errors import ErrorKind, GatewayError
-from kaiyuan.guard import Guard
+from kaiyuan.context import Principal, RequestContext
 from kaiyuan.observability.metrics import Metrics
 from kaiyuan.observability.request_log import RequestLogWriter
 from kaiyuan.observability.tracing import Tracer
@@ -42,14 +44,20 @@ class Gateway:
         self.providers: dict[str, list[Provider]] = {
             m.name: [build_provider(d) for d in m.deployments] for m in config.models
         }
-        self.router = Router(self.providers, self.models, self.metrics.registry)
-        key_guard = KeyGuard(self)  # master key + virtual keys, limits, budgets, cost
-        self.guard: Guard = key_guard
-        self.caps = key_guard.caps  # each request's output cap: reserved and sent upstream
+        self.router = Router(self.providers, self.models, self.metrics.registry,
+                             cny_per_usd=config.accounting.cny_per_usd)
+        self.costing = Costing(config.models, config.accounting)
+        self.ledger = SpendLedger(engine, config.accounting.spend_flush_interval_s)
+        limits = config.limits
+        self.auth = Authenticator(config.server.master_key, engine, limits.key_cache_ttl_s, self.metrics.denied)
+        self.caps = self.costing.caps  # each request's output cap: reserved and sent upstream
+        self.reservations = Reservations(limits, self.costing, engine, self.auth.loads, self.metrics.registry,
+                                         self.metrics.denied, self.ledger.flush, self.reachable_models)
+        self.auth.redis = self.reservations.redis  # key invalidations travel on the counters' Redis
         self.request_log = RequestLogWriter(engine, config.request_log, self.metrics)
         self.on_complete: list[CompletionHook] = []
-        # Called first in model_config (after auth): may rewrite ctx.model (trials: canary, promote)
-        # or flag the request in ctx.extra (trials: shadow sampling). Must be fast and not raise.
+        # Run by the pipeline's resolve step (after auth): may rewrite ctx.model (trials: canary,
+        # promote) or flag the request (trials: shadow sampling). Must be fast and not raise.
         self.pre_route: list[CompletionHook] = []
         # Models a pre_route hook may send a request for model X to (trials: canary and promote
         # targets); budgets reserve over them too.
@@ -70,40 +78,20 @@ class Gateway:
                 if p.unavailable:
                     log.warning("model %s: deployment %s is unavailable: %s", name, p.id, p.unavailable)
         await self.request_log.start()
+        self.auth.start()
         self.ready = True
 
     async def close(self) -> None:
         self.ready = False
         await self.request_log.close()
-        await self.guard.close()
+        await self.auth.close()
+        await self.ledger.close()
+        await self.reservations.close()
         await asyncio.gather(*(p.close() for ps in self.providers.values() for p in ps), return_exceptions=True)
         if self.tracer is not None:
             self.tracer.shutdown()
 
-    # -- the request path ------------------------------------------------------------------
-    def model_config(self, ctx: RequestContext) -> ModelConfig:
-        for hook in self.pre_route:
-            hook(ctx)
-        m = self.models.get(ctx.model or "")
-        if m is None:
-            names = ", ".join(sorted(self.models)) or "(none configured)"
-            raise GatewayError(
-                ErrorKind.NOT_FOUND,
-                f"model {ctx.model!r} does not exist on this gateway; available models: {names}",
-                param="model",
-                code="model_not_found",
-            )
-        allowed = ctx.principal.allowed_models
-        if allowed is not None and m.name not in allowed:
-            raise GatewayError(
-                ErrorKind.PERMISSION,
-                f"this key may not use model {m.name!r}; allowed: {', '.join(sorted(allowed))}",
-                param="model",
-                code="model_not_allowed",
-            )
-        ctx.log_bodies = m.log_bodies
-        return m
-
+    # -- the request path (see kaiyuan.pipeline) --------------------------------------------
     def reachable_models(self, model: str) -> list[str]:
         """Every model a request for ``model`` can be answered by: itself, a pre_route target,
         and their fallbacks at any depth."""
@@ -119,6 +107,13 @@ class Gateway:
         reply; raises the error the caller should see."""
         return await self.router.execute(ctx, build)
 
+    def record_spend(self, ctx: RequestContext, cost: float) -> None:
+        """Queue the ledger row of a priced request and count its spend."""
+        pd = self.costing.deployments.get(ctx.deployment or "")
+        self.ledger.record(ctx, cost, pd.deployment.model if pd else None, pd.vendor if pd else None)
+        if cost:
+            self.metrics.child(self.metrics.spend, ctx.model or "").inc(cost)
+
     def finish(self, ctx: RequestContext) -> None:
         """Record the outcome of a request (metrics, request log, completion hooks). Never raises."""
         try:
@@ -129,9 +124,12 @@ class Gateway:
         except Exception:  # pragma: no cover - accounting must never break the response
             log.exception("failed to record request %s", ctx.request_id)
 
-    def public_models(self) -> list[dict[str, Any]]:
+    def public_models(self, principal: Principal) -> list[dict[str, Any]]:
+        """The models ``principal`` may use, as /v1/models lists them."""
         out = []
         for name, m in self.models.items():
+            if not principal.may_use(name):
+                continue
             provs = self.providers[name]
             usable = [p for p in provs if p.unavailable is None]
             entry: dict[str, Any] = {

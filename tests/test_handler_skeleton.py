@@ -1,5 +1,5 @@
-"""The request-handler skeleton (kaiyuan.server.handler) that both API families share: whatever the
-dialect's middle does (answers, raises a GatewayError, has a bug, is cancelled), the reply it got is
+"""The request path (kaiyuan.pipeline) that every API family shares: whatever the dialect's middle
+does (answers, raises a GatewayError, has a bug, is cancelled), the upstream reply it opened is
 closed, the in-flight gauge goes back, the request is logged, and errors use the route's dialect."""
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import orjson
 import pytest
 from aiohttp import web
 
-from kaiyuan.context import RequestContext
+from kaiyuan import pipeline
+from kaiyuan.context import RequestContext, Upstream
 from kaiyuan.dialects import anthropic as anth
 from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
 from kaiyuan.providers.base import UpstreamReply
-from kaiyuan.server import anthropic_api, app, handler, openai_api
+from kaiyuan.server import anthropic_api, app, gemini_api, openai_api
 from kaiyuan.testing.harness import RunningGateway
 from tests.conftest import openai_model
 
@@ -31,7 +32,7 @@ async def _middle(request: web.Request, gw: Gateway, ctx: RequestContext, body: 
     async def closer() -> None:
         CLOSED.append(ctx.request_id)
 
-    ctx.reply = UpstreamReply(200, {}, body=b"{}", _closer=closer)
+    ctx.upstream = Upstream(gw.providers["m"][0], UpstreamReply(200, {}, body=b"{}", _closer=closer))
     what = body.get("do")
     if what == "gateway_error":
         raise GatewayError(ErrorKind.UPSTREAM_ERROR, "the upstream said no")
@@ -42,8 +43,8 @@ async def _middle(request: web.Request, gw: Gateway, ctx: RequestContext, body: 
 
 
 def _routes(a: web.Application) -> None:
-    a.router.add_post("/test/openai", handler.api_handler("openai", "chat", oai.error_body, oai.validate_chat, _middle, "o"))
-    a.router.add_post("/test/anthropic", handler.api_handler("anthropic", "messages", anth.error_body, anth.validate,
+    a.router.add_post("/test/openai", pipeline.api_handler("openai", "chat", oai.error_body, oai.validate_chat, _middle, "o"))
+    a.router.add_post("/test/anthropic", pipeline.api_handler("anthropic", "messages", anth.error_body, anth.validate,
                                                               _middle, "a"))
 
 
@@ -96,7 +97,7 @@ def test_skeleton_always_closes_and_finishes(sk: RunningGateway, path: str, base
 @pytest.mark.parametrize(("path", "body", "shape"), [
     ("/test/openai", {"model": "m"}, "openai"),  # no messages: the route's validator
     ("/test/anthropic", {"model": "m", "messages": []}, "anthropic"),
-    ("/test/openai", {**OPENAI, "model": "nope"}, "openai"),  # model_config: unknown model
+    ("/test/openai", {**OPENAI, "model": "nope"}, "openai"),  # resolve_model: unknown model
     ("/test/anthropic", {**ANTHROPIC, "model": "nope"}, "anthropic"),
 ])
 def test_skeleton_refuses_before_the_middle_in_the_dialect(sk: RunningGateway, path: str, body: dict[str, Any],
@@ -108,9 +109,10 @@ def test_skeleton_refuses_before_the_middle_in_the_dialect(sk: RunningGateway, p
     assert CLOSED == []
 
 
-def test_both_api_families_use_the_skeleton() -> None:
+def test_every_api_family_uses_the_pipeline() -> None:
     for h, name in [(openai_api.chat_completions, "openai_chat"), (openai_api.completions, "openai_completions"),
                     (openai_api.embeddings, "openai_embeddings"), (anthropic_api.messages, "anthropic_messages"),
-                    (anthropic_api.count_tokens, "anthropic_count_tokens")]:
+                    (anthropic_api.count_tokens, "anthropic_count_tokens"),
+                    (gemini_api.generate, "gemini_generate_content"), (gemini_api.count_tokens, "gemini_count_tokens")]:
         assert h.__qualname__ == name
-        assert h.__code__ is handler.api_handler("x", "y", oai.error_body, oai.validate_chat, _middle).__code__
+        assert h.__code__ is pipeline.api_handler("x", "y", oai.error_body, oai.validate_chat, _middle).__code__

@@ -229,7 +229,6 @@ def test_budget_holds_exactly_under_concurrency(kgw: RunningGateway) -> None:
     assert denied[0].code == "budget_exceeded"
     assert "daily budget" in msg and "is $0.0002;" in msg and "resets at" in msg and "spent $0.0" in msg
     assert denied[0].response.headers.get("Retry-After")
-    kgw.gateway.guard.__dict__  # noqa: B018 - the guard is a KeyGuard
     rows = [r for r in kgw.log_rows() if r["key_id"] == k["id"]]
     spent = sum(r["cost_usd"] for r in rows if r["cost_usd"])
     assert 0 < spent <= limit
@@ -246,7 +245,7 @@ def _ledger_total(gw: RunningGateway, key_id: str) -> float:
 
     from kaiyuan.store.schema import spend_ledger
 
-    gw.servers.call(gw.gateway.guard.flush())  # type: ignore[attr-defined]
+    gw.servers.call(gw.gateway.ledger.flush())
     assert gw.gateway.engine is not None
     with gw.gateway.engine.connect() as conn:
         return float(conn.execute(select(func.sum(spend_ledger.c.cost_usd)).where(spend_ledger.c.key_id == key_id)).scalar_one() or 0)

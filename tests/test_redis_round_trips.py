@@ -100,8 +100,7 @@ def test_one_redis_round_trip_per_request(rgw: RunningGateway) -> None:
     c = openai.OpenAI(base_url=rgw.base_url, api_key=key["key"], max_retries=0)
     msgs = [{"role": "user", "content": "hello"}]
     c.chat.completions.create(model="cheap", messages=msgs, max_tokens=20)  # warm: key cache, script load
-    guard: Any = rgw.gateway.guard
-    counters = guard.counters
+    counters = rgw.gateway.reservations.counters
     assert isinstance(counters, RedisCounters)
     _wait_applied(counters, 1)  # the warm-up's settle is not counted below
     log = CallLog(counters.redis)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from kaiyuan.accounting.guard import SingleFlight
+from kaiyuan.accounting.auth import SingleFlight
 
 
 async def test_concurrent_callers_share_one_load() -> None:

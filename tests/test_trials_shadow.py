@@ -226,10 +226,13 @@ def test_property_trial_calls_respect_the_request_policy(ctx_policy: str | None,
     policies = [ctx_policy, principal_policy, header_policy]
     for p in called:
         assert all(reference_allows(pol, p.deployment.tags) for pol in policies), (policies, p.deployment.tags)
-    # not vacuous: every deployment of the candidate that all policies allow was tried when they all fail
+    # not vacuous: when they all fail, the executor tried as many distinct allowed deployments of the
+    # candidate as its routing.retries.max_attempts lets it (trial calls go through the same executor)
     permitted = [p for p in gw.providers["cand"] if all(reference_allows(pol, p.deployment.tags) for pol in policies)]
     if fail:
-        assert {id(p) for p in permitted} <= {id(p) for p in called}
+        tried = {id(p) for p in called}
+        assert tried <= {id(p) for p in permitted}
+        assert len(tried) == min(gw.models["cand"].routing.retries.max_attempts, len(permitted))
     elif permitted:
         assert any(p in called for p in gw.providers["cand"])
 
@@ -244,9 +247,9 @@ def test_participating_keys_teams_and_dialects() -> None:
     def sampled(key: str | None, team: str | None, dialect: str = "openai", endpoint: str = "chat", model: str = "inc") -> bool:
         ctx = RequestContext("r", dialect, endpoint, model=model, principal=Principal(key_id=key, team_id=team))
         rt.pre_route(ctx)
-        rt.pre_route(ctx)  # idempotent if model_config runs twice
-        assert ctx.extra.get("trial_shadow", ["k"]) == ["k"]
-        return "trial_shadow" in ctx.extra
+        rt.pre_route(ctx)  # idempotent if the hook runs twice
+        assert ctx.trial_shadow in ((), ("k",))
+        return bool(ctx.trial_shadow)
 
     assert sampled("key-a", "t1")
     assert not sampled("key-b", "t1") and not sampled("key-a", "t2") and not sampled(None, None)

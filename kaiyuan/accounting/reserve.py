@@ -15,7 +15,7 @@ way, and the settle corrects both to what the upstream reports.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +35,7 @@ class Reservation:
     unpriced: str | None  # the first reachable deployment without a price (budgets cannot hold there)
 
 
-def reserve(deployments: Iterable[str], table: dict[str, DeploymentEntry], caps: OutputCaps, ask: OutputAsk,
+def reserve(deployments: Iterable[str], table: Mapping[str, DeploymentEntry], caps: OutputCaps, ask: OutputAsk,
             body: dict[str, Any]) -> Reservation:
     prompt = tokens = 0
     worst = 0.0

@@ -18,9 +18,9 @@ from aiohttp import web
 from sqlalchemy import Engine, select
 
 from kaiyuan.accounting import keystore
+from kaiyuan.accounting.auth import bearer_token
 from kaiyuan.console.session import COOKIE, Session, Sessions
 from kaiyuan.errors import ErrorKind, GatewayError
-from kaiyuan.guard import bearer_token
 from kaiyuan.server.openai_api import GATEWAY_KEY
 from kaiyuan.store.schema import api_keys, teams
 

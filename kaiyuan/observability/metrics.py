@@ -46,6 +46,9 @@ class Metrics:
             "kaiyuan_request_log_dropped", "Request-log rows dropped because the queue was full", registry=r,
         )
         self.log_written = Counter("kaiyuan_request_log_written", "Request-log rows written", registry=r)
+        self.denied = Counter("kaiyuan_guard_denied", "Requests refused by authentication, limits or budgets",
+                              ["reason"], registry=r)
+        self.spend = Counter("kaiyuan_spend_usd", "Spend recorded, USD", ["model"], registry=r)
         self.unknown_routes = Counter(
             "kaiyuan_unknown_route_requests", "Requests to paths this gateway does not serve (404) or with a method "
             "it does not take there (405), by method and status; the path is in the request log, never a label",

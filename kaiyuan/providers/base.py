@@ -40,9 +40,11 @@ class UpstreamReply:
     def bytes_received(self) -> int:
         return self.received if self.stream is not None else len(self.body or b"")
 
-    async def aclose(self) -> None:
-        """Release the upstream connection; cancels an unfinished upstream stream."""
-        closer, self._closer = self._closer, None
+    async def aclose(self, finished: bool = False) -> None:
+        """Release the upstream connection: cancels an unfinished upstream stream; ``finished`` (the
+        client has the whole answer) lets a stream be read to its end and keep its connection."""
+        closer = self._finisher if finished and self._finisher is not None else self._closer
+        self._closer = self._finisher = None
         if closer is not None:
             res = closer()
             if hasattr(res, "__await__"):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from kaiyuan.context import Attempt, RequestContext
+from kaiyuan.context import Attempt, RequestContext, Upstream
 from kaiyuan.errors import ErrorKind, GatewayError, kind_for_upstream_status
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
 from kaiyuan.routing.breaker import DeploymentHealth
@@ -68,7 +68,7 @@ async def execute(router: Router, ctx: RequestContext, build: Callable[[Provider
     run = _Run(router, ctx, build, policy, time.monotonic() + primary.settings.retries.max_total_s)
     chain: list[ModelRoute] = [primary]
     seen = {primary.name}
-    allowed_models = ctx.principal.allowed_models
+    principal = ctx.principal
     i = 0
     while i < len(chain):
         route = chain[i]
@@ -76,7 +76,7 @@ async def execute(router: Router, ctx: RequestContext, build: Callable[[Provider
         verdict, result = await _try_model(run, route)
         if isinstance(result, tuple):
             if route is not primary:
-                ctx.extra["served_model"] = route.name
+                ctx.served_model = route.name
                 router.metrics.fallbacks.labels(primary.name, route.name).inc()
             return result
         if verdict == FINAL:
@@ -88,6 +88,8 @@ async def execute(router: Router, ctx: RequestContext, build: Callable[[Provider
             nxt = route.settings.content_policy_fallbacks
         else:
             nxt = route.settings.fallbacks
+        if ctx.background:  # a trial call compares this model: another model's answer is no answer
+            nxt = []
         if verdict != RETRY:
             if not nxt:
                 assert result is not None
@@ -99,7 +101,7 @@ async def execute(router: Router, ctx: RequestContext, build: Callable[[Provider
             if name in seen:
                 continue
             seen.add(name)
-            if allowed_models is not None and name not in allowed_models:
+            if not principal.may_use(name):
                 run.notes.append(f"fallback {name!r} not allowed for this key")
                 continue
             fb = router.routes.get(name)
@@ -215,9 +217,10 @@ async def _attempt(run: _Run, route: ModelRoute, slot: Slot) -> tuple[str, tuple
     if reply.stream is None and (bad := _bad_body(provider, reply)) is not None:
         return _failed(run, attempt, h, probe, bad, False, t0)
     h.success(probe, elapsed)
-    if reply.stream is not None:
-        _on_close(reply, h, ctx)
-    else:  # the whole body is here: the deployment's work is done
+    # Opened here, closed by the pipeline (close_upstream): a stream's work ends when it is closed.
+    ctx.upstream = Upstream(provider, reply, h if reply.stream is not None else None)
+    ctx.deadline = reply.deadline
+    if reply.stream is None:  # the whole body is here: the deployment's work is done
         h.done()
         if provider.deployment.tpm is not None and reply.parsed is not None:
             h.add_tokens(_usage_tokens(reply.parsed))
@@ -304,26 +307,25 @@ async def _prefixed(first: bytes, rest: AsyncIterator[bytes], reply: UpstreamRep
         yield chunk
 
 
-def _on_close(reply: UpstreamReply, h: DeploymentHealth, ctx: RequestContext) -> None:
-    """When the caller closes a stream: the deployment's request is over (in-flight, tokens, and a
-    stream that broke after its first byte counts as a failure)."""
-    inner = reply._closer
-    finisher = reply._finisher
-
-    def closer() -> object:
-        try:
-            if finisher is not None and ctx.extra.get("answered"):  # the client has the whole answer
-                return finisher()
-            return inner() if inner is not None else None
-        finally:
+async def close_upstream(ctx: RequestContext) -> None:
+    """Close the reply the executor opened for ``ctx`` (the one place it is closed). For a stream,
+    the deployment's request ends now: its in-flight count, its tokens, and a stream that broke
+    after its first byte counts as a failure. A stream the client had whole may keep its connection."""
+    up, ctx.upstream = ctx.upstream, None
+    if up is None:
+        return
+    ctx.upstream_bytes = up.reply.bytes_received()
+    try:
+        await up.reply.aclose(finished=ctx.answered)
+    finally:
+        h = up.health
+        if h is not None:
             h.done()
             u = ctx.usage
             if u.prompt_tokens or u.completion_tokens:
                 h.add_tokens((u.prompt_tokens or 0) + (u.completion_tokens or 0))
             if ctx.stream and ctx.error is not None and ctx.status >= 500 and not ctx.cancelled:
                 h.failure(False, ctx.error)
-
-    reply._closer = closer
 
 
 def _note_unusable(run: _Run, route: ModelRoute, ordered: list[Slot], now: float) -> None:

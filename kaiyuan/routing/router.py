@@ -93,6 +93,19 @@ class RoutingMetrics:
         )
 
 
+DEFAULT_CNY_PER_USD = 7.1  # accounting.cny_per_usd's default; the gateway passes the configured rate
+
+
+def usd_cost(price: dict[str, Any], cny_per_usd: float) -> float:
+    """A deployment's price for the ``cheapest`` strategy: input + output USD per million tokens,
+    a CNY price converted at ``accounting.cny_per_usd`` (so CNY 1/2 ranks before USD 1/1);
+    infinite when unknown."""
+    if "input" not in price or "output" not in price:
+        return float("inf")
+    total = float(price["input"]) + float(price["output"])
+    return total / cny_per_usd if price.get("currency") == "CNY" else total
+
+
 class Router:
     def __init__(
         self,
@@ -101,6 +114,7 @@ class Router:
         registry: CollectorRegistry | None = None,
         clock: Clock = time.monotonic,
         rng: random.Random | None = None,
+        cny_per_usd: float = DEFAULT_CNY_PER_USD,
     ) -> None:
         self.by_model = providers
         self.rng = rng or random.Random()
@@ -117,8 +131,7 @@ class Router:
             for p in provs:
                 d = p.deployment
                 h = DeploymentHealth(name, p.id, settings.breaker, self._now, self._on_state)
-                price = d.price or {}
-                cost = float(price["input"]) + float(price["output"]) if "input" in price and "output" in price else float("inf")
+                cost = usd_cost(d.price or {}, cny_per_usd)
                 slots.append(Slot(name, p, h, d.weight, cost, frozenset(d.tags)))
                 self.metrics.state.labels(name, p.id).set(0)
             self.routes[name] = ModelRoute(

@@ -8,7 +8,8 @@ first element is the deployment a request is sent to and the rest are its failov
   requests in flight goes first; the rest follow by in-flight count.
 - ``lowest_latency``: lowest EWMA of time to first token first; deployments without a
   measurement yet go first, so each gets measured.
-- ``cheapest``: lowest price (input + output per million tokens) first; equal prices weighted.
+- ``cheapest``: lowest price (input + output USD per million tokens, CNY converted at
+  ``accounting.cny_per_usd``: :func:`kaiyuan.routing.router.usd_cost`) first; equal prices weighted.
 """
 
 from __future__ import annotations

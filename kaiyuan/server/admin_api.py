@@ -19,7 +19,6 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kaiyuan.accounting import keystore, reports
-from kaiyuan.accounting.guard import KeyGuard
 from kaiyuan.accounting.keystore import Budget, StoreError
 from kaiyuan.console.access import VIEWER, Viewer, authorize
 from kaiyuan.dialects import openai as oai
@@ -141,14 +140,9 @@ async def _body(request: web.Request, model: type[_In]) -> Any:
     return model.model_validate(data)
 
 
-def _guard(gw: Gateway) -> KeyGuard | None:
-    return gw.guard if isinstance(gw.guard, KeyGuard) else None
-
-
 async def _invalidate(gw: Gateway, key_hash: str | None = None) -> None:
     """After an admin change: drop cached keys here and, with Redis, on every replica."""
-    if (g := _guard(gw)) is not None:
-        await g.invalidate_everywhere(key_hash)
+    await gw.auth.invalidate_everywhere(key_hash)
 
 
 def _check_models(gw: Gateway, models: list[str] | None) -> None:
@@ -277,10 +271,8 @@ async def list_keys(request: web.Request) -> web.StreamResponse:
 async def get_key(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
     out = await _run(keystore.get_key, gw.engine, request.match_info["id"])
-    g = _guard(gw)
-    if g is not None:
-        for b in out["budgets"]:
-            b.update(await g.budget_status(Budget(b["id"], b["scope"], b["scope_id"], b["period"], b["limit_usd"])))
+    for b in out["budgets"]:
+        b.update(await gw.reservations.budget_status(Budget(b["id"], b["scope"], b["scope_id"], b["period"], b["limit_usd"])))
     return _json(out)
 
 
@@ -329,10 +321,8 @@ async def put_budget(request: web.Request) -> web.StreamResponse:
 async def list_budgets(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
     data = await _run(keystore.list_budgets, gw.engine)
-    g = _guard(gw)
-    if g is not None:
-        for b in data:
-            b.update(await g.budget_status(Budget(b["id"], b["scope"], b["scope_id"], b["period"], b["limit_usd"])))
+    for b in data:
+        b.update(await gw.reservations.budget_status(Budget(b["id"], b["scope"], b["scope_id"], b["period"], b["limit_usd"])))
     return _json({"object": "list", "data": data})
 
 
@@ -345,20 +335,15 @@ async def delete_budget(request: web.Request) -> web.StreamResponse:
 
 
 async def _invalidate_scope(gw: Gateway, scope: str, scope_id: str) -> None:
-    g = _guard(gw)
-    if g is None:
-        return
     for h in await _run(keystore.hashes_for_scope, gw.engine, scope, scope_id):
-        await g.invalidate_everywhere(h)
+        await gw.auth.invalidate_everywhere(h)
 
 
 # -- spend and prices ------------------------------------------------------------------------------
 @admin
 async def spend(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
-    g = _guard(gw)
-    if g is not None:
-        await g.flush()
+    await gw.ledger.flush()
     q = request.query
     try:
         params = reports.SpendQuery.from_query(dict(q))
@@ -366,7 +351,7 @@ async def spend(request: web.Request) -> web.StreamResponse:
         raise _err(400, str(e), "invalid_query") from None
     ref = None
     if params.reference:
-        ref = reports.reference_price(params.reference, gw.config, g.catalog if g else None)
+        ref = reports.reference_price(params.reference, gw.config, gw.costing.catalog)
         if ref is None:
             raise _err(400, f"reference model {params.reference!r} has no known price", "unknown_reference", "reference")
     result = await _run(reports.spend_report, gw.engine, params, ref)
@@ -382,21 +367,19 @@ async def spend(request: web.Request) -> web.StreamResponse:
 @admin
 async def prices(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
-    g = _guard(gw)
-    if g is None:
-        return _json({"object": "list", "data": []})
     data = []
-    for did, (dep, price, vendor) in g.deployments.items():
+    for did, pd in gw.costing.deployments.items():
+        price = pd.price
         data.append({
             "deployment": did,
-            "upstream_model": dep.model,
-            "vendor": vendor,
+            "upstream_model": pd.deployment.model,
+            "vendor": pd.vendor,
             "source": price.source if price else None,
             "input_usd_per_m": round(price.base.input * 1e6, 6) if price else None,
             "output_usd_per_m": round(price.base.output * 1e6, 6) if price else None,
             "price_known": price is not None,
         })
-    return _json({"object": "list", "catalog_version": g.catalog.version, "data": data})
+    return _json({"object": "list", "catalog_version": gw.costing.catalog.version, "data": data})
 
 
 def add_routes(app: web.Application) -> None:

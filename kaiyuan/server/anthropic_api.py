@@ -18,10 +18,10 @@ from kaiyuan.context import RequestContext
 from kaiyuan.dialects import anthropic as anth
 from kaiyuan.dialects import canonical as c
 from kaiyuan.gateway import Gateway
+from kaiyuan.pipeline import api_handler
 from kaiyuan.providers.base import Provider, UpstreamCall
 from kaiyuan.server import translate
 from kaiyuan.server.common import JSON_CT, kaiyuan_headers, with_public_model
-from kaiyuan.server.handler import api_handler
 from kaiyuan.server.overrun import cut_anthropic_body, cut_canonical, output_limit, overran, reported_output
 
 FORWARDED_HEADERS = ("anthropic-beta",)
@@ -69,7 +69,6 @@ async def _messages(request: web.Request, gw: Gateway, ctx: RequestContext, body
         return translate.translated_call(provider, anth.request_to_canonical, body, canon, cap, caps)
 
     provider, reply = await gw.execute(ctx, build)
-    ctx.reply = reply
     public = ctx.model or ""
     lim = output_limit(ctx, gw.router.flag_overrun, provider.deployment.model)
     if reply.stream is not None:
@@ -94,7 +93,7 @@ async def _messages(request: web.Request, gw: Gateway, ctx: RequestContext, body
             cut_canonical(r, lim)
         data = orjson.dumps(anth.response_from_canonical(r, public))
     ctx.mark_first_byte()
-    if ctx.log_bodies or "capture_response" in ctx.extra:  # trials: sampled requests
+    if ctx.log_bodies or ctx.capture_response:  # trials: sampled requests
         ctx.response_body = data
     return web.Response(body=data, status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))
 
@@ -170,7 +169,6 @@ async def _count_tokens(request: web.Request, gw: Gateway, ctx: RequestContext, 
         b["model"] = providers[0].deployment.model
         _prov, reply = await gw.execute(ctx, lambda p: UpstreamCall("count_tokens", {**b, "model": p.deployment.model},
                                                                         False, headers=_forward_headers(request)))
-        ctx.reply = reply
         ctx.status = reply.status
         return web.Response(body=reply.body or b"", status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))
     ctx.status = 200

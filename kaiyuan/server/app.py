@@ -15,12 +15,11 @@ from kaiyuan.dialects import gemini_in
 from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
+from kaiyuan.pipeline import GATEWAY_KEY, record_unknown_route
 from kaiyuan.routing import admin as routing_admin
 from kaiyuan.server import anthropic_api, gemini_api, health, openai_api, responses_api
 from kaiyuan.server.common import ErrorSerializer, error_response
 from kaiyuan.server.connections import ConnectionLimiter, default_max_connections
-from kaiyuan.server.handler import record_unknown_route
-from kaiyuan.server.openai_api import GATEWAY_KEY
 
 log = logging.getLogger("kaiyuan.server")
 
@@ -127,7 +126,24 @@ def build_gateway(config: GatewayConfig) -> Gateway:
     return Gateway(config, engine)
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def warn_if_open(config: GatewayConfig, host: str) -> bool:
+    """Say loudly at start when anyone who can reach the port can use the gateway (no master key,
+    listening beyond loopback). True when it warned."""
+    if config.server.master_key is not None or host in LOOPBACK_HOSTS or host.startswith("127."):
+        return False
+    log.warning(
+        "NO MASTER KEY: the gateway listens on %s without server.master_key, so anyone who can reach it can "
+        "call every model at your expense (the admin API stays closed). Set server.master_key, or listen "
+        "on 127.0.0.1 only.", host,
+    )
+    return True
+
+
 async def run_server(config: GatewayConfig, host: str, port: int, ready: Callable[[str], None] | None = None) -> None:
+    warn_if_open(config, host)
     gw = build_gateway(config)
     app = create_app(config, gw)
     srv = config.server

@@ -180,12 +180,10 @@ def kaiyuan_headers(ctx: RequestContext) -> dict[str, str]:
         ctx.cost_usd = ctx.pricer(ctx)  # usage is known: a whole (non-streamed) answer
     if ctx.cost_usd is not None:
         h["x-kaiyuan-cost"] = f"{ctx.cost_usd:.8f}".rstrip("0").rstrip(".") or "0"
-    served = ctx.extra.get("served_model")
-    if served:
-        h["x-kaiyuan-model"] = served
-    omitted = ctx.extra.get("omitted_tools")
-    if omitted:  # /v1/responses: hosted tools left out of the upstream call
-        h["x-kaiyuan-omitted-tools"] = omitted
+    if ctx.served_model:
+        h["x-kaiyuan-model"] = ctx.served_model
+    if ctx.omitted_tools:  # /v1/responses: hosted tools left out of the upstream call
+        h["x-kaiyuan-omitted-tools"] = ctx.omitted_tools
     return h
 
 
@@ -201,7 +199,7 @@ def error_response(err: GatewayError, serialize: ErrorSerializer, ctx: RequestCo
 def client_gone(ctx: RequestContext) -> None:
     """Record that the client disconnected: a cancellation (499), unless it already had its whole
     answer and only hung up while the gateway was still reading the upstream to its end."""
-    if ctx.extra.get("answered") or ctx.extra.get("dropped"):  # dropped: by the gateway (server.deadline)
+    if ctx.answered or ctx.dropped:  # dropped: by the gateway (server.deadline)
         return
     ctx.cancelled = True
     ctx.status = 499

@@ -25,7 +25,7 @@ MIN_WRITE_S = 1.0  # a whole body always gets at least this long to go out
 
 def remaining(ctx: RequestContext, floor: float = 0.0) -> float | None:
     """Seconds left for this request's upstream call and relay; None when it has no deadline."""
-    deadline = ctx.reply.deadline if ctx.reply is not None else None
+    deadline = ctx.deadline
     if deadline is None:
         return None
     return max(deadline - time.monotonic(), floor)
@@ -33,7 +33,7 @@ def remaining(ctx: RequestContext, floor: float = 0.0) -> float | None:
 
 def abandon(request: web.Request, ctx: RequestContext) -> None:
     """The client did not take its answer in time: drop its connection and record why."""
-    ctx.extra["dropped"] = True  # the disconnect that follows is the gateway's doing, not a cancellation
+    ctx.dropped = True  # the disconnect that follows is the gateway's doing, not a cancellation
     ctx.status = 504
     ctx.error = "the client did not read its answer within the deployment's timeouts.total; connection dropped"
     if request.transport is not None:
@@ -53,7 +53,7 @@ async def within(request: web.Request, ctx: RequestContext, floor: float = 0.0) 
 
 async def send_whole(request: web.Request, resp: web.StreamResponse, ctx: RequestContext) -> web.StreamResponse:
     """Write a whole (non-streamed) response now, under the deadline (at least MIN_WRITE_S)."""
-    if ctx.reply is None or ctx.reply.deadline is None or resp.prepared:
+    if ctx.deadline is None or resp.prepared:
         return resp
     async with within(request, ctx, MIN_WRITE_S):
         await resp.prepare(request)

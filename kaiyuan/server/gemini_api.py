@@ -20,10 +20,10 @@ from kaiyuan.context import RequestContext
 from kaiyuan.dialects import gemini_in
 from kaiyuan.errors import ErrorKind, GatewayError, invalid
 from kaiyuan.gateway import Gateway
+from kaiyuan.pipeline import api_handler, record_unknown_route
 from kaiyuan.providers.base import Provider, UpstreamCall
 from kaiyuan.server import translate
 from kaiyuan.server.common import JSON_CT, error_response, kaiyuan_headers
-from kaiyuan.server.handler import api_handler, record_unknown_route
 from kaiyuan.server.overrun import cut_canonical, output_limit, overran
 
 PREFIXES = ("/v1beta", "/v1")
@@ -58,7 +58,6 @@ async def _generate(request: web.Request, gw: Gateway, ctx: RequestContext, body
                                          cap, caps)
 
     provider, reply = await gw.execute(ctx, build)
-    ctx.reply = reply
     public = ctx.model or ""
     lim = output_limit(ctx, gw.router.flag_overrun, provider.deployment.model)
     if reply.stream is not None:
@@ -71,7 +70,7 @@ async def _generate(request: web.Request, gw: Gateway, ctx: RequestContext, body
     data = orjson.dumps(gemini_in.response_from_canonical(r, public))
     ctx.status = reply.status
     ctx.mark_first_byte()
-    if ctx.log_bodies or "capture_response" in ctx.extra:
+    if ctx.log_bodies or ctx.capture_response:
         ctx.response_body = data
     return web.Response(body=data, status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))
 

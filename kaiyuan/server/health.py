@@ -6,7 +6,8 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from kaiyuan.server.openai_api import GATEWAY_KEY
+from kaiyuan.context import Principal
+from kaiyuan.pipeline import GATEWAY_KEY
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -15,7 +16,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY_KEY]
-    models = gw.public_models()
+    models = gw.public_models(Principal())  # every model: readiness is about the gateway, not a key
     usable = [m["id"] for m in models if m["available"]]
     unavailable = {m["id"]: m.get("unavailable_reason") for m in models if not m["available"]}
     ok = gw.ready and bool(usable)

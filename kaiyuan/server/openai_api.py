@@ -17,6 +17,7 @@ from kaiyuan.context import RequestContext
 from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
+from kaiyuan.pipeline import GATEWAY_KEY, api_handler
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
 from kaiyuan.server import translate
 from kaiyuan.server.common import (
@@ -27,7 +28,6 @@ from kaiyuan.server.common import (
     new_request_id,
     with_public_model,
 )
-from kaiyuan.server.handler import GATEWAY_KEY, api_handler
 from kaiyuan.server.overrun import cut_openai_body, output_limit, overran, reported_output
 from kaiyuan.server.sse import relay_openai_stream
 
@@ -65,7 +65,6 @@ async def _middle(request: web.Request, gw: Gateway, ctx: RequestContext, body: 
             body["stream_options"] = {**(so or {}), "include_usage": True}
             strip_usage = True
     provider, reply = await gw.execute(ctx, _build_call(gw, ctx, endpoint, body, stream))
-    ctx.reply = reply
     lim = output_limit(ctx, gw.router.flag_overrun, provider.deployment.model)
     if provider.protocol != "openai":
         return await translate.openai_reply(request, ctx, provider, reply, not strip_usage, lim)
@@ -83,7 +82,7 @@ async def _middle(request: web.Request, gw: Gateway, ctx: RequestContext, body: 
             data = cut_openai_body({**obj, "model": public} if "model" in obj else obj, lim, reported)
         else:
             data = with_public_model(obj, data, public)
-    if ctx.log_bodies or "capture_response" in ctx.extra:  # trials: shadow-sampled requests
+    if ctx.log_bodies or ctx.capture_response:  # trials: shadow-sampled requests
         ctx.response_body = data
     return web.Response(body=data, status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))
 
@@ -100,28 +99,34 @@ completions = api_handler("openai", "completions", oai.error_body, oai.validate_
 embeddings = api_handler("openai", "embeddings", oai.error_body, oai.validate_embeddings, _middle, "embeddings")
 
 
-async def list_models(request: web.Request) -> web.Response:
+async def _models_for(request: web.Request, ctx: RequestContext) -> list[dict[str, Any]]:
+    """The models the caller may use: /v1/models and /v1/models/{id} authenticate alike."""
     gw = request.app[GATEWAY_KEY]
+    await gw.auth.authenticate(ctx)
+    return gw.public_models(ctx.principal)
+
+
+async def list_models(request: web.Request) -> web.Response:
     ctx = RequestContext(new_request_id(), "openai", "models", headers=request.headers)
     try:
-        await gw.guard.admit(ctx)
+        models = await _models_for(request, ctx)
     except GatewayError as e:
         return error_response(e, oai.error_body, ctx)
-    models = gw.public_models()
-    allowed = ctx.principal.allowed_models
-    if allowed is not None:
-        models = [m for m in models if m["id"] in allowed]
     return web.Response(body=orjson.dumps({"object": "list", "data": models}), content_type=JSON_CT)
 
 
 async def retrieve_model(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY_KEY]
+    """One model, as in /v1/models; a model the key may not use is not shown (404, as if absent)."""
+    ctx = RequestContext(new_request_id(), "openai", "models", headers=request.headers)
     name = request.match_info["model"]
-    for m in gw.public_models():
-        if m["id"] == name:
-            return web.Response(body=orjson.dumps(m), content_type=JSON_CT)
+    try:
+        for m in await _models_for(request, ctx):
+            if m["id"] == name:
+                return web.Response(body=orjson.dumps(m), content_type=JSON_CT)
+    except GatewayError as e:
+        return error_response(e, oai.error_body, ctx)
     err = GatewayError(ErrorKind.NOT_FOUND, f"model {name!r} does not exist on this gateway", param="model", code="model_not_found")
-    return error_response(err, oai.error_body)
+    return error_response(err, oai.error_body, ctx)
 
 
 def add_routes(app: web.Application) -> None:
@@ -135,3 +140,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/completions", completions)
     app.router.add_post("/embeddings", embeddings)
     app.router.add_get("/models", list_models)
+    app.router.add_get("/models/{model}", retrieve_model)

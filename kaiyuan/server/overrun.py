@@ -65,8 +65,9 @@ def output_limit(ctx: RequestContext, flag: Flag, upstream_model: str) -> Output
 
 async def close_upstream(ctx: RequestContext) -> None:
     """Close the upstream request now (cancels its generation), not read it to its end."""
-    if ctx.reply is not None:
-        await ctx.reply.aclose()  # idempotent: the handler's own close later is a no-op
+    if ctx.upstream is not None:
+        # only the connection: the pipeline's close_upstream still ends the deployment's work
+        await ctx.upstream.reply.aclose()
 
 
 def record_cut(ctx: RequestContext, lim: OutputLimit, body: dict[str, Any]) -> tuple[int, int]:

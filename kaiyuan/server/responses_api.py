@@ -1,7 +1,7 @@
 """The Responses API: ``POST /v1/responses`` (stream and not), ``GET`` / ``DELETE /v1/responses/{id}``
 and ``GET /v1/responses/{id}/input_items``.
 
-``POST`` runs on the shared skeleton (:func:`kaiyuan.server.handler.api_handler`), so keys, limits,
+``POST`` runs on the shared skeleton (:func:`kaiyuan.pipeline.api_handler`), so keys, limits,
 budgets, routing, data policy, cost, the request log and trials apply as on every endpoint. The
 request becomes canonical (:mod:`kaiyuan.dialects.responses`) and goes to any upstream as Chat
 Completions, Anthropic Messages or Gemini; a model whose every deployment speaks Responses itself
@@ -26,11 +26,11 @@ from kaiyuan.dialects import responses_out as ro
 from kaiyuan.dialects.responses_stream import ChatToResponses
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
+from kaiyuan.pipeline import api_handler
 from kaiyuan.providers.base import Provider, UpstreamCall
 from kaiyuan.server import responses_state as state
 from kaiyuan.server import translate
 from kaiyuan.server.common import JSON_CT, kaiyuan_headers
-from kaiyuan.server.handler import api_handler
 from kaiyuan.server.overrun import OutputLimit, capped_chunks, cut_canonical, output_limit, overran
 from kaiyuan.server.sse import relay, sse_events
 
@@ -75,7 +75,6 @@ async def _create(request: web.Request, gw: Gateway, ctx: RequestContext, body: 
                                f"{provider.protocol} upstream ({type(e).__name__}: {e})", code="invalid_request") from None
 
     provider, reply = await gw.execute(ctx, build)
-    ctx.reply = reply
     lim = output_limit(ctx, gw.router.flag_overrun, provider.deployment.model)
     shape = ro.Shape(prep.names, prep.summary, rt.sealer.seal if prep.encrypted else None)
     skeleton = ro.skeleton(ro.new_id("resp"), ctx.model or "", body)
@@ -93,7 +92,7 @@ async def _create(request: web.Request, gw: Gateway, ctx: RequestContext, body: 
     data = orjson.dumps(final)
     ctx.status = 200
     ctx.mark_first_byte()
-    if ctx.log_bodies or "capture_response" in ctx.extra:
+    if ctx.log_bodies or ctx.capture_response:
         ctx.response_body = data
     return web.Response(body=data, content_type=JSON_CT, headers=kaiyuan_headers(ctx))
 
@@ -102,7 +101,7 @@ async def _stream(request: web.Request, ctx: RequestContext, provider: Provider,
                   skeleton: dict[str, Any], shape: ro.Shape, prep: rq.Prepared, history: list[dict[str, Any]],
                   rt: state.ResponsesRuntime, store: bool, lim: OutputLimit | None) -> web.StreamResponse:
     tr = ChatToResponses(skeleton, shape)
-    tail = bytearray() if ctx.log_bodies or "capture_response" in ctx.extra else None
+    tail = bytearray() if ctx.log_bodies or ctx.capture_response else None
 
     async def pump(resp: web.StreamResponse) -> None:
         async def write(parts: list[bytes]) -> None:
@@ -145,7 +144,6 @@ async def _pass(request: web.Request, gw: Gateway, ctx: RequestContext, body: di
         return UpstreamCall("responses", {**body, "model": provider.deployment.model, "max_output_tokens": cap}, stream)
 
     _provider, reply = await gw.execute(ctx, build)
-    ctx.reply = reply
     if reply.stream is not None:
         ctx.status = 200
         return await relay(request, ctx, lambda resp: _pass_pump(resp, ctx, reply.stream), _pass_error)

@@ -20,9 +20,9 @@ from kaiyuan.dialects import responses_out as ro
 from kaiyuan.dialects.responses_stream import ChatToResponses
 from kaiyuan.errors import ErrorKind, GatewayError, invalid
 from kaiyuan.gateway import Gateway
+from kaiyuan.pipeline import GATEWAY_KEY
 from kaiyuan.sealing import Sealer, derive_key, stored_secret
 from kaiyuan.server.common import JSON_CT, error_response, new_request_id
-from kaiyuan.server.handler import GATEWAY_KEY
 from kaiyuan.store.responses import ResponseStore
 
 log = logging.getLogger("kaiyuan.responses")
@@ -53,7 +53,7 @@ class ResponsesRuntime:
         """Name the hosted tools left out: a response header always, a log line (INFO the first time
         per model and tool set, DEBUG after: Codex sends web_search on every request)."""
         names = ", ".join(sorted(set(tools)))
-        ctx.extra["omitted_tools"] = names
+        ctx.omitted_tools = names
         key = (ctx.model or "", names)
         level = logging.DEBUG if key in self._noted else logging.INFO
         if len(self._noted) < MAX_NOTED:
@@ -110,7 +110,7 @@ def runtime(app: web.Application) -> ResponsesRuntime:
 async def _owned(request: web.Request, endpoint: str) -> tuple[ResponsesRuntime, RequestContext, Any]:
     gw = request.app[GATEWAY_KEY]
     ctx = RequestContext(new_request_id(), "openai", endpoint, headers=request.headers)
-    await gw.guard.admit(ctx)
+    await gw.auth.authenticate(ctx)
     rt = runtime(request.app)
     rid = request.match_info["id"]
     s = await rt.store.get(rid, ctx.principal.key_id, wait_for_peers=False)

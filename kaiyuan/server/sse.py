@@ -91,7 +91,7 @@ async def _end_late(request: web.Request, resp: web.StreamResponse, ctx: Request
     err = GatewayError(ErrorKind.UPSTREAM_TIMEOUT, f"the request to {ctx.deployment} exceeded its total time limit "
                                                    f"(timeouts.total); the answer is incomplete")
     ctx.status, ctx.error = err.status, err.message
-    ctx.extra["dropped"] = True  # however this write ends, the deadline ended the request (no 499)
+    ctx.dropped = True  # however this write ends, the deadline ended the request (no 499)
     try:
         async with asyncio.timeout(MIN_WRITE_S):
             await resp.write(error_event(err))
@@ -104,7 +104,7 @@ async def _pump_and_end(resp: web.StreamResponse, ctx: RequestContext, pump: Pum
     try:
         await pump(resp)
     except GatewayError as e:
-        if ctx.extra.get("answered"):  # the client has its whole answer and its response is ended
+        if ctx.answered:  # the client has its whole answer and its response is ended
             return
         ctx.status, ctx.error = e.status, e.message
         await resp.write(error_event(e))
@@ -112,7 +112,7 @@ async def _pump_and_end(resp: web.StreamResponse, ctx: RequestContext, pump: Pum
         raise
     except Exception as e:
         log.exception("internal error mid-stream on %s", ctx.request_id)
-        if ctx.extra.get("answered"):
+        if ctx.answered:
             return
         err = GatewayError(ErrorKind.INTERNAL, f"internal gateway error ({type(e).__name__}); request id {ctx.request_id}")
         ctx.status, ctx.error = err.status, err.message
@@ -126,7 +126,7 @@ async def answered(resp: web.StreamResponse, ctx: RequestContext, last: bytes) -
     The relay stops there: the upstream's own end is read in the background when the reply is
     closed (``providers.http.finish_stream``), and a client that hangs up now is no cancellation
     (see ``common.client_gone``)."""
-    ctx.extra["answered"] = True
+    ctx.answered = True
     await resp.write_eof(last)
 
 
@@ -139,7 +139,7 @@ async def relay_openai_stream(
     ``"usage": null`` that upstreams put on every other chunk once usage is asked for (the spec: the
     field is absent unless asked). An answer that runs past ``lim`` is cut there (see
     :mod:`kaiyuan.server.overrun`). ``rename`` rewrites each event's model name."""
-    tail = bytearray() if ctx.log_bodies or "capture_response" in ctx.extra else None
+    tail = bytearray() if ctx.log_bodies or ctx.capture_response else None
 
     async def pump(resp: web.StreamResponse) -> None:
         saw_done = False

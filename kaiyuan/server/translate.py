@@ -97,8 +97,8 @@ def usage_into_ctx(u: c.Usage, ctx: RequestContext) -> None:
 
 def prompt_estimate(ctx: RequestContext) -> int:
     """The prompt's size before the upstream reports it (for Anthropic's ``message_start``): the
-    guard's count when it made one, else ceil(body bytes / 3) (no second tokenizer pass)."""
-    known = ctx.extra.get("kaiyuan.prompt_estimate")
+    reservation's count when it made one, else ceil(body bytes / 3) (no second tokenizer pass)."""
+    known = ctx.prompt_estimate
     return known if isinstance(known, int) and known > 0 else math.ceil(len(ctx.raw_body) / 3)
 
 
@@ -216,7 +216,7 @@ async def _openai_chunks(protocol: str, stream: AsyncIterator[bytes], ctx: Reque
 async def relay_to_openai(request: web.Request, ctx: RequestContext, protocol: str, stream: AsyncIterator[bytes],
                           model: str, include_usage: bool, lim: OutputLimit | None = None) -> web.StreamResponse:
     """An Anthropic or Gemini upstream stream, to an OpenAI caller (cut at ``lim``)."""
-    tail = bytearray() if "capture_response" in ctx.extra else None  # trials: sampled requests
+    tail = bytearray() if ctx.capture_response else None  # trials: sampled requests
 
     async def pump(resp: web.StreamResponse) -> None:
         try:
@@ -239,7 +239,7 @@ async def relay_to_anthropic(request: web.Request, ctx: RequestContext, protocol
                              model: str, lim: OutputLimit | None = None) -> web.StreamResponse:
     """An OpenAI-compatible or Gemini upstream stream, to an Anthropic caller (cut at ``lim``)."""
     tr = OpenAIToAnthropic(model, prompt_estimate(ctx))
-    tail = bytearray() if "capture_response" in ctx.extra else None  # trials: sampled requests
+    tail = bytearray() if ctx.capture_response else None  # trials: sampled requests
 
     async def pump(resp: web.StreamResponse) -> None:
         try:
@@ -267,7 +267,7 @@ async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext,
                                       lim: OutputLimit | None = None) -> web.StreamResponse:
     """An Anthropic upstream stream to an Anthropic caller: bytes as they arrive, usage read on the
     side, cut at ``lim`` (one token counted per content delta)."""
-    tail = bytearray() if "capture_response" in ctx.extra else None  # trials: sampled requests
+    tail = bytearray() if ctx.capture_response else None  # trials: sampled requests
     rename = ModelRenamer(ctx.model or "")
 
     async def pump(resp: web.StreamResponse) -> None:
@@ -375,7 +375,7 @@ async def openai_reply(request: web.Request, ctx: RequestContext, provider: Prov
     data = orjson.dumps(oc.response_from_canonical(r, public))
     ctx.status = reply.status
     ctx.mark_first_byte()
-    if ctx.log_bodies or "capture_response" in ctx.extra:  # trials: shadow-sampled requests
+    if ctx.log_bodies or ctx.capture_response:  # trials: shadow-sampled requests
         ctx.response_body = data
     return web.Response(body=data, status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))
 
@@ -385,7 +385,7 @@ async def relay_to_gemini(request: web.Request, ctx: RequestContext, protocol: s
     """Any upstream stream, to a Gemini-dialect caller (``alt=sse``: ``data: <response>`` events),
     cut at ``lim``."""
     tr = GeminiOut(model)
-    tail = bytearray() if "capture_response" in ctx.extra else None  # trials: sampled requests
+    tail = bytearray() if ctx.capture_response else None  # trials: sampled requests
 
     async def pump(resp: web.StreamResponse) -> None:
         try:

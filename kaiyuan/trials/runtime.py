@@ -19,11 +19,13 @@ from typing import Any
 
 import orjson
 
-from kaiyuan.context import RequestContext
+from kaiyuan.context import Principal, RequestContext
 from kaiyuan.dialects import anthropic as anth
 from kaiyuan.dialects import openai_chat as oc
-from kaiyuan.gateway import RETRYABLE_STATUSES, Gateway
+from kaiyuan.errors import GatewayError
+from kaiyuan.gateway import Gateway
 from kaiyuan.providers.base import Provider, UpstreamCall
+from kaiyuan.routing.executor import close_upstream
 from kaiyuan.server import translate
 from kaiyuan.trials.capture import answer_of, judge_request
 from kaiyuan.trials.evaluate import (
@@ -256,8 +258,7 @@ class TrialsRuntime:
         return not (t.teams is not None and p.team_id not in t.teams)
 
     def _may_use(self, ctx: RequestContext, model: str) -> bool:
-        allowed_models = ctx.principal.allowed_models
-        if allowed_models is not None and model not in allowed_models:
+        if not ctx.principal.may_use(model):
             return False
         return bool(allowed(self.gw.providers.get(model, ()), request_policy(ctx)))
 
@@ -285,7 +286,7 @@ class TrialsRuntime:
         if st is not None:
             share = st.share()
             if share > 0 and sticky_unit(ctx, st.trial) < share and self._may_use(ctx, st.candidate):
-                ctx.extra["trial_promoted"] = st.trial
+                ctx.trial_promoted = st.trial
                 ctx.model = st.candidate
                 if st.trial in self.watches:  # guarded: the promoted answers are watched like a canary arm
                     self._arm(ctx, self.trials[st.trial], shadow_ok=(ctx.dialect, ctx.endpoint) in CAPTURED)
@@ -307,30 +308,28 @@ class TrialsRuntime:
                     ctx.model = cand
                     self._arm(ctx, t, shadow_ok)
                     return  # answered by the candidate: nothing left to shadow
-                ctx.extra["trial_arm"] = "incumbent"
+                ctx.trial_arm = "incumbent"
                 continue
             if shadow_ok and not self.exhausted(t) and self.rng.random() < t.sample_rate:
-                sampled = ctx.extra.setdefault("trial_shadow", [])
-                if t.name in sampled:  # model_config ran twice for this request
+                if t.name in ctx.trial_shadow:  # the hook ran twice for this request
                     continue
-                sampled.append(t.name)
-                ctx.extra["capture_response"] = True
+                ctx.trial_shadow = (*ctx.trial_shadow, t.name)
+                ctx.capture_response = True
                 ctx.trial = ctx.trial or t.name
 
     def _arm(self, ctx: RequestContext, t: TrialConfig, shadow_ok: bool) -> None:
         """Mark a request the candidate answers (canary arm, or a guarded promotion) for a row,
         and a sampled share of them for judging against a background incumbent call."""
         ctx.trial = t.name
-        ctx.extra["trial_arm"] = "candidate"
+        ctx.trial_arm = "candidate"
         if shadow_ok and t.judge is not None and not self.exhausted(t) and self.rng.random() < t.canary_judge_rate:
-            ctx.extra["trial_canary_judge"] = True
-            ctx.extra["capture_response"] = True
+            ctx.trial_canary_judge = True  # judged against a background incumbent call
+            ctx.capture_response = True
 
     def on_complete(self, ctx: RequestContext) -> None:
-        extra = ctx.extra
-        if "trial_arm" in extra:
+        if ctx.trial_arm is not None:
             self._canary_row(ctx)
-        names = extra.get("trial_shadow")
+        names = ctx.trial_shadow
         if not names or ctx.status != 200 or ctx.error is not None or ctx.cancelled:
             return
         if not ctx.response_body:
@@ -374,13 +373,13 @@ class TrialsRuntime:
         t = self.trials.get(ctx.trial or "")
         if t is None:
             return
-        arm = ctx.extra["trial_arm"]
+        arm = ctx.trial_arm
         pt, ct = ctx.usage.prompt_tokens, ctx.usage.completion_tokens
         cost = ctx.cost_usd if ctx.cost_usd is not None else price_of(ctx.model or "", t, self.gw.config, pt, ct)
         ms = ctx.elapsed() * 1000
         err = ctx.error if ctx.status >= 400 or ctx.error else None
         side = "candidate" if arm == "candidate" else "incumbent"
-        promoted = "trial_promoted" in ctx.extra
+        promoted = ctx.trial_promoted is not None
         row = {"id": "tr_" + os.urandom(10).hex(), "trial": t.name, "ts": time.time(),
                "source": "promoted" if promoted else "canary", "item": ctx.request_id,
                "candidate": (ctx.model or t.candidates[0]) if promoted else t.candidates[0], "request": None,
@@ -391,7 +390,7 @@ class TrialsRuntime:
         self.counters[t.name][f"canary_{side}"] += 1
         if arm == "candidate" and cost:
             self._charge(t, "candidate", ctx.model or "", cost)
-        if (arm == "candidate" and ctx.extra.get("trial_canary_judge") and err is None and ctx.status == 200
+        if (arm == "candidate" and ctx.trial_canary_judge and err is None and ctx.status == 200
                 and not ctx.cancelled):
             if not ctx.response_body:
                 self.counters[t.name]["canary_no_answer"] += 1
@@ -407,48 +406,45 @@ class TrialsRuntime:
 
     async def call_model(self, model: str, body: dict[str, Any], policy: str | None,
                          dialect: str = "openai", headers: dict[str, str] | None = None) -> CallOutcome:
-        """One non-streaming call to ``model``, only on deployments ``policy`` allows. ``body`` is an
-        OpenAI chat request, or an Anthropic Messages request when ``dialect`` is "anthropic"; it goes
-        as is (with ``headers``) to a deployment of the same protocol, through the canonical form to any other."""
-        providers: list[Provider] = allowed(self.gw.providers.get(model, ()), policy)
-        probe = RequestContext("trial", "openai", "chat", model=model)
-        plan = [p for p in self.gw.router.plan(probe) if p in providers]
-        if not plan:
+        """One non-streaming call to ``model`` through the gateway's own executor (strategy order,
+        breakers, deadlines, retry classification), flagged as a background call: only deployments
+        ``policy`` allows, no fallback to another model, no client and no caller's budget. ``body``
+        is an OpenAI chat request, or an Anthropic Messages request when ``dialect`` is "anthropic";
+        it goes as is (with ``headers``) to a deployment of the same protocol, through the canonical
+        form to any other."""
+        if not allowed(self.gw.providers.get(model, ()), policy):  # an invalid policy allows nothing
             return CallOutcome(error=f"no deployment of {model!r} is allowed by data policy {policy!r}")
-        t0 = time.perf_counter()
-        err = "no attempt"
+        endpoint = "chat" if dialect == "openai" else "messages"
+        ctx = RequestContext("trial_" + os.urandom(8).hex(), dialect, endpoint, model=model, background=True,
+                             principal=Principal(policy=policy))
         canon: list[Any] = []
-        for p in plan:
-            reply = None
-            try:
-                if p.protocol == dialect:  # same protocol: the request as the client sent it
-                    call = UpstreamCall("chat" if dialect == "openai" else "messages",
-                                        {**body, "model": p.deployment.model}, False, headers=dict(headers or {}))
-                elif dialect == "openai":  # an Anthropic / Gemini deployment: translate like the OpenAI handler does
-                    call = translate.openai_call(p, "chat", body, canon)
-                else:  # an Anthropic request to another protocol: as the Messages handler does
-                    if not canon:
-                        canon.append(anth.request_to_canonical(body))
-                    call = translate.upstream_call(p, canon[0])
-                reply = await p.send(call)
-                if reply.status < 300:
-                    if p.protocol == "openai":
-                        obj = orjson.loads(reply.body or b"{}")
-                    else:
-                        r = translate.reply_to_canonical(p.protocol, reply.body or b"", probe)
-                        obj = oc.response_from_canonical(r, model)
-                    pt, ct = usage_tokens(obj)
-                    return CallOutcome(answer_from_json(obj), (time.perf_counter() - t0) * 1000, None, None, pt, ct,
-                                       deployment=p.deployment)
-                err = f"HTTP {reply.status} from {p.id}: {(reply.body or b'')[:200].decode('utf-8', 'replace')}"
-                if reply.status not in RETRYABLE_STATUSES:
-                    break
-            except Exception as e:
-                err = f"{p.id}: {type(e).__name__}: {e}"
-            finally:
-                if reply is not None:
-                    await reply.aclose()
-        return CallOutcome(ms=(time.perf_counter() - t0) * 1000, error=err)
+
+        def build(p: Provider) -> UpstreamCall:
+            if p.protocol == dialect:  # same protocol: the request as the client sent it
+                return UpstreamCall(endpoint, {**body, "model": p.deployment.model}, False, headers=dict(headers or {}))
+            if dialect == "openai":  # an Anthropic / Gemini deployment: translate like the OpenAI handler does
+                return translate.openai_call(p, "chat", body, canon)
+            if not canon:  # an Anthropic request to another protocol: as the Messages handler does
+                canon.append(anth.request_to_canonical(body))
+            return translate.upstream_call(p, canon[0])
+
+        t0 = time.perf_counter()
+        try:
+            p, reply = await self.gw.execute(ctx, build)
+            if p.protocol == "openai":
+                obj = reply.parsed if reply.parsed is not None else orjson.loads(reply.body or b"{}")
+            else:
+                r = translate.reply_to_canonical(p.protocol, reply.body or b"", ctx, reply.parsed)
+                obj = oc.response_from_canonical(r, model)
+            pt, ct = usage_tokens(obj)
+            return CallOutcome(answer_from_json(obj), (time.perf_counter() - t0) * 1000, None, None, pt, ct,
+                               deployment=p.deployment)
+        except GatewayError as e:
+            return CallOutcome(ms=(time.perf_counter() - t0) * 1000, error=e.message)
+        except Exception as e:
+            return CallOutcome(ms=(time.perf_counter() - t0) * 1000, error=f"{type(e).__name__}: {e}")
+        finally:
+            await close_upstream(ctx)
 
     async def _background(self, t: TrialConfig, work: Any) -> None:
         """Run one background evaluation within the trial's concurrency bound; errors are counted."""

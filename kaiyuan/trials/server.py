@@ -1,6 +1,7 @@
 """Wires trials into the gateway (hooks, background loop) and serves the admin API under /admin/trials.
 
-The admin API follows the one admin rule (:func:`kaiyuan.console.access.authorize`).
+The admin API follows the one admin rule (:func:`kaiyuan.console.access.authorize`): with no
+master key configured it is closed, since trials can be promoted and their rows hold users' prompts.
 """
 
 from __future__ import annotations
@@ -65,8 +66,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
 def admin(handler: Any) -> Any:
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
-            if request.app[GATEWAY_KEY].config.server.master_key is not None:  # open without one, as before
-                await authorize(request)
+            await authorize(request)  # closed in open mode: no master key, no admin API
             return await handler(request)
         except GatewayError as e:
             return error_response(e, oai.error_body)

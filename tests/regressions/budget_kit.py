@@ -58,7 +58,7 @@ def anth(gw: RunningGateway, key: str) -> anthropic.Anthropic:
 def ledger(gw: RunningGateway, key_id: str | None = None) -> list[dict[str, Any]]:
     """The spend ledger rows (written out first), oldest first."""
     gw.settle()
-    gw.servers.call(gw.gateway.guard.flush())  # type: ignore[attr-defined]
+    gw.servers.call(gw.gateway.ledger.flush())
     assert gw.gateway.engine is not None
     q = select(spend_ledger).order_by(spend_ledger.c.ts)
     if key_id is not None:

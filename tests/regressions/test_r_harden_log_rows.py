@@ -23,7 +23,7 @@ async def test_huge_model_names_make_small_log_rows(make_gateway: Any, fake_open
     rows = gw.log_rows()
     assert len(rows) == 3
     for row in rows:
-        assert len(row["model"]) < 300
+        assert len(row["model"] or "") < 300  # None: refused before the body was read (no key)
         assert row["error"] is None or len(row["error"]) < 2100
         assert sum(len(str(v)) for v in row.values()) < 5000
     assert fake_openai.requests == []

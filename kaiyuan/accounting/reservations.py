@@ -1,0 +1,256 @@
+"""Limits and budgets: reserve a request's worst case before the call, settle to its real cost after.
+
+``reserve`` counts the request (tokens: prompt plus output cap x n) against the key's
+RPM/TPM/parallel limits and reserves its worst-case cost over every deployment the plan can reach
+(:meth:`Costing.reservation`) against every budget of the key and its team, in one
+atomic step of the counters (in process, or one Redis EVALSHA). ``release`` runs once the request
+has ended, whatever happened: it gives the reservation back and adds the real cost. With Redis the
+release is queued and applied in batches (:mod:`kaiyuan.limits.settle_batch`), so the reserve is
+the only Redis round trip on a request's path. A budget counter starts from the ledger's spend for
+its period, read once per counter (and at most every ``SEED_TTL_S``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter
+from sqlalchemy import Engine
+
+from kaiyuan.accounting import keystore
+from kaiyuan.accounting.auth import SingleFlight, iso
+from kaiyuan.accounting.costing import BILLED_ENDPOINTS, Costing
+from kaiyuan.accounting.keystore import Budget, KeyRecord
+from kaiyuan.config import LimitsSettings
+from kaiyuan.context import RequestContext
+from kaiyuan.errors import ErrorKind, GatewayError
+from kaiyuan.limits.counters import (
+    NANO,
+    BudgetCheck,
+    Counters,
+    Denial,
+    MemoryCounters,
+    RateCheck,
+    RedisCounters,
+    Ticket,
+)
+
+log = logging.getLogger("kaiyuan.reservations")
+
+SEED_TTL_S = 60.0  # a counter's starting spend is re-read from the ledger at most this often
+SEEDS_MAX = 100_000
+PERIOD_WORD = {"day": "daily", "week": "weekly", "month": "monthly", "total": "total"}
+
+
+class Reservations:
+    """``engine`` is read for budget seeds; ``flush_ledger`` is awaited before reading spend from it;
+    ``reachable`` names every model a request for a model can be answered by (fallbacks, trial targets)."""
+
+    def __init__(self, settings: LimitsSettings, costing: Costing, engine: Engine | None, loads: SingleFlight,
+                 registry: CollectorRegistry, denied: Counter, flush_ledger: Callable[[], Awaitable[int]],
+                 reachable: Callable[[str], list[str]]) -> None:
+        self.settings = settings
+        self.reachable = reachable
+        self.costing = costing
+        self.engine = engine
+        self.loads = loads
+        self.flush_ledger = flush_ledger
+        self.m_denied = denied
+        self.local = MemoryCounters()
+        self.counters: Counters = self.local
+        self.m_settle = Counter(
+            "kaiyuan_limits_settle_problems",
+            "Redis settles that failed once and were retried, were dropped after retrying (their reservations "
+            "stay counted), or were applied in-line because the settle queue was full",
+            ["action"], registry=registry,
+        )
+        if settings.backend == "redis":
+            assert settings.redis_url is not None
+            self.counters = RedisCounters(settings.redis_url,
+                                          on_settle_event=lambda what, n: self.m_settle.labels(what).inc(n))
+        self.m_redis_errors = Counter(
+            "kaiyuan_limits_redis_errors", "Redis failures, by what the gateway did (fail_closed, local)", ["action"],
+            registry=registry,
+        )
+        self.m_over = Counter(
+            "kaiyuan_cost_above_reservation", "Requests whose real cost exceeded their budget reservation",
+            registry=registry,
+        )
+        self._seeds: dict[str, tuple[float, int]] = {}
+
+    @property
+    def redis(self) -> Any:
+        """The Redis client the counters use (``None`` in process): key invalidations share it."""
+        return self.counters.redis if isinstance(self.counters, RedisCounters) else None
+
+    # -- reserve ---------------------------------------------------------------------------------
+    async def reserve(self, ctx: RequestContext, rec: KeyRecord) -> None:
+        """Count ``ctx`` against ``rec``'s limits and budgets (sets ``ctx.ticket``), or raise a 429/402/403."""
+        if ctx.endpoint not in BILLED_ENDPOINTS or (not rec.limits and not rec.budgets):
+            return
+        model = ctx.model or ""
+        if model not in self.costing.model_deps:
+            return
+        models = self.reachable(ctx.requested_model or model)
+        if model not in models:  # a trial hook sent it elsewhere: that plan's reach too
+            models = [*models, *self.reachable(model)]
+        res = self.costing.reservation(models, ctx)
+        ctx.prompt_estimate, ctx.tokens_reserved = res.prompt_tokens, res.tokens
+        worst, unpriced = res.worst_usd, res.unpriced
+        now = time.time()
+        rates = [RateCheck(scope, lim.get("rpm"), lim.get("tpm"), lim.get("max_parallel")) for scope, lim in rec.limits.items()]
+        budgets = await self._budget_checks(rec, now, worst)
+        if budgets and unpriced:
+            self.m_denied.labels("price_unknown").inc()
+            raise GatewayError(
+                ErrorKind.PERMISSION,
+                f"model {model!r} has no known price (deployment {unpriced}), so this key's budget cannot be "
+                "enforced; the admin must set a price for it in the gateway config",
+                param="model",
+                code="price_unknown",
+            )
+        if not rates and not budgets:
+            return
+        result = await self._counters_admit(rates, [b for b, _ in budgets], res.tokens, now)
+        if isinstance(result, Denial):
+            raise self._denied(result, rates, budgets, ctx, now)
+        ctx.ticket = result
+
+    async def _budget_checks(self, rec: KeyRecord, now: float, worst: float) -> list[tuple[BudgetCheck, Budget]]:
+        out = []
+        reserve = math.ceil(worst * NANO)
+        for b in rec.budgets:
+            start, end = keystore.period_bounds(b.period, now)
+            counter = f"{b.id}:{int(start)}"
+            seed = await self._seed(b, start, counter)
+            ttl = int(end - now) + 2 * 86400 if end is not None else None
+            out.append((BudgetCheck(counter, round(b.limit_usd * NANO), seed, reserve, ttl), b))
+        return out
+
+    async def _seed(self, b: Budget, start: float, counter: str) -> int:
+        """Spend already recorded this period (from the ledger), used only when the counter is new."""
+        seeds = self._seeds
+        hit = seeds.get(counter)
+        mono = time.monotonic()
+        if hit is not None and mono - hit[0] < SEED_TTL_S:
+            return hit[1]
+        if self.engine is None:
+            return 0
+        v = await self.loads.run(("seed", counter, start), keystore.spent_since, self.engine, b.scope, b.scope_id, start)
+        if len(seeds) >= SEEDS_MAX:
+            seeds.clear()
+        seeds[counter] = (mono, round(v * NANO))
+        return seeds[counter][1]
+
+    async def _counters_admit(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt: int, now: float) -> Ticket | Denial:
+        if self.counters is self.local:
+            return self.local.admit_sync(rates, budgets, prompt, now)
+        try:
+            return await self.counters.admit(rates, budgets, prompt, now)
+        except Exception as e:
+            if self.settings.on_redis_error == "local":
+                self.m_redis_errors.labels("local").inc()
+                log.warning("Redis unreachable (%s): enforcing limits and budgets per replica only (limits.on_redis_error=local)", e)
+                return self.local.admit_sync(rates, budgets, prompt, now)
+            self.m_redis_errors.labels("fail_closed").inc()
+            log.error("Redis unreachable (%s): refusing requests with limits or budgets (limits.on_redis_error=fail_closed)", e)
+            raise GatewayError(
+                ErrorKind.NO_DEPLOYMENT,
+                "the gateway cannot check this key's limits and budgets right now (Redis unreachable); retry shortly",
+                code="limits_unavailable",
+                headers={"Retry-After": "1"},
+            ) from None
+
+    def _denied(self, d: Denial, rates: list[RateCheck], budgets: list[tuple[BudgetCheck, Budget]], ctx: RequestContext,
+                now: float) -> GatewayError:
+        self.m_denied.labels(d.kind).inc()
+        if d.kind == "budget":
+            check, b = budgets[d.index]
+            _start, end = keystore.period_bounds(b.period, now)
+            resets = f"it resets at {iso(end)}" if end is not None else "it does not reset (a total budget)"
+            who = f"key {ctx.principal.key_id}" if b.scope == "key" else f"team {b.scope_id}"
+            msg = (
+                f"budget exceeded: the {PERIOD_WORD[b.period]} budget of {who} is {usd(b.limit_usd)}; "
+                f"spent {usd(d.current / NANO)}, reserved by requests in flight {usd(d.reserved / NANO)}, "
+                f"and this request may cost up to {usd(check.reserve / NANO)}; {resets}"
+            )
+            headers = {"Retry-After": str(max(1, int(end - now)))} if end is not None else {}
+            return GatewayError(ErrorKind.BUDGET_EXCEEDED, msg, code="budget_exceeded", headers=headers)
+        r = rates[d.index]
+        retry = str(max(1, 60 - int(now % 60)))
+        if d.kind == "parallel":
+            msg = f"too many parallel requests for {r.scope}: {d.current} in flight, limit {r.max_parallel}"
+            retry = "1"
+        elif d.kind == "rpm":
+            msg = f"rate limit exceeded for {r.scope}: {d.current} requests this minute, limit {r.rpm} per minute"
+        else:
+            msg = (
+                f"token rate limit exceeded for {r.scope}: {d.current} tokens this minute, this request reserves "
+                f"{ctx.tokens_reserved} more (its prompt and its output cap), limit {r.tpm} per minute"
+            )
+        return GatewayError(ErrorKind.RATE_LIMITED, msg, code=f"{d.kind}_limit_exceeded", headers={"Retry-After": retry})
+
+    # -- release -----------------------------------------------------------------------------------
+    async def release(self, ctx: RequestContext, cost: float | None) -> None:
+        """Give back ``ctx``'s reservation and count its real ``cost`` (``None``: unknown, counted as 0)."""
+        ticket, ctx.ticket = ctx.ticket, None
+        if ticket is None:
+            return
+        nano = 0 if cost is None else round(cost * NANO)
+        u = ctx.usage
+        total = (u.prompt_tokens or 0) + (u.completion_tokens or 0) if u.prompt_tokens is not None else ticket.prompt_tokens
+        if ticket.budgets and nano > ticket.budgets[0].reserve:
+            self.m_over.inc()
+            log.warning(
+                "request %s cost $%.6f, more than the $%.6f reserved for it (the upstream counted more tokens "
+                "than the gateway's estimate, or ignored max_tokens); budgets may be exceeded by the difference",
+                ctx.request_id, nano / NANO, ticket.budgets[0].reserve / NANO,
+            )
+        actual = [nano] * len(ticket.budgets)
+        try:
+            if ticket.backend == "redis" and isinstance(self.counters, RedisCounters):
+                # queued, applied off the request path in batches (kaiyuan.limits.settle_batch)
+                if not self.counters.settle_later(ticket, actual, total):
+                    self.m_settle.labels("inline").inc()
+                    # shielded: a client that hangs up must not cancel the release of its reservation
+                    await asyncio.shield(self.counters.settle(ticket, actual, total))
+            else:
+                self.local.settle_sync(ticket, actual, total)
+        except Exception as e:
+            self.m_redis_errors.labels("settle_failed").inc()
+            log.error("could not settle request %s in %s: %s (its reservation stays counted)", ctx.request_id, ticket.backend, e)
+
+    # -- admin ---------------------------------------------------------------------------------------
+    async def budget_status(self, b: Budget) -> dict[str, Any]:
+        """Current spend of a budget, for the admin API (counters if live here, else the ledger)."""
+        now = time.time()
+        start, end = keystore.period_bounds(b.period, now)
+        counter = f"{b.id}:{int(start)}"
+        try:
+            live = await self.counters.peek_budget(counter)
+        except Exception:
+            live = None
+        if live is None:
+            live = await self.local.peek_budget(counter)
+        if live is not None:
+            spent, reserved = live[0] / NANO, live[1] / NANO
+        else:
+            assert self.engine is not None
+            await self.flush_ledger()
+            spent, reserved = await asyncio.to_thread(keystore.spent_since, self.engine, b.scope, b.scope_id, start), 0.0
+        return {"spent_usd": round(spent, 9), "reserved_usd": round(reserved, 9), "period_start": start, "resets_at": end}
+
+    async def close(self) -> None:
+        await self.counters.close()
+
+
+def usd(v: float) -> str:
+    """Dollars with cents, or with enough digits to be non-zero for sub-cent amounts."""
+    if v == 0 or abs(v) >= 0.01:
+        return f"${v:,.2f}"
+    return f"${v:.6f}".rstrip("0")

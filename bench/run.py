@@ -259,6 +259,8 @@ def start_kaiyuan(fleet: Fleet, up: Target, cpu: str, variant: Variant | None, w
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
     env.update(variant.env if variant else {})
     cmd = [PY, "-m", "kaiyuan", "--log-level", "warning", "serve", "--config", str(cfg), "--port", str(port)]
+    if variant and variant.all_cpus:
+        cpu = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
     proc = fleet.start(safe, cmd, cpu, env)
     wait_ready(proc, f"http://127.0.0.1:{port}/readyz", 60)
     headers = dict(variant.headers) if variant else {}
@@ -502,7 +504,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, help="warm-up seconds per cell (default 1, quick 0.5)")
     p.add_argument("--concurrency", type=lambda s: tuple(int(x) for x in s.split(",")), default=CONCURRENCY)
     p.add_argument("--procs", type=int, default=1, help="load generator processes per cell")
-    p.add_argument("--with", dest="flags", action="append", default=[], help="enable flagged scenarios/variants: anthropic, auth, keys, keys-redis, shadow, nolog")
+    p.add_argument("--with", dest="flags", action="append", default=[], help="enable flagged scenarios/variants: anthropic, auth, keys, keys-redis, shadow, nolog, workers")
     p.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM column")
     p.add_argument("--no-floors", action="store_true", help="skip the bare pass-through floors (bench/floors/)")
     p.add_argument("--no-portkey", action="store_true", help="skip the Portkey column")

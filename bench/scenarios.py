@@ -117,6 +117,7 @@ class Variant:
     flag: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     redis: bool = False  # run.py starts a private redis-server and sets limits.redis_url
+    all_cpus: bool = False  # not pinned to the gateway's CPU: may use every core (the --workers rows)
 
 
 MASTER_KEY = "sk-bench-master"
@@ -164,6 +165,9 @@ VARIANTS: list[Variant] = [
         }]},
         flag="shadow",
     ),
+    # Issue 13: `kaiyuan serve --workers 2` on both cores, which it shares with the upstream and the
+    # load generators here (the plain column is one worker: pinned to one CPU, the default is 1).
+    Variant("kaiyuan-workers2", config_patch={"server": {"workers": 2}}, flag="workers", all_cpus=True),
     # Diagnostic: the same gateway without the request log, to see what the log costs.
     Variant("kaiyuan-nolog", config_patch={"request_log": {"enabled": False}}, flag="nolog"),
 ]

@@ -37,6 +37,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args)
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
+    from kaiyuan.server import workers
+
+    n = args.workers or config.server.workers or workers.default_workers()
+    if n > 1 and workers.inherited_socket_fd() is None:  # the supervisor; its workers take the branch below
+        cmd = [sys.executable, "-m", "kaiyuan", "--log-level", args.log_level, "serve", "--workers", "1",
+               "--host", host, "--port", "0"]
+        path = getattr(args, "config", None) or os.environ.get("KAIYUAN_CONFIG")
+        if path:
+            cmd += ["--config", str(Path(path).resolve())]
+        return workers.serve(path, config, host, port, n, cmd)
     try:
         import uvloop
 
@@ -49,9 +59,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         names = ", ".join(m.name for m in config.models) or "(none)"
         print(f"Kaiyuan {__version__} listening on {url}  (models: {names})", file=sys.stderr, flush=True)
         print(f"  try: curl {url}/v1/models", file=sys.stderr, flush=True)
+        workers.say_ready()
 
     try:
-        asyncio.run(run_server(config, host, port, ready))
+        asyncio.run(run_server(config, host, port, ready, sock=workers.inherited_socket()))
     except OSError as e:
         print(f"error: cannot listen on {host}:{port}: {e.strerror or e} (pick another --port?)", file=sys.stderr)
         return 1
@@ -131,6 +142,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker_count(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 512:
+        raise argparse.ArgumentTypeError(f"--workers must be a whole number from 1 to 512, not {v!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kaiyuan", description="Kaiyuan: an LLM gateway for open-weight models.")
     p.add_argument("--version", action="version", version=f"kaiyuan {__version__}")
@@ -141,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", "-c", help="YAML config file (default: zero-config local model)")
     s.add_argument("--host", help=f"address to listen on (default {DEFAULT_HOST})")
     s.add_argument("--port", type=int, help=f"port (default {DEFAULT_PORT})")
+    s.add_argument("--workers", "-w", type=_worker_count, help="worker processes (default: server.workers, else the number of cores)")
     s.set_defaults(func=cmd_serve)
 
     lg = sub.add_parser("logs", help="show recent requests from the request log")

@@ -344,6 +344,12 @@ class ServerSettings(_Strict):
         None, gt=0, description="open client connections at most; default: the open-file limit minus 64 (and at least 16)"
     )
     max_json_depth: int = Field(128, ge=8, le=200, description="deepest nesting of a JSON request body; deeper: 400")
+    workers: int | None = Field(
+        None, ge=1, le=512, description="worker processes (kaiyuan serve --workers); default: the number of cores"
+    )
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="on SIGTERM or a SIGHUP reload, how long in-flight requests and streams may finish"
+    )
 
     @field_validator("master_key")
     @classmethod

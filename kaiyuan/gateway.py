@@ -54,6 +54,7 @@ class Gateway:
         self.reservations = Reservations(limits, self.costing, engine, self.auth.loads, self.metrics.registry,
                                          self.metrics.denied, self.ledger.flush, self.reachable_models)
         self.auth.redis = self.reservations.redis  # key invalidations travel on the counters' Redis
+        self.auth.relay = self.reservations.shared  # or, between workers, on the supervisor's socket
         self.request_log = RequestLogWriter(engine, config.request_log, self.metrics)
         self.on_complete: list[CompletionHook] = []
         # Run by the pipeline's resolve step (after auth): may rewrite ctx.model (trials: canary,

@@ -77,10 +77,7 @@ def api_handler(dialect: str, endpoint: str, serialize: ErrorSerializer, validat
             ctx.status, ctx.error = 500, err.message
             return error_response(err, serialize, ctx)
         finally:
-            await close_upstream(ctx)  # the one place the upstream reply is closed
-            gw.metrics.in_flight.dec()
-            await settle(gw, ctx)
-            gw.finish(ctx)
+            await end(gw, ctx)
         # 10. a whole body goes out under the reply's deadline (server.deadline), once the request is
         # recorded: a client that does not read it is dropped, and it is logged as answered.
         return await send_whole(request, resp, ctx)
@@ -132,6 +129,26 @@ def authorize(gw: Gateway, ctx: RequestContext, m: ModelConfig) -> None:
                                param="model", code="model_not_allowed")
 
 
+async def end(gw: Gateway, ctx: RequestContext) -> None:
+    """Steps 8 and 9, all of them even when the handler is cancelled during one (a client that
+    hangs up as its stream ends): a cancellation is held until the ledger row and the log row are
+    queued and the reservation released, then raised again. Without this, an await here was a
+    point where a cancelled request lost its ledger row and kept its reservation."""
+    cancelled = False
+    try:
+        await close_upstream(ctx)  # the one place the upstream reply is closed
+    except asyncio.CancelledError:
+        cancelled = True
+    gw.metrics.in_flight.dec()
+    try:
+        await settle(gw, ctx)
+    except asyncio.CancelledError:
+        cancelled = True
+    gw.finish(ctx)
+    if cancelled:
+        raise asyncio.CancelledError
+
+
 async def settle(gw: Gateway, ctx: RequestContext) -> None:
     """After the answer, whatever happened (and the upstream reply closed): price the request,
     release its reservation and queue its ledger row. Reported usage is clamped to what the request
@@ -142,9 +159,9 @@ async def settle(gw: Gateway, ctx: RequestContext) -> None:
     if cost is None:
         cost = ctx.cost_usd  # the catalog has no price, but a hook (a plugin price source) priced it
     ctx.cost_usd = cost
-    await gw.reservations.release(ctx, cost)
     if cost is not None:
-        gw.record_spend(ctx, cost)
+        gw.record_spend(ctx, cost)  # queued before the release, which may await (Redis)
+    await gw.reservations.release(ctx, cost)
 
 
 MAX_LOGGED_PATH = 200  # characters of an unknown path kept in the request log

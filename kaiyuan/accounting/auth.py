@@ -28,6 +28,7 @@ from kaiyuan.accounting import keystore
 from kaiyuan.accounting.keystore import KeyRecord
 from kaiyuan.context import Principal, RequestContext
 from kaiyuan.errors import ErrorKind, GatewayError
+from kaiyuan.limits.shared import SharedCounters
 
 log = logging.getLogger("kaiyuan.auth")
 
@@ -107,6 +108,7 @@ class Authenticator:
         self.engine = engine
         self.cache_ttl_s = cache_ttl_s
         self.redis = redis
+        self.relay: SharedCounters | None = None  # workers of `kaiyuan serve --workers`: the supervisor
         self.loads = SingleFlight()  # shared with the budget seeds (one load per counter, too)
         self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
         self._listener: asyncio.Task[None] | None = None
@@ -180,6 +182,12 @@ class Authenticator:
         """Forget cached keys here and, with Redis, on every replica at once (the admin API calls this
         after every change); replicas that miss the message still drop the key within the cache TTL."""
         self.invalidate(key_hash)
+        if self.relay is not None:
+            try:
+                await self.relay.publish_invalidation(key_hash)
+            except Exception as e:
+                log.warning("could not tell the other workers to drop a cached key (%s); they will within %ss",
+                            e, self.cache_ttl_s)
         if self.redis is not None:
             try:
                 await self.redis.publish(INVALIDATE_CHANNEL, key_hash or "*")
@@ -188,7 +196,11 @@ class Authenticator:
                             e, self.cache_ttl_s)
 
     def start(self) -> None:
-        """Listen for other replicas' invalidations (with Redis); call on the running loop."""
+        """Listen for other replicas' invalidations (with Redis) or other workers' (the supervisor's
+        relay); call on the running loop."""
+        if self._listener is None and self.relay is not None and not self._closing:
+            self.relay.on_invalidate = self.invalidate
+            self._listener = asyncio.create_task(self.relay.connect(), name="kaiyuan-shared-counters-connect")
         if self._listener is None and self.redis is not None and not self._closing:
             self._listener = asyncio.create_task(self._listen(), name="kaiyuan-key-invalidation")
 

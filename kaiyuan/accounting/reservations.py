@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -39,6 +40,8 @@ from kaiyuan.limits.counters import (
     RedisCounters,
     Ticket,
 )
+from kaiyuan.limits.shared import ENV_SOCKET as SHARED_COUNTERS_ENV
+from kaiyuan.limits.shared import SharedCounters
 
 log = logging.getLogger("kaiyuan.reservations")
 
@@ -73,6 +76,8 @@ class Reservations:
             assert settings.redis_url is not None
             self.counters = RedisCounters(settings.redis_url,
                                           on_settle_event=lambda what, n: self.m_settle.labels(what).inc(n))
+        elif shared_path := os.environ.get(SHARED_COUNTERS_ENV):  # a worker of `kaiyuan serve --workers N`
+            self.counters = SharedCounters(shared_path)
         self.m_redis_errors = Counter(
             "kaiyuan_limits_redis_errors", "Redis failures, by what the gateway did (fail_closed, local)", ["action"],
             registry=registry,
@@ -82,6 +87,11 @@ class Reservations:
             registry=registry,
         )
         self._seeds: dict[str, tuple[float, int]] = {}
+
+    @property
+    def shared(self) -> SharedCounters | None:
+        """The supervisor's counters (workers of ``kaiyuan serve --workers``): key invalidations use it."""
+        return self.counters if isinstance(self.counters, SharedCounters) else None
 
     @property
     def redis(self) -> Any:
@@ -219,6 +229,10 @@ class Reservations:
                     self.m_settle.labels("inline").inc()
                     # shielded: a client that hangs up must not cancel the release of its reservation
                     await asyncio.shield(self.counters.settle(ticket, actual, total))
+            elif ticket.backend == "shared" and isinstance(self.counters, SharedCounters):
+                # a write on a local socket, no await: a cancelled handler cannot skip what follows
+                if not self.counters.settle_later(ticket, actual, total):
+                    asyncio.get_running_loop().create_task(self.counters.settle(ticket, actual, total))
             else:
                 self.local.settle_sync(ticket, actual, total)
         except Exception as e:

@@ -1,7 +1,13 @@
-"""Prometheus metrics. One registry per gateway, so several gateways can live in one process (tests)."""
+"""Prometheus metrics. One registry per gateway, so several gateways can live in one process (tests).
+
+Under ``kaiyuan serve --workers N`` prometheus_client's multiprocess mode is on (the supervisor sets
+``PROMETHEUS_MULTIPROC_DIR`` for its workers): every worker writes its values to that directory and
+``render`` sums all of them, so ``/metrics`` on any worker reports the whole server.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Container
 from typing import Any
 
@@ -41,7 +47,8 @@ class Metrics:
         self.cancelled = Counter(
             "kaiyuan_requests_cancelled", "Requests whose client disconnected", ["model"], registry=r,
         )
-        self.in_flight = Gauge("kaiyuan_requests_in_flight", "Requests being served", registry=r)
+        self.in_flight = Gauge("kaiyuan_requests_in_flight", "Requests being served", registry=r,
+                               multiprocess_mode="livesum")
         self.log_dropped = Counter(
             "kaiyuan_request_log_dropped", "Request-log rows dropped because the queue was full", registry=r,
         )
@@ -96,4 +103,10 @@ class Metrics:
         self.child(self.unknown_routes, m, str(status)).inc()
 
     def render(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            every_worker = CollectorRegistry()
+            multiprocess.MultiProcessCollector(every_worker)
+            return generate_latest(every_worker)
         return generate_latest(self.registry)

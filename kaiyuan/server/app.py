@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -142,7 +143,11 @@ def warn_if_open(config: GatewayConfig, host: str) -> bool:
     return True
 
 
-async def run_server(config: GatewayConfig, host: str, port: int, ready: Callable[[str], None] | None = None) -> None:
+async def run_server(config: GatewayConfig, host: str, port: int, ready: Callable[[str], None] | None = None,
+                     sock: socket.socket | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then drain: stop accepting, let in-flight requests and streams
+    finish for up to ``server.shutdown_grace_s``, flush the logs. ``sock``: a listening socket to
+    accept on instead of binding ``host:port`` (a worker of ``kaiyuan serve --workers``)."""
     warn_if_open(config, host)
     gw = build_gateway(config)
     app = create_app(config, gw)
@@ -152,13 +157,17 @@ async def run_server(config: GatewayConfig, host: str, port: int, ready: Callabl
         handler_cancellation=True,  # a client that disconnects cancels its upstream request
         access_log=log if srv.access_log else None,
         keepalive_timeout=srv.header_timeout_s,  # also the time a new connection has to send its head
+        shutdown_timeout=srv.shutdown_grace_s,  # SIGTERM: in-flight requests and streams may finish
     )
     await runner.setup()
     loop = asyncio.get_running_loop()
     assert runner.server is not None
     limiter = ConnectionLimiter(runner.server, srv.max_connections or default_max_connections(), loop)
     try:  # not a web.TCPSite: the limiter is the protocol factory (server.connections)
-        server = await loop.create_server(limiter, host, port, backlog=4096, reuse_address=True)
+        if sock is not None:  # a worker of `kaiyuan serve --workers`: the supervisor's socket
+            server = await loop.create_server(limiter, sock=sock, backlog=4096)
+        else:
+            server = await loop.create_server(limiter, host, port, backlog=4096, reuse_address=True)
     except BaseException:
         await runner.cleanup()  # close upstream pools and flush the log before reporting the error
         raise

@@ -1,0 +1,250 @@
+"""`kaiyuan serve --workers 2`: one socket, two gateway processes, and limits, budgets, key
+revocation and metrics that hold across both with no Redis (the supervisor's shared counters).
+Also: SIGTERM lets an in-flight stream finish, SIGHUP reloads the config without refusing a
+connection, and a killed worker is replaced.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import psutil
+import pytest
+import yaml
+from sqlalchemy import create_engine, func, select
+
+from kaiyuan.store.schema import spend_ledger
+from kaiyuan.testing.fake_openai import Behaviour, FakeOpenAI
+from tests.http import http
+
+MASTER = "sk-master-workers-0123456789"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Served:
+    url: str
+    proc: subprocess.Popen[bytes]
+    config_path: Path
+    config: dict[str, Any]
+    log: Path
+
+    def workers(self) -> list[psutil.Process]:
+        return [c for c in psutil.Process(self.proc.pid).children() if c.is_running() and c.status() != "zombie"]
+
+    def admin(self, method: str, path: str, body: Any = None) -> Any:
+        r = http(method, self.url + path, body, MASTER)
+        assert r.status_code in (200, 201), r.text
+        return r.json()
+
+
+def _config(fake: FakeOpenAI, tmp_path: Path, models: tuple[str, ...] = ("cheap",)) -> dict[str, Any]:
+    return {
+        "server": {"master_key": MASTER, "shutdown_grace_s": 20},
+        "store": {"url": f"sqlite:///{tmp_path / 'kaiyuan.db'}"},
+        "request_log": {"flush_interval_s": 0.2},
+        "accounting": {"spend_flush_interval_s": 0.2},
+        "limits": {"key_cache_ttl_s": 30},  # long: revocation must reach the other worker by message
+        "models": [
+            {"name": name, "deployments": [{
+                "provider": "openai_compatible", "base_url": fake.url + "/v1",  # type: ignore[attr-defined]
+                "model": "upstream-chat", "api_key": "sk-upstream",
+                "price": {"input": 1000, "output": 2000},  # about $0.02 a request
+            }]}
+            for name in models
+        ],
+    }
+
+
+def _wait_ready(s: Served, n_workers: int) -> None:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if s.proc.poll() is not None:
+            raise RuntimeError(f"supervisor exited {s.proc.returncode}: {s.log.read_text()[-3000:]}")
+        try:
+            if "workers ready" in s.log.read_text() and len(s.workers()) >= n_workers:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"not ready: {s.log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def served(fake_openai: FakeOpenAI, tmp_path: Path) -> Iterator[Served]:
+    cfg = _config(fake_openai, tmp_path)
+    path = tmp_path / "kaiyuan.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "kaiyuan", "serve", "--config", str(path), "--port", str(port),
+                                 "--workers", "2"], stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ))
+    s = Served(f"http://127.0.0.1:{port}", proc, path, cfg, log)
+    try:
+        _wait_ready(s, 2)
+        yield s
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _chat(url: str, key: str, stream: bool = False) -> str:
+    c = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+    try:
+        if stream:
+            chunks = c.chat.completions.create(model="cheap", messages=[{"role": "user", "content": "hi there"}],
+                                               max_tokens=20, stream=True)
+            return "ok" if "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) else "empty"
+        c.chat.completions.create(model="cheap", messages=[{"role": "user", "content": "hi there"}], max_tokens=20)
+        return "ok"
+    except openai.RateLimitError as e:
+        return f"429:{e.code}"
+    except openai.AuthenticationError:
+        return "401"
+    except openai.APIStatusError as e:
+        return f"{e.status_code}"
+
+
+def test_two_workers_share_one_socket_and_rate_limits(served: Served) -> None:
+    assert len(served.workers()) == 2
+    key = served.admin("POST", "/admin/keys", {"name": "rpm", "rpm": 12})["key"]
+    with cf.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda _i: _chat(served.url, key), range(40)))
+    # Per-worker counters would let up to 24 through; shared ones let exactly 12.
+    assert results.count("ok") == 12, results
+    assert all(r == "ok" or r.startswith("429") for r in results), results
+
+
+def test_budget_holds_across_workers_under_concurrent_load(served: Served, fake_openai: FakeOpenAI) -> None:
+    key = served.admin("POST", "/admin/keys", {"name": "budget", "budgets": [{"period": "total", "limit_usd": 0.2}]})
+    before = len(fake_openai.requests)
+    with cf.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda i: _chat(served.url, key["key"], stream=i % 3 == 0), range(60)))
+    ok = results.count("ok")
+    assert ok >= 1 and all(r == "ok" or r.startswith("429") for r in results), results
+    assert len(fake_openai.requests) - before == ok  # a refused request never reached the upstream
+    engine = create_engine(served.config["store"]["url"])
+    q = select(func.count(), func.coalesce(func.sum(spend_ledger.c.cost_usd), 0)).where(spend_ledger.c.key_id == key["id"])
+    deadline = time.monotonic() + 15
+    rows, spent = 0, 0.0
+    while time.monotonic() < deadline:  # each worker's ledger writer flushes every 0.2 s
+        with engine.connect() as conn:
+            rows, spent = conn.execute(q).one()
+        if rows >= ok:
+            break
+        time.sleep(0.3)
+    engine.dispose()
+    assert rows == ok, results  # every request the upstream answered has its ledger row
+    assert float(spent) <= 0.2 + 1e-9, (spent, results)
+
+
+def test_revoking_a_key_on_one_worker_reaches_the_other(served: Served) -> None:
+    key = served.admin("POST", "/admin/keys", {"name": "revoke-me"})
+    with cf.ThreadPoolExecutor(8) as pool:  # warm both workers' key caches
+        assert set(pool.map(lambda _i: _chat(served.url, key["key"]), range(16))) == {"ok"}
+    served.admin("POST", f"/admin/keys/{key['id']}/revoke")
+    time.sleep(0.5)  # the invalidation is a message, not a cache expiry (the TTL here is 30 s)
+    with cf.ThreadPoolExecutor(8) as pool:
+        after = list(pool.map(lambda _i: _chat(served.url, key["key"]), range(16)))
+    assert set(after) == {"401"}, after
+
+
+def test_metrics_sum_every_worker(served: Served) -> None:
+    with cf.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _i: _chat(served.url, MASTER), range(20)))
+    text = http("GET", served.url + "/metrics", key=MASTER).text
+    total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("kaiyuan_requests_total{") and 'model="cheap"' in line)
+    assert total == 20, text[:2000]
+
+
+def test_sigterm_lets_an_inflight_stream_finish(served: Served, fake_openai: FakeOpenAI) -> None:
+    fake_openai.next(Behaviour(chunk_delay=0.3))  # a stream of a few seconds
+    out: dict[str, str] = {}
+    t = threading.Thread(target=lambda: out.setdefault("r", _chat(served.url, MASTER, stream=True)))
+    t.start()
+    time.sleep(1.0)
+    served.proc.send_signal(signal.SIGTERM)
+    t.join(60)
+    assert out.get("r") == "ok"
+    assert served.proc.wait(timeout=40) == 0
+
+
+def test_sighup_reloads_without_refusing_a_connection(served: Served, fake_openai: FakeOpenAI, tmp_path: Path) -> None:
+    stop = threading.Event()
+    results: list[str] = []
+
+    def load() -> None:
+        while not stop.is_set():
+            results.append(_chat(served.url, MASTER))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for th in threads:
+        th.start()
+    time.sleep(1.0)
+    old = {p.pid for p in served.workers()}
+    served.config_path.write_text(yaml.safe_dump(_config(fake_openai, tmp_path, ("cheap", "added-on-reload"))))
+    served.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not (old.isdisjoint(p.pid for p in served.workers())
+                                               and len(served.workers()) == 2):
+        time.sleep(0.3)
+    time.sleep(1.0)
+    stop.set()
+    for th in threads:
+        th.join(30)
+    assert old.isdisjoint(p.pid for p in served.workers()), "the old workers are still there"
+    assert results and set(results) == {"ok"}, [r for r in results if r != "ok"][:5]
+    models = {m["id"] for m in http("GET", served.url + "/v1/models", key=MASTER).json()["data"]}
+    assert "added-on-reload" in models
+
+
+def test_sighup_with_a_broken_config_keeps_serving(served: Served) -> None:
+    old = {p.pid for p in served.workers()}
+    served.config_path.write_text("models: [this is not: valid")
+    served.proc.send_signal(signal.SIGHUP)
+    time.sleep(2.0)
+    assert {p.pid for p in served.workers()} == old
+    assert _chat(served.url, MASTER) == "ok"
+    assert "not valid" in served.log.read_text()
+
+
+def test_a_killed_worker_is_replaced(served: Served) -> None:
+    victim = served.workers()[0]
+    victim.kill()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pids = {p.pid for p in served.workers()}
+        if len(pids) == 2 and victim.pid not in pids:
+            break
+        time.sleep(0.3)
+    assert victim.pid not in {p.pid for p in served.workers()} and len(served.workers()) == 2
+    assert _chat(served.url, MASTER) == "ok"
+
+
+def test_bad_worker_count_is_refused(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "kaiyuan", "serve", "--workers", "0"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0 and "workers" in r.stderr

@@ -17,7 +17,15 @@ from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from kaiyuan.console.settings import ConsoleSettings
 from kaiyuan.routing.settings import RoutingSettings, check_routing
@@ -177,6 +185,7 @@ class DeploymentBase(_Strict):
     max_output_tokens: int | None = Field(
         None, gt=0, description="the upstream model's output limit: larger max_tokens are clamped to it; default: "
                                 "price.max_output_tokens, else the price catalog's row")
+    _auto_id: bool = PrivateAttr(False)  # the id was generated (may be qualified with #MODEL), not written
 
     @field_validator("price", mode="before")
     @classmethod
@@ -300,10 +309,46 @@ class ModelConfig(_Strict):
             if d.id is None:
                 base = d.default_id()
                 d.id = base if base not in seen else f"{base}#{i}"
+                d._auto_id = True
             if d.id in seen:
                 raise ValueError(f"deployment id {d.id!r} is used twice in model {self.name!r}")
             seen.add(d.id)
         return self
+
+
+def unique_deployment_ids(models: list[ModelConfig]) -> None:
+    """Deployment ids key gateway-wide maps (prices, caps, breakers, metrics), so they must be unique
+    across models: generated ids that collide get ``#MODEL``; written ids that collide are an error."""
+    owners: dict[str, list[tuple[int, int, ModelConfig]]] = {}
+    for mi, m in enumerate(models):
+        if _is_arm_copy(m, models):
+            continue
+        for di, d in enumerate(m.deployments):
+            owners.setdefault(str(d.id), []).append((mi, di, m))
+    for dep_id, where in owners.items():
+        if len(where) < 2:
+            continue
+        written = [(mi, di, m) for mi, di, m in where if not m.deployments[di]._auto_id]
+        if len(written) > 1:
+            places = " and ".join(f"models[{mi}].deployments[{di}] (model {m.name!r})" for mi, di, m in written[:2])
+            raise ValueError(f"deployment id {dep_id!r} is used twice: {places}; deployment ids must be unique across models")
+        for _mi, di, m in where:
+            if m.deployments[di]._auto_id:
+                m.deployments[di].id = f"{dep_id}#{m.name}"
+    ids = [str(d.id) for m in models if not _is_arm_copy(m, models) for d in m.deployments]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"deployment ids must be unique across models; repeated: {sorted({i for i in ids if ids.count(i) > 1})}")
+
+
+def _is_arm_copy(m: ModelConfig, models: list[ModelConfig]) -> bool:
+    """A ``MODEL@ID`` trial arm written out (a dumped config): it reuses MODEL's deployment, same id."""
+    base = next((b for b in models if "@" in m.name and b.name == m.name.split("@", 1)[0]), None)
+    return base is not None and {d.id for d in m.deployments} <= {d.id for d in base.deployments}
+
+
+def _arm_deployments(m: ModelConfig, dep_id: str) -> list[Deployment]:
+    """The deployment a trial arm names: by its id, or by its generated id before ``#MODEL`` was added."""
+    return [d for d in m.deployments if d.id == dep_id or (d._auto_id and d.id == f"{dep_id}#{m.name}")]
 
 
 def deployment_arms(models: list[ModelConfig], trials: list[TrialConfig]) -> list[ModelConfig]:
@@ -320,7 +365,7 @@ def deployment_arms(models: list[ModelConfig], trials: list[TrialConfig]) -> lis
             m = by_name.get(base)
             if m is None:
                 continue  # check_trial_models names the unknown model
-            deps = [d for d in m.deployments if d.id == dep_id]
+            deps = _arm_deployments(m, dep_id)
             if not deps:
                 ids = ", ".join(str(d.id) for d in m.deployments)
                 raise ValueError(f"trials[{i}].{path}: model {base!r} has no deployment {dep_id!r}; its deployment ids: {ids}")
@@ -433,6 +478,7 @@ class GatewayConfig(_Strict):
 
     @model_validator(mode="after")
     def _trial_models(self) -> GatewayConfig:
+        unique_deployment_ids(self.models)  # before trial arms, which reuse their model's deployments
         self.models.extend(deployment_arms(self.models, self.trials))
         check_trial_models(self.trials, {m.name for m in self.models})
         return self

@@ -56,6 +56,8 @@ def test_documented_shape_loads_with_env_secrets(tmp_path: Path) -> None:
         ("server:\n  port: 99999\n", {}, ["server.port", "less than or equal"]),
         ("models:\n  - name: a\n    deployments: [{provider: local}]\n  - name: a\n    deployments: [{provider: local}]\n", {}, ["unique", "a"]),
         ("models:\n  - name: x\n    deployments:\n      - {provider: local, timeouts: {idle: -1}}\n", {}, ["timeouts.idle", "greater than 0"]),
+        ("models:\n  - name: a\n    deployments: [{provider: local, id: main}]\n  - name: b\n    deployments: [{provider: local}, {provider: local, id: main}]\n",
+         {}, ["deployment id 'main' is used twice", "models[0].deployments[0] (model 'a')", "models[1].deployments[1] (model 'b')"]),
     ],
 )
 def test_bad_configs_name_file_and_key(tmp_path: Path, text: str, env: dict[str, str], fragments: list[str]) -> None:
@@ -101,3 +103,18 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
     assert "Unclosed" not in r.stderr
+
+
+def test_generated_deployment_ids_are_unique_across_models() -> None:
+    """Two models on one upstream model and host: their generated ids get ``#MODEL``; a lone id stays
+    as it was; a trial arm may still name the deployment by its generated id."""
+    dep = {"provider": "openai_compatible", "base_url": "http://h:1/v1", "model": "up"}
+    cfg = parse_config({
+        "models": [{"name": "a", "deployments": [dep]}, {"name": "b", "deployments": [dep]},
+                   {"name": "c", "deployments": [{**dep, "model": "other"}]}],
+        "trials": [{"name": "t", "incumbent": "b", "candidates": ["a@openai_compatible:up@h:1"], "scorers": [{"type": "exact"}]}],
+    })
+    ids = {m.name: [d.id for d in m.deployments] for m in cfg.models}
+    assert ids["a"] == ["openai_compatible:up@h:1#a"] and ids["b"] == ["openai_compatible:up@h:1#b"]
+    assert ids["c"] == ["openai_compatible:other@h:1"]
+    assert ids["a@openai_compatible:up@h:1"] == ["openai_compatible:up@h:1#a"]

@@ -99,12 +99,20 @@ def test_bad_keys_get_clear_401s(kgw: RunningGateway) -> None:
     with pytest.raises(openai.AuthenticationError) as e:
         chat(kgw, k["key"])
     assert e.value.code == "key_revoked"
-    k2 = new_key(kgw, expires_in_s=0.2)
+    # Expiry without sleeping: a key that works until an admin moves its expiry into the past
+    # (the guard's cached record must be dropped), and a key created already expired.
+    k2 = new_key(kgw, expires_in_s=3600)
     chat(kgw, k2["key"])
-    time.sleep(0.3)
+    past = time.time() - 60
+    assert admin(kgw, "PATCH", f"/admin/keys/{k2['id']}", {"expires_at": past}).json()["status"] == "expired"
     with pytest.raises(openai.AuthenticationError) as e:
         chat(kgw, k2["key"])
     assert e.value.code == "key_expired" and "expired at" in str(e.value)
+    k3 = new_key(kgw, expires_at=past)
+    assert k3["status"] == "expired"
+    with pytest.raises(openai.AuthenticationError) as e:
+        chat(kgw, k3["key"])
+    assert e.value.code == "key_expired"
 
 
 def test_bad_admin_input_is_rejected_and_nothing_is_written(kgw: RunningGateway) -> None:
@@ -473,3 +481,26 @@ def test_key_policy_is_enforced_by_the_router(kgw: RunningGateway, fake_openai: 
         chat(kgw, k["key"])
     assert "self_hosted" in str(e.value) and len(fake_openai.requests) == before
     assert admin(kgw, "POST", "/admin/keys", {"name": "bad", "policy": "self hosted"}).status_code == 400
+
+
+def test_models_sharing_an_upstream_keep_their_own_prices(
+    make_gateway: Callable[[dict[str, Any]], RunningGateway], fake_openai: FakeOpenAI
+) -> None:
+    """Two public models on one upstream model and host (same generated deployment id) used to share
+    one price: the second overwrote the first in the guard's deployment map."""
+    url = fake_openai.url  # type: ignore[attr-defined]
+    gw = make_gateway({
+        "server": {"master_key": MASTER},
+        "models": [
+            openai_model("plain", url, "upstream-chat", deployment={"price": PRICE}),
+            openai_model("premium", url, "upstream-chat", deployment={"price": {"input": 10.0, "output": 20.0}}),
+        ],
+    })
+    chat(gw, MASTER, "one two three", model="plain")
+    chat(gw, MASTER, "one two three", model="premium")
+    plain, premium = gw.log_rows()[-2:]
+    # fake usage: prompt = 3 words + 3, completion = "echo: one two three" = 4 words
+    assert plain["cost_usd"] == pytest.approx((6 * 1.0 + 4 * 2.0) / 1e6)
+    assert premium["cost_usd"] == pytest.approx((6 * 10.0 + 4 * 20.0) / 1e6)
+    assert plain["deployment"] != premium["deployment"]
+    assert premium["deployment"].endswith("#premium")

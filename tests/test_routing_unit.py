@@ -98,9 +98,9 @@ def test_unknown_strategy_is_rejected_naming_the_key() -> None:
 
 def test_fallback_cycles_are_rejected() -> None:
     msg = bad([
-        {"name": "a", "routing": {"fallbacks": ["b"]}, "deployments": [d("x")]},
-        {"name": "b", "routing": {"context_window_fallbacks": ["c"]}, "deployments": [d("x")]},
-        {"name": "c", "routing": {"fallbacks": ["a"]}, "deployments": [d("x")]},
+        {"name": "a", "routing": {"fallbacks": ["b"]}, "deployments": [d("x1")]},
+        {"name": "b", "routing": {"context_window_fallbacks": ["c"]}, "deployments": [d("x2")]},
+        {"name": "c", "routing": {"fallbacks": ["a"]}, "deployments": [d("x3")]},
     ])
     assert "fallbacks form a cycle: a -> b -> c -> a" in msg
     assert "cannot fall back to itself" in bad([{"name": "a", "routing": {"fallbacks": ["a"]}, "deployments": [d("x")]}])

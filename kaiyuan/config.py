@@ -226,6 +226,10 @@ class _HTTPDeployment(DeploymentBase):
 class OpenAICompatibleDeployment(_HTTPDeployment):
     provider: Literal["openai_compatible"]
     base_url: str = Field(..., description="e.g. https://api.deepseek.com/v1")
+    responses_api: bool = Field(
+        False, description="the upstream serves POST {base_url}/responses itself: /v1/responses is passed through "
+        "when every deployment of the model says so (see docs/responses.md)"
+    )
     max_tokens_fields: Literal["both", "max_tokens", "max_completion_tokens"] | None = Field(
         None,
         description="which output-cap field(s) chat calls carry; default: both, except hosts known to refuse "
@@ -293,6 +297,10 @@ class ModelConfig(_Strict):
     log_bodies: bool = Field(False, description="store request/response bodies in the request log")
     description: str | None = None
     routing: RoutingSettings = Field(default_factory=lambda: RoutingSettings(), description="see docs/routing.md")
+    hosted_tools: Literal["omit", "refuse"] = Field(
+        "omit", description="/v1/responses hosted tools (web_search, file_search, ...) no upstream runs: leave them "
+        "out of the call and name them in x-kaiyuan-omitted-tools (omit), or answer 400 naming the tool (refuse)"
+    )
 
     @model_validator(mode="after")
     def _ids(self) -> ModelConfig:
@@ -437,6 +445,18 @@ class RequestLogSettings(_Strict):
     max_queue: int = Field(100_000, gt=0, description="rows held in memory before new ones are dropped")
 
 
+class ResponsesSettings(_Strict):
+    """The Responses API's state: stored responses and sealed reasoning (see docs/responses.md)."""
+
+    seal_secret: str | None = Field(
+        None, description="secret for reasoning.encrypted_content; default: the master key, else one the gateway "
+        "generates and keeps in its store"
+    )
+    retention_days: float = Field(30.0, gt=0, description="stored responses are deleted after this many days")
+    flush_interval_s: float = Field(0.05, gt=0, description="how often stored responses are written, in a batch")
+    max_pending: int = Field(10_000, gt=0, description="stored responses waiting to be written; beyond: not stored")
+
+
 class TracingSettings(_Strict):
     enabled: bool = False
     exporter: Literal["console", "otlp", "memory"] = "otlp"
@@ -449,6 +469,7 @@ class GatewayConfig(_Strict):
     store: StoreSettings = Field(default_factory=StoreSettings)
     request_log: RequestLogSettings = Field(default_factory=RequestLogSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
+    responses: ResponsesSettings = Field(default_factory=ResponsesSettings)
     accounting: AccountingSettings = Field(default_factory=AccountingSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     models: list[ModelConfig] = Field(default_factory=list)

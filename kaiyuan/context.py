@@ -83,6 +83,7 @@ class RequestContext:
     deployment: str | None = None
     attempts: list[Attempt] = field(default_factory=list)
     served_model: str | None = None  # the fallback model that answered, when not ``model``
+    omitted_tools: str | None = None  # /v1/responses: hosted tools left out of the upstream call
     status: int = 0
     error: str | None = None
     cancelled: bool = False

@@ -22,7 +22,7 @@ from kaiyuan.context import RequestContext
 
 log = logging.getLogger("kaiyuan.costing")
 
-BILLED_ENDPOINTS = frozenset({"chat", "completions", "embeddings", "messages"})
+BILLED_ENDPOINTS = frozenset({"chat", "completions", "embeddings", "messages", "responses"})
 
 
 class PricedDeployment(NamedTuple):

@@ -78,6 +78,8 @@ def asked(body: dict[str, Any], endpoint: str) -> OutputAsk:
         cap = _positive_int(gc.get("maxOutputTokens"))
     n = _positive_int(body.get("n")) or 1  # not clamped: an upstream that accepts n=500 bills 500
     effort = body.get("reasoning_effort")
+    if effort is None and isinstance(body.get("reasoning"), dict):  # the Responses API's reasoning.effort
+        effort = body["reasoning"].get("effort")
     thinking = _EFFORT_BUDGET.get(effort, 0) if isinstance(effort, str) else 0
     return OutputAsk(cap, n, thinking)
 

@@ -115,7 +115,7 @@ def count_prompt(model: str, body: dict[str, Any]) -> int:
     images = [0]
     messages = body.get("messages", body.get("contents"))
     n_messages = len(messages) if isinstance(messages, list) else 0
-    for key in ("system", "messages", "prompt", "input", "suffix", "contents", "systemInstruction"):
+    for key in ("system", "instructions", "messages", "prompt", "input", "suffix", "contents", "systemInstruction"):
         v = body.get(key)
         if v is not None:
             _strings(v, texts, images)

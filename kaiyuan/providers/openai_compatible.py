@@ -13,6 +13,7 @@ ENDPOINT_PATHS = {
     "chat": "/chat/completions",
     "completions": "/completions",
     "embeddings": "/embeddings",
+    "responses": "/responses",
 }
 
 

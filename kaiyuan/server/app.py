@@ -18,7 +18,7 @@ from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
 from kaiyuan.pipeline import GATEWAY_KEY, record_unknown_route
 from kaiyuan.routing import admin as routing_admin
-from kaiyuan.server import anthropic_api, gemini_api, health, openai_api
+from kaiyuan.server import anthropic_api, gemini_api, health, openai_api, responses_api
 from kaiyuan.server.common import ErrorSerializer, error_response
 from kaiyuan.server.connections import ConnectionLimiter, default_max_connections
 
@@ -36,6 +36,7 @@ from kaiyuan.server import admin_api  # noqa: E402  (the admin API: keys, teams,
 EXTRA_ROUTES.append(admin_api.add_routes)
 EXTRA_ROUTES.append(install_console)
 EXTRA_ROUTES.append(anthropic_api.add_routes)
+EXTRA_ROUTES.append(responses_api.add_routes)
 ERROR_SHAPES.append(("/v1/messages", anth.error_body))
 EXTRA_ROUTES.append(gemini_api.add_routes)
 ERROR_SHAPES.append(("/v1beta", gemini_in.error_body))

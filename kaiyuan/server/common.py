@@ -182,6 +182,8 @@ def kaiyuan_headers(ctx: RequestContext) -> dict[str, str]:
         h["x-kaiyuan-cost"] = f"{ctx.cost_usd:.8f}".rstrip("0").rstrip(".") or "0"
     if ctx.served_model:
         h["x-kaiyuan-model"] = ctx.served_model
+    if ctx.omitted_tools:  # /v1/responses: hosted tools left out of the upstream call
+        h["x-kaiyuan-omitted-tools"] = ctx.omitted_tools
     return h
 
 

@@ -202,7 +202,6 @@ trial_routing = Table(
 )
 Index("ix_trial_routing_trial", trial_routing.c.trial, trial_routing.c.id)
 
-
 # -- console rollups (migration 0005) --------------------------------------------------------------
 # NULL dimensions are stored as "" so that they can be part of the primary key.
 usage_hourly = Table(
@@ -234,4 +233,31 @@ rollup_hours = Table(
     metadata,
     Column("hour", BigInteger, primary_key=True, doc="an hour whose request-log rows are in usage_hourly"),
     Column("rows", BigInteger, nullable=False),
+)
+
+# -- stored Responses API responses (revision 0006) -----------------------------------------------
+# One row per response made with store: true, scoped to the key that made it. ``history`` is the
+# whole conversation up to and including this response's output (Responses items, JSON), so that
+# ``previous_response_id`` costs one read, not a walk up the chain.
+responses = Table(
+    "responses",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("key_id", String(64), nullable=True, doc="the virtual key that made it; NULL: master key / no auth"),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=True, doc="unix time after which it is gone (retention)"),
+    Column("model", String(200), nullable=True),
+    Column("response", Text, nullable=False, doc="the response object as returned (JSON)"),
+    Column("input_items", Text, nullable=False, doc="this request's own input items (JSON list)"),
+    Column("history", Text, nullable=False, doc="conversation items through this output (JSON list)"),
+)
+Index("ix_responses_expires", responses.c.expires_at)
+
+# Secrets the gateway generates for itself when none is configured (the reasoning seal key).
+gateway_secrets = Table(
+    "gateway_secrets",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", String(200), nullable=False),
+    Column("created_at", Float, nullable=False),
 )

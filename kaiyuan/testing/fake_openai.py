@@ -20,7 +20,7 @@ import random
 import struct
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -43,6 +43,7 @@ class Behaviour:
     status_on_fail: int = 500
     content: str | None = None  # override the answer text
     raw_body: bytes | None = None  # answer exactly these bytes (with `status`)
+    tool_calls: list[tuple[str, str]] | None = None  # answer with these calls: (function name, arguments JSON)
     ignore_max_tokens: bool = False  # a non-compliant upstream: answer in full whatever the output cap
     usage: dict[str, Any] | None = None  # fields put over the usage reported (absurd counts, strings...)
     raw_stream: list[bytes] | None = None  # a 2xx stream of exactly these chunks (with `headers`, e.g. Content-Encoding)
@@ -99,6 +100,7 @@ class FakeOpenAI:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/responses", self.responses)
         return app
 
     # -- shared ----------------------------------------------------------------------------------
@@ -144,6 +146,10 @@ class FakeOpenAI:
         model = str(body.get("model", ""))
         if "reasoner" in model or "thinking" in model:
             reasoning = f"thinking about: {last_user}"
+        if b.tool_calls:  # scripted: exactly these calls
+            calls = [{"id": f"call_s{i}_{self.rng.randrange(10**8)}", "type": "function",
+                      "function": {"name": name, "arguments": args}} for i, (name, args) in enumerate(b.tool_calls)]
+            return {"content": None, "tool_calls": calls, "reasoning": reasoning, "finish": "tool_calls", "user": last_user}
         offered = [t.get("function", {}).get("name") for t in tools or []]
         scripted = agent_call(b, offered) if tools else None
         if scripted is not None:
@@ -335,6 +341,45 @@ class FakeOpenAI:
         tokens = sum(count_tokens(str(t)) for t in items)
         resp = {"object": "list", "data": data, "model": body.get("model"), "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
         return web.Response(body=orjson.dumps(resp), content_type="application/json")
+
+    # -- responses (an upstream that speaks the Responses API itself) ----------------------------
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """``"echo: <input>"`` as a Responses object, or its event stream (text only): the shape of
+        the recorded response in tests/fixtures/openai/responses_text.json."""
+        body, b, early = await self._pre(request)
+        if early is not None:
+            return early
+        assert body is not None
+        inp = body.get("input")
+        text = f"echo: {inp if isinstance(inp, str) else _text_of((inp or [{}])[-1].get('content'))}"
+        words = count_tokens(text)
+        msg = {"id": "msg_fake1", "type": "message", "status": "completed", "role": "assistant",
+               "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": text}]}
+        resp: dict[str, Any] = {
+            "id": f"resp_fake{self.rng.randrange(10**8)}", "object": "response", "created_at": int(time.time()),
+            "status": "completed", "error": None, "incomplete_details": None, "model": body.get("model"),
+            "output": [msg], "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+            "usage": {"input_tokens": 7, "input_tokens_details": {"cached_tokens": 2}, "output_tokens": words,
+                      "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 7 + words}}
+        if not body.get("stream"):
+            return web.Response(body=orjson.dumps(resp), content_type="application/json", headers=b.headers)
+        start = {**resp, "status": "in_progress", "output": [], "usage": None}
+        part = {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
+        evs: list[dict[str, Any]] = [
+            {"type": "response.created", "response": start}, {"type": "response.in_progress", "response": start},
+            {"type": "response.output_item.added", "output_index": 0, "item": {**msg, "status": "in_progress", "content": []}},
+            {"type": "response.content_part.added", "item_id": "msg_fake1", "output_index": 0, "content_index": 0, "part": part},
+            *({"type": "response.output_text.delta", "item_id": "msg_fake1", "output_index": 0, "content_index": 0,
+               "delta": w if i == 0 else " " + w, "logprobs": []} for i, w in enumerate(text.split(" "))),
+            {"type": "response.output_text.done", "item_id": "msg_fake1", "output_index": 0, "content_index": 0,
+             "text": text, "logprobs": []},
+            {"type": "response.content_part.done", "item_id": "msg_fake1", "output_index": 0, "content_index": 0,
+             "part": {**part, "text": text}},
+            {"type": "response.output_item.done", "output_index": 0, "item": msg},
+            {"type": "response.completed", "response": resp}]
+        events = [f"event: {e['type']}\ndata: ".encode() + orjson.dumps({**e, "sequence_number": i}) + b"\n\n"
+                  for i, e in enumerate(evs)]
+        return await self._send_stream(request, events, replace(b, omit_done=True))  # no [DONE] in Responses streams
 
     async def models(self, request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps({"object": "list", "data": [{"id": "fake-model", "object": "model", "created": 0, "owned_by": "fake"}]}),

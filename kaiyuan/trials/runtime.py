@@ -304,8 +304,8 @@ class TrialsRuntime:
                     self._arm(ctx, self.trials[st.trial], shadow_ok=(ctx.dialect, ctx.endpoint) in CAPTURED)
                 return
         trials = self.by_incumbent.get(model)
-        if not trials or ctx.endpoint not in ("chat", "messages"):
-            return
+        if not trials or ctx.endpoint not in ("chat", "messages", "responses"):
+            return  # /v1/responses: canary splits apply; shadows need a captured chat or Messages answer
         # the answer the client got is captured on the OpenAI chat and Anthropic Messages paths
         shadow_ok = (ctx.dialect, ctx.endpoint) in CAPTURED
         for t in trials:

@@ -1,0 +1,206 @@
+"""The Responses API: ``POST /v1/responses`` (stream and not), ``GET`` / ``DELETE /v1/responses/{id}``
+and ``GET /v1/responses/{id}/input_items``.
+
+``POST`` runs on the shared skeleton (:func:`kaiyuan.pipeline.api_handler`), so keys, limits,
+budgets, routing, data policy, cost, the request log and trials apply as on every endpoint. The
+request becomes canonical (:mod:`kaiyuan.dialects.responses`) and goes to any upstream as Chat
+Completions, Anthropic Messages or Gemini; a model whose every deployment speaks Responses itself
+(``responses_api: true``) is passed through, its state kept by that upstream. Errors have the OpenAI
+shape, which the Responses API shares; a broken stream ends with ``error`` and ``response.failed``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from kaiyuan.accounting.output_cap import asked
+from kaiyuan.context import RequestContext
+from kaiyuan.dialects import openai as oai
+from kaiyuan.dialects import responses as rq
+from kaiyuan.dialects import responses_out as ro
+from kaiyuan.dialects.responses_stream import ChatToResponses
+from kaiyuan.errors import ErrorKind, GatewayError
+from kaiyuan.gateway import Gateway
+from kaiyuan.pipeline import api_handler
+from kaiyuan.providers.base import Provider, UpstreamCall
+from kaiyuan.server import responses_state as state
+from kaiyuan.server import translate
+from kaiyuan.server.common import JSON_CT, kaiyuan_headers
+from kaiyuan.server.overrun import OutputLimit, capped_chunks, cut_canonical, output_limit, overran
+from kaiyuan.server.sse import relay, sse_events
+
+log = logging.getLogger("kaiyuan.responses")
+
+
+def _passthrough(gw: Gateway, model: str) -> bool:
+    """Every deployment of ``model`` serves /responses itself."""
+    provs = gw.providers.get(model) or []
+    return bool(provs) and all(getattr(p.deployment, "responses_api", False) for p in provs)
+
+
+async def _create(request: web.Request, gw: Gateway, ctx: RequestContext, body: dict[str, Any],
+                  _arg: Any) -> web.StreamResponse:
+    stream = ctx.stream = body.get("stream") is True
+    if _passthrough(gw, ctx.model or ""):
+        return await _pass(request, gw, ctx, body, stream)
+    rt = state.runtime(request.app)
+    history: list[dict[str, Any]] = []
+    prev_id = body.get("previous_response_id")
+    if prev_id:
+        prev = await rt.store.get(prev_id, ctx.principal.key_id)
+        if prev is None:
+            raise GatewayError(ErrorKind.NOT_FOUND, f"previous response {prev_id!r} not found (it was never stored, "
+                               f"was deleted or expired, or another key made it)", param="previous_response_id",
+                               code="previous_response_not_found")
+        history = prev.history
+    refuse = gw.models[ctx.model or ""].hosted_tools == "refuse"
+    prep = rq.prepare(body, history, rt.sealer.open, refuse)
+    if prep.omitted_tools:
+        rt.note_omitted(ctx, prep.omitted_tools)
+
+    ask = asked(body, "responses")
+    caps = gw.caps
+
+    def build(provider: Provider) -> UpstreamCall:
+        cap = ctx.output_cap = caps.cap(provider.id, ask)  # reserved for it, sent, and enforced
+        try:
+            return translate.upstream_call(provider, prep.request, cap, caps)
+        except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
+            raise GatewayError(ErrorKind.INVALID_REQUEST, f"the request cannot be translated for this model's "
+                               f"{provider.protocol} upstream ({type(e).__name__}: {e})", code="invalid_request") from None
+
+    provider, reply = await gw.execute(ctx, build)
+    lim = output_limit(ctx, gw.router.flag_overrun, provider.deployment.model)
+    shape = ro.Shape(prep.names, prep.summary, rt.sealer.seal if prep.encrypted else None)
+    skeleton = ro.skeleton(ro.new_id("resp"), ctx.model or "", body)
+    store = body.get("store", True) is not False
+    if reply.stream is not None:
+        ctx.status = 200
+        return await _stream(request, ctx, provider, reply.stream, skeleton, shape, prep, history, rt, store, lim)
+    r = translate.reply_to_canonical(provider.protocol, reply.body or b"", ctx, reply.parsed)
+    if lim is not None and overran(lim, r.usage.output_tokens, len(reply.body or b"")):
+        cut_canonical(r, lim)  # an upstream that ignored the cap: cut to it, status incomplete
+    translate.usage_into_ctx(r.usage, ctx)
+    final = ro.finished(skeleton, ro.output_items(r.content, shape), r.stop_reason, r.usage)
+    if store:
+        rt.keep(ctx, final, prep, history, state.history_items(r.content, prep, rt.sealer))
+    data = orjson.dumps(final)
+    ctx.status = 200
+    ctx.mark_first_byte()
+    if ctx.log_bodies or ctx.capture_response:
+        ctx.response_body = data
+    return web.Response(body=data, content_type=JSON_CT, headers=kaiyuan_headers(ctx))
+
+
+async def _stream(request: web.Request, ctx: RequestContext, provider: Provider, upstream: AsyncIterator[bytes],
+                  skeleton: dict[str, Any], shape: ro.Shape, prep: rq.Prepared, history: list[dict[str, Any]],
+                  rt: state.ResponsesRuntime, store: bool, lim: OutputLimit | None) -> web.StreamResponse:
+    tr = ChatToResponses(skeleton, shape)
+    tail = bytearray() if ctx.log_bodies or ctx.capture_response else None
+
+    async def pump(resp: web.StreamResponse) -> None:
+        async def write(parts: list[bytes]) -> None:
+            if parts:
+                ctx.mark_first_byte()
+                data = b"".join(parts)
+                if tail is not None and len(tail) < 1_000_000:
+                    tail.extend(data)
+                await resp.write(data)
+
+        try:
+            await write(tr.start())
+            chunks = translate.openai_chunks(provider.protocol, upstream, ctx, ctx.model or "", True)
+            async for ch in capped_chunks(chunks, ctx, lim, True):
+                try:
+                    out = tr.feed(ch)
+                except (KeyError, TypeError, AttributeError, ValueError) as e:
+                    raise GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {ctx.deployment} sent a reply this "
+                                       f"gateway cannot read ({type(e).__name__}: {e})") from None
+                await write(out)
+            last = tr.end()
+            translate.usage_into_ctx(tr.usage, ctx)
+            if tr.final is not None and store:
+                rt.keep(ctx, tr.final, prep, history, state.history_from_output(tr, rt.sealer))
+            await write(last)
+        finally:
+            if tail is not None:
+                ctx.response_body = bytes(tail)
+
+    return await relay(request, ctx, pump, tr.failed)
+
+
+# -- pass-through (the upstream speaks Responses) ------------------------------------------------
+async def _pass(request: web.Request, gw: Gateway, ctx: RequestContext, body: dict[str, Any],
+                stream: bool) -> web.StreamResponse:
+    ask = asked(body, "responses")
+
+    def build(provider: Provider) -> UpstreamCall:
+        cap = ctx.output_cap = gw.caps.cap(provider.id, ask)  # reserved for it and sent
+        return UpstreamCall("responses", {**body, "model": provider.deployment.model, "max_output_tokens": cap}, stream)
+
+    _provider, reply = await gw.execute(ctx, build)
+    if reply.stream is not None:
+        ctx.status = 200
+        return await relay(request, ctx, lambda resp: _pass_pump(resp, ctx, reply.stream), _pass_error)
+    obj = translate.parsed_body(reply)
+    if obj is not None:
+        translate.usage_into_ctx(ro.usage_to_canonical(obj.get("usage")), ctx)
+    ctx.status = reply.status
+    ctx.mark_first_byte()
+    return web.Response(body=reply.body or b"", status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))
+
+
+def _pass_error(err: GatewayError) -> bytes:
+    """An ``error`` event for a pass-through stream that broke (the upstream's numbering is unknown)."""
+    code = err.code if err.code is not None else err.kind.name.lower()
+    nested = {"type": err.kind.value.openai_type, "code": code, "message": err.message, "param": err.param}
+    return b"event: error\ndata: " + orjson.dumps({"type": "error", **nested, "error": nested}) + b"\n\n"
+
+
+TERMINAL = (b"event: response.completed", b"event: response.incomplete", b"event: response.failed")
+
+
+async def _pass_pump(resp: web.StreamResponse, ctx: RequestContext, upstream: Any) -> None:
+    """Relay the upstream's events as they arrive; usage from its last one. A stream that ends
+    without a terminal event ends with an error, never a silent truncation."""
+    ended = False
+    async for events in sse_events(upstream):
+        for ev in events:
+            if ev.startswith(TERMINAL):
+                ended = True
+                _pass_usage(ev, ctx)
+        ctx.mark_first_byte()
+        await resp.write(b"".join(e + b"\n\n" for e in events))
+    if not ended:
+        raise GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {ctx.deployment} ended the stream early (no "
+                           "response.completed); the answer is incomplete")
+
+
+def _pass_usage(ev: bytes, ctx: RequestContext) -> None:
+    for line in ev.split(b"\n"):
+        if line.startswith(b"data:"):
+            try:
+                obj = orjson.loads(line[5:])
+            except orjson.JSONDecodeError:
+                return
+            r = obj.get("response") if isinstance(obj, dict) else None
+            if isinstance(r, dict):
+                translate.usage_into_ctx(ro.usage_to_canonical(r.get("usage")), ctx)
+
+
+create = api_handler("openai", "responses", oai.error_body, rq.validate, _create)
+
+
+def add_routes(app: web.Application) -> None:
+    state.install(app)
+    app.router.add_post("/v1/responses", create)
+    app.router.add_post("/responses", create)
+    app.router.add_get("/v1/responses/{id}", state.retrieve)
+    app.router.add_delete("/v1/responses/{id}", state.remove)
+    app.router.add_get("/v1/responses/{id}/input_items", state.input_items)
+

@@ -238,8 +238,17 @@ async def relay_to_openai(request: web.Request, ctx: RequestContext, protocol: s
 async def relay_to_anthropic(request: web.Request, ctx: RequestContext, protocol: str, stream: AsyncIterator[bytes],
                              model: str, lim: OutputLimit | None = None) -> web.StreamResponse:
     """An OpenAI-compatible or Gemini upstream stream, to an Anthropic caller (cut at ``lim``)."""
-    tr = OpenAIToAnthropic(model, prompt_estimate(ctx))
-    tail = bytearray() if ctx.capture_response else None  # trials: sampled requests
+    return await _relay_translated(request, ctx, protocol, stream, model, lim, OpenAIToAnthropic(model, prompt_estimate(ctx)),
+                                   b"".join, anth.stream_error_event)
+
+
+async def _relay_translated(request: web.Request, ctx: RequestContext, protocol: str, stream: AsyncIterator[bytes],
+                            model: str, lim: OutputLimit | None, tr: Any, encode: Callable[[list[Any]], bytes],
+                            error_event: Any) -> web.StreamResponse:
+    """The relay every translated stream shares: upstream chunks (cut at ``lim``) through the stream
+    translator ``tr`` (``feed``/``end``/``usage``), each batch of its events written as ``encode`` makes
+    them; a sampled request keeps the first MB of what it sent (trials)."""
+    tail = bytearray() if ctx.capture_response else None
 
     async def pump(resp: web.StreamResponse) -> None:
         try:
@@ -250,17 +259,17 @@ async def relay_to_anthropic(request: web.Request, ctx: RequestContext, protocol
                     raise _malformed(ctx, e) from None
                 if out:
                     ctx.mark_first_byte()
-                    data = b"".join(out)
+                    data = encode(out)
                     if tail is not None and len(tail) < 1_000_000:
                         tail.extend(data)
                     await resp.write(data)
-            await resp.write(b"".join(tr.end()))
+            await resp.write(encode(tr.end()))
             usage_into_ctx(tr.usage, ctx)
         finally:
             if tail is not None:
                 ctx.response_body = bytes(tail)
 
-    return await relay(request, ctx, pump, anth.stream_error_event)
+    return await relay(request, ctx, pump, error_event)
 
 
 async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext, stream: AsyncIterator[bytes],
@@ -384,26 +393,5 @@ async def relay_to_gemini(request: web.Request, ctx: RequestContext, protocol: s
                           model: str, lim: OutputLimit | None = None) -> web.StreamResponse:
     """Any upstream stream, to a Gemini-dialect caller (``alt=sse``: ``data: <response>`` events),
     cut at ``lim``."""
-    tr = GeminiOut(model)
-    tail = bytearray() if ctx.capture_response else None  # trials: sampled requests
-
-    async def pump(resp: web.StreamResponse) -> None:
-        try:
-            async for ch in capped_chunks(openai_chunks(protocol, stream, ctx, model, True), ctx, lim, True):
-                try:
-                    out = tr.feed(ch)
-                except (KeyError, TypeError, AttributeError, ValueError) as e:
-                    raise _malformed(ctx, e) from None
-                if out:
-                    ctx.mark_first_byte()
-                    data = b"".join(oc.chunk_bytes(o) for o in out)
-                    if tail is not None and len(tail) < 1_000_000:
-                        tail.extend(data)
-                    await resp.write(data)
-            await resp.write(b"".join(oc.chunk_bytes(o) for o in tr.end()))
-            usage_into_ctx(tr.usage, ctx)
-        finally:
-            if tail is not None:
-                ctx.response_body = bytes(tail)
-
-    return await relay(request, ctx, pump, gemini_in.stream_error_event)
+    return await _relay_translated(request, ctx, protocol, stream, model, lim, GeminiOut(model),
+                                   lambda out: b"".join(oc.chunk_bytes(o) for o in out), gemini_in.stream_error_event)

@@ -59,6 +59,18 @@ class Sessions:
     def _sign(self, data: bytes) -> str:
         return _b64(hmac.new(self._secret, data, hashlib.sha256).digest())
 
+    def _verified(self, text: str | None) -> bytes | None:
+        """The body of a ``<body>.<signature>`` value this gateway signed, or None (missing, malformed,
+        too long, or a signature that does not match)."""
+        if not text or text.count(".") != 1 or len(text) > 4096:
+            return None
+        body_s, sig = text.split(".")
+        try:
+            body = _unb64(body_s)
+        except ValueError:
+            return None
+        return body if hmac.compare_digest(sig, self._sign(body)) else None
+
     def issue(self, role: str, name: str, via: str, team_id: str | None = None, key_id: str | None = None) -> tuple[Session, str]:
         s = Session(secrets.token_urlsafe(16), role, name, via, team_id, key_id, secrets.token_urlsafe(24), time.time() + self.ttl_s)
         body = orjson.dumps(asdict(s))
@@ -66,14 +78,8 @@ class Sessions:
 
     def read(self, cookie: str | None) -> Session | None:
         """The session in a cookie, or None when it is missing, forged, expired or signed out."""
-        if not cookie or cookie.count(".") != 1 or len(cookie) > 4096:
-            return None
-        body_s, sig = cookie.split(".")
-        try:
-            body = _unb64(body_s)
-        except ValueError:
-            return None
-        if not hmac.compare_digest(sig, self._sign(body)):
+        body = self._verified(cookie)
+        if body is None:
             return None
         try:
             s = Session(**orjson.loads(body))
@@ -95,14 +101,8 @@ class Sessions:
         return f"{_b64(body)}.{self._sign(body)}"
 
     def unseal(self, text: str | None) -> dict[str, Any] | None:
-        if not text or text.count(".") != 1 or len(text) > 4096:
-            return None
-        body_s, sig = text.split(".")
-        try:
-            body = _unb64(body_s)
-        except ValueError:
-            return None
-        if not hmac.compare_digest(sig, self._sign(body)):
+        body = self._verified(text)
+        if body is None:
             return None
         value = orjson.loads(body)
         if not isinstance(value, dict) or value.get("_kind") != "seal" or value.get("_exp", 0) <= time.time():

@@ -26,6 +26,7 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 
 ## The full test suite: ruff, mypy, pytest (with Redis/PostgreSQL when installed).
 test: install-dev
+	scripts/install-agents.sh  # pinned agent CLIs from npm for their end-to-end tests; says why and goes on without npm
 	VENV=$(VENV) scripts/test.sh $(ARGS)
 
 lint: install-dev

@@ -43,21 +43,29 @@ def _passthrough(gw: Gateway, model: str) -> bool:
     return bool(provs) and all(getattr(p.deployment, "responses_api", False) for p in provs)
 
 
+async def _load(request: web.Request, gw: Gateway, ctx: RequestContext, body: dict[str, Any]) -> None:
+    """The stored conversation ``previous_response_id`` continues, into ``ctx.carried``: read before
+    the reservation, so limits and budgets count the whole prompt, not only the new input. (A
+    pass-through model keeps its own state: the id is the upstream's.)"""
+    prev_id = body.get("previous_response_id")
+    if not prev_id or _passthrough(gw, ctx.model or ""):
+        return
+    prev = await state.runtime(request.app).store.get(prev_id, ctx.principal.key_id)
+    if prev is None:
+        raise GatewayError(ErrorKind.NOT_FOUND, f"previous response {prev_id!r} not found (it was never stored, "
+                           f"was deleted or expired, or another key made it)", param="previous_response_id",
+                           code="previous_response_not_found")
+    ctx.carried = prev.history
+    ctx.carried_bytes = orjson.dumps(prev.history)
+
+
 async def _create(request: web.Request, gw: Gateway, ctx: RequestContext, body: dict[str, Any],
                   _arg: Any) -> web.StreamResponse:
     stream = ctx.stream = body.get("stream") is True
     if _passthrough(gw, ctx.model or ""):
         return await _pass(request, gw, ctx, body, stream)
     rt = state.runtime(request.app)
-    history: list[dict[str, Any]] = []
-    prev_id = body.get("previous_response_id")
-    if prev_id:
-        prev = await rt.store.get(prev_id, ctx.principal.key_id)
-        if prev is None:
-            raise GatewayError(ErrorKind.NOT_FOUND, f"previous response {prev_id!r} not found (it was never stored, "
-                               f"was deleted or expired, or another key made it)", param="previous_response_id",
-                               code="previous_response_not_found")
-        history = prev.history
+    history = ctx.carried or []  # read by _load, before the reservation
     refuse = gw.models[ctx.model or ""].hosted_tools == "refuse"
     prep = rq.prepare(body, history, rt.sealer.open, refuse)
     if prep.omitted_tools:
@@ -193,7 +201,7 @@ def _pass_usage(ev: bytes, ctx: RequestContext) -> None:
                 translate.usage_into_ctx(ro.usage_to_canonical(r.get("usage")), ctx)
 
 
-create = api_handler("openai", "responses", oai.error_body, rq.validate, _create)
+create = api_handler("openai", "responses", oai.error_body, rq.validate, _create, load=_load)
 
 
 def add_routes(app: web.Application) -> None:

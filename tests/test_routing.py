@@ -439,7 +439,9 @@ def test_policy_unknown_tag_and_bad_syntax(make_gateway: MakeGateway, fakes: Cal
     gw, *_ = _policy_gateway(make_gateway, fakes)
     with pytest.raises(openai.APIStatusError) as ei:
         chat(client(gw, **{"x-kaiyuan-policy": "region:jp"}))
-    assert ei.value.status_code == 503 and "region:jp" in ei.value.message
+    # no deployment carries the tag: refused at authorize (403), not tried (see test_r_policy_authorize)
+    assert ei.value.status_code == 403 and "region:jp" in ei.value.message
+    assert ei.value.body["code"] == "policy_unsatisfied"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as ei2:
         chat(client(gw, **{"x-kaiyuan-policy": "self hosted!"}))
     assert "x-kaiyuan-policy" in ei2.value.message and ei2.value.body["code"] == "invalid_policy"  # type: ignore[index]
@@ -460,7 +462,7 @@ def test_key_policy_combines_with_the_header(make_gateway: MakeGateway, fakes: C
     gw.gateway.auth.authenticate = _key_with_policy("!vendor:openai")  # type: ignore[method-assign]
     with pytest.raises(openai.APIStatusError) as ei:
         chat(client(gw, **{"x-kaiyuan-policy": "region:us"}))  # only oai is in the US: refused
-    assert ei.value.status_code == 503 and "!vendor:openai,region:us" in ei.value.message
+    assert ei.value.status_code == 403 and "!vendor:openai,region:us" in ei.value.message
     served = set()
     for _ in range(12):
         _, headers = chat(client(gw))

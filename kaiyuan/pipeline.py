@@ -61,6 +61,8 @@ def api_handler(dialect: str, endpoint: str, serialize: ErrorSerializer, validat
         gw.metrics.in_flight.inc()
         try:
             key = await gw.auth.authenticate(ctx)
+            if key is None:  # no virtual key names the caller: its address does (per-caller breakers)
+                ctx.client = request.remote
             body = await read_body(request, gw, ctx, validate, prepare)
             model = resolve_model(gw, ctx)
             authorize(gw, ctx, model)

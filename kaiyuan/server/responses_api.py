@@ -20,6 +20,7 @@ from aiohttp import web
 
 from kaiyuan.accounting.output_cap import asked
 from kaiyuan.context import RequestContext
+from kaiyuan.dialects import canonical as c
 from kaiyuan.dialects import openai as oai
 from kaiyuan.dialects import responses as rq
 from kaiyuan.dialects import responses_out as ro
@@ -59,17 +60,29 @@ async def _load(request: web.Request, gw: Gateway, ctx: RequestContext, body: di
     ctx.carried_bytes = orjson.dumps(prev.history)
 
 
+def _mirror(body: dict[str, Any], rt: state.ResponsesRuntime, refuse: bool) -> c.Request | None:
+    """A pass-through request's canonical form, for a trial to replay (None: it has no translation)."""
+    try:
+        return rq.prepare(body, [], rt.sealer.open, refuse).request
+    except (GatewayError, KeyError, TypeError, AttributeError, ValueError, IndexError):
+        return None
+
+
 async def _create(request: web.Request, gw: Gateway, ctx: RequestContext, body: dict[str, Any],
                   _arg: Any) -> web.StreamResponse:
     stream = ctx.stream = body.get("stream") is True
-    if _passthrough(gw, ctx.model or ""):
-        return await responses_pass.passthrough(request, gw, ctx, body, stream)
     rt = state.runtime(request.app)
-    history = ctx.carried or []  # read by _load, before the reservation
     refuse = gw.models[ctx.model or ""].hosted_tools == "refuse"
+    if _passthrough(gw, ctx.model or ""):
+        if ctx.capture_response and not body.get("previous_response_id"):  # a trial's sample (its state upstream's)
+            ctx.mirror_request = _mirror(body, rt, refuse)
+        return await responses_pass.passthrough(request, gw, ctx, body, stream)
+    history = ctx.carried or []  # read by _load, before the reservation
     prep = rq.prepare(body, history, rt.sealer.open, refuse)
     if prep.omitted_tools:
         rt.note_omitted(ctx, prep.omitted_tools)
+    if ctx.capture_response:
+        ctx.mirror_request = prep.request  # a trial's sample: replayed on the candidate as it is sent here
 
     ask = asked(body, "responses")
     caps = gw.caps

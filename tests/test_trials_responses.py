@@ -7,15 +7,18 @@ Real gateway, fake OpenAI-compatible and Anthropic upstreams."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import openai
 import pytest
 
 from kaiyuan.testing.fake_openai import Behaviour, FakeOpenAI
+from kaiyuan.testing.fake_quiz import FakeQuiz, quiz_items
 from kaiyuan.testing.harness import RunningGateway
+from kaiyuan.testing.server_thread import ServerThread
 from tests.conftest import openai_model
+from tests.test_trials_live import canary_gateway
 from tests.test_trials_shadow import runtime_of, wait_for
 
 CLAUDE = {"name": "claude", "deployments": [{"provider": "anthropic", "base_url": "", "model": "claude-up",
@@ -121,3 +124,27 @@ def test_answer_of_a_responses_capture() -> None:
     assert part.text == "hi the" and part.tool_calls == whole.tool_calls
     for junk in (None, b"", b"not json", b"[1, 2]", b"data: {broken\n\n"):
         assert answer_of("responses", junk).text == "" and not answer_of("responses", junk).tool_calls
+
+
+@pytest.fixture
+def quiz(servers: ServerThread) -> Iterator[Any]:
+    fake = FakeQuiz({"big": 1.0, "small": 0.0}, api_key="sk-upstream")  # the incumbent right, the candidate wrong
+    fake.url = servers.serve(fake.app)  # type: ignore[attr-defined]
+    yield fake
+    servers.stop(fake.app)
+
+
+def test_a_judged_canary_arm_on_responses(make_gateway: Callable[[dict[str, Any]], RunningGateway], quiz: Any) -> None:
+    """The candidate answers the client; a background incumbent call (the Responses request replayed
+    from its canonical form) gives the judge its reference."""
+    gw = canary_gateway(make_gateway, quiz.url)
+    rt = runtime_of(gw)
+    for it in quiz_items(3):
+        question = it["messages"][0]["content"]
+        assert client(gw).responses.create(model="gpt-big", input=question).output_text == quiz.answer_for("small", question)
+    wait_for(lambda: rt.counters["ca"]["canary_judged"] == 3 and rt.pending["ca"] == 0, "the canary judgements")
+    gw.servers.call(rt.flush())
+    assert rt.store is not None
+    rows = rt.store.results("ca")
+    assert len(rows) == 3 and all(r["judge_status"] == "ok" and r["judge_score"] == 0.0 for r in rows)
+    assert sum(1 for r in quiz.requests if r.get("model") == "big") == 3  # the background incumbent calls

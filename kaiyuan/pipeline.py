@@ -5,7 +5,8 @@ A request's life, top to bottom (:func:`api_handler`'s ``handle``):
 1. authenticate: from the headers only, before a byte of the body is read;
 2. read and parse the body, and validate it in the caller's dialect;
 3. resolve the model: the pre-route hooks (trials: canary split, promotion) may change it;
-4. authorize: the key may use the model it asked for and the one that will serve it;
+4. authorize: the key may use the model it asked for and the one that will serve it; then a route's
+   ``load`` step reads the state the request continues (Responses: ``previous_response_id``);
 5. reserve: limits and budget (virtual keys with limits or budgets only);
 6. execute and 7. respond: the dialect's own middle builds the upstream call, runs it through the
    one attempt loop (``gw.execute``, :mod:`kaiyuan.routing.executor`) and writes the answer;

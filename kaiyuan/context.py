@@ -85,6 +85,11 @@ class RequestContext:
     attempts: list[Attempt] = field(default_factory=list)
     served_model: str | None = None  # the fallback model that answered, when not ``model``
     omitted_tools: str | None = None  # /v1/responses: hosted tools left out of the upstream call
+    # /v1/responses: the stored conversation ``previous_response_id`` continues (input items), read
+    # before the reservation, and it as JSON (with raw_body, it bounds the prompt an upstream may claim)
+    carried: list[dict[str, Any]] | None = None
+    carried_bytes: bytes = b""
+    mirror_request: Any = None  # trials: the canonical request a shadow call replays (/v1/responses)
     status: int = 0
     error: str | None = None
     cancelled: bool = False
@@ -113,6 +118,12 @@ class RequestContext:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
+
+    def prompt_body(self) -> dict[str, Any]:
+        """The request as its prompt is counted: the body, with the conversation it continues."""
+        if self.carried is None:
+            return self.body
+        return {**self.body, "input": [self.carried, self.body.get("input")]}
 
     def mark_first_byte(self) -> None:
         if self.ttft is None:

@@ -7,6 +7,7 @@ A request's life, top to bottom (:func:`api_handler`'s ``handle``):
 3. resolve the model: the pre-route hooks (trials: canary split, promotion) may change it;
 4. authorize: the key may use the model it asked for and the one that will serve it, and some
    deployment it can reach satisfies its data policy (one dict lookup, precomputed per policy);
+   then a route's ``load`` step reads the state the request continues (Responses: ``previous_response_id``);
 5. reserve: limits and budget (virtual keys with limits or budgets only);
 6. execute and 7. respond: the dialect's own middle builds the upstream call, runs it through the
    one attempt loop (``gw.execute``, :mod:`kaiyuan.routing.executor`) and writes the answer;
@@ -45,15 +46,19 @@ Middle = Callable[[web.Request, Gateway, RequestContext, dict[str, Any], Any], A
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # (request, body) -> None: fills the body from the URL before anything reads it (Gemini: the model)
 Prepare = Callable[[web.Request, dict[str, Any]], None]
+# (request, gateway, ctx, body) -> None: reads the server-side state the request continues into ctx
+# (Responses: the previous_response_id conversation), so the reservation counts it in the prompt
+Load = Callable[[web.Request, Gateway, RequestContext, dict[str, Any]], Awaitable[None]]
 
 
 def api_handler(dialect: str, endpoint: str, serialize: ErrorSerializer, validate: Validator, middle: Middle,
-                arg: Any = None, prepare: Prepare | None = None) -> Handler:
+                arg: Any = None, prepare: Prepare | None = None, load: Load | None = None) -> Handler:
     """The route handler for ``endpoint`` in ``dialect``: the request's life around ``middle``.
 
     ``validate`` checks the body (a 400 in the caller's dialect); ``serialize`` is the dialect's
     error body; ``arg`` is passed to ``middle`` unchanged; ``prepare``, when given, sees the body
-    first (for dialects that carry the model in the URL). The handler is made once per route."""
+    first (for dialects that carry the model in the URL); ``load``, when given, runs after
+    authorization and before the reservation. The handler is made once per route."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
         gw = request.app[GATEWAY_KEY]
@@ -66,6 +71,8 @@ def api_handler(dialect: str, endpoint: str, serialize: ErrorSerializer, validat
             body = await read_body(request, gw, ctx, validate, prepare)
             model = resolve_model(gw, ctx)
             authorize(gw, ctx, model)
+            if load is not None:
+                await load(request, gw, ctx, body)
             if ctx.endpoint in BILLED_ENDPOINTS:
                 gw.ledger.check()  # fail closed while spend cannot be recorded (queue full, database down)
             if key is not None:
@@ -169,7 +176,8 @@ async def settle(gw: Gateway, ctx: RequestContext) -> None:
     """After the answer, whatever happened (and the upstream reply closed): price the request,
     release its reservation and queue its ledger row. Reported usage is clamped to what the request
     could have used first (:mod:`kaiyuan.accounting.usage_check`)."""
-    clamp_to_plausible(ctx.usage, ctx.request_id, ctx.raw_body, ctx.upstream_bytes, ctx.output_cap, ctx.choices,
+    body = ctx.raw_body + ctx.carried_bytes if ctx.carried_bytes else ctx.raw_body  # + a continued conversation
+    clamp_to_plausible(ctx.usage, ctx.request_id, body, ctx.upstream_bytes, ctx.output_cap, ctx.choices,
                        lambda: gw.costing.prompt_count(ctx))
     cost = gw.costing.cost(ctx)
     if cost is None:

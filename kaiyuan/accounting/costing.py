@@ -61,14 +61,14 @@ class Costing:
     def reservation(self, models: Iterable[str], ctx: RequestContext) -> Reservation:
         """What ``ctx`` reserves over every deployment of ``models`` (the plan's reach)."""
         deps = [d for m in models for d in self.model_deps.get(m, ())]
-        return reserve(deps, self.deployments, self.caps, asked(ctx.body, ctx.endpoint), ctx.body)
+        return reserve(deps, self.deployments, self.caps, asked(ctx.body, ctx.endpoint), ctx.prompt_body())
 
     def prompt_count(self, ctx: RequestContext) -> int:
         """The prompt as the gateway counts it (at reservation, or now for the deployment that answered)."""
         if ctx.prompt_estimate is not None:
             return ctx.prompt_estimate
         pd = self.deployments.get(ctx.deployment or "")
-        return count_prompt(pd.deployment.model if pd else "", ctx.body)
+        return count_prompt(pd.deployment.model if pd else "", ctx.prompt_body())
 
     def cost(self, ctx: RequestContext) -> float | None:
         """The request's cost in USD, ``None`` when unknown (never reached an upstream, or no price)."""

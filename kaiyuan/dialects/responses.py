@@ -114,6 +114,9 @@ def validate(body: dict[str, Any]) -> None:
         v = body.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise invalid(f"'{key}' must be a number", param=key)
+    if body.get("previous_response_id") == "":
+        raise invalid("'previous_response_id' must be a response id (resp_...), not empty; leave it out to start "
+                      "a new conversation", param="previous_response_id")
     mot = body.get("max_output_tokens")
     if mot is not None and (isinstance(mot, bool) or not isinstance(mot, int) or mot < 1):
         raise invalid("'max_output_tokens' must be a whole number >= 1", param="max_output_tokens")

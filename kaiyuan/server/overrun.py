@@ -178,7 +178,7 @@ async def capped_chunks(chunks: AsyncIterator[dict[str, Any]], ctx: RequestConte
     closer = getattr(chunks, "aclose", None)
     if closer is not None:
         await closer()
-    prompt, out = record_cut(ctx, lim, ctx.body)
+    prompt, out = record_cut(ctx, lim, ctx.prompt_body())
     base = {k: last.get(k) for k in ("id", "object", "created", "model")}
     yield {**base, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}]}
     if include_usage:

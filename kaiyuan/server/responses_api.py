@@ -20,6 +20,7 @@ from aiohttp import web
 
 from kaiyuan.accounting.output_cap import asked
 from kaiyuan.context import RequestContext
+from kaiyuan.dialects import canonical as c
 from kaiyuan.dialects import openai as oai
 from kaiyuan.dialects import responses as rq
 from kaiyuan.dialects import responses_out as ro
@@ -28,11 +29,11 @@ from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
 from kaiyuan.pipeline import api_handler
 from kaiyuan.providers.base import Provider, UpstreamCall
+from kaiyuan.server import responses_pass, translate
 from kaiyuan.server import responses_state as state
-from kaiyuan.server import translate
 from kaiyuan.server.common import JSON_CT, kaiyuan_headers
 from kaiyuan.server.overrun import OutputLimit, capped_chunks, cut_canonical, output_limit, overran
-from kaiyuan.server.sse import relay, sse_events
+from kaiyuan.server.sse import relay
 
 log = logging.getLogger("kaiyuan.responses")
 
@@ -59,17 +60,29 @@ async def _load(request: web.Request, gw: Gateway, ctx: RequestContext, body: di
     ctx.carried_bytes = orjson.dumps(prev.history)
 
 
+def _mirror(body: dict[str, Any], rt: state.ResponsesRuntime, refuse: bool) -> c.Request | None:
+    """A pass-through request's canonical form, for a trial to replay (None: it has no translation)."""
+    try:
+        return rq.prepare(body, [], rt.sealer.open, refuse).request
+    except (GatewayError, KeyError, TypeError, AttributeError, ValueError, IndexError):
+        return None
+
+
 async def _create(request: web.Request, gw: Gateway, ctx: RequestContext, body: dict[str, Any],
                   _arg: Any) -> web.StreamResponse:
     stream = ctx.stream = body.get("stream") is True
-    if _passthrough(gw, ctx.model or ""):
-        return await _pass(request, gw, ctx, body, stream)
     rt = state.runtime(request.app)
-    history = ctx.carried or []  # read by _load, before the reservation
     refuse = gw.models[ctx.model or ""].hosted_tools == "refuse"
+    if _passthrough(gw, ctx.model or ""):
+        if ctx.capture_response and not body.get("previous_response_id"):  # a trial's sample (its state upstream's)
+            ctx.mirror_request = _mirror(body, rt, refuse)
+        return await responses_pass.passthrough(request, gw, ctx, body, stream)
+    history = ctx.carried or []  # read by _load, before the reservation
     prep = rq.prepare(body, history, rt.sealer.open, refuse)
     if prep.omitted_tools:
         rt.note_omitted(ctx, prep.omitted_tools)
+    if ctx.capture_response:
+        ctx.mirror_request = prep.request  # a trial's sample: replayed on the candidate as it is sent here
 
     ask = asked(body, "responses")
     caps = gw.caps
@@ -140,65 +153,6 @@ async def _stream(request: web.Request, ctx: RequestContext, provider: Provider,
                 ctx.response_body = bytes(tail)
 
     return await relay(request, ctx, pump, tr.failed)
-
-
-# -- pass-through (the upstream speaks Responses) ------------------------------------------------
-async def _pass(request: web.Request, gw: Gateway, ctx: RequestContext, body: dict[str, Any],
-                stream: bool) -> web.StreamResponse:
-    ask = asked(body, "responses")
-
-    def build(provider: Provider) -> UpstreamCall:
-        cap = ctx.output_cap = gw.caps.cap(provider.id, ask)  # reserved for it and sent
-        return UpstreamCall("responses", {**body, "model": provider.deployment.model, "max_output_tokens": cap}, stream)
-
-    _provider, reply = await gw.execute(ctx, build)
-    if reply.stream is not None:
-        ctx.status = 200
-        return await relay(request, ctx, lambda resp: _pass_pump(resp, ctx, reply.stream), _pass_error)
-    obj = translate.parsed_body(reply)
-    if obj is not None:
-        translate.usage_into_ctx(ro.usage_to_canonical(obj.get("usage")), ctx)
-    ctx.status = reply.status
-    ctx.mark_first_byte()
-    return web.Response(body=reply.body or b"", status=reply.status, content_type=JSON_CT, headers=kaiyuan_headers(ctx))
-
-
-def _pass_error(err: GatewayError) -> bytes:
-    """An ``error`` event for a pass-through stream that broke (the upstream's numbering is unknown)."""
-    code = err.code if err.code is not None else err.kind.name.lower()
-    nested = {"type": err.kind.value.openai_type, "code": code, "message": err.message, "param": err.param}
-    return b"event: error\ndata: " + orjson.dumps({"type": "error", **nested, "error": nested}) + b"\n\n"
-
-
-TERMINAL = (b"event: response.completed", b"event: response.incomplete", b"event: response.failed")
-
-
-async def _pass_pump(resp: web.StreamResponse, ctx: RequestContext, upstream: Any) -> None:
-    """Relay the upstream's events as they arrive; usage from its last one. A stream that ends
-    without a terminal event ends with an error, never a silent truncation."""
-    ended = False
-    async for events in sse_events(upstream):
-        for ev in events:
-            if ev.startswith(TERMINAL):
-                ended = True
-                _pass_usage(ev, ctx)
-        ctx.mark_first_byte()
-        await resp.write(b"".join(e + b"\n\n" for e in events))
-    if not ended:
-        raise GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {ctx.deployment} ended the stream early (no "
-                           "response.completed); the answer is incomplete")
-
-
-def _pass_usage(ev: bytes, ctx: RequestContext) -> None:
-    for line in ev.split(b"\n"):
-        if line.startswith(b"data:"):
-            try:
-                obj = orjson.loads(line[5:])
-            except orjson.JSONDecodeError:
-                return
-            r = obj.get("response") if isinstance(obj, dict) else None
-            if isinstance(r, dict):
-                translate.usage_into_ctx(ro.usage_to_canonical(r.get("usage")), ctx)
 
 
 create = api_handler("openai", "responses", oai.error_body, rq.validate, _create, load=_load)

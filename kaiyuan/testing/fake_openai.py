@@ -344,39 +344,42 @@ class FakeOpenAI:
 
     # -- responses (an upstream that speaks the Responses API itself) ----------------------------
     async def responses(self, request: web.Request) -> web.StreamResponse:
-        """``"echo: <input>"`` as a Responses object, or its event stream (text only): the shape of
-        the recorded response in tests/fixtures/openai/responses_text.json."""
+        """``"echo: <input>"`` (or ``Behaviour.content``) as a Responses object, or its event stream,
+        one ``output_text.delta`` per word: the shape of the recorded response in
+        tests/fixtures/openai/responses_text.json. ``max_output_tokens`` is honoured (words cut,
+        status ``incomplete``) unless ``ignore_max_tokens``; ``tool_calls`` answers with
+        ``function_call`` items instead, their arguments streamed three characters a delta."""
         body, b, early = await self._pre(request)
         if early is not None:
             return early
         assert body is not None
         inp = body.get("input")
-        text = f"echo: {inp if isinstance(inp, str) else _text_of((inp or [{}])[-1].get('content'))}"
-        words = count_tokens(text)
+        text = b.content if b.content is not None else \
+            f"echo: {inp if isinstance(inp, str) else _text_of((inp or [{}])[-1].get('content'))}"
+        cap = body.get("max_output_tokens")
+        status, incomplete = "completed", None
+        if isinstance(cap, int) and count_tokens(text) > cap and not b.ignore_max_tokens and not b.tool_calls:
+            text, status, incomplete = " ".join(text.split()[:cap]), "incomplete", {"reason": "max_output_tokens"}
         msg = {"id": "msg_fake1", "type": "message", "status": "completed", "role": "assistant",
                "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": text}]}
+        calls = [{"id": f"fc_fake{i}", "type": "function_call", "status": "completed", "call_id": f"call_fake{i}",
+                  "name": name, "arguments": args} for i, (name, args) in enumerate(b.tool_calls or [])]
+        output: list[dict[str, Any]] = calls or [msg]
+        words = sum(count_tokens(c["arguments"]) for c in calls) if calls else count_tokens(text)
         resp: dict[str, Any] = {
             "id": f"resp_fake{self.rng.randrange(10**8)}", "object": "response", "created_at": int(time.time()),
-            "status": "completed", "error": None, "incomplete_details": None, "model": body.get("model"),
-            "output": [msg], "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+            "status": status, "error": None, "incomplete_details": incomplete, "model": body.get("model"),
+            "output": output, "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
             "usage": {"input_tokens": 7, "input_tokens_details": {"cached_tokens": 2}, "output_tokens": words,
                       "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 7 + words}}
         if not body.get("stream"):
             return web.Response(body=orjson.dumps(resp), content_type="application/json", headers=b.headers)
-        start = {**resp, "status": "in_progress", "output": [], "usage": None}
-        part = {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
-        evs: list[dict[str, Any]] = [
-            {"type": "response.created", "response": start}, {"type": "response.in_progress", "response": start},
-            {"type": "response.output_item.added", "output_index": 0, "item": {**msg, "status": "in_progress", "content": []}},
-            {"type": "response.content_part.added", "item_id": "msg_fake1", "output_index": 0, "content_index": 0, "part": part},
-            *({"type": "response.output_text.delta", "item_id": "msg_fake1", "output_index": 0, "content_index": 0,
-               "delta": w if i == 0 else " " + w, "logprobs": []} for i, w in enumerate(text.split(" "))),
-            {"type": "response.output_text.done", "item_id": "msg_fake1", "output_index": 0, "content_index": 0,
-             "text": text, "logprobs": []},
-            {"type": "response.content_part.done", "item_id": "msg_fake1", "output_index": 0, "content_index": 0,
-             "part": {**part, "text": text}},
-            {"type": "response.output_item.done", "output_index": 0, "item": msg},
-            {"type": "response.completed", "response": resp}]
+        start = {**resp, "status": "in_progress", "output": [], "usage": None, "incomplete_details": None}
+        evs: list[dict[str, Any]] = [{"type": "response.created", "response": start},
+                                     {"type": "response.in_progress", "response": start}]
+        for i, item in enumerate(output):
+            evs += _response_item_events(i, item)
+        evs.append({"type": "response.completed" if status == "completed" else "response.incomplete", "response": resp})
         events = [f"event: {e['type']}\ndata: ".encode() + orjson.dumps({**e, "sequence_number": i}) + b"\n\n"
                   for i, e in enumerate(evs)]
         return await self._send_stream(request, events, replace(b, omit_done=True))  # no [DONE] in Responses streams
@@ -384,3 +387,26 @@ class FakeOpenAI:
     async def models(self, request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps({"object": "list", "data": [{"id": "fake-model", "object": "model", "created": 0, "owned_by": "fake"}]}),
                             content_type="application/json")
+
+
+def _response_item_events(i: int, item: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stream events of one finished output item (a message with one text part, or a function call)."""
+    iid = item["id"]
+    if item["type"] == "function_call":
+        args = item["arguments"]
+        return [{"type": "response.output_item.added", "output_index": i,
+                 "item": {**item, "status": "in_progress", "arguments": ""}},
+                *({"type": "response.function_call_arguments.delta", "item_id": iid, "output_index": i,
+                   "delta": args[k:k + 3]} for k in range(0, len(args), 3)),
+                {"type": "response.function_call_arguments.done", "item_id": iid, "output_index": i, "arguments": args},
+                {"type": "response.output_item.done", "output_index": i, "item": item}]
+    text = item["content"][0]["text"]
+    part = {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
+    where = {"item_id": iid, "output_index": i, "content_index": 0}
+    return [{"type": "response.output_item.added", "output_index": i, "item": {**item, "status": "in_progress", "content": []}},
+            {"type": "response.content_part.added", **where, "part": part},
+            *({"type": "response.output_text.delta", **where, "delta": w if k == 0 else " " + w, "logprobs": []}
+              for k, w in enumerate(text.split(" "))),
+            {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
+            {"type": "response.content_part.done", **where, "part": {**part, "text": text}},
+            {"type": "response.output_item.done", "output_index": i, "item": item}]

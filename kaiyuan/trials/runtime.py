@@ -15,12 +15,14 @@ import os
 import random
 import time
 from collections import Counter, deque
+from dataclasses import replace
 from typing import Any
 
 import orjson
 
 from kaiyuan.context import Principal, RequestContext
 from kaiyuan.dialects import anthropic as anth
+from kaiyuan.dialects import canonical as c
 from kaiyuan.dialects import openai_chat as oc
 from kaiyuan.errors import GatewayError
 from kaiyuan.gateway import Gateway
@@ -28,7 +30,7 @@ from kaiyuan.providers.base import Provider, UpstreamCall
 from kaiyuan.routing.executor import close_upstream
 from kaiyuan.server import translate
 from kaiyuan.store.batch_writer import BatchWriter, WriterSpec
-from kaiyuan.trials.capture import answer_of, judge_request
+from kaiyuan.trials.capture import answer_of, judge_request, snapshot
 from kaiyuan.trials.evaluate import (
     CallOutcome,
     build_scorers,
@@ -50,7 +52,8 @@ REFRESH_S = float(os.environ.get("KAIYUAN_TRIALS_REFRESH_S", "5"))
 FLUSH_S = 1.0
 MAX_QUEUE = 10_000  # trial rows held in memory while the database is slow or down
 FORWARDED_HEADERS = ("anthropic-beta",)  # as the Messages handler forwards them to an Anthropic upstream
-CAPTURED = (("openai", "chat"), ("anthropic", "messages"))  # where the client's answer bytes are captured
+# where the client's answer bytes are captured (and, for /v1/responses, the canonical request)
+CAPTURED = (("openai", "chat"), ("anthropic", "messages"), ("openai", "responses"))
 QUEUE_FACTOR = 16  # pending shadow tasks per trial beyond max_concurrency x this are dropped (counted)
 
 
@@ -305,8 +308,8 @@ class TrialsRuntime:
                 return
         trials = self.by_incumbent.get(model)
         if not trials or ctx.endpoint not in ("chat", "messages", "responses"):
-            return  # /v1/responses: canary splits apply; shadows need a captured chat or Messages answer
-        # the answer the client got is captured on the OpenAI chat and Anthropic Messages paths
+            return
+        # the answer the client got is captured on the OpenAI chat, Anthropic Messages and Responses paths
         shadow_ok = (ctx.dialect, ctx.endpoint) in CAPTURED
         for t in trials:
             if not self._participates(t, ctx):
@@ -344,30 +347,20 @@ class TrialsRuntime:
         names = ctx.trial_shadow
         if not names or ctx.status != 200 or ctx.error is not None or ctx.cancelled:
             return
-        if not ctx.response_body:
+        snapshot = self._snapshot(ctx) if ctx.response_body else None
+        if snapshot is None:  # no answer captured, or a request that cannot be replayed
+            why = "not_replayable" if ctx.response_body else "no_incumbent_answer"
             for name in names:
-                self.counters.setdefault(name, Counter())["no_incumbent_answer"] += 1
+                self.counters.setdefault(name, Counter())[why] += 1
             return
-        snapshot = self._snapshot(ctx)
         for name in names:
             t = self.trials.get(name)
             if t is not None:
                 self._spawn(t, self._background(t, self._shadow_one(t, snapshot)))
 
     @staticmethod
-    def _snapshot(ctx: RequestContext) -> dict[str, Any]:
-        """What a background trial call needs from a finished request (nothing that refers to ctx)."""
-        return {
-            "request_id": ctx.request_id,
-            "dialect": ctx.dialect,
-            "body": {k: v for k, v in ctx.body.items() if k not in ("stream", "stream_options")},
-            "response": ctx.response_body,
-            "ms": ctx.elapsed() * 1000,
-            "cost": ctx.cost_usd,
-            "usage": (ctx.usage.prompt_tokens, ctx.usage.completion_tokens),
-            "policy": request_policy(ctx),
-            "headers": {h: ctx.headers[h] for h in FORWARDED_HEADERS if ctx.headers and h in ctx.headers},
-        }
+    def _snapshot(ctx: RequestContext) -> dict[str, Any] | None:
+        return snapshot(ctx, FORWARDED_HEADERS)
 
     def _spawn(self, t: TrialConfig, coro: Any) -> bool:
         """Schedule one background evaluation; False (counted, coroutine closed) when the queue is full."""
@@ -404,9 +397,10 @@ class TrialsRuntime:
             self._charge(t, "candidate", ctx.model or "", cost)
         if (arm == "candidate" and ctx.trial_canary_judge and err is None and ctx.status == 200
                 and not ctx.cancelled):
-            if not ctx.response_body:
+            snap = self._snapshot(ctx) if ctx.response_body else None
+            if snap is None:
                 self.counters[t.name]["canary_no_answer"] += 1
-            elif self._spawn(t, self._background(t, self._canary_judge(t, row, self._snapshot(ctx)))):
+            elif self._spawn(t, self._background(t, self._canary_judge(t, row, snap))):
                 return  # the background task adds the row, with the judge's score
         self._add_row(row)
 
@@ -416,22 +410,26 @@ class TrialsRuntime:
             self.spent[t.name] = self.spent.get(t.name, 0.0) + cost
             self._spend.put({"trial": t.name, "ts": time.time(), "kind": kind, "model": model, "cost_usd": cost})
 
-    async def call_model(self, model: str, body: dict[str, Any], policy: str | None,
-                         dialect: str = "openai", headers: dict[str, str] | None = None) -> CallOutcome:
+    async def call_model(self, model: str, body: dict[str, Any], policy: str | None, dialect: str = "openai",
+                         headers: dict[str, str] | None = None, canonical: c.Request | None = None) -> CallOutcome:
         """One non-streaming call to ``model`` through the gateway's own executor (strategy order,
         breakers, deadlines, retry classification), flagged as a background call: only deployments
         ``policy`` allows, no fallback to another model, no client and no caller's budget. ``body``
         is an OpenAI chat request, or an Anthropic Messages request when ``dialect`` is "anthropic";
         it goes as is (with ``headers``) to a deployment of the same protocol, through the canonical
-        form to any other."""
+        form to any other. A ``canonical`` request (/v1/responses) goes to every protocol as the
+        Responses handler translates it."""
         if not allowed(self.gw.providers.get(model, ()), policy):  # an invalid policy allows nothing
             return CallOutcome(error=f"no deployment of {model!r} is allowed by data policy {policy!r}")
-        endpoint = "chat" if dialect == "openai" else "messages"
-        ctx = RequestContext("trial_" + os.urandom(8).hex(), dialect, endpoint, model=model, background=True,
+        endpoint = "messages" if dialect == "anthropic" else "chat"
+        ctx = RequestContext("trial_" + os.urandom(8).hex(), "anthropic" if dialect == "anthropic" else "openai",
+                             endpoint, model=model, background=True,
                              principal=Principal(policy=policy))
         canon: list[Any] = []
 
         def build(p: Provider) -> UpstreamCall:
+            if canonical is not None:
+                return translate.upstream_call(p, replace(canonical, stream=False))
             if p.protocol == dialect:  # same protocol: the request as the client sent it
                 return UpstreamCall(endpoint, {**body, "model": p.deployment.model}, False, headers=dict(headers or {}))
             if dialect == "openai":  # an Anthropic / Gemini deployment: translate like the OpenAI handler does
@@ -507,7 +505,7 @@ class TrialsRuntime:
             if not allowed(self.gw.providers.get(cand_name, ()), policy):
                 c["skipped_policy"] += 1
                 continue
-            cand = await self.call_model(cand_name, body, policy, dialect, snap["headers"])
+            cand = await self.call_model(cand_name, body, policy, dialect, snap["headers"], snap["canonical"])
             cand.cost = price_of(cand_name, t, self.gw.config, cand.prompt_tokens, cand.completion_tokens, cand.deployment)
             self._charge(t, "candidate", cand_name, cand.cost)
             c["candidate_failures" if cand.answer is None else "candidate_calls"] += 1
@@ -534,7 +532,7 @@ class TrialsRuntime:
                 row["judge_status"] = "skipped_policy"
                 c["canary_judge_skipped_policy"] += 1
                 return
-            inc = await self.call_model(t.incumbent, snap["body"], policy, dialect, snap["headers"])
+            inc = await self.call_model(t.incumbent, snap["body"], policy, dialect, snap["headers"], snap["canonical"])
             self._charge(t, "incumbent", t.incumbent,
                          price_of(t.incumbent, t, self.gw.config, inc.prompt_tokens, inc.completion_tokens, inc.deployment))
             if inc.answer is None:  # our reference call failed: not the candidate's loss, so not scored

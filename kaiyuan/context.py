@@ -79,6 +79,7 @@ class RequestContext:
     stream: bool = False
     principal: Principal = field(default_factory=Principal)
     policy: str | None = None
+    client: str | None = None  # the client's address, when no virtual key names the caller (breakers)
     background: bool = False  # a trial mirror or judge call: no client, no caller's budget
     deployment: str | None = None
     attempts: list[Attempt] = field(default_factory=list)

@@ -5,8 +5,9 @@ A request's life, top to bottom (:func:`api_handler`'s ``handle``):
 1. authenticate: from the headers only, before a byte of the body is read;
 2. read and parse the body, and validate it in the caller's dialect;
 3. resolve the model: the pre-route hooks (trials: canary split, promotion) may change it;
-4. authorize: the key may use the model it asked for and the one that will serve it; then a route's
-   ``load`` step reads the state the request continues (Responses: ``previous_response_id``);
+4. authorize: the key may use the model it asked for and the one that will serve it, and some
+   deployment it can reach satisfies its data policy (one dict lookup, precomputed per policy);
+   then a route's ``load`` step reads the state the request continues (Responses: ``previous_response_id``);
 5. reserve: limits and budget (virtual keys with limits or budgets only);
 6. execute and 7. respond: the dialect's own middle builds the upstream call, runs it through the
    one attempt loop (``gw.execute``, :mod:`kaiyuan.routing.executor`) and writes the answer;
@@ -65,6 +66,8 @@ def api_handler(dialect: str, endpoint: str, serialize: ErrorSerializer, validat
         gw.metrics.in_flight.inc()
         try:
             key = await gw.auth.authenticate(ctx)
+            if key is None:  # no virtual key names the caller: its address does (per-caller breakers)
+                ctx.client = request.remote
             body = await read_body(request, gw, ctx, validate, prepare)
             model = resolve_model(gw, ctx)
             authorize(gw, ctx, model)
@@ -128,8 +131,10 @@ def resolve_model(gw: Gateway, ctx: RequestContext) -> ModelConfig:
 
 
 def authorize(gw: Gateway, ctx: RequestContext, m: ModelConfig) -> None:
-    """The key may use the model it asked for and the one that serves it (the data policy is
-    applied per deployment by the executor, which refuses with a 503 when none qualifies)."""
+    """The key may use the model it asked for and the one that serves it, and the data policy (the
+    key's and the request header's) is one that some deployment of that model or of a fallback the
+    key may use satisfies: else a 403 before anything is reserved. The executor still filters each
+    attempt's deployments by the policy (and refuses with a 503 when the allowed ones are unusable)."""
     p = ctx.principal
     for name in (ctx.requested_model or m.name, m.name):
         if not p.may_use(name):
@@ -137,6 +142,14 @@ def authorize(gw: Gateway, ctx: RequestContext, m: ModelConfig) -> None:
             allowed = ", ".join(sorted(p.allowed_models or ())) or "(none)"
             raise GatewayError(ErrorKind.PERMISSION, f"this key may not use model {name!r}; allowed: {allowed}",
                                param="model", code="model_not_allowed")
+    policy = gw.router.request_policy(ctx)  # None without a key or header policy (a 400/403 if malformed)
+    if policy is not None and not any(p.may_use(n) for n in gw.router.satisfiable(m.name, policy)):
+        gw.metrics.denied.labels("policy_unsatisfied").inc()
+        gw.router.metrics.refusals.labels(m.name, "policy").inc()
+        raise GatewayError(ErrorKind.PERMISSION, f"no deployment of model {m.name!r} or of a fallback this key may use "
+                                                 f"is allowed by data policy {ctx.policy!r}; the request was not sent "
+                                                 f"anywhere. Ask for a model with such a deployment, or an administrator "
+                                                 f"for a different policy", code="policy_unsatisfied")
 
 
 async def end(gw: Gateway, ctx: RequestContext) -> None:

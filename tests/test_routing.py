@@ -91,14 +91,12 @@ def test_zero_client_failures_while_one_deployment_fails_every_time(make_gateway
             text, headers = chat(c)
             assert headers["x-kaiyuan-deployment"] == "good"
         assert text == "echo: hello"
-    # The breaker took "bad" out of rotation after 5 failures: it saw no more than that.
+    # After 5 failures "bad" left this caller's rotation: it saw no more than that. All of them came
+    # from one caller (this client), so the shared breaker stays closed for others (min_callers 2).
     assert len(bad.requests) == 5
     state = admin(gw)
-    assert state["m/bad"]["state"] == "open" and "5 of 5 attempts failed" in state["m/bad"]["reason"]
-    assert state["m/good"]["state"] == "closed"
-    metrics = get(gw.url + "/metrics")[1].decode()
-    assert 'kaiyuan_deployment_state_changes_total{deployment="bad",from_state="closed",model="m",to_state="open"} 1.0' in metrics
-    assert 'kaiyuan_deployment_state{deployment="bad",model="m"} 2.0' in metrics
+    assert state["m/bad"]["state"] == "closed" and state["m/bad"]["callers_cooling_down"] == 1
+    assert state["m/good"]["state"] == "closed" and "callers_cooling_down" not in state["m/good"]
 
 
 def test_fallback_model_serves_when_every_deployment_fails(make_gateway: MakeGateway, fakes: Callable[[], FakeOpenAI]) -> None:
@@ -305,7 +303,7 @@ def test_total_request_budget_bounds_attempts(make_gateway: MakeGateway, fakes: 
 def test_breaker_opens_then_half_open_probe_closes_it(make_gateway: MakeGateway, fakes: Callable[[], FakeOpenAI]) -> None:
     primary, spare = fakes(), fakes()
     primary.default = Behaviour(status=500)
-    breaker = {"failures": 3, "window_s": 10, "cooldown_s": 5, "half_open_probes": 2}
+    breaker = {"failures": 3, "window_s": 10, "cooldown_s": 5, "half_open_probes": 2, "min_callers": 1}
     gw = make_gateway({"models": [{"name": "m", "routing": {"strategy": "cheapest", "breaker": breaker}, "deployments": [
         dep(primary, "primary", price={"input": 0.1, "output": 0.1}), dep(spare, "spare", price={"input": 1, "output": 1})]}]})
     t = [1000.0]
@@ -343,7 +341,7 @@ def test_breaker_opens_then_half_open_probe_closes_it(make_gateway: MakeGateway,
 def test_failures_outside_the_window_do_not_open_the_breaker(make_gateway: MakeGateway, fakes: Callable[[], FakeOpenAI]) -> None:
     a, b = fakes(), fakes()
     a.default = Behaviour(status=500)
-    gw = make_gateway({"models": [{"name": "m", "routing": {"strategy": "cheapest", "breaker": {"failures": 2, "window_s": 10}},
+    gw = make_gateway({"models": [{"name": "m", "routing": {"strategy": "cheapest", "breaker": {"failures": 2, "window_s": 10, "min_callers": 1}},
                                    "deployments": [dep(a, "a", price={"input": 0, "output": 0}), dep(b, "b", price={"input": 1, "output": 1})]}]})
     t = [0.0]
     gw.gateway.router.set_clock(lambda: t[0])
@@ -358,7 +356,7 @@ def test_failures_outside_the_window_do_not_open_the_breaker(make_gateway: MakeG
 def test_all_breakers_open_gives_a_503_that_says_why(make_gateway: MakeGateway, fakes: Callable[[], FakeOpenAI]) -> None:
     a = fakes()
     a.default = Behaviour(status=500)
-    gw = make_gateway({"models": [{"name": "m", "routing": {"breaker": {"failures": 1}, "retries": {"max_attempts": 1}},
+    gw = make_gateway({"models": [{"name": "m", "routing": {"breaker": {"failures": 1, "min_callers": 1}, "retries": {"max_attempts": 1}},
                                    "deployments": [dep(a, "a")]}]})
     with pytest.raises(openai.InternalServerError):
         chat(client(gw))
@@ -419,14 +417,14 @@ def test_policy_refusal_is_a_503_naming_the_policy_and_is_logged(make_gateway: M
     assert ei.value.status_code == 503 and ei.value.body["code"] == "policy_unsatisfied"  # type: ignore[index]
     assert "data policy 'self_hosted' could answer" in ei.value.message and "returned 500" in ei.value.message
     assert int(ei.value.response.headers["x-kaiyuan-attempts"]) == 3
-    for _ in range(6):  # the breaker opens; then nothing allowed is healthy and nothing is tried
+    for _ in range(6):  # this caller's cool-down starts; then nothing allowed is usable and nothing is tried
         try:
             chat(c)
         except openai.APIStatusError as e:
             last = e
     assert last.status_code == 503 and "x-kaiyuan-attempts" not in last.response.headers  # nothing was tried
     assert "data policy 'self_hosted'" in last.message and "not sent elsewhere" in last.message
-    assert "circuit open" in last.message and "oai (fails self_hosted)" in last.message
+    assert "cooling down for this caller only" in last.message and "oai (fails self_hosted)" in last.message
     assert last.body["code"] == "policy_unsatisfied"  # type: ignore[index]
     assert oai.requests == [] and eu.requests == []
     row = gw.log_rows()[-1]
@@ -439,7 +437,9 @@ def test_policy_unknown_tag_and_bad_syntax(make_gateway: MakeGateway, fakes: Cal
     gw, *_ = _policy_gateway(make_gateway, fakes)
     with pytest.raises(openai.APIStatusError) as ei:
         chat(client(gw, **{"x-kaiyuan-policy": "region:jp"}))
-    assert ei.value.status_code == 503 and "region:jp" in ei.value.message
+    # no deployment carries the tag: refused at authorize (403), not tried (see test_r_policy_authorize)
+    assert ei.value.status_code == 403 and "region:jp" in ei.value.message
+    assert ei.value.body["code"] == "policy_unsatisfied"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as ei2:
         chat(client(gw, **{"x-kaiyuan-policy": "self hosted!"}))
     assert "x-kaiyuan-policy" in ei2.value.message and ei2.value.body["code"] == "invalid_policy"  # type: ignore[index]
@@ -460,7 +460,7 @@ def test_key_policy_combines_with_the_header(make_gateway: MakeGateway, fakes: C
     gw.gateway.auth.authenticate = _key_with_policy("!vendor:openai")  # type: ignore[method-assign]
     with pytest.raises(openai.APIStatusError) as ei:
         chat(client(gw, **{"x-kaiyuan-policy": "region:us"}))  # only oai is in the US: refused
-    assert ei.value.status_code == 503 and "!vendor:openai,region:us" in ei.value.message
+    assert ei.value.status_code == 403 and "!vendor:openai,region:us" in ei.value.message
     served = set()
     for _ in range(12):
         _, headers = chat(client(gw))

@@ -1,22 +1,37 @@
 """Per-deployment health: circuit breaker, Retry-After cooldown, in-flight count, TTFT EWMA, RPM.
 
 States: ``closed`` (in rotation) -> ``open`` after ``failures`` failures within ``window_s`` that
-are also at least ``min_failure_rate`` of its attempts in that window (out of rotation for ``cooldown_s``) -> ``half_open`` (up to ``half_open_probes`` requests at a
-time are let through as probes) -> ``closed`` after ``half_open_probes`` successful probes, or
-back to ``open`` on a failed probe. Time comes from an injectable clock, so tests need not sleep.
-All of this runs on the event loop thread: no locks.
+are also at least ``min_failure_rate`` of its attempts in that window, and that came from at least
+``min_callers`` distinct callers (out of rotation for ``cooldown_s``) -> ``half_open`` (up to
+``half_open_probes`` requests at a time are let through as probes) -> ``closed`` after
+``half_open_probes`` successful probes, or back to ``open`` on a failed probe.
+
+Callers: one tenant's bad requests (a prompt that crashes a self-hosted server, retried three times)
+must not take a deployment away from every other tenant. When the window's failures are enough to
+open the breaker but all come from one caller (a virtual key, or a client address without one),
+only that caller is cooled down: the deployment is out of its rotation for ``cooldown_s`` and stays
+in everyone else's. Per-caller state lives only on the failure path, in small bounded LRUs; a
+success costs what it did before.
+
+Time comes from an injectable clock, so tests need not sleep. All of this runs on the event loop
+thread: no locks.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from kaiyuan.routing.settings import BreakerSettings
+
+log = logging.getLogger("kaiyuan.routing")
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 STATE_VALUE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
 EWMA_ALPHA = 0.3
 BUCKETS = 10
+MAX_FAILING_CALLERS = 64  # distinct callers remembered per deployment in the window (only "2 or more" matters)
+MAX_COOLING_CALLERS = 1024  # callers cooled down per deployment at once (the least recent goes first)
 
 Clock = Callable[[], float]
 Listener = Callable[["DeploymentHealth", str, str], None]  # (health, old state, new state)
@@ -28,6 +43,7 @@ class DeploymentHealth:
         "_bucket_id",
         "_bucket_ok",
         "_bucket_w",
+        "_failing",
         "_rpm_count",
         "_rpm_window",
         "_tpm_count",
@@ -35,6 +51,7 @@ class DeploymentHealth:
         "clock",
         "cooldown_reason",
         "cooldown_until",
+        "cooling",
         "deployment",
         "errors",
         "ewma_ttft",
@@ -74,6 +91,8 @@ class DeploymentHealth:
         self._rpm_window = -1
         self._rpm_count = 0
         self._tpm_count = 0
+        self._failing: dict[str, float] = {}  # caller -> its last failure in the window (failure path only)
+        self.cooling: dict[str, float] = {}  # caller -> end of its own cool-down; empty on a healthy deployment
 
     # -- can it take a request now? ----------------------------------------------------------
     def available(self, now: float) -> bool:
@@ -95,6 +114,16 @@ class DeploymentHealth:
         if self.state == HALF_OPEN:
             self.probes_in_flight += 1
             return True
+        return False
+
+    def cooling_for(self, caller: str, now: float) -> bool:
+        """Whether ``caller`` is in its own cool-down here (ask only when ``cooling`` is not empty)."""
+        until = self.cooling.get(caller)
+        if until is None:
+            return False
+        if now < until:
+            return True
+        del self.cooling[caller]
         return False
 
     def done(self) -> None:
@@ -122,7 +151,9 @@ class DeploymentHealth:
                 self._bucket_id = [-1] * BUCKETS
                 self._move(CLOSED, f"{self.probe_successes} probe(s) succeeded", self.clock())
 
-    def failure(self, probe: bool, reason: str, retry_after: float | None = None) -> None:
+    def failure(self, probe: bool, reason: str, retry_after: float | None = None, caller: str | None = None) -> None:
+        """A failed attempt. ``caller`` says whose request it was; ``None`` (a failure no caller can
+        be blamed for) counts as every caller's, as before callers were told apart."""
         self.release(probe)
         self.errors += 1
         now = self.clock()
@@ -137,9 +168,36 @@ class DeploymentHealth:
         if self.state == OPEN:
             return
         self._bucket(now, False)
+        callers = self._note_failing(caller, now) if caller is not None else self.cfg.min_callers
         ok, failed = self.window_counts(now)
-        if failed >= self.cfg.failures and failed >= self.cfg.min_failure_rate * (ok + failed):
-            self._move(OPEN, f"{failed} of {ok + failed} attempts failed in {self.cfg.window_s:g}s; last: {reason}", now)
+        if failed < self.cfg.failures or failed < self.cfg.min_failure_rate * (ok + failed):
+            return
+        if callers >= self.cfg.min_callers:
+            self._move(OPEN, f"{failed} of {ok + failed} attempts failed in {self.cfg.window_s:g}s "
+                             f"({callers} caller(s)); last: {reason}", now)
+        elif caller is not None and not self.cooling_for(caller, now):
+            self._cool(caller, now, failed, ok + failed, reason)
+
+    def _note_failing(self, caller: str, now: float) -> int:
+        """Remember that ``caller`` failed now; the number of distinct callers that failed in the window."""
+        failing = self._failing
+        oldest = now - self.cfg.window_s
+        for who in [w for w, t in failing.items() if t < oldest]:
+            del failing[who]
+        failing.pop(caller, None)
+        failing[caller] = now  # most recent last
+        if len(failing) > MAX_FAILING_CALLERS:
+            del failing[next(iter(failing))]
+        return len(failing)
+
+    def _cool(self, caller: str, now: float, failed: int, total: int, reason: str) -> None:
+        """Take the deployment out of ``caller``'s rotation only (the failures were all its own)."""
+        if len(self.cooling) >= MAX_COOLING_CALLERS:
+            del self.cooling[next(iter(self.cooling))]
+        self.cooling[caller] = now + self.cfg.cooldown_s
+        log.warning("model %s deployment %s: %d of %d attempts failed in %gs, all from caller %s: out of that "
+                    "caller's rotation for %gs (others unaffected); last: %s", self.model, self.deployment, failed,
+                    total, self.cfg.window_s, caller, self.cfg.cooldown_s, reason)
 
     def _bucket(self, now: float, ok: bool) -> None:
         idx = int(now // self._bucket_w)
@@ -213,6 +271,9 @@ class DeploymentHealth:
             "errors": self.errors,
             "ewma_ttft_ms": round(self.ewma_ttft * 1000, 3) if self.ewma_ttft is not None else None,
         }
+        cooling = sum(1 for until in self.cooling.values() if until > now)
+        if cooling:
+            out["callers_cooling_down"] = cooling  # callers whose own failures took it out of their rotation
         if now < self.cooldown_until:
             out["cooling_down_s"] = round(self.cooldown_until - now, 3)
             out["cooldown_reason"] = self.cooldown_reason

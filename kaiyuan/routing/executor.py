@@ -25,6 +25,7 @@ import orjson
 from kaiyuan.context import Attempt, RequestContext, Upstream
 from kaiyuan.errors import ErrorKind, GatewayError, kind_for_upstream_status
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
+from kaiyuan.redact import clip_scrubbed
 from kaiyuan.routing.breaker import DeploymentHealth
 from kaiyuan.routing.policy import Policy
 from kaiyuan.routing.retry import (
@@ -41,12 +42,13 @@ if TYPE_CHECKING:
     from kaiyuan.routing.router import ModelRoute, Router, Slot
 
 MAX_COOLDOWN_S = 300.0
+MAX_UPSTREAM_MESSAGE = 4096  # characters of an upstream's error message passed on
 
 
 class _Run:
     """The state of one request's routing."""
 
-    __slots__ = ("build", "cooldown_s", "ctx", "deadline", "last", "notes", "policy", "router", "tried_any")
+    __slots__ = ("build", "caller", "cooldown_s", "ctx", "deadline", "last", "notes", "policy", "router", "tried_any")
 
     def __init__(self, router: Router, ctx: RequestContext, build: Callable[[Provider], UpstreamCall], policy: Policy | None, deadline: float) -> None:
         self.router = router
@@ -58,6 +60,23 @@ class _Run:
         self.notes: list[str] = []  # why deployments/models were skipped, for the final error
         self.tried_any = False
         self.cooldown_s: float | None = None  # the soonest end of a cooldown among skipped deployments
+        self.caller: str | None = None  # who is asking, for the breakers (worked out on first need)
+
+    def who(self) -> str:
+        if self.caller is None:
+            self.caller = caller_of(self.ctx)
+        return self.caller
+
+
+def caller_of(ctx: RequestContext) -> str:
+    """Who a request's failures are blamed on, for the breakers: its virtual key; else (the master
+    key, or a gateway without keys) the client's address; trials' background calls are one caller, "trials"."""
+    p = ctx.principal
+    if ctx.background:
+        return "trials"
+    if p.key_id is not None and p.key_id != "master":
+        return p.key_id
+    return "client:" + (ctx.client or "unknown")
 
 
 async def execute(router: Router, ctx: RequestContext, build: Callable[[Provider], UpstreamCall]) -> tuple[Provider, UpstreamReply]:
@@ -135,7 +154,7 @@ async def _try_model(run: _Run, route: ModelRoute) -> tuple[str, tuple[Provider,
             if s.provider.unavailable is not None:
                 continue
             h = s.health
-            if not h.available(now):
+            if not h.available(now) or (h.cooling and h.cooling_for(run.who(), now)):
                 if now < h.cooldown_until:
                     cooling = h.cooldown_until - now if cooling is None else min(cooling, h.cooldown_until - now)
                 continue
@@ -267,7 +286,7 @@ def _failed(
     verdict = classify(err, from_reply)
     if verdict == RETRY:
         ra = retry_after_seconds(err.headers) if from_reply else None
-        h.failure(probe, err.message, min(ra, MAX_COOLDOWN_S) if ra is not None else None)
+        h.failure(probe, err.message, min(ra, MAX_COOLDOWN_S) if ra is not None else None, run.who())
     else:
         h.success(probe, None)  # it answered: the deployment is up, the request was refused
     h.done()
@@ -325,7 +344,7 @@ async def close_upstream(ctx: RequestContext) -> None:
             if u.prompt_tokens or u.completion_tokens:
                 h.add_tokens((u.prompt_tokens or 0) + (u.completion_tokens or 0))
             if ctx.stream and ctx.error is not None and ctx.status >= 500 and not ctx.cancelled:
-                h.failure(False, ctx.error)
+                h.failure(False, ctx.error, caller=caller_of(ctx))
 
 
 def _note_unusable(run: _Run, route: ModelRoute, ordered: list[Slot], now: float) -> None:
@@ -341,6 +360,9 @@ def _note_unusable(run: _Run, route: ModelRoute, ordered: list[Slot], now: float
                 run.cooldown_s = left if run.cooldown_s is None else min(run.cooldown_s, left)
             elif not s.health.available(now):
                 why = f"circuit {s.health.state} ({s.health.reason})"
+            elif s.health.cooling and s.health.cooling_for(run.who(), now):
+                why = ("cooling down for this caller only: the recent failures there were all this caller's "
+                       f"requests (routing.breaker.min_callers {s.health.cfg.min_callers})")
         run.notes.append(f"{route.name}/{s.provider.id}: {why}")
 
 
@@ -411,6 +433,10 @@ def upstream_error(provider: Provider, reply: UpstreamReply) -> GatewayError:
     except orjson.JSONDecodeError:
         text = (reply.body or b"")[:300].decode("utf-8", "replace").strip()
         message = text or None
+    if isinstance(message, str):  # an upstream message is shown to a person: bounded, and cheap to scrub
+        message = clip_scrubbed(message, MAX_UPSTREAM_MESSAGE)
+    if reply.truncated:
+        message = f"{message or ''} (error body cut at {len(reply.body or b'')} bytes: max_error_bytes)".lstrip()
     status = reply.status
     headers = {}
     if reply.headers:

@@ -123,6 +123,7 @@ class Router:
         self.routes: dict[str, ModelRoute] = {}
         self._policy_cache: dict[str, Policy] = {}
         self._allowed_cache: dict[tuple[str, str], list[Slot]] = {}
+        self._satisfiable: dict[tuple[str, str], tuple[str, ...]] = {}
         self.overruns: dict[str, Overrun] = {}  # deployment id -> what it did (bounded by the config)
         for name, provs in providers.items():
             mc = models.get(name) if models else None
@@ -229,6 +230,21 @@ class Router:
             if len(self._allowed_cache) >= _POLICY_CACHE_MAX:
                 self._allowed_cache.clear()
             self._allowed_cache[key] = got
+        return got
+
+    def satisfiable(self, model: str, policy: Policy) -> tuple[str, ...]:
+        """The models the executor may reach from ``model`` (itself first, then its fallbacks, any
+        list, any depth) that have at least one deployment ``policy`` and their own policy allow.
+        Empty: no attempt could ever satisfy the policy. Computed once per (model, policy) text, so
+        authorization costs a dict lookup."""
+        key = (model, policy.text)
+        got = self._satisfiable.get(key)
+        if got is None:
+            got = tuple(name for name in self.reachable(model)
+                        if (route := self.routes.get(name)) is not None and self.allowed(route, policy))
+            if len(self._satisfiable) >= _POLICY_CACHE_MAX:
+                self._satisfiable.clear()
+            self._satisfiable[key] = got
         return got
 
     def order(self, route: ModelRoute, slots: Sequence[Slot]) -> list[Slot]:

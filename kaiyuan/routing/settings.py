@@ -36,7 +36,8 @@ class RetrySettings(_Strict):
 
 class BreakerSettings(_Strict):
     """Per-deployment circuit breaker: ``failures`` failures in ``window_s``, being at least
-    ``min_failure_rate`` of the attempts there, open it for ``cooldown_s``."""
+    ``min_failure_rate`` of the attempts there and coming from ``min_callers`` callers, open it for
+    ``cooldown_s``; when they come from fewer, only those callers are cooled down."""
 
     enabled: bool = True
     failures: int = Field(default=5, ge=1)
@@ -46,6 +47,9 @@ class BreakerSettings(_Strict):
     window_s: float = Field(default=30.0, gt=0)
     cooldown_s: float = Field(default=30.0, gt=0)
     half_open_probes: int = Field(default=1, ge=1, description="successful probes needed to close again")
+    min_callers: int = Field(
+        default=2, ge=1, description="distinct callers (virtual keys, or client addresses without one) whose failures "
+                                     "it takes to open the breaker for everyone; fewer cool down only those callers")
 
 
 class RoutingSettings(_Strict):

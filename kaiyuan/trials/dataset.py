@@ -17,6 +17,7 @@ import orjson
 from sqlalchemy import Engine, select
 
 from kaiyuan.store.schema import request_log
+from kaiyuan.trials.regex_match import check_pattern
 
 ITEM_KEYS = ("id", "request", "reference", "schema", "tool_call", "pattern", "policy", "trace")
 
@@ -57,6 +58,14 @@ def parse_line(obj: Any, where: str, index: int) -> Item:
     msgs = req.get("messages")
     if not (isinstance(msgs, list) and msgs):
         raise DatasetError(f"{where}: the request needs a non-empty 'messages' list")
+    pattern = meta.get("pattern")
+    if pattern is not None:  # a regex scorer's pattern for this item: checked now, not at scoring time
+        if not isinstance(pattern, str):
+            raise DatasetError(f"{where}: 'pattern' must be a string (a regular expression)")
+        try:
+            check_pattern(pattern)
+        except ValueError as e:
+            raise DatasetError(f"{where}: 'pattern': {e}") from None
     if "trace" in meta:
         from kaiyuan.trials.agent import TraceError, parse_trace
 

@@ -6,9 +6,11 @@ the gateway). Produces one ``trial_result`` row.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +92,20 @@ def build_scorers(trial: TrialConfig) -> dict[str, Scorer]:
     return {s.label: build_scorer(s) for s in trial.scorers}
 
 
+SCORING_THREADS = 2  # scorers run here, never on the event loop (a regex has a time limit besides)
+_scoring: list[ThreadPoolExecutor] = []
+
+
+async def score_off_loop(scorers: dict[str, Scorer], inc: Answer | None, cand: Answer | None,
+                         item: dict[str, Any]) -> dict[str, Any]:
+    """:func:`score_pair` in a small thread pool: a slow scorer (a user's plugin, a regex near its
+    time limit, a big JSON schema) never holds the event loop. The pool's queue is bounded by the
+    trials' own concurrency (``max_concurrency`` x ``QUEUE_FACTOR`` background tasks per trial)."""
+    if not _scoring:
+        _scoring.append(ThreadPoolExecutor(SCORING_THREADS, thread_name_prefix="kaiyuan-scoring"))
+    return await asyncio.get_running_loop().run_in_executor(_scoring[0], score_pair, scorers, inc, cand, item)
+
+
 def _text(a: Answer) -> str:
     steps = "".join(f"[step {i}] {s}\n" for i, s in enumerate(a.steps, start=1))
     if a.tool_calls:
@@ -113,7 +129,7 @@ async def evaluate(
     judge_skip: str | None = None,
 ) -> tuple[dict[str, Any], JudgeResult | None]:
     """Score one pair and return the ``trial_result`` row (and the judge result, for spend)."""
-    scores = score_pair(scorers, inc.answer, cand.answer, {**meta, "request": request}) if scorers else {}
+    scores = await score_off_loop(scorers, inc.answer, cand.answer, {**meta, "request": request}) if scorers else {}
     jr: JudgeResult | None = None
     judge_score: float | None = None
     judge_status: str | None = None

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from kaiyuan.trials.regex_match import check_pattern
 
 # An offline replay marks its calls with this header (value: the trial's name). The gateway then
 # leaves them out of live trials (no canary split, no mirror) and logs them with trial
@@ -55,12 +57,19 @@ class ScorerSpec(_Strict):
     type: ScorerType
     name: str | None = Field(None, description="label in reports; defaults to the type (or plugin name)")
     pattern: str | None = Field(None, description="regex scorer: pattern the answer must match (else the item's reference)")
+    timeout_s: float = Field(1.0, gt=0, le=30, description="regex scorer: time limit of one match; past it the "
+                                                             "answer scores 0 with the reason recorded")
     json_schema: dict[str, Any] | None = Field(
         None, alias="schema", description="json_schema scorer (else the item's 'schema', else the request's response_format)")
     tolerance: float = Field(1e-6, ge=0, description="numeric scorer: absolute tolerance")
     plugin: str | None = Field(None, description="entry point name in the 'kaiyuan.scorers' group")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str | None) -> str | None:
+        return None if v is None else check_pattern(v)  # ValueError naming the problem
 
     @model_validator(mode="after")
     def _check(self) -> ScorerSpec:

@@ -17,6 +17,7 @@ from typing import Any, Protocol, cast
 
 import orjson
 
+from kaiyuan.trials import regex_match
 from kaiyuan.trials.models import ScorerSpec
 
 ENTRY_POINT_GROUP = "kaiyuan.scorers"
@@ -145,11 +146,14 @@ def numeric(answer: Answer, item: dict[str, Any], tolerance: float = 1e-6) -> fl
     return float(got is not None and abs(got - float(want)) <= tolerance)
 
 
-def regex(answer: Answer, item: dict[str, Any], pattern: str | None = None) -> float | None:
+def regex(answer: Answer, item: dict[str, Any], pattern: str | None = None,
+          timeout_s: float = regex_match.DEFAULT_TIMEOUT_S) -> float | None:
+    """1 when the pattern (the scorer's, else the item's ``pattern``, else its reference) matches
+    the answer. Matched with a time limit: past it, :class:`MatchTimeout` (scored as a failure)."""
     pat = pattern or item.get("pattern") or _ref(item)
     if pat is None:
         return None
-    return float(re.search(str(pat), answer.text) is not None)
+    return float(regex_match.search(str(pat), answer.text, timeout_s))
 
 
 def tool_call(answer: Answer, item: dict[str, Any]) -> float | None:
@@ -206,7 +210,7 @@ def build_scorer(spec: ScorerSpec) -> Scorer:
     if t == "numeric":
         return lambda a, i: numeric(a, i, spec.tolerance)
     if t == "regex":
-        return lambda a, i: regex(a, i, spec.pattern)
+        return lambda a, i: regex(a, i, spec.pattern, spec.timeout_s)
     if t in ("json_schema", "tool_schema", "tool_agreement"):
         from kaiyuan.trials import tool_scorers
 
@@ -219,7 +223,9 @@ def build_scorer(spec: ScorerSpec) -> Scorer:
 
 def score_pair(scorers: dict[str, Scorer], inc: Answer | None, cand: Answer | None, item: dict[str, Any]) -> dict[str, Any]:
     """Every scorer on both answers: ``{label: {"incumbent": x, "candidate": y}}``. A failed call
-    scores 0 (a failure is a wrong answer, not a missing one); a scorer that raises is reported."""
+    scores 0 (a failure is a wrong answer, not a missing one); a scorer that raises is reported, and
+    one that ran out of time (a regex past its limit) also scores 0, with the reason in ``errors``.
+    Runs off the event loop (:func:`kaiyuan.trials.evaluate.score_off_loop`)."""
     out: dict[str, Any] = {}
     for label, fn in scorers.items():
         entry: dict[str, Any] = {}
@@ -239,6 +245,9 @@ def score_pair(scorers: dict[str, Scorer], inc: Answer | None, cand: Answer | No
                 else:
                     v = fn(ans, item)
                     entry[side] = None if v is None else min(1.0, max(0.0, float(v)))
+            except regex_match.MatchTimeout as e:
+                entry[side] = 0.0
+                entry.setdefault("errors", []).append(f"{side}: timed out: {e}")
             except Exception as e:
                 entry[side] = None
                 entry.setdefault("errors", []).append(f"{side}: {type(e).__name__}: {e}")

@@ -77,6 +77,8 @@ class Sample:
     sent: int
     answered: int
     errors: int
+    inflight: int  # requests in flight at the sample: a stall elsewhere shows as a peak here
+    skipped: int
 
 
 def request_bytes(port: int, body: dict[str, Any], headers: dict[str, str]) -> bytes:
@@ -214,7 +216,7 @@ async def sample_loop(pgid: int, drv: Driver, interval: float, warmup_s: float, 
         t = time.perf_counter() - start
         rss, n = group_rss(pgid)
         log.add(Sample(round(t, 2), "warmup" if t < warmup_s else "measure", round(rss, 3), n,
-                       drv.c.sent, drv.c.answered, drv.c.errors))
+                       drv.c.sent, drv.c.answered, drv.c.errors, len(drv.tasks), drv.c.skipped))
         await asyncio.sleep(max(0.0, interval - (time.perf_counter() - start - t)))
 
 
@@ -377,8 +379,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
+def _exit_on_term(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # so `finally` stops the upstream and the gateway
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_term)
     variant = pick_variant(args.variant)
     pin = not args.no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
     gen_cpu, gw_cpu = ("0", "1") if pin else ("", "")

@@ -127,4 +127,4 @@ def test_soak_smoke_reports_memory_and_every_row(tmp_path: Path) -> None:
     assert rep["samples"] >= 3 and rep["slope_mib_per_min"] is not None
     assert rep["verdict"] in ("flat", "GROWING") and "verdict:" in r.stdout
     rows = (tmp_path / "samples.csv").read_text().splitlines()
-    assert rows[0] == "t_s,phase,rss_mib,procs,sent,answered,errors" and len(rows) > rep["samples"]
+    assert rows[0] == "t_s,phase,rss_mib,procs,sent,answered,errors,inflight,skipped" and len(rows) > rep["samples"]

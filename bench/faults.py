@@ -297,7 +297,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=4, help="client threads")
     ap.add_argument("--hold-s", type=float, default=10.0, help="seconds of load between faults")
     ap.add_argument("--budget", type=float, default=0.0,
-                    help="USD per round (0: what the measured rate spends in about 70%% of a round)")
+                    help="USD per round (0: what the measured rate spends in the four holds and 15 s more)")
     ap.add_argument("--json", help="write the rounds' reports here")
     args = ap.parse_args()
     if args.replicas < 2 or args.concurrency < 1 or args.hold_s < 0 or args.minutes <= 0 or args.rounds < 0:
@@ -320,8 +320,8 @@ def main() -> int:
             budget = args.budget
             if budget <= 0:
                 rate, one_cost = measure_rate(cluster, upstream, args.concurrency, 5.0)
-                round_s = 4 * args.hold_s + 4.5 + 10
-                budget = max(20 * one_cost, 0.7 * rate * round_s * one_cost)
+                spend_s = 4 * args.hold_s + 15  # the faults (4 holds), then about 10 s with a replica dead
+                budget = max(20 * one_cost, rate * spend_s * one_cost)
                 log(f"measured {rate:.1f} answers/s at ${one_cost:.4f} each: budget ${budget:.2f} per round")
             end = time.monotonic() + args.minutes * 60
             while (len(reports) < args.rounds) if args.rounds else (time.monotonic() < end):

@@ -10,9 +10,13 @@ from typing import Any
 import aiohttp
 import orjson
 
+from kaiyuan import __version__
 from kaiyuan.config import DEFAULT_MAX_RESPONSE_BYTES, Timeouts
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
+
+
+USER_AGENT = f"kaiyuan/{__version__}"
 
 
 def make_session(max_connections: int, timeouts: Timeouts) -> aiohttp.ClientSession:
@@ -23,8 +27,10 @@ def make_session(max_connections: int, timeouts: Timeouts) -> aiohttp.ClientSess
     # a slow first byte at `idle`. first_byte is enforced around the request; idle is set on the
     # connection once a stream's headers are in (see post_json).
     timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect, sock_read=None)
+    # Our own User-Agent, not aiohttp's; set here rather than skipped (skip_auto_headers puts every
+    # request through aiohttp's slow header path).
     return aiohttp.ClientSession(
-        connector=connector, timeout=timeout, auto_decompress=True, skip_auto_headers=("User-Agent",)
+        connector=connector, timeout=timeout, auto_decompress=True, headers={"User-Agent": USER_AGENT}
     )
 
 

@@ -35,7 +35,10 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4000
 DEFAULT_LOCAL_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
-MAX_RESPONSE_DOC = "largest whole (non-streamed) upstream body, success or error, after decompression; beyond: 502"
+MAX_RESPONSE_DOC = ("largest upstream reply body after decompression (a whole body, or all of a compressed stream); "
+                    "beyond: 502")
+DEFAULT_MAX_ERROR_BYTES = 1024 * 1024
+MAX_ERROR_DOC = "an upstream error (non-2xx) body is read up to this many bytes, then cut and its connection closed"
 
 
 def public_url(url: str) -> str:
@@ -205,6 +208,7 @@ class _HTTPDeployment(DeploymentBase):
     headers: dict[str, str] = Field(default_factory=dict)
     max_connections: int = Field(1000, gt=0)
     max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, gt=0, description=MAX_RESPONSE_DOC)
+    max_error_bytes: int = Field(DEFAULT_MAX_ERROR_BYTES, gt=0, description=MAX_ERROR_DOC)
 
     @field_validator("base_url")
     @classmethod

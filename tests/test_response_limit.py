@@ -1,6 +1,7 @@
-"""``max_response_bytes``: a whole upstream body (a JSON answer or an error body) larger than the
-deployment's limit is a clear 502 naming the limit and the key, whatever way it arrives (with a
-Content-Length, chunked, or compressed small and large once decompressed)."""
+"""``max_response_bytes``: a whole upstream answer larger than the deployment's limit is a clear 502
+naming the limit and the key, whatever way it arrives (with a Content-Length, chunked, or
+compressed small and large once decompressed). An error body past the limit (``max_error_bytes``,
+at most ``max_response_bytes``) is cut instead: the caller keeps the upstream's status."""
 
 from __future__ import annotations
 
@@ -38,8 +39,7 @@ def limited(make_gateway: Callable[[dict[str, Any]], RunningGateway], raw: RawUp
     Reply(chunks=[BIG]),  # Content-Length over the limit
     Reply(chunks=[BIG[i:i + 1000] for i in range(0, len(BIG), 1000)], stream=True),  # chunked, no length
     Reply(chunks=[gzip.compress(BIG)], headers={"Content-Encoding": "gzip"}),  # small on the wire, big decoded
-    Reply(status=500, chunks=[b'{"error": {"message": "' + b"e" * 10_000 + b'"}}']),  # an error body
-], ids=["length", "chunked", "gzip", "error-body"])
+], ids=["length", "chunked", "gzip"])
 def test_too_large_whole_reply_is_a_clear_502(limited: RunningGateway, raw: RawUpstream, reply: Reply) -> None:  # noqa: F811
     raw.script.append(reply)
     with pytest.raises(openai.APIStatusError) as e:
@@ -49,6 +49,23 @@ def test_too_large_whole_reply_is_a_clear_502(limited: RunningGateway, raw: RawU
     assert f"limit of {LIMIT} bytes" in e.value.message and "max_response_bytes" in e.value.message
     limited.settle()
     assert limited.log_rows()[-1]["status"] == 502
+
+
+@pytest.mark.parametrize("reply", [
+    Reply(status=429, chunks=[b'{"error": {"message": "slow down ' + b"e" * 10_000 + b'"}}'], headers={"Retry-After": "7"}),
+    Reply(status=429, chunks=[gzip.compress(b'{"error": {"message": "slow down ' + b"e" * 10_000 + b'"}}')],
+          headers={"Retry-After": "7", "Content-Encoding": "gzip"}),
+], ids=["length", "gzip"])
+def test_a_long_error_body_is_cut_and_keeps_its_status(limited: RunningGateway, raw: RawUpstream, reply: Reply) -> None:  # noqa: F811
+    """An error body past the limit is cut (its connection closed, not drained), not a 502: the
+    caller still gets the upstream's status, Retry-After and the start of its message."""
+    raw.script.append(reply)
+    with pytest.raises(openai.RateLimitError) as e:
+        openai.OpenAI(base_url=limited.base_url, api_key="x", max_retries=0).chat.completions.create(
+            model="m", messages=MSG)  # type: ignore[arg-type]
+    assert e.value.response.headers["retry-after"] == "7"
+    assert "slow down" in e.value.message and f"error body cut at {LIMIT} bytes: max_error_bytes" in e.value.message
+    assert len(e.value.message) < LIMIT
 
 
 def test_too_large_reply_to_an_anthropic_caller(limited: RunningGateway, raw: RawUpstream) -> None:  # noqa: F811
@@ -72,9 +89,10 @@ def test_replies_within_the_limit_pass(limited: RunningGateway, raw: RawUpstream
 
 
 @pytest.mark.parametrize("value", [0, -1, "lots"])
-def test_bad_max_response_bytes_fails_at_start_naming_the_key(value: Any) -> None:
-    cfg = {"models": [openai_model("m", "http://127.0.0.1:1", deployment={"max_response_bytes": value})]}
-    with pytest.raises(ConfigError, match="max_response_bytes"):
+@pytest.mark.parametrize("key", ["max_response_bytes", "max_error_bytes"])
+def test_bad_max_response_bytes_fails_at_start_naming_the_key(value: Any, key: str) -> None:
+    cfg = {"models": [openai_model("m", "http://127.0.0.1:1", deployment={key: value})]}
+    with pytest.raises(ConfigError, match=key):
         parse_config(cfg)
 
 
@@ -85,3 +103,4 @@ def test_max_response_bytes_is_read_and_defaults_to_64_mib() -> None:
     ]})
     assert cfg.models[0].deployments[0].max_response_bytes == 1024  # type: ignore[union-attr]
     assert cfg.models[1].deployments[0].max_response_bytes == 64 * 1024 * 1024  # type: ignore[union-attr]
+    assert cfg.models[1].deployments[0].max_error_bytes == 1024 * 1024  # type: ignore[union-attr]

@@ -34,6 +34,7 @@ class UpstreamReply:
     parsed: dict[str, Any] | None = None  # a 2xx whole body as JSON, once the executor has checked it
     deadline: float | None = None  # time.monotonic() by which the call and its relay must be over (timeouts.total)
     received: int = 0  # bytes of a stream read so far (a bound on what a usage report can claim)
+    truncated: bool = False  # ``body`` is the start of a longer error body (max_error_bytes)
     _closer: Any = None
     _finisher: Any = None  # like _closer, for a stream whose consumer saw its final event (may keep the connection)
 

@@ -1,4 +1,7 @@
-"""Shared pooled HTTP transport: one keep-alive aiohttp session per upstream, with the four timeouts."""
+"""Shared pooled HTTP transport: one keep-alive aiohttp session per upstream, with the four timeouts.
+
+Reply bodies are decoded and capped by :mod:`kaiyuan.providers.reply_body` (aiohttp's own
+decompression is off: it would inflate a bomb whole before anything could count it)."""
 
 from __future__ import annotations
 
@@ -11,10 +14,11 @@ import aiohttp
 import orjson
 
 from kaiyuan import __version__
-from kaiyuan.config import DEFAULT_MAX_RESPONSE_BYTES, Timeouts
+from kaiyuan.codecs import UPSTREAM_ACCEPT
+from kaiyuan.config import DEFAULT_MAX_ERROR_BYTES, DEFAULT_MAX_RESPONSE_BYTES, Timeouts
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
-
+from kaiyuan.providers.reply_body import decoded_stream, read_whole, reply_decoder
 
 USER_AGENT = f"kaiyuan/{__version__}"
 
@@ -30,7 +34,9 @@ def make_session(max_connections: int, timeouts: Timeouts) -> aiohttp.ClientSess
     # Our own User-Agent, not aiohttp's; set here rather than skipped (skip_auto_headers puts every
     # request through aiohttp's slow header path).
     return aiohttp.ClientSession(
-        connector=connector, timeout=timeout, auto_decompress=True, headers={"User-Agent": USER_AGENT}
+        connector=connector, timeout=timeout, auto_decompress=False,
+        # only codings reply_body decodes piece by piece
+        headers={"User-Agent": USER_AGENT, "Accept-Encoding": UPSTREAM_ACCEPT},
     )
 
 
@@ -108,9 +114,10 @@ async def post_json(
     stream: bool,
     label: str,
     max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    max_error_bytes: int = DEFAULT_MAX_ERROR_BYTES,
 ) -> UpstreamReply:
-    """POST ``body``; return the whole body (at most ``max_bytes``), or for 2xx streams an iterator
-    of raw chunks."""
+    """POST ``body``; return the whole body (at most ``max_bytes`` decoded; an error body cut at
+    ``max_error_bytes``), or for 2xx streams an iterator of decoded chunks."""
     start = time.monotonic()
     deadline = start + timeouts.total
     resp: aiohttp.ClientResponse | None = None
@@ -118,9 +125,16 @@ async def post_json(
         async with asyncio.timeout(min(timeouts.first_byte, timeouts.total)):
             resp = await session.post(url, data=body, headers=headers)
             if not stream or resp.status >= 300:
-                data = await _read_all(resp, deadline, label, max_bytes)
-                resp.release()
-                return UpstreamReply(resp.status, resp.headers, body=data, deadline=deadline)
+                err = resp.status >= 300
+                limit = min(max_bytes, max_error_bytes) if err else max_bytes
+                # The body is read under the same timer: min(first_byte, total) from the start.
+                data, cut = await read_whole(resp, limit, label, err)
+                if cut:  # the rest of the error body is not read: its connection is closed, not drained
+                    resp.close()
+                else:
+                    resp.release()
+                return UpstreamReply(resp.status, resp.headers, body=data, deadline=deadline, truncated=cut)
+            dec = reply_decoder(resp.headers, label)
     except GatewayError:
         if resp is not None:
             resp.close()
@@ -158,40 +172,10 @@ async def post_json(
     if proto is not None:  # from now on, at most `idle` seconds between two reads
         proto.read_timeout = timeouts.idle
         proto.start_timeout()
+    chunks = _iter_stream(r, deadline, timeouts.idle, label)
     return UpstreamReply(
-        r.status, r.headers, stream=_iter_stream(r, deadline, timeouts.idle, label), _closer=r.close,
+        r.status, r.headers, stream=chunks if dec is None else decoded_stream(chunks, dec, max_bytes, label), _closer=r.close,
         _finisher=lambda: finish_stream(r), deadline=deadline,
-    )
-
-
-async def _read_all(resp: aiohttp.ClientResponse, deadline: float, label: str, max_bytes: int) -> bytes:
-    remaining = deadline - time.monotonic()
-    try:
-        async with asyncio.timeout(max(remaining, 0.001)):
-            length = resp.content_length
-            if length is not None and "Content-Encoding" not in resp.headers:
-                if length > max_bytes:
-                    raise _too_large(label, max_bytes)
-                return await resp.read()  # the common case: a known, allowed size
-            chunks: list[bytes] = []  # chunked or compressed: count what arrives (decompressed)
-            size = 0
-            async for chunk in resp.content.iter_any():
-                size += len(chunk)
-                if size > max_bytes:
-                    raise _too_large(label, max_bytes)
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except TimeoutError:
-        raise GatewayError(
-            ErrorKind.UPSTREAM_TIMEOUT, f"upstream {label} exceeded its total time limit (timeouts.total)"
-        ) from None
-
-
-def _too_large(label: str, max_bytes: int) -> GatewayError:
-    return GatewayError(
-        ErrorKind.UPSTREAM_ERROR,
-        f"upstream {label} sent a reply body larger than this deployment's limit of {max_bytes} bytes "
-        f"(max_response_bytes); raise max_response_bytes if such replies are expected",
     )
 
 
@@ -226,4 +210,4 @@ class PooledHTTPProvider(Provider):
             headers = {**headers, **call.headers}
         body = call.body_bytes if call.body_bytes is not None else orjson.dumps(call.body)
         return await post_json(self._session, url, body, headers, self.cfg.timeouts, call.stream, self.label,
-                               self.cfg.max_response_bytes)
+                               self.cfg.max_response_bytes, self.cfg.max_error_bytes)

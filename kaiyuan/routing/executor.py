@@ -25,6 +25,7 @@ import orjson
 from kaiyuan.context import Attempt, RequestContext, Upstream
 from kaiyuan.errors import ErrorKind, GatewayError, kind_for_upstream_status
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
+from kaiyuan.redact import clip_scrubbed
 from kaiyuan.routing.breaker import DeploymentHealth
 from kaiyuan.routing.policy import Policy
 from kaiyuan.routing.retry import (
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from kaiyuan.routing.router import ModelRoute, Router, Slot
 
 MAX_COOLDOWN_S = 300.0
+MAX_UPSTREAM_MESSAGE = 4096  # characters of an upstream's error message passed on
 
 
 class _Run:
@@ -431,6 +433,10 @@ def upstream_error(provider: Provider, reply: UpstreamReply) -> GatewayError:
     except orjson.JSONDecodeError:
         text = (reply.body or b"")[:300].decode("utf-8", "replace").strip()
         message = text or None
+    if isinstance(message, str):  # an upstream message is shown to a person: bounded, and cheap to scrub
+        message = clip_scrubbed(message, MAX_UPSTREAM_MESSAGE)
+    if reply.truncated:
+        message = f"{message or ''} (error body cut at {len(reply.body or b'')} bytes: max_error_bytes)".lstrip()
     status = reply.status
     headers = {}
     if reply.headers:

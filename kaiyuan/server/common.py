@@ -70,7 +70,8 @@ async def read_json(request: web.Request, max_bytes: int, timeout_s: float = 60.
         raise invalid(f"the request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object", code="invalid_json")
-    check_depth(body, max_depth)
+    if raw.count(b"[") + raw.count(b"{") > max_depth:  # fewer brackets than that cannot nest deeper
+        check_depth(body, max_depth)
     return raw, body
 
 

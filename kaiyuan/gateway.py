@@ -20,10 +20,10 @@ from kaiyuan.context import Principal, RequestContext
 from kaiyuan.observability.metrics import Metrics
 from kaiyuan.observability.request_log import RequestLogWriter
 from kaiyuan.observability.tracing import Tracer
-from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
+from kaiyuan.providers.base import Provider, UpstreamReply
 from kaiyuan.providers.registry import build_provider
 from kaiyuan.redact import install_log_redaction, register_secrets, secrets_of
-from kaiyuan.routing.executor import upstream_error
+from kaiyuan.routing.executor import Build, upstream_error
 from kaiyuan.routing.retry import RETRYABLE_STATUSES
 from kaiyuan.routing.router import Router
 
@@ -102,7 +102,7 @@ class Gateway:
                 out += [m for m in self.router.reachable(target) if m not in out]
         return out
 
-    async def execute(self, ctx: RequestContext, build: Callable[[Provider], UpstreamCall]) -> tuple[Provider, UpstreamReply]:
+    async def execute(self, ctx: RequestContext, build: Build) -> tuple[Provider, UpstreamReply]:
         """Route the request: strategy order, retries, breakers, fallbacks and data policy
         (see :mod:`kaiyuan.routing.executor`). Returns the deployment that answered 2xx and its
         reply; raises the error the caller should see."""

@@ -34,6 +34,7 @@ from kaiyuan.config import ModelConfig
 from kaiyuan.context import RequestContext
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
+from kaiyuan.offload import big
 from kaiyuan.routing.executor import close_upstream
 from kaiyuan.server.common import ErrorSerializer, client_gone, error_response, new_request_id, read_json
 from kaiyuan.server.deadline import send_whole
@@ -110,7 +111,10 @@ async def read_body(request: web.Request, gw: Gateway, ctx: RequestContext, vali
     ctx.body = body
     if isinstance(body.get("model"), str):
         ctx.model = body["model"]  # for the log, should validation refuse the body
-    validate(body)
+    if big(len(ctx.raw_body)):  # pure Python over every message: a large body is checked off the loop
+        await asyncio.to_thread(validate, body)
+    else:
+        validate(body)
     ctx.model = ctx.requested_model = body["model"]
     return body
 

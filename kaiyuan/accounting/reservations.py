@@ -46,6 +46,7 @@ from kaiyuan.limits.counters import (
 )
 from kaiyuan.limits.shared import ENV_SOCKET as SHARED_COUNTERS_ENV
 from kaiyuan.limits.shared import SharedCounters
+from kaiyuan.offload import big
 from kaiyuan.store.boundary import unavailable_error
 
 log = logging.getLogger("kaiyuan.reservations")
@@ -113,7 +114,10 @@ class Reservations:
         models = self.reachable(ctx.requested_model or model)
         if model not in models:  # a trial hook sent it elsewhere: that plan's reach too
             models = [*models, *self.reachable(model)]
-        res = self.costing.reservation(models, ctx)
+        if big(len(ctx.raw_body)):  # tokenizing a large prompt is worked on off the event loop
+            res = await asyncio.to_thread(self.costing.reservation, models, ctx)
+        else:
+            res = self.costing.reservation(models, ctx)
         ctx.prompt_estimate, ctx.tokens_reserved = res.prompt_tokens, res.tokens
         worst, unpriced = res.worst_usd, res.unpriced
         now = time.time()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -41,6 +41,9 @@ from kaiyuan.routing.retry import (
 if TYPE_CHECKING:
     from kaiyuan.routing.router import ModelRoute, Router, Slot
 
+# The upstream call for a provider; an awaitable when a large body is translated off the loop (kaiyuan.offload).
+Build = Callable[[Provider], UpstreamCall | Awaitable[UpstreamCall]]
+
 MAX_COOLDOWN_S = 300.0
 MAX_UPSTREAM_MESSAGE = 4096  # characters of an upstream's error message passed on
 
@@ -50,7 +53,7 @@ class _Run:
 
     __slots__ = ("build", "caller", "cooldown_s", "ctx", "deadline", "last", "notes", "policy", "router", "tried_any")
 
-    def __init__(self, router: Router, ctx: RequestContext, build: Callable[[Provider], UpstreamCall], policy: Policy | None, deadline: float) -> None:
+    def __init__(self, router: Router, ctx: RequestContext, build: Build, policy: Policy | None, deadline: float) -> None:
         self.router = router
         self.ctx = ctx
         self.build = build
@@ -79,7 +82,7 @@ def caller_of(ctx: RequestContext) -> str:
     return "client:" + (ctx.client or "unknown")
 
 
-async def execute(router: Router, ctx: RequestContext, build: Callable[[Provider], UpstreamCall]) -> tuple[Provider, UpstreamReply]:
+async def execute(router: Router, ctx: RequestContext, build: Build) -> tuple[Provider, UpstreamReply]:
     primary = router.routes.get(ctx.model or "")
     if primary is None:
         raise GatewayError(ErrorKind.NO_DEPLOYMENT, f"model {ctx.model!r} has no usable deployment (no deployment is configured)")
@@ -206,14 +209,17 @@ async def _attempt(run: _Run, route: ModelRoute, slot: Slot) -> tuple[str, tuple
     probe = h.acquire(run.router.now())
     t0 = time.perf_counter()
     try:
+        call = run.build(provider)
+        if not isinstance(call, UpstreamCall):  # a large body, translated in a worker thread
+            call = await call
         remaining = run.deadline - time.monotonic()
         t = provider.deployment.timeouts
         if remaining >= t.first_byte + t.idle:
             # The deployment's own timeouts end this attempt before the request's deadline.
-            reply = await _send(provider, run.build(provider))
+            reply = await _send(provider, call)
         else:
             async with asyncio.timeout(max(remaining, 0.001)):
-                reply = await _send(provider, run.build(provider))
+                reply = await _send(provider, call)
     except GatewayError as e:  # (a stream that failed before its first byte is closed by _send)
         return _failed(run, attempt, h, probe, e, False, t0)
     except TimeoutError:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from kaiyuan.context import RequestContext
 from kaiyuan.errors import ErrorKind, GatewayError
-from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
+from kaiyuan.providers.base import Provider, UpstreamReply
 from kaiyuan.routing.breaker import STATE_VALUE, Clock, DeploymentHealth
 from kaiyuan.routing.policy import POLICY_HEADER, Policy, combine, parse_policy
 from kaiyuan.routing.settings import RoutingSettings
@@ -25,6 +25,7 @@ from kaiyuan.routing.strategies import STRATEGY_FUNCS, Order
 
 if TYPE_CHECKING:
     from kaiyuan.config import ModelConfig
+    from kaiyuan.routing.executor import Build
 
 log = logging.getLogger("kaiyuan.routing")
 _POLICY_CACHE_MAX = 1024
@@ -261,7 +262,7 @@ class Router:
         return [s.provider for s in slots if s.provider.unavailable is None and s.health.available(now)]
 
     async def execute(
-        self, ctx: RequestContext, build: Callable[[Provider], UpstreamCall]
+        self, ctx: RequestContext, build: Build
     ) -> tuple[Provider, UpstreamReply]:
         from kaiyuan.routing.executor import execute
 

@@ -8,6 +8,7 @@ Anthropic-shaped: ``{"type": "error", "error": {"type", "message"}}``.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -18,11 +19,12 @@ from kaiyuan.context import RequestContext
 from kaiyuan.dialects import anthropic as anth
 from kaiyuan.dialects import canonical as c
 from kaiyuan.gateway import Gateway
+from kaiyuan.offload import maybe_off_loop
 from kaiyuan.pipeline import api_handler
 from kaiyuan.providers.base import Provider, UpstreamCall
 from kaiyuan.server import translate
 from kaiyuan.server.common import JSON_CT, kaiyuan_headers, with_public_model
-from kaiyuan.server.overrun import cut_anthropic_body, cut_canonical, output_limit, overran, reported_output
+from kaiyuan.server.overrun import cut_anthropic_body, output_limit, overran, reported_output
 
 FORWARDED_HEADERS = ("anthropic-beta",)
 
@@ -61,12 +63,13 @@ async def _messages(request: web.Request, gw: Gateway, ctx: RequestContext, body
     extra_headers = _forward_headers(request)
     ask = asked(body, "messages")
     caps = gw.caps
+    size = len(ctx.raw_body)
 
-    def build(provider: Provider) -> UpstreamCall:
+    def build(provider: Provider) -> UpstreamCall | Awaitable[UpstreamCall]:
         cap = ctx.output_cap = caps.sent(provider.id, ask)  # reserved for it, sent, and enforced
         if provider.protocol == "anthropic":
             return UpstreamCall("messages", passthrough_body(provider, body, cap), stream, headers=extra_headers)
-        return translate.translated_call(provider, anth.request_to_canonical, body, canon, cap, caps)
+        return maybe_off_loop(size, translate.translated_call, provider, anth.request_to_canonical, body, canon, cap, caps)
 
     provider, reply = await gw.execute(ctx, build)
     public = ctx.model or ""
@@ -88,10 +91,8 @@ async def _messages(request: web.Request, gw: Gateway, ctx: RequestContext, body
             else:
                 data = with_public_model(obj, data, public)
     else:
-        r = translate.reply_to_canonical(provider.protocol, data, ctx, reply.parsed)
-        if lim is not None and overran(lim, r.usage.output_tokens, len(data)):
-            cut_canonical(r, lim)
-        data = orjson.dumps(anth.response_from_canonical(r, public))
+        translated = translate.whole_reply(ctx, provider.protocol, reply, lim, anth.response_from_canonical, public)
+        data = translated if isinstance(translated, bytes) else await translated
     ctx.mark_first_byte()
     if ctx.log_bodies or ctx.capture_response:  # trials: sampled requests
         ctx.response_body = data

@@ -8,6 +8,7 @@ through the canonical form (:mod:`kaiyuan.dialects.gemini_in`); errors are Googl
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -20,11 +21,12 @@ from kaiyuan.context import RequestContext
 from kaiyuan.dialects import gemini_in
 from kaiyuan.errors import ErrorKind, GatewayError, invalid
 from kaiyuan.gateway import Gateway
+from kaiyuan.offload import maybe_off_loop
 from kaiyuan.pipeline import api_handler, record_unknown_route
 from kaiyuan.providers.base import Provider, UpstreamCall
 from kaiyuan.server import translate
 from kaiyuan.server.common import JSON_CT, error_response, kaiyuan_headers
-from kaiyuan.server.overrun import cut_canonical, output_limit, overran
+from kaiyuan.server.overrun import output_limit
 
 PREFIXES = ("/v1beta", "/v1")
 GENERATE, STREAM, COUNT = "generateContent", "streamGenerateContent", "countTokens"
@@ -52,10 +54,12 @@ async def _generate(request: web.Request, gw: Gateway, ctx: RequestContext, body
     ask = asked(body, "generate_content")
     caps = gw.caps
 
-    def build(provider: Provider) -> UpstreamCall:
+    size = len(ctx.raw_body)
+
+    def build(provider: Provider) -> UpstreamCall | Awaitable[UpstreamCall]:
         cap = ctx.output_cap = caps.sent(provider.id, ask)  # reserved for it, sent, and enforced
-        return translate.translated_call(provider, lambda b: gemini_in.request_to_canonical(b, stream), body, canon,
-                                         cap, caps)
+        return maybe_off_loop(size, translate.translated_call, provider,
+                              lambda b: gemini_in.request_to_canonical(b, stream), body, canon, cap, caps)
 
     provider, reply = await gw.execute(ctx, build)
     public = ctx.model or ""
@@ -63,11 +67,8 @@ async def _generate(request: web.Request, gw: Gateway, ctx: RequestContext, body
     if reply.stream is not None:
         ctx.status = 200
         return await translate.relay_to_gemini(request, ctx, provider.protocol, reply.stream, public, lim)
-    data = reply.body or b""
-    r = translate.reply_to_canonical(provider.protocol, data, ctx, reply.parsed)
-    if lim is not None and overran(lim, r.usage.output_tokens, len(data)):
-        cut_canonical(r, lim)
-    data = orjson.dumps(gemini_in.response_from_canonical(r, public))
+    translated = translate.whole_reply(ctx, provider.protocol, reply, lim, gemini_in.response_from_canonical, public)
+    data = translated if isinstance(translated, bytes) else await translated
     ctx.status = reply.status
     ctx.mark_first_byte()
     if ctx.log_bodies or ctx.capture_response:

@@ -6,7 +6,7 @@ Same-dialect traffic is a pass-through: the body is parsed once, the model name 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -17,8 +17,10 @@ from kaiyuan.context import RequestContext
 from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
+from kaiyuan.offload import maybe_off_loop
 from kaiyuan.pipeline import GATEWAY_KEY, api_handler
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
+from kaiyuan.routing.executor import Build
 from kaiyuan.server import translate
 from kaiyuan.server.common import (
     JSON_CT,
@@ -35,17 +37,17 @@ __all__ = ["GATEWAY_KEY", "add_routes", "chat_completions", "completions", "embe
 
 
 def _build_call(gw: Gateway, ctx: RequestContext, endpoint: str, body: dict[str, Any],
-                stream: bool) -> Callable[[Provider], UpstreamCall]:
+                stream: bool) -> Build:
     canon: list[Any] = []
     ask = asked(body, endpoint)
     ctx.choices = ask.n
     caps = gw.caps
 
-    def build(provider: Provider) -> UpstreamCall:
+    def build(provider: Provider) -> UpstreamCall | Awaitable[UpstreamCall]:
         cap = None if endpoint == "embeddings" else caps.sent(provider.id, ask)
         ctx.output_cap = cap  # the cap the answering deployment was sent: enforced on its answer
         if provider.protocol != "openai":  # Anthropic / Gemini upstream: through the canonical form
-            return translate.openai_call(provider, endpoint, body, canon, cap, caps)
+            return maybe_off_loop(len(ctx.raw_body), translate.openai_call, provider, endpoint, body, canon, cap, caps)
         b = dict(body)
         b["model"] = provider.deployment.model
         if cap is not None:

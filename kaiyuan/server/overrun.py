@@ -228,14 +228,17 @@ def cut_anthropic_body(obj: dict[str, Any], lim: OutputLimit, reported: int) -> 
     return orjson.dumps(obj)
 
 
-def cut_canonical(r: c.Response, lim: OutputLimit) -> None:
-    """A translated whole answer past the limit: text and thinking cut, stop reason max_tokens."""
+def cut_canonical(r: c.Response, lim: OutputLimit, flag: bool = True) -> None:
+    """A translated whole answer past the limit: text and thinking cut, stop reason max_tokens;
+    ``flag=False`` leaves flagging the deployment to the caller (on the event loop: this may run
+    in a worker thread, ``kaiyuan.offload``)."""
     frac = lim.limit / r.usage.output_tokens
     for b in r.content:
         if isinstance(b, (c.Text, c.Thinking)):
             b.text = _cut(b.text, frac)
     r.stop_reason = "max_tokens"
-    lim.overrun(r.usage.output_tokens)
+    if flag:
+        lim.overrun(r.usage.output_tokens)
 
 
 def reported_output(usage: Any, key: str) -> int:

@@ -12,7 +12,7 @@ shape, which the Responses API shares; a broken stream ends with ``error`` and `
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import orjson
@@ -27,6 +27,7 @@ from kaiyuan.dialects import responses_out as ro
 from kaiyuan.dialects.responses_stream import ChatToResponses
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
+from kaiyuan.offload import maybe_off_loop, off_loop
 from kaiyuan.pipeline import api_handler
 from kaiyuan.providers.base import Provider, UpstreamCall
 from kaiyuan.server import responses_pass, translate
@@ -78,7 +79,8 @@ async def _create(request: web.Request, gw: Gateway, ctx: RequestContext, body: 
             ctx.mirror_request = _mirror(body, rt, refuse)
         return await responses_pass.passthrough(request, gw, ctx, body, stream)
     history = ctx.carried or []  # read by _load, before the reservation
-    prep = rq.prepare(body, history, rt.sealer.open, refuse)
+    size = len(ctx.raw_body)
+    prep = await off_loop(size, rq.prepare, body, history, rt.sealer.open, refuse)
     if prep.omitted_tools:
         rt.note_omitted(ctx, prep.omitted_tools)
     if ctx.capture_response:
@@ -87,13 +89,16 @@ async def _create(request: web.Request, gw: Gateway, ctx: RequestContext, body: 
     ask = asked(body, "responses")
     caps = gw.caps
 
-    def build(provider: Provider) -> UpstreamCall:
-        cap = ctx.output_cap = caps.cap(provider.id, ask)  # reserved for it, sent, and enforced
+    def call(provider: Provider, cap: int) -> UpstreamCall:
         try:
             return translate.upstream_call(provider, prep.request, cap, caps)
         except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
             raise GatewayError(ErrorKind.INVALID_REQUEST, f"the request cannot be translated for this model's "
                                f"{provider.protocol} upstream ({type(e).__name__}: {e})", code="invalid_request") from None
+
+    def build(provider: Provider) -> UpstreamCall | Awaitable[UpstreamCall]:
+        cap = ctx.output_cap = caps.cap(provider.id, ask)  # reserved for it, sent, and enforced
+        return maybe_off_loop(size, call, provider, cap)
 
     provider, reply = await gw.execute(ctx, build)
     lim = output_limit(ctx, gw.router.flag_overrun, provider.deployment.model)
@@ -103,7 +108,8 @@ async def _create(request: web.Request, gw: Gateway, ctx: RequestContext, body: 
     if reply.stream is not None:
         ctx.status = 200
         return await _stream(request, ctx, provider, reply.stream, skeleton, shape, prep, history, rt, store, lim)
-    r = translate.reply_to_canonical(provider.protocol, reply.body or b"", ctx, reply.parsed)
+    r = await off_loop(len(reply.body or b""), translate.reply_to_canonical, provider.protocol, reply.body or b"", ctx,
+                       reply.parsed)
     if lim is not None and overran(lim, r.usage.output_tokens, len(reply.body or b"")):
         cut_canonical(r, lim)  # an upstream that ignored the cap: cut to it, status incomplete
     translate.usage_into_ctx(r.usage, ctx)

@@ -2,7 +2,7 @@
 the output cap the gateway reserved and sent, as chat streams are (:mod:`kaiyuan.server.overrun`).
 
 The request goes as the client sent it (model renamed, ``max_output_tokens`` set to the cap). The
-reply is relayed as it arrives; one output token is counted per non-empty ``*.delta`` event (a
+reply is relayed as it arrives (its ``model`` the public name, as on every path); one output token is counted per non-empty ``*.delta`` event (a
 lower bound: an upstream that honours the cap is never cut). An upstream that ignores the cap is
 stopped there: the upstream request is closed, the open output items are ended (their text so far,
 status ``incomplete``), and the stream ends with ``response.incomplete`` (``max_output_tokens``)
@@ -31,7 +31,7 @@ from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
 from kaiyuan.providers.base import Provider, UpstreamCall
 from kaiyuan.server import translate
-from kaiyuan.server.common import JSON_CT, kaiyuan_headers
+from kaiyuan.server.common import JSON_CT, ModelRenamer, kaiyuan_headers, with_public_model
 from kaiyuan.server.overrun import OutputLimit, close_upstream, output_limit, overran, record_cut
 from kaiyuan.server.sse import relay, sse_events
 
@@ -50,6 +50,7 @@ async def passthrough(request: web.Request, gw: Gateway, ctx: RequestContext, bo
 
     provider, reply = await gw.execute(ctx, build)
     lim = output_limit(ctx, gw.router.flag_overrun, provider.deployment.model)
+    public = ctx.model or ""
     if reply.stream is not None:
         ctx.status = 200
         upstream = reply.stream
@@ -61,7 +62,9 @@ async def passthrough(request: web.Request, gw: Gateway, ctx: RequestContext, bo
         translate.usage_into_ctx(usage, ctx)
         if reply.status == 200 and overran(lim, usage.output_tokens, len(data)):
             assert lim is not None
-            data = cut_body(obj, lim, usage.output_tokens)
+            data = cut_body({**obj, "model": public} if "model" in obj else obj, lim, usage.output_tokens)
+        else:
+            data = with_public_model(obj, data, public)  # the public name on every path (docs/translation.md)
     ctx.status = reply.status
     ctx.mark_first_byte()
     if ctx.log_bodies or ctx.capture_response:
@@ -235,6 +238,7 @@ async def _pump(resp: web.StreamResponse, ctx: RequestContext, upstream: AsyncIt
     """Relay the upstream's events as they arrive; usage from its last one; cut at ``lim``. A stream
     that ends without a terminal event ends with an error, never a silent truncation."""
     st = PassState()
+    rename = ModelRenamer(ctx.model or "")  # the response object's model: the public name
     tail = bytearray() if ctx.log_bodies or ctx.capture_response else None
     ended = False
     try:
@@ -248,6 +252,7 @@ async def _pump(resp: web.StreamResponse, ctx: RequestContext, upstream: AsyncIt
                         return
                     st.held.append(ev)
                 elif not n:
+                    ev = rename(ev)
                     obj = st.structural(ev)
                     if obj is not None and obj.get("type") in TERMINAL_TYPES:
                         ended = True

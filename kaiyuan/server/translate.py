@@ -7,8 +7,9 @@ stays on the pass-through paths.
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -27,6 +28,7 @@ from kaiyuan.dialects.openai import token_count as _count
 from kaiyuan.dialects.streams import AnthropicToOpenAI, GeminiToOpenAI, OpenAIToAnthropic
 from kaiyuan.dialects.streams import OpenAIToGemini as GeminiOut
 from kaiyuan.errors import ErrorKind, GatewayError
+from kaiyuan.offload import big
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
 from kaiyuan.redact import scrub_bytes
 from kaiyuan.server.common import JSON_CT, ModelRenamer, kaiyuan_headers
@@ -129,6 +131,37 @@ def reply_to_canonical(protocol: str, data: bytes, ctx: RequestContext, obj: Any
         raise _malformed(ctx, e) from None
     usage_into_ctx(r.usage, ctx)
     return r
+
+
+ToDialect = Callable[[c.Response, str], dict[str, Any]]  # a dialect's response_from_canonical(r, public model)
+
+
+def _whole(protocol: str, data: bytes, ctx: RequestContext, parsed: Any, lim: OutputLimit | None,
+           to_dialect: ToDialect, public: str, flag: bool) -> tuple[bytes, int]:
+    r = reply_to_canonical(protocol, data, ctx, parsed)
+    if lim is not None and overran(lim, r.usage.output_tokens, len(data)):
+        cut_canonical(r, lim, flag)
+        return orjson.dumps(to_dialect(r, public)), r.usage.output_tokens
+    return orjson.dumps(to_dialect(r, public)), 0
+
+
+def whole_reply(ctx: RequestContext, protocol: str, reply: UpstreamReply, lim: OutputLimit | None,
+                to_dialect: ToDialect, public: str) -> bytes | Awaitable[bytes]:
+    """A whole upstream reply in the caller's dialect, cut at ``lim`` when the upstream ran past it:
+    the bytes, or for a large reply an awaitable that translates it in a worker thread
+    (:mod:`kaiyuan.offload`; no coroutine on the plain path)."""
+    data = reply.body or b""
+    if not big(len(data)):
+        return _whole(protocol, data, ctx, reply.parsed, lim, to_dialect, public, True)[0]
+    return _whole_off_loop(protocol, data, ctx, reply.parsed, lim, to_dialect, public)
+
+
+async def _whole_off_loop(protocol: str, data: bytes, ctx: RequestContext, parsed: Any, lim: OutputLimit | None,
+                          to_dialect: ToDialect, public: str) -> bytes:
+    out, overrun = await asyncio.to_thread(_whole, protocol, data, ctx, parsed, lim, to_dialect, public, False)
+    if overrun and lim is not None:
+        lim.overrun(overrun)  # the deployment is flagged here, on the loop
+    return out
 
 
 def _malformed(ctx: RequestContext, e: Exception) -> GatewayError:
@@ -378,10 +411,9 @@ async def openai_reply(request: web.Request, ctx: RequestContext, provider: Prov
     if reply.stream is not None:
         ctx.status = 200
         return await relay_to_openai(request, ctx, provider.protocol, reply.stream, public, include_usage, lim)
-    r = reply_to_canonical(provider.protocol, reply.body or b"", ctx, reply.parsed)
-    if lim is not None and overran(lim, r.usage.output_tokens, len(reply.body or b"")):
-        cut_canonical(r, lim)
-    data = orjson.dumps(oc.response_from_canonical(r, public))
+    data = whole_reply(ctx, provider.protocol, reply, lim, oc.response_from_canonical, public)
+    if not isinstance(data, bytes):
+        data = await data
     ctx.status = reply.status
     ctx.mark_first_byte()
     if ctx.log_bodies or ctx.capture_response:  # trials: shadow-sampled requests

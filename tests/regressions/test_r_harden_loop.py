@@ -16,6 +16,7 @@ No test asserts a duration.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import socket
 import threading
@@ -26,17 +27,27 @@ from typing import Any
 
 import anthropic
 import openai
+import orjson
 import pytest
 from aiohttp import web
 
 from kaiyuan.codecs import PIECE, decoder
+from kaiyuan.config import OpenAICompatibleDeployment
+from kaiyuan.context import RequestContext
+from kaiyuan.dialects import anthropic as anth
 from kaiyuan.errors import GatewayError
+from kaiyuan.offload import big, maybe_off_loop
+from kaiyuan.providers.base import UpstreamCall, UpstreamReply
+from kaiyuan.providers.openai_compatible import OpenAICompatibleProvider
 from kaiyuan.providers.reply_body import decoded_stream, reply_decoder
+from kaiyuan.server import translate
 from kaiyuan.testing.harness import RunningGateway
 from kaiyuan.testing.server_thread import ServerThread
 from tests.conftest import openai_model
 
 MSG = [{"role": "user", "content": "hi"}]
+COMPLETION = {"id": "c1", "object": "chat.completion", "created": 1, "model": "m",
+              "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
 KEY = "sk-upstream-" + "k" * 24  # the deployment's key, echoed by the hostile upstream
 EVENT = (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":'
          b'[{"index":0,"delta":{"content":"x"},"finish_reason":null}]}\n\n')
@@ -65,7 +76,11 @@ class Hostile:
         self.app.router.add_route("POST", "/{tail:.*}", self.handle)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        await request.read()
+        raw = await request.read()
+        if self.mode == "translated":  # answer how many messages arrived, once the translated body is in
+            n = len(orjson.loads(raw)["messages"])
+            return web.json_response({**COMPLETION, "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": f"{n} messages"}, "finish_reason": "stop"}]})
         if self.mode == "error":
             return await self._error_body(request)
         sse = self.mode == "bomb-stream"
@@ -214,6 +229,92 @@ def test_a_60_mib_error_body_is_cut_redacted_and_not_drained(make_gateway: Any, 
     gw.settle()
     row = gw.log_rows()[-1]
     assert row["status"] == 500 and KEY not in row["error"]
+
+
+def big_conversation(size: int) -> list[dict[str, Any]]:
+    """About ``size`` bytes of conversation in many small messages: the shape that costs the most
+    Python work per byte when translated."""
+    n = size // 220
+    return [{"role": "user" if i % 2 == 0 else "assistant",
+             "content": [{"type": "text", "text": f"turn {i} " + "w" * 80}, {"type": "text", "text": "v" * 80}]}
+            for i in range(n)] + [{"role": "user", "content": "the end"}]
+
+
+def test_a_13_mib_translated_body_is_served_and_the_loop_stays_free(
+        make_gateway: Any, hostile: tuple[Hostile, str]) -> None:
+    up, url = hostile
+    gw = make_gateway({"server": {"max_body_bytes": 32 * 1024 * 1024}, "models": [
+        {"name": "claude-on-m", "deployments": [
+            {"provider": "openai_compatible", "base_url": url + "/v1", "model": "m", "api_key": KEY}]}]})
+    up.mode = "translated"
+    messages = big_conversation(13 * 1024 * 1024)
+    body = orjson.dumps({"model": "claude-on-m", "max_tokens": 10, "messages": messages})
+    order: list[str] = []
+    probe = HealthProbe(gw.url, order)
+    host, port = gw.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=120) as s:  # a raw client: it knows when it has sent
+        s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        probe.complete()  # the whole body is sent: the gateway parses and translates it now
+        answer = b""
+        while not answer.endswith(b"}"):
+            more = s.recv(65536)
+            if not more:
+                break
+            answer += more
+    order.append("bad")
+    assert b"200 OK" in probe.result()
+    assert order == ["health", "bad"]
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert orjson.loads(answer.split(b"\r\n\r\n", 1)[1])["content"][0]["text"] == f"{len(messages)} messages"
+
+
+async def _ticking(work: Any) -> tuple[Any, int]:
+    """Await ``work`` while a task counts the loop's turns: (its result, the turns taken meanwhile)."""
+    turns = 0
+
+    async def ticker() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.get_running_loop().create_task(ticker())
+    await asyncio.sleep(0)
+    start = turns
+    try:
+        return await work, turns - start
+    finally:
+        task.cancel()
+
+
+async def test_a_large_translation_lets_the_loop_run_and_a_small_one_stays_inline() -> None:
+    """A large body is translated in a worker thread, both ways, and the loop keeps turning
+    meanwhile; a small one is translated inline (no thread hop on the plain path)."""
+    body = {"model": "m", "max_tokens": 10, "messages": big_conversation(4 * 1024 * 1024)}
+    raw = orjson.dumps(body)
+    dep = OpenAICompatibleDeployment(provider="openai_compatible", base_url="http://127.0.0.1:1/v1", model="m")
+    provider = OpenAICompatibleProvider(dep)
+    canon: list[Any] = []
+    work = maybe_off_loop(len(raw), translate.translated_call, provider, anth.request_to_canonical, body, canon)
+    assert inspect.isawaitable(work)
+    call, turns = await _ticking(work)
+    assert turns > 1 and len(call.body["messages"]) == len(body["messages"])
+    small = {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    inline = maybe_off_loop(len(orjson.dumps(small)), translate.translated_call, provider, anth.request_to_canonical,
+                            small, [])
+    assert isinstance(inline, UpstreamCall)
+
+    reply = orjson.dumps({**COMPLETION, "choices": [{"index": 0, "finish_reason": "stop", "message": {
+        "role": "assistant", "content": None, "tool_calls": [
+            {"id": f"call_{i}", "type": "function", "function": {"name": "f", "arguments": f'{{"i": {i}}}'}}
+            for i in range(40_000)]}}]})
+    assert big(len(reply))
+    ctx = RequestContext("r", "anthropic", "messages")
+    work = translate.whole_reply(ctx, "openai", UpstreamReply(200, {}, body=reply), None, anth.response_from_canonical, "m")
+    assert inspect.isawaitable(work)
+    data, turns = await _ticking(work)
+    assert turns > 1 and len(orjson.loads(data)["content"]) == 40_000
 
 
 # -- the decoder itself: a turn of the loop between two pieces of one chunk ----------------------

@@ -100,3 +100,15 @@ def test_an_upstream_that_honours_the_cap_is_relayed_whole(gw: RunningGateway, f
     r = oai(gw, MASTER).responses.create(model="native", input="go", max_output_tokens=80)
     assert r.status == "completed" and r.output_text == LONG
     assert fake_openai.cancelled == 0 and _flag(gw)["honours_max_tokens"] is True
+
+
+def test_pass_through_replies_carry_the_public_model_name(gw: RunningGateway, fake_openai: FakeOpenAI) -> None:
+    """docs/translation.md: every reply's ``model`` is the name the caller sent, passed through too."""
+    r = oai(gw, MASTER).responses.create(model="native", input="hi")
+    assert fake_openai.requests[-1]["model"] == "up-resp" and r.model == "native"
+    events = _stream(gw, MASTER)
+    models = {e.response.model for e in events if e.type.startswith("response.") and hasattr(e, "response")}
+    assert models == {"native"}
+    fake_openai.default = Behaviour(ignore_max_tokens=True, content=LONG)  # and on a cut answer, whole or streamed
+    assert oai(gw, MASTER).responses.create(model="native", input="go", max_output_tokens=3).model == "native"
+    assert _stream(gw, MASTER, max_output_tokens=3)[-1].response.model == "native"

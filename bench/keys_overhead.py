@@ -22,6 +22,8 @@ import tempfile
 import time
 from typing import Any
 
+import orjson
+
 from kaiyuan.accounting import keystore
 from kaiyuan.config import parse_config
 from kaiyuan.context import RequestContext, Usage
@@ -31,6 +33,7 @@ from kaiyuan.store.db import open_store
 
 MASTER = "sk-bench-master"
 BODY = {"model": "bench", "messages": [{"role": "user", "content": "Say hello to the benchmark in one short sentence."}], "max_tokens": 64}
+RAW_BODY = orjson.dumps(BODY)  # settle checks reported usage against the request's size
 
 
 def key_setup(base_url: str, master_key: str = MASTER) -> dict[str, str]:
@@ -64,7 +67,7 @@ async def measure(gw: Gateway, key: str, n: int, concurrency: int = 1, gap_s: fl
 
     async def worker(w: int) -> None:
         for i in range(w, n + 200, concurrency):
-            ctx = RequestContext(f"r{i}", "openai", "chat", headers=headers, body=BODY, model="bench")
+            ctx = RequestContext(f"r{i}", "openai", "chat", headers=headers, body=BODY, raw_body=RAW_BODY, model="bench")
             t0 = time.perf_counter()
             rec = await gw.auth.authenticate(ctx)
             if rec is not None:

@@ -77,6 +77,7 @@ def main() -> int:
     p.add_argument("-c", "--concurrency", type=int, default=64)
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     p.add_argument("--with", dest="variant", help="a bench/scenarios.py variant flag, e.g. keys")
+    p.add_argument("--raw", type=Path, help="also keep py-spy's raw collapsed stacks in this file")
     a = p.parse_args()
     if shutil.which("py-spy") is None and not (Path(sys.executable).parent / "py-spy").exists():
         print("py-spy is not installed (pip install py-spy)", file=sys.stderr)
@@ -101,6 +102,8 @@ def main() -> int:
         raw = run_loadgen(fleet, spec, 1, "0")
         rec.wait(timeout=a.seconds + 60)
         by, total = summarize(out.read_text())
+        if a.raw:
+            shutil.copyfile(out, a.raw)
         ok = int(raw.get("ok", 0))
         print(f"# Profile: {sc.name}, c={a.concurrency}, {a.seconds:g} s, variant {variant.name if variant else 'kaiyuan'}"
               f" ({total} samples at {a.rate}/s; {ok} requests answered in the measured window, {raw.get('errors', 0)} errors)\n")

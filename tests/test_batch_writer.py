@@ -154,3 +154,42 @@ async def test_spent_since_adds_the_rows_not_written_yet(tmp_path: Path) -> None
     assert await ledger.spent_since("key", "k1", 0.0) == pytest.approx(0.75)
     with engine.connect() as c:
         assert c.execute(select(func.count()).select_from(spend_ledger)).scalar() == 1
+
+
+async def test_a_full_batch_wakes_the_writer_and_the_rest_waits_for_the_next_one() -> None:
+    """Rows that arrive while a full batch is written are not written at once in a tiny batch of
+    their own: they wait for the next full batch or the interval (flush() still writes them all)."""
+    import asyncio
+
+    batches: list[int] = []
+    gate, started = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def write(rows: list[int]) -> None:
+        batches.append(len(rows))
+        loop.call_soon_threadsafe(started.set)
+        asyncio.run_coroutine_threadsafe(_wait(gate), loop).result(5)  # hold the first batch until told
+
+    async def _wait(e: asyncio.Event) -> None:
+        await e.wait()
+
+    w: BatchWriter[int] = BatchWriter(WriterSpec("t", 100, 4, 3600.0, "drop"), write, Metrics().store)
+    w.start()
+    for i in range(4):
+        w.put(i)
+    await asyncio.wait_for(started.wait(), 5)
+    for i in range(3):  # arrive while the first batch is being written
+        w.put(10 + i)
+    gate.set()
+    for _ in range(20):
+        await asyncio.sleep(0.01)
+    assert batches == [4] and w.pending == 3  # no batch of 3 right behind the full one
+    w.put(13)  # a full batch again: written
+    for _ in range(100):
+        if w.pending == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert batches == [4, 4] and w.pending == 0
+    w.put(99)
+    assert await w.flush() == 1 and batches == [4, 4, 1]  # an explicit flush writes everything
+    await w.close()

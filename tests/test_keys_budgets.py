@@ -420,6 +420,23 @@ def test_period_bounds_are_utc_calendar_periods() -> None:
     assert period_bounds("total", t) == (0.0, None)
 
 
+def test_period_bounds_move_with_the_clock_across_a_boundary() -> None:
+    """The current period's bounds are remembered; a time outside them (later or earlier) is worked out anew."""
+    from datetime import UTC, datetime
+
+    from kaiyuan.accounting.keystore import period_bounds
+
+    feb = datetime(2026, 2, 28, 23, 59, 59, tzinfo=UTC).timestamp()
+    mar = datetime(2026, 3, 1, 0, 0, 0, tzinfo=UTC).timestamp()
+    feb_bounds = (datetime(2026, 2, 1, tzinfo=UTC).timestamp(), mar)
+    mar_bounds = (mar, datetime(2026, 4, 1, tzinfo=UTC).timestamp())
+    assert period_bounds("month", feb) == feb_bounds
+    assert period_bounds("month", mar) == mar_bounds
+    assert period_bounds("month", feb) == feb_bounds
+    assert period_bounds("day", mar) == (mar, datetime(2026, 3, 2, tzinfo=UTC).timestamp())
+    assert period_bounds("day", mar - 1) == (datetime(2026, 2, 28, tzinfo=UTC).timestamp(), mar)
+
+
 def test_budget_spend_survives_a_restart(kgw: RunningGateway) -> None:
     from kaiyuan.testing.harness import start_gateway
 

@@ -20,6 +20,7 @@ import orjson
 from sqlalchemy import Engine, and_, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from kaiyuan.store.fast_insert import insert_rows
 from kaiyuan.store.schema import api_keys, budgets, spend_ledger, teams, users
 
 KEY_PREFIX = "sk-ky-"
@@ -57,10 +58,23 @@ def hint(secret: str) -> str:
 
 
 # -- periods -------------------------------------------------------------------------------------
+_BOUNDS: dict[str, tuple[float, float]] = {}  # the last bounds worked out per period (at most 3)
+
+
 def period_bounds(period: str, now: float) -> tuple[float, float | None]:
-    """[start, reset) of the UTC calendar period containing ``now``; ``total`` never resets."""
+    """[start, reset) of the UTC calendar period containing ``now``; ``total`` never resets.
+    Every budgeted request asks, so the current period's bounds are kept until ``now`` leaves them."""
     if period == "total":
         return 0.0, None
+    hit = _BOUNDS.get(period)
+    if hit is not None and hit[0] <= now < hit[1]:
+        return hit
+    bounds = _calendar_bounds(period, now)
+    _BOUNDS[period] = bounds
+    return bounds
+
+
+def _calendar_bounds(period: str, now: float) -> tuple[float, float]:
     d = datetime.fromtimestamp(now, UTC)
     day = datetime(d.year, d.month, d.day, tzinfo=UTC)
     if period == "day":
@@ -156,7 +170,7 @@ def spent_since(engine: Engine, scope: str, scope_id: str, since: float) -> floa
 
 def write_spend(engine: Engine, rows: list[dict[str, Any]]) -> None:
     with engine.begin() as conn:
-        conn.execute(insert(spend_ledger), rows)
+        insert_rows(conn, spend_ledger, rows)
 
 
 # -- admin operations --------------------------------------------------------------------------

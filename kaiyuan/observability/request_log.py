@@ -8,8 +8,6 @@ new rows are dropped and counted in ``kaiyuan_store_rows_dropped{writer="request
 
 from __future__ import annotations
 
-from functools import lru_cache
-from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -20,6 +18,7 @@ from kaiyuan.context import RequestContext
 from kaiyuan.observability.metrics import Metrics
 from kaiyuan.redact import clip, scrub, scrub_opt
 from kaiyuan.store.batch_writer import BatchWriter, WriterSpec
+from kaiyuan.store.fast_insert import insert_rows
 from kaiyuan.store.schema import request_log
 
 # Logged strings that come from callers or upstreams are bounded (a 16 MiB model name must not
@@ -75,15 +74,6 @@ def row_for(ctx: RequestContext) -> dict[str, Any]:
     }
 
 
-_ALL_COLUMNS = frozenset(c.name for c in request_log.columns)
-
-
-@lru_cache(maxsize=8)
-def _sqlite_insert(cols: tuple[str, ...]) -> str:
-    names = ", ".join(f'"{c}"' for c in cols)
-    return f"INSERT INTO {request_log.name} ({names}) VALUES ({', '.join('?' * len(cols))})"
-
-
 class RequestLogWriter:
     """The request log's rows through the shared :class:`BatchWriter` (overflow: drop, counted)."""
 
@@ -117,21 +107,7 @@ class RequestLogWriter:
         if self.engine is None:
             return
         with self.engine.begin() as conn:
-            if conn.dialect.name == "sqlite" and batch:
-                # Plain executemany with tuples: half the CPU of SQLAlchemy's per-row parameter
-                # processing, and this thread competes with the event loop for the GIL.
-                cols = tuple(batch[0])
-                # Only complete rows: SQLAlchemy applies the columns' Python-side defaults, this does not.
-                if _ALL_COLUMNS.issuperset(cols) and len(cols) == len(_ALL_COLUMNS) and all(len(r) == len(cols) for r in batch):
-                    get = itemgetter(*cols)
-                    try:
-                        params = [get(r) for r in batch]
-                    except KeyError:  # rows with different keys: let SQLAlchemy sort them out
-                        pass
-                    else:
-                        conn.exec_driver_sql(_sqlite_insert(cols), params)
-                        return
-            conn.execute(request_log.insert(), batch)
+            insert_rows(conn, request_log, batch)
 
 
 def _describe(row: dict[str, Any]) -> str:

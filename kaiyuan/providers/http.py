@@ -13,11 +13,14 @@ from typing import Any
 import aiohttp
 import orjson
 
+from kaiyuan import __version__
 from kaiyuan.codecs import UPSTREAM_ACCEPT
 from kaiyuan.config import DEFAULT_MAX_ERROR_BYTES, DEFAULT_MAX_RESPONSE_BYTES, Timeouts
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
 from kaiyuan.providers.reply_body import decoded_stream, read_whole, reply_decoder
+
+USER_AGENT = f"kaiyuan/{__version__}"
 
 
 def make_session(max_connections: int, timeouts: Timeouts) -> aiohttp.ClientSession:
@@ -28,9 +31,12 @@ def make_session(max_connections: int, timeouts: Timeouts) -> aiohttp.ClientSess
     # a slow first byte at `idle`. first_byte is enforced around the request; idle is set on the
     # connection once a stream's headers are in (see post_json).
     timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect, sock_read=None)
+    # Our own User-Agent, not aiohttp's; set here rather than skipped (skip_auto_headers puts every
+    # request through aiohttp's slow header path).
     return aiohttp.ClientSession(
-        connector=connector, timeout=timeout, auto_decompress=False, skip_auto_headers=("User-Agent",),
-        headers={"Accept-Encoding": UPSTREAM_ACCEPT},  # only codings reply_body decodes piece by piece
+        connector=connector, timeout=timeout, auto_decompress=False,
+        # only codings reply_body decodes piece by piece
+        headers={"User-Agent": USER_AGENT, "Accept-Encoding": UPSTREAM_ACCEPT},
     )
 
 
@@ -121,7 +127,8 @@ async def post_json(
             if not stream or resp.status >= 300:
                 err = resp.status >= 300
                 limit = min(max_bytes, max_error_bytes) if err else max_bytes
-                data, cut = await _read_all(resp, deadline, label, limit, err)
+                # The body is read under the same timer: min(first_byte, total) from the start.
+                data, cut = await read_whole(resp, limit, label, err)
                 if cut:  # the rest of the error body is not read: its connection is closed, not drained
                     resp.close()
                 else:
@@ -170,18 +177,6 @@ async def post_json(
         r.status, r.headers, stream=chunks if dec is None else decoded_stream(chunks, dec, max_bytes, label), _closer=r.close,
         _finisher=lambda: finish_stream(r), deadline=deadline,
     )
-
-
-async def _read_all(resp: aiohttp.ClientResponse, deadline: float, label: str, limit: int,
-                    cut: bool) -> tuple[bytes, bool]:
-    remaining = deadline - time.monotonic()
-    try:
-        async with asyncio.timeout(max(remaining, 0.001)):
-            return await read_whole(resp, limit, label, cut)
-    except TimeoutError:
-        raise GatewayError(
-            ErrorKind.UPSTREAM_TIMEOUT, f"upstream {label} exceeded its total time limit (timeouts.total)"
-        ) from None
 
 
 class PooledHTTPProvider(Provider):

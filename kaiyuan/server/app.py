@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -143,6 +144,25 @@ def warn_if_open(config: GatewayConfig, host: str) -> bool:
     return True
 
 
+GC_GEN0_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector cheap on the hot path, once the gateway has started.
+
+    Measured (``perf record -e cpu-clock`` at c=64): with CPython's defaults the collector took 15%
+    of the gateway's CPU. Every request allocates a few hundred objects, so a young-generation pass
+    ran every few requests, and each older pass walked the whole start-up heap (config, pydantic
+    models, SQLAlchemy, the price catalog). ``gc.freeze()`` moves that heap out of the collector's
+    sight, and a young generation of 20,000 objects makes the passes rarer; reference counting still
+    frees almost everything at once, and cycles (tracebacks, cancelled tasks) are collected as
+    before, a little later."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
 async def run_server(config: GatewayConfig, host: str, port: int, ready: Callable[[str], None] | None = None,
                      sock: socket.socket | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain: stop accepting, let in-flight requests and streams
@@ -176,6 +196,7 @@ async def run_server(config: GatewayConfig, host: str, port: int, ready: Callabl
     url = f"http://{host}:{actual_port}"
     if ready is not None:
         ready(url)
+    tune_gc()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,8 +22,15 @@ ErrorSerializer = Callable[[GatewayError], bytes]
 JSON_CT = "application/json"
 
 
+_ID_COUNTER = itertools.count(int.from_bytes(os.urandom(6), "big"))
+
+
 def new_request_id() -> str:
-    return "req_" + os.urandom(12).hex()
+    """``req_`` + 14 hex digits of the time in microseconds + 10 of a counter that starts at a
+    random point per process: unique across processes and replicas, and time-ordered, so the
+    request log's primary-key index is appended to rather than written at random places (half the
+    database work per row), with no system call per request. Not a secret: it names the request."""
+    return f"req_{time.time_ns() // 1000:014x}{next(_ID_COUNTER) & 0xFFFFFFFFFF:010x}"
 
 
 async def read_json(request: web.Request, max_bytes: int, timeout_s: float = 60.0,
@@ -40,8 +49,11 @@ async def read_json(request: web.Request, max_bytes: int, timeout_s: float = 60.
     if length is not None and length > max_bytes:
         raise _too_large(max_bytes)
     try:
-        async with asyncio.timeout(timeout_s):
+        if request.content.is_eof():  # the whole body came with the head: nothing to wait for
             raw = await _read_limited(request, max_bytes)
+        else:
+            async with asyncio.timeout(timeout_s):
+                raw = await _read_limited(request, max_bytes)
     except RequestPayloadError as e:
         raise invalid(f"the request body could not be read: {e}", code="invalid_body") from None
     except TimeoutError:
@@ -58,7 +70,8 @@ async def read_json(request: web.Request, max_bytes: int, timeout_s: float = 60.
         raise invalid(f"the request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object", code="invalid_json")
-    check_depth(body, max_depth)
+    if raw.count(b"[") + raw.count(b"{") > max_depth:  # fewer brackets than that cannot nest deeper
+        check_depth(body, max_depth)
     return raw, body
 
 

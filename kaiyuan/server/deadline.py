@@ -12,9 +12,7 @@ already read from the upstream, and the request recorded as answered, before it 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -40,22 +38,21 @@ def abandon(request: web.Request, ctx: RequestContext) -> None:
         request.transport.abort()
 
 
-@contextlib.asynccontextmanager
-async def within(request: web.Request, ctx: RequestContext, floor: float = 0.0) -> AsyncIterator[None]:
-    """Run the block under the reply's deadline; past it, :func:`abandon` the client."""
-    left = remaining(ctx, floor)
-    try:
-        async with asyncio.timeout(left):
-            yield
-    except TimeoutError:
-        abandon(request, ctx)
-
-
 async def send_whole(request: web.Request, resp: web.StreamResponse, ctx: RequestContext) -> web.StreamResponse:
-    """Write a whole (non-streamed) response now, under the deadline (at least MIN_WRITE_S)."""
+    """Write a whole (non-streamed) response now, under the deadline (at least MIN_WRITE_S).
+
+    The deadline is a plain timer that abandons the client (its write then fails), not an
+    ``asyncio.timeout``: a small body is written without waiting, and the cancellation machinery
+    cost more than the write itself on every request."""
     if ctx.deadline is None or resp.prepared:
         return resp
-    async with within(request, ctx, MIN_WRITE_S):
+    guard = asyncio.get_running_loop().call_later(remaining(ctx, MIN_WRITE_S) or MIN_WRITE_S, abandon, request, ctx)
+    try:
         await resp.prepare(request)
         await resp.write_eof()
+    except ConnectionResetError:
+        if not ctx.dropped:
+            raise
+    finally:
+        guard.cancel()
     return resp

@@ -17,6 +17,8 @@ import tracemalloc
 from pathlib import Path
 from types import FrameType
 
+from kaiyuan.config import ConfigError
+
 ENV = "KAIYUAN_TRACEMALLOC"
 FRAMES = 8  # frames kept per allocation: enough to see who called the allocating library
 
@@ -27,7 +29,10 @@ def install_from_env() -> Path | None:
     if not value:
         return None
     out = Path(value)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{ENV}={value}: cannot use it as the heap snapshot directory: {e.strerror or e}") from None
     tracemalloc.start(FRAMES)
     counter = itertools.count(1)
 

@@ -424,7 +424,7 @@ def test_policy_refusal_is_a_503_naming_the_policy_and_is_logged(make_gateway: M
             last = e
     assert last.status_code == 503 and "x-kaiyuan-attempts" not in last.response.headers  # nothing was tried
     assert "data policy 'self_hosted'" in last.message and "not sent elsewhere" in last.message
-    assert "cooling down for this caller only" in last.message and "oai (fails self_hosted)" in last.message
+    assert "for this caller only" in last.message and "oai (fails self_hosted)" in last.message
     assert last.body["code"] == "policy_unsatisfied"  # type: ignore[index]
     assert oai.requests == [] and eu.requests == []
     row = gw.log_rows()[-1]

@@ -367,8 +367,10 @@ def _note_unusable(run: _Run, route: ModelRoute, ordered: list[Slot], now: float
             elif not s.health.available(now):
                 why = f"circuit {s.health.state} ({s.health.reason})"
             elif s.health.cooling and s.health.cooling_for(run.who(), now):
-                why = ("cooling down for this caller only: the recent failures there were all this caller's "
-                       f"requests (routing.breaker.min_callers {s.health.cfg.min_callers})")
+                left = s.health.cooling[run.who()] - now
+                why = (f"cooling down for {left:.1f}s for this caller only: the recent failures there were all "
+                       f"this caller's requests (routing.breaker.min_callers {s.health.cfg.min_callers})")
+                run.cooldown_s = left if run.cooldown_s is None else min(run.cooldown_s, left)
         run.notes.append(f"{route.name}/{s.provider.id}: {why}")
 
 

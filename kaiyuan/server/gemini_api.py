@@ -21,7 +21,7 @@ from kaiyuan.context import RequestContext
 from kaiyuan.dialects import gemini_in
 from kaiyuan.errors import ErrorKind, GatewayError, invalid
 from kaiyuan.gateway import Gateway
-from kaiyuan.offload import maybe_off_loop
+from kaiyuan.offload import maybe_off_loop, off_loop
 from kaiyuan.pipeline import api_handler, record_unknown_route
 from kaiyuan.providers.base import Provider, UpstreamCall
 from kaiyuan.server import translate
@@ -94,7 +94,7 @@ async def _count(request: web.Request, gw: Gateway, ctx: RequestContext, body: d
     target = inner if isinstance(inner, dict) else body
     providers = gw.providers.get(ctx.model or "") or []
     model = providers[0].deployment.model if providers else ctx.model or ""
-    tokens = count_prompt(model, target)
+    tokens = await off_loop(len(ctx.raw_body), count_prompt, model, target)  # a long prompt: off the loop
     ctx.status = 200
     ctx.usage.prompt_tokens = tokens
     return web.Response(body=orjson.dumps({"totalTokens": tokens}), content_type=JSON_CT, headers=kaiyuan_headers(ctx))

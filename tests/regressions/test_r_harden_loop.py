@@ -30,7 +30,10 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
+from google import genai
+from google.genai import types as genai_types
 
+from kaiyuan.accounting.tokens import count_prompt
 from kaiyuan.codecs import PIECE, decoder
 from kaiyuan.config import OpenAICompatibleDeployment
 from kaiyuan.context import RequestContext
@@ -267,6 +270,17 @@ def test_a_13_mib_translated_body_is_served_and_the_loop_stays_free(
     assert order == ["health", "bad"]
     assert answer.startswith(b"HTTP/1.1 200")
     assert orjson.loads(answer.split(b"\r\n\r\n", 1)[1])["content"][0]["text"] == f"{len(messages)} messages"
+
+
+def test_a_large_gemini_count_is_counted_off_the_loop_and_right(make_gateway: Any, hostile: tuple[Hostile, str]) -> None:
+    """countTokens of a 2 MiB prompt (tokenized in a worker thread) gives the gateway's own count."""
+    _up, url = hostile
+    gw = make_gateway({"models": [openai_model("gpt-4o", url)]})
+    text = "one two three four five " * 90_000
+    assert big(len(text))
+    client = genai.Client(api_key="x", http_options=genai_types.HttpOptions(base_url=gw.url, retry_options=None))
+    got = client.models.count_tokens(model="gpt-4o", contents=text)
+    assert got.total_tokens == count_prompt("gpt-4o", {"contents": [{"role": "user", "parts": [{"text": text}]}]})
 
 
 async def _ticking(work: Any) -> tuple[Any, int]:

@@ -93,6 +93,7 @@ def build_scorers(trial: TrialConfig) -> dict[str, Scorer]:
 
 
 SCORING_THREADS = 2  # scorers run here, never on the event loop (a regex has a time limit besides)
+SCORING_WAIT_S = 60.0  # one pair's scoring is waited for this long at most (a plugin that hangs)
 _scoring: list[ThreadPoolExecutor] = []
 
 
@@ -100,10 +101,19 @@ async def score_off_loop(scorers: dict[str, Scorer], inc: Answer | None, cand: A
                          item: dict[str, Any]) -> dict[str, Any]:
     """:func:`score_pair` in a small thread pool: a slow scorer (a user's plugin, a regex near its
     time limit, a big JSON schema) never holds the event loop. The pool's queue is bounded by the
-    trials' own concurrency (``max_concurrency`` x ``QUEUE_FACTOR`` background tasks per trial)."""
+    trials' own concurrency (``max_concurrency`` x ``QUEUE_FACTOR`` background tasks per trial).
+    Scoring that takes longer than ``SCORING_WAIT_S`` (only a plugin can: a regex stops at its
+    limit) is given up: every scorer of the pair reports the error and the row is written without
+    scores. The thread itself cannot be stopped; it frees its pool slot when the plugin returns."""
     if not _scoring:
         _scoring.append(ThreadPoolExecutor(SCORING_THREADS, thread_name_prefix="kaiyuan-scoring"))
-    return await asyncio.get_running_loop().run_in_executor(_scoring[0], score_pair, scorers, inc, cand, item)
+    job = asyncio.get_running_loop().run_in_executor(_scoring[0], score_pair, scorers, inc, cand, item)
+    try:
+        return await asyncio.wait_for(job, SCORING_WAIT_S)
+    except TimeoutError:
+        log.error("trials: scoring one pair took over %gs (a plugin scorer that hangs?); scored nothing", SCORING_WAIT_S)
+        err = f"scoring did not finish within {SCORING_WAIT_S:g}s (a plugin scorer that hangs?); not scored"
+        return {label: {"incumbent": None, "candidate": None, "errors": [err]} for label in scorers}
 
 
 def _text(a: Answer) -> str:

@@ -94,3 +94,27 @@ def test_bad_patterns_are_refused_where_they_arrive(make_gateway: Any, fake_open
         assert "data.jsonl:3" in str(de.value) and words in str(de.value)
     ok = parse_line({"messages": [{"role": "user", "content": "x"}], "pattern": r"^\d+$"}, "data.jsonl:4", 3)
     assert ok.meta["pattern"] == r"^\d+$"
+
+
+async def test_scoring_that_hangs_is_given_up_not_waited_for_forever(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from kaiyuan.trials import evaluate
+
+    release = threading.Event()
+
+    def hangs(_a: Answer, _i: dict[str, Any]) -> float:  # a plugin stuck until the test lets it go
+        release.wait(30)
+        return 1.0
+
+    monkeypatch.setattr(evaluate, "SCORING_WAIT_S", 0.2)
+    try:
+        out = await evaluate.score_off_loop({"slow": hangs, "rx": lambda a, i: regex_scorer(a, i, "^ok")},
+                                            Answer("ok"), Answer("ok"), {})
+    finally:
+        release.set()
+    assert out["slow"]["candidate"] is None and out["rx"]["candidate"] is None  # the pair is not scored
+    assert "did not finish within 0.2s" in out["slow"]["errors"][0]
+    # once the plugin returns, the pool scores again
+    again = await evaluate.score_off_loop({"rx": lambda a, i: regex_scorer(a, i, "^ok")}, Answer("ok"), Answer("no"), {})
+    assert again["rx"] == {"incumbent": 1.0, "candidate": 0.0}

@@ -46,6 +46,10 @@ async def send_whole(request: web.Request, resp: web.StreamResponse, ctx: Reques
     cost more than the write itself on every request."""
     if ctx.deadline is None or resp.prepared:
         return resp
+    if _cannot_block(request, resp):  # the transport takes it all at once: no deadline to enforce
+        await resp.prepare(request)
+        await resp.write_eof()
+        return resp
     guard = asyncio.get_running_loop().call_later(remaining(ctx, MIN_WRITE_S) or MIN_WRITE_S, abandon, request, ctx)
     try:
         await resp.prepare(request)
@@ -56,3 +60,18 @@ async def send_whole(request: web.Request, resp: web.StreamResponse, ctx: Reques
     finally:
         guard.cancel()
     return resp
+
+
+HEAD_ROOM = 8192  # bytes allowed for the status line and headers
+
+
+def _cannot_block(request: web.Request, resp: web.StreamResponse) -> bool:
+    """True when writing ``resp`` whole cannot wait on the client: the transport buffers writes up
+    to its high-water mark without pausing, and the body (a ``web.Response`` of known size) and its
+    headers fit below it with what is buffered already. Then no timer is needed (on uvloop a timer
+    costs about as much as the rest of the write)."""
+    t = request.transport
+    body = getattr(resp, "body", None)
+    if t is None or not isinstance(body, bytes | bytearray):
+        return False
+    return t.get_write_buffer_size() + len(body) + HEAD_ROOM < t.get_write_buffer_limits()[1]

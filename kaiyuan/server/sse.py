@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
@@ -31,6 +32,8 @@ from kaiyuan.server.overrun import (
 log = logging.getLogger("kaiyuan.server")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]"
+DONE_FORMS = (DONE, b"data:[DONE]")
+_NOTABLE = re.compile(rb'"usage": ?\{|"error"')  # an event that carries usage or an error
 MAX_EVENT_BYTES = 64 * 1024 * 1024  # one event buffered at most (a runaway upstream must not exhaust memory)
 SSE_FIELDS = (b"data:", b"event:", b":", b"id:", b"retry:")  # how every SSE line begins
 
@@ -147,7 +150,7 @@ async def relay_openai_stream(
             async for events in sse_events(stream):
                 out: list[bytes] = []
                 for ev in events:
-                    if ev.startswith(DONE) or ev.startswith(b"data:[DONE]"):  # the space is optional in SSE
+                    if ev.startswith(DONE_FORMS):  # the space is optional in SSE
                         saw_done = True
                         out.append(DONE + b"\n\n")
                         break
@@ -161,7 +164,7 @@ async def relay_openai_stream(
                         ctx.mark_first_byte()
                         await answered(resp, ctx, b"".join(out))
                         return
-                    if b'"usage":{' in ev or b'"usage": {' in ev or b'"error"' in ev:
+                    if _NOTABLE.search(ev) is not None:  # usage or an error: read it (one scan)
                         if _inspect(ev, ctx) and strip_usage:
                             continue
                         if ctx.error is not None:  # an upstream error event may echo its key

@@ -57,6 +57,7 @@ class Counters:
     ok: int = 0  # 200 with a complete body
     errors: int = 0
     skipped: int = 0  # not sent: the in-flight cap was reached
+    connects: int = 0  # connections opened (the gateway closes idle ones after server.header_timeout_s)
     streams: int = 0
     streams_with_loss: int = 0
     status_counts: dict[str, int] = field(default_factory=dict)
@@ -95,9 +96,11 @@ class Driver:
     """Open-loop load: request ``i`` is due at ``i / rate`` seconds; every ``1/stream_share``-th is a stream."""
 
     def __init__(self, port: int, headers: dict[str, str], rate: float, stream_share: float,
-                 max_inflight: int, timeout: float) -> None:
+                 max_inflight: int, timeout: float, close: bool = False) -> None:
         self.port, self.rate, self.share = port, rate, stream_share
         self.max_inflight, self.timeout = max_inflight, timeout
+        if close:  # a connection per request, like a client without keep-alive
+            headers = {**headers, "Connection": "close"}
         self.plain = request_bytes(port, CHAT.body, headers)
         self.stream = request_bytes(port, CHAT_STREAM.body, headers)
         self.idle: list[Conn] = []  # at most max_inflight: a connection is idle or carries one request
@@ -143,7 +146,10 @@ class Driver:
         self.c.sent += 1
         conn: Conn | None = None
         try:
-            conn = self.take_idle() or await asyncio.open_connection("127.0.0.1", self.port, limit=1 << 20)
+            conn = self.take_idle()
+            if conn is None:
+                self.c.connects += 1
+                conn = await asyncio.open_connection("127.0.0.1", self.port, limit=1 << 20)
             conn[1].write(self.stream if stream else self.plain)
             status, body, _, close = await asyncio.wait_for(read_response(conn[0], time.perf_counter(), stream), self.timeout)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, TimeoutError) as e:
@@ -255,7 +261,7 @@ def summarize(samples: list[Sample], c: Counters, args: argparse.Namespace, rows
     seconds = (measured[-1].t_s - measured[0].t_s) if len(measured) > 1 else 0.0
     sent_in = (measured[-1].sent - measured[0].sent) if len(measured) > 1 else 0
     return {
-        "variant": args.variant or "kaiyuan",
+        "variant": (args.variant or "kaiyuan") + (" (a connection per request)" if args.close else ""),
         "rate_target": args.rate, "stream_share": args.stream_share,
         "warmup_min": args.warmup_minutes, "measured_min": round(seconds / 60, 3), "samples": len(measured),
         "rss_start_mib": measured[0].rss_mib if measured else None,
@@ -285,7 +291,7 @@ def render(r: dict[str, Any]) -> str:
         f"({r['bytes_per_request']} bytes per request); second half of the window: "
         f"{r['slope_second_half_mib_per_min']} MiB/min",
         f"requests: sent {c['sent']}, answered {c['answered']}, ok {c['ok']}, errors {c['errors']}, "
-        f"skipped at the in-flight cap {c['skipped']}, streams {c['streams']} (with loss {c['streams_with_loss']}); "
+        f"skipped at the in-flight cap {c['skipped']}, connections opened {c['connects']}, streams {c['streams']} (with loss {c['streams_with_loss']}); "
         f"achieved {r['rate_achieved']} req/s in the measured window",
         f"status codes: {c['status_counts']}",
     ]
@@ -343,7 +349,7 @@ Heaps = tuple[Path | None, Path | None]
 
 
 async def drive(target: Target, args: argparse.Namespace, samples: SampleLog, heap_dir: Path | None) -> tuple[Counters, Heaps]:
-    drv = Driver(target.port, target.headers, args.rate, args.stream_share, args.max_inflight, args.timeout)
+    drv = Driver(target.port, target.headers, args.rate, args.stream_share, args.max_inflight, args.timeout, args.close)
     warmup_s = args.warmup_minutes * 60
     sampler = asyncio.create_task(sample_loop(target.proc.pid, drv, args.interval, warmup_s, samples))
     try:
@@ -369,6 +375,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=30.0, help="per request, seconds")
     p.add_argument("--with", dest="variant", default=None, help="a Kaiyuan variant flag from bench/scenarios.py: keys, keys-redis, ...")
     p.add_argument("--flat-mib-per-10min", type=float, default=FLAT_MIB_PER_10MIN)
+    p.add_argument("--close", action="store_true", help="one connection per request (Connection: close)")
     p.add_argument("--no-pin", action="store_true")
     p.add_argument("--tracemalloc", action="store_true",
                    help="run the gateway with KAIYUAN_TRACEMALLOC; write heap-diff.txt (end vs warm-up end). Slows it")

@@ -53,7 +53,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:  # pragma: no cover - optional speed-up
         pass
+    from kaiyuan.observability.memtrace import install_from_env
     from kaiyuan.server.app import run_server
+
+    install_from_env()  # KAIYUAN_TRACEMALLOC: heap snapshots on SIGUSR1, off unless set
 
     def ready(url: str) -> None:
         names = ", ".join(m.name for m in config.models) or "(none)"

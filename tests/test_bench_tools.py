@@ -97,3 +97,34 @@ def test_percentiles_are_nearest_rank() -> None:
     xs = [float(i) for i in range(1, 101)]
     assert pct(xs, 50) == 50.0 and pct(xs, 99) == 99.0 and pct(xs, 100) == 100.0
     assert pct([], 50) is None and pct([7.0], 99) == 7.0
+
+
+def test_soak_slope_is_least_squares_in_mib_per_minute() -> None:
+    from bench.soak import slope_per_min
+
+    assert slope_per_min([(0.0, 100.0), (60.0, 102.0), (120.0, 104.0)]) == pytest.approx(2.0)
+    assert slope_per_min([(0.0, 100.0), (30.0, 101.0), (60.0, 100.0)]) == pytest.approx(0.0)
+    assert slope_per_min([(5.0, 100.0)]) is None  # one point has no slope
+
+
+def test_soak_refuses_bad_arguments() -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "soak.py"), "--rate", "0"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "--rate" in r.stderr
+
+
+def test_soak_smoke_reports_memory_and_every_row(tmp_path: Path) -> None:
+    """A few seconds of the real soak (upstream + gateway + open-loop driver): the report has its
+    shape, every request was answered, and the request log holds one row per answered request."""
+    cmd = [sys.executable, str(ROOT / "bench" / "soak.py"), "--minutes", "0.05", "--warmup-minutes", "0.02",
+           "--rate", "40", "--interval", "0.5", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=90, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads((tmp_path / "report.json").read_text())
+    c = rep["counters"]
+    assert c["sent"] > 50 and c["answered"] == c["sent"] and c["errors"] == 0 and c["streams"] > 0
+    assert rep["rows"] == {"request_log": c["answered"]} and rep["rows_lost"] == {"request_log": 0}
+    assert rep["rss_start_mib"] > 10 and rep["rss_max_mib"] >= rep["rss_end_mib"]
+    assert rep["samples"] >= 3 and rep["slope_mib_per_min"] is not None
+    assert rep["verdict"] in ("flat", "GROWING") and "verdict:" in r.stdout
+    rows = (tmp_path / "samples.csv").read_text().splitlines()
+    assert rows[0] == "t_s,phase,rss_mib,procs,sent,answered,errors,inflight,skipped" and len(rows) > rep["samples"]

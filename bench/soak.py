@@ -1,0 +1,444 @@
+"""The memory soak (issue 13): does Kaiyuan's RSS stay flat under a steady load for ten minutes?
+
+    python bench/soak.py                      # 1 min warm-up + 10 min measured, 500 req/s
+    python bench/soak.py --with keys --minutes 5
+    python bench/soak.py --minutes 0.05 --warmup-minutes 0.02 --rate 50 --interval 0.5   # smoke
+
+A leak that costs a few hundred bytes per request hides in a 5-second benchmark cell and takes a
+server down after a week, so this runs long, at a fixed rate (open loop: requests are sent on a
+clock, not when the previous one returns, so a slowing gateway does not slow the load), and looks
+only at memory. It starts bench/fast_upstream.py and Kaiyuan exactly as bench/run.py does (its
+helpers, the same pinning: upstream and this driver on CPU 0, the gateway on CPU 1), sends a fixed
+mix of non-streaming and streaming chat, samples the RSS of every process in the gateway's process
+group every ``--interval`` seconds, and reports the start/end/max RSS of the measured window (after
+the warm-up), the least-squares slope, and the request-log (and spend-ledger) rows written against
+the requests answered. Samples go to ``samples.csv`` and the summary to ``report.json`` in ``--out``.
+
+In-flight requests are capped (``--max-inflight``); a tick that finds the cap reached skips its
+request and counts it, so the driver's own memory stays bounded and the shortfall is visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.loadgen import TOKEN_RE, read_response  # noqa: E402
+from bench.run import Fleet, Target, start_kaiyuan, start_redis, start_upstream  # noqa: E402
+from bench.scenarios import CHAT, CHAT_STREAM, STREAM_CHUNKS, VARIANTS, Variant  # noqa: E402
+from kaiyuan.observability import memtrace  # noqa: E402
+
+# 1 MiB per 10 minutes: at 500 req/s that is 300,000 requests, about 3.5 bytes each. Anything a
+# request leaves behind (a dict entry, a task, a queued row: 50 bytes and up) would show as 15 MiB
+# or more, while a bounded cache that fills during the warm-up shows as a step, then flat.
+FLAT_MIB_PER_10MIN = 1.0
+
+
+@dataclass
+class Counters:
+    sent: int = 0
+    answered: int = 0  # any HTTP status
+    ok: int = 0  # 200 with a complete body
+    errors: int = 0
+    skipped: int = 0  # not sent: the in-flight cap was reached
+    connects: int = 0  # connections opened (the gateway closes idle ones after server.header_timeout_s)
+    streams: int = 0
+    streams_with_loss: int = 0
+    status_counts: dict[str, int] = field(default_factory=dict)
+    error_samples: list[str] = field(default_factory=list)
+
+    def error(self, msg: str) -> None:
+        self.errors += 1
+        if len(self.error_samples) < 5:
+            self.error_samples.append(msg[:300])
+
+
+@dataclass
+class Sample:
+    t_s: float
+    phase: str  # "warmup" or "measure"
+    rss_mib: float
+    procs: int
+    sent: int
+    answered: int
+    errors: int
+    inflight: int  # requests in flight at the sample: a stall elsewhere shows as a peak here
+    skipped: int
+
+
+def request_bytes(port: int, body: dict[str, Any], headers: dict[str, str]) -> bytes:
+    data = json.dumps(body).encode()
+    lines = [f"POST {CHAT.path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Content-Type: application/json",
+             f"Content-Length: {len(data)}", *(f"{k}: {v}" for k, v in headers.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + data
+
+
+Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class Driver:
+    """Open-loop load: request ``i`` is due at ``i / rate`` seconds; every ``1/stream_share``-th is a stream."""
+
+    def __init__(self, port: int, headers: dict[str, str], rate: float, stream_share: float,
+                 max_inflight: int, timeout: float, close: bool = False) -> None:
+        self.port, self.rate, self.share = port, rate, stream_share
+        self.max_inflight, self.timeout = max_inflight, timeout
+        if close:  # a connection per request, like a client without keep-alive
+            headers = {**headers, "Connection": "close"}
+        self.plain = request_bytes(port, CHAT.body, headers)
+        self.stream = request_bytes(port, CHAT_STREAM.body, headers)
+        self.idle: list[Conn] = []  # at most max_inflight: a connection is idle or carries one request
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.c = Counters()
+
+    def is_stream(self, i: int) -> bool:
+        return int((i + 1) * self.share) > int(i * self.share)
+
+    async def run(self, seconds: float) -> None:
+        """Send at the rate for ``seconds``; a second call starts a fresh clock (after a pause)."""
+        start = time.perf_counter()
+        i = 0
+        while (now := time.perf_counter()) - start < seconds:
+            due = int((now - start) * self.rate)
+            while i < due:
+                if len(self.tasks) >= self.max_inflight:
+                    self.c.skipped += 1
+                else:
+                    task = asyncio.create_task(self.one(self.is_stream(i)))
+                    self.tasks.add(task)
+                    task.add_done_callback(self.tasks.discard)
+                i += 1
+            await asyncio.sleep(max(0.0, start + (i + 1) / self.rate - time.perf_counter()))
+
+    async def drain(self) -> None:
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=self.timeout + 5)
+        for _, w in self.idle:
+            w.close()
+        self.idle.clear()
+
+    def take_idle(self) -> Conn | None:
+        """The most recently used idle connection the gateway has not closed (its keep-alive timeout)."""
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn[0].at_eof():
+                return conn
+            conn[1].close()
+        return None
+
+    async def one(self, stream: bool) -> None:
+        self.c.sent += 1
+        conn: Conn | None = None
+        try:
+            conn = self.take_idle()
+            if conn is None:
+                self.c.connects += 1
+                conn = await asyncio.open_connection("127.0.0.1", self.port, limit=1 << 20)
+            conn[1].write(self.stream if stream else self.plain)
+            status, body, _, close = await asyncio.wait_for(read_response(conn[0], time.perf_counter(), stream), self.timeout)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, TimeoutError) as e:
+            self.c.error(f"{type(e).__name__}: {e}")
+            if conn is not None:
+                conn[1].close()
+            return
+        self.c.answered += 1
+        self.c.status_counts[str(status)] = self.c.status_counts.get(str(status), 0) + 1
+        if close:
+            conn[1].close()
+        else:
+            self.idle.append(conn)
+        if status != 200:
+            self.c.error(f"HTTP {status}: {body[:200]!r}")
+            return
+        if stream:
+            self.c.streams += 1
+            got = len({int(m) for m in TOKEN_RE.findall(body)} & set(range(STREAM_CHUNKS)))
+            if got < STREAM_CHUNKS or b"[DONE]" not in body:
+                self.c.streams_with_loss += 1
+                self.c.error(f"stream lost chunks: {got}/{STREAM_CHUNKS} content tokens")
+                return
+        self.c.ok += 1
+
+
+def group_rss(pgid: int) -> tuple[float, int]:
+    """Summed VmRSS (MiB) of the live processes in process group ``pgid``, and how many there are."""
+    total_kib, n = 0, 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                if int(f.read().rsplit(b")", 1)[1].split()[2]) != pgid:
+                    continue
+            with open(f"/proc/{d}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"VmRSS:"):
+                        total_kib += int(line.split()[1])
+                        n += 1
+                        break
+        except (OSError, IndexError, ValueError):
+            continue
+    return total_kib / 1024, n
+
+
+class SampleLog:
+    """Samples in memory (for the summary) and in ``samples.csv``, flushed per row: a run that dies
+    still leaves its data. One row per ``--interval``: 120 rows per 10 minutes at the default."""
+
+    def __init__(self, path: Path) -> None:
+        self.rows: list[Sample] = []
+        self.fh = open(path, "w", newline="")
+        self.csv = csv.writer(self.fh)
+        self.csv.writerow(list(Sample.__dataclass_fields__))
+
+    def add(self, s: Sample) -> None:
+        self.rows.append(s)
+        self.csv.writerow(list(asdict(s).values()))
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+async def sample_loop(pgid: int, drv: Driver, interval: float, warmup_s: float, log: SampleLog) -> None:
+    start = time.perf_counter()
+    while True:
+        t = time.perf_counter() - start
+        rss, n = group_rss(pgid)
+        log.add(Sample(round(t, 2), "warmup" if t < warmup_s else "measure", round(rss, 3), n,
+                       drv.c.sent, drv.c.answered, drv.c.errors, len(drv.tasks), drv.c.skipped))
+        await asyncio.sleep(max(0.0, interval - (time.perf_counter() - start - t)))
+
+
+def slope_per_min(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of (seconds, MiB) points, in MiB per minute."""
+    if len(points) < 2:
+        return None
+    mx = sum(p[0] for p in points) / len(points)
+    my = sum(p[1] for p in points) / len(points)
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    if sxx == 0:
+        return None
+    return 60 * sum((x - mx) * (y - my) for x, y in points) / sxx
+
+
+def count_rows(db: Path | None, table: str) -> int | None:
+    if db is None or not db.exists():
+        return None
+    try:
+        with sqlite3.connect(db) as conn:
+            return int(conn.execute(f"select count(*) from {table}").fetchone()[0])
+    except sqlite3.Error:
+        return None
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def summarize(samples: list[Sample], c: Counters, args: argparse.Namespace, rows: dict[str, int | None]) -> dict[str, Any]:
+    measured = [s for s in samples if s.phase == "measure"]
+    pts = [(s.t_s, s.rss_mib) for s in measured]
+    slope = slope_per_min(pts)
+    per10 = None if slope is None else slope * 10
+    verdict = "unknown (fewer than 2 samples)" if per10 is None else ("flat" if per10 < args.flat_mib_per_10min else "GROWING")
+    seconds = (measured[-1].t_s - measured[0].t_s) if len(measured) > 1 else 0.0
+    sent_in = (measured[-1].sent - measured[0].sent) if len(measured) > 1 else 0
+    return {
+        "variant": (args.variant or "kaiyuan") + (" (a connection per request)" if args.close else ""),
+        "rate_target": args.rate, "stream_share": args.stream_share,
+        "warmup_min": args.warmup_minutes, "measured_min": round(seconds / 60, 3), "samples": len(measured),
+        "rss_start_mib": measured[0].rss_mib if measured else None,
+        "rss_end_mib": measured[-1].rss_mib if measured else None,
+        "rss_max_mib": max((s.rss_mib for s in measured), default=None),
+        "rss_min_mib": min((s.rss_mib for s in measured), default=None),
+        "slope_mib_per_min": _round(slope),
+        "growth_mib_per_10min": None if per10 is None else round(per10, 3),
+        # Warm-up steps (caches filling, allocator high-water marks) flatten out; a leak does not.
+        "slope_second_half_mib_per_min": _round(slope_per_min(pts[len(pts) // 2:])),
+        "bytes_per_request": None if slope is None or not sent_in else round(slope / 60 * seconds * 2**20 / sent_in, 2),
+        "threshold_mib_per_10min": args.flat_mib_per_10min, "verdict": verdict,
+        "rate_achieved": round(sent_in / seconds, 1) if seconds else None,
+        "counters": asdict(c),
+        "rows": rows,
+        "rows_lost": {k: (c.answered - v if v is not None else None) for k, v in rows.items()},
+    }
+
+
+def render(r: dict[str, Any]) -> str:
+    c = r["counters"]
+    lines = [
+        f"soak: {r['variant']}, target {r['rate_target']} req/s ({r['stream_share']:.0%} streams), "
+        f"warm-up {r['warmup_min']} min, measured {r['measured_min']} min ({r['samples']} samples)",
+        f"RSS (MiB): start {r['rss_start_mib']}, end {r['rss_end_mib']}, min {r['rss_min_mib']}, max {r['rss_max_mib']}",
+        f"slope: {r['slope_mib_per_min']} MiB/min = {r['growth_mib_per_10min']} MiB per 10 min "
+        f"({r['bytes_per_request']} bytes per request); second half of the window: "
+        f"{r['slope_second_half_mib_per_min']} MiB/min",
+        f"requests: sent {c['sent']}, answered {c['answered']}, ok {c['ok']}, errors {c['errors']}, "
+        f"skipped at the in-flight cap {c['skipped']}, connections opened {c['connects']}, streams {c['streams']} (with loss {c['streams_with_loss']}); "
+        f"achieved {r['rate_achieved']} req/s in the measured window",
+        f"status codes: {c['status_counts']}",
+    ]
+    lines += [f"rows in {k}: {v} (answered - rows = {r['rows_lost'][k]})" for k, v in r["rows"].items()]
+    lines += [f"error sample: {e}" for e in c["error_samples"]]
+    lines.append(f"verdict: {r['verdict']} (threshold < {r['threshold_mib_per_10min']} MiB per 10 min after warm-up)")
+    return "\n".join(lines)
+
+
+def pick_variant(flag: str | None) -> Variant | None:
+    if flag is None:
+        return None
+    for v in VARIANTS:
+        if v.flag == flag:
+            return v
+    raise SystemExit(f"unknown --with {flag!r}; one of: {', '.join(str(v.flag) for v in VARIANTS)}")
+
+
+def snapshots(heap_dir: Path) -> set[Path]:
+    return set(heap_dir.glob("*.tracemalloc")) if heap_dir.exists() else set()
+
+
+async def heap_snapshot(pid: int, heap_dir: Path | None) -> Path | None:
+    """With --tracemalloc: ask the gateway for a heap snapshot (SIGUSR1) and wait until it is written."""
+    if heap_dir is None:
+        return None
+    before = snapshots(heap_dir)
+    os.kill(pid, signal.SIGUSR1)
+    for _ in range(1200):
+        new = snapshots(heap_dir) - before
+        if new:
+            return new.pop()
+        await asyncio.sleep(0.1)
+    raise RuntimeError("the gateway wrote no heap snapshot within 120 s of SIGUSR1")
+
+
+def heap_diff(first: Path, last: Path, top: int = 25) -> str:
+    """The source lines whose live allocations grew most between two snapshots."""
+    import tracemalloc
+
+    skip = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<frozen importlib._bootstrap>")]
+    a = tracemalloc.Snapshot.load(str(first)).filter_traces(skip)
+    b = tracemalloc.Snapshot.load(str(last)).filter_traces(skip)
+    total = sum(s.size for s in b.statistics("filename")) - sum(s.size for s in a.statistics("filename"))
+    lines = [f"traced heap grew by {total / 2**20:.3f} MiB between the snapshots; top lines:"]
+    lines += [str(d) for d in b.compare_to(a, "lineno")[:top]]
+    lines.append("\ntop tracebacks of the largest growth:")
+    for d in b.compare_to(a, "traceback")[:5]:
+        lines.append(f"{d.size_diff / 1024:+.1f} KiB, {d.count_diff:+d} blocks")
+        lines += ["    " + ln for ln in d.traceback.format()]
+    return "\n".join(lines)
+
+
+Heaps = tuple[Path | None, Path | None]
+
+
+async def drive(target: Target, args: argparse.Namespace, samples: SampleLog, heap_dir: Path | None) -> tuple[Counters, Heaps]:
+    drv = Driver(target.port, target.headers, args.rate, args.stream_share, args.max_inflight, args.timeout, args.close)
+    warmup_s = args.warmup_minutes * 60
+    sampler = asyncio.create_task(sample_loop(target.proc.pid, drv, args.interval, warmup_s, samples))
+    try:
+        await drv.run(warmup_s)
+        first = await heap_snapshot(target.proc.pid, heap_dir)
+        await drv.run(args.minutes * 60)
+        last = await heap_snapshot(target.proc.pid, heap_dir)
+        sampler.cancel()  # every sample is taken under the steady load, none while draining
+        await drv.drain()
+    finally:
+        sampler.cancel()
+    return drv.c, (first, last)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Kaiyuan memory soak at a steady open-loop load (issue 13)")
+    p.add_argument("--minutes", type=float, default=10.0, help="measured minutes after the warm-up (default 10)")
+    p.add_argument("--warmup-minutes", type=float, default=1.0)
+    p.add_argument("--rate", type=float, default=500.0, help="requests per second (default 500)")
+    p.add_argument("--stream-share", type=float, default=0.3, help="fraction of requests that stream (default 0.3)")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between RSS samples (default 5)")
+    p.add_argument("--max-inflight", type=int, default=256)
+    p.add_argument("--timeout", type=float, default=30.0, help="per request, seconds")
+    p.add_argument("--with", dest="variant", default=None, help="a Kaiyuan variant flag from bench/scenarios.py: keys, keys-redis, ...")
+    p.add_argument("--flat-mib-per-10min", type=float, default=FLAT_MIB_PER_10MIN)
+    p.add_argument("--close", action="store_true", help="one connection per request (Connection: close)")
+    p.add_argument("--no-pin", action="store_true")
+    p.add_argument("--tracemalloc", action="store_true",
+                   help="run the gateway with KAIYUAN_TRACEMALLOC; write heap-diff.txt (end vs warm-up end). Slows it")
+    p.add_argument("--out", default=None, help="directory for samples.csv and report.json (default: a new temp dir)")
+    a = p.parse_args(argv)
+    if a.rate <= 0 or not 0 <= a.stream_share <= 1 or a.minutes <= 0 or a.warmup_minutes < 0 or a.interval <= 0:
+        p.error("--rate, --minutes and --interval must be > 0, --warmup-minutes >= 0, --stream-share in [0, 1]")
+    return a
+
+
+def _exit_on_term(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # so `finally` stops the upstream and the gateway
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_term)
+    variant = pick_variant(args.variant)
+    pin = not args.no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
+    gen_cpu, gw_cpu = ("0", "1") if pin else ("", "")
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="kaiyuan-soak-out-"))
+    out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="kaiyuan-soak-"))
+    fleet = Fleet(workdir, pin)
+    samples = SampleLog(out / "samples.csv")
+    try:
+        up = start_upstream(fleet, gen_cpu)
+        redis_url = start_redis(fleet, gen_cpu) if variant and variant.redis else None
+        heap_dir = workdir / "heap" if args.tracemalloc else None
+        if heap_dir:
+            os.environ[memtrace.ENV] = str(heap_dir)  # Fleet.start passes os.environ on
+        target = start_kaiyuan(fleet, up, gw_cpu, variant, workdir, redis_url)
+        os.environ.pop(memtrace.ENV, None)
+        if pin:
+            os.sched_setaffinity(0, {0})  # this driver shares CPU 0 with the upstream, as run.py's loadgen does
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:  # pragma: no cover
+            pass
+        counters, (first, last) = asyncio.run(drive(target, args, samples, heap_dir))
+        if first and last:
+            (out / "heap-diff.txt").write_text(heap_diff(first, last))
+        time.sleep(2.5)  # the batch writers' flush interval (1 s by default), with margin
+        tables = ["request_log"] + (["spend_ledger"] if variant and "accounting" in variant.config_patch else [])
+        rows = {t: count_rows(target.db, t) for t in tables}
+    except BaseException:
+        print(f"soak failed; process logs are in {workdir}", file=sys.stderr)
+        raise
+    finally:
+        fleet.stop_all()
+        samples.close()
+    report = summarize(samples.rows, counters, args, rows)
+    report["command"] = " ".join(["python bench/soak.py", *(sys.argv[1:] if argv is None else argv)])
+    report["pinning"] = f"upstream + driver on CPU {gen_cpu}, gateway on CPU {gw_cpu}" if pin else "none"
+    report["loadavg_end"] = os.getloadavg()
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    print(render(report))
+    print(f"(samples and report in {out})", file=sys.stderr)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

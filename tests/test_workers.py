@@ -248,3 +248,20 @@ def test_bad_worker_count_is_refused(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "kaiyuan", "serve", "--workers", "0"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode != 0 and "workers" in r.stderr
+
+
+def test_workers_stop_when_the_supervisor_is_killed_outright(served: Served) -> None:
+    """SIGKILL gives the supervisor no chance to stop its workers: they notice it is gone and stop
+    themselves, instead of serving on as orphans (found leaking from the multi-replica fault test)."""
+    workers = served.workers()
+    assert len(workers) == 2
+    served.proc.kill()
+    served.proc.wait(10)
+    deadline = time.monotonic() + 90  # each drains first (shutdown_grace_s: 20)
+    while time.monotonic() < deadline and any(w.is_running() and w.status() != "zombie" for w in workers):
+        time.sleep(0.3)
+    alive = [(w.pid, w.status(), " ".join(w.cmdline()[-6:])) for w in workers if w.is_running() and w.status() != "zombie"]
+    for w in workers:  # do not leak them should the assertion fail
+        if w.is_running():
+            w.kill()
+    assert alive == [], served.log.read_text()[-3000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,7 @@ from kaiyuan.routing import admin as routing_admin
 from kaiyuan.server import anthropic_api, gemini_api, health, openai_api, responses_api
 from kaiyuan.server.common import ErrorSerializer, error_response
 from kaiyuan.server.connections import ConnectionLimiter, default_max_connections
+from kaiyuan.server.workers import supervisor_pid
 
 log = logging.getLogger("kaiyuan.server")
 
@@ -163,6 +165,18 @@ def tune_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
+PARENT_CHECK_S = 1.0
+
+
+async def exit_with_parent(parent: int, stop: Callable[[], None], every_s: float = PARENT_CHECK_S) -> None:
+    """Call ``stop`` once the process ``parent`` is not (or no longer) this process's parent: it
+    died and the process was re-parented. Checked every ``every_s`` seconds."""
+    while os.getppid() == parent:  # noqa: ASYNC110 - no event tells a process its parent died
+        await asyncio.sleep(every_s)
+    log.warning("the supervisor (pid %d) is gone: this worker drains and stops", parent)
+    stop()
+
+
 async def run_server(config: GatewayConfig, host: str, port: int, ready: Callable[[str], None] | None = None,
                      sock: socket.socket | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain: stop accepting, let in-flight requests and streams
@@ -203,9 +217,15 @@ async def run_server(config: GatewayConfig, host: str, port: int, ready: Callabl
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # pragma: no cover - non-main thread / Windows
             pass
+    # A worker of `kaiyuan serve --workers`: a supervisor killed outright (SIGKILL, OOM) cannot
+    # tell its workers to stop, so each one watches for it and drains when it is gone.
+    parent = supervisor_pid() if sock is not None else None
+    orphan_watch = asyncio.create_task(exit_with_parent(parent, stop.set)) if parent is not None else None
     try:
         await stop.wait()
     finally:
+        if orphan_watch is not None:
+            orphan_watch.cancel()
         log.info("shutting down: flushing the request log")
         server.close()
         await runner.cleanup()

@@ -40,6 +40,7 @@ log = logging.getLogger("kaiyuan.workers")
 
 ENV_LISTEN_FD = "KAIYUAN_LISTEN_FD"
 ENV_READY_FD = "KAIYUAN_READY_FD"
+ENV_SUPERVISOR_PID = "KAIYUAN_SUPERVISOR_PID"  # a worker stops when this process is no longer its parent
 ENV_METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own variable
 RESPAWN_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 
@@ -92,7 +93,7 @@ class Supervisor:
     # -- workers -------------------------------------------------------------------------------
     def spawn(self) -> Worker:
         r, w = os.pipe()
-        env = {**os.environ, ENV_LISTEN_FD: str(self.sock.fileno()), ENV_READY_FD: str(w),
+        env = {**os.environ, ENV_LISTEN_FD: str(self.sock.fileno()), ENV_READY_FD: str(w), ENV_SUPERVISOR_PID: str(os.getpid()),
                ENV_METRICS_DIR: str(self.metrics_dir)}
         from kaiyuan.limits.shared import ENV_SOCKET
 
@@ -274,6 +275,13 @@ def inherited_socket() -> socket.socket | None:
         return None
     del os.environ[ENV_LISTEN_FD]
     return socket.socket(fileno=fd)
+
+
+def supervisor_pid() -> int | None:
+    """In a worker: the supervisor's pid (taken once, like the socket). A worker started just as
+    its supervisor died already has another parent; comparing with this pid catches that too."""
+    pid = os.environ.pop(ENV_SUPERVISOR_PID, None)
+    return int(pid) if pid and pid.isdigit() else None
 
 
 def say_ready() -> None:

@@ -35,6 +35,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
@@ -43,6 +44,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from kaiyuan.store.boundary import unavailable
 
 log = logging.getLogger("kaiyuan.store.writer")
+# Every writer's batches go through one thread: the database takes one writer at a time anyway
+# (SQLite locks the file), and each extra thread that allocates gets its own glibc malloc arena,
+# which the 10-minute soak saw as resident memory creeping up (bench/RESULTS.md, "Soak").
+WRITER_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kaiyuan-writer")
 R = TypeVar("R")
 LOG_EVERY_S = 10.0
 RETRIES = 3  # a suspect row's extra tries (in the writer's thread) before it is set aside
@@ -171,10 +176,10 @@ class BatchWriter(Generic[R]):
             while q and (whole or len(q) >= self.spec.batch_size):
                 batch = [q[i] for i in range(min(len(q), self.spec.batch_size))]
                 try:
-                    await asyncio.to_thread(self._write, batch)
+                    await asyncio.get_running_loop().run_in_executor(WRITER_THREAD, self._write, batch)
                     done, ok = len(batch), len(batch)
                 except Exception:
-                    done, ok = await asyncio.to_thread(self._write_each, batch)
+                    done, ok = await asyncio.get_running_loop().run_in_executor(WRITER_THREAD, self._write_each, batch)
                 for _ in range(done):
                     q.popleft()
                 if done:

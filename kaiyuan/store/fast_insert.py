@@ -50,7 +50,7 @@ def _plain(table: Table, cols: tuple[str, ...]) -> bool:
     return all(c.default is None for c in table.columns if c.name not in cols)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=16)  # full batches share one; a statement for 500 rows is ~40 KB
 def _statement(table: str, cols: tuple[str, ...], n_rows: int) -> str:
     names = ", ".join(f'"{c}"' for c in cols)
     one = "(" + ", ".join("?" * len(cols)) + ")"

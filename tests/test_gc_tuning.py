@@ -38,3 +38,13 @@ def test_cycles_are_still_collected_after_tuning(restore_gc: None) -> None:
     del a, b
     gc.collect(0)
     assert ref() is None
+
+
+def test_the_young_threshold_can_be_set_from_the_environment(restore_gc: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAIYUAN_GC_GEN0", "20000")
+    tune_gc()
+    assert gc.get_threshold()[0] == 20000
+    for bad in ("", "abc", "-5", "10"):  # not a number, or too small to be meant: the default
+        monkeypatch.setenv("KAIYUAN_GC_GEN0", bad)
+        tune_gc()
+        assert gc.get_threshold()[0] == GC_GEN0_THRESHOLD

@@ -146,7 +146,7 @@ def warn_if_open(config: GatewayConfig, host: str) -> bool:
     return True
 
 
-GC_GEN0_THRESHOLD = 20_000
+GC_GEN0_THRESHOLD = 5_000
 
 
 def tune_gc() -> None:
@@ -156,13 +156,20 @@ def tune_gc() -> None:
     of the gateway's CPU. Every request allocates a few hundred objects, so a young-generation pass
     ran every few requests, and each older pass walked the whole start-up heap (config, pydantic
     models, SQLAlchemy, the price catalog). ``gc.freeze()`` moves that heap out of the collector's
-    sight, and a young generation of 20,000 objects makes the passes rarer; reference counting still
+    sight, and a young generation of 5,000 objects makes the passes rarer; reference counting still
     frees almost everything at once, and cycles (tracebacks, cancelled tasks) are collected as
     before, a little later."""
     gc.collect()
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+    gc.set_threshold(gen0_threshold(), gen1, gen2)
+
+
+def gen0_threshold() -> int:
+    """``KAIYUAN_GC_GEN0`` (objects) when set to a whole number of at least 100, else the default: a
+    larger young generation means rarer but longer collection pauses (tail latency at low load)."""
+    v = os.environ.get("KAIYUAN_GC_GEN0", "")
+    return int(v) if v.isdigit() and int(v) >= 100 else GC_GEN0_THRESHOLD
 
 
 PARENT_CHECK_S = 1.0

@@ -156,9 +156,11 @@ async def test_spent_since_adds_the_rows_not_written_yet(tmp_path: Path) -> None
         assert c.execute(select(func.count()).select_from(spend_ledger)).scalar() == 1
 
 
-async def test_a_full_batch_wakes_the_writer_and_the_rest_waits_for_the_next_one() -> None:
+@pytest.mark.parametrize("overflow", ["drop", "hold"])
+async def test_a_full_batch_wakes_the_writer_and_the_rest_waits_for_the_next_one(overflow: str) -> None:
     """Rows that arrive while a full batch is written are not written at once in a tiny batch of
-    their own: they wait for the next full batch or the interval (flush() still writes them all)."""
+    their own: they wait for the next full batch or the interval (flush() still writes them all).
+    Money (``hold``: the spend ledger) is the exception: it is written as soon as it can be."""
     import asyncio
 
     batches: list[int] = []
@@ -173,7 +175,7 @@ async def test_a_full_batch_wakes_the_writer_and_the_rest_waits_for_the_next_one
     async def _wait(e: asyncio.Event) -> None:
         await e.wait()
 
-    w: BatchWriter[int] = BatchWriter(WriterSpec("t", 100, 4, 3600.0, "drop"), write, Metrics().store)
+    w: BatchWriter[int] = BatchWriter(WriterSpec("t", 100, 4, 3600.0, overflow), write, Metrics().store)  # type: ignore[arg-type]
     w.start()
     for i in range(4):
         w.put(i)
@@ -183,6 +185,10 @@ async def test_a_full_batch_wakes_the_writer_and_the_rest_waits_for_the_next_one
     gate.set()
     for _ in range(20):
         await asyncio.sleep(0.01)
+    if overflow == "hold":  # the 3 rows went out right behind the full batch
+        assert batches == [4, 3] and w.pending == 0
+        await w.close()
+        return
     assert batches == [4] and w.pending == 3  # no batch of 3 right behind the full one
     w.put(13)  # a full batch again: written
     for _ in range(100):

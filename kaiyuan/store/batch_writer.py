@@ -16,7 +16,8 @@ The rules, written once here:
 - **Batches by size and interval**: a background task writes every ``flush_interval_s`` whatever is
   queued, and in between writes full batches as soon as ``batch_size`` rows are queued (the rows
   beyond a full batch wait for the next one, so a busy gateway writes big batches, not a stream of
-  tiny ones); :meth:`flush` and :meth:`close` write everything.
+  tiny ones; a ``hold`` writer, the money, writes whatever is queued each time); :meth:`flush` and
+  :meth:`close` write everything.
 - **A bad row never blocks the rows behind it.** When a batch fails, its rows are written one by
   one. A row the database refuses (a value out of range, a duplicate key, a string it cannot
   store) is set aside: logged at ERROR with its content and the error, counted in
@@ -148,7 +149,10 @@ class BatchWriter(Generic[R]):
                 # written wait for the next full batch or the interval; writing them at once made the
                 # writer run back to back in batches of a few rows, each paying a thread hop, a
                 # transaction and GIL hand-overs (about three times the CPU per row under load).
-                await self.flush(whole=interval or self._closing)
+                # Money ("hold", the spend ledger) is still written as soon as it can be: a budget
+                # re-seeded after Redis lost its data counts on other replicas' rows being in the
+                # ledger within one flush interval (accounting.budget_seeds).
+                await self.flush(whole=interval or self._closing or self.spec.overflow == "hold")
             except Exception:  # a bug must not stop the writer for good
                 log.exception("%s: flush failed unexpectedly; rows kept, retrying", self.spec.name)
 

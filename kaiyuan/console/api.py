@@ -8,6 +8,7 @@ limited to its own team (a team viewer's filters cannot widen that).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,29 +102,25 @@ async def keys_for(request: web.Request, viewer: Viewer) -> dict[str, Any]:
     return await asyncio.to_thread(data.keys_and_budgets, st.engine, scope_for(viewer))
 
 
-@team_readable
-async def overview(request: web.Request) -> web.StreamResponse:
-    return _json(await overview_for(request, request[VIEWER]))
+Fetch = Callable[[web.Request, Viewer], Awaitable[dict[str, Any]]]
 
 
-@team_readable
-async def traffic(request: web.Request) -> web.StreamResponse:
-    return _json(await traffic_for(request, request[VIEWER]))
+def json_route(fetch: Fetch) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The admin JSON route over ``fetch`` (the console pages call the same ``*_for`` functions)."""
+
+    @team_readable
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return _json(await fetch(request, request[VIEWER]))
+
+    handle.__name__ = handle.__qualname__ = fetch.__name__.removesuffix("_for")
+    return handle
 
 
-@team_readable
-async def requests(request: web.Request) -> web.StreamResponse:
-    return _json(await requests_for(request, request[VIEWER]))
-
-
-@team_readable
-async def request_detail(request: web.Request) -> web.StreamResponse:
-    return _json(await request_for(request, request[VIEWER]))
-
-
-@team_readable
-async def keys(request: web.Request) -> web.StreamResponse:
-    return _json(await keys_for(request, request[VIEWER]))
+overview = json_route(overview_for)
+traffic = json_route(traffic_for)
+requests = json_route(requests_for)
+request_detail = json_route(request_for)
+keys = json_route(keys_for)
 
 
 def add_routes(app: web.Application) -> None:

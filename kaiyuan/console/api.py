@@ -57,25 +57,26 @@ def _json(obj: Any) -> web.Response:
     return web.Response(body=orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS), content_type=JSON_CT)
 
 
-async def overview_for(request: web.Request, viewer: Viewer) -> dict[str, Any]:
-    st = state(request)
+async def _rolled_up_period(request: web.Request, st: ConsoleState) -> str:
+    """The ``period`` query parameter, checked (a 400), once the rollup tables are current."""
     period = request.query.get("period", "24h")
     try:
         data.period_hours(period)
     except ValueError as e:
         raise _bad(e) from None
     await st.rollup.refresh()
+    return period
+
+
+async def overview_for(request: web.Request, viewer: Viewer) -> dict[str, Any]:
+    st = state(request)
+    period = await _rolled_up_period(request, st)
     return await asyncio.to_thread(data.overview, st.engine, st.catalogue, scope_for(viewer, request.query), period)
 
 
 async def traffic_for(request: web.Request, viewer: Viewer) -> dict[str, Any]:
     st = state(request)
-    period = request.query.get("period", "24h")
-    try:
-        data.period_hours(period)
-    except ValueError as e:
-        raise _bad(e) from None
-    await st.rollup.refresh()
+    period = await _rolled_up_period(request, st)
     return await asyncio.to_thread(data.traffic, st.engine, scope_for(viewer, request.query), period)
 
 

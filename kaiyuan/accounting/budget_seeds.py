@@ -52,6 +52,7 @@ from kaiyuan.store.boundary import unavailable_error
 
 log = logging.getLogger("kaiyuan.guard")
 SWEEP_S = 30.0  # how often idle books are checked against Redis (their entries dropped or adopted)
+SWEEP_BATCH = 500  # counters read per round trip by the sweep
 
 
 @dataclass(slots=True)
@@ -191,14 +192,17 @@ class BudgetSeeds:
 
     # -- idle books --------------------------------------------------------------------------------
     async def sweep(self, counters: RedisCounters) -> None:
-        """Look at every book with unwritten entries in Redis: drop what is written, or adopt. So a
-        book empties without new requests, and a replica with no traffic on a counter still adds
-        its part soon after Redis lost it."""
-        for counter in [c for c, bk in self.books.items() if bk.unwritten]:
+        """Look at every book in Redis (``SWEEP_BATCH`` counters a round trip): drop what is
+        written, or adopt. So a book empties without new requests, and a replica with no new
+        request on a counter still adds its part soon after Redis lost it."""
+        names = list(self.books)
+        for i in range(0, len(names), SWEEP_BATCH):
+            chunk = names[i:i + SWEEP_BATCH]
             done = self.ledger.writer.done
-            gen = await counters.generation(counter)
-            book = self.books.get(counter)
-            if gen is not None and book is not None:
+            for counter, gen in zip(chunk, await counters.generations(chunk), strict=True):
+                book = self.books.get(counter)
+                if gen is None or book is None:
+                    continue  # missing: its next admit seeds it, and the book is adopted then
                 await self.saw(book, counter, gen, done, counters)
                 if book.empty and self.books.get(counter) is book:
                     del self.books[counter]

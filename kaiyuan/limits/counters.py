@@ -403,10 +403,12 @@ class RedisCounters:
         keys = [f"{self.prefix}bud:{counter}", self.liveness.resof(self.replica)]
         return bool(await self._adopt(keys=keys, args=[gen, str(reserve), str(spent), self.replica]))
 
-    async def generation(self, counter: str) -> str | None:
-        """The counter's current generation (None: missing)."""
-        g = await self.redis.hget(f"{self.prefix}bud:{counter}", "g")
-        return None if g is None else g.decode() if isinstance(g, bytes) else str(g)
+    async def generations(self, counters: list[str]) -> list[str | None]:
+        """The counters' current generations (None: missing), in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for c in counters:
+            pipe.hget(f"{self.prefix}bud:{c}", "g")
+        return [None if g is None else g.decode() if isinstance(g, bytes) else str(g) for g in await pipe.execute()]
 
     def settle_later(self, ticket: Ticket, actual: list[int], total_tokens: int) -> bool:
         """Queue the settle for the background batcher (no I/O); False when the queue is full."""

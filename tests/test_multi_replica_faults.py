@@ -25,11 +25,14 @@ from bench.faults import Cluster, run_round
 from kaiyuan.testing.fake_openai import Behaviour, FakeOpenAI
 
 N_REPLICAS = 3
-BUDGET = 1.50
 # One replica writes its ledger rows only every 3 s: what a loaded machine or a slow database does
-# now and then, made certain. A seed that waited a flush interval for the other replicas' rows
-# overspent here ($1.566 on $1.50); the bound must hold by design, whatever the timing.
+# now and then, made (nearly) certain. A seed that waited one flush interval for the other
+# replicas' rows overspent 1 run in 4 on a loaded machine ($1.566 on $1.50) and about 9 in 10 with
+# this lag; the bound must hold by design, whatever the timing.
 SLOW_LEDGER_S = 3.0
+# That replica also keeps serving through a short PostgreSQL outage (its ledger fails closed at its
+# next flush), so the budget is larger than the $1.50 it was, to last until after the SIGKILL.
+BUDGET = 2.50
 
 
 def test_budget_and_ledger_hold_through_redis_postgres_and_replica_faults(fake_openai: FakeOpenAI,

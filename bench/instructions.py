@@ -89,6 +89,9 @@ def measure(fleet: Fleet, target: Target, sc: Scenario, out: Path, a: argparse.N
             print(f"  {f.name}: {m.group(1).decode() if m else '?'}", file=sys.stderr)
         if m:
             total += int(m.group(1))
+        if a.keep:
+            a.keep.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, a.keep / f"{target.name.replace('+', '_')}.{f.name}")
     expected = a.requests // a.concurrency * a.concurrency
     if ok < expected:
         print(f"  warning: {target.name}: {expected - ok} requests failed", file=sys.stderr)
@@ -112,6 +115,7 @@ def main() -> int:
     p.add_argument("--no-floor", action="store_true")
     p.add_argument("--no-plain", action="store_true", help="leave out the plain kaiyuan target (measure only --with variants)")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--keep", type=Path, help="copy the callgrind dumps here (for callgrind_annotate --inclusive=yes)")
     p.add_argument("--also", type=Path, action="append", default=[],
                    help="another pass-through script with the floor's command line (an experiment)")
     a = p.parse_args()

@@ -342,9 +342,15 @@ class RedisCounters:
         admit can never leave a reservation that no one will release."""
         minute = int(now // 60)
         keys: list[str] = []
+        off = self._offset_ms  # the clock offset, measured (the first admit, then every CLOCK_REFRESH_S) or not
+        if off is not None and time.monotonic() - self._offset_at <= CLOCK_REFRESH_S:
+            deadline = int(time.time() * 1000 + off + ADMIT_DEADLINE_S * 1000)
+        else:
+            deadline = await self._deadline_ms()
+        # from here to the command's place in the pipeline's queue nothing yields: the settle
+        # batcher's counts and marker below are the ones the admit runs behind (pipelining.py)
         bt = self.batcher
         marker = bt.inflight_marker
-        deadline = await self._deadline_ms()
         args: list[Any] = [len(rates), len(budgets), prompt_tokens, 120, PARALLEL_TTL_S, int(marker is not None), deadline, self.replica]
         queued, inflight = bt.pending_parallel, bt.inflight_parallel
         for r in rates:

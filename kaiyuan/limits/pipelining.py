@@ -49,12 +49,11 @@ class PipelineFull(Exception):
 
 def pack(args: list[Any]) -> bytes:
     """One command in RESP: ``args`` are ``str`` (any text) or ``int``."""
-    parts = [f"*{len(args)}\r\n"]
-    for a in args:
-        s = a if type(a) is str else str(int(a))
-        n = len(s) if s.isascii() else len(s.encode())
-        parts.append(f"${n}\r\n{s}\r\n")
-    return "".join(parts).encode()
+    strs = [a if type(a) is str else str(int(a)) for a in args]
+    body = "".join([f"${len(s)}\r\n{s}\r\n" for s in strs])
+    if not body.isascii():  # lengths are in bytes: count each argument's UTF-8
+        body = "".join([f"${len(s.encode())}\r\n{s}\r\n" for s in strs])
+    return f"*{len(strs)}\r\n{body}".encode()
 
 
 class AutoPipeline:

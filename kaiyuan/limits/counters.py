@@ -302,6 +302,9 @@ class RedisCounters:
         from redis.asyncio.retry import Retry
         from redis.backoff import ExponentialBackoff
         from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import NoScriptError
+
+        from kaiyuan.limits.pipelining import AutoPipeline, PipelineFull, pack
 
         # A bounded, blocking pool: under a burst, requests queue for one of REDIS_MAX_CONNECTIONS
         # connections instead of each opening its own (a connect storm that timed out as "unreachable").
@@ -320,11 +323,14 @@ class RedisCounters:
         self._offset_at = 0.0
         self._clock: asyncio.Task[None] | None = None
         self._admit = self.redis.register_script(ADMIT_LUA)
+        self.pipeline = AutoPipeline(self.redis, REDIS_SOCKET_TIMEOUT_S)
+        self._pack = pack
+        self._send_alone: tuple[type[Exception], ...] = (NoScriptError, PipelineFull)
         self._settle = self.redis.register_script(SETTLE_LUA)
         self._adopt = self.redis.register_script(ADOPT_LUA)
         self.replica = uuid.uuid4().hex[:12]
         self.liveness = Liveness(self.redis, prefix, self.replica)
-        self.batcher = SettleBatcher(self.redis, prefix, self.replica, on_settle_event)
+        self.batcher = SettleBatcher(self.redis, prefix, self.replica, on_settle_event, send=self._eval)
 
     def _rate_keys(self, scope: str, minute: int) -> list[str]:
         p = self.prefix
@@ -336,9 +342,15 @@ class RedisCounters:
         admit can never leave a reservation that no one will release."""
         minute = int(now // 60)
         keys: list[str] = []
+        off = self._offset_ms  # the clock offset, measured (the first admit, then every CLOCK_REFRESH_S) or not
+        if off is not None and time.monotonic() - self._offset_at <= CLOCK_REFRESH_S:
+            deadline = int(time.time() * 1000 + off + ADMIT_DEADLINE_S * 1000)
+        else:
+            deadline = await self._deadline_ms()
+        # from here to the command's place in the pipeline's queue nothing yields: the settle
+        # batcher's counts and marker below are the ones the admit runs behind (pipelining.py)
         bt = self.batcher
         marker = bt.inflight_marker
-        deadline = await self._deadline_ms()
         args: list[Any] = [len(rates), len(budgets), prompt_tokens, 120, PARALLEL_TTL_S, int(marker is not None), deadline, self.replica]
         queued, inflight = bt.pending_parallel, bt.inflight_parallel
         for r in rates:
@@ -351,7 +363,7 @@ class RedisCounters:
         keys.append(self.liveness.resof(self.replica))
         if marker is not None:
             keys.append(marker)
-        res = await self._admit(keys=keys, args=args)
+        res = await self._eval(self._admit, keys, args)
         code = int(res[0])
         if code == 0:
             for b, g in zip(budgets, res[1:], strict=True):
@@ -363,6 +375,15 @@ class RedisCounters:
             raise AdmitTooLate("Redis ran the admit after its deadline")
         kind = res[2].decode() if isinstance(res[2], bytes) else str(res[2])
         return Denial(kind, int(res[1]), int(res[3]), int(res[4]))
+
+    async def _eval(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run a registered script through the auto-pipeline, with the other commands issued in
+        this loop turn (see pipelining.py); through redis-py's own call (which loads it) when Redis
+        does not have the script (it restarted) or the pipeline's queue is full."""
+        try:
+            return await self.pipeline.call(self._pack(["EVALSHA", script.sha, len(keys), *keys, *args]))
+        except self._send_alone:
+            return await script(keys=keys, args=args)
 
     async def _deadline_ms(self) -> int:
         """Now plus ADMIT_DEADLINE_S, on Redis's clock (the offset is measured with TIME, then
@@ -422,6 +443,7 @@ class RedisCounters:
     async def close(self) -> None:
         await self.batcher.close()
         await self.liveness.close()
+        await self.pipeline.close()
         if self._clock is not None and not self._clock.done():
             self._clock.cancel()
         await self.redis.aclose()

@@ -141,24 +141,43 @@ class BudgetSeeds:
         each counter. A counter that is missing is seeded from the ledger, one re-made since this
         replica saw it gets this replica's part first (AdoptFirst), and the admit runs again. An
         admitted Redis ticket is booked (:meth:`hold`)."""
-        for check, _b in budgets:
-            book = self.books.get(check.counter)
-            check.known = book.gen if book is not None else ""
+        books = self.books
+        if books:
+            for check, _b in budgets:
+                book = books.get(check.counter)
+                if book is not None:
+                    check.known = book.gen
+        done = self.ledger.writer.done  # ledger rows written before the admit is sent
+        result = await admit()
+        if isinstance(result, Ticket):
+            if budgets and result.backend == "redis" and isinstance(counters, RedisCounters):
+                await self.hold(result, counters, done)
+            return result
+        if isinstance(result, Denial):
+            return result
+        return await self._admit_again(result, admit, budgets, counters)
+
+    async def _admit_again(self, result: NeedSeed | AdoptFirst, admit: Callable[[], Awaitable[Admitted]],
+                           budgets: list[tuple[BudgetCheck, Budget]], counters: Counters) -> Ticket | Denial:
+        """A counter is missing (seed it) or was re-made (adopt first); then admit again."""
         for _ in range(ADMIT_TRIES):
-            done = self.ledger.writer.done  # ledger rows written before the admit is sent
-            result = await admit()
             if isinstance(result, NeedSeed):  # a budget counter is missing: seed it from the ledger, now
                 await self.seed(budgets)
-            elif isinstance(result, AdoptFirst) and isinstance(counters, RedisCounters):
+            elif isinstance(counters, RedisCounters):  # AdoptFirst
                 check = budgets[result.index][0]
                 book = self.books.get(check.counter)
                 if book is not None:
-                    await self.saw(book, check.counter, result.gen, done, counters)
+                    await self.saw(book, check.counter, result.gen, self.ledger.writer.done, counters)
                 check.known = book.gen if book is not None else ""  # still the old one: adopt failed, ask again
-            elif isinstance(result, Ticket | Denial):
-                if isinstance(result, Ticket) and budgets and result.backend == "redis" and isinstance(counters, RedisCounters):
-                    await self.hold(result, counters, done)
-                return result
+            done = self.ledger.writer.done
+            again = await admit()
+            if isinstance(again, Ticket):
+                if budgets and again.backend == "redis" and isinstance(counters, RedisCounters):
+                    await self.hold(again, counters, done)
+                return again
+            if isinstance(again, Denial):
+                return again
+            result = again
         raise unavailable_error()  # the counter kept moving (Redis restarting again and again)
 
     async def hold(self, ticket: Ticket, counters: RedisCounters, done: int) -> None:

@@ -49,7 +49,7 @@ class PipelineFull(Exception):
 
 def pack(args: list[Any]) -> bytes:
     """One command in RESP: ``args`` are ``str`` (any text) or ``int``."""
-    strs = [a if type(a) is str else str(int(a)) for a in args]
+    strs = [a if type(a) is str else str(a) if type(a) is int else str(int(a)) for a in args]
     body = "".join([f"${len(s)}\r\n{s}\r\n" for s in strs])
     if not body.isascii():  # lengths are in bytes: count each argument's UTF-8
         body = "".join([f"${len(s.encode())}\r\n{s}\r\n" for s in strs])

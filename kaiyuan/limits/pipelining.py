@@ -20,7 +20,9 @@ a script error) fails its own command only; a connection error (a connection a r
 dropped) disconnects and resends the commands not answered yet, twice at most, after the same
 short backoff as the client's ``Retry``; a timeout (``timeout_s`` for the whole round trip) is not
 retried, since the commands may have run, and fails every command not answered yet. A command whose
-caller went away before it was sent is not sent. A batch is at most ``MAX_BATCH`` commands and the
+caller went away before it was sent is not sent; one whose caller went away after it was sent
+hands its reply to the ``orphan`` callback given with it (RedisCounters gives such an admit's
+reservation back). A batch is at most ``MAX_BATCH`` commands and the
 queue ``MAX_QUEUE`` (beyond: :class:`PipelineFull`, and the caller sends its command the ordinary way).
 """
 

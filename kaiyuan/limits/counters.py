@@ -270,14 +270,20 @@ return 0
 SETTLE_LUA = BUDGET_SETTLE_LUA + SETTLE_LUA
 
 
-# Re-count a replica's reservations still in flight in a budget counter that was re-made (Redis lost
-# its data) since they were made. KEYS: the budget hash. ARGV: its generation, nano-USD to reserve.
-# KEYS: the budget hash, this replica's set of counters. ARGV: generation, nano-USD, replica id.
+# Count again what a replica had counted in a budget counter that was re-made since (Redis lost its
+# data): its reservations still in flight (r, and its share r:<replica>) and the cost of its requests
+# whose ledger rows the seed may lack (s); see accounting/budget_seeds.py. Only into the generation
+# the replica saw: a counter that moved on again answers 0 and is adopted into at the next look.
+# KEYS: the budget hash, this replica's set of counters. ARGV: generation, reserve and spend
+# (nano-USD, integer strings), replica id.
 ADOPT_LUA = """
 if redis.call('HGET', KEYS[1], 'g') ~= ARGV[1] then return 0 end
-redis.call('HINCRBY', KEYS[1], 'r', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'r:' .. ARGV[3], ARGV[2])
-redis.call('SADD', KEYS[2], KEYS[1])
+if ARGV[2] ~= '0' then
+  redis.call('HINCRBY', KEYS[1], 'r', ARGV[2])
+  redis.call('HINCRBY', KEYS[1], 'r:' .. ARGV[4], ARGV[2])
+  redis.call('SADD', KEYS[2], KEYS[1])
+end
+if ARGV[3] ~= '0' then redis.call('HINCRBY', KEYS[1], 's', ARGV[3]) end
 return 1
 """
 
@@ -411,11 +417,19 @@ class RedisCounters:
         await self.liveness.beat()  # before this replica's first reservation: see expiry.py
         self.liveness.start()
 
-    async def adopt(self, counter: str, gen: str, reserve: int) -> bool:
-        """Count reservations made in an older generation of ``counter`` (before Redis lost it) in
-        the current one, ``gen``; False if the counter has moved on again."""
+    async def adopt(self, counter: str, gen: str, reserve: int, spent: int = 0) -> bool:
+        """Count ``reserve`` (reservations in flight) and ``spent`` (settled cost the ledger may lack)
+        made before ``counter`` was re-made, in its current generation ``gen``; False if the counter
+        has moved on (or is missing) again."""
         keys = [f"{self.prefix}bud:{counter}", self.liveness.resof(self.replica)]
-        return bool(await self._adopt(keys=keys, args=[gen, reserve, self.replica]))
+        return bool(await self._adopt(keys=keys, args=[gen, str(reserve), str(spent), self.replica]))
+
+    async def generations(self, counters: list[str]) -> list[str | None]:
+        """The counters' current generations (None: missing), in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for c in counters:
+            pipe.hget(f"{self.prefix}bud:{c}", "g")
+        return [None if g is None else g.decode() if isinstance(g, bytes) else str(g) for g in await pipe.execute()]
 
     def settle_later(self, ticket: Ticket, actual: list[int], total_tokens: int) -> bool:
         """Queue the settle for the background batcher (no I/O); False when the queue is full."""

@@ -96,7 +96,7 @@ async def sse_events(stream: AsyncIterator[bytes], limit: int | None = None,
 
 def event_too_large(limit: int, why: str) -> GatewayError:
     return GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream sent a stream event larger than {limit} bytes{why}",
-                        code="upstreamevent_too_large")
+                        code="upstream_event_too_large")
 
 
 async def open_stream(request: web.Request, ctx: RequestContext) -> web.StreamResponse:

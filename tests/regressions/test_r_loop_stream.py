@@ -271,6 +271,7 @@ async def test_a_long_unfinished_event_is_refused_at_the_limit() -> None:
     from kaiyuan.server.sse import sse_events
 
     data = b"data: " + b"x" * (3 * 1024 * 1024)
-    with pytest.raises(GatewayError, match="larger than 1048576 bytes: why"):
+    with pytest.raises(GatewayError, match="larger than 1048576 bytes: why") as e:
         async for _ in sse_events(_chunks(data, list(range(65536, len(data), 65536))), 1024 * 1024, ": why"):
             pass
+    assert e.value.status == 502 and e.value.code == "upstream_event_too_large"

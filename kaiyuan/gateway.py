@@ -17,8 +17,8 @@ from kaiyuan.accounting.ledger import SpendLedger
 from kaiyuan.accounting.reservations import Reservations
 from kaiyuan.config import GatewayConfig, ModelConfig
 from kaiyuan.context import Principal, RequestContext
+from kaiyuan.observability.log_sink import open_request_log
 from kaiyuan.observability.metrics import Metrics
-from kaiyuan.observability.request_log import RequestLogWriter
 from kaiyuan.observability.tracing import Tracer
 from kaiyuan.providers.base import Provider, UpstreamReply
 from kaiyuan.providers.registry import build_provider
@@ -55,7 +55,7 @@ class Gateway:
                                          self.metrics.denied, self.ledger, self.reachable_models)
         self.auth.redis = self.reservations.redis  # key invalidations travel on the counters' Redis
         self.auth.relay = self.reservations.shared  # or, between workers, on the supervisor's socket
-        self.request_log = RequestLogWriter(engine, config.request_log, self.metrics)
+        self.request_log = open_request_log(engine, config.request_log, self.metrics.store)
         self.on_complete: list[CompletionHook] = []
         # Run by the pipeline's resolve step (after auth): may rewrite ctx.model (trials: canary,
         # promote) or flag the request (trials: shadow sampling). Must be fast and not raise.

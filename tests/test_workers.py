@@ -176,9 +176,14 @@ def test_revoking_a_key_on_one_worker_reaches_the_other(served: Served) -> None:
 def test_metrics_sum_every_worker(served: Served) -> None:
     with cf.ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda _i: _chat(served.url, MASTER), range(20)))
-    text = http("GET", served.url + "/metrics", key=MASTER).text
-    total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                if line.startswith("kaiyuan_requests_total{") and 'model="cheap"' in line)
+    deadline = time.monotonic() + 10  # each worker writes its values to the shared files once a second
+    while True:
+        text = http("GET", served.url + "/metrics", key=MASTER).text
+        total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                    if line.startswith("kaiyuan_requests_total{") and 'model="cheap"' in line)
+        if total >= 20 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
     assert total == 20, text[:2000]
 
 

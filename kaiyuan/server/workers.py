@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kaiyuan.config import ConfigError, GatewayConfig, load_config
+from kaiyuan.observability import multiproc
 from kaiyuan.observability.log_sink import LogSink
 
 log = logging.getLogger("kaiyuan.workers")
@@ -173,6 +174,7 @@ class Supervisor:
         await server.start()
         sink = self._log_sink()
         await sink.start()
+        syncing = asyncio.create_task(multiproc.sync_forever()) if multiproc.active() else None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
@@ -190,6 +192,10 @@ class Supervisor:
         finally:
             await server.close()
             await sink.close()
+            if syncing is not None:
+                syncing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await syncing
 
     def _log_sink(self) -> LogSink:
         """The workers' one request-log writer (:mod:`kaiyuan.observability.log_sink`). Its settings
@@ -245,15 +251,6 @@ class Supervisor:
         await self.drain(old)
 
 
-def _count_in_files() -> None:
-    """The supervisor's own metrics (its request-log writer's) go to the multiprocess directory
-    too: prometheus_client picks its value class when it is imported, which was before the
-    directory existed."""
-    from prometheus_client import values
-
-    values.ValueClass = values.get_value_class()
-
-
 def _mark_dead(pid: int) -> None:
     """Let the multiprocess metrics forget a dead worker's live gauges."""
     if os.environ.get(ENV_METRICS_DIR) is None:
@@ -278,7 +275,7 @@ def serve(config_path: str | None, config: GatewayConfig, host: str, port: int, 
     state = Path(tempfile.mkdtemp(prefix="kaiyuan-workers-"))  # 0700: the counter socket lives here
     (state / "metrics").mkdir()
     os.environ[ENV_METRICS_DIR] = str(state / "metrics")
-    _count_in_files()
+    multiproc.install()  # the supervisor's own metrics (its request-log writer's) are summed in too
     actual = sock.getsockname()[1]
     print(f"Kaiyuan supervisor on http://{host}:{actual} with {n} workers (pid {os.getpid()}; "
           "SIGHUP reloads the config, SIGTERM drains and stops)", file=sys.stderr, flush=True)

@@ -43,7 +43,7 @@ from sqlalchemy import func, select
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kaiyuan.store.db import make_engine
-from kaiyuan.store.schema import spend_ledger
+from kaiyuan.store.schema import budgets, spend_ledger
 from kaiyuan.testing.fake_openai import Behaviour, FakeOpenAI
 from kaiyuan.testing.harness import GatewayProcess
 from tests.http import http
@@ -59,6 +59,18 @@ class Outcome:
     replica: int
     kind: str  # ok | budget | unavailable | gone (connection refused: a killed replica) | other:...
     at: float
+    phase: str = ""  # the fault window the request was sent in
+
+
+@dataclass
+class PhaseMark:
+    """The end of one fault window: what the upstream had received by then, and what the shared
+    budget counter in Redis counted (spent ``s`` and reserved ``r``, nano-USD; None while missing)."""
+
+    phase: str
+    received: int
+    spent: int | None
+    reserved: int | None
 
 
 @dataclass
@@ -74,6 +86,8 @@ class RoundReport:
     lost_allowance: int  # rows the SIGKILL may have taken
     seconds: float
     outcomes: Counter[str] = field(default_factory=Counter)
+    marks: list[PhaseMark] = field(default_factory=list)
+    answered: list[Outcome] = field(default_factory=list)  # every outcome, in the order they ended
 
     @property
     def bill(self) -> float:
@@ -107,14 +121,41 @@ class RoundReport:
                 "missing_allowed": self.lost_allowance, "bill_usd": round(self.bill, 4),
                 "overspend_usd": round(max(0.0, self.bill - self.budget), 4),
                 "overspend_requests_per_replica": round(self.over_requests_per_replica, 3),
-                "outcomes": dict(self.outcomes), "problems": self.problems()}
+                "outcomes": dict(self.outcomes), "phases": self.phases(), "over_budget": self.over_budget(),
+                "problems": self.problems()}
+
+    def phases(self) -> list[dict[str, Any]]:
+        """Per fault window: the 200s by replica, and the counter's deficit at its end: requests the
+        upstream had received that the counter did not hold as spent or reserved (> 0: money the
+        counter lost in that window or before; < 0: it counted more, which only refuses early)."""
+        out = []
+        for m in self.marks:
+            ok = Counter(o.replica for o in self.answered if o.phase == m.phase and o.kind == "ok")
+            row: dict[str, Any] = {"phase": m.phase, "ok_by_replica": dict(sorted(ok.items())), "received": m.received}
+            if m.spent is not None and m.reserved is not None and self.one_cost:
+                held = (m.spent + m.reserved) / 1e9
+                row.update(counter_spent_usd=round(m.spent / 1e9, 4), counter_reserved_usd=round(m.reserved / 1e9, 4),
+                           deficit_requests=round(m.received - held / self.one_cost, 2))
+            out.append(row)
+        return out
+
+    def over_budget(self) -> dict[str, int]:
+        """The 200s past what the budget pays for (in the order they ended), by "phase/replica"."""
+        if not self.one_cost:
+            return {}
+        paid = int(self.budget / self.one_cost + 1e-9)
+        ok = [o for o in self.answered if o.kind == "ok"]
+        return dict(Counter(f"{o.phase}/r{o.replica}" for o in ok[paid:]))
 
 
 class Cluster:
     """A private Redis, a private PostgreSQL and ``n`` ``kaiyuan serve`` processes sharing them."""
 
-    def __init__(self, upstream_url: str, workdir: str, n: int = 3) -> None:
+    def __init__(self, upstream_url: str, workdir: str, n: int = 3, slow_ledger_s: float = 0.0) -> None:
         self.workdir = workdir
+        # replica 1 (never the killed one) writes its ledger rows only every slow_ledger_s (0: as the
+        # others): a loaded machine or a slow database, made certain instead of left to chance
+        self.slow_ledger_s = slow_ledger_s
         self.redis = PrivateRedis(Path(workdir))
         self.pg = PrivatePostgres()
         self.procs: list[GatewayProcess] = []
@@ -133,22 +174,51 @@ class Cluster:
     def start(self) -> None:
         self.redis.start()
         self.pg.start()
-        self.procs.append(self._spawn())
+        self.procs.append(self._spawn(0))
         self.procs[0].wait_ready()  # the first one migrates the database
-        self.procs += [self._spawn() for _ in range(self.n - 1)]
+        self.procs += [self._spawn(i) for i in range(1, self.n)]
         for p in self.procs:
             p.wait_ready()
 
-    def _spawn(self) -> GatewayProcess:
-        return GatewayProcess(self.cfg, self.workdir, env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    @property
+    def flush_s(self) -> float:
+        """The longest ledger flush interval of the replicas."""
+        return max(FLUSH_S, self.slow_ledger_s)
+
+    def _spawn(self, i: int) -> GatewayProcess:
+        cfg = self.cfg
+        if i == 1 and self.slow_ledger_s:
+            cfg = {**cfg, "accounting": {"spend_flush_interval_s": self.slow_ledger_s}}
+        return GatewayProcess(cfg, self.workdir, env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
 
     def replace_dead(self) -> None:
         """Start a new replica in place of each one that is no longer running."""
         for i, p in enumerate(self.procs):
             if p.proc.poll() is not None:
                 p.stop()
-                self.procs[i] = self._spawn()
+                self.procs[i] = self._spawn(i)
                 self.procs[i].wait_ready()
+
+    def budget_counter(self, key_id: str) -> str:
+        """The Redis key of ``key_id``'s total budget counter."""
+        engine = make_engine(self.pg.url)
+        try:
+            with engine.connect() as conn:
+                bid = conn.execute(select(budgets.c.id).where(budgets.c.scope_id == key_id)).scalar_one()
+        finally:
+            engine.dispose()
+        return f"ky:bud:{bid}:0"
+
+    def counter(self, rkey: str) -> tuple[int | None, int | None]:
+        """(spent, reserved) nano-USD of the budget counter ``rkey`` in Redis (None if missing)."""
+        import redis
+
+        r = redis.Redis.from_url(self.redis.url, socket_timeout=5)
+        try:
+            s, res = r.hmget(rkey, ["s", "r"])
+        finally:
+            r.close()
+        return (None, None) if s is None else (int(s), int(res or 0))
 
     def new_key(self, budget_usd: float | None) -> tuple[str, str]:
         body: dict[str, Any] = {"name": "load"}
@@ -188,12 +258,14 @@ class Load:
         self.stop = threading.Event()
         self.seq = itertools.count()
         self.concurrency = concurrency
+        self.phase = "load"
 
     def one(self) -> None:
         i = next(self.seq)
         with self.lock:
             choices = sorted(self.alive)
         rep = choices[i % len(choices)]
+        phase = self.phase
         kind = "ok"
         try:
             self.clients[rep].chat.completions.create(model="paid", messages=PROMPT, max_tokens=5)  # type: ignore[arg-type]
@@ -204,7 +276,7 @@ class Load:
         except openai.APIConnectionError:
             kind = "gone"
         with self.lock:
-            self.outcomes.append(Outcome(rep, kind, time.monotonic()))
+            self.outcomes.append(Outcome(rep, kind, time.monotonic(), phase))
 
     def loop(self) -> None:
         while not self.stop.is_set():
@@ -239,24 +311,37 @@ def run_round(cluster: Cluster, upstream: FakeOpenAI, budget: float, *, concurre
     load = Load(cluster, key, concurrency)
     start, before = time.monotonic(), len(upstream.requests)
     killed, kill_at = len(cluster.procs) - 1, 0.0
+    marks: list[PhaseMark] = []
+
+    rkey = cluster.budget_counter(key_id)
+
+    def phase(name: str) -> None:
+        """End the current fault window and start ``name``. What the upstream received is read
+        before the counter: each of those requests was admitted before the read, so a positive
+        deficit is money the counter lost."""
+        ended, received = load.phase, len(upstream.requests) - before
+        load.phase = name
+        marks.append(PhaseMark(ended, received, *cluster.counter(rkey)))
+        log(name)
+
     with cf.ThreadPoolExecutor(concurrency) as ex:
         workers = [ex.submit(load.loop) for _ in range(concurrency)]
         try:
             load.hold(8, hold_s, 15 + hold_s)
-            log("redis restarted empty")
+            phase("redis restarted empty")
             cluster.redis.restart_empty()
             load.hold(8, hold_s, 15 + hold_s)
-            log("redis paused 3 s")
+            phase("redis paused 3 s")
             cluster.redis.pause()
             time.sleep(3.0)
             cluster.redis.resume()
             load.hold(8, hold_s, 15 + hold_s)
-            log("postgres stopped 1.5 s")
+            phase("postgres stopped 1.5 s")
             cluster.pg.stop()
             time.sleep(1.5)
             cluster.pg.start()
             load.hold(8, hold_s, 15 + hold_s)
-            log(f"replica {killed} killed")
+            phase(f"replica {killed} killed")
             with load.lock:
                 load.alive.discard(killed)
             kill_at = time.monotonic()
@@ -266,12 +351,13 @@ def run_round(cluster: Cluster, upstream: FakeOpenAI, budget: float, *, concurre
             load.stop.set()
             for w in workers:
                 w.result()
-    time.sleep(5 * FLUSH_S)  # the live replicas write their last ledger batches
+    time.sleep(cluster.flush_s + 4 * FLUSH_S)  # the live replicas write their last ledger batches
+    marks.append(PhaseMark(load.phase, len(upstream.requests) - before, *cluster.counter(rkey)))
     rows, ledger_usd, one_cost = cluster.ledger(key_id)
     lost = sum(1 for o in load.outcomes if o.replica == killed
                and (o.kind == "gone" or (o.kind == "ok" and o.at >= kill_at - 3 * FLUSH_S)))
     return RoundReport(budget, len(cluster.procs), len(upstream.requests) - before, rows, ledger_usd, one_cost, lost,
-                       time.monotonic() - start, Counter(o.kind for o in load.outcomes))
+                       time.monotonic() - start, Counter(o.kind for o in load.outcomes), marks, list(load.outcomes))
 
 
 def measure_rate(cluster: Cluster, upstream: FakeOpenAI, concurrency: int, seconds: float) -> tuple[float, float]:
@@ -298,6 +384,8 @@ def main() -> int:
     ap.add_argument("--hold-s", type=float, default=10.0, help="seconds of load between faults")
     ap.add_argument("--budget", type=float, default=0.0,
                     help="USD per round (0: what the measured rate spends in the four holds and 15 s more)")
+    ap.add_argument("--slow-ledger-s", type=float, default=0.0,
+                    help="the second replica writes its ledger rows only this often (a lagging writer; 0: every 0.2 s)")
     ap.add_argument("--json", help="write the rounds' reports here")
     args = ap.parse_args()
     if args.replicas < 2 or args.concurrency < 1 or args.hold_s < 0 or args.minutes <= 0 or args.rounds < 0:
@@ -314,7 +402,7 @@ def main() -> int:
     url = servers.serve(upstream.app)
     reports: list[RoundReport] = []
     with tempfile.TemporaryDirectory(prefix="kaiyuan-faults-") as work:
-        cluster = Cluster(url, work, args.replicas)
+        cluster = Cluster(url, work, args.replicas, args.slow_ledger_s)
         try:
             cluster.start()
             budget = args.budget

@@ -2,6 +2,7 @@
 
     python bench/instructions.py                    # Kaiyuan and the aiohttp floor, non-streaming
     python bench/instructions.py --stream --with keys --requests 2000
+    python bench/instructions.py --with keys --with keys-redis --no-floor   # redis-server runs natively
 
 Wall-clock and CPU-time figures move by tens of percent when other jobs share the two cores; a
 count of the instructions the gateway process executes per request does not. Each target (Kaiyuan,
@@ -29,7 +30,17 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.run import PY, Fleet, Target, free_port, run_loadgen, start_kaiyuan, start_upstream, wait_ready  # noqa: E402
+from bench.run import (  # noqa: E402
+    PY,
+    Fleet,
+    Target,
+    free_port,
+    run_loadgen,
+    start_kaiyuan,
+    start_redis,
+    start_upstream,
+    wait_ready,
+)
 from bench.scenarios import CHAT, CHAT_STREAM, VARIANTS, Scenario  # noqa: E402
 
 FLOOR = ROOT / "bench" / "floors" / "aiohttp_floor.py"
@@ -91,6 +102,9 @@ def measure(fleet: Fleet, target: Target, sc: Scenario, out: Path, a: argparse.N
                 print(f"  {f.name}: {m.group(1).decode() if m else '?'}", file=sys.stderr)
             if m:
                 total += int(m.group(1))
+            if a.keep:
+                a.keep.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, a.keep / f"{target.name.replace('+', '_')}.{f.name}")
         role = "process" if len(pids) == 1 else ("supervisor" if pid == root else "worker")
         parts.append((role, total / max(ok, 1)))
     return parts
@@ -111,7 +125,9 @@ def main() -> int:
     p.add_argument("-c", "--concurrency", type=int, default=8)
     p.add_argument("--with", dest="variants", action="append", default=[], help="a bench/scenarios.py variant flag")
     p.add_argument("--no-floor", action="store_true")
+    p.add_argument("--no-plain", action="store_true", help="leave out the plain kaiyuan target (measure only --with variants)")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--keep", type=Path, help="copy the callgrind dumps here (for callgrind_annotate --inclusive=yes)")
     p.add_argument("--also", type=Path, action="append", default=[],
                    help="another pass-through script with the floor's command line (an experiment)")
     a = p.parse_args()
@@ -124,9 +140,12 @@ def main() -> int:
     results: list[tuple[str, float]] = []
     try:
         up = start_upstream(fleet, "0")
-        wrapped(fleet, workdir / "callgrind.out")
-        targets: list[tuple[str, object]] = [("kaiyuan", None)]
+        targets: list[tuple[str, object]] = [] if a.no_plain else [("kaiyuan", None)]
         targets += [(v.name, v) for v in VARIANTS if v.flag in a.variants]
+        # redis-server (the keys-redis variant) runs natively on the load generators' CPU: only
+        # the gateway's own instructions are counted, its round trips included
+        redis_url = start_redis(fleet, "0") if any(getattr(v, "redis", False) for _n, v in targets) else None
+        wrapped(fleet, workdir / "callgrind.out")
         if not a.no_floor:
             targets.append(("floor-aiohttp", "floor"))
         targets += [(script.stem, script) for script in a.also]
@@ -136,7 +155,7 @@ def main() -> int:
             elif isinstance(variant, Path):
                 t = start_floor(fleet, up, variant, name)
             else:
-                t = start_kaiyuan(fleet, up, "1", variant, workdir)  # type: ignore[arg-type]
+                t = start_kaiyuan(fleet, up, "1", variant, workdir, redis_url)  # type: ignore[arg-type]
             parts = measure(fleet, t, sc, workdir / "callgrind.out", a)
             if len(parts) > 1:
                 results += [(f"{name} ({role})", ir) for role, ir in parts]

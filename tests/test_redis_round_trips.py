@@ -18,6 +18,7 @@ import pytest
 
 from kaiyuan.limits import settle_batch
 from kaiyuan.limits.counters import NANO, BudgetCheck, RateCheck, RedisCounters, Ticket
+from kaiyuan.limits.pipelining import AutoPipeline
 from kaiyuan.limits.settle_batch import SettleBatcher
 from kaiyuan.testing.fake_openai import FakeOpenAI
 from kaiyuan.testing.harness import RunningGateway
@@ -34,11 +35,14 @@ FLUSH_TASK = "kaiyuan-settle-flush"
 
 class CallLog:
     """Wraps a redis.asyncio client's execute_command: every command (a pipeline would show up
-    as its execute) is recorded with the asyncio task that sent it."""
+    as its execute) is recorded with the asyncio task that sent it; so is every command handed to
+    the counters' auto-pipeline (``pipeline``), each by the task that asked for it."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, pipeline: AutoPipeline | None = None) -> None:
         self.calls: list[tuple[str, str]] = []
         inner = client.execute_command
+        if pipeline is not None:
+            self._wrap(pipeline)
 
         async def execute_command(*args: Any, **kw: Any) -> Any:
             task = asyncio.current_task()
@@ -61,6 +65,16 @@ class CallLog:
             return pipe
 
         client.pipeline = counted_pipeline
+
+    def _wrap(self, pipeline: AutoPipeline) -> None:
+        inner = pipeline.call
+
+        async def call(packed: bytes) -> Any:
+            task = asyncio.current_task()
+            self.calls.append((task.get_name() if task else "?", packed.split(b"\r\n")[2].decode()))
+            return await inner(packed)
+
+        pipeline.call = call  # type: ignore[method-assign]
 
     def on_path(self) -> list[str]:
         return [cmd for task, cmd in self.calls if task != FLUSH_TASK]
@@ -103,7 +117,7 @@ def test_one_redis_round_trip_per_request(rgw: RunningGateway) -> None:
     counters = rgw.gateway.reservations.counters
     assert isinstance(counters, RedisCounters)
     _wait_applied(counters, 1)  # the warm-up's settle is not counted below
-    log = CallLog(counters.redis)
+    log = CallLog(counters.redis, counters.pipeline)
     n = 6
     for i in range(n):  # back to back with max_parallel=1: never refused for its own finished request
         if i % 2:

@@ -1,67 +1,114 @@
 """Budget counters that survive Redis losing its data: seeded from the authoritative ledger, and
-this replica's reservations in flight counted again in a counter that was re-made.
+what each replica had counted that the ledger may lack counted again in the re-made counter.
 
-Why: a budget counter lives in Redis (or in memory). When it is missing (a new period, or Redis
-restarted empty) the admit script answers "need seed" instead of guessing, and the counter is
-seeded from the spend ledger read *then* (uncached, one read per counter however many requests
-wait for it) plus this replica's ledger rows not written yet. A cached read (up to 60 s old) once
-let a restarted Redis start from stale spend: 65% overspend.
+Why: a budget counter lives in Redis. When it is missing (a new period, or Redis restarted empty)
+the admit script answers "need seed" instead of guessing, and the counter is seeded from the spend
+ledger read *then* (uncached, one read per counter however many requests wait for it). A cached
+read (up to 60 s old) once let a restarted Redis start from stale spend: 65% overspend. A seed
+that waited one ledger flush interval for the other replicas' queued rows to land still lost
+whatever a loaded machine had not written in time (up to 8 requests of a $1.50 budget).
 
-A restart also loses the reservations of requests in flight. Each counter carries a generation
-(when it was seeded); a ticket remembers the generation its reservation was made in. The first
-time this replica sees a new generation of a counter, it re-reserves its own requests still in
-flight there (``RedisCounters.adopt``), and their settles release the re-made reservation, not a
-stranger's. A counter Redis lost is seeded one ledger flush interval after it was found missing,
-so the rows other replicas had queued are written by then. What stays open: between the restart
-and each replica's next admit on that counter, that replica's in-flight requests are not reserved
-(docs/persistence.md).
+The rule, with no timer: the ledger read misses only what no replica had written before Redis
+lost the counter, and each replica knows its part of that. A replica keeps, per budget counter it
+uses, a **book**: its reservations in flight, and the settled requests whose ledger row was not yet
+known to be written. Ledger rows are numbered in the order they are queued and written in that
+order (:attr:`BatchWriter.done` counts the rows written), so "written" is one number per replica,
+no clocks. Every admit reads that number just before it is sent (``done``); when the admit answers
+with the counter's generation the book knew, the counter was not lost before the admit ran, so
+every row written before ``done`` was in the database before any later loss, and so in any later
+seed: those entries are dropped. The first time a replica sees a **new** generation of a counter
+(at its next admit on it, or the periodic :meth:`BudgetSeeds.sweep`), it adds to the new counter,
+in one script guarded by the generation (``RedisCounters.adopt``), its reservations in flight
+(reserved again) and its entries not dropped (spent again). So, for every request the upstream was
+sent, its cost is in the new counter through at least one of: the seed (its row was written before
+the read), its settle (applied after the loss: to the counter, or to ``o`` while missing), or its
+replica's adopt (its row was not known written before the loss). Some costs are counted twice
+(a row written between a replica's last admit and the loss; a settle applied after the loss whose
+row is also adopted): the counter then holds slightly more than was spent and refuses a little
+early, never late. A seed of a counter this replica knew reads the database only: its own unwritten
+rows come in through its adopt.
+
+What stays open, and is documented (docs/persistence.md): between the loss and a replica's adopt
+(its next admit on that counter, or the sweep within ``SWEEP_S``), that replica's part is missing
+from the counter, so admits elsewhere may pass it meanwhile; the part is its in-flight reservations
+and about one flush interval of its rows, and it is added back, so only a budget that was already
+within that amount of its limit when Redis lost its data can go past it. A dead replica's book dies
+with it: its reservations in Redis become spend when it is found dead (``limits/expiry.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from functools import partial
 
 from kaiyuan.accounting.keystore import Budget
 from kaiyuan.accounting.ledger import SpendLedger
-from kaiyuan.limits.counters import NANO, BudgetCheck, RedisCounters, Ticket
+from kaiyuan.limits.counters import NANO, BudgetCheck, Counters, Denial, NeedSeed, RedisCounters, Ticket
+from kaiyuan.store.boundary import unavailable_error
 
 log = logging.getLogger("kaiyuan.guard")
-MAX_LOST_WAIT_S = 1.5  # a longer flush interval is not waited out in full
-LOST_MARGIN_S = 0.1  # beyond one ledger flush interval, for the other replicas' writes to land
-MAX_TRACKED = 100_000  # counters whose generation is remembered (cleared beyond: re-learned on the next admit)
+SWEEP_S = 30.0  # how often idle books are checked against Redis (their entries dropped or adopted)
+SWEEP_BATCH = 500  # counters read per round trip by the sweep
+
+
+@dataclass(slots=True)
+class Unwritten:
+    """A settled request whose ledger row was not known written when its counter was last seen."""
+
+    seq: int  # its ledger row's number (SpendLedger.seq_of)
+    nano: int  # its cost, nano-USD
+    gen: str  # the counter generation its cost is counted in
+
+
+@dataclass(slots=True)
+class Book:
+    """What this replica has counted in one budget counter that the counter would lose with Redis."""
+
+    gen: str  # the generation everything here is counted in (entries of another one wait to be adopted)
+    held: dict[int, BudgetCheck] = field(default_factory=dict)  # reservations in flight, by id()
+    unwritten: deque[Unwritten] = field(default_factory=deque)  # in ledger order
+    adopting: bool = False  # an adopt is on its way to Redis: others wait for the next look
+
+    def drop_written(self, gen: str, done: int) -> None:
+        """``gen`` was seen alive by an admit sent when ``done`` rows were written: those rows will
+        be in any later seed."""
+        q = self.unwritten
+        while q and q[0].seq < done and q[0].gen == gen:
+            q.popleft()
+        if q and q[0].seq < done:  # an entry of another generation in front (waiting to be adopted): filter
+            self.unwritten = deque(u for u in q if u.seq >= done or u.gen != gen)
+
+    @property
+    def empty(self) -> bool:
+        return not self.held and not self.unwritten
 
 
 class BudgetSeeds:
     def __init__(self, ledger: SpendLedger) -> None:
         self.ledger = ledger
         self._loads: dict[str, asyncio.Future[float]] = {}
-        self._held: dict[str, dict[int, BudgetCheck]] = {}  # counter -> this replica's reservations in flight
-        self._gen: dict[str, str] = {}  # counter -> the latest generation seen here
+        self.books: dict[str, Book] = {}  # counter -> this replica's book (bounded: see release)
+        self._sweeper: asyncio.Task[None] | None = None
 
     # -- seeding -------------------------------------------------------------------------------
     async def seed(self, budgets: list[tuple[BudgetCheck, Budget]]) -> None:
-        """Set every check's seed to its budget's spend this period, read from the ledger now. A
-        counter this replica knew (so Redis lost it) is read one ledger flush interval later: the
-        rows other replicas had queued when Redis lost it, whose cost went with it, are written by
-        then (a new period's counter is read at once)."""
-        if any(check.counter in self._gen for check, _ in budgets):
-            await self._single("lost", self._wait)
+        """Set every check's seed to its budget's spend this period, read from the ledger now (no
+        wait). A counter this replica knew (Redis lost it) reads the database only: this replica's
+        unwritten rows are added by its adopt. A new one adds them to the read."""
         for check, b in budgets:
             start = float(check.counter.rsplit(":", 1)[1])
-            spent = await self._single(check.counter, partial(self._spent, b, start))
+            queued = check.counter not in self.books
+            spent = await self._single(f"{check.counter}:{int(queued)}", partial(self._spent, b, start, queued))
             check.seed = round(spent * NANO)
 
-    async def _wait(self) -> float:
-        await asyncio.sleep(min(self.ledger.writer.spec.flush_interval_s, MAX_LOST_WAIT_S) + LOST_MARGIN_S)
-        return 0.0
-
-    async def _spent(self, b: Budget, start: float) -> float:
+    async def _spent(self, b: Budget, start: float, queued: bool) -> float:
         if self.ledger.engine is None:
             return 0.0
-        return await self.ledger.spent_since(b.scope, b.scope_id, start)
+        return await self.ledger.spent_since(b.scope, b.scope_id, start, queued=queued)
 
     async def _single(self, key: str, load: Callable[[], Awaitable[float]]) -> float:
         fut = self._loads.get(key)
@@ -71,35 +118,107 @@ class BudgetSeeds:
         # shield: one caller going away must not cancel the read the others are waiting for
         return await asyncio.shield(fut)
 
-    # -- reservations in flight ------------------------------------------------------------------
-    async def hold(self, ticket: Ticket, counters: RedisCounters) -> None:
-        """Track an admitted ticket; if a counter's generation changed since this replica last saw
-        it, re-reserve this replica's older reservations on it in the new generation."""
-        for b in ticket.budgets:
-            if self._gen.get(b.counter) != b.gen:
-                if len(self._gen) > MAX_TRACKED:
-                    self._gen.clear()
-                self._gen[b.counter] = b.gen
-                stale = [h for h in self._held.get(b.counter, {}).values() if h.gen != b.gen]
-                if stale:
-                    await self._adopt(counters, b.counter, b.gen, stale)
-            self._held.setdefault(b.counter, {})[id(b)] = b
+    # -- the request path ------------------------------------------------------------------------
+    async def admit(self, admit: Callable[[], Awaitable[Ticket | Denial | NeedSeed]],
+                    budgets: list[tuple[BudgetCheck, Budget]], counters: Counters) -> Ticket | Denial:
+        """Run ``admit`` (the counters' one atomic step); if a budget counter is missing, seed it
+        from the ledger and run it again. An admitted Redis ticket is booked (:meth:`hold`)."""
+        done = self.ledger.writer.done  # ledger rows written before the admit is sent
+        result = await admit()
+        if isinstance(result, NeedSeed):  # a budget counter is missing: seed it from the ledger, now
+            await self.seed(budgets)
+            done = self.ledger.writer.done
+            result = await admit()
+        if isinstance(result, NeedSeed):  # pragma: no cover - every seed is set: the script cannot ask again
+            raise unavailable_error()
+        if isinstance(result, Ticket) and budgets and result.backend == "redis" and isinstance(counters, RedisCounters):
+            await self.hold(result, counters, done)
+        return result
 
-    async def _adopt(self, counters: RedisCounters, counter: str, gen: str, stale: list[BudgetCheck]) -> None:
+    async def hold(self, ticket: Ticket, counters: RedisCounters, done: int) -> None:
+        """Book an admitted ticket. ``done``: the ledger rows written when its admit was sent. A
+        generation seen for the first time: adopt this replica's older part of the counter first."""
+        if self._sweeper is None and self.ledger.engine is not None:
+            self._sweeper = asyncio.create_task(self._sweep_forever(counters), name="kaiyuan-budget-books")
+        for b in ticket.budgets:
+            book = self.books.get(b.counter)
+            if book is None:
+                book = self.books[b.counter] = Book(b.gen)
+            await self.saw(book, b.counter, b.gen, done, counters)
+            book.held[id(b)] = b
+
+    def release(self, ticket: Ticket, nano: int, seq: int | None) -> None:
+        """The ticket's request ended with cost ``nano``; ``seq``: its ledger row (None: no row)."""
+        for b in ticket.budgets:
+            book = self.books.get(b.counter)
+            if book is None:
+                continue
+            book.held.pop(id(b), None)
+            if seq is not None and nano:
+                book.unwritten.append(Unwritten(seq, nano, b.gen))
+            elif book.empty:
+                del self.books[b.counter]
+
+    async def saw(self, book: Book, counter: str, gen: str, done: int, counters: RedisCounters) -> None:
+        """Redis answered, for an admit sent when ``done`` rows were written, that ``counter`` is in
+        generation ``gen``."""
+        if gen == book.gen:
+            book.drop_written(gen, done)
+            return
+        if book.adopting:
+            return
+        held = [h for h in book.held.values() if h.gen != gen]
+        rows = [u for u in book.unwritten if u.gen != gen]
+        reserve, spent = sum(h.reserve for h in held), sum(u.nano for u in rows)
+        book.adopting = True
         try:
-            if await counters.adopt(counter, gen, sum(h.reserve for h in stale)):
-                for h in stale:
-                    h.gen = gen
-                log.warning("budget counter %s was re-made (Redis lost its data): %d reservations in flight re-counted",
-                            counter, len(stale))
-        except Exception as e:  # Redis failing again: the next admit that sees the generation retries
-            self._gen.pop(counter, None)
-            log.error("could not re-count %d reservations in flight on %s: %s", len(stale), counter, e)
+            ok = await counters.adopt(counter, gen, reserve, spent)
+        except Exception as e:  # Redis failing again: the next look at the counter retries
+            log.error("could not re-count %d reservations and $%.6f of unwritten spend on %s: %s",
+                      len(held), spent / NANO, counter, e)
+            return
+        finally:
+            book.adopting = False
+        if not ok:  # the counter moved on (or is missing) again: the next look adopts into that one
+            return
+        for h in held:
+            h.gen = gen
+        for u in rows:
+            u.gen = gen
+        book.gen = gen
+        book.drop_written(gen, done)
+        log.warning("budget counter %s was re-made (Redis lost its data): %d reservations in flight and "
+                    "$%.6f of spend not yet in the ledger counted again", counter, len(held), spent / NANO)
 
-    def release(self, ticket: Ticket) -> None:
-        for b in ticket.budgets:
-            held = self._held.get(b.counter)
-            if held is not None:
-                held.pop(id(b), None)
-                if not held:
-                    del self._held[b.counter]
+    # -- idle books --------------------------------------------------------------------------------
+    async def sweep(self, counters: RedisCounters) -> None:
+        """Look at every book in Redis (``SWEEP_BATCH`` counters a round trip): drop what is
+        written, or adopt. So a book empties without new requests, and a replica with no new
+        request on a counter still adds its part soon after Redis lost it."""
+        names = list(self.books)
+        for i in range(0, len(names), SWEEP_BATCH):
+            chunk = names[i:i + SWEEP_BATCH]
+            done = self.ledger.writer.done
+            for counter, gen in zip(chunk, await counters.generations(chunk), strict=True):
+                book = self.books.get(counter)
+                if gen is None or book is None:
+                    continue  # missing: its next admit seeds it, and the book is adopted then
+                await self.saw(book, counter, gen, done, counters)
+                if book.empty and self.books.get(counter) is book:
+                    del self.books[counter]
+
+    async def _sweep_forever(self, counters: RedisCounters) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            try:
+                await self.sweep(counters)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # Redis down: the next round tries again
+                log.warning("budget book sweep failed (%s); retrying in %.0f s", e, SWEEP_S)
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None

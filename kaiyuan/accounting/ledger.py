@@ -53,14 +53,23 @@ class SpendLedger:
         if self.engine is not None and (w.full or not w.healthy):
             raise unavailable_error()
 
-    async def spent_since(self, scope: str, scope_id: str, since: float) -> float:
-        """Spend of a key or team since ``since``: the ledger (an uncached read) plus this replica's
-        rows not written yet. The queue is copied before the read, so a row written meanwhile is
-        counted twice (too much, never too little). A database that is down is a 503."""
+    async def spent_since(self, scope: str, scope_id: str, since: float, queued: bool = True) -> float:
+        """Spend of a key or team since ``since``: the ledger (an uncached read) plus, if ``queued``,
+        this replica's rows not written yet. The queue is copied before the read, so a row written
+        meanwhile is counted twice (too much, never too little). A database that is down is a 503."""
         assert self.engine is not None
         col = "key_id" if scope == "key" else "team_id"
-        queued = sum(r["cost_usd"] or 0.0 for r in self.writer.rows() if r[col] == scope_id and r["ts"] >= since)
-        return await call(keystore.spent_since, self.engine, scope, scope_id, since) + queued
+        rows = self.writer.rows() if queued else []
+        unwritten = sum(r["cost_usd"] or 0.0 for r in rows if r[col] == scope_id and r["ts"] >= since)
+        return await call(keystore.spent_since, self.engine, scope, scope_id, since) + unwritten
+
+    def seq_of(self, request_id: str) -> int | None:
+        """The number of ``request_id``'s row if it is the last one queued (it is, between
+        ``record`` and the release that follows it with no await between); else None. The row is
+        written once ``writer.done`` exceeds it (rows are written in queue order)."""
+        w = self.writer
+        last = w.last()
+        return w.queued - 1 if last is not None and last["request_id"] == request_id else None
 
     async def flush(self) -> int:
         """Write every queued row; the number written (rows kept while the database is down)."""

@@ -7,7 +7,7 @@ atomic step of the counters (in process, or one Redis EVALSHA). ``release`` runs
 has ended, whatever happened: it gives the reservation back and adds the real cost. With Redis the
 release is queued and applied in batches (:mod:`kaiyuan.limits.settle_batch`), so the reserve is
 the only Redis round trip on a request's path. A budget counter starts from the ledger's spend for
-its period, read once per counter (and at most every ``SEED_TTL_S``).
+its period, read when the counter is missing (:mod:`kaiyuan.accounting.budget_seeds`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
@@ -47,7 +48,6 @@ from kaiyuan.limits.counters import (
 from kaiyuan.limits.shared import ENV_SOCKET as SHARED_COUNTERS_ENV
 from kaiyuan.limits.shared import SharedCounters
 from kaiyuan.offload import big
-from kaiyuan.store.boundary import unavailable_error
 
 log = logging.getLogger("kaiyuan.reservations")
 
@@ -135,16 +135,10 @@ class Reservations:
         if not rates and not budgets:
             return
         checks = [b for b, _ in budgets]
-        result = await self._counters_admit(rates, checks, res.tokens, now)
-        if isinstance(result, NeedSeed):  # a budget counter is missing: seed it from the ledger, now
-            await self.seeds.seed(budgets)
-            result = await self._counters_admit(rates, checks, res.tokens, now)
-        if isinstance(result, NeedSeed):  # pragma: no cover - every seed is set: the script cannot ask again
-            raise unavailable_error()
+        result = await self.seeds.admit(partial(self._counters_admit, rates, checks, res.tokens, now), budgets,
+                                        self.counters)
         if isinstance(result, Denial):
             raise self._denied(result, rates, budgets, ctx, now)
-        if isinstance(self.counters, RedisCounters) and result.backend == "redis":
-            await self.seeds.hold(result, self.counters)
         ctx.ticket = result
 
     def _budget_checks(self, rec: KeyRecord, now: float, worst: float) -> list[tuple[BudgetCheck, Budget]]:
@@ -211,8 +205,9 @@ class Reservations:
         ticket, ctx.ticket = ctx.ticket, None
         if ticket is None:
             return
-        self.seeds.release(ticket)
         nano = 0 if cost is None else round(cost * NANO)
+        if ticket.backend == "redis":  # before any await: its ledger row is the last one queued
+            self.seeds.release(ticket, nano, self.ledger.seq_of(ctx.request_id) if cost is not None else None)
         u = ctx.usage
         total = (u.prompt_tokens or 0) + (u.completion_tokens or 0) if u.prompt_tokens is not None else ticket.prompt_tokens
         if ticket.budgets and nano > ticket.budgets[0].reserve:
@@ -260,6 +255,7 @@ class Reservations:
         return {"spent_usd": round(spent, 9), "reserved_usd": round(reserved, 9), "period_start": start, "resets_at": end}
 
     async def close(self) -> None:
+        await self.seeds.close()
         await self.counters.close()
 
 

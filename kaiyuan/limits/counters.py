@@ -270,14 +270,20 @@ return 0
 SETTLE_LUA = BUDGET_SETTLE_LUA + SETTLE_LUA
 
 
-# Re-count a replica's reservations still in flight in a budget counter that was re-made (Redis lost
-# its data) since they were made. KEYS: the budget hash. ARGV: its generation, nano-USD to reserve.
-# KEYS: the budget hash, this replica's set of counters. ARGV: generation, nano-USD, replica id.
+# Count again what a replica had counted in a budget counter that was re-made since (Redis lost its
+# data): its reservations still in flight (r, and its share r:<replica>) and the cost of its requests
+# whose ledger rows the seed may lack (s); see accounting/budget_seeds.py. Only into the generation
+# the replica saw: a counter that moved on again answers 0 and is adopted into at the next look.
+# KEYS: the budget hash, this replica's set of counters. ARGV: generation, reserve and spend
+# (nano-USD, integer strings), replica id.
 ADOPT_LUA = """
 if redis.call('HGET', KEYS[1], 'g') ~= ARGV[1] then return 0 end
-redis.call('HINCRBY', KEYS[1], 'r', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'r:' .. ARGV[3], ARGV[2])
-redis.call('SADD', KEYS[2], KEYS[1])
+if ARGV[2] ~= '0' then
+  redis.call('HINCRBY', KEYS[1], 'r', ARGV[2])
+  redis.call('HINCRBY', KEYS[1], 'r:' .. ARGV[4], ARGV[2])
+  redis.call('SADD', KEYS[2], KEYS[1])
+end
+if ARGV[3] ~= '0' then redis.call('HINCRBY', KEYS[1], 's', ARGV[3]) end
 return 1
 """
 
@@ -302,6 +308,9 @@ class RedisCounters:
         from redis.asyncio.retry import Retry
         from redis.backoff import ExponentialBackoff
         from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import NoScriptError
+
+        from kaiyuan.limits.pipelining import AutoPipeline, PipelineFull, pack
 
         # A bounded, blocking pool: under a burst, requests queue for one of REDIS_MAX_CONNECTIONS
         # connections instead of each opening its own (a connect storm that timed out as "unreachable").
@@ -320,11 +329,14 @@ class RedisCounters:
         self._offset_at = 0.0
         self._clock: asyncio.Task[None] | None = None
         self._admit = self.redis.register_script(ADMIT_LUA)
+        self.pipeline = AutoPipeline(self.redis, REDIS_SOCKET_TIMEOUT_S)
+        self._pack = pack
+        self._send_alone: tuple[type[Exception], ...] = (NoScriptError, PipelineFull)
         self._settle = self.redis.register_script(SETTLE_LUA)
         self._adopt = self.redis.register_script(ADOPT_LUA)
         self.replica = uuid.uuid4().hex[:12]
         self.liveness = Liveness(self.redis, prefix, self.replica)
-        self.batcher = SettleBatcher(self.redis, prefix, self.replica, on_settle_event)
+        self.batcher = SettleBatcher(self.redis, prefix, self.replica, on_settle_event, send=self._eval)
 
     def _rate_keys(self, scope: str, minute: int) -> list[str]:
         p = self.prefix
@@ -336,9 +348,15 @@ class RedisCounters:
         admit can never leave a reservation that no one will release."""
         minute = int(now // 60)
         keys: list[str] = []
+        off = self._offset_ms  # the clock offset, measured (the first admit, then every CLOCK_REFRESH_S) or not
+        if off is not None and time.monotonic() - self._offset_at <= CLOCK_REFRESH_S:
+            deadline = int(time.time() * 1000 + off + ADMIT_DEADLINE_S * 1000)
+        else:
+            deadline = await self._deadline_ms()
+        # from here to the command's place in the pipeline's queue nothing yields: the settle
+        # batcher's counts and marker below are the ones the admit runs behind (pipelining.py)
         bt = self.batcher
         marker = bt.inflight_marker
-        deadline = await self._deadline_ms()
         args: list[Any] = [len(rates), len(budgets), prompt_tokens, 120, PARALLEL_TTL_S, int(marker is not None), deadline, self.replica]
         queued, inflight = bt.pending_parallel, bt.inflight_parallel
         for r in rates:
@@ -351,7 +369,7 @@ class RedisCounters:
         keys.append(self.liveness.resof(self.replica))
         if marker is not None:
             keys.append(marker)
-        res = await self._admit(keys=keys, args=args)
+        res = await self._eval(self._admit, keys, args)
         code = int(res[0])
         if code == 0:
             for b, g in zip(budgets, res[1:], strict=True):
@@ -363,6 +381,15 @@ class RedisCounters:
             raise AdmitTooLate("Redis ran the admit after its deadline")
         kind = res[2].decode() if isinstance(res[2], bytes) else str(res[2])
         return Denial(kind, int(res[1]), int(res[3]), int(res[4]))
+
+    async def _eval(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run a registered script through the auto-pipeline, with the other commands issued in
+        this loop turn (see pipelining.py); through redis-py's own call (which loads it) when Redis
+        does not have the script (it restarted) or the pipeline's queue is full."""
+        try:
+            return await self.pipeline.call(self._pack(["EVALSHA", script.sha, len(keys), *keys, *args]))
+        except self._send_alone:
+            return await script(keys=keys, args=args)
 
     async def _deadline_ms(self) -> int:
         """Now plus ADMIT_DEADLINE_S, on Redis's clock (the offset is measured with TIME, then
@@ -390,11 +417,19 @@ class RedisCounters:
         await self.liveness.beat()  # before this replica's first reservation: see expiry.py
         self.liveness.start()
 
-    async def adopt(self, counter: str, gen: str, reserve: int) -> bool:
-        """Count reservations made in an older generation of ``counter`` (before Redis lost it) in
-        the current one, ``gen``; False if the counter has moved on again."""
+    async def adopt(self, counter: str, gen: str, reserve: int, spent: int = 0) -> bool:
+        """Count ``reserve`` (reservations in flight) and ``spent`` (settled cost the ledger may lack)
+        made before ``counter`` was re-made, in its current generation ``gen``; False if the counter
+        has moved on (or is missing) again."""
         keys = [f"{self.prefix}bud:{counter}", self.liveness.resof(self.replica)]
-        return bool(await self._adopt(keys=keys, args=[gen, reserve, self.replica]))
+        return bool(await self._adopt(keys=keys, args=[gen, str(reserve), str(spent), self.replica]))
+
+    async def generations(self, counters: list[str]) -> list[str | None]:
+        """The counters' current generations (None: missing), in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for c in counters:
+            pipe.hget(f"{self.prefix}bud:{c}", "g")
+        return [None if g is None else g.decode() if isinstance(g, bytes) else str(g) for g in await pipe.execute()]
 
     def settle_later(self, ticket: Ticket, actual: list[int], total_tokens: int) -> bool:
         """Queue the settle for the background batcher (no I/O); False when the queue is full."""
@@ -422,6 +457,7 @@ class RedisCounters:
     async def close(self) -> None:
         await self.batcher.close()
         await self.liveness.close()
+        await self.pipeline.close()
         if self._clock is not None and not self._clock.done():
             self._clock.cancel()
         await self.redis.aclose()

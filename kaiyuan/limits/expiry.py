@@ -2,17 +2,19 @@
 
 Why: a replica that dies between admit and settle (SIGKILL, OOM, a lost machine) used to leave its
 requests' budget reservations counted until the budget period ended, so a team could be refused
-for the rest of the month for spend that never happened.
+for the rest of the month. Released outright, though, they undercount: those requests may have
+reached the upstream, which bills them, and no settle or ledger row will ever say so. So a dead
+replica's reservations are turned into spend (at their worst-case cost: a little more than was
+spent, never less), and stop counting as reserved.
 
 How: every budget counter keeps, beside the total reserved ``r``, each replica's share
 ``r:<replica>``, and a set ``resof:<replica>`` names the counters where a replica holds some.
 Each replica refreshes a heartbeat key (``hb:<replica>``, ``ttl_s``) every ``every_s`` and sweeps
 the others: a replica whose heartbeat has stayed missing for 2.5 sweep intervals (so a Redis
 pause, which expires every heartbeat at once, does not count: live replicas beat again within an
-interval) has its shares released. Its late
-settles, if it was only stalled, release nothing more (a settle releases at most its replica's
-share). A replica stalled for longer than ``ttl_s`` plus two sweeps loses its reservations while
-its requests may still run: their cost is still added when they settle.
+interval) has its shares turned into spend. Its late settles, if it was only stalled, release
+nothing more (a settle releases at most its replica's share) and add their real cost again:
+counted twice, which only refuses early.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ SWEEP_EVERY_S = 10.0
 MISSING_FOR = 2.5  # sweep intervals a heartbeat must stay missing (a live replica's beat may wait out a timeout)
 RESOF_TTL_S = 40 * 86400
 
+# The dead replica's share moves from reserved to spent: its requests may have reached the upstream
+# (and be billed) without a settle or a ledger row.
 # KEYS: the budget hash, the dead replica's heartbeat key. ARGV: its replica id.
 RECLAIM_LUA = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
@@ -37,6 +41,7 @@ local mine = redis.call('HGET', KEYS[1], f)
 if not mine then return 0 end
 local r = tonumber(redis.call('HGET', KEYS[1], 'r') or '0')
 if r < tonumber(mine) then redis.call('HSET', KEYS[1], 'r', '0') else redis.call('HINCRBY', KEYS[1], 'r', '-' .. mine) end
+if redis.call('HEXISTS', KEYS[1], 's') == 1 then redis.call('HINCRBY', KEYS[1], 's', mine) end
 redis.call('HDEL', KEYS[1], f)
 return 1
 """
@@ -106,7 +111,8 @@ class Liveness:
         await self.redis.srem(f"{self.prefix}replicas", other)
         self.released += n
         if n:
-            log.warning("replica %s stopped (no heartbeat for over %d s): released its reservations on %d budget counters",
+            log.warning("replica %s stopped (no heartbeat for over %d s): its reservations on %d budget counters "
+                        "now count as spent",
                         other, self.ttl_s, n)
 
     async def close(self) -> None:

@@ -14,6 +14,10 @@ script first does ``SET NX`` on the batch id, so a batch that did apply before i
 not applied twice. A batch that still fails is dropped and logged: its reservations stay counted
 (conservative) until the period ends, and its parallel slots expire after ``PARALLEL_TTL_S``.
 
+The batch goes out through the counters' auto-pipeline (``send``, see pipelining.py), in the order
+it was issued among the admits: an admit that counted a queued release as free was issued before
+the batch that applies it, so it runs before it too.
+
 Parallel slots: the queued (not yet sent) releases of this replica are known exactly, so the ADMIT
 script is told how many slots of each scope are already free (``pending_parallel``); a client that
 sends its next request the moment it got the last answer is not refused for its own finished one.
@@ -25,7 +29,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -112,16 +116,19 @@ return 1
 """
 
 OnEvent = Callable[[str, int], None]  # (what happened: "retry" | "dropped" | "inline" | "set_aside", tickets)
+Send = Callable[[Any, list[str], list[Any]], Awaitable[Any]]  # (redis-py Script, keys, args) -> its reply
 
 
 class SettleBatcher:
     """The queue and the background task that applies queued settles in batches."""
 
-    def __init__(self, redis: Any, prefix: str, replica: str, on_event: OnEvent | None = None) -> None:
+    def __init__(self, redis: Any, prefix: str, replica: str, on_event: OnEvent | None = None,
+                 send: Send | None = None) -> None:
         self.redis = redis
         self.prefix = prefix
         self.on_event = on_event
         self._script = redis.register_script(SETTLE_MANY_LUA)
+        self._call: Send = send or (lambda script, keys, args: script(keys=keys, args=args))
         self._queue: deque[tuple[Ticket, list[int], int]] = deque()
         self.pending_parallel: dict[str, int] = {}  # scope -> releases queued here and not yet sent
         self.inflight_parallel: dict[str, int] = {}  # scope -> releases in the batch in flight
@@ -232,7 +239,7 @@ class SettleBatcher:
         delay = 0.05
         while True:
             try:
-                res = int(await self._script(keys=keys, args=args))
+                res = int(await self._call(self._script, keys, args))
                 if res < 0:
                     return -res - 1
                 self.applied += len(batch)

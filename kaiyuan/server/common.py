@@ -17,6 +17,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from kaiyuan.codecs import DECODE_ERRORS, REQUEST_CODINGS, TooLarge, decode_all
 from kaiyuan.context import RequestContext
 from kaiyuan.errors import NO_RETRY_STATUSES, ErrorKind, GatewayError, invalid
+from kaiyuan.offload import OFF_LOOP_BYTES, loads_large, not_json
 
 ErrorSerializer = Callable[[GatewayError], bytes]
 JSON_CT = "application/json"
@@ -64,13 +65,17 @@ async def read_json(request: web.Request, max_bytes: int, timeout_s: float = 60.
         raw = decode_body(raw, encoding, max_bytes)
     if not raw:
         raise invalid("the request body is empty; send a JSON object", code="empty_body")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise invalid(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    large = len(raw) >= OFF_LOOP_BYTES
+    if large:  # parsed a piece at a time, the loop turning in between (depth checked on the way)
+        body = await loads_large(raw, max_depth, check_depth)
+    else:
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise not_json(e) from None
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object", code="invalid_json")
-    if raw.count(b"[") + raw.count(b"{") > max_depth:  # fewer brackets than that cannot nest deeper
+    if not large and raw.count(b"[") + raw.count(b"{") > max_depth:  # fewer brackets cannot nest deeper
         check_depth(body, max_depth)
     return raw, body
 

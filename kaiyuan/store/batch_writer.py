@@ -100,6 +100,8 @@ class BatchWriter(Generic[R]):
         self._closing = False
         self._last_log = 0.0
         self.healthy = True  # False from a flush that found the database unavailable until one that wrote
+        self.queued = 0  # rows ever queued: a row's number is the count before it (see ``done``)
+        self.done = 0  # rows ever taken off the queue (written or set aside), in queue order
         self.m_written = metrics.written.labels(spec.name)
         self.m_dropped = metrics.dropped.labels(spec.name)
         self.m_set_aside = metrics.set_aside.labels(spec.name)
@@ -115,6 +117,10 @@ class BatchWriter(Generic[R]):
         """A copy of the queued rows (for a reader that must count what is not written yet)."""
         return list(self._queue)
 
+    def last(self) -> R | None:
+        """The row queued last, if it is still queued."""
+        return self._queue[-1] if self._queue else None
+
     @property
     def full(self) -> bool:
         """The queue is at its bound: a ``hold`` writer's caller must refuse new work now."""
@@ -127,6 +133,7 @@ class BatchWriter(Generic[R]):
             self._log_sometimes("%s: queue full (%d rows), rows are being dropped", self.spec.name, len(self._queue))
             return False
         self._queue.append(row)
+        self.queued += 1
         if len(self._queue) >= self.spec.batch_size:
             self._wake.set()
         return True
@@ -149,9 +156,10 @@ class BatchWriter(Generic[R]):
                 # written wait for the next full batch or the interval; writing them at once made the
                 # writer run back to back in batches of a few rows, each paying a thread hop, a
                 # transaction and GIL hand-overs (about three times the CPU per row under load).
-                # Money ("hold", the spend ledger) is still written as soon as it can be: a budget
-                # re-seeded after Redis lost its data counts on other replicas' rows being in the
-                # ledger within one flush interval (accounting.budget_seeds).
+                # Money ("hold", the spend ledger) is still written as soon as it can be: the sooner
+                # a row is in the ledger, the sooner a replica's book of rows a re-seeded budget
+                # counter may lack is empty again (accounting.budget_seeds; correctness does not
+                # depend on it).
                 await self.flush(whole=interval or self._closing or self.spec.overflow == "hold")
             except Exception:  # a bug must not stop the writer for good
                 log.exception("%s: flush failed unexpectedly; rows kept, retrying", self.spec.name)
@@ -186,6 +194,7 @@ class BatchWriter(Generic[R]):
                     done, ok = await asyncio.get_running_loop().run_in_executor(WRITER_THREAD, self._write_each, batch)
                 for _ in range(done):
                     q.popleft()
+                self.done += done
                 if done:
                     self.healthy = True
                 written += ok

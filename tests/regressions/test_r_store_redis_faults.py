@@ -76,12 +76,12 @@ async def test_a_missing_counter_asks_for_a_seed_and_old_reservations_do_not_rel
         seeds = BudgetSeeds(SpendLedger(None, 60, Metrics().store))
         again = RedisCounters(redis_server.url)
         t1 = await _admit(again, counter)
-        await seeds.hold(t1, again)
+        await seeds.hold(t1, again, 0)
         redis_server.restart_empty()
         t2 = await _admit(again, counter, 0)
-        await seeds.hold(t2, again)  # a new generation: t1's reservation is counted in it again
+        await seeds.hold(t2, again, 0)  # a new generation: t1's reservation is counted in it again
         assert await again.peek_budget(counter) == (0, 2 * NANO)
-        seeds.release(t1)
+        seeds.release(t1, 0, None)
         await again.settle(t1, [0], 1)  # ... and released by its settle
         assert await again.peek_budget(counter) == (0, NANO)
         await again.close()
@@ -178,8 +178,9 @@ async def test_a_settle_redis_refuses_is_set_aside_and_the_rest_of_its_batch_app
         await rc.close()
 
 
-async def test_a_dead_replicas_reservations_expire_and_a_live_ones_do_not(redis_server: PrivateRedis) -> None:
-    """Reservations must expire: a replica killed mid-request left them counted until the period ended."""
+async def test_a_dead_replicas_reservations_become_spend_and_a_live_ones_stay_reserved(redis_server: PrivateRedis) -> None:
+    """Reservations must not outlive their replica: one killed mid-request left them reserved until the
+    period ended. They become spend: its requests may have been billed."""
     live, dead = RedisCounters(redis_server.url), RedisCounters(redis_server.url)
     for rc in (live, dead):
         rc.liveness.ttl_s, rc.liveness.every_s = 1, 0.5
@@ -194,9 +195,11 @@ async def test_a_dead_replicas_reservations_expire_and_a_live_ones_do_not(redis_
             if live.liveness.released:
                 break
         assert live.liveness.released == 1
-        assert await live.peek_budget(counter) == (0, NANO)  # the dead one's reservation is gone, ours stays
+        # the dead one's reservation counts as spent (its request may have reached the upstream, and
+        # nothing will ever settle it); ours stays reserved
+        assert await live.peek_budget(counter) == (NANO, NANO)
         await live.settle(mine, [NANO // 4], 1)
-        assert await live.peek_budget(counter) == (NANO // 4, 0)
+        assert await live.peek_budget(counter) == (NANO + NANO // 4, 0)
     finally:
         await live.close()
         await dead.close()

@@ -2,6 +2,7 @@
 
     python bench/instructions.py                    # Kaiyuan and the aiohttp floor, non-streaming
     python bench/instructions.py --stream --with keys --requests 2000
+    python bench/instructions.py --scenario anthropic-stream --no-floor   # a translated stream
     python bench/instructions.py --with keys --with keys-redis --no-floor   # redis-server runs natively
 
 Wall-clock and CPU-time figures move by tens of percent when other jobs share the two cores; a
@@ -41,7 +42,7 @@ from bench.run import (  # noqa: E402
     start_upstream,
     wait_ready,
 )
-from bench.scenarios import CHAT, CHAT_STREAM, VARIANTS, Scenario  # noqa: E402
+from bench.scenarios import CHAT, CHAT_STREAM, SCENARIOS, VARIANTS, Scenario  # noqa: E402
 
 FLOOR = ROOT / "bench" / "floors" / "aiohttp_floor.py"
 # children traced too: a supervisor's worker (the kaiyuan-sup variant) is counted on its own
@@ -120,6 +121,8 @@ def start_floor(fleet: Fleet, up: Target, script: Path = FLOOR, name: str = "flo
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stream", action="store_true")
+    p.add_argument("--scenario", choices=[s.name for s in SCENARIOS],
+                   help="a bench/scenarios.py scenario instead (e.g. anthropic-stream: a translated stream)")
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("-c", "--concurrency", type=int, default=8)
@@ -137,6 +140,8 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="kaiyuan-instr-"))
     fleet = Fleet(workdir, pin=True)
     sc = CHAT_STREAM if a.stream else CHAT
+    if a.scenario:
+        sc = next(s for s in SCENARIOS if s.name == a.scenario)
     results: list[tuple[str, float]] = []
     try:
         up = start_upstream(fleet, "0")

@@ -374,7 +374,13 @@ def run_loadgen(fleet: Fleet, spec: dict[str, Any], procs: int, cpu: str) -> dic
             out, err = r.communicate(timeout=limit)
             if r.returncode != 0:
                 raise RuntimeError(f"load generator failed ({r.returncode}): {err.decode(errors='replace')[-2000:]}")
-            d = json.loads(out)
+            try:
+                d = json.loads(out)
+            except ValueError as e:
+                dump = fleet.workdir / f"loadgen-{r.pid}.out"
+                dump.write_bytes(out)
+                raise RuntimeError(f"load generator output is not JSON ({e}; {len(out)} bytes, kept in {dump}): "
+                                   f"{out[max(0, e.pos - 80):e.pos + 80]!r}") from None  # type: ignore[attr-defined]
             for k, v in d.items():
                 if k == "elapsed":
                     merged[k] = max(merged.get(k, 0.0), v)

@@ -35,8 +35,12 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4000
 DEFAULT_LOCAL_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
-MAX_RESPONSE_DOC = ("largest upstream reply body after decompression (a whole body, or all of a compressed stream); "
-                    "beyond: 502")
+MAX_RESPONSE_DOC = "largest whole (non-streamed) upstream reply body, after decompression; beyond: 502"
+# 128k output tokens (the longest answers offered, reasoning included) at ~330 bytes an OpenAI chunk
+# is ~42 MB; with top_logprobs 20 ~1.8 KB a token, ~230 MB (docs/robustness.md, "Stream size")
+DEFAULT_MAX_STREAM_BYTES = 256 * 1024 * 1024
+MAX_STREAM_DOC = ("most bytes one upstream stream may send, after decompression; beyond: the upstream request is "
+                  "closed and the stream ends with an error event (502 upstream_stream_too_large)")
 DEFAULT_MAX_ERROR_BYTES = 1024 * 1024
 MAX_ERROR_DOC = "an upstream error (non-2xx) body is read up to this many bytes, then cut and its connection closed"
 
@@ -208,6 +212,7 @@ class _HTTPDeployment(DeploymentBase):
     headers: dict[str, str] = Field(default_factory=dict)
     max_connections: int = Field(1000, gt=0)
     max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, gt=0, description=MAX_RESPONSE_DOC)
+    max_stream_bytes: int = Field(DEFAULT_MAX_STREAM_BYTES, gt=0, description=MAX_STREAM_DOC)
     max_error_bytes: int = Field(DEFAULT_MAX_ERROR_BYTES, gt=0, description=MAX_ERROR_DOC)
 
     @field_validator("base_url")

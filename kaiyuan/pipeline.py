@@ -34,6 +34,7 @@ from kaiyuan.config import ModelConfig
 from kaiyuan.context import RequestContext
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
+from kaiyuan.observability.request_log import shown
 from kaiyuan.offload import big
 from kaiyuan.routing.executor import close_upstream
 from kaiyuan.server.common import ErrorSerializer, client_gone, error_response, new_request_id, read_json
@@ -127,8 +128,8 @@ def resolve_model(gw: Gateway, ctx: RequestContext) -> ModelConfig:
     m = gw.models.get(ctx.model or "")
     if m is None:
         names = ", ".join(sorted(gw.models)) or "(none configured)"
-        raise GatewayError(ErrorKind.NOT_FOUND, f"model {ctx.model!r} does not exist on this gateway; available models: "
-                                                f"{names}", param="model", code="model_not_found")
+        raise GatewayError(ErrorKind.NOT_FOUND, f"model {shown(ctx.model)!r} does not exist on this gateway; available "
+                                                f"models: {names}", param="model", code="model_not_found")
     ctx.log_bodies = m.log_bodies
     ctx.pricer = gw.costing.cost
     return m

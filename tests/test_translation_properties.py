@@ -230,3 +230,19 @@ def test_anthropic_stream_round_trip_through_openai_chunks(msg: dict[str, Any], 
     assert got["content"] == msg["content"]
     assert got["stop_reason"] == msg["stop_reason"]
     assert got["usage"] == msg["usage"]
+
+
+def test_the_translators_read_a_chunk_once_and_alike() -> None:
+    """``openai_chat.read_chunk``: the one reading of a chat chunk the stream translators share."""
+    u = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    usage, delta, reasoning, finish = oc.read_chunk({"choices": [], "usage": u})
+    assert usage is not None and (usage.input_tokens, usage.output_tokens) == (3, 2)
+    assert (delta, reasoning, finish) == (None, None, None)
+    both = {"reasoning_content": "deepseek", "reasoning": "vllm", "content": "x"}
+    chunk = {"choices": [{"index": 1, "delta": {"content": "other"}}, {"index": 0, "delta": both, "finish_reason": "stop"}]}
+    assert oc.read_chunk(chunk) == (None, both, "deepseek", "stop")  # choice 0 wherever it is; DeepSeek's field first
+    assert oc.read_chunk({"choices": [{"delta": {"reasoning": "vllm"}}]})[2] == "vllm"  # no index: choice 0
+    for odd in ("", None, 5, ["x"]):
+        assert oc.read_chunk({"choices": [{"index": 0, "delta": {"reasoning_content": odd}}]})[2] is None
+    assert oc.read_chunk({"choices": [{"index": 0, "delta": None}]})[1] == {}
+    assert oc.read_chunk({"usage": None})[0] is None

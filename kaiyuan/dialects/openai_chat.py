@@ -319,3 +319,27 @@ def response_from_canonical(r: c.Response, model: str) -> dict[str, Any]:
 
 def chunk_bytes(obj: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+Chunk = tuple[c.Usage | None, dict[str, Any] | None, str | None, Any]  # see read_chunk
+
+
+def read_chunk(chunk: dict[str, Any]) -> Chunk:
+    """An OpenAI chat chunk as every stream translator reads it, once: (its usage, canonical, or
+    None; choice 0's delta, or None when the chunk has no choice 0; that delta's reasoning text
+    (``reasoning_content``, DeepSeek's, else ``reasoning``, vLLM's and OpenRouter's), or None; its
+    finish reason). Other choices are ignored (the translators carry one answer). Written for the
+    common chunk (one choice, index 0, no usage): it costs no more than the inline reading it replaced."""
+    u = chunk.get("usage")
+    usage = usage_to_canonical(u) if u is not None and isinstance(u, dict) else None  # most chunks: None, one test
+    choices = chunk.get("choices")
+    if not choices:
+        return usage, None, None, None
+    ch = choices[0]
+    if ch.get("index", 0) != 0:
+        ch = next((x for x in choices if x.get("index", 0) == 0), None)
+        if ch is None:
+            return usage, None, None, None
+    delta = ch.get("delta") or {}
+    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+    return usage, delta, reasoning if reasoning and isinstance(reasoning, str) else None, ch.get("finish_reason")

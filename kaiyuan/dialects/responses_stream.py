@@ -21,8 +21,8 @@ from typing import Any
 import orjson
 
 from kaiyuan.dialects import canonical as c
-from kaiyuan.dialects import openai_chat as oc
 from kaiyuan.dialects import responses_out as ro
+from kaiyuan.dialects.openai_chat import read_chunk
 from kaiyuan.errors import GatewayError
 
 
@@ -159,29 +159,26 @@ class ChatToResponses:
 
     # -- the stream -------------------------------------------------------------------------
     def feed(self, chunk: dict[str, Any]) -> list[bytes]:
+        usage, delta, reasoning, finish = read_chunk(chunk)
+        if usage is not None:
+            self.usage = usage
+        if delta is None:
+            return []
         out: list[bytes] = []
-        u = chunk.get("usage")
-        if isinstance(u, dict):
-            self.usage = oc.usage_to_canonical(u)
-        for ch in chunk.get("choices") or ():
-            if ch.get("index", 0) != 0:
-                continue
-            delta = ch.get("delta") or {}
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-            if isinstance(reasoning, str) and reasoning:
-                out += self._reasoning(reasoning)
-            sig = delta.get("reasoning_signature")
-            if isinstance(sig, str) and sig:
-                item = self._current("reasoning")
-                if item is not None:
-                    item.signature = (item.signature or "") + sig
-            text = delta.get("content")
-            if isinstance(text, str) and text:
-                out += self._text(text)
-            for tc in delta.get("tool_calls") or ():
-                out += self._tool(tc)
-            if ch.get("finish_reason"):
-                self.finish = ch["finish_reason"]
+        if reasoning is not None:
+            out += self._reasoning(reasoning)
+        sig = delta.get("reasoning_signature")
+        if isinstance(sig, str) and sig:
+            item = self._current("reasoning")
+            if item is not None:
+                item.signature = (item.signature or "") + sig
+        text = delta.get("content")
+        if isinstance(text, str) and text:
+            out += self._text(text)
+        for tc in delta.get("tool_calls") or ():
+            out += self._tool(tc)
+        if finish:
+            self.finish = finish
         return out
 
     def end(self) -> list[bytes]:

@@ -20,6 +20,7 @@ from kaiyuan.dialects import canonical as c
 from kaiyuan.dialects import gemini as gem
 from kaiyuan.dialects import gemini_in
 from kaiyuan.dialects import openai_chat as oc
+from kaiyuan.dialects.openai_chat import read_chunk
 from kaiyuan.errors import ErrorKind, GatewayError
 
 
@@ -72,36 +73,33 @@ class OpenAIToAnthropic:
 
     def feed(self, chunk: dict[str, Any]) -> list[bytes]:
         out: list[bytes] = []
-        usage = chunk.get("usage")
-        if isinstance(usage, dict):
-            self.usage = oc.usage_to_canonical(usage)
+        usage, delta, reasoning, finish = read_chunk(chunk)
+        if usage is not None:
+            self.usage = usage
         if not self.started:
             out += self._start()
-        for ch in chunk.get("choices") or ():
-            if ch.get("index", 0) != 0:
-                continue
-            delta = ch.get("delta") or {}
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-            if isinstance(reasoning, str) and reasoning:
-                if self.current is None or self.open[self.current] != "thinking":
-                    out += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
-                assert self.current is not None
-                out.append(self._delta(self.current, {"type": "thinking_delta", "thinking": reasoning}))
-            sig = delta.get("reasoning_signature")
-            if isinstance(sig, str) and sig and self.current is not None and self.open[self.current] == "thinking":
-                out.append(self._delta(self.current, {"type": "signature_delta", "signature": sig}))
-            text = delta.get("content")
-            if isinstance(text, str) and text and (self.pending or any(k == "tool" for k in self.open.values())):
-                self.pending_text.append(text)  # a tool block is open: text waits for it to end
-            elif isinstance(text, str) and text:
-                if self.current is None or self.open[self.current] != "text":
-                    out += self._open("text", {"type": "text", "text": ""})
-                assert self.current is not None
-                out.append(self._delta(self.current, {"type": "text_delta", "text": text}))
-            for tc in delta.get("tool_calls") or ():
-                out += self._tool_delta(tc)
-            if ch.get("finish_reason"):
-                self.finish = ch["finish_reason"]
+        if delta is None:
+            return out
+        if reasoning is not None:
+            if self.current is None or self.open[self.current] != "thinking":
+                out += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+            assert self.current is not None
+            out.append(self._delta(self.current, {"type": "thinking_delta", "thinking": reasoning}))
+        sig = delta.get("reasoning_signature")
+        if isinstance(sig, str) and sig and self.current is not None and self.open[self.current] == "thinking":
+            out.append(self._delta(self.current, {"type": "signature_delta", "signature": sig}))
+        text = delta.get("content")
+        if isinstance(text, str) and text and (self.pending or any(k == "tool" for k in self.open.values())):
+            self.pending_text.append(text)  # a tool block is open: text waits for it to end
+        elif isinstance(text, str) and text:
+            if self.current is None or self.open[self.current] != "text":
+                out += self._open("text", {"type": "text", "text": ""})
+            assert self.current is not None
+            out.append(self._delta(self.current, {"type": "text_delta", "text": text}))
+        for tc in delta.get("tool_calls") or ():
+            out += self._tool_delta(tc)
+        if finish:
+            self.finish = finish
         return out
 
     def _tool_delta(self, tc: dict[str, Any]) -> list[bytes]:
@@ -326,30 +324,27 @@ class OpenAIToGemini:
         return parts
 
     def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
-        usage = chunk.get("usage")
-        if isinstance(usage, dict):
-            self.usage = oc.usage_to_canonical(usage)
+        usage, delta, reasoning, finish = read_chunk(chunk)
+        if usage is not None:
+            self.usage = usage
+        if delta is None:
+            return []
         parts: list[dict[str, Any]] = []
-        for ch in chunk.get("choices") or ():
-            if ch.get("index", 0) != 0:
-                continue
-            delta = ch.get("delta") or {}
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-            if isinstance(reasoning, str) and reasoning:
-                parts.append({"text": reasoning, "thought": True})
-            text = delta.get("content")
-            if isinstance(text, str) and text:
-                parts.append({"text": text})
-            for tc in delta.get("tool_calls") or ():
-                ti = tc.get("index", 0)
-                fn = tc.get("function") or {}
-                if ti not in self.calls:
-                    parts += self._flush_calls(upto=ti)  # the calls before this one are complete
-                    self.calls[ti] = [tc.get("id") or gem.new_call_id(), fn.get("name") or "", ""]
-                if isinstance(fn.get("arguments"), str):
-                    self.calls[ti][2] += fn["arguments"]
-            if ch.get("finish_reason"):
-                self.finish = ch["finish_reason"]
+        if reasoning is not None:
+            parts.append({"text": reasoning, "thought": True})
+        text = delta.get("content")
+        if isinstance(text, str) and text:
+            parts.append({"text": text})
+        for tc in delta.get("tool_calls") or ():
+            ti = tc.get("index", 0)
+            fn = tc.get("function") or {}
+            if ti not in self.calls:
+                parts += self._flush_calls(upto=ti)  # the calls before this one are complete
+                self.calls[ti] = [tc.get("id") or gem.new_call_id(), fn.get("name") or "", ""]
+            if isinstance(fn.get("arguments"), str):
+                self.calls[ti][2] += fn["arguments"]
+        if finish:
+            self.finish = finish
         return [self._response(parts)] if parts else []
 
     def end(self) -> list[dict[str, Any]]:

@@ -26,7 +26,8 @@ MAX_NAME_CHARS = 256
 MAX_ERROR_CHARS = 2000
 
 
-def _name(v: str | None) -> str | None:
+def shown(v: str | None) -> str | None:
+    """A name from a caller or upstream as it may be logged or echoed back: at most MAX_NAME_CHARS."""
     return clip(v, MAX_NAME_CHARS)
 
 
@@ -40,7 +41,7 @@ def row_for(ctx: RequestContext) -> dict[str, Any]:
     if ctx.attempts:
         attempt_log = orjson.dumps(
             [
-                {"model": _name(a.model), "deployment": a.deployment, "status": a.status, "error": _error(a.error), "ms": a.ms}
+                {"model": shown(a.model), "deployment": a.deployment, "status": a.status, "error": _error(a.error), "ms": a.ms}
                 for a in ctx.attempts[:32]
             ]
         ).decode()
@@ -51,7 +52,7 @@ def row_for(ctx: RequestContext) -> dict[str, Any]:
         "team_id": ctx.principal.team_id,
         "dialect": ctx.dialect,
         "endpoint": ctx.endpoint,
-        "model": _name(ctx.model),
+        "model": shown(ctx.model),
         "deployment": ctx.deployment,
         "stream": ctx.stream,
         "status": ctx.status,
@@ -64,8 +65,8 @@ def row_for(ctx: RequestContext) -> dict[str, Any]:
         "ttft_ms": round(ctx.ttft * 1000, 3) if ctx.ttft is not None else None,
         "attempts": len(ctx.attempts),
         "attempt_log": attempt_log,
-        "policy": _name(ctx.policy),
-        "trial": _name(ctx.trial),
+        "policy": shown(ctx.policy),
+        "trial": shown(ctx.trial),
         "cancelled": ctx.cancelled,
         "error": _error(ctx.error),
         "request_body": ctx.raw_body.decode("utf-8", "replace") if ctx.log_bodies and ctx.raw_body else None,

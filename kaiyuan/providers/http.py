@@ -15,10 +15,15 @@ import orjson
 
 from kaiyuan import __version__
 from kaiyuan.codecs import UPSTREAM_ACCEPT
-from kaiyuan.config import DEFAULT_MAX_ERROR_BYTES, DEFAULT_MAX_RESPONSE_BYTES, Timeouts
+from kaiyuan.config import (
+    DEFAULT_MAX_ERROR_BYTES,
+    DEFAULT_MAX_RESPONSE_BYTES,
+    DEFAULT_MAX_STREAM_BYTES,
+    Timeouts,
+)
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
-from kaiyuan.providers.reply_body import decoded_stream, read_whole, reply_decoder
+from kaiyuan.providers.reply_body import decoded_stream, read_whole, reply_decoder, stream_too_large
 
 USER_AGENT = f"kaiyuan/{__version__}"
 
@@ -75,9 +80,10 @@ class IdleWatch:
 
 
 async def _iter_stream(
-    resp: aiohttp.ClientResponse, deadline: float, idle: float, label: str
+    resp: aiohttp.ClientResponse, deadline: float, idle: float, label: str, limit: int = DEFAULT_MAX_STREAM_BYTES
 ) -> AsyncIterator[bytes]:
     watch = IdleWatch(resp.content, idle)  # from the head on, at most `idle` seconds between two reads
+    left = limit  # bytes the stream may still send (max_stream_bytes; compressed ones: counted decoded too)
     try:
         while True:
             now = watch.last = time.monotonic()
@@ -106,6 +112,9 @@ async def _iter_stream(
             if not chunk:
                 resp.release()
                 return
+            left -= len(chunk)
+            if left < 0:
+                raise stream_too_large(label, limit)  # closed below: generation stops
             yield chunk
     except GeneratorExit:  # the consumer stopped: the reply's owner closes (or finishes) it
         raise
@@ -154,9 +163,10 @@ async def post_json(
     label: str,
     max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     max_error_bytes: int = DEFAULT_MAX_ERROR_BYTES,
+    max_stream_bytes: int = DEFAULT_MAX_STREAM_BYTES,
 ) -> UpstreamReply:
     """POST ``body``; return the whole body (at most ``max_bytes`` decoded; an error body cut at
-    ``max_error_bytes``), or for 2xx streams an iterator of decoded chunks."""
+    ``max_error_bytes``), or for 2xx streams an iterator of decoded chunks (``max_stream_bytes`` in all)."""
     start = time.monotonic()
     deadline = start + timeouts.total
     resp: aiohttp.ClientResponse | None = None
@@ -207,9 +217,10 @@ async def post_json(
             resp.close()
         raise
     r = resp
-    chunks = _iter_stream(r, deadline, timeouts.idle, label)
+    chunks = _iter_stream(r, deadline, timeouts.idle, label, max_stream_bytes)
     return UpstreamReply(
-        r.status, r.headers, stream=chunks if dec is None else decoded_stream(chunks, dec, max_bytes, label), _closer=r.close,
+        r.status, r.headers, stream=chunks if dec is None else decoded_stream(chunks, dec, max_stream_bytes, label),
+        _closer=r.close,
         _finisher=lambda: finish_stream(r), deadline=deadline,
     )
 
@@ -245,4 +256,4 @@ class PooledHTTPProvider(Provider):
             headers = {**headers, **call.headers}
         body = call.body_bytes if call.body_bytes is not None else orjson.dumps(call.body)
         return await post_json(self._session, url, body, headers, self.cfg.timeouts, call.stream, self.label,
-                               self.cfg.max_response_bytes, self.cfg.max_error_bytes)
+                               self.cfg.max_response_bytes, self.cfg.max_error_bytes, self.cfg.max_stream_bytes)

@@ -10,6 +10,10 @@ before anything can count it. So the upstream session runs with it off, and here
   with a turn of the event loop between two steps of one chunk, and counted as it is decoded: the
   deployment's ``max_response_bytes`` caps the *decoded* size of a whole body and of a compressed
   stream (a bomb ends in a 502 ``upstream_reply_too_large``, never in gigabytes);
+- a stream, compressed or not, may send at most the deployment's ``max_stream_bytes`` (decoded):
+  an upstream that streams without end (events with no tokens, an endless SSE comment) is cut there
+  with a 502 ``upstream_stream_too_large``, not only by ``timeouts.total`` (the count of an
+  uncompressed stream is kept by ``providers.http``, one addition per chunk);
 - an error body (non-2xx) is read up to the smaller ``max_error_bytes`` (default 1 MiB) and then
   cut: the rest is not read, the connection is closed instead of drained;
 - any other coding is a 502 that names it, never bytes passed on undecoded.
@@ -29,6 +33,7 @@ from kaiyuan.codecs import DECODE_ERRORS, UPSTREAM_CODINGS, Decoder, decoder
 from kaiyuan.errors import ErrorKind, GatewayError
 
 TOO_LARGE_CODE = "upstream_reply_too_large"
+STREAM_TOO_LARGE_CODE = "upstream_stream_too_large"
 
 
 def reply_decoder(headers: Mapping[str, str], label: str) -> Decoder | None:
@@ -53,6 +58,15 @@ def too_large(label: str, limit: int) -> GatewayError:
         f"upstream {label} sent a reply body larger than this deployment's limit of {limit} bytes "
         f"(max_response_bytes, counted after decompression); raise max_response_bytes if such replies are expected",
         code=TOO_LARGE_CODE,
+    )
+
+
+def stream_too_large(label: str, limit: int) -> GatewayError:
+    return GatewayError(
+        ErrorKind.UPSTREAM_ERROR,
+        f"upstream {label} sent a stream longer than this deployment's limit of {limit} bytes (max_stream_bytes, "
+        f"counted after decompression); the gateway closed it and the answer is incomplete",
+        code=STREAM_TOO_LARGE_CODE,
     )
 
 
@@ -96,7 +110,7 @@ async def _pieces(resp: aiohttp.ClientResponse, dec: Decoder | None) -> AsyncIte
 
 async def decoded_stream(chunks: AsyncIterator[bytes], dec: Decoder, limit: int, label: str) -> AsyncIterator[bytes]:
     """A compressed stream's chunks, decoded as they arrive (a piece at a time, a loop turn between
-    pieces of one chunk), at most ``limit`` bytes in all (then a 502 error)."""
+    pieces of one chunk), at most ``limit`` bytes in all (``max_stream_bytes``: then a 502 error)."""
     size = 0
     try:
         async for chunk in chunks:
@@ -105,7 +119,7 @@ async def decoded_stream(chunks: AsyncIterator[bytes], dec: Decoder, limit: int,
                     await asyncio.sleep(0)
                 size += len(piece)
                 if size > limit:
-                    raise too_large(label, limit)
+                    raise stream_too_large(label, limit)
                 yield piece
         dec.finish()
     except DECODE_ERRORS as e:

@@ -17,6 +17,7 @@ from kaiyuan.context import RequestContext
 from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
+from kaiyuan.observability.request_log import shown
 from kaiyuan.offload import maybe_off_loop
 from kaiyuan.pipeline import GATEWAY_KEY, api_handler
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
@@ -127,7 +128,8 @@ async def retrieve_model(request: web.Request) -> web.Response:
                 return web.Response(body=orjson.dumps(m), content_type=JSON_CT)
     except GatewayError as e:
         return error_response(e, oai.error_body, ctx)
-    err = GatewayError(ErrorKind.NOT_FOUND, f"model {name!r} does not exist on this gateway", param="model", code="model_not_found")
+    err = GatewayError(ErrorKind.NOT_FOUND, f"model {shown(name)!r} does not exist on this gateway", param="model",
+                       code="model_not_found")
     return error_response(err, oai.error_body, ctx)
 
 

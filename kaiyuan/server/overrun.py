@@ -73,11 +73,18 @@ async def close_upstream(ctx: RequestContext) -> None:
 def record_cut(ctx: RequestContext, lim: OutputLimit, body: dict[str, Any]) -> tuple[int, int]:
     """After a cut stream: the usage to bill (prompt counted, output counted) into ``ctx.usage``,
     and the deployment flagged. Returns (prompt, completion)."""
+    counted = record_counted(ctx, lim, body)
+    lim.overrun(lim.seen)
+    return counted
+
+
+def record_counted(ctx: RequestContext, lim: OutputLimit, body: dict[str, Any]) -> tuple[int, int]:
+    """A stream the gateway ended before the upstream reported its usage: bill what was counted
+    (what it reported, else the prompt as counted here and the output tokens counted on the way)."""
     u = ctx.usage
     if u.prompt_tokens is None:
         u.prompt_tokens = count_prompt(lim.upstream_model, body)
     u.completion_tokens = max(u.completion_tokens or 0, lim.seen)
-    lim.overrun(lim.seen)
     return u.prompt_tokens, u.completion_tokens
 
 

@@ -158,7 +158,7 @@ async def _stream(request: web.Request, ctx: RequestContext, provider: Provider,
             if tail is not None:
                 ctx.response_body = bytes(tail)
 
-    return await relay(request, ctx, pump, tr.failed)
+    return await relay(request, ctx, pump, tr.failed, lim)
 
 
 create = api_handler("openai", "responses", oai.error_body, rq.validate, _create, load=_load)

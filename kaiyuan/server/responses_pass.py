@@ -30,6 +30,7 @@ from kaiyuan.dialects import responses_out as ro
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
 from kaiyuan.providers.base import Provider, UpstreamCall
+from kaiyuan.redact import scrub, scrub_bytes
 from kaiyuan.server import translate
 from kaiyuan.server.common import JSON_CT, ModelRenamer, kaiyuan_headers, with_public_model
 from kaiyuan.server.overrun import OutputLimit, close_upstream, output_limit, overran, record_cut
@@ -54,7 +55,7 @@ async def passthrough(request: web.Request, gw: Gateway, ctx: RequestContext, bo
     if reply.stream is not None:
         ctx.status = 200
         upstream = reply.stream
-        return await relay(request, ctx, lambda resp: _pump(resp, ctx, upstream, lim), error_event)
+        return await relay(request, ctx, lambda resp: _pump(resp, ctx, upstream, lim), error_event, lim)
     data = reply.body or b""
     obj = translate.parsed_body(reply)
     if obj is not None:
@@ -240,7 +241,7 @@ async def _pump(resp: web.StreamResponse, ctx: RequestContext, upstream: AsyncIt
     st = PassState()
     rename = ModelRenamer(ctx.model or "")  # the response object's model: the public name
     tail = bytearray() if ctx.log_bodies or ctx.capture_response else None
-    ended = False
+    ended = failed = False
     try:
         async for events in sse_events(upstream):
             out: list[bytes] = []
@@ -254,23 +255,41 @@ async def _pump(resp: web.StreamResponse, ctx: RequestContext, upstream: AsyncIt
                 elif not n:
                     ev = rename(ev)
                     obj = st.structural(ev)
-                    if obj is not None and obj.get("type") in TERMINAL_TYPES:
+                    kind = obj.get("type") if obj is not None else None
+                    if kind in TERMINAL_TYPES:
                         ended = True
-                        r = obj.get("response")
+                        r = obj.get("response") if obj is not None else None
                         if isinstance(r, dict):
                             translate.usage_into_ctx(ro.usage_to_canonical(r.get("usage")), ctx)
+                    elif kind == "error" and obj is not None:  # the upstream's own error: passed on, the only one
+                        ev = upstream_error(ev, obj, ctx)
+                        failed = True
                 out.append(ev + b"\n\n")
+                if failed:
+                    break
             ctx.mark_first_byte()
             data = b"".join(out)
             if tail is not None and len(tail) < MAX_CAPTURE:
                 tail.extend(data)
             await resp.write(data)
+            if failed:
+                return
     finally:
         if tail is not None:
             ctx.response_body = bytes(tail)
     if not ended:
         raise GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {ctx.deployment} ended the stream early (no "
                            "response.completed); the answer is incomplete")
+
+
+def upstream_error(ev: bytes, obj: dict[str, Any], ctx: RequestContext) -> bytes:
+    """An upstream ``error`` event (``{"type": "error", "code", "message", ...}``): recorded as the
+    request's error (a 502), and passed on scrubbed of secrets (it may echo the vendor key)."""
+    nested = obj.get("error")
+    msg = obj.get("message") or (nested.get("message") if isinstance(nested, dict) else nested)
+    ctx.status = 502
+    ctx.error = scrub(f"upstream {ctx.deployment} sent an error mid-stream: {msg}")
+    return scrub_bytes(ev)
 
 
 async def _cut_stream(resp: web.StreamResponse, ctx: RequestContext, lim: OutputLimit, st: PassState, pending: bytes,

@@ -18,6 +18,7 @@ from aiohttp import web
 from kaiyuan.context import RequestContext
 from kaiyuan.dialects.openai import stream_error_event, usage_into
 from kaiyuan.errors import ErrorKind, GatewayError
+from kaiyuan.providers.reply_body import STREAM_TOO_LARGE_CODE
 from kaiyuan.redact import scrub, scrub_bytes
 from kaiyuan.server.common import kaiyuan_headers
 from kaiyuan.server.deadline import MIN_WRITE_S, abandon, remaining
@@ -26,6 +27,7 @@ from kaiyuan.server.overrun import (
     close_upstream,
     openai_cut_events,
     openai_event_tokens,
+    record_counted,
     record_cut,
 )
 
@@ -38,11 +40,22 @@ MAX_EVENT_BYTES = 64 * 1024 * 1024  # one event buffered at most (a runaway upst
 SSE_FIELDS = (b"data:", b"event:", b":", b"id:", b"retry:")  # how every SSE line begins
 
 
-async def sse_events(stream: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
-    """Group raw chunks into complete SSE events (without their blank-line terminator).
+HOLD_FROM = 256 * 1024  # an unfinished event this long is held as a list of pieces, joined once it ends
 
-    CRLF framing is normalised to LF, also when a CRLF is split across two chunks."""
+
+async def sse_events(stream: AsyncIterator[bytes], limit: int | None = None,
+                     why: str = " with no end in sight") -> AsyncIterator[list[bytes]]:
+    """Group raw chunks into complete SSE events (without their blank-line terminator), each at
+    most ``limit`` bytes (default MAX_EVENT_BYTES; else a 502 that says so, with ``why``).
+
+    CRLF framing is normalised to LF, also when a CRLF is split across two chunks. An event that
+    spans many chunks is not re-copied on every chunk (that was quadratic: one 63 MiB event in
+    64 KiB chunks took 63 s of CPU): past HOLD_FROM bytes its pieces are kept and joined once."""
+    if limit is None:
+        limit = MAX_EVENT_BYTES
     buf = b""
+    held: list[bytes] = []  # the pieces of one long unfinished event
+    size = 0  # bytes in held
     cr = False  # the previous chunk ended with a CR whose LF may open this one
     async for chunk in stream:
         if cr:
@@ -50,19 +63,40 @@ async def sse_events(stream: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]
         if b"\r" in chunk:
             cr = chunk.endswith(b"\r")
             chunk = (chunk[:-1] if cr else chunk).replace(b"\r\n", b"\n")
-        scan = max(len(buf) - 1, 0)  # only the new bytes (and one before) can complete a terminator
-        buf += chunk
-        if buf.find(b"\n\n", scan) < 0:
-            if len(buf) > MAX_EVENT_BYTES:
-                raise GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream sent a stream event larger than "
-                                                             f"{MAX_EVENT_BYTES} bytes with no end in sight")
-            continue
+        if held:
+            if not chunk:
+                continue
+            size += len(chunk)
+            if b"\n\n" not in chunk and not (chunk[:1] == b"\n" and held[-1][-1:] == b"\n"):
+                if size > limit:
+                    raise event_too_large(limit, why)
+                held.append(chunk)
+                continue
+            held.append(chunk)
+            buf = b"".join(held)
+            held, size = [], 0
+        else:
+            scan = max(len(buf) - 1, 0)  # only the new bytes (and one before) can complete a terminator
+            buf += chunk
+            if buf.find(b"\n\n", scan) < 0:
+                if len(buf) > limit:
+                    raise event_too_large(limit, why)
+                if len(buf) >= HOLD_FROM:
+                    held, size, buf = [buf], len(buf), b""
+                continue
         *events, buf = buf.split(b"\n\n")
         ready = [e for e in events if e]
         if ready:
             yield ready
+    if held:
+        buf = b"".join(held)
     if buf.strip():
         yield [buf]
+
+
+def event_too_large(limit: int, why: str) -> GatewayError:
+    return GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream sent a stream event larger than {limit} bytes{why}",
+                        code="upstream_event_too_large")
 
 
 async def open_stream(request: web.Request, ctx: RequestContext) -> web.StreamResponse:
@@ -75,14 +109,16 @@ Pump = Callable[[web.StreamResponse], Awaitable[None]]
 ErrorEvent = Callable[[GatewayError], bytes]
 
 
-async def relay(request: web.Request, ctx: RequestContext, pump: Pump, error_event: ErrorEvent) -> web.StreamResponse:
+async def relay(request: web.Request, ctx: RequestContext, pump: Pump, error_event: ErrorEvent,
+                lim: OutputLimit | None = None) -> web.StreamResponse:
     """Open the client's SSE response, let ``pump`` write to it, and end it. A failure once the
     response has started becomes a last error event in the caller's dialect: a GatewayError with
-    its own status, anything else (a bug) as a 500; never a second response in the stream."""
+    its own status, anything else (a bug) as a 500; never a second response in the stream. A
+    stream cut at ``max_stream_bytes`` is billed what ``lim`` counted (:func:`overrun.record_counted`)."""
     resp = await open_stream(request, ctx)
     try:  # the deadline covers writing to the client too (server.deadline)
         async with asyncio.timeout(remaining(ctx)):
-            await _pump_and_end(resp, ctx, pump, error_event)
+            await _pump_and_end(resp, ctx, pump, error_event, lim)
     except TimeoutError:
         await _end_late(request, resp, ctx, error_event)
     return resp
@@ -103,12 +139,15 @@ async def _end_late(request: web.Request, resp: web.StreamResponse, ctx: Request
         abandon(request, ctx)
 
 
-async def _pump_and_end(resp: web.StreamResponse, ctx: RequestContext, pump: Pump, error_event: ErrorEvent) -> None:
+async def _pump_and_end(resp: web.StreamResponse, ctx: RequestContext, pump: Pump, error_event: ErrorEvent,
+                        lim: OutputLimit | None) -> None:
     try:
         await pump(resp)
     except GatewayError as e:
         if ctx.answered:  # the client has its whole answer and its response is ended
             return
+        if e.code == STREAM_TOO_LARGE_CODE and lim is not None:
+            record_counted(ctx, lim, ctx.prompt_body())
         ctx.status, ctx.error = e.status, e.message
         await resp.write(error_event(e))
     except (ConnectionResetError, TimeoutError):  # the client went away / the deadline: the caller records it
@@ -194,7 +233,7 @@ async def relay_openai_stream(
             )
         ctx.status = ctx.status or 200
 
-    return await relay(request, ctx, pump, stream_error_event)
+    return await relay(request, ctx, pump, stream_error_event, lim)
 
 
 _NULL_USAGE = (b',"usage":null', b', "usage": null', b'"usage":null,', b'"usage": null, ')

@@ -41,7 +41,7 @@ from kaiyuan.server.overrun import (
     overran,
     record_cut,
 )
-from kaiyuan.server.sse import DONE, answered, relay, sse_events
+from kaiyuan.server.sse import DONE, answered, event_too_large, relay, sse_events
 
 RESPONSE_TO_CANONICAL = {
     "openai": oc.response_to_canonical,
@@ -183,9 +183,21 @@ def _early(ctx: RequestContext, what: str) -> GatewayError:
                         f"upstream {ctx.deployment} ended the stream early ({what}); the answer is incomplete")
 
 
+# One event of a translated stream is parsed, translated and serialised on the event loop in one
+# piece (orjson keeps the GIL, so a worker thread would not help): measured on a busy 2-core machine,
+# a 5 MiB tool-argument delta held the loop 35-50 ms, 16 MiB 50-160 ms, 64 MiB 0.8-2 s. So a translated
+# stream's events are limited to 8 MiB (pass-through events, only scanned, to sse.MAX_EVENT_BYTES).
+MAX_TRANSLATED_EVENT_BYTES = 8 * 1024 * 1024
+_TRANSLATED_WHY = (": one event of a translated stream (the caller's API differs from the upstream's) is translated "
+                   "in one piece on the gateway's event loop, so it may have at most that many bytes; ask for a model "
+                   "whose upstream speaks the caller's API, or do not stream")
+
+
 async def _objects(stream: AsyncIterator[bytes]) -> AsyncIterator[Any]:
-    async for events in sse_events(stream):
+    async for events in sse_events(stream, MAX_TRANSLATED_EVENT_BYTES, _TRANSLATED_WHY):
         for ev in events:
+            if len(ev) > MAX_TRANSLATED_EVENT_BYTES:  # it came whole, in one chunk
+                raise event_too_large(MAX_TRANSLATED_EVENT_BYTES, _TRANSLATED_WHY)
             p = _payload(ev)
             if p is None or not p:
                 continue
@@ -265,7 +277,7 @@ async def relay_to_openai(request: web.Request, ctx: RequestContext, protocol: s
             if tail is not None:
                 ctx.response_body = bytes(tail)
 
-    return await relay(request, ctx, pump, openai_error_event)
+    return await relay(request, ctx, pump, openai_error_event, lim)
 
 
 async def relay_to_anthropic(request: web.Request, ctx: RequestContext, protocol: str, stream: AsyncIterator[bytes],
@@ -302,7 +314,7 @@ async def _relay_translated(request: web.Request, ctx: RequestContext, protocol:
             if tail is not None:
                 ctx.response_body = bytes(tail)
 
-    return await relay(request, ctx, pump, error_event)
+    return await relay(request, ctx, pump, error_event, lim)
 
 
 async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext, stream: AsyncIterator[bytes],
@@ -350,7 +362,7 @@ async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext,
         if not saw_stop:
             raise _early(ctx, "no message_stop")
 
-    return await relay(request, ctx, pump, anth.stream_error_event)
+    return await relay(request, ctx, pump, anth.stream_error_event, lim)
 
 
 async def _cut_anthropic(resp: web.StreamResponse, ctx: RequestContext, lim: OutputLimit, ev: bytes,

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from kaiyuan.testing.fake_openai import Behaviour, agent_call, count_tokens
+from kaiyuan.testing.fake_openai import Behaviour, agent_call, count_tokens, endless
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
@@ -210,6 +210,9 @@ class FakeAnthropic:
         resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **b.headers})
         await resp.prepare(request)
         for i, ev in enumerate(events):
+            if b.endless is not None and i == b.endless_after:
+                await endless(resp, b.endless)
+                return resp  # the client hung up
             if b.drop_after_chunks is not None and i == b.drop_after_chunks:
                 assert request.transport is not None
                 request.transport.close()

@@ -9,7 +9,10 @@ Answers are deterministic functions of the request, so tests can assert on them:
 - models whose name contains ``reasoner`` or ``thinking`` also return DeepSeek-style
   ``reasoning_content`` and ``prompt_cache_hit_tokens`` / ``prompt_cache_miss_tokens``.
 
-Faults are scripted with :class:`Behaviour`: a queue of one-shot behaviours, then a default.
+Faults are scripted with :class:`Behaviour`: a queue of one-shot behaviours, then a default. A
+mid-stream error is the dialect's own event: chat's ``data: {"error": {...}}``, and for Responses
+streams ``event: error`` with ``{"type": "error", "code", "message", "param", "sequence_number"}``
+(the API reference's ResponseErrorEvent); ``endless`` streams bytes until the client hangs up.
 """
 
 from __future__ import annotations
@@ -47,11 +50,23 @@ class Behaviour:
     ignore_max_tokens: bool = False  # a non-compliant upstream: answer in full whatever the output cap
     usage: dict[str, Any] | None = None  # fields put over the usage reported (absurd counts, strings...)
     raw_stream: list[bytes] | None = None  # a 2xx stream of exactly these chunks (with `headers`, e.g. Content-Encoding)
+    endless: bytes | None = None  # after `endless_after` events, send these bytes again and again, until the client goes
+    endless_after: int = 1        # (a runaway upstream: events with no tokens, or an endless SSE comment)
     echo_key: bool = False  # error messages quote the Authorization header received, as some vendors' do
     # An agent episode: when the request offers a tool named here (the first listed that is offered)
     # and holds no tool result yet, call it with these arguments; once it has a result, answer
     # "done: <result>". Requests without that tool get the usual echo.
     agent_tools: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+async def endless(resp: web.StreamResponse, unit: bytes) -> None:
+    """Write ``unit`` (a MiB of it at a time) until the client hangs up."""
+    block = unit * max(1, (1 << 20) // len(unit))
+    try:
+        while True:
+            await resp.write(block)
+    except ConnectionResetError:
+        return
 
 
 def agent_call(b: Behaviour, offered: list[str]) -> tuple[str, dict[str, Any]] | None:
@@ -261,7 +276,9 @@ class FakeOpenAI:
             events.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": self._usage(body, ans, b)}) + b"\n\n")
         return await self._send_stream(request, events, b)
 
-    async def _send_stream(self, request: web.Request, events: list[bytes], b: Behaviour) -> web.StreamResponse:
+    async def _send_stream(self, request: web.Request, events: list[bytes], b: Behaviour,
+                           error: bytes | None = None) -> web.StreamResponse:
+        """``events``, with ``b``'s faults; ``error`` is the dialect's error event (default: chat's)."""
         resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **b.headers})
         await resp.prepare(request)
         self.active += 1
@@ -271,6 +288,9 @@ class FakeOpenAI:
             events = b.raw_stream
         try:
             for i, ev in enumerate(events):
+                if b.endless is not None and i == b.endless_after:
+                    await endless(resp, b.endless)
+                    return resp  # the client hung up
                 if b.stall_after_chunks is not None and i == b.stall_after_chunks:
                     await asyncio.sleep(3600)
                 if b.drop_after_chunks is not None and i == b.drop_after_chunks:
@@ -282,7 +302,7 @@ class FakeOpenAI:
                     if b.echo_key:
                         msg += f" (key: {request.headers.get('Authorization')})"
                     err = {"error": {"message": msg, "type": "server_error", "param": None, "code": None}}
-                    await resp.write(b"data: " + orjson.dumps(err) + b"\n\n")
+                    await resp.write(error if error is not None else b"data: " + orjson.dumps(err) + b"\n\n")
                     return resp
                 await resp.write(ev)
                 if b.chunk_delay:
@@ -382,7 +402,10 @@ class FakeOpenAI:
         evs.append({"type": "response.completed" if status == "completed" else "response.incomplete", "response": resp})
         events = [f"event: {e['type']}\ndata: ".encode() + orjson.dumps({**e, "sequence_number": i}) + b"\n\n"
                   for i, e in enumerate(evs)]
-        return await self._send_stream(request, events, replace(b, omit_done=True))  # no [DONE] in Responses streams
+        error = b"event: error\ndata: " + orjson.dumps({
+            "type": "error", "code": "server_error", "message": "The server had an error while processing your request.",
+            "param": None, "sequence_number": b.error_event_after_chunks or 0}) + b"\n\n"
+        return await self._send_stream(request, events, replace(b, omit_done=True), error)  # no [DONE] in Responses streams
 
     async def models(self, request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps({"object": "list", "data": [{"id": "fake-model", "object": "model", "created": 0, "owned_by": "fake"}]}),

@@ -4,7 +4,7 @@ gateway's event loop, so that every other request waited.
 Measured before: a gzip-bombed upstream stream stalled the loop for 2.5 s (aiohttp inflated each
 network chunk whole), a 60 MiB upstream error body for 11 s (read whole, then scrubbed and logged
 whole), a 13 MiB translated body for 4 s. Now upstream bodies are decoded by the gateway a piece
-at a time up to ``max_response_bytes``, error bodies are cut at ``max_error_bytes`` (and their
+at a time up to ``max_response_bytes`` (streams: ``max_stream_bytes``), error bodies are cut at ``max_error_bytes`` (and their
 connection closed, not drained), and large translations run in a worker thread.
 
 Each end-to-end test proves the loop stayed free with a ``/healthz`` request whose head is
@@ -190,7 +190,7 @@ def test_a_gzip_bombed_stream_ends_with_an_error_event_and_the_loop_stays_free(
         make_gateway: Any, hostile: tuple[Hostile, str]) -> None:
     up, url = hostile
     limit = 4 * 1024 * 1024
-    gw = gateway(make_gateway, url, max_response_bytes=limit)
+    gw = gateway(make_gateway, url, max_stream_bytes=limit)
     up.mode = "bomb-stream"  # a million events (about 140 MB) in 300 KB of gzip
     order: list[str] = []
     probe = HealthProbe(gw.url, order)
@@ -205,7 +205,7 @@ def test_a_gzip_bombed_stream_ends_with_an_error_event_and_the_loop_stays_free(
     assert b"200 OK" in probe.result()
     assert order == ["health", "bad"]
     assert 0 < len(got) < limit // len(EVENT) + 1  # it streamed, and stopped at the limit
-    assert "max_response_bytes" in str(e.value)
+    assert "max_stream_bytes" in str(e.value) and "after decompression" in str(e.value)
     gw.settle()
     assert gw.log_rows()[-1]["status"] == 502
 
@@ -353,7 +353,7 @@ async def test_decoding_gives_the_loop_a_turn_between_pieces() -> None:
     seen = [turns async for _piece in decoded_stream(_one(bomb), decoder("gzip"), 1 << 30, "t")]
     assert len(seen) >= 32
     assert all(b > a for a, b in itertools.pairwise(seen))
-    with pytest.raises(GatewayError, match="max_response_bytes"):
+    with pytest.raises(GatewayError, match="max_stream_bytes"):
         async for _piece in decoded_stream(_one(bomb), decoder("gzip"), 3 * PIECE, "t"):
             pass
     task.cancel()

@@ -263,6 +263,10 @@ def start_kaiyuan(fleet: Fleet, up: Target, cpu: str, variant: Variant | None, w
         cpu = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
     proc = fleet.start(safe, cmd, cpu, env)
     wait_ready(proc, f"http://127.0.0.1:{port}/readyz", 60)
+    if variant and variant.supervisor_cpu is not None and fleet.pin:
+        # every thread of the supervisor, not its worker (a process of its own, started on `cpu`)
+        subprocess.run(["taskset", "-a", "-p", "-c", variant.supervisor_cpu, str(proc.popen.pid)], check=True,
+                       capture_output=True)
     headers = dict(variant.headers) if variant else {}
     if variant and variant.setup:
         headers.update(variant.setup(f"http://127.0.0.1:{port}"))
@@ -370,7 +374,13 @@ def run_loadgen(fleet: Fleet, spec: dict[str, Any], procs: int, cpu: str) -> dic
             out, err = r.communicate(timeout=limit)
             if r.returncode != 0:
                 raise RuntimeError(f"load generator failed ({r.returncode}): {err.decode(errors='replace')[-2000:]}")
-            d = json.loads(out)
+            try:
+                d = json.loads(out)
+            except ValueError as e:
+                dump = fleet.workdir / f"loadgen-{r.pid}.out"
+                dump.write_bytes(out)
+                raise RuntimeError(f"load generator output is not JSON ({e}; {len(out)} bytes, kept in {dump}): "
+                                   f"{out[max(0, e.pos - 80):e.pos + 80]!r}") from None  # type: ignore[attr-defined]
             for k, v in d.items():
                 if k == "elapsed":
                     merged[k] = max(merged.get(k, 0.0), v)
@@ -504,7 +514,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, help="warm-up seconds per cell (default 1, quick 0.5)")
     p.add_argument("--concurrency", type=lambda s: tuple(int(x) for x in s.split(",")), default=CONCURRENCY)
     p.add_argument("--procs", type=int, default=1, help="load generator processes per cell")
-    p.add_argument("--with", dest="flags", action="append", default=[], help="enable flagged scenarios/variants: anthropic, auth, keys, keys-redis, shadow, nolog, workers")
+    p.add_argument("--with", dest="flags", action="append", default=[], help="enable flagged scenarios/variants: anthropic, auth, keys, keys-redis, shadow, nolog, workers, sup")
     p.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM column")
     p.add_argument("--no-floors", action="store_true", help="skip the bare pass-through floors (bench/floors/)")
     p.add_argument("--no-portkey", action="store_true", help="skip the Portkey column")

@@ -11,6 +11,7 @@ import asyncio
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -143,4 +144,40 @@ async def test_counters_reload_their_scripts_after_a_restart_and_settle_in_the_s
         await admit(seed=3 * NANO)
         assert await rc.peek_budget(counter) == (3 * NANO, NANO)
     finally:
+        await rc.close()
+
+
+async def test_an_admit_whose_caller_left_after_it_was_written_is_given_back(redis_server: PrivateRedis) -> None:
+    """A client that hangs up while its admit is on the wire: the admit runs, nothing would ever
+    settle it, so its reservation, parallel slot and tokens are given back when its reply arrives."""
+    rc = RedisCounters(redis_server.url)
+    counter, scope = f"b{uuid.uuid4().hex}:0", f"key:{uuid.uuid4().hex}"
+
+    def admit() -> Any:
+        return rc.admit([RateCheck(scope, 100, 10**6, 2)], [BudgetCheck(counter, 10 * NANO, 0, NANO, 3600)], 7, 0.0)
+
+    try:
+        t = await admit()  # the clock offset is measured and the script loaded
+        assert isinstance(t, Ticket) and rc.settle_later(t, [0], 7)
+        await rc.batcher.drain()
+        sent = rc.pipeline.batches
+        redis_server.pause()
+        caller = asyncio.ensure_future(admit())
+        for _ in range(200):  # until the admit is written (into the socket of the stopped Redis)
+            if rc.pipeline.batches > sent:
+                break
+            await asyncio.sleep(0.005)
+        assert rc.pipeline.batches > sent
+        caller.cancel()
+        redis_server.resume()  # well within the admit's 2 s deadline: it runs and reserves
+        for _ in range(300):
+            await rc.batcher.drain()
+            if await rc.peek_budget(counter) == (0, 0) and rc.batcher.applied >= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert await rc.peek_budget(counter) == (0, 0)
+        assert int(await rc.redis.get(f"ky:par:{scope}") or 0) == 0
+        assert int(await rc.redis.get(f"ky:tpm:{scope}:0") or 0) == 7  # the first admit's 7; the orphan's given back
+    finally:
+        redis_server.resume()
         await rc.close()

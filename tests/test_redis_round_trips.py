@@ -69,10 +69,10 @@ class CallLog:
     def _wrap(self, pipeline: AutoPipeline) -> None:
         inner = pipeline.call
 
-        async def call(packed: bytes) -> Any:
+        async def call(packed: bytes, orphan: Any = None) -> Any:
             task = asyncio.current_task()
             self.calls.append((task.get_name() if task else "?", packed.split(b"\r\n")[2].decode()))
-            return await inner(packed)
+            return await inner(packed, orphan)
 
         pipeline.call = call  # type: ignore[method-assign]
 

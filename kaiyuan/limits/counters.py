@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -369,12 +370,10 @@ class RedisCounters:
         keys.append(self.liveness.resof(self.replica))
         if marker is not None:
             keys.append(marker)
-        res = await self._eval(self._admit, keys, args)
+        res = await self._eval(self._admit, keys, args, lambda r: self._orphaned(r, rates, budgets, minute, prompt_tokens))
         code = int(res[0])
         if code == 0:
-            for b, g in zip(budgets, res[1:], strict=True):
-                b.gen = g.decode() if isinstance(g, bytes) else str(g)
-            return Ticket(rates, budgets, minute, prompt_tokens, self.name)
+            return self._ticket(res, rates, budgets, minute, prompt_tokens)
         if code == 2:
             return NeedSeed(int(res[1]))
         if code == 3:
@@ -382,12 +381,29 @@ class RedisCounters:
         kind = res[2].decode() if isinstance(res[2], bytes) else str(res[2])
         return Denial(kind, int(res[1]), int(res[3]), int(res[4]))
 
-    async def _eval(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+    def _ticket(self, res: list[Any], rates: list[RateCheck], budgets: list[BudgetCheck], minute: int,
+                prompt_tokens: int) -> Ticket:
+        for b, g in zip(budgets, res[1:], strict=True):
+            b.gen = g.decode() if isinstance(g, bytes) else str(g)
+        return Ticket(rates, budgets, minute, prompt_tokens, self.name)
+
+    def _orphaned(self, res: list[Any], rates: list[RateCheck], budgets: list[BudgetCheck], minute: int,
+                  prompt_tokens: int) -> None:
+        """An admit ran after its caller went away (the client hung up meanwhile): nothing will use
+        or settle it, so give its reservation, parallel slots and tokens back (cost 0: the request
+        was never sent upstream)."""
+        if int(res[0]) != 0:
+            return
+        ticket = self._ticket(res, rates, budgets, minute, prompt_tokens)
+        if not self.settle_later(ticket, [0] * len(budgets), 0):
+            asyncio.get_running_loop().create_task(self.settle(ticket, [0] * len(budgets), 0))
+
+    async def _eval(self, script: Any, keys: list[str], args: list[Any], orphan: Callable[[Any], None] | None = None) -> Any:
         """Run a registered script through the auto-pipeline, with the other commands issued in
         this loop turn (see pipelining.py); through redis-py's own call (which loads it) when Redis
         does not have the script (it restarted) or the pipeline's queue is full."""
         try:
-            return await self.pipeline.call(self._pack(["EVALSHA", script.sha, len(keys), *keys, *args]))
+            return await self.pipeline.call(self._pack(["EVALSHA", script.sha, len(keys), *keys, *args]), orphan)
         except self._send_alone:
             return await script(keys=keys, args=args)
 

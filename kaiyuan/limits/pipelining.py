@@ -20,14 +20,18 @@ a script error) fails its own command only; a connection error (a connection a r
 dropped) disconnects and resends the commands not answered yet, twice at most, after the same
 short backoff as the client's ``Retry``; a timeout (``timeout_s`` for the whole round trip) is not
 retried, since the commands may have run, and fails every command not answered yet. A command whose
-caller went away before it was sent is not sent. A batch is at most ``MAX_BATCH`` commands and the
+caller went away before it was sent is not sent; one whose caller went away after it was sent
+hands its reply to the ``orphan`` callback given with it (RedisCounters gives such an admit's
+reservation back). A batch is at most ``MAX_BATCH`` commands and the
 queue ``MAX_QUEUE`` (beyond: :class:`PipelineFull`, and the caller sends its command the ordinary way).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -40,7 +44,10 @@ MAX_BATCH = 512  # commands per write
 MAX_QUEUE = 10_000  # commands waiting for a batch
 BACKOFF_S = (0.02, 0.04)  # before each resend after a connection error (so: two resends at most)
 
-Pending = deque[tuple[bytes, "asyncio.Future[Any]"]]
+log = logging.getLogger("kaiyuan.limits")
+
+Orphan = Callable[[Any], None]  # gets the reply of a command whose caller went away after it was sent
+Pending = deque[tuple[bytes, "asyncio.Future[Any]", "Orphan | None"]]
 
 
 class PipelineFull(Exception):
@@ -49,7 +56,7 @@ class PipelineFull(Exception):
 
 def pack(args: list[Any]) -> bytes:
     """One command in RESP: ``args`` are ``str`` (any text) or ``int``."""
-    strs = [a if type(a) is str else str(int(a)) for a in args]
+    strs = [a if type(a) is str else str(a) if type(a) is int else str(int(a)) for a in args]
     body = "".join([f"${len(s)}\r\n{s}\r\n" for s in strs])
     if not body.isascii():  # lengths are in bytes: count each argument's UTF-8
         body = "".join([f"${len(s.encode())}\r\n{s}\r\n" for s in strs])
@@ -70,12 +77,15 @@ class AutoPipeline:
         self.batches = 0  # writes that carried commands (for tests and the bench)
         self.commands = 0
 
-    async def call(self, packed: bytes) -> Any:
+    async def call(self, packed: bytes, orphan: Orphan | None = None) -> Any:
+        """Send ``packed`` with this turn's batch and return its reply. ``orphan``, if given, gets
+        the reply instead when the caller went away after the command was written (it ran, or may
+        have: an admit's reservation must then be given back)."""
         if len(self._queue) >= MAX_QUEUE:
             raise PipelineFull
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((packed, fut))
+        self._queue.append((packed, fut, orphan))
         if not self._busy:
             self._busy = True
             loop.call_soon(self._start, loop)  # after this turn: the commands the turn issues join
@@ -119,7 +129,7 @@ class AutoPipeline:
         conn = self._conn
         try:
             async with asyncio.timeout(self.timeout_s):  # one timer for the write and every reply
-                await conn.send_packed_command(b"".join(p for p, _ in batch))  # connects first if needed
+                await conn.send_packed_command(b"".join(item[0] for item in batch))  # connects first if needed
                 self.batches += 1
                 self.commands += len(batch)
                 while batch:
@@ -136,8 +146,13 @@ async def _read_one(conn: AbstractConnection, batch: Pending) -> None:
         reply: Any = await conn.read_response()
     except ResponseError as e:  # this command's error reply; the connection stays in step
         reply = e
-    _p, fut = batch.popleft()
-    if fut.done():  # its caller went away
+    _p, fut, orphan = batch.popleft()
+    if fut.done():  # its caller went away after the write
+        if orphan is not None and not isinstance(reply, Exception):
+            try:
+                orphan(reply)
+            except Exception:  # a bug there must not stop the batch
+                log.exception("handling the reply of a Redis command whose caller went away failed")
         return
     if isinstance(reply, Exception):
         fut.set_exception(reply)
@@ -146,7 +161,7 @@ async def _read_one(conn: AbstractConnection, batch: Pending) -> None:
 
 
 def _fail(batch: Pending, err: BaseException) -> None:
-    for _p, fut in batch:
+    for _p, fut, _o in batch:
         if not fut.done():
             fut.set_exception(err)
     batch.clear()

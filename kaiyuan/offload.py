@@ -14,7 +14,8 @@ for the whole 0.1-0.3 s of the parse). So :func:`loads_large` parses it *in piec
 with a turn of the loop between two pieces: msgspec finds where each member of an object and each
 element of an array begins and ends (``msgspec.Raw``: a C scan, about 1 ms per MiB, that builds
 nothing), and orjson parses each piece of at most :data:`PIECE_BYTES`; larger members are split
-again. Every byte is still parsed once, by orjson, with orjson's rules.
+again. Every byte is still parsed once, by orjson, with orjson's rules. A large whole upstream
+reply is parsed the same way (:func:`loads_in_pieces`, from ``routing.executor``).
 
 What does not move: serialising (orjson.dumps) of a large body, and a tokenizer call on one long
 string (about 20 ms per MiB); both are bounded by ``server.max_body_bytes``.

@@ -45,7 +45,8 @@ from bench.run import (  # noqa: E402
 from bench.scenarios import CHAT, CHAT_STREAM, SCENARIOS, VARIANTS, Scenario  # noqa: E402
 
 FLOOR = ROOT / "bench" / "floors" / "aiohttp_floor.py"
-VALGRIND = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--dump-instr=no", "--trace-children=no"]
+# children traced too: a supervisor's worker (the kaiyuan-sup variant) is counted on its own
+VALGRIND = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--dump-instr=no", "--trace-children=yes"]
 
 
 def wrapped(fleet: Fleet, out: Path) -> None:
@@ -74,29 +75,40 @@ def drive(fleet: Fleet, target: Target, sc: Scenario, requests: int, concurrency
     return int(raw.get("ok", 0))
 
 
-def measure(fleet: Fleet, target: Target, sc: Scenario, out: Path, a: argparse.Namespace) -> float:
+def measure(fleet: Fleet, target: Target, sc: Scenario, out: Path, a: argparse.Namespace) -> list[tuple[str, float]]:
+    """Instructions per request of the target's process and, when it has any, of each of its child
+    processes (a supervisor's worker): [(role, instructions per request)], the target's own first."""
+    import psutil
+
     drive(fleet, target, sc, a.warmup, a.concurrency)
-    pid = target.proc.popen.pid
-    control(pid, "--instr=on")
-    control(pid, "--zero")
+    root = target.proc.popen.pid
+    pids = [root, *(c.pid for c in psutil.Process(root).children(recursive=True))]
+    for pid in pids:
+        control(pid, "--instr=on")
+        control(pid, "--zero")
     ok = drive(fleet, target, sc, a.requests, a.concurrency)
-    control(pid, "--dump")
-    control(pid, "--instr=off")
+    for pid in pids:
+        control(pid, "--dump")
+        control(pid, "--instr=off")
     time.sleep(0.5)
-    total = 0
-    for f in out.parent.glob(f"{out.name}.{pid}*"):
-        m = re.search(rb"^(?:summary|totals): (\d+)", f.read_bytes(), re.M)
-        if a.verbose:
-            print(f"  {f.name}: {m.group(1).decode() if m else '?'}", file=sys.stderr)
-        if m:
-            total += int(m.group(1))
-        if a.keep:
-            a.keep.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, a.keep / f"{target.name.replace('+', '_')}.{f.name}")
     expected = a.requests // a.concurrency * a.concurrency
     if ok < expected:
         print(f"  warning: {target.name}: {expected - ok} requests failed", file=sys.stderr)
-    return total / max(ok, 1)
+    parts = []
+    for pid in pids:
+        total = 0
+        for f in out.parent.glob(f"{out.name}.{pid}*"):
+            m = re.search(rb"^(?:summary|totals): (\d+)", f.read_bytes(), re.M)
+            if a.verbose:
+                print(f"  {f.name}: {m.group(1).decode() if m else '?'}", file=sys.stderr)
+            if m:
+                total += int(m.group(1))
+            if a.keep:
+                a.keep.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, a.keep / f"{target.name.replace('+', '_')}.{f.name}")
+        role = "process" if len(pids) == 1 else ("supervisor" if pid == root else "worker")
+        parts.append((role, total / max(ok, 1)))
+    return parts
 
 
 def start_floor(fleet: Fleet, up: Target, script: Path = FLOOR, name: str = "floor-aiohttp") -> Target:
@@ -149,7 +161,10 @@ def main() -> int:
                 t = start_floor(fleet, up, variant, name)
             else:
                 t = start_kaiyuan(fleet, up, "1", variant, workdir, redis_url)  # type: ignore[arg-type]
-            results.append((name, measure(fleet, t, sc, workdir / "callgrind.out", a)))
+            parts = measure(fleet, t, sc, workdir / "callgrind.out", a)
+            if len(parts) > 1:
+                results += [(f"{name} ({role})", ir) for role, ir in parts]
+            results.append((f"{name} (all processes)" if len(parts) > 1 else name, sum(ir for _, ir in parts)))
             print(f"  {name}: {results[-1][1]:,.0f}", file=sys.stderr)
             fleet.stop(t.proc)
         floor = dict(results).get("floor-aiohttp")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import sys
 import time
@@ -206,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         pass
     res = asyncio.run(run(spec))
     out: dict[str, Any] = dict(res.__dict__)
+    # the event loop may have left stdout non-blocking: a large result (every latency sample) was
+    # then cut at the pipe's capacity while the parent was still busy
+    os.set_blocking(sys.stdout.fileno(), True)
     sys.stdout.buffer.write(orjson.dumps(out))
     sys.stdout.flush()
     return 0

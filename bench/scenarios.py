@@ -118,6 +118,7 @@ class Variant:
     env: dict[str, str] = field(default_factory=dict)
     redis: bool = False  # run.py starts a private redis-server and sets limits.redis_url
     all_cpus: bool = False  # not pinned to the gateway's CPU: may use every core (the --workers rows)
+    supervisor_cpu: str | None = None  # a supervisor (server.supervisor: always) moved to this CPU once ready
 
 
 MASTER_KEY = "sk-bench-master"
@@ -168,6 +169,10 @@ VARIANTS: list[Variant] = [
     # Issue 13: `kaiyuan serve --workers 2` on both cores, which it shares with the upstream and the
     # load generators here (the plain column is one worker: pinned to one CPU, the default is 1).
     Variant("kaiyuan-workers2", config_patch={"server": {"workers": 2}}, flag="workers", all_cpus=True),
+    # Issue 13: one worker on the gateway's CPU, its request log written by a supervisor moved to the
+    # load generators' CPU (server.supervisor: always). CPU per request counts both processes.
+    Variant("kaiyuan-sup", config_patch={"server": {"workers": 1, "supervisor": "always"}}, flag="sup",
+            supervisor_cpu="0"),
     # Diagnostic: the same gateway without the request log, to see what the log costs.
     Variant("kaiyuan-nolog", config_patch={"request_log": {"enabled": False}}, flag="nolog"),
 ]

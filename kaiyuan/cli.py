@@ -40,7 +40,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kaiyuan.server import workers
 
     n = args.workers or config.server.workers or workers.default_workers()
-    if n > 1 and workers.inherited_socket_fd() is None:  # the supervisor; its workers take the branch below
+    supervise = n > 1 or config.server.supervisor == "always"
+    if supervise and workers.inherited_socket_fd() is None:  # the supervisor; its workers take the branch below
         cmd = [sys.executable, "-m", "kaiyuan", "--log-level", args.log_level, "serve", "--workers", "1",
                "--host", host, "--port", "0"]
         path = getattr(args, "config", None) or os.environ.get("KAIYUAN_CONFIG")
@@ -53,10 +54,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:  # pragma: no cover - optional speed-up
         pass
+    from kaiyuan.observability import multiproc
     from kaiyuan.observability.memtrace import install_from_env
     from kaiyuan.server.app import run_server
 
     install_from_env()  # KAIYUAN_TRACEMALLOC: heap snapshots on SIGUSR1, off unless set
+    multiproc.install()  # a supervisor's worker: metric values in memory, synced to the shared files
 
     def ready(url: str) -> None:
         names = ", ".join(m.name for m in config.models) or "(none)"

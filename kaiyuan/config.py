@@ -404,6 +404,10 @@ class ServerSettings(_Strict):
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="on SIGTERM or a SIGHUP reload, how long in-flight requests and streams may finish"
     )
+    supervisor: Literal["auto", "always"] = Field(
+        "auto", description="auto: a supervisor runs with more than one worker; always: with one worker too, so "
+                            "the request log is written by the supervisor's process, off the worker's core"
+    )
 
     @field_validator("master_key")
     @classmethod

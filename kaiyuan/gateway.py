@@ -4,6 +4,7 @@ log, wired once at start. The request path that uses them is :mod:`kaiyuan.pipel
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -17,8 +18,9 @@ from kaiyuan.accounting.ledger import SpendLedger
 from kaiyuan.accounting.reservations import Reservations
 from kaiyuan.config import GatewayConfig, ModelConfig
 from kaiyuan.context import Principal, RequestContext
+from kaiyuan.observability import multiproc
+from kaiyuan.observability.log_sink import open_request_log
 from kaiyuan.observability.metrics import Metrics
-from kaiyuan.observability.request_log import RequestLogWriter
 from kaiyuan.observability.tracing import Tracer
 from kaiyuan.providers.base import Provider, UpstreamReply
 from kaiyuan.providers.registry import build_provider
@@ -55,7 +57,7 @@ class Gateway:
                                          self.metrics.denied, self.ledger, self.reachable_models)
         self.auth.redis = self.reservations.redis  # key invalidations travel on the counters' Redis
         self.auth.relay = self.reservations.shared  # or, between workers, on the supervisor's socket
-        self.request_log = RequestLogWriter(engine, config.request_log, self.metrics)
+        self.request_log = open_request_log(engine, config.request_log, self.metrics.store)
         self.on_complete: list[CompletionHook] = []
         # Run by the pipeline's resolve step (after auth): may rewrite ctx.model (trials: canary,
         # promote) or flag the request (trials: shadow sampling). Must be fast and not raise.
@@ -70,6 +72,7 @@ class Gateway:
             self.on_complete.append(self.tracer.record)
         self.ready = False
         self.started_at = time.time()
+        self._metrics_sync: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -80,11 +83,17 @@ class Gateway:
                     log.warning("model %s: deployment %s is unavailable: %s", name, p.id, p.unavailable)
         await self.request_log.start()
         self.auth.start()
+        if multiproc.active():  # a supervisor's worker: its metric values reach the shared files
+            self._metrics_sync = asyncio.create_task(multiproc.sync_forever(), name="kaiyuan-metrics-sync")
         self.ready = True
 
     async def close(self) -> None:
         self.ready = False
         await self.request_log.close()
+        if self._metrics_sync is not None:
+            self._metrics_sync.cancel()  # syncs once more as it stops
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._metrics_sync
         await self.auth.close()
         await self.ledger.close()
         await self.reservations.close()

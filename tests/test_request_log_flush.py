@@ -18,7 +18,7 @@ from kaiyuan.store.schema import request_log
 def test_concurrent_flushes_write_every_row_once(tmp_path: Any) -> None:
     engine = open_store(f"sqlite:///{tmp_path}/c.db")
     metrics = Metrics()
-    w = RequestLogWriter(engine, RequestLogSettings(batch_size=5), metrics)
+    w = RequestLogWriter(engine, RequestLogSettings(batch_size=5), metrics.store)
 
     async def go() -> list[int]:
         for i in range(23):

@@ -43,7 +43,7 @@ def _rows(url: str) -> list[dict[str, Any]]:
 
 def test_sqlite_fast_path_matches_sqlalchemy_insert(tmp_path: Path) -> None:
     fast_url, ref_url = f"sqlite:///{tmp_path}/fast.db", f"sqlite:///{tmp_path}/ref.db"
-    writer = RequestLogWriter(open_store(fast_url), RequestLogSettings(batch_size=4), Metrics())
+    writer = RequestLogWriter(open_store(fast_url), RequestLogSettings(batch_size=4), Metrics().store)
     for i in range(10):
         writer.submit(_ctx(i))
     queued = [dict(r) for r in writer.writer._queue]  # the same rows, written the reference way
@@ -59,7 +59,7 @@ def test_sqlite_fast_path_matches_sqlalchemy_insert(tmp_path: Path) -> None:
 
 def test_incomplete_rows_fall_back_to_sqlalchemy_defaults(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/partial.db"
-    writer = RequestLogWriter(open_store(url), RequestLogSettings(), Metrics())
+    writer = RequestLogWriter(open_store(url), RequestLogSettings(), Metrics().store)
     rows = [row_for(_ctx(i)) for i in (1, 2)]
     for r in rows:
         del r["stream"], r["attempts"]  # columns with Python-side defaults only SQLAlchemy fills

@@ -43,7 +43,7 @@ async def test_writer_batches_rows_and_survives_a_down_database(db_url: str) -> 
     engine = open_store(db_url)
     assert current_revision(engine) is not None
     open_store(db_url)  # running migrations again is a no-op
-    w = RequestLogWriter(engine, RequestLogSettings(batch_size=7), Metrics())
+    w = RequestLogWriter(engine, RequestLogSettings(batch_size=7), Metrics().store)
     for i in range(20):
         ctx = RequestContext(f"r{i}", "openai", "chat", model="m", status=200, usage=Usage(3, 4, 1, 0))
         w.submit(ctx)
@@ -68,7 +68,7 @@ async def test_writer_batches_rows_and_survives_a_down_database(db_url: str) -> 
 async def test_queue_limit_drops_and_counts(tmp_path) -> None:  # type: ignore[no-untyped-def]
     engine = open_store(f"sqlite:///{tmp_path}/q.db")
     m = Metrics()
-    w = RequestLogWriter(engine, RequestLogSettings(max_queue=5), m)
+    w = RequestLogWriter(engine, RequestLogSettings(max_queue=5), m.store)
     for i in range(8):
         w.submit(RequestContext(f"q{i}", "openai", "chat", status=200))
     assert w.pending == 5

@@ -7,6 +7,7 @@ connection, and a killed worker is replaced.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import os
 import signal
 import socket
@@ -23,9 +24,10 @@ import openai
 import psutil
 import pytest
 import yaml
+from prometheus_client.mmap_dict import MmapedDict
 from sqlalchemy import create_engine, func, select
 
-from kaiyuan.store.schema import spend_ledger
+from kaiyuan.store.schema import request_log, spend_ledger
 from kaiyuan.testing.fake_openai import Behaviour, FakeOpenAI
 from tests.http import http
 
@@ -206,10 +208,51 @@ def test_revoking_a_key_on_one_worker_reaches_the_other(served: Served) -> None:
 def test_metrics_sum_every_worker(served: Served) -> None:
     with cf.ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda _i: _chat(served.url, MASTER), range(20)))
-    text = http("GET", served.url + "/metrics", key=MASTER).text
-    total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                if line.startswith("kaiyuan_requests_total{") and 'model="cheap"' in line)
+    deadline = time.monotonic() + 10  # each worker writes its values to the shared files once a second
+    while True:
+        text = http("GET", served.url + "/metrics", key=MASTER).text
+        total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                    if line.startswith("kaiyuan_requests_total{") and 'model="cheap"' in line)
+        if total >= 20 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
     assert total == 20, text[:2000]
+
+
+def _rows_written_by(metrics_dir: str, pid: int) -> float:
+    """``kaiyuan_store_rows_written{writer="request_log"}`` as counted by process ``pid`` alone (its
+    own file in the Prometheus multiprocess directory)."""
+    path = Path(metrics_dir) / f"counter_{pid}.db"
+    if not path.exists():
+        return 0.0
+    total = 0.0
+    for key, value, *_ in MmapedDict.read_all_values_from_file(str(path)):
+        _name, sample, labels, *_ = json.loads(key)
+        if sample == "kaiyuan_store_rows_written_total" and labels.get("writer") == "request_log":
+            total += value
+    return total
+
+
+def test_the_supervisor_writes_every_workers_request_log(served: Served) -> None:
+    """The workers ship their request-log rows to the supervisor, the one writer
+    (observability.log_sink): no worker runs a writer thread for them, and a graceful stop loses none."""
+    with cf.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: _chat(served.url, MASTER, stream=i % 2 == 0), range(40)))
+    assert results == ["ok"] * 40
+    workers = served.workers()
+    metrics_dir = workers[0].environ()["PROMETHEUS_MULTIPROC_DIR"]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and _rows_written_by(metrics_dir, served.proc.pid) < 40:
+        time.sleep(0.2)
+    assert _rows_written_by(metrics_dir, served.proc.pid) == 40  # all written by the supervisor...
+    assert [_rows_written_by(metrics_dir, w.pid) for w in workers] == [0.0, 0.0]  # ...none by a worker
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(timeout=40) == 0
+    engine = create_engine(served.config["store"]["url"])
+    with engine.connect() as conn:
+        rows = conn.execute(select(request_log.c.status, request_log.c.stream).where(request_log.c.model == "cheap")).all()
+    engine.dispose()
+    assert sorted(rows) == sorted([(200, False)] * 20 + [(200, True)] * 20)
 
 
 def test_sigterm_lets_an_inflight_stream_finish(served: Served, fake_openai: FakeOpenAI) -> None:

@@ -2,7 +2,8 @@
 
 Under ``kaiyuan serve --workers N`` prometheus_client's multiprocess mode is on (the supervisor sets
 ``PROMETHEUS_MULTIPROC_DIR`` for its workers): every worker writes its values to that directory and
-``render`` sums all of them, so ``/metrics`` on any worker reports the whole server.
+``render`` sums all of them, so ``/metrics`` on any worker reports the whole server. The values are
+kept in memory and written to the files once a second (:mod:`kaiyuan.observability.multiproc`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from kaiyuan.context import RequestContext
+from kaiyuan.observability import multiproc
 from kaiyuan.store.batch_writer import WriterMetrics
 
 UNKNOWN_MODEL = "(unknown)"
@@ -103,6 +105,9 @@ class Metrics:
     def render(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             from prometheus_client import multiprocess
+
+            if multiproc.active():
+                multiproc.sync()  # this process's own values exact; the others' at most one interval old
 
             every_worker = CollectorRegistry()
             multiprocess.MultiProcessCollector(every_worker)

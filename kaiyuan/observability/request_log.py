@@ -15,9 +15,8 @@ from sqlalchemy import Engine
 
 from kaiyuan.config import RequestLogSettings
 from kaiyuan.context import RequestContext
-from kaiyuan.observability.metrics import Metrics
 from kaiyuan.redact import clip, scrub, scrub_opt
-from kaiyuan.store.batch_writer import BatchWriter, WriterSpec
+from kaiyuan.store.batch_writer import BatchWriter, WriterMetrics, WriterSpec
 from kaiyuan.store.fast_insert import insert_rows
 from kaiyuan.store.schema import request_log
 
@@ -78,16 +77,24 @@ def row_for(ctx: RequestContext) -> dict[str, Any]:
 class RequestLogWriter:
     """The request log's rows through the shared :class:`BatchWriter` (overflow: drop, counted)."""
 
-    def __init__(self, engine: Engine | None, settings: RequestLogSettings, metrics: Metrics) -> None:
+    def __init__(self, engine: Engine | None, settings: RequestLogSettings, metrics: WriterMetrics) -> None:
         self.engine = engine
         self.settings = settings
         spec = WriterSpec("request_log", settings.max_queue, settings.batch_size, settings.flush_interval_s, "drop")
-        self.writer: BatchWriter[dict[str, Any]] = BatchWriter(spec, self._write, metrics.store, _describe)
+        self.writer: BatchWriter[dict[str, Any]] = BatchWriter(spec, self._write, metrics, _describe)
 
     def submit(self, ctx: RequestContext) -> None:
         if self.engine is None or not self.settings.enabled:
             return
         self.writer.put(row_for(ctx))
+
+    def put_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Queue rows built elsewhere (a worker's, shipped to the supervisor's sink)."""
+        if self.engine is None:
+            return
+        for row in rows:
+            if isinstance(row, dict):
+                self.writer.put(row)
 
     async def start(self) -> None:
         if self.engine is not None:

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kaiyuan.config import ConfigError, GatewayConfig, load_config
+from kaiyuan.observability import multiproc
+from kaiyuan.observability.log_sink import LogSink
 
 log = logging.getLogger("kaiyuan.workers")
 
@@ -84,6 +86,7 @@ class Supervisor:
         self.state_dir = state_dir
         self.metrics_dir = state_dir / "metrics"
         self.counters_path = str(state_dir / "counters.sock")
+        self.log_path = str(state_dir / "log.sock")
         self.workers: list[Worker] = []
         self.generation = 0
         self.stop = asyncio.Event()
@@ -96,9 +99,11 @@ class Supervisor:
         env = {**os.environ, ENV_LISTEN_FD: str(self.sock.fileno()), ENV_READY_FD: str(w), ENV_SUPERVISOR_PID: str(os.getpid()),
                ENV_METRICS_DIR: str(self.metrics_dir)}
         from kaiyuan.limits.shared import ENV_SOCKET
+        from kaiyuan.observability.log_sink import ENV_LOG_SOCKET
 
         if self.config.limits.backend != "redis":
             env[ENV_SOCKET] = self.counters_path
+        env[ENV_LOG_SOCKET] = self.log_path
         proc = subprocess.Popen(self.argv, env=env, pass_fds=(self.sock.fileno(), w))
         os.close(w)
         worker = Worker(proc, r, self.generation)
@@ -167,6 +172,9 @@ class Supervisor:
 
         server = CounterServer(self.counters_path)
         await server.start()
+        sink = self._log_sink()
+        await sink.start()
+        syncing = asyncio.create_task(multiproc.sync_forever()) if multiproc.active() else None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
@@ -183,6 +191,22 @@ class Supervisor:
             return 0
         finally:
             await server.close()
+            await sink.close()
+            if syncing is not None:
+                syncing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await syncing
+
+    def _log_sink(self) -> LogSink:
+        """The workers' one request-log writer (:mod:`kaiyuan.observability.log_sink`). Its settings
+        and store are the config's at start: a reload does not move them."""
+        from prometheus_client import CollectorRegistry
+
+        from kaiyuan.store.batch_writer import WriterMetrics
+        from kaiyuan.store.db import make_engine
+
+        metrics = WriterMetrics(CollectorRegistry())  # counted in the multiprocess directory, like a worker's
+        return LogSink(self.log_path, make_engine(self.config.store.url), self.config.request_log, metrics)
 
     async def _tick(self) -> None:
         with contextlib.suppress(TimeoutError):
@@ -251,6 +275,7 @@ def serve(config_path: str | None, config: GatewayConfig, host: str, port: int, 
     state = Path(tempfile.mkdtemp(prefix="kaiyuan-workers-"))  # 0700: the counter socket lives here
     (state / "metrics").mkdir()
     os.environ[ENV_METRICS_DIR] = str(state / "metrics")
+    multiproc.install()  # the supervisor's own metrics (its request-log writer's) are summed in too
     actual = sock.getsockname()[1]
     print(f"Kaiyuan supervisor on http://{host}:{actual} with {n} workers (pid {os.getpid()}; "
           "SIGHUP reloads the config, SIGTERM drains and stops)", file=sys.stderr, flush=True)

@@ -16,13 +16,16 @@ order (:attr:`BatchWriter.done` counts the rows written), so "written" is one nu
 no clocks. Every admit reads that number just before it is sent (``done``); when the admit answers
 with the counter's generation the book knew, the counter was not lost before the admit ran, so
 every row written before ``done`` was in the database before any later loss, and so in any later
-seed: those entries are dropped. The first time a replica sees a **new** generation of a counter
-(at its next admit on it, or the periodic :meth:`BudgetSeeds.sweep`), it adds to the new counter,
-in one script guarded by the generation (``RedisCounters.adopt``), its reservations in flight
-(reserved again) and its entries not dropped (spent again). So, for every request the upstream was
-sent, its cost is in the new counter through at least one of: the seed (its row was written before
-the read), its settle (applied after the loss: to the counter, or to ``o`` while missing), or its
-replica's adopt (its row was not known written before the loss). Some costs are counted twice
+seed: those entries are dropped. An admit carries the generation the replica knows; when the
+counter is in another one (it was re-made), the script answers "adopt first" before deciding, and
+the replica adds to the new counter, in one script guarded by the generation
+(``RedisCounters.adopt``), its reservations in flight (reserved again) and its entries not dropped
+(spent again), then admits again. The periodic :meth:`BudgetSeeds.sweep` does the same for a
+counter the replica has no new request on. So, for every request the upstream was sent, its cost
+is in the new counter through at least one of: the seed (its row was written before the read), its
+settle (applied after the loss: to the counter, or to ``o`` while missing), or its replica's adopt
+(its row was not known written before the loss); and no replica's admit is decided in a re-made
+counter before that replica's own part is in it. Some costs are counted twice
 (a row written between a replica's last admit and the loss; a settle applied after the loss whose
 row is also adopted): the counter then holds slightly more than was spent and refuses a little
 early, never late. A seed of a counter this replica knew reads the database only: its own unwritten
@@ -30,10 +33,12 @@ rows come in through its adopt.
 
 What stays open, and is documented (docs/persistence.md): between the loss and a replica's adopt
 (its next admit on that counter, or the sweep within ``SWEEP_S``), that replica's part is missing
-from the counter, so admits elsewhere may pass it meanwhile; the part is its in-flight reservations
-and about one flush interval of its rows, and it is added back, so only a budget that was already
-within that amount of its limit when Redis lost its data can go past it. A dead replica's book dies
-with it: its reservations in Redis become spend when it is found dead (``limits/expiry.py``).
+from the counter, so *other* replicas' admits may use it meanwhile; the part is its in-flight
+reservations and about one flush interval of its rows, and it is added back, so only a budget that
+was already within that amount of its limit when Redis lost its data can go past it. Closing that
+would take a replica membership that survives Redis (for a fence until every live replica has
+adopted). A dead replica's book dies with it: its reservations in Redis become spend when it is
+found dead (``limits/expiry.py``).
 """
 
 from __future__ import annotations
@@ -47,12 +52,23 @@ from functools import partial
 
 from kaiyuan.accounting.keystore import Budget
 from kaiyuan.accounting.ledger import SpendLedger
-from kaiyuan.limits.counters import NANO, BudgetCheck, Counters, Denial, NeedSeed, RedisCounters, Ticket
+from kaiyuan.limits.counters import (
+    NANO,
+    Admitted,
+    AdoptFirst,
+    BudgetCheck,
+    Counters,
+    Denial,
+    NeedSeed,
+    RedisCounters,
+    Ticket,
+)
 from kaiyuan.store.boundary import unavailable_error
 
 log = logging.getLogger("kaiyuan.guard")
 SWEEP_S = 30.0  # how often idle books are checked against Redis (their entries dropped or adopted)
 SWEEP_BATCH = 500  # counters read per round trip by the sweep
+ADMIT_TRIES = 4  # admits of one request: need seed, adopt first, admitted (one spare for a counter re-made again)
 
 
 @dataclass(slots=True)
@@ -71,7 +87,7 @@ class Book:
     gen: str  # the generation everything here is counted in (entries of another one wait to be adopted)
     held: dict[int, BudgetCheck] = field(default_factory=dict)  # reservations in flight, by id()
     unwritten: deque[Unwritten] = field(default_factory=deque)  # in ledger order
-    adopting: bool = False  # an adopt is on its way to Redis: others wait for the next look
+    lock: asyncio.Lock | None = None  # one adopt at a time (made on the first)
 
     def drop_written(self, gen: str, done: int) -> None:
         """``gen`` was seen alive by an admit sent when ``done`` rows were written: those rows will
@@ -119,21 +135,50 @@ class BudgetSeeds:
         return await asyncio.shield(fut)
 
     # -- the request path ------------------------------------------------------------------------
-    async def admit(self, admit: Callable[[], Awaitable[Ticket | Denial | NeedSeed]],
-                    budgets: list[tuple[BudgetCheck, Budget]], counters: Counters) -> Ticket | Denial:
-        """Run ``admit`` (the counters' one atomic step); if a budget counter is missing, seed it
-        from the ledger and run it again. An admitted Redis ticket is booked (:meth:`hold`)."""
+    async def admit(self, admit: Callable[[], Awaitable[Admitted]], budgets: list[tuple[BudgetCheck, Budget]],
+                    counters: Counters) -> Ticket | Denial:
+        """Run ``admit`` (the counters' one atomic step) with the generation this replica knows of
+        each counter. A counter that is missing is seeded from the ledger, one re-made since this
+        replica saw it gets this replica's part first (AdoptFirst), and the admit runs again. An
+        admitted Redis ticket is booked (:meth:`hold`)."""
+        books = self.books
+        if books:
+            for check, _b in budgets:
+                book = books.get(check.counter)
+                if book is not None:
+                    check.known = book.gen
         done = self.ledger.writer.done  # ledger rows written before the admit is sent
         result = await admit()
-        if isinstance(result, NeedSeed):  # a budget counter is missing: seed it from the ledger, now
-            await self.seed(budgets)
+        if isinstance(result, Ticket):
+            if budgets and result.backend == "redis" and isinstance(counters, RedisCounters):
+                await self.hold(result, counters, done)
+            return result
+        if isinstance(result, Denial):
+            return result
+        return await self._admit_again(result, admit, budgets, counters)
+
+    async def _admit_again(self, result: NeedSeed | AdoptFirst, admit: Callable[[], Awaitable[Admitted]],
+                           budgets: list[tuple[BudgetCheck, Budget]], counters: Counters) -> Ticket | Denial:
+        """A counter is missing (seed it) or was re-made (adopt first); then admit again."""
+        for _ in range(ADMIT_TRIES):
+            if isinstance(result, NeedSeed):  # a budget counter is missing: seed it from the ledger, now
+                await self.seed(budgets)
+            elif isinstance(counters, RedisCounters):  # AdoptFirst
+                check = budgets[result.index][0]
+                book = self.books.get(check.counter)
+                if book is not None:
+                    await self.saw(book, check.counter, result.gen, self.ledger.writer.done, counters)
+                check.known = book.gen if book is not None else ""  # still the old one: adopt failed, ask again
             done = self.ledger.writer.done
-            result = await admit()
-        if isinstance(result, NeedSeed):  # pragma: no cover - every seed is set: the script cannot ask again
-            raise unavailable_error()
-        if isinstance(result, Ticket) and budgets and result.backend == "redis" and isinstance(counters, RedisCounters):
-            await self.hold(result, counters, done)
-        return result
+            again = await admit()
+            if isinstance(again, Ticket):
+                if budgets and again.backend == "redis" and isinstance(counters, RedisCounters):
+                    await self.hold(again, counters, done)
+                return again
+            if isinstance(again, Denial):
+                return again
+            result = again
+        raise unavailable_error()  # the counter kept moving (Redis restarting again and again)
 
     async def hold(self, ticket: Ticket, counters: RedisCounters, done: int) -> None:
         """Book an admitted ticket. ``done``: the ledger rows written when its admit was sent. A
@@ -161,24 +206,28 @@ class BudgetSeeds:
 
     async def saw(self, book: Book, counter: str, gen: str, done: int, counters: RedisCounters) -> None:
         """Redis answered, for an admit sent when ``done`` rows were written, that ``counter`` is in
-        generation ``gen``."""
+        generation ``gen``. A new one: adopt (one at a time per book; the others wait for it)."""
         if gen == book.gen:
             book.drop_written(gen, done)
             return
-        if book.adopting:
-            return
+        if book.lock is None:
+            book.lock = asyncio.Lock()
+        async with book.lock:
+            if gen == book.gen:  # adopted while this one waited
+                book.drop_written(gen, done)
+                return
+            await self._adopt(book, counter, gen, done, counters)
+
+    async def _adopt(self, book: Book, counter: str, gen: str, done: int, counters: RedisCounters) -> None:
         held = [h for h in book.held.values() if h.gen != gen]
         rows = [u for u in book.unwritten if u.gen != gen]
         reserve, spent = sum(h.reserve for h in held), sum(u.nano for u in rows)
-        book.adopting = True
         try:
             ok = await counters.adopt(counter, gen, reserve, spent)
         except Exception as e:  # Redis failing again: the next look at the counter retries
             log.error("could not re-count %d reservations and $%.6f of unwritten spend on %s: %s",
                       len(held), spent / NANO, counter, e)
             return
-        finally:
-            book.adopting = False
         if not ok:  # the counter moved on (or is missing) again: the next look adopts into that one
             return
         for h in held:

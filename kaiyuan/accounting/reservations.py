@@ -36,14 +36,13 @@ from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.limits.counters import (
     NANO,
     SEED_UNKNOWN,
+    Admitted,
     BudgetCheck,
     Counters,
     Denial,
     MemoryCounters,
-    NeedSeed,
     RateCheck,
     RedisCounters,
-    Ticket,
 )
 from kaiyuan.limits.shared import ENV_SOCKET as SHARED_COUNTERS_ENV
 from kaiyuan.limits.shared import SharedCounters
@@ -151,7 +150,7 @@ class Reservations:
             out.append((BudgetCheck(counter, round(b.limit_usd * NANO), SEED_UNKNOWN, reserve, ttl), b))
         return out
 
-    async def _counters_admit(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt: int, now: float) -> Ticket | Denial | NeedSeed:
+    async def _counters_admit(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt: int, now: float) -> Admitted:
         if self.counters is self.local:
             return self.local.admit_sync(rates, budgets, prompt, now)
         try:

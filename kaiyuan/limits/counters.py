@@ -46,6 +46,7 @@ class BudgetCheck:
     reserve: int  # nano-USD this request may cost at most
     ttl_s: int | None  # when the counter can be forgotten (after the period ends)
     gen: str = ""  # Redis: the counter's generation the reservation was made in (set by admit)
+    known: str = ""  # Redis: the generation this replica last saw ("": none); another one: AdoptFirst
 
 
 @dataclass(slots=True)
@@ -54,6 +55,15 @@ class NeedSeed:
     with its spend read from the ledger."""
 
     index: int
+
+
+@dataclass(slots=True)
+class AdoptFirst:
+    """The budget counter ``index`` was re-made (Redis lost its data) since this replica last saw
+    it: add this replica's part to generation ``gen`` (``BudgetSeeds``), then admit again."""
+
+    index: int
+    gen: str
 
 
 @dataclass(slots=True)
@@ -76,10 +86,13 @@ class Ticket:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+Admitted = Ticket | Denial | NeedSeed | AdoptFirst  # what an admit answers (AdoptFirst: Redis only)
+
+
 class Counters(Protocol):
     name: str
 
-    async def admit(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt_tokens: int, now: float) -> Ticket | Denial | NeedSeed: ...
+    async def admit(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt_tokens: int, now: float) -> Admitted: ...
 
     async def settle(self, ticket: Ticket, actual: list[int], total_tokens: int) -> None: ...
 
@@ -179,10 +192,12 @@ class MemoryCounters:
 #       (not sent yet: certain to be applied, so those slots count as free) and in the batch in
 #       flight (free too while its marker is absent, i.e. the batch has not been applied yet),
 #       per budget: limit, seed (-1 = not read: answer "need seed" if the counter is missing),
-#       reserve, ttl (-1 = none)
+#       reserve, ttl (-1 = none), the generation this replica knows ('' = none: answer "adopt
+#       first" if the counter is in another one, see accounting/budget_seeds.py)
 # A budget hash holds s (spent), r (reserved), r:<replica> (each replica's share of r), g (its
 # generation: when it was seeded) and o (cost settled while it was missing, added on seeding). Returns {0, g...} admitted (each budget's
-# generation), {1, index, kind, current, reserved} refused, {2, index} need seed, {3} too late.
+# generation), {1, index, kind, current, reserved} refused, {2, index} need seed, {3} too late,
+# {4, index, generation} adopt first (the counter was re-made since this replica last saw it).
 ADMIT_LUA = """
 local nr = tonumber(ARGV[1]); local nb = tonumber(ARGV[2]); local pt = tonumber(ARGV[3])
 local wttl = tonumber(ARGV[4]); local pttl = tonumber(ARGV[5])
@@ -211,18 +226,23 @@ end
 local b = a + nr*5
 local kb = nr*3
 for j = 0, nb - 1 do
-  if redis.call('HEXISTS', KEYS[kb + j + 1], 's') == 0 and ARGV[b + j*4 + 1] == '-1' then return {2, j} end
+  if redis.call('HEXISTS', KEYS[kb + j + 1], 's') == 0 and ARGV[b + j*5 + 1] == '-1' then return {2, j} end
 end
 for j = 0, nb - 1 do
   local k = KEYS[kb + j + 1]
   if redis.call('HEXISTS', k, 's') == 0 then
     local o = redis.call('HGET', k, 'o') or '0'
-    redis.call('HSET', k, 's', ARGV[b + j*4 + 1], 'r', '0', 'g', t[1] .. '.' .. t[2])
+    redis.call('HSET', k, 's', ARGV[b + j*5 + 1], 'r', '0', 'g', t[1] .. '.' .. t[2])
     redis.call('HDEL', k, 'o')
     if o ~= '0' then redis.call('HINCRBY', k, 's', o) end
   end
   redis.call('HSETNX', k, 'g', t[1] .. '.' .. t[2])
-  local limit = tonumber(ARGV[b + j*4]); local res = tonumber(ARGV[b + j*4 + 2])
+  local kn = ARGV[b + j*5 + 4]
+  if kn ~= '' then
+    local g = redis.call('HGET', k, 'g')
+    if g ~= kn then return {4, j, g} end
+  end
+  local limit = tonumber(ARGV[b + j*5]); local res = tonumber(ARGV[b + j*5 + 2])
   local s = tonumber(redis.call('HGET', k, 's')); local r = tonumber(redis.call('HGET', k, 'r') or '0')
   if s + r + res > limit then return {1, j, 'budget', s, r} end
 end
@@ -234,10 +254,10 @@ end
 local out = {0}
 for j = 0, nb - 1 do
   local k = KEYS[kb + j + 1]
-  redis.call('HINCRBY', k, 'r', ARGV[b + j*4 + 2])
-  redis.call('HINCRBY', k, 'r:' .. ARGV[8], ARGV[b + j*4 + 2])
+  redis.call('HINCRBY', k, 'r', ARGV[b + j*5 + 2])
+  redis.call('HINCRBY', k, 'r:' .. ARGV[8], ARGV[b + j*5 + 2])
   redis.call('SADD', KEYS[kb + nb + 1], k)
-  local ttl = tonumber(ARGV[b + j*4 + 3])
+  local ttl = tonumber(ARGV[b + j*5 + 3])
   if ttl > 0 then redis.call('EXPIRE', k, ttl) end
   out[j + 2] = redis.call('HGET', k, 'g')
 end
@@ -343,7 +363,7 @@ class RedisCounters:
         p = self.prefix
         return [f"{p}rpm:{scope}:{minute}", f"{p}tpm:{scope}:{minute}", f"{p}par:{scope}"]
 
-    async def admit(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt_tokens: int, now: float) -> Ticket | Denial | NeedSeed:
+    async def admit(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt_tokens: int, now: float) -> Admitted:
         """One EVALSHA. It carries a deadline on Redis's clock: an admit that reaches Redis after it
         (Redis was paused, and the caller has timed out and answered 503) counts nothing, so a late
         admit can never leave a reservation that no one will release."""
@@ -366,7 +386,7 @@ class RedisCounters:
             args += [queued.get(r.scope, 0), inflight.get(r.scope, 0)] if r.max_parallel is not None else [0, 0]
         for b in budgets:
             keys.append(f"{self.prefix}bud:{b.counter}")
-            args += [b.limit, b.seed, b.reserve, b.ttl_s if b.ttl_s else -1]
+            args += [b.limit, b.seed, b.reserve, b.ttl_s if b.ttl_s else -1, b.known]
         keys.append(self.liveness.resof(self.replica))
         if marker is not None:
             keys.append(marker)
@@ -378,6 +398,9 @@ class RedisCounters:
             return NeedSeed(int(res[1]))
         if code == 3:
             raise AdmitTooLate("Redis ran the admit after its deadline")
+        if code == 4:
+            g = res[2]
+            return AdoptFirst(int(res[1]), g.decode() if isinstance(g, bytes) else str(g))
         kind = res[2].decode() if isinstance(res[2], bytes) else str(res[2])
         return Denial(kind, int(res[1]), int(res[3]), int(res[4]))
 

@@ -173,3 +173,23 @@ async def test_the_budget_refuses_once_the_adopted_spend_fills_it(
     check = BudgetCheck(a.counter, LIMIT, SEED_UNKNOWN, 20 * NANO, None)
     denied = await a.seeds.admit(partial(a.rc.admit, [], [check], 0, 0.0), [(check, a.budget)], a.rc)
     assert isinstance(denied, Denial) and denied.current == 80 * NANO and denied.reserved == NANO
+
+
+async def test_a_replica_adds_its_part_before_its_own_next_admit_is_counted(
+        pair: tuple[Replica, Replica], redis_server: PrivateRedis) -> None:
+    """A replica's first admit in a re-made counter must not use the room its own part should
+    take: the admit script answers "adopt first", the part is added, then the admit is decided."""
+    a, b = pair
+    bs = [await b.admit(RESERVE) for _ in range(40)]
+    for t in bs:
+        b.end(t, 2 * NANO)
+        await b.settle(t, 2 * NANO)
+    redis_server.restart_empty()  # b's $80 of rows are all unwritten
+    await a.admit(NANO)  # a re-makes the counter: it reads $0
+    assert await counted(a) == (0, NANO)
+    check = BudgetCheck(b.counter, LIMIT, SEED_UNKNOWN, 20 * NANO, None)  # fits in $0 + $1 spent, not in $81
+    denied = await b.seeds.admit(partial(b.rc.admit, [], [check], 0, 0.0), [(check, b.budget)], b.rc)
+    assert isinstance(denied, Denial) and denied.current == 80 * NANO and denied.reserved == NANO
+    assert await counted(a) == (80 * NANO, NANO)
+    assert (await b.admit(19 * NANO)).budgets[0].gen == b.seeds.books[b.counter].gen  # exactly fills it
+    assert await counted(a) == (80 * NANO, 20 * NANO)

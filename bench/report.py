@@ -43,6 +43,7 @@ class Cell:
     missing_done: int
     cpu_us_per_req: float | None  # CPU time of the target process group per answered request
     error_samples: list[str]
+    workers_cpu_us_per_req: float | None = None  # with a supervisor: its workers' share of cpu_us_per_req
 
     @classmethod
     def from_raw(cls, scenario: str, target: str, conc: int, raw: dict[str, Any], cpu_s: float) -> Cell:
@@ -251,6 +252,14 @@ def render(info: dict[str, Any], cells: list[Cell], wrks: list[WrkResult], holds
     w("\n".join(verdicts(cells, holds)))
     w("\n## Targets (issue 13: one core, every feature on)\n")
     w("\n".join(verdicts_13(cells, wrks)))
+    split = [c for c in cells if c.workers_cpu_us_per_req is not None and c.cpu_us_per_req is not None]
+    if split:
+        w("\n## CPU per request: workers and supervisor\n")
+        w("A supervisor's CPU column counts it and its workers; here the two apart.\n")
+        w("| scenario | target | c | workers µs/req | supervisor µs/req |\n|---|---|---:|---:|---:|")
+        for c in split:
+            sup = (c.cpu_us_per_req or 0) - (c.workers_cpu_us_per_req or 0)
+            w(f"| {c.scenario} | {c.target} | {c.concurrency} | {c.workers_cpu_us_per_req:.0f} | {sup:.0f} |")
     if notes:
         w("\n## Notes\n")
         w("\n".join(f"- {n}" for n in notes))

@@ -167,8 +167,14 @@ def tail(path: Path, n: int = 15) -> str:
 
 def group_cpu_seconds(pgid: int) -> float:
     """User+system CPU time of every live process in the process group ``pgid``."""
+    return sum(group_cpu_split(pgid))
+
+
+def group_cpu_split(pgid: int) -> tuple[float, float]:
+    """(the group leader's, every other live process's) user+system CPU time in the process group
+    ``pgid``: for a supervisor, its own and its workers'."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+    leader = others = 0
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -178,8 +184,11 @@ def group_cpu_seconds(pgid: int) -> float:
         except OSError:
             continue
         if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / tick
+            if int(d) == pgid:
+                leader += int(fields[11]) + int(fields[12])
+            else:
+                others += int(fields[11]) + int(fields[12])
+    return leader / tick, others / tick
 
 
 def rss_mb(pid: int) -> float | None:
@@ -416,10 +425,14 @@ def measure(fleet: Fleet, target: Target, sc: Scenario, conc: int, args: argpars
         "timeout": 30.0,
     }
     procs = max(1, min(args.procs, conc))
-    cpu0 = group_cpu_seconds(target.proc.pid)
+    lead0, rest0 = group_cpu_split(target.proc.pid)
     raw = run_loadgen(fleet, spec, procs, gen_cpu)
-    cpu1 = group_cpu_seconds(target.proc.pid)
-    return Cell.from_raw(sc.name, target.name, conc, raw, cpu1 - cpu0)
+    lead1, rest1 = group_cpu_split(target.proc.pid)
+    cell = Cell.from_raw(sc.name, target.name, conc, raw, (lead1 - lead0) + (rest1 - rest0))
+    done = raw.get("completed_all", 0)
+    if rest1 > rest0 and done:  # a supervisor and its workers: the workers' share on its own
+        cell.workers_cpu_us_per_req = (rest1 - rest0) / done * 1e6
+    return cell
 
 
 def probe(target: Target, sc: Scenario) -> str | None:

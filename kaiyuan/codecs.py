@@ -16,6 +16,7 @@ upstream) needs ``zstandard``.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import zlib
 from collections.abc import Iterator
@@ -129,27 +130,49 @@ def decoder(coding: str) -> Decoder:
 
 def decode_all(raw: bytes, coding: str, max_bytes: int) -> bytes:
     """``raw`` decoded from one coding, at most ``max_bytes`` (TooLarge past it)."""
-    if coding == "zstd":
-        return _zstd(raw, max_bytes)
-    d = decoder(coding)
     out: list[bytes] = []
     size = 0
-    for piece in d.feed(raw):
+    for piece in _pieces(raw, coding):
         size += len(piece)
         if size > max_bytes:
             raise TooLarge
         out.append(piece)
-    d.finish()
     return b"".join(out)
 
 
-def _zstd(raw: bytes, max_bytes: int) -> bytes:
+async def decode_all_turning(raw: bytes, coding: str, max_bytes: int) -> bytes:
+    """:func:`decode_all`, with a turn of the event loop between two pieces: a body of a few bytes
+    that inflates to megabytes does not hold the loop (16 MiB in one call: 50-110 ms for gzip and
+    br, 20 ms for zstd, on a busy 2-core machine)."""
+    out: list[bytes] = []
+    size = 0
+    for piece in _pieces(raw, coding):
+        if size:
+            await asyncio.sleep(0)
+        size += len(piece)
+        if size > max_bytes:
+            raise TooLarge
+        out.append(piece)
+    return b"".join(out)
+
+
+def _pieces(raw: bytes, coding: str) -> Iterator[bytes]:
+    """``raw`` decoded, PIECE bytes at most at a time (ValueError when it ends early)."""
+    if coding == "zstd":
+        yield from _zstd(raw)
+        return
+    d = decoder(coding)
+    yield from d.feed(raw)
+    d.finish()
+
+
+def _zstd(raw: bytes) -> Iterator[bytes]:
     if zstandard is None:  # pragma: no cover
         raise ValueError("zstd is not available")
+    any_out = False
     with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw), read_across_frames=True) as r:
-        out = r.read(max_bytes + 1)
-    if len(out) > max_bytes:
-        raise TooLarge
-    if raw and not out and raw[:4] != b"\x28\xb5\x2f\xfd":
+        while piece := r.read(PIECE):
+            any_out = True
+            yield piece
+    if raw and not any_out and raw[:4] != b"\x28\xb5\x2f\xfd":
         raise ValueError("not zstd data")
-    return out

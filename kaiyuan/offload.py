@@ -14,7 +14,8 @@ for the whole 0.1-0.3 s of the parse). So :func:`loads_large` parses it *in piec
 with a turn of the loop between two pieces: msgspec finds where each member of an object and each
 element of an array begins and ends (``msgspec.Raw``: a C scan, about 1 ms per MiB, that builds
 nothing), and orjson parses each piece of at most :data:`PIECE_BYTES`; larger members are split
-again. Every byte is still parsed once, by orjson, with orjson's rules.
+again. Every byte is still parsed once, by orjson, with orjson's rules. A large whole upstream
+reply is parsed the same way (:func:`loads_in_pieces`, from ``routing.executor``).
 
 What does not move: serialising (orjson.dumps) of a large body, and a tokenizer call on one long
 string (about 20 ms per MiB); both are bounded by ``server.max_body_bytes``.
@@ -73,11 +74,24 @@ async def loads_large(raw: bytes, max_depth: int, check_depth: DepthCheck) -> An
     where it sits in the whole). Invalid JSON is a 400, as for a small body."""
     try:
         return await _Pieces(max_depth, check_depth).value(raw, 0)
-    except (msgspec.DecodeError, orjson.JSONDecodeError) as e:
+    except JSON_ERRORS as e:
         raise not_json(e) from None
     except RecursionError:  # msgspec's scan of a piece nested about 1,000 levels deep
         raise invalid(f"the request body is nested more than {max_depth} levels deep (server.max_json_depth)",
                       code="json_too_deep") from None
+
+
+JSON_ERRORS = (msgspec.DecodeError, orjson.JSONDecodeError)
+
+
+def _no_check(_value: Any, _max_depth: int) -> None:
+    return None
+
+
+async def loads_in_pieces(raw: bytes) -> Any:
+    """``orjson.loads(raw)`` for a large upstream reply, a piece at a time (as :func:`loads_large`),
+    with orjson's own limits on depth; raises :data:`JSON_ERRORS` or RecursionError."""
+    return await _Pieces(1 << 20, _no_check).value(raw, 0)
 
 
 def _opening(buf: Any) -> bytes:

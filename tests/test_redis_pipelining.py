@@ -32,9 +32,13 @@ def redis_server(tmp_path: Path) -> Iterator[PrivateRedis]:
     r.stop()
 
 
-def test_pack_is_resp_for_text_and_integers() -> None:
-    assert pack(["SET", "k", 12]) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n12\r\n"
-    assert pack(["SET", "clé", -1]) == b"*3\r\n$3\r\nSET\r\n$4\r\ncl\xc3\xa9\r\n$2\r\n-1\r\n"  # length in bytes
+@pytest.mark.parametrize("packer", [pack, pipelining.pack_py])
+def test_pack_is_resp_for_text_and_integers(packer: Any) -> None:
+    """The same bytes from hiredis's packer (when installed: ``pack``) and the Python one."""
+    assert packer(["SET", "k", 12]) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n12\r\n"
+    assert packer(["SET", "clé", -1]) == b"*3\r\n$3\r\nSET\r\n$4\r\ncl\xc3\xa9\r\n$2\r\n-1\r\n"  # length in bytes
+    assert packer(["EVALSHA", "f" * 40, 2, "ky:a", "ky:b", 0, 10**12]) == pipelining.pack_py(
+        ["EVALSHA", "f" * 40, 2, "ky:a", "ky:b", 0, 10**12])
 
 
 async def test_concurrent_commands_share_writes_and_each_gets_its_own_reply(redis_server: PrivateRedis) -> None:

@@ -14,7 +14,7 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from kaiyuan.codecs import DECODE_ERRORS, REQUEST_CODINGS, TooLarge, decode_all
+from kaiyuan.codecs import DECODE_ERRORS, REQUEST_CODINGS, TooLarge, decode_all, decode_all_turning
 from kaiyuan.context import RequestContext
 from kaiyuan.errors import NO_RETRY_STATUSES, ErrorKind, GatewayError, invalid
 from kaiyuan.offload import OFF_LOOP_BYTES, loads_large, not_json
@@ -62,7 +62,7 @@ async def read_json(request: web.Request, max_bytes: int, timeout_s: float = 60.
                                                       f"(server.body_timeout_s)", code="request_timeout") from None
     encoding = request.headers.get("Content-Encoding")
     if encoding:
-        raw = decode_body(raw, encoding, max_bytes)
+        raw = await decode_body_turning(raw, encoding, max_bytes)
     if not raw:
         raise invalid("the request body is empty; send a JSON object", code="empty_body")
     large = len(raw) >= OFF_LOOP_BYTES
@@ -111,7 +111,33 @@ def decode_body(raw: bytes, encoding: str, max_bytes: int) -> bytes:
     The server runs with aiohttp's own request decompression off (``server.app``), so that a coding
     it cannot decode is answered here, in the caller's dialect: a 415 listing what is accepted
     (RFC 7694 ``Accept-Encoding``), not aiohttp's plain-text 400."""
-    for coding in reversed([c.strip().lower() for c in encoding.split(",") if c.strip()]):
+    for coding in _codings(encoding):
+        try:
+            raw = decode_all(raw, coding, max_bytes)
+        except TooLarge:
+            raise _too_large(max_bytes) from None
+        except DECODE_ERRORS as e:
+            raise invalid(f"the request body could not be decoded as {coding}: {e}", code="invalid_body") from None
+    return raw
+
+
+async def decode_body_turning(raw: bytes, encoding: str, max_bytes: int) -> bytes:
+    """:func:`decode_body` with a turn of the event loop between two decoded pieces (the model
+    routes: a 26-byte br body that inflates to 16 MiB held the loop ~110 ms in one call)."""
+    for coding in _codings(encoding):
+        try:
+            raw = await decode_all_turning(raw, coding, max_bytes)
+        except TooLarge:
+            raise _too_large(max_bytes) from None
+        except DECODE_ERRORS as e:
+            raise invalid(f"the request body could not be decoded as {coding}: {e}", code="invalid_body") from None
+    return raw
+
+
+def _codings(encoding: str) -> list[str]:
+    """The codings of a ``Content-Encoding``, in the order to undo them; a 415 for one not decodable."""
+    codings = [c.strip().lower() for c in encoding.split(",") if c.strip()]
+    for coding in codings:
         if coding not in DECODABLE:
             raise GatewayError(
                 ErrorKind.UNSUPPORTED_MEDIA_TYPE,
@@ -120,13 +146,7 @@ def decode_body(raw: bytes, encoding: str, max_bytes: int) -> bytes:
                 code="unsupported_content_encoding",
                 headers={"Accept-Encoding": ", ".join(c for c in DECODABLE if c not in ("identity", "x-gzip"))},
             )
-        try:
-            raw = decode_all(raw, coding, max_bytes)
-        except TooLarge:
-            raise _too_large(max_bytes) from None
-        except DECODE_ERRORS as e:
-            raise invalid(f"the request body could not be decoded as {coding}: {e}", code="invalid_body") from None
-    return raw
+    return codings[::-1]
 
 
 async def read_body(request: web.Request) -> bytes:

@@ -31,8 +31,10 @@ from tests.conftest import openai_model
 from tests.regressions.test_r_harden_loop import HealthProbe, _ticking, big_conversation
 
 
-def _send_raw(gw: RunningGateway, body: bytes, path: bytes = b"/v1/chat/completions") -> bytes:
-    """POST ``body`` as a raw client and read the whole answer (Content-Length framed)."""
+def _send_raw(gw: RunningGateway, body: bytes, path: bytes = b"/v1/chat/completions",
+              first: Callable[[], None] = lambda: None) -> bytes:
+    """POST ``body`` as a raw client and read the whole answer (Content-Length framed); ``first`` is
+    called when its first bytes arrive."""
     host, port = gw.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=120) as s:
         s.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
@@ -42,6 +44,8 @@ def _send_raw(gw: RunningGateway, body: bytes, path: bytes = b"/v1/chat/completi
             more = s.recv(65536)
             if not more:
                 break
+            if not answer:
+                first()
             answer += more
     return answer
 
@@ -144,3 +148,102 @@ async def test_nesting_up_to_the_limit_is_accepted() -> None:
     assert body == orjson.loads(raw)
     deep = b'{"a": ' + b'{"k": ' * 127 + PAD + b"}" * 127 + b"}"  # 128 levels, every one larger than a piece
     assert await offload.loads_large(deep, 128, check_depth) == orjson.loads(deep)
+
+
+# -- a compressed body is decoded with the loop turning -------------------------------------------
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "zstd"])
+async def test_a_small_body_inflating_to_megabytes_lets_the_loop_turn(coding: str) -> None:
+    """A few bytes that inflate to 16 MiB (50-110 ms in one call before): decoded a piece at a
+    time, the loop turning between pieces; the limit still stops it."""
+    import zlib
+
+    import brotli
+    import zstandard
+
+    from kaiyuan.codecs import PIECE, TooLarge, decode_all, decode_all_turning
+
+    data = b"\0" * (16 * 1024 * 1024)
+    packed = {"gzip": lambda b: zlib.compress(b, 9, wbits=31), "deflate": zlib.compress,
+              "br": brotli.compress, "zstd": lambda b: zstandard.ZstdCompressor().compress(b)}[coding](data)
+    assert len(packed) < 100_000
+    out, turns = await _ticking(decode_all_turning(packed, coding, len(data)))
+    assert out == data == decode_all(packed, coding, len(data))
+    assert turns >= len(data) // (2 * PIECE) - 1  # a turn per piece (brotli's steps may reach twice PIECE)
+    with pytest.raises(TooLarge):
+        await decode_all_turning(packed, coding, len(data) - 1)
+
+
+# -- a large whole upstream reply is parsed in pieces too -----------------------------------------
+def _completion(calls: int) -> bytes:
+    """An object-dense chat completion (``calls`` tool calls) of about 300 bytes a call."""
+    return orjson.dumps({"id": "c1", "object": "chat.completion", "created": 1, "model": "m",
+                         "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+                         "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                             "role": "assistant", "content": None, "tool_calls": [
+                                 {"id": f"call_{i}", "type": "function",
+                                  "function": {"name": "f", "arguments": f'{{"i": {i}, "pad": "{"p" * 200}"}}'}}
+                                 for i in range(calls)]}}]})
+
+
+@pytest.fixture
+def whole_upstream(servers: Any) -> Any:
+    from aiohttp import web
+
+    replies: list[bytes] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=replies.pop(0), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handle)
+    url = servers.serve(app)
+    yield url, replies
+    servers.stop(app)
+
+
+def test_a_small_request_is_answered_while_a_large_reply_is_parsed(
+        make_gateway: Callable[[dict[str, Any]], RunningGateway], whole_upstream: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from kaiyuan.routing import executor
+
+    url, replies = whole_upstream
+    gw = make_gateway({"models": [openai_model("m", url, routing={"retries": {"max_attempts": 1}})]})
+    reply = _completion(45_000)
+    assert len(reply) > 13 * 1024 * 1024
+    replies.append(reply)
+    order: list[str] = []
+    probe = HealthProbe(gw.url, order)
+    parse = executor.loads_in_pieces
+
+    async def spied(raw: bytes) -> Any:
+        probe.complete()  # the health request is whole now: once the reply's parse has begun
+        return await parse(raw)
+
+    monkeypatch.setattr(executor, "loads_in_pieces", spied)
+    answer = _send_raw(gw, orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+                       first=lambda: order.append("bad"))  # its answer begins once the parse is over
+    assert b"200 OK" in probe.result()
+    assert order == ["health", "bad"]
+    assert answer.startswith(b"HTTP/1.1 200")
+    got = orjson.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert len(got["choices"][0]["message"]["tool_calls"]) == 45_000
+
+
+@pytest.mark.parametrize(("body", "why"), [
+    (_completion(5000)[:-1], "not JSON"),  # cut short
+    (b"[" + _completion(5000) + b"]", "not an object"),
+    (orjson.dumps({"error": {"message": "overloaded"}, "pad": "x" * (2 * 1024 * 1024)}), "with an error: overloaded"),
+])
+def test_a_bad_large_reply_is_a_502_naming_what_is_wrong(make_gateway: Callable[[dict[str, Any]], RunningGateway],
+                                                         whole_upstream: Any, body: bytes, why: str) -> None:
+    import openai
+
+    url, replies = whole_upstream
+    gw = make_gateway({"models": [openai_model("m", url, routing={"retries": {"max_attempts": 1}})]})
+    assert offload.big(len(body))
+    replies.append(body)
+    with pytest.raises(openai.APIStatusError) as e:
+        openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.status_code == 502 and why in e.value.message

@@ -67,3 +67,28 @@ def test_incomplete_rows_fall_back_to_sqlalchemy_defaults(tmp_path: Path) -> Non
     got = _rows(url)
     assert [r["id"] for r in got] == ["req_0001", "req_0002"]
     assert all(r["stream"] is False and r["attempts"] == 1 for r in got)
+
+
+def test_a_huge_error_is_scrubbed_only_up_to_its_cut(monkeypatch: Any) -> None:
+    """A multi-megabyte error string is cut to MAX_ERROR_CHARS, and only its head (plus a margin) is
+    scrubbed: scrubbing all of it took the event loop ~0.15 s per MiB. A secret that straddles the
+    cut is still masked."""
+    from kaiyuan import redact
+    from kaiyuan.observability.request_log import MAX_ERROR_CHARS
+
+    seen: list[int] = []
+    real = redact.scrub
+
+    def spy(text: str) -> str:
+        seen.append(len(text))
+        return real(text)
+
+    monkeypatch.setattr(redact, "scrub", spy)
+    key = "sk-proj-" + "A1b2C3d4E5f6G7h8I9j0" * 3
+    c = _ctx(2)
+    c.error = "e" * (MAX_ERROR_CHARS - 10) + key + "e" * (4 << 20)
+    c.attempts.clear()
+    row = row_for(c)
+    assert max(seen) <= MAX_ERROR_CHARS + redact.CLIP_MARGIN
+    assert key not in row["error"] and key[:12] not in row["error"]
+    assert row["error"].startswith("e" * (MAX_ERROR_CHARS - 10)) and len(row["error"]) < MAX_ERROR_CHARS + 64

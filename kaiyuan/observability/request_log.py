@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 
 from kaiyuan.config import RequestLogSettings
 from kaiyuan.context import RequestContext
-from kaiyuan.redact import clip, scrub, scrub_opt
+from kaiyuan.redact import clip, clip_scrubbed, scrub
 from kaiyuan.store.batch_writer import BatchWriter, WriterMetrics, WriterSpec
 from kaiyuan.store.fast_insert import insert_rows
 from kaiyuan.store.schema import request_log
@@ -32,7 +32,9 @@ def shown(v: str | None) -> str | None:
 
 
 def _error(v: str | None) -> str | None:
-    return clip(scrub_opt(v), MAX_ERROR_CHARS)
+    """An error for the log: scrubbed and cut, at a cost bounded by the cut (a megabyte-long error
+    string was scrubbed whole before it was cut)."""
+    return clip_scrubbed(v, MAX_ERROR_CHARS) if v else v
 
 
 def row_for(ctx: RequestContext) -> dict[str, Any]:

@@ -31,14 +31,18 @@ row is also adopted): the counter then holds slightly more than was spent and re
 early, never late. A seed of a counter this replica knew reads the database only: its own unwritten
 rows come in through its adopt.
 
-What stays open, and is documented (docs/persistence.md): between the loss and a replica's adopt
-(its next admit on that counter, or the sweep within ``SWEEP_S``), that replica's part is missing
-from the counter, so *other* replicas' admits may use it meanwhile; the part is its in-flight
-reservations and about one flush interval of its rows, and it is added back, so only a budget that
-was already within that amount of its limit when Redis lost its data can go past it. Closing that
-would take a replica membership that survives Redis (for a fence until every live replica has
-adopted). A dead replica's book dies with it: its reservations in Redis become spend when it is
-found dead (``limits/expiry.py``).
+The floor: between the loss and another replica's adopt (its next admit on that counter, or the
+sweep within ``SWEEP_S``), that replica's part would be missing from the counter, and the other
+replicas' admits could use it meanwhile (measured: up to 2.8 requests per replica past a budget
+that was nearly spent when Redis restarted, with one replica's ledger 3 s behind). So every admit
+also answers the counter's spent + reserved (every replica's), each replica remembers the highest
+it saw (:meth:`note`; refusals count too), and a counter this replica knew is seeded with at least
+that, less this replica's own book (its adopt adds that back): all spend and reservations up to
+this replica's last look, whoever made them and whether written or not. What the floor cannot hold is what happened after that last look (a busy replica
+looks at a counter on every request); what it holds twice (another replica's unwritten rows and
+reservations, which that replica still adopts) makes the counter refuse early, never late. A dead
+replica's book dies with it: its reservations in Redis become spend when it is found dead
+(``limits/expiry.py``).
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ log = logging.getLogger("kaiyuan.guard")
 SWEEP_S = 30.0  # how often idle books are checked against Redis (their entries dropped or adopted)
 SWEEP_BATCH = 500  # counters read per round trip by the sweep
 ADMIT_TRIES = 4  # admits of one request: need seed, adopt first, admitted (one spare for a counter re-made again)
+MAX_FLOORS = 100_000  # counters whose last seen total is remembered (cleared beyond: re-learned on the next admit)
 
 
 @dataclass(slots=True)
@@ -108,6 +113,8 @@ class BudgetSeeds:
         self.ledger = ledger
         self._loads: dict[str, asyncio.Future[float]] = {}
         self.books: dict[str, Book] = {}  # counter -> this replica's book (bounded: see release)
+        # counter -> the highest spent + reserved this replica saw in it (Redis, every replica's part)
+        self.floors: dict[str, int] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
     # -- seeding -------------------------------------------------------------------------------
@@ -119,7 +126,34 @@ class BudgetSeeds:
             start = float(check.counter.rsplit(":", 1)[1])
             queued = check.counter not in self.books
             spent = await self._single(f"{check.counter}:{int(queued)}", partial(self._spent, b, start, queued))
-            check.seed = round(spent * NANO)
+            # a counter Redis lost starts at no less than what this replica last saw in it (every
+            # replica's spend and reservations then, written or not), less this replica's own part,
+            # which its adopt adds back (see the docstring)
+            check.seed = max(round(spent * NANO), self.floor(check.counter))
+
+    def floor(self, counter: str) -> int:
+        """The least a re-made ``counter`` can hold: the highest total this replica saw in it, less
+        what this replica's adopt adds back (its book now; a part of it that the total did not hold
+        only lowers the floor)."""
+        seen = self.floors.get(counter, 0)
+        book = self.books.get(counter)
+        if not seen or book is None:
+            return seen
+        own = sum(h.reserve for h in book.held.values()) + sum(u.nano for u in book.unwritten)
+        return max(seen - own, 0)
+
+    def note(self, counter: str, total: int) -> None:
+        """Redis said ``counter`` holds ``total`` (spent + reserved, every replica's)."""
+        floors = self.floors
+        if total > floors.get(counter, -1):
+            if len(floors) >= MAX_FLOORS and counter not in floors:
+                floors.clear()
+            floors[counter] = total
+
+    def _noted(self, result: Denial, budgets: list[tuple[BudgetCheck, Budget]], counters: Counters) -> Denial:
+        if result.kind == "budget" and isinstance(counters, RedisCounters):
+            self.note(budgets[result.index][0].counter, result.current + result.reserved)
+        return result
 
     async def _spent(self, b: Budget, start: float, queued: bool) -> float:
         if self.ledger.engine is None:
@@ -154,7 +188,7 @@ class BudgetSeeds:
                 await self.hold(result, counters, done)
             return result
         if isinstance(result, Denial):
-            return result
+            return self._noted(result, budgets, counters)
         return await self._admit_again(result, admit, budgets, counters)
 
     async def _admit_again(self, result: NeedSeed | AdoptFirst, admit: Callable[[], Awaitable[Admitted]],
@@ -176,7 +210,7 @@ class BudgetSeeds:
                     await self.hold(again, counters, done)
                 return again
             if isinstance(again, Denial):
-                return again
+                return self._noted(again, budgets, counters)
             result = again
         raise unavailable_error()  # the counter kept moving (Redis restarting again and again)
 
@@ -186,6 +220,7 @@ class BudgetSeeds:
         if self._sweeper is None and self.ledger.engine is not None:
             self._sweeper = asyncio.create_task(self._sweep_forever(counters), name="kaiyuan-budget-books")
         for b in ticket.budgets:
+            self.note(b.counter, b.seen)
             book = self.books.get(b.counter)
             if book is None:
                 book = self.books[b.counter] = Book(b.gen)

@@ -46,6 +46,7 @@ class BudgetCheck:
     reserve: int  # nano-USD this request may cost at most
     ttl_s: int | None  # when the counter can be forgotten (after the period ends)
     gen: str = ""  # Redis: the counter's generation the reservation was made in (set by admit)
+    seen: int = 0  # Redis: the counter's spent + reserved just after this admit (a floor should Redis lose it)
     known: str = ""  # Redis: the generation this replica last saw ("": none); another one: AdoptFirst
 
 
@@ -195,8 +196,8 @@ class MemoryCounters:
 #       reserve, ttl (-1 = none), the generation this replica knows ('' = none: answer "adopt
 #       first" if the counter is in another one, see accounting/budget_seeds.py)
 # A budget hash holds s (spent), r (reserved), r:<replica> (each replica's share of r), g (its
-# generation: when it was seeded) and o (cost settled while it was missing, added on seeding). Returns {0, g...} admitted (each budget's
-# generation), {1, index, kind, current, reserved} refused, {2, index} need seed, {3} too late,
+# generation: when it was seeded) and o (cost settled while it was missing, added on seeding). Returns {0, g..., t...} admitted
+# (each budget's generation, then each budget's spent + reserved after it), {1, index, kind, current, reserved} refused, {2, index} need seed, {3} too late,
 # {4, index, generation} adopt first (the counter was re-made since this replica last saw it).
 ADMIT_LUA = """
 local nr = tonumber(ARGV[1]); local nb = tonumber(ARGV[2]); local pt = tonumber(ARGV[3])
@@ -260,6 +261,7 @@ for j = 0, nb - 1 do
   local ttl = tonumber(ARGV[b + j*5 + 3])
   if ttl > 0 then redis.call('EXPIRE', k, ttl) end
   out[j + 2] = redis.call('HGET', k, 'g')
+  out[nb + j + 2] = tonumber(redis.call('HGET', k, 's')) + tonumber(redis.call('HGET', k, 'r') or '0')
 end
 if nb > 0 then redis.call('EXPIRE', KEYS[kb + nb + 1], 3456000) end
 return out
@@ -406,8 +408,10 @@ class RedisCounters:
 
     def _ticket(self, res: list[Any], rates: list[RateCheck], budgets: list[BudgetCheck], minute: int,
                 prompt_tokens: int) -> Ticket:
-        for b, g in zip(budgets, res[1:], strict=True):
+        n = len(budgets)
+        for b, g, seen in zip(budgets, res[1:n + 1], res[n + 1:], strict=True):
             b.gen = g.decode() if isinstance(g, bytes) else str(g)
+            b.seen = int(seen)
         return Ticket(rates, budgets, minute, prompt_tokens, self.name)
 
     def _orphaned(self, res: list[Any], rates: list[RateCheck], budgets: list[BudgetCheck], minute: int,

@@ -193,3 +193,38 @@ async def test_a_replica_adds_its_part_before_its_own_next_admit_is_counted(
     assert await counted(a) == (80 * NANO, NANO)
     assert (await b.admit(19 * NANO)).budgets[0].gen == b.seeds.books[b.counter].gen  # exactly fills it
     assert await counted(a) == (80 * NANO, 20 * NANO)
+
+
+async def _try_admit(r: Replica) -> Ticket | Denial:
+    check = BudgetCheck(r.counter, LIMIT, SEED_UNKNOWN, RESERVE, None)
+    return await r.seeds.admit(partial(r.rc.admit, [], [check], 0, 0.0), [(check, r.budget)], r.rc)
+
+
+async def test_a_lost_counter_starts_at_the_floor_its_replica_saw_so_others_cannot_spend_a_laggards_part(
+        pair: tuple[Replica, Replica], redis_server: PrivateRedis) -> None:
+    """The window the books left open (bench/faults.py --slow-ledger-s 3: up to 2.8 requests per
+    replica past the budget): b spent most of the budget and its ledger rows are all still queued
+    when Redis restarts; a, the first to look at the re-made counter, seeds it from the ledger ($0).
+    Before b's next admit adopts its part, a's admits would spend b's share of the budget again.
+    Now a seeds at least the total it last saw (less its own part, which its adopt adds)."""
+    a, b = pair
+    for _ in range(45):  # b: $90 of the $100 spent, no row written (its ledger flushes hourly here)
+        t = await b.admit()
+        b.end(t, RESERVE)
+        await b.settle(t, RESERVE)
+    await a.admit()  # a looks at the counter: $90 spent, its own $2 reserved
+    assert await counted(a) == (90 * NANO, RESERVE)
+    redis_server.restart_empty()
+    admitted = 0
+    for _ in range(20):
+        got = await _try_admit(a)
+        if isinstance(got, Denial):
+            break
+        admitted += 1
+    # $90 (the floor) + a1 re-reserved + a's new requests <= $100: 4 more, not the 49 an empty seed allowed
+    assert admitted == 4, admitted
+    assert await counted(a) == (90 * NANO, 5 * RESERVE)
+    b_next = await _try_admit(b)  # b adopts its $90 (counted twice now: refuses early, never late)
+    assert isinstance(b_next, Denial)
+    spent, reserved = await counted(a)
+    assert spent == 180 * NANO and reserved == 5 * RESERVE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from kaiyuan.testing.fake_openai import FakeOpenAI
 from kaiyuan.testing.harness import RunningGateway, start_gateway
 from kaiyuan.testing.server_thread import ServerThread
+from tests.services import PrivateRedis
 
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
@@ -103,3 +105,12 @@ def native_gateway(make_gateway: Callable[[dict[str, Any]], RunningGateway], fak
         {"name": "gemini", "deployments": [
             {"provider": "gemini", "base_url": fake_gemini.url + "/v1beta", "model": "gemini-up", "api_key": "gm-upstream"}]},
     ]})
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A private redis-server of this test's own (tests that restart, pause or empty it)."""
+    r = PrivateRedis(tmp_path)
+    r.start()
+    yield r
+    r.stop()

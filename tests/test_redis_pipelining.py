@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,14 +20,6 @@ from kaiyuan.limits import pipelining
 from kaiyuan.limits.counters import NANO, BudgetCheck, RateCheck, RedisCounters, Ticket
 from kaiyuan.limits.pipelining import AutoPipeline, PipelineFull, pack
 from tests.services import PrivateRedis
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[PrivateRedis]:
-    r = PrivateRedis(tmp_path)
-    r.start()
-    yield r
-    r.stop()
 
 
 @pytest.mark.parametrize("packer", [pack, pipelining.pack_py])

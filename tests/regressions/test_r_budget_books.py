@@ -12,7 +12,7 @@ Each test builds the race step by step (no sleeps) and checks exact integer nano
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 
@@ -29,14 +29,6 @@ from tests.services import PrivateRedis
 
 LIMIT = 100 * NANO
 RESERVE = 2 * NANO
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[PrivateRedis]:
-    r = PrivateRedis(tmp_path)
-    r.start()
-    yield r
-    r.stop()
 
 
 class Replica:

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import openai
-import pytest
 
 from kaiyuan.accounting.budget_seeds import BudgetSeeds
 from kaiyuan.accounting.ledger import SpendLedger
@@ -39,14 +37,6 @@ from tests.http import http
 from tests.services import PrivateRedis
 
 MASTER = "sk-master-redis-faults"
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[PrivateRedis]:
-    r = PrivateRedis(tmp_path)
-    r.start()
-    yield r
-    r.stop()
 
 
 def _check(counter: str, reserve: int = NANO, seed: int = 0) -> BudgetCheck:

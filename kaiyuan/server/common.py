@@ -14,7 +14,7 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from kaiyuan.codecs import DECODE_ERRORS, REQUEST_CODINGS, TooLarge, decode_all, decode_all_turning
+from kaiyuan.codecs import DECODE_ERRORS, REQUEST_CODINGS, TooLarge, decode_all_turning
 from kaiyuan.context import RequestContext
 from kaiyuan.errors import NO_RETRY_STATUSES, ErrorKind, GatewayError, invalid
 from kaiyuan.offload import OFF_LOOP_BYTES, loads_large, not_json
@@ -62,7 +62,7 @@ async def read_json(request: web.Request, max_bytes: int, timeout_s: float = 60.
                                                       f"(server.body_timeout_s)", code="request_timeout") from None
     encoding = request.headers.get("Content-Encoding")
     if encoding:
-        raw = await decode_body_turning(raw, encoding, max_bytes)
+        raw = await decode_body(raw, encoding, max_bytes)
     if not raw:
         raise invalid("the request body is empty; send a JSON object", code="empty_body")
     large = len(raw) >= OFF_LOOP_BYTES
@@ -103,27 +103,16 @@ def check_depth(body: Any, max_depth: int) -> None:
 DECODABLE = REQUEST_CODINGS
 
 
-def decode_body(raw: bytes, encoding: str, max_bytes: int) -> bytes:
+async def decode_body(raw: bytes, encoding: str, max_bytes: int) -> bytes:
     """``raw`` decoded from its ``Content-Encoding`` (codings applied in order, undone in reverse),
     at most ``max_bytes`` once decoded (a 413, also for a small body that inflates past it: the
-    decoders of :mod:`kaiyuan.codecs` stop there, they never inflate the whole bomb).
+    decoders of :mod:`kaiyuan.codecs` stop there, they never inflate the whole bomb), with a turn of
+    the event loop between two decoded pieces (a 26-byte br body that inflates to 16 MiB held the
+    loop ~110 ms in one call).
 
     The server runs with aiohttp's own request decompression off (``server.app``), so that a coding
     it cannot decode is answered here, in the caller's dialect: a 415 listing what is accepted
     (RFC 7694 ``Accept-Encoding``), not aiohttp's plain-text 400."""
-    for coding in _codings(encoding):
-        try:
-            raw = decode_all(raw, coding, max_bytes)
-        except TooLarge:
-            raise _too_large(max_bytes) from None
-        except DECODE_ERRORS as e:
-            raise invalid(f"the request body could not be decoded as {coding}: {e}", code="invalid_body") from None
-    return raw
-
-
-async def decode_body_turning(raw: bytes, encoding: str, max_bytes: int) -> bytes:
-    """:func:`decode_body` with a turn of the event loop between two decoded pieces (the model
-    routes: a 26-byte br body that inflates to 16 MiB held the loop ~110 ms in one call)."""
     for coding in _codings(encoding):
         try:
             raw = await decode_all_turning(raw, coding, max_bytes)
@@ -154,7 +143,7 @@ async def read_body(request: web.Request) -> bytes:
     for the routes that do not go through :func:`read_json` (admin, trials)."""
     raw = await request.read()
     encoding = request.headers.get("Content-Encoding")
-    return decode_body(raw, encoding, request.client_max_size) if encoding else raw
+    return await decode_body(raw, encoding, request.client_max_size) if encoding else raw
 
 
 def _too_large(max_bytes: int) -> GatewayError:

@@ -150,11 +150,6 @@ class BudgetSeeds:
                 floors.clear()
             floors[counter] = total
 
-    def _noted(self, result: Denial, budgets: list[tuple[BudgetCheck, Budget]], counters: Counters) -> Denial:
-        if result.kind == "budget" and isinstance(counters, RedisCounters):
-            self.note(budgets[result.index][0].counter, result.current + result.reserved)
-        return result
-
     async def _spent(self, b: Budget, start: float, queued: bool) -> float:
         if self.ledger.engine is None:
             return 0.0
@@ -183,12 +178,8 @@ class BudgetSeeds:
                     check.known = book.gen
         done = self.ledger.writer.done  # ledger rows written before the admit is sent
         result = await admit()
-        if isinstance(result, Ticket):
-            if budgets and result.backend == "redis" and isinstance(counters, RedisCounters):
-                await self.hold(result, counters, done)
-            return result
-        if isinstance(result, Denial):
-            return self._noted(result, budgets, counters)
+        if isinstance(result, Ticket | Denial):
+            return await self._answered(result, budgets, counters, done)
         return await self._admit_again(result, admit, budgets, counters)
 
     async def _admit_again(self, result: NeedSeed | AdoptFirst, admit: Callable[[], Awaitable[Admitted]],
@@ -205,14 +196,22 @@ class BudgetSeeds:
                 check.known = book.gen if book is not None else ""  # still the old one: adopt failed, ask again
             done = self.ledger.writer.done
             again = await admit()
-            if isinstance(again, Ticket):
-                if budgets and again.backend == "redis" and isinstance(counters, RedisCounters):
-                    await self.hold(again, counters, done)
-                return again
-            if isinstance(again, Denial):
-                return self._noted(again, budgets, counters)
+            if isinstance(again, Ticket | Denial):
+                return await self._answered(again, budgets, counters, done)
             result = again
         raise unavailable_error()  # the counter kept moving (Redis restarting again and again)
+
+    async def _answered(self, result: Ticket | Denial, budgets: list[tuple[BudgetCheck, Budget]],
+                        counters: Counters, done: int) -> Ticket | Denial:
+        """An admit's final answer: a Redis ticket is booked (:meth:`hold`), a budget refusal's
+        total noted (:meth:`note`)."""
+        if isinstance(result, Denial):
+            if result.kind == "budget" and isinstance(counters, RedisCounters):
+                self.note(budgets[result.index][0].counter, result.current + result.reserved)
+            return result
+        if budgets and result.backend == "redis" and isinstance(counters, RedisCounters):
+            await self.hold(result, counters, done)
+        return result
 
     async def hold(self, ticket: Ticket, counters: RedisCounters, done: int) -> None:
         """Book an admitted ticket. ``done``: the ledger rows written when its admit was sent. A

@@ -4,7 +4,6 @@ log, wired once at start. The request path that uses them is :mod:`kaiyuan.pipel
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -83,17 +82,13 @@ class Gateway:
                     log.warning("model %s: deployment %s is unavailable: %s", name, p.id, p.unavailable)
         await self.request_log.start()
         self.auth.start()
-        if multiproc.active():  # a supervisor's worker: its metric values reach the shared files
-            self._metrics_sync = asyncio.create_task(multiproc.sync_forever(), name="kaiyuan-metrics-sync")
+        self._metrics_sync = multiproc.start_syncing()  # a supervisor's worker: values reach the shared files
         self.ready = True
 
     async def close(self) -> None:
         self.ready = False
         await self.request_log.close()
-        if self._metrics_sync is not None:
-            self._metrics_sync.cancel()  # syncs once more as it stops
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._metrics_sync
+        await multiproc.stop_syncing(self._metrics_sync)
         await self.auth.close()
         await self.ledger.close()
         await self.reservations.close()

@@ -69,6 +69,7 @@ class LogSink:
 
     def __init__(self, path: str, engine: Engine, settings: RequestLogSettings, metrics: WriterMetrics) -> None:
         self.path = path
+        self.engine = engine
         self.log = RequestLogWriter(engine, settings, metrics)
         self._server: asyncio.base_events.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
@@ -88,6 +89,7 @@ class LogSink:
             for t in list(self._handlers):
                 t.cancel()
         await self.log.close()
+        self.engine.dispose()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from kaiyuan.config import ConfigError, GatewayConfig, load_config
 from kaiyuan.observability import multiproc
-from kaiyuan.observability.log_sink import LogSink
+from kaiyuan.observability.log_sink import ENV_LOG_SOCKET, LogSink
 
 log = logging.getLogger("kaiyuan.workers")
 
@@ -99,7 +99,6 @@ class Supervisor:
         env = {**os.environ, ENV_LISTEN_FD: str(self.sock.fileno()), ENV_READY_FD: str(w), ENV_SUPERVISOR_PID: str(os.getpid()),
                ENV_METRICS_DIR: str(self.metrics_dir)}
         from kaiyuan.limits.shared import ENV_SOCKET
-        from kaiyuan.observability.log_sink import ENV_LOG_SOCKET
 
         if self.config.limits.backend != "redis":
             env[ENV_SOCKET] = self.counters_path
@@ -174,7 +173,7 @@ class Supervisor:
         await server.start()
         sink = self._log_sink()
         await sink.start()
-        syncing = asyncio.create_task(multiproc.sync_forever()) if multiproc.active() else None
+        syncing = multiproc.start_syncing()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
@@ -192,10 +191,7 @@ class Supervisor:
         finally:
             await server.close()
             await sink.close()
-            if syncing is not None:
-                syncing.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await syncing
+            await multiproc.stop_syncing(syncing)
 
     def _log_sink(self) -> LogSink:
         """The workers' one request-log writer (:mod:`kaiyuan.observability.log_sink`). Its settings

@@ -68,15 +68,17 @@ def time_scaled(variant: Variant | None, scale: float) -> Variant | None:
     expires every 5 s is reloaded (three SQLAlchemy queries in a thread, and the collections their
     allocations set off) every ~200 requests instead of every ~15,000, and the ledger and the request
     log are written every ~40 rows instead of every ~3,000. Per request, that periodic work counts
-    ~50x what it costs at full speed. With ``scale`` near the slowdown, it counts what it costs."""
+    ~50x what it costs at full speed (the console's rollup, which re-reads the current hour of the
+    log every 30 s, too). With ``scale`` near the slowdown, it counts what it costs."""
     if scale == 1:
         return variant
-    from kaiyuan.config import AccountingSettings, LimitsSettings, RequestLogSettings
+    from kaiyuan.config import AccountingSettings, ConsoleSettings, LimitsSettings, RequestLogSettings
 
     patch = {
         "limits": {"key_cache_ttl_s": LimitsSettings().key_cache_ttl_s * scale},
         "accounting": {"spend_flush_interval_s": AccountingSettings().spend_flush_interval_s * scale},
         "request_log": {"flush_interval_s": RequestLogSettings().flush_interval_s * scale},
+        "console": {"rollup_interval_s": ConsoleSettings().rollup_interval_s * scale},
     }
     if variant is None:
         return Variant("kaiyuan", config_patch=patch)

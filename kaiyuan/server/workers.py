@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kaiyuan.config import ConfigError, GatewayConfig, load_config
-from kaiyuan.observability import multiproc
+from kaiyuan.observability import malloc_trim, multiproc
 from kaiyuan.observability.log_sink import ENV_LOG_SOCKET, LogSink
 
 log = logging.getLogger("kaiyuan.workers")
@@ -174,6 +174,7 @@ class Supervisor:
         sink = self._log_sink()
         await sink.start()
         syncing = multiproc.start_syncing()
+        trimming = malloc_trim.start(self.config.server.malloc_trim_interval_s)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
@@ -192,6 +193,7 @@ class Supervisor:
             await server.close()
             await sink.close()
             await multiproc.stop_syncing(syncing)
+            await malloc_trim.stop(trimming)
 
     def _log_sink(self) -> LogSink:
         """The workers' one request-log writer (:mod:`kaiyuan.observability.log_sink`). Its settings

@@ -167,12 +167,17 @@ class Supervisor:
 
     # -- the loop ------------------------------------------------------------------------------
     async def run(self) -> int:
+        from kaiyuan.console.rollup import RollupTask
         from kaiyuan.limits.shared import CounterServer
 
         server = CounterServer(self.counters_path)
         await server.start()
         sink = self._log_sink()
         await sink.start()
+        # The console's hourly rollup reads the whole open hour of the log every pass: here, next to
+        # the log's writer, once per machine, not in every worker (where it took the serving core
+        # and, in the soak, grew each worker's RSS by a few MiB).
+        rollup = RollupTask(sink.engine, self.config.console.rollup_interval_s)
         syncing = multiproc.start_syncing()
         trimming = malloc_trim.start(self.config.server.malloc_trim_interval_s)
         loop = asyncio.get_running_loop()
@@ -185,11 +190,13 @@ class Supervisor:
                 await self.drain(list(self.workers))
                 return 1
             log.info("%d workers ready (pids %s)", self.n, ", ".join(str(w.proc.pid) for w in self.workers))
+            rollup.start()  # once a worker has migrated the store
             while not self.stop.is_set():
                 await self._tick()
             await self.drain(list(self.workers))
             return 0
         finally:
+            await rollup.close()
             await server.close()
             await sink.close()
             await multiproc.stop_syncing(syncing)

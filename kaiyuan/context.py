@@ -28,9 +28,10 @@ class Usage:
     cache_write_tokens: int | None = None
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: filled by authentication. ``None`` fields mean "not known / no limit"."""
+    """Who is calling: filled by authentication. ``None`` fields mean "not known / no limit".
+    Immutable: one is shared by every request of a cached key (and ``ANONYMOUS`` by the others)."""
 
     key_id: str | None = None
     team_id: str | None = None
@@ -43,6 +44,9 @@ class Principal:
     def may_use(self, model: str) -> bool:
         """The one rule for allowed models (the pipeline, fallbacks, /v1/models and trials ask it)."""
         return self.allowed_models is None or model in self.allowed_models
+
+
+ANONYMOUS = Principal()  # a request no key names (an open gateway; before authentication)
 
 
 @dataclass(slots=True)
@@ -77,7 +81,7 @@ class RequestContext:
     model: str | None = None  # the public model name (after the trial hooks: what is served)
     requested_model: str | None = None  # the model the caller asked for
     stream: bool = False
-    principal: Principal = field(default_factory=Principal)
+    principal: Principal = ANONYMOUS
     policy: str | None = None
     client: str | None = None  # the client's address, when no virtual key names the caller (breakers)
     background: bool = False  # a trial mirror or judge call: no client, no caller's budget

@@ -12,7 +12,7 @@ from typing import Any
 import openai
 import pytest
 
-from kaiyuan.context import RequestContext
+from kaiyuan.context import Principal, RequestContext
 from kaiyuan.testing.fake_openai import Behaviour, FakeOpenAI
 from kaiyuan.testing.harness import RunningGateway
 from kaiyuan.testing.server_thread import ServerThread
@@ -449,7 +449,7 @@ def _key_with_policy(policy: str | None) -> Any:
     """Authentication as for a virtual key that carries ``policy`` (and a cost a hook priced)."""
 
     async def authenticate(ctx: RequestContext) -> None:
-        ctx.principal.policy = policy
+        ctx.principal = Principal(policy=policy)
         ctx.cost_usd = 0.00125
 
     return authenticate

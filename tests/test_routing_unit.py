@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from kaiyuan.config import ConfigError, GatewayConfig, parse_config
-from kaiyuan.context import RequestContext
+from kaiyuan.context import Principal, RequestContext
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
 from kaiyuan.routing.breaker import CLOSED, HALF_OPEN, OPEN, DeploymentHealth
@@ -75,7 +75,7 @@ def router_for(config: GatewayConfig, rng: random.Random | None = None, fail: di
 def ctx_for(model: str, header: str | None = None, key_policy: str | None = None) -> RequestContext:
     ctx = RequestContext("req", "openai", "chat", headers={"x-kaiyuan-policy": header} if header else {})
     ctx.model = model
-    ctx.principal.policy = key_policy
+    ctx.principal = Principal(policy=key_policy)
     return ctx
 
 

@@ -38,6 +38,7 @@ KEY_CACHE_MAX = 100_000  # a flood of random keys cannot grow the cache forever
 INVALIDATE_CHANNEL = "ky:invalidate"
 ADMIN = Principal(key_id="master", is_admin=True)
 T = TypeVar("T")
+Cached = tuple[KeyRecord, Principal]  # a virtual key's record and the principal its requests carry
 
 
 def bearer_token(headers: Any) -> str | None:
@@ -111,7 +112,7 @@ class Authenticator:
         self.redis = redis
         self.relay: SharedCounters | None = None  # workers of `kaiyuan serve --workers`: the supervisor
         self.loads = SingleFlight()  # shared with the budget seeds (one load per counter, too)
-        self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
+        self._cache: dict[str, tuple[float, Cached | None]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._closing = False
         self.m_denied = denied
@@ -139,24 +140,25 @@ class Authenticator:
             raise _unauthenticated("invalid API key: this gateway does not accept the key sent (Kaiyuan keys look like "
                                    "'sk-ky-' followed by 43 characters); check the key your client is configured "
                                    "with, or ask your admin for one. Retrying will not help", "invalid_api_key")
-        rec = await self._record(token)
-        if rec is None:
+        hit = await self._record(token)
+        if hit is None:
             self.m_denied.labels("invalid_key").inc()
             raise _unauthenticated("invalid API key: this gateway does not know the key sent (a wrong key, or one "
                                    "replaced by a rotation); check the key your client is configured with. "
                                    "Retrying will not help", "invalid_api_key")
+        rec, principal = hit
         if rec.revoked_at is not None:
             self.m_denied.labels("revoked").inc()
             raise _unauthenticated(f"API key {rec.key_id} was revoked at {iso(rec.revoked_at)}", "key_revoked")
         if rec.expires_at is not None and rec.expires_at <= time.time():
             self.m_denied.labels("expired").inc()
             raise _unauthenticated(f"API key {rec.key_id} expired at {iso(rec.expires_at)}", "key_expired")
-        ctx.principal = Principal(key_id=rec.key_id, team_id=rec.team_id, user_id=rec.user_id,
-                                  allowed_models=rec.allowed_models, policy=rec.policy, key_name=rec.name)
+        ctx.principal = principal  # made once per cached record, shared (read-only) by its requests
         return rec
 
     # -- the key cache ---------------------------------------------------------------------------
-    async def _record(self, token: str) -> KeyRecord | None:
+    async def _record(self, token: str) -> Cached | None:
+        """The key's record and the principal its requests carry (cached), or None for an unknown key."""
         h = keystore.hash_key(token)
         hit = self._cache.get(h)
         mono = time.monotonic()
@@ -167,10 +169,11 @@ class Authenticator:
         assert self.engine is not None
         # Single flight: when a cached key expires under load, one lookup serves every waiting request.
         rec = await self.loads.run(("key", h), keystore.load_key, self.engine, h)
+        cached = None if rec is None else (rec, principal_of(rec))
         if len(self._cache) >= KEY_CACHE_MAX:
             self._cache.clear()
-        self._cache[h] = (mono, rec)
-        return rec
+        self._cache[h] = (mono, cached)
+        return cached
 
     def invalidate(self, key_hash: str | None = None) -> None:
         """Forget cached keys here (all, or one)."""
@@ -232,6 +235,11 @@ class Authenticator:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
             self._listener = None
+
+
+def principal_of(rec: KeyRecord) -> Principal:
+    return Principal(key_id=rec.key_id, team_id=rec.team_id, user_id=rec.user_id,
+                     allowed_models=rec.allowed_models, policy=rec.policy, key_name=rec.name)
 
 
 def iso(ts: float | None) -> str:

@@ -20,6 +20,7 @@ import orjson
 from sqlalchemy import Engine, and_, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from kaiyuan.limits.counters import RateCheck
 from kaiyuan.store.fast_insert import insert_rows
 from kaiyuan.store.schema import api_keys, budgets, spend_ledger, teams, users
 
@@ -113,6 +114,12 @@ class KeyRecord:
     expires_at: float | None
     revoked_at: float | None
     loaded_at: float = field(default_factory=time.monotonic)
+    # the limits as the counters check them, built once per load (every request of the key shares them)
+    rates: list[RateCheck] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.rates = [RateCheck(scope, lim.get("rpm"), lim.get("tpm"), lim.get("max_parallel"))
+                      for scope, lim in self.limits.items()]
 
 
 def _models(text: str | None) -> list[str] | None:

@@ -23,8 +23,7 @@ field its protocol has (``max_tokens`` and ``max_completion_tokens`` for OpenAI-
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from kaiyuan.config import (
@@ -47,9 +46,9 @@ ONE_FIELD_HOSTS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class OutputAsk:
-    """What the caller asked for: its own cap (None: the deployment's default applies) and n."""
+class OutputAsk(NamedTuple):
+    """What the caller asked for: its own cap (None: the deployment's default applies) and n.
+    (A named tuple: one is made per request, and a frozen dataclass costs several times more to make.)"""
 
     cap: int | None
     n: int = 1
@@ -57,6 +56,7 @@ class OutputAsk:
 
 
 NO_OUTPUT = OutputAsk(0, 1)
+CAP_KEYS = ("max_completion_tokens", "max_tokens", "max_output_tokens")  # the first that is set counts
 
 
 def _positive_int(v: Any) -> int | None:
@@ -69,14 +69,18 @@ def asked(body: dict[str, Any], endpoint: str) -> OutputAsk:
     if endpoint in NO_OUTPUT_ENDPOINTS:
         return NO_OUTPUT
     cap = None
-    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        cap = _positive_int(body.get(key))
-        if cap is not None:
+    for key in CAP_KEYS:
+        v = body.get(key)
+        if type(v) is int and v >= 1:  # _positive_int, inline: every request asks (a JSON int is an int)
+            cap = v
             break
-    gc = body.get("generationConfig")  # Gemini callers
-    if cap is None and isinstance(gc, dict):
-        cap = _positive_int(gc.get("maxOutputTokens"))
-    n = _positive_int(body.get("n")) or 1  # not clamped: an upstream that accepts n=500 bills 500
+    if cap is None:
+        gc = body.get("generationConfig")  # Gemini callers
+        if isinstance(gc, dict):
+            cap = _positive_int(gc.get("maxOutputTokens"))
+    n = body.get("n")
+    if type(n) is not int or n < 1:  # not clamped: an upstream that accepts n=500 bills 500
+        n = 1
     effort = body.get("reasoning_effort")
     if effort is None and isinstance(body.get("reasoning"), dict):  # the Responses API's reasoning.effort
         effort = body["reasoning"].get("effort")

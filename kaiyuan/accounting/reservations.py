@@ -43,6 +43,7 @@ from kaiyuan.limits.counters import (
     MemoryCounters,
     RateCheck,
     RedisCounters,
+    Ticket,
 )
 from kaiyuan.limits.shared import ENV_SOCKET as SHARED_COUNTERS_ENV
 from kaiyuan.limits.shared import SharedCounters
@@ -120,8 +121,8 @@ class Reservations:
         ctx.prompt_estimate, ctx.tokens_reserved = res.prompt_tokens, res.tokens
         worst, unpriced = res.worst_usd, res.unpriced
         now = time.time()
-        rates = [RateCheck(scope, lim.get("rpm"), lim.get("tpm"), lim.get("max_parallel")) for scope, lim in rec.limits.items()]
-        budgets = self._budget_checks(rec, now, worst)
+        rates = rec.rates
+        budgets = self._budget_checks(rec, now, worst) if rec.budgets else []
         if budgets and unpriced:
             self.m_denied.labels("price_unknown").inc()
             raise GatewayError(
@@ -134,8 +135,12 @@ class Reservations:
         if not rates and not budgets:
             return
         checks = [b for b, _ in budgets]
-        result = await self.seeds.admit(partial(self._counters_admit, rates, checks, res.tokens, now), budgets,
-                                        self.counters)
+        result: Admitted | None = None
+        if self.counters is self.local:  # one synchronous step; only a budget counter still to seed awaits
+            result = self.local.admit_sync(rates, checks, res.tokens, now)
+        if not isinstance(result, Ticket | Denial):
+            result = await self.seeds.admit(partial(self._counters_admit, rates, checks, res.tokens, now), budgets,
+                                            self.counters)
         if isinstance(result, Denial):
             raise self._denied(result, rates, budgets, ctx, now)
         ctx.ticket = result
@@ -217,6 +222,9 @@ class Reservations:
                 ctx.request_id, nano / NANO, ticket.budgets[0].reserve / NANO,
             )
         actual = [nano] * len(ticket.budgets)
+        if ticket.backend == "memory":  # in process: a synchronous step, nothing to fail or queue
+            self.local.settle_sync(ticket, actual, total)
+            return
         try:
             if ticket.backend == "redis" and isinstance(self.counters, RedisCounters):
                 # queued, applied off the request path in batches (kaiyuan.limits.settle_batch)

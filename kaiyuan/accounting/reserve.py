@@ -16,8 +16,7 @@ way, and the settle corrects both to what the upstream reports.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from kaiyuan.accounting.output_cap import OutputAsk, OutputCaps
 from kaiyuan.accounting.prices import ResolvedPrice
@@ -27,8 +26,7 @@ from kaiyuan.config import DeploymentBase
 DeploymentEntry = tuple[DeploymentBase, "ResolvedPrice | None", str]
 
 
-@dataclass(frozen=True, slots=True)
-class Reservation:
+class Reservation(NamedTuple):  # one per reserved request: a named tuple is the cheapest to make
     prompt_tokens: int  # the largest prompt count over the reachable deployments
     tokens: int  # for TPM: the largest prompt + cap x n
     worst_usd: float  # for budgets: the largest worst-case cost

@@ -54,7 +54,7 @@ Counter = Callable[[str], int]
 
 
 ESTIMATE_BYTES_PER_TOKEN = 2  # the safety margin for families without an offline tokenizer
-SCHEMA_KEYS = ("tools", "functions", "response_format")  # counted as JSON text
+SCHEMA_KEYS = frozenset({"tools", "functions", "response_format"})  # counted as JSON text
 
 
 def estimate_tokens(text: str) -> int:
@@ -83,28 +83,42 @@ def counter_for(model: str) -> tuple[Counter, str]:
     name = encoding_name(model)
     if name is not None:
         try:
-            enc = _encoding(name)
-            return (lambda text: len(enc.encode(text))), name
+            # count(): no token list is built, and text that spells a special token ("<|endoftext|>")
+            # is counted as ordinary text (encode() refused it with a ValueError: a 500 on a reservation)
+            return _encoding(name).count, name
         except Exception as e:  # pragma: no cover - a broken install: fall back, loudly
             log.warning("tokenizer %s unavailable (%s); estimating tokens for %s", name, e, model)
     return estimate_tokens, "estimate"
 
 
+_MEDIA_TYPES = frozenset({"image_url", "image", "input_image", "document"})
+_NOT_TEXT = frozenset({"type", "role", "cache_control", "id", "tool_call_id", "tool_use_id"})
+PROMPT_KEYS = frozenset({"system", "instructions", "messages", "prompt", "input", "suffix", "contents", "systemInstruction"})
+
+
 def _strings(node: Any, out: list[str], images: list[int]) -> None:
+    """The prompt's texts under ``node``, into ``out``; media parts counted in ``images[0]``.
+    (Strings are taken in place, without a call each: every reserved request walks its messages.)"""
     if isinstance(node, str):
         out.append(node)
     elif isinstance(node, dict):
         t = node.get("type")
-        if t in ("image_url", "image", "input_image", "document") or "inlineData" in node or "fileData" in node:
+        if (isinstance(t, str) and t in _MEDIA_TYPES) or "inlineData" in node or "fileData" in node:
             images[0] += 1
             return
         for k, v in node.items():
-            if k in ("type", "role", "cache_control", "id", "tool_call_id", "tool_use_id"):
+            if k in _NOT_TEXT:
                 continue
-            _strings(v, out, images)
+            if isinstance(v, str):
+                out.append(v)
+            else:
+                _strings(v, out, images)
     elif isinstance(node, list):
         for v in node:
-            _strings(v, out, images)
+            if isinstance(v, str):
+                out.append(v)
+            else:
+                _strings(v, out, images)
 
 
 def count_prompt(model: str, body: dict[str, Any]) -> int:
@@ -115,13 +129,15 @@ def count_prompt(model: str, body: dict[str, Any]) -> int:
     images = [0]
     messages = body.get("messages", body.get("contents"))
     n_messages = len(messages) if isinstance(messages, list) else 0
-    for key in ("system", "instructions", "messages", "prompt", "input", "suffix", "contents", "systemInstruction"):
-        v = body.get(key)
-        if v is not None:
+    for key, v in body.items():  # a body has a few keys: one pass, not a lookup per possible key
+        if v is None:
+            continue
+        if key in PROMPT_KEYS:
             _strings(v, texts, images)
-    for key in SCHEMA_KEYS:
-        v = body.get(key)
-        if v is not None:
+        elif key in SCHEMA_KEYS:
             texts.append(orjson.dumps(v, default=str).decode())
-    total = sum(count(t) for t in texts if t)
+    total = 0
+    for t in texts:
+        if t:
+            total += count(t)
     return total + n_messages * PER_MESSAGE_OVERHEAD + PER_REQUEST_OVERHEAD + images[0] * IMAGE_TOKENS

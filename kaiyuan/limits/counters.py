@@ -18,7 +18,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kaiyuan.limits.expiry import Liveness
@@ -30,8 +30,11 @@ ADMIT_DEADLINE_S = 2.0  # an admit that reaches Redis later than this is refused
 PARALLEL_TTL_S = 900  # a replica that dies mid-request stops holding a parallel slot after this
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class RateCheck:
+    """One scope's request-rate limits. Immutable: built once per key record and shared by every
+    request of that key (``KeyRecord.rates``)."""
+
     scope: str  # "key:ID" | "team:ID"
     rpm: int | None
     tpm: int | None
@@ -84,7 +87,7 @@ class Ticket:
     minute: int
     prompt_tokens: int
     backend: str
-    extra: dict[str, Any] = field(default_factory=dict)
+    shared_id: int | None = None  # the supervisor's number for it (SharedCounters), to settle it by
 
 
 Admitted = Ticket | Denial | NeedSeed | AdoptFirst  # what an admit answers (AdoptFirst: Redis only)
@@ -103,51 +106,61 @@ class Counters(Protocol):
 
 
 class MemoryCounters:
-    """Counters in this process (one node). Atomic because admit never awaits."""
+    """Counters in this process (one node). Atomic because admit never awaits.
+
+    A rate window is one ``[minute, count]`` list per scope (rpm, tpm), reset when its minute is
+    over: no key string is formatted per request. Windows of scopes idle for more than a minute are
+    dropped once a minute, so the tables hold the scopes in use (like ``parallel``)."""
 
     name = "memory"
 
     def __init__(self) -> None:
-        self.windows: dict[str, int] = {}
+        self.rpm: dict[str, list[int]] = {}  # scope -> [minute, requests in it]
+        self.tpm: dict[str, list[int]] = {}  # scope -> [minute, tokens in it]
         self.parallel: dict[str, int] = {}
         self.budgets: dict[str, list[int]] = {}  # counter -> [spent, reserved]
         self._last_prune = 0
 
     def admit_sync(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt_tokens: int, now: float) -> Ticket | Denial | NeedSeed:
+        # every keyed request runs this: windows are read and counted in place, without helper calls
+        held = self.budgets
         for j, b in enumerate(budgets):
-            if b.seed == SEED_UNKNOWN and b.counter not in self.budgets:
+            if b.seed == SEED_UNKNOWN and b.counter not in held:
                 return NeedSeed(j)
         minute = int(now // 60)
         if minute != self._last_prune:
             self._prune(minute)
+        rpm, tpm, parallel = self.rpm, self.tpm, self.parallel
         for i, r in enumerate(rates):
             if r.rpm is not None:
-                c = self.windows.get(f"rpm:{r.scope}:{minute}", 0)
+                w = rpm.get(r.scope)
+                c = w[1] if w is not None and w[0] == minute else 0
                 if c + 1 > r.rpm:
                     return Denial("rpm", i, c)
             if r.tpm is not None:
-                c = self.windows.get(f"tpm:{r.scope}:{minute}", 0)
+                w = tpm.get(r.scope)
+                c = w[1] if w is not None and w[0] == minute else 0
                 if c + prompt_tokens > r.tpm:
                     return Denial("tpm", i, c)
             if r.max_parallel is not None:
-                c = self.parallel.get(r.scope, 0)
+                c = parallel.get(r.scope, 0)
                 if c + 1 > r.max_parallel:
                     return Denial("parallel", i, c)
         for j, b in enumerate(budgets):
-            sr = self.budgets.setdefault(b.counter, [b.seed, 0])
+            sr = held.get(b.counter)
+            if sr is None:
+                sr = held[b.counter] = [b.seed, 0]
             if sr[0] + sr[1] + b.reserve > b.limit:
                 return Denial("budget", j, sr[0], sr[1])
         for r in rates:
             if r.rpm is not None:
-                k = f"rpm:{r.scope}:{minute}"
-                self.windows[k] = self.windows.get(k, 0) + 1
+                _add(rpm, r.scope, minute, 1)
             if r.tpm is not None:
-                k = f"tpm:{r.scope}:{minute}"
-                self.windows[k] = self.windows.get(k, 0) + prompt_tokens
+                _add(tpm, r.scope, minute, prompt_tokens)
             if r.max_parallel is not None:
-                self.parallel[r.scope] = self.parallel.get(r.scope, 0) + 1
+                parallel[r.scope] = parallel.get(r.scope, 0) + 1
         for b in budgets:
-            self.budgets[b.counter][1] += b.reserve
+            held[b.counter][1] += b.reserve
         return Ticket(rates, budgets, minute, prompt_tokens, self.name)
 
     async def admit(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt_tokens: int, now: float) -> Ticket | Denial | NeedSeed:
@@ -156,14 +169,17 @@ class MemoryCounters:
     def settle_sync(self, ticket: Ticket, actual: list[int], total_tokens: int) -> None:
         for r in ticket.rates:
             if r.tpm is not None:
-                k = f"tpm:{r.scope}:{ticket.minute}"
-                if k in self.windows:
-                    self.windows[k] = max(0, self.windows[k] + total_tokens - ticket.prompt_tokens)
+                w = self.tpm.get(r.scope)
+                if w is not None and w[0] == ticket.minute:  # a window that is over no longer counts
+                    w[1] = max(0, w[1] + total_tokens - ticket.prompt_tokens)
             if r.max_parallel is not None:
                 self.parallel[r.scope] = max(0, self.parallel.get(r.scope, 0) - 1)
         for b, cost in zip(ticket.budgets, actual, strict=True):
-            sr = self.budgets.setdefault(b.counter, [max(b.seed, 0), b.reserve])
-            sr[1] = max(0, sr[1] - b.reserve)
+            sr = self.budgets.get(b.counter)
+            if sr is None:
+                sr = self.budgets[b.counter] = [max(b.seed, 0), b.reserve]
+            left = sr[1] - b.reserve
+            sr[1] = left if left > 0 else 0
             sr[0] += cost
 
     async def settle(self, ticket: Ticket, actual: list[int], total_tokens: int) -> None:
@@ -175,12 +191,22 @@ class MemoryCounters:
 
     def _prune(self, minute: int) -> None:
         self._last_prune = minute
-        stale = [k for k in self.windows if int(k.rsplit(":", 1)[1]) < minute - 1]
-        for k in stale:
-            del self.windows[k]
+        for table in (self.rpm, self.tpm):
+            for scope in [s for s, w in table.items() if w[0] < minute - 1]:
+                del table[scope]
 
     async def close(self) -> None:
         return None
+
+
+def _add(table: dict[str, list[int]], scope: str, minute: int, n: int) -> None:
+    w = table.get(scope)
+    if w is None:
+        table[scope] = [minute, n]
+    elif w[0] == minute:
+        w[1] += n
+    else:
+        w[0], w[1] = minute, n
 
 
 # -- Redis ----------------------------------------------------------------------------------------

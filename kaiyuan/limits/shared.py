@@ -131,7 +131,7 @@ class CounterServer:
             if isinstance(out, Ticket):
                 tid = next(self._ids)
                 held[tid] = out
-                out.extra["shared_id"] = tid
+                out.shared_id = tid
             return [rid, out]
         if op == "settle":
             tid, actual, total = args
@@ -245,7 +245,7 @@ class SharedCounters:
     def settle_later(self, ticket: Ticket, actual: list[int], total_tokens: int) -> bool:
         """Send the settle without awaiting anything (the request's last steps must not be a point
         where its cancellation could skip the ledger row); False when not connected."""
-        tid = ticket.extra.get("shared_id")
+        tid = ticket.shared_id
         w = self._writer
         if tid is None:
             return True
@@ -257,7 +257,7 @@ class SharedCounters:
     async def settle(self, ticket: Ticket, actual: list[int], total_tokens: int) -> None:
         if not self.settle_later(ticket, actual, total_tokens):
             w = await self._conn()
-            w.write(_frame(["settle", 0, [ticket.extra["shared_id"], actual, total_tokens]]))
+            w.write(_frame(["settle", 0, [ticket.shared_id, actual, total_tokens]]))
 
     async def peek_budget(self, counter: str) -> tuple[int, int] | None:
         out = await self._call("peek", [counter])

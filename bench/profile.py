@@ -7,8 +7,9 @@
 
 It starts the fake upstream and Kaiyuan exactly as bench/run.py does (pinned: gateway alone on one
 CPU), drives it with bench/loadgen.py, and records the gateway with py-spy (``pip install py-spy``;
-root or ptrace rights needed) in its raw "collapsed stacks" format, all threads included (the
-request-log writer runs in a thread). Each sample is charged to the first component on its stack,
+root or ptrace rights needed) in its raw "collapsed stacks" format, all threads and child processes
+included (the request-log writer runs in a thread; with ``--with sup`` the worker is the supervisor's
+child, and each sample names its process). Each sample is charged to the first component on its stack,
 searched from the leaf up: Kaiyuan's own code by module, aiohttp, the store (SQLAlchemy + sqlite3),
 prometheus_client, orjson, asyncio/uvloop, idle. The table is what bench/RESULTS.md quotes.
 """
@@ -112,7 +113,7 @@ def main() -> int:
         out = workdir / "profile.txt"
         rec = subprocess.Popen([spy, "record", "--pid", str(gw.proc.pid),
                                 "--format", "raw", "--rate", str(a.rate), "--duration", str(int(a.seconds)),
-                                "--threads", "--nonblocking", "--output", str(out)],
+                                "--threads", "--subprocesses", "--nonblocking", "--output", str(out)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         raw = run_loadgen(fleet, spec, 1, "0")
         rec.wait(timeout=a.seconds + 60)

@@ -10,11 +10,14 @@ A request's life, top to bottom (:func:`api_handler`'s ``handle``):
    then a route's ``load`` step reads the state the request continues (Responses: ``previous_response_id``);
 5. reserve: limits and budget (virtual keys with limits or budgets only);
 6. execute and 7. respond: the dialect's own middle builds the upstream call, runs it through the
-   one attempt loop (``gw.execute``, :mod:`kaiyuan.routing.executor`) and writes the answer;
+   one attempt loop (``gw.execute``, :mod:`kaiyuan.routing.executor`) and writes the answer.
+   A whole body that the client's socket takes at once goes out here, before 8 and 9, so the
+   caller does not wait for the bookkeeping (:func:`kaiyuan.server.deadline.send_unblocked`);
 8. settle: close the upstream reply, then price the usage, release the reservation, queue the
    ledger row;
 9. finish: metrics, request log, completion hooks (trials, tracing);
-10. a whole (non-streamed) body is sent last, under the reply's deadline (:mod:`kaiyuan.server.deadline`).
+10. any other whole (non-streamed) body is sent last, under the reply's deadline
+    (:mod:`kaiyuan.server.deadline`).
 
 Whatever happens in 2-7 (an answer, an error, a bug, the client hanging up), 8 and 9 run, and an
 error reaches the caller in its own dialect. Nothing here allocates per request beyond the context.
@@ -38,7 +41,7 @@ from kaiyuan.observability.request_log import shown
 from kaiyuan.offload import big
 from kaiyuan.routing.executor import close_upstream
 from kaiyuan.server.common import ErrorSerializer, client_gone, error_response, new_request_id, read_json
-from kaiyuan.server.deadline import send_whole
+from kaiyuan.server.deadline import send_unblocked, send_whole
 
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
 
@@ -80,6 +83,7 @@ def api_handler(dialect: str, endpoint: str, serialize: ErrorSerializer, validat
             if key is not None:
                 await gw.reservations.reserve(ctx, key)
             resp = await middle(request, gw, ctx, body, arg)
+            await send_unblocked(request, resp)
         except GatewayError as e:
             ctx.status, ctx.error = e.status, e.message
             return error_response(e, serialize, ctx)
@@ -167,12 +171,12 @@ async def end(gw: Gateway, ctx: RequestContext) -> None:
         await close_upstream(ctx)  # the one place the upstream reply is closed
     except asyncio.CancelledError:
         cancelled = True
-    gw.metrics.in_flight.dec()
     try:
         await settle(gw, ctx)
     except asyncio.CancelledError:
         cancelled = True
     gw.finish(ctx)
+    gw.metrics.in_flight.dec()  # last: a request is in flight until it is recorded (the answer may be out)
     if cancelled:
         raise asyncio.CancelledError
 

@@ -5,6 +5,7 @@ closed, the in-flight gauge goes back, the request is logged, and errors use the
 from __future__ import annotations
 
 import http.client
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -87,8 +88,8 @@ def test_skeleton_always_closes_and_finishes(sk: RunningGateway, path: str, base
         assert data["type"] == "error" and "type" in data["error"], data
     if do == "bug":
         assert "internal gateway error (ZeroDivisionError)" in (data["error"]["message"])
+    sk.settle()  # the answer may reach the client before steps 8-9 end
     assert len(CLOSED) == 1  # the reply the middle stored was closed
-    sk.settle()
     rows = sk.log_rows()
     assert rows[-1]["status"] == status and rows[-1]["model"] == "m"
     assert sk.gateway.metrics.in_flight._value.get() == 0
@@ -116,3 +117,37 @@ def test_every_api_family_uses_the_pipeline() -> None:
                     (gemini_api.generate, "gemini_generate_content"), (gemini_api.count_tokens, "gemini_count_tokens")]:
         assert h.__qualname__ == name
         assert h.__code__ is pipeline.api_handler("x", "y", oai.error_body, oai.validate_chat, _middle).__code__
+
+
+def test_a_small_answer_reaches_the_client_before_the_bookkeeping(gateway: RunningGateway) -> None:
+    """Steps 8-9 (settle, metrics, the request log, completion hooks) run after a whole answer that
+    the socket takes at once has gone out: the caller does not wait for them. A completion hook
+    blocks the gateway's loop until the client (this thread) has read its whole answer; had the
+    answer been sent after the hook, the client could not read it and the hook would give up."""
+    client_has_it = threading.Event()
+    seen_in_hook: list[bool] = []
+
+    def hook(ctx: RequestContext) -> None:
+        if ctx.endpoint == "chat":
+            seen_in_hook.append(client_has_it.wait(15))
+
+    gateway.gateway.on_complete.append(hook)
+    try:
+        u = urlsplit(gateway.url)
+        conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port, timeout=30)
+        try:
+            body = {"model": "fake-chat", "messages": [{"role": "user", "content": "hi"}]}
+            conn.request("POST", "/v1/chat/completions", body=orjson.dumps(body),
+                         headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            data = orjson.loads(r.read())
+            client_has_it.set()
+        finally:
+            conn.close()
+        assert r.status == 200 and data["model"] == "fake-chat"
+        gateway.settle()
+        assert seen_in_hook == [True]
+        row = gateway.log_rows()[-1]
+        assert row["status"] == 200 and row["model"] == "fake-chat"  # and it was still recorded
+    finally:
+        gateway.gateway.on_complete.remove(hook)

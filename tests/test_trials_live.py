@@ -98,6 +98,7 @@ def test_catalog_priced_candidate_stops_at_the_cap(make_gateway: Any, fake_opena
     c = client(gw)
     for i in range(4):
         c.chat.completions.create(model="gpt-big", messages=[{"role": "user", "content": f"question number {i}"}])
+        gw.settle()  # the answer may reach the client before the trial's hook has seen the request
         wait_for(lambda: rt.pending["cap"] == 0, "shadow idle")
     sent = sum(1 for r in fake_openai.requests if r["model"] == upstream)
     gw.servers.call(rt.flush())
@@ -304,6 +305,7 @@ def test_canary_judging_stops_at_the_cap(make_gateway: Any, quiz: FakeQuiz) -> N
     c = client(gw)
     for it in quiz_items(4, seed=1):
         c.chat.completions.create(model="gpt-big", messages=it["messages"])
+        gw.settle()  # the answer may reach the client before the trial's hook has seen the request
         wait_for(lambda: rt.pending["ca"] == 0, "canary idle")
     assert rt.exhausted(rt.trials["ca"]) and rt.counters["ca"]["canary_candidate"] == 4
     assert sum(1 for r in quiz.requests if r.get("model") == "big") <= 1  # at most the one in flight at the cap

@@ -102,6 +102,7 @@ def test_bad_requests_and_unreplayable_ones_are_not_mirrored(gw: RunningGateway,
     assert c.responses.create(model="native", input="hello").output_text == "echo: hello"  # this one can
     [row] = _rows(gw, "pt", 1)
     assert row["incumbent_answer"] == "echo: hello" == row["candidate_answer"]
+    gw.settle()
     assert rt.counters["pt"]["not_replayable"] == 1
     assert rt.counters["sh"]["results"] == 0 and rt.pending["sh"] == 0
 

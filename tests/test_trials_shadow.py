@@ -147,6 +147,7 @@ def test_shadow_spend_stops_at_the_cap(make_gateway: Any, fake_openai: FakeOpenA
     c = client(gw)
     for i in range(6):
         c.chat.completions.create(model="gpt-big", messages=[{"role": "user", "content": f"question number {i}"}])
+        gw.settle()  # the answer may reach the client before the trial's hook has seen the request
         wait_for(lambda: rt.pending["sh"] == 0, "shadow idle")
     # each shadow call costs ~0.00018 USD: the first one exhausts the cap, later requests are not sampled
     assert rt.counters["sh"]["results"] == 1 and rt.exhausted(rt.trials["sh"])

@@ -181,13 +181,14 @@ class ModelRenamer:
         self.new = b'"model":' + orjson.dumps(public)
         self.old: bytes | None = None
 
-    def __call__(self, data: bytes) -> bytes:
+    def __call__(self, data: bytes, count: int = 1) -> bytes:
+        """``data`` (one event; or several, with ``count=-1``) with the model name rewritten."""
         if self.old is None:
             m = _MODEL_FIELD.search(data)
             if m is None:
                 return data
             self.old = m.group(0)
-        return data.replace(self.old, self.new, 1) if self.old != self.new else data
+        return data.replace(self.old, self.new, count) if self.old != self.new else data
 
 
 def with_public_model(obj: dict[str, Any] | None, data: bytes, public: str) -> bytes:

@@ -38,17 +38,24 @@ def abandon(request: web.Request, ctx: RequestContext) -> None:
         request.transport.abort()
 
 
+async def send_unblocked(request: web.Request, resp: web.StreamResponse) -> None:
+    """Write a whole response now if the transport takes it without waiting on the client (else
+    leave it to :func:`send_whole`). The pipeline calls this before settling and recording the
+    request: the caller gets its answer without waiting for that bookkeeping (at concurrency 1
+    it was on every request's critical path). Nothing in it can block, so no deadline is needed;
+    the outcome recorded is the same, as a write that fails raises here like in ``send_whole``."""
+    if not resp.prepared and _cannot_block(request, resp):
+        await resp.prepare(request)
+        await resp.write_eof()
+
+
 async def send_whole(request: web.Request, resp: web.StreamResponse, ctx: RequestContext) -> web.StreamResponse:
     """Write a whole (non-streamed) response now, under the deadline (at least MIN_WRITE_S).
 
     The deadline is a plain timer that abandons the client (its write then fails), not an
     ``asyncio.timeout``: a small body is written without waiting, and the cancellation machinery
     cost more than the write itself on every request."""
-    if ctx.deadline is None or resp.prepared:
-        return resp
-    if _cannot_block(request, resp):  # the transport takes it all at once: no deadline to enforce
-        await resp.prepare(request)
-        await resp.write_eof()
+    if ctx.deadline is None or resp.prepared:  # no deadline: aiohttp sends it; prepared: sent already
         return resp
     guard = asyncio.get_running_loop().call_later(remaining(ctx, MIN_WRITE_S) or MIN_WRITE_S, abandon, request, ctx)
     try:

@@ -20,7 +20,7 @@ from kaiyuan.dialects.openai import stream_error_event, usage_into
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.providers.reply_body import STREAM_TOO_LARGE_CODE
 from kaiyuan.redact import scrub, scrub_bytes
-from kaiyuan.server.common import kaiyuan_headers
+from kaiyuan.server.common import ModelRenamer, kaiyuan_headers
 from kaiyuan.server.deadline import MIN_WRITE_S, abandon, remaining
 from kaiyuan.server.overrun import (
     OutputLimit,
@@ -75,6 +75,14 @@ async def sse_events(stream: AsyncIterator[bytes], limit: int | None = None,
             held.append(chunk)
             buf = b"".join(held)
             held, size = [], 0
+        elif not buf and chunk.endswith(b"\n\n"):  # whole events, nothing pending (most chunks)
+            events = chunk.split(b"\n\n")
+            del events[-1]
+            if b"" in events:
+                events = [e for e in events if e]
+            if events:
+                yield events
+            continue
         else:
             scan = max(len(buf) - 1, 0)  # only the new bytes (and one before) can complete a terminator
             buf += chunk
@@ -174,7 +182,7 @@ async def answered(resp: web.StreamResponse, ctx: RequestContext, last: bytes) -
 
 async def relay_openai_stream(
     request: web.Request, ctx: RequestContext, stream: AsyncIterator[bytes], strip_usage: bool,
-    lim: OutputLimit | None = None, rename: Callable[[bytes], bytes] | None = None,
+    lim: OutputLimit | None = None, rename: ModelRenamer | None = None,
 ) -> web.StreamResponse:
     """Forward an OpenAI-protocol stream. ``strip_usage`` drops the usage-only final chunk that the
     gateway asked for on the caller's behalf (the caller did not set ``include_usage``), and the
@@ -183,42 +191,66 @@ async def relay_openai_stream(
     :mod:`kaiyuan.server.overrun`). ``rename`` rewrites each event's model name."""
     tail = bytearray() if ctx.log_bodies or ctx.capture_response else None
 
+    def edit(events: list[bytes]) -> bytes:
+        """Events as the client gets them, each with its terminator. The events before the first
+        usage or error event (nearly all of them) are edited together: null usages dropped and
+        model names rewritten in one pass over their joined bytes (inside a JSON string a quote is
+        escaped, so these byte patterns only match the events' own fields). From that event on,
+        each is read and edited alone."""
+        if len(events) == 1:
+            data = events[0] + b"\n\n"
+        elif events:
+            data = b"\n\n".join(events) + b"\n\n"
+        else:
+            return b""
+        m = _NOTABLE.search(data)
+        if m is None:
+            return plain(data)
+        cut = data.rfind(b"\n\n", 0, m.start()) + 2  # the end of the last event before it (or 1)
+        head = plain(data[:cut]) if cut > 1 else b""
+        out = [head]
+        for ev in events[data.count(b"\n\n", 0, cut) if cut > 1 else 0:]:
+            if _NOTABLE.search(ev) is not None:  # usage or an error: read it
+                if _inspect(ev, ctx) and strip_usage:
+                    continue
+                if ctx.error is not None:  # an upstream error event may echo its key
+                    ev = scrub_bytes(ev)
+            out.append(plain(ev + b"\n\n"))
+        return b"".join(out)
+
+    def plain(data: bytes) -> bytes:
+        """Whole events without usage or errors: null usages dropped, model names rewritten."""
+        if strip_usage and b'"usage":' in data:
+            data = drop_null_usage(data, -1)
+        return rename(data, -1) if rename is not None else data
+
     async def pump(resp: web.StreamResponse) -> None:
         saw_done = False
         try:
             async for events in sse_events(stream):
-                out: list[bytes] = []
-                for ev in events:
+                for i, ev in enumerate(events):
                     if ev.startswith(DONE_FORMS):  # the space is optional in SSE
                         saw_done = True
-                        out.append(DONE + b"\n\n")
+                        events = events[:i]
                         break
                     if not ev.startswith(SSE_FIELDS):
                         raise _not_sse(ev, ctx)
                     if lim is not None and lim.over(openai_event_tokens(ev)):
+                        head = edit(events[:i])
                         await close_upstream(ctx)
                         usage = record_cut(ctx, lim, ctx.body)
                         cut = openai_cut_events(ev, lim, None if strip_usage else usage)
-                        out.append(rename(cut) if rename is not None else cut)
                         ctx.mark_first_byte()
-                        await answered(resp, ctx, b"".join(out))
+                        await answered(resp, ctx, head + (rename(cut, -1) if rename is not None else cut))
                         return
-                    if _NOTABLE.search(ev) is not None:  # usage or an error: read it (one scan)
-                        if _inspect(ev, ctx) and strip_usage:
-                            continue
-                        if ctx.error is not None:  # an upstream error event may echo its key
-                            ev = scrub_bytes(ev)
-                    if strip_usage and b'"usage":' in ev:
-                        ev = drop_null_usage(ev)
-                    if rename is not None:
-                        ev = rename(ev)
-                    out.append(ev)
-                    out.append(b"\n\n")
-                if out:
-                    data = b"".join(out)
+                data = edit(events)
+                if saw_done:
+                    data += DONE + b"\n\n"
+                if data:
                     if tail is not None and len(tail) < 1_000_000:
                         tail.extend(data)
-                    ctx.mark_first_byte()
+                    if ctx.ttft is None:
+                        ctx.mark_first_byte()
                     if saw_done:  # the answer is complete: finish now, not when the upstream closes
                         await answered(resp, ctx, data)
                         break
@@ -237,12 +269,21 @@ async def relay_openai_stream(
 
 
 _NULL_USAGE = (b',"usage":null', b', "usage": null', b'"usage":null,', b'"usage": null, ')
+# any other spacing: the field and one comma beside it (a quote inside a JSON string is escaped,
+# so only the event's own field matches)
+_NULL_USAGE_ANY = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,?')
 
 
-def drop_null_usage(ev: bytes) -> bytes:
-    for pattern in _NULL_USAGE:
+def drop_null_usage(ev: bytes, count: int = 1) -> bytes:
+    """One event without its ``"usage": null``; with ``count=-1``, several events, each without its
+    own. The usual spellings are dropped with plain byte replaces, any other by a regex."""
+    for pattern in _NULL_USAGE:  # an event has one usage field: once one form took it, the next finds none
         if pattern in ev:
-            return ev.replace(pattern, b"", 1)
+            ev = ev.replace(pattern, b"", count)
+            if count == 1:
+                return ev
+    if b'"usage"' in ev:
+        ev = _NULL_USAGE_ANY.sub(b"", ev, 0 if count < 0 else count)
     return ev
 
 

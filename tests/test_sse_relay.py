@@ -1,0 +1,131 @@
+"""The OpenAI pass-through stream relay (kaiyuan.server.sse) gives the client the same bytes however
+the upstream's stream is cut into reads: one event per read (a slow stream), many events per read
+(a busy gateway reads what has piled up), or reads that split events and their terminators
+anywhere. Events before a usage or error event are edited together (null usages dropped, model
+names rewritten); this checks that doing so changes nothing the client sees."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+from kaiyuan.context import RequestContext
+from kaiyuan.server import sse
+from kaiyuan.server.common import ModelRenamer
+from kaiyuan.server.overrun import OutputLimit
+
+
+class _Client:
+    """What the relay writes to: the client's response (the relay's HTTP side is tested end to end
+    in test_openai_passthrough.py; this pins the event editing)."""
+
+    prepared = True
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.ended = False
+
+    async def write(self, data: bytes) -> None:
+        assert not self.ended
+        self.data += data
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        self.data += data
+        self.ended = True
+
+
+def _ev(obj: dict[str, Any], space: bool = False) -> bytes:
+    data = orjson.dumps(obj)
+    return b"data: " + (data.replace(b'"usage":null', b'"usage": null') if space else data) + b"\n\n"
+
+
+def _stream(usage_forms: bool = True, error: bool = False) -> bytes:
+    base = {"id": "c1", "object": "chat.completion.chunk", "model": "up-model"}
+    evs = [_ev({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}], "usage": None})]
+    for i in range(6):
+        ch = {"index": 0, "delta": {"content": f"t{i} \"model\":\"up-model\" "}, "finish_reason": None}
+        if usage_forms and i % 2:
+            evs.append(_ev({"usage": None, **base, "choices": [ch]}, space=i == 3))  # "usage" first, other spacing
+        else:
+            evs.append(_ev({**base, "choices": [ch], "usage": None}))
+    if error:
+        evs.append(_ev({"error": {"message": "overloaded", "type": "server_error"}}))
+    evs.append(_ev({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": None}))
+    evs.append(_ev({**base, "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 6, "total_tokens": 15}}))
+    return b"".join(evs) + b"data: [DONE]\n\n" + b"data: {\"after\": \"done\"}\n\n"
+
+
+def _cuts(raw: bytes, seed: int) -> Iterator[list[bytes]]:
+    events = [e + b"\n\n" for e in raw.split(b"\n\n") if e]
+    yield events  # one event per read
+    yield [raw]  # everything in one read
+    yield [b"".join(events[i:i + 3]) for i in range(0, len(events), 3)]  # a few events per read
+    mids = [k + 1 for k in range(len(raw) - 1) if raw[k:k + 2] == b"\n\n"]  # inside every terminator
+    for points in (mids, mids[::2], [k + 1 for k in mids]):  # ... and one byte on
+        yield [raw[a:b] for a, b in zip([0, *points], [*points, len(raw)], strict=True)]
+    rnd = random.Random(seed)
+    for _ in range(20):  # reads cut anywhere, also inside "\n\n"
+        points = sorted(rnd.sample(range(1, len(raw)), rnd.randint(1, 30)))
+        yield [raw[a:b] for a, b in zip([0, *points], [*points, len(raw)], strict=True)]
+
+
+async def _relay(reads: list[bytes], strip_usage: bool, cap: int | None) -> tuple[bytes, RequestContext]:
+    async def upstream() -> AsyncIterator[bytes]:
+        for r in reads:
+            yield r
+
+    ctx = RequestContext("req_test", "openai", "chat")
+    ctx.deployment = "dep"
+    lim = OutputLimit(cap, 1, lambda *a: None, "dep", "up-model") if cap is not None else None
+    client = _Client()
+
+    async def opened(request: Any, c: RequestContext) -> _Client:
+        return client
+
+    real = sse.open_stream
+    sse.open_stream = opened  # type: ignore[assignment]
+    try:
+        await sse.relay_openai_stream(None, ctx, upstream(), strip_usage, lim, ModelRenamer("public"))  # type: ignore[arg-type]
+    finally:
+        sse.open_stream = real  # type: ignore[assignment]
+    assert client.ended
+    return bytes(client.data), ctx
+
+
+@pytest.mark.parametrize("strip_usage", [True, False])
+@pytest.mark.parametrize("cap", [None, 100, 3])
+@pytest.mark.parametrize("error", [False, True])
+def test_the_client_gets_the_same_bytes_however_the_stream_is_read(strip_usage: bool, cap: int | None,
+                                                                    error: bool) -> None:
+    raw = _stream(error=error)
+    results = [asyncio.run(_relay(reads, strip_usage, cap)) for reads in _cuts(raw, seed=7)]
+    first, ctx0 = results[0]
+    for out, ctx in results[1:]:
+        assert out == first
+        assert (ctx.usage, ctx.status, ctx.error) == (ctx0.usage, ctx0.status, ctx0.error)
+    assert first.endswith(b"data: [DONE]\n\n") and b"after" not in first
+    assert b"up-model\"," not in first and first.count(b'"model":"public"') == first.count(b"chat.completion.chunk")
+    assert b'\\"model\\":\\"up-model\\"' in first  # a model name inside the generated text is the text's
+    if strip_usage:
+        assert b'"usage"' not in first  # the caller did not ask for usage: none of it, null or not
+    else:
+        assert first.count(b'"usage":null') + first.count(b'"usage": null') == (4 if cap == 3 else 8)  # role, contents, finish
+    if cap == 3:  # cut at the limit: three tokens, then the gateway's own finish
+        assert first.count(b"delta\":{\"content\":\"t") == 3 and b'"finish_reason":"length"' in first
+    elif error:
+        assert ctx0.status == 502 and "overloaded" in (ctx0.error or "")
+    else:
+        assert ctx0.usage.prompt_tokens == 9 and ctx0.usage.completion_tokens == 6
+
+
+def test_empty_events_and_crlf_framing_read_alike() -> None:
+    raw = _stream()
+    crlf = raw.replace(b"\n", b"\r\n")
+    padded = raw.replace(b"\n\n", b"\n\n\n\n", 3)  # empty events between real ones
+    outs = {asyncio.run(_relay(reads, True, None))[0] for src in (raw, crlf, padded) for reads in _cuts(src, seed=3)}
+    assert len(outs) == 1

@@ -84,7 +84,7 @@ async def _relay(reads: list[bytes], strip_usage: bool, cap: int | None) -> tupl
     lim = OutputLimit(cap, 1, lambda *a: None, "dep", "up-model") if cap is not None else None
     client = _Client()
 
-    async def opened(request: Any, c: RequestContext) -> _Client:
+    async def opened(request: Any, c: RequestContext, head_with_first_events: bool = False) -> _Client:
         return client
 
     real = sse.open_stream

@@ -31,7 +31,7 @@ import sqlite3
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
 
 from bench.loadgen import TOKEN_RE, read_response  # noqa: E402
 from bench.run import Fleet, Target, start_kaiyuan, start_redis, start_upstream  # noqa: E402
-from bench.scenarios import CHAT, CHAT_STREAM, STREAM_CHUNKS, VARIANTS, Variant  # noqa: E402
+from bench.scenarios import CHAT, CHAT_STREAM, STREAM_CHUNKS, VARIANTS, Variant, deep_merge  # noqa: E402
 from kaiyuan.observability import memtrace  # noqa: E402
 
 # 1 MiB per 10 minutes: at 500 req/s that is 300,000 requests, about 3.5 bytes each. Anything a
@@ -74,6 +74,8 @@ class Sample:
     t_s: float
     phase: str  # "warmup" or "measure"
     rss_mib: float
+    leader_mib: float  # the supervisor with --with sup, else the one process
+    others_mib: float  # the supervisor's workers (0 for one process)
     procs: int
     sent: int
     answered: int
@@ -176,25 +178,35 @@ class Driver:
         self.c.ok += 1
 
 
-def group_rss(pgid: int) -> tuple[float, int]:
-    """Summed VmRSS (MiB) of the live processes in process group ``pgid``, and how many there are."""
-    total_kib, n = 0, 0
+def group_rss(pgid: int) -> tuple[float, float, int]:
+    """VmRSS (MiB) of process group ``pgid``: its leader (a supervisor, or the one process), the
+    sum of the others (a supervisor's workers), and how many processes there are."""
+    pids = group_pids(pgid)
+    kib = [_rss_kib(p) for p in pids]
+    return kib[0] / 1024 if kib else 0.0, sum(kib[1:]) / 1024, len(pids)
+
+
+def _rss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith(b"VmRSS:")), 0)
+    except OSError:
+        return 0
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The live processes of process group ``pgid``, its leader first."""
+    pids = []
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
         try:
             with open(f"/proc/{d}/stat", "rb") as f:
-                if int(f.read().rsplit(b")", 1)[1].split()[2]) != pgid:
-                    continue
-            with open(f"/proc/{d}/status", "rb") as f:
-                for line in f:
-                    if line.startswith(b"VmRSS:"):
-                        total_kib += int(line.split()[1])
-                        n += 1
-                        break
+                if int(f.read().rsplit(b")", 1)[1].split()[2]) == pgid:
+                    pids.append(int(d))
         except (OSError, IndexError, ValueError):
             continue
-    return total_kib / 1024, n
+    return sorted(pids, key=lambda p: p != pgid)
 
 
 class SampleLog:
@@ -220,8 +232,9 @@ async def sample_loop(pgid: int, drv: Driver, interval: float, warmup_s: float, 
     start = time.perf_counter()
     while True:
         t = time.perf_counter() - start
-        rss, n = group_rss(pgid)
-        log.add(Sample(round(t, 2), "warmup" if t < warmup_s else "measure", round(rss, 3), n,
+        leader, others, n = group_rss(pgid)
+        log.add(Sample(round(t, 2), "warmup" if t < warmup_s else "measure", round(leader + others, 3),
+                       round(leader, 3), round(others, 3), n,
                        drv.c.sent, drv.c.answered, drv.c.errors, len(drv.tasks), drv.c.skipped))
         await asyncio.sleep(max(0.0, interval - (time.perf_counter() - start - t)))
 
@@ -261,7 +274,8 @@ def summarize(samples: list[Sample], c: Counters, args: argparse.Namespace, rows
     seconds = (measured[-1].t_s - measured[0].t_s) if len(measured) > 1 else 0.0
     sent_in = (measured[-1].sent - measured[0].sent) if len(measured) > 1 else 0
     return {
-        "variant": (args.variant or "kaiyuan") + (" (a connection per request)" if args.close else ""),
+        "variant": (args.variant or "kaiyuan") + (" (a connection per request)" if args.close else "")
+        + (f" patched {json.dumps(args.patch)}" if args.patch else ""),
         "rate_target": args.rate, "stream_share": args.stream_share,
         "warmup_min": args.warmup_minutes, "measured_min": round(seconds / 60, 3), "samples": len(measured),
         "rss_start_mib": measured[0].rss_mib if measured else None,
@@ -275,10 +289,23 @@ def summarize(samples: list[Sample], c: Counters, args: argparse.Namespace, rows
         "bytes_per_request": None if slope is None or not sent_in else round(slope / 60 * seconds * 2**20 / sent_in, 2),
         "threshold_mib_per_10min": args.flat_mib_per_10min, "verdict": verdict,
         "rate_achieved": round(sent_in / seconds, 1) if seconds else None,
+        "per_process": per_process(measured) if any(s.others_mib for s in measured) else None,
         "counters": asdict(c),
         "rows": rows,
         "rows_lost": {k: (c.answered - v if v is not None else None) for k, v in rows.items()},
     }
+
+
+def per_process(measured: list[Sample]) -> dict[str, dict[str, float | None]]:
+    """With a supervisor: where the growth is, the supervisor or its workers."""
+    out = {}
+    for name, pick in (("supervisor", lambda s: s.leader_mib), ("workers", lambda s: s.others_mib)):
+        pts = [(s.t_s, pick(s)) for s in measured]
+        slope = slope_per_min(pts)
+        out[name] = {"start_mib": pts[0][1], "end_mib": pts[-1][1], "max_mib": max(p[1] for p in pts),
+                     "growth_mib_per_10min": None if slope is None else round(slope * 10, 3),
+                     "slope_second_half_mib_per_min": _round(slope_per_min(pts[len(pts) // 2:]))}
+    return out
 
 
 def render(r: dict[str, Any]) -> str:
@@ -295,6 +322,9 @@ def render(r: dict[str, Any]) -> str:
         f"achieved {r['rate_achieved']} req/s in the measured window",
         f"status codes: {c['status_counts']}",
     ]
+    for name, p in (r["per_process"] or {}).items():
+        lines.append(f"  {name}: {p['start_mib']} -> {p['end_mib']} MiB (max {p['max_mib']}), "
+                     f"{p['growth_mib_per_10min']} MiB per 10 min, second half {p['slope_second_half_mib_per_min']} MiB/min")
     lines += [f"rows in {k}: {v} (answered - rows = {r['rows_lost'][k]})" for k, v in r["rows"].items()]
     lines += [f"error sample: {e}" for e in c["error_samples"]]
     lines.append(f"verdict: {r['verdict']} (threshold < {r['threshold_mib_per_10min']} MiB per 10 min after warm-up)")
@@ -308,6 +338,13 @@ def pick_variant(flag: str | None) -> Variant | None:
         if v.flag == flag:
             return v
     raise SystemExit(f"unknown --with {flag!r}; one of: {', '.join(str(v.flag) for v in VARIANTS)}")
+
+
+def serving_pid(pgid: int) -> int:
+    """The process that serves requests: a supervisor's (first) worker, else the one process. The
+    supervisor has no SIGUSR1 handler (it would die of the signal) and serves nothing."""
+    pids = group_pids(pgid)
+    return pids[1] if len(pids) > 1 else pgid
 
 
 def snapshots(heap_dir: Path) -> set[Path]:
@@ -354,9 +391,9 @@ async def drive(target: Target, args: argparse.Namespace, samples: SampleLog, he
     sampler = asyncio.create_task(sample_loop(target.proc.pid, drv, args.interval, warmup_s, samples))
     try:
         await drv.run(warmup_s)
-        first = await heap_snapshot(target.proc.pid, heap_dir)
+        first = await heap_snapshot(serving_pid(target.proc.pid), heap_dir)
         await drv.run(args.minutes * 60)
-        last = await heap_snapshot(target.proc.pid, heap_dir)
+        last = await heap_snapshot(serving_pid(target.proc.pid), heap_dir)
         sampler.cancel()  # every sample is taken under the steady load, none while draining
         await drv.drain()
     finally:
@@ -374,6 +411,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-inflight", type=int, default=256)
     p.add_argument("--timeout", type=float, default=30.0, help="per request, seconds")
     p.add_argument("--with", dest="variant", default=None, help="a Kaiyuan variant flag from bench/scenarios.py: keys, keys-redis, ...")
+    p.add_argument("--patch", type=json.loads, default=None, metavar="JSON",
+                   help='deep-merged into the gateway\'s config, e.g. \'{"server": {"malloc_trim_interval_s": 0}}\' for an A/B run')
     p.add_argument("--flat-mib-per-10min", type=float, default=FLAT_MIB_PER_10MIN)
     p.add_argument("--close", action="store_true", help="one connection per request (Connection: close)")
     p.add_argument("--no-pin", action="store_true")
@@ -394,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_term)
     variant = pick_variant(args.variant)
+    if args.patch:
+        base = variant or Variant("kaiyuan")
+        variant = replace(base, config_patch=deep_merge(base.config_patch, args.patch))
     pin = not args.no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
     gen_cpu, gw_cpu = ("0", "1") if pin else ("", "")
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="kaiyuan-soak-out-"))

@@ -404,6 +404,10 @@ class ServerSettings(_Strict):
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="on SIGTERM or a SIGHUP reload, how long in-flight requests and streams may finish"
     )
+    malloc_trim_interval_s: float = Field(
+        30.0, ge=0, description="every this many seconds, hand the C heap's free pages back to the OS "
+                                "(glibc malloc_trim; docs/robustness.md); 0: never"
+    )
     supervisor: Literal["auto", "always"] = Field(
         "auto", description="auto: a supervisor runs with more than one worker; always: with one worker too, so "
                             "the request log is written by the supervisor's process, off the worker's core"

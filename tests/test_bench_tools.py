@@ -127,4 +127,22 @@ def test_soak_smoke_reports_memory_and_every_row(tmp_path: Path) -> None:
     assert rep["samples"] >= 3 and rep["slope_mib_per_min"] is not None
     assert rep["verdict"] in ("flat", "GROWING") and "verdict:" in r.stdout
     rows = (tmp_path / "samples.csv").read_text().splitlines()
-    assert rows[0] == "t_s,phase,rss_mib,procs,sent,answered,errors,inflight,skipped" and len(rows) > rep["samples"]
+    assert rows[0] == "t_s,phase,rss_mib,leader_mib,others_mib,procs,sent,answered,errors,inflight,skipped"
+    assert len(rows) > rep["samples"] and rep["per_process"] is None  # one process: nothing to split
+
+
+def test_soak_with_a_supervisor_splits_rss_and_snapshots_the_worker(tmp_path: Path) -> None:
+    """The default layout (a supervisor and its worker): RSS per process, a config patch applied,
+    and --tracemalloc asks the worker (the supervisor has no SIGUSR1 handler) for its heap."""
+    cmd = [sys.executable, str(ROOT / "bench" / "soak.py"), "--minutes", "0.05", "--warmup-minutes", "0.02",
+           "--rate", "20", "--interval", "0.5", "--out", str(tmp_path), "--with", "sup", "--tracemalloc",
+           "--patch", '{"server": {"malloc_trim_interval_s": 0.5}}']
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert "malloc_trim_interval_s" in rep["variant"] and rep["counters"]["errors"] == 0
+    sup, wrk = rep["per_process"]["supervisor"], rep["per_process"]["workers"]
+    assert sup["start_mib"] > 10 and wrk["start_mib"] > 10
+    assert abs(sup["end_mib"] + wrk["end_mib"] - rep["rss_end_mib"]) < 0.01
+    assert "traced heap grew by" in (tmp_path / "heap-diff.txt").read_text()
+    assert "workers:" in r.stdout

@@ -46,6 +46,29 @@ async def test_closed_connections_are_forgotten_below_the_cap(monkeypatch: pytes
         await server.wait_closed()
 
 
+async def test_a_closed_connection_forgets_its_handler_at_once() -> None:
+    """Below the sweep floor too (1,024 handlers): the soak's client opened ~170 connections in ten
+    minutes, and each closed one held ~2 KiB for as long as the process ran."""
+    loop = asyncio.get_running_loop()
+    limiter = ConnectionLimiter(web.Server(_hello), 100_000, loop)
+    server = await loop.create_server(limiter, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        for _ in range(50):
+            assert (await _one_request(port)).startswith(b"HTTP/1.1 200")
+        held = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(200):  # until the server side has seen every close
+            if len(limiter.open) == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert len(limiter.open) == 1  # only the connection still open; before: 51
+        assert limiter.sweep_at == connections.SWEEP_FLOOR  # no sweep was needed
+        held[1].close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_live_connections_are_kept_by_the_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(connections, "SWEEP_FLOOR", 8)
     loop = asyncio.get_running_loop()

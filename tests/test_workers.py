@@ -27,7 +27,7 @@ import yaml
 from prometheus_client.mmap_dict import MmapedDict
 from sqlalchemy import create_engine, func, select
 
-from kaiyuan.store.schema import request_log, spend_ledger
+from kaiyuan.store.schema import request_log, spend_ledger, usage_hourly
 from kaiyuan.testing.fake_openai import Behaviour, FakeOpenAI
 from tests.http import http
 
@@ -62,6 +62,7 @@ def _config(fake: FakeOpenAI, tmp_path: Path, models: tuple[str, ...] = ("cheap"
         "server": {"master_key": MASTER, "shutdown_grace_s": 20},
         "store": {"url": f"sqlite:///{tmp_path / 'kaiyuan.db'}"},
         "request_log": {"flush_interval_s": 0.2},
+        "console": {"rollup_interval_s": 0.3},
         "accounting": {"spend_flush_interval_s": 0.2},
         "limits": {"key_cache_ttl_s": 30},  # long: revocation must reach the other worker by message
         "models": [
@@ -253,6 +254,22 @@ def test_the_supervisor_writes_every_workers_request_log(served: Served) -> None
         rows = conn.execute(select(request_log.c.status, request_log.c.stream).where(request_log.c.model == "cheap")).all()
     engine.dispose()
     assert sorted(rows) == sorted([(200, False)] * 20 + [(200, True)] * 20)
+
+
+def test_the_supervisor_rolls_up_the_log(served: Served) -> None:
+    """The console's hourly rollup runs in the supervisor (a worker leaves it alone:
+    tests/test_rollup_placement.py), so the usage pages still see every worker's requests."""
+    assert [_chat(served.url, MASTER) for _ in range(10)] == ["ok"] * 10
+    engine = create_engine(served.config["store"]["url"])
+    deadline = time.monotonic() + 30
+    rolled = 0
+    while time.monotonic() < deadline and rolled < 10:
+        time.sleep(0.3)
+        with engine.connect() as conn:
+            rolled = conn.execute(select(func.coalesce(func.sum(usage_hourly.c.requests), 0))
+                                  .where(usage_hourly.c.model == "cheap")).scalar_one()
+    engine.dispose()
+    assert rolled == 10
 
 
 def test_sigterm_lets_an_inflight_stream_finish(served: Served, fake_openai: FakeOpenAI) -> None:

@@ -8,6 +8,7 @@ from kaiyuan.console import api, data, oidc, pages, trials_pages
 from kaiyuan.console.access import SESSIONS_KEY
 from kaiyuan.console.rollup import RollupTask
 from kaiyuan.console.session import Sessions, derive_secret
+from kaiyuan.observability import log_sink
 from kaiyuan.server.openai_api import GATEWAY_KEY
 
 
@@ -22,7 +23,8 @@ def install(app: web.Application) -> None:
         app[api.STATE_KEY] = state
 
         async def start(_app: web.Application) -> None:
-            state.rollup.start()
+            if not log_sink.shipped():  # a supervisor's worker: the supervisor rolls up (server/workers.py)
+                state.rollup.start()
 
         async def stop(_app: web.Application) -> None:
             await state.rollup.close()

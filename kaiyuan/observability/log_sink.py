@@ -226,6 +226,12 @@ class RemoteRequestLog:
             log.error(msg, *args)
 
 
+def shipped() -> bool:
+    """In a supervisor's worker: its rows go to the supervisor, which also runs what reads the
+    whole log (the console's hourly rollup), off the serving core."""
+    return bool(os.environ.get(ENV_LOG_SOCKET))
+
+
 def open_request_log(engine: Engine | None, settings: RequestLogSettings,
                      metrics: WriterMetrics) -> RequestLogWriter | RemoteRequestLog:
     """The process's request log: shipped to the supervisor's sink when it runs one (workers of

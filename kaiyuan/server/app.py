@@ -18,6 +18,7 @@ from kaiyuan.dialects import gemini_in
 from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
+from kaiyuan.observability import malloc_trim
 from kaiyuan.pipeline import GATEWAY_KEY, record_unknown_route
 from kaiyuan.routing import admin as routing_admin
 from kaiyuan.server import anthropic_api, gemini_api, health, openai_api, responses_api
@@ -218,6 +219,7 @@ async def run_server(config: GatewayConfig, host: str, port: int, ready: Callabl
     if ready is not None:
         ready(url)
     tune_gc()
+    trimming = malloc_trim.start(srv.malloc_trim_interval_s)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
@@ -233,6 +235,7 @@ async def run_server(config: GatewayConfig, host: str, port: int, ready: Callabl
     finally:
         if orphan_watch is not None:
             orphan_watch.cancel()
+        await malloc_trim.stop(trimming)
         log.info("shutting down: flushing the request log")
         server.close()
         await runner.cleanup()

@@ -30,6 +30,7 @@ import resource
 import struct
 import termios
 from collections import deque
+from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -116,11 +117,22 @@ class ConnectionLimiter:
         self.evicted = 0
         self.refused = 0
         self.sweep_at = SWEEP_FLOOR
+        server.connection_lost = self._forget_then(server.connection_lost)  # type: ignore[method-assign]
+
+    def _forget_then(self, lost: Callable[[RequestHandler, BaseException | None], None]) -> Callable[..., None]:
+        """aiohttp's ``Server.connection_lost`` (every handler calls it when its connection closes),
+        forgetting the handler first: a closed connection is not kept until the next sweep (the
+        soak saw each one hold ~2 KiB for as long as the process ran below ``SWEEP_FLOOR``)."""
+        def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
+            self.open.pop(handler, None)
+            lost(handler, exc)
+
+        return connection_lost
 
     def __call__(self) -> asyncio.Protocol:
-        # Closed connections are swept out whenever the count doubles, not only at the cap: the
-        # cap is up to half the open-file limit (500,000 with a high ulimit), and a handler kept
-        # until then holds a few KiB (the soak saw RSS grow with every new connection).
+        # A closed connection forgets its handler (_forget_then); handlers that never got a
+        # connection are swept out whenever the count doubles, not only at the cap: the cap is up
+        # to half the open-file limit (500,000 with a high ulimit).
         if len(self.open) >= min(self.limit, self.sweep_at):
             self._prune()
             if len(self.open) >= self.limit and not self._evict_one():
@@ -134,8 +146,9 @@ class ConnectionLimiter:
         return h
 
     def _prune(self) -> None:
-        """Forget handlers whose connection is closed. This walks them all, so it runs at the cap
-        or when the count has doubled since the last sweep: O(1) per connection, amortized."""
+        """Forget handlers whose connection is closed (a closed connection forgets itself; this
+        catches a handler whose connection was never made). This walks them all, so it runs at
+        the cap or when the count has doubled since the last sweep: O(1) per connection, amortized."""
         stale = self.loop.time() - _FRESH_S
         gone = [h for h, t in self.open.items() if h.transport is None and t < stale]
         for h in gone:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from kaiyuan.accounting.output_cap import OutputAsk
     from kaiyuan.limits.counters import Ticket
     from kaiyuan.providers.base import Provider, UpstreamReply
     from kaiyuan.routing.breaker import DeploymentHealth
@@ -104,6 +105,7 @@ class RequestContext:
     cost_usd: float | None = None
     pricer: Callable[[RequestContext], float | None] | None = None  # prices ctx.usage (x-kaiyuan-cost)
     prompt_estimate: int | None = None  # prompt tokens counted at reservation
+    ask: OutputAsk | None = None  # the caller's output cap and n, read once (accounting.output_cap.ask_of)
     tokens_reserved: int | None = None  # tokens reserved against TPM limits (prompt + output cap x n)
     ticket: Ticket | None = None  # the reservation to settle
     log_bodies: bool = False

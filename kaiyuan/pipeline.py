@@ -194,7 +194,8 @@ async def settle(gw: Gateway, ctx: RequestContext) -> None:
     ctx.cost_usd = cost
     if cost is not None:
         gw.record_spend(ctx, cost)  # queued before the release, which may await (Redis)
-    await gw.reservations.release(ctx, cost)
+    if ctx.ticket is not None:  # (no reservation: no coroutine to make and await)
+        await gw.reservations.release(ctx, cost)
 
 
 MAX_LOGGED_PATH = 200  # characters of an unknown path kept in the request log

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from kaiyuan.accounting.output_cap import OutputCaps, asked
+from kaiyuan.accounting.output_cap import OutputCaps, ask_of
 from kaiyuan.accounting.prices import PriceCatalog, ResolvedPrice, deployment_price, vendor_of
 from kaiyuan.accounting.reserve import Reservation, reserve
 from kaiyuan.accounting.tokens import count_prompt
@@ -61,7 +61,7 @@ class Costing:
     def reservation(self, models: Iterable[str], ctx: RequestContext) -> Reservation:
         """What ``ctx`` reserves over every deployment of ``models`` (the plan's reach)."""
         deps = [d for m in models for d in self.model_deps.get(m, ())]
-        return reserve(deps, self.deployments, self.caps, asked(ctx.body, ctx.endpoint), ctx.prompt_body())
+        return reserve(deps, self.deployments, self.caps, ask_of(ctx), ctx.prompt_body())
 
     def prompt_count(self, ctx: RequestContext) -> int:
         """The prompt as the gateway counts it (at reservation, or now for the deployment that answered)."""
@@ -89,4 +89,4 @@ class Costing:
             return 0.0  # the upstream refused or failed before answering: nothing billed
         # An answer went out but the upstream reported no usage (e.g. the client hung up mid-stream):
         # charge the worst case we reserved for it, so a budget can never be under-counted.
-        return price.worst_case(self.prompt_count(ctx), self.caps.reserved_output(ctx.deployment, asked(ctx.body, ctx.endpoint)))
+        return price.worst_case(self.prompt_count(ctx), self.caps.reserved_output(ctx.deployment, ask_of(ctx)))

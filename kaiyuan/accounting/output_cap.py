@@ -23,7 +23,7 @@ field its protocol has (``max_tokens`` and ``max_completion_tokens`` for OpenAI-
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlsplit
 
 from kaiyuan.config import (
@@ -33,6 +33,9 @@ from kaiyuan.config import (
     LocalDeployment,
     OpenAICompatibleDeployment,
 )
+
+if TYPE_CHECKING:
+    from kaiyuan.context import RequestContext
 
 # OpenAI reasoning_effort -> Anthropic thinking budget (kaiyuan.dialects.openai_chat.EFFORT_BUDGET)
 _EFFORT_BUDGET = {"none": 0, "minimal": 1024, "low": 1024, "medium": 4096, "high": 16384, "xhigh": 32768}
@@ -61,6 +64,15 @@ CAP_KEYS = ("max_completion_tokens", "max_tokens", "max_output_tokens")  # the f
 
 def _positive_int(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else None
+
+
+def ask_of(ctx: RequestContext) -> OutputAsk:
+    """``asked(ctx.body, ctx.endpoint)``, read once per request (the reservation, the upstream call
+    and the pricing of an answer without usage all need it)."""
+    a = ctx.ask
+    if a is None:
+        a = ctx.ask = asked(ctx.body, ctx.endpoint)
+    return a
 
 
 def asked(body: dict[str, Any], endpoint: str) -> OutputAsk:

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from kaiyuan.accounting.output_cap import asked
+from kaiyuan.accounting.output_cap import ask_of
 from kaiyuan.context import RequestContext
 from kaiyuan.dialects import anthropic as anth
 from kaiyuan.dialects import canonical as c
@@ -61,7 +61,7 @@ async def _messages(request: web.Request, gw: Gateway, ctx: RequestContext, body
     stream = ctx.stream = body.get("stream") is True
     canon: list[c.Request] = []
     extra_headers = _forward_headers(request)
-    ask = asked(body, "messages")
+    ask = ask_of(ctx)  # body is ctx.body, the endpoint "messages"
     caps = gw.caps
     size = len(ctx.raw_body)
 

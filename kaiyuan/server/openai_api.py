@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from kaiyuan.accounting.output_cap import asked
+from kaiyuan.accounting.output_cap import ask_of
 from kaiyuan.context import RequestContext
 from kaiyuan.dialects import openai as oai
 from kaiyuan.errors import ErrorKind, GatewayError
@@ -40,7 +40,7 @@ __all__ = ["GATEWAY_KEY", "add_routes", "chat_completions", "completions", "embe
 def _build_call(gw: Gateway, ctx: RequestContext, endpoint: str, body: dict[str, Any],
                 stream: bool) -> Build:
     canon: list[Any] = []
-    ask = asked(body, endpoint)
+    ask = ask_of(ctx)  # body is ctx.body, endpoint ctx.endpoint
     ctx.choices = ask.n
     caps = gw.caps
 

@@ -141,6 +141,10 @@ VARIANTS: list[Variant] = [
         headers={"Authorization": f"Bearer {MASTER_KEY}"},
         flag="auth",
     ),
+    # Issue 13 (keys round 4): the pass-through with the bench model priced and no key: each request
+    # is costed and writes its spend-ledger row, as a priced model does for any caller. It splits the
+    # keyed columns' extra into "a priced request" (this minus plain) and "the key" (keyed minus this).
+    Variant("kaiyuan+prices", config_patch={"accounting": PRICES}, flag="prices"),
     # Issue 5: auth + RPM/TPM limits + budget reservation per request, counters in process / in Redis.
     Variant(
         "kaiyuan+keys-sqlite",

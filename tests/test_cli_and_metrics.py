@@ -47,6 +47,7 @@ def test_metrics_count_upstream_errors(gateway: RunningGateway, fake_openai: Any
         c.chat.completions.create(model="fake-chat", messages=[{"role": "user", "content": "x"}])
     except openai.APIStatusError:
         pass
+    gateway.settle()  # the answer may reach the client before the request is recorded
     text = gateway.gateway.metrics.render().decode()
     assert 'kaiyuan_upstream_errors_total{deployment="openai_compatible:upstream-chat' in text and 'kind="503"' in text
 

@@ -84,7 +84,7 @@ async def _relay(reads: list[bytes], strip_usage: bool, cap: int | None) -> tupl
     lim = OutputLimit(cap, 1, lambda *a: None, "dep", "up-model") if cap is not None else None
     client = _Client()
 
-    async def opened(request: Any, c: RequestContext) -> _Client:
+    async def opened(request: Any, c: RequestContext, head_with_first_events: bool = False) -> _Client:
         return client
 
     real = sse.open_stream
@@ -129,3 +129,31 @@ def test_empty_events_and_crlf_framing_read_alike() -> None:
     padded = raw.replace(b"\n\n", b"\n\n\n\n", 3)  # empty events between real ones
     outs = {asyncio.run(_relay(reads, True, None))[0] for src in (raw, crlf, padded) for reads in _cuts(src, seed=3)}
     assert len(outs) == 1
+
+
+@pytest.mark.parametrize("body", [
+    {"id": "x", "model": "up", "choices": [{"message": {"content": 'say "model":"up" twice: "model":"up"'}}]},
+    {"model": "up", "choices": [{"message": {"tool_calls": [{"function": {"arguments": '{"model":"up"}'}}]}}],
+     "usage": {"prompt_tokens": 1}},
+    {"choices": [], "meta": {"model": "up"}, "model": "up"},  # the same name nested: re-serialised
+    {"model": "üp", "x": "naïve"},
+])
+@pytest.mark.parametrize("spaced", [False, True])
+def test_a_whole_reply_gets_the_public_model_name_and_nothing_else_changes(body: dict[str, Any], spaced: bool) -> None:
+    from kaiyuan.server.common import with_public_model
+
+    data = orjson.dumps(body)
+    if spaced:
+        data = data.replace(b'":', b'": ')  # as a pretty-printing upstream spells it (strings too: harmless)
+    obj = orjson.loads(data)
+    out = with_public_model(obj, data, "public")
+    assert orjson.loads(out) == {**obj, "model": "public"}
+    assert with_public_model(obj, data, obj["model"]) is data  # same name: the bytes untouched
+
+
+def test_a_nested_model_field_is_not_taken_for_the_top_level_one() -> None:
+    from kaiyuan.server.common import with_public_model
+
+    data = b'{"model": "up", "meta": {"model":"up"}}'  # the top level spaced, the nested one compact
+    out = with_public_model(orjson.loads(data), data, "public")
+    assert orjson.loads(out) == {"model": "public", "meta": {"model": "up"}}

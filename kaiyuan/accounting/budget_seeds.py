@@ -57,6 +57,7 @@ from functools import partial
 from kaiyuan.accounting.keystore import Budget
 from kaiyuan.accounting.ledger import SpendLedger
 from kaiyuan.limits.counters import (
+    DECIDED,
     NANO,
     Admitted,
     AdoptFirst,
@@ -178,7 +179,7 @@ class BudgetSeeds:
                     check.known = book.gen
         done = self.ledger.writer.done  # ledger rows written before the admit is sent
         result = await admit()
-        if isinstance(result, Ticket | Denial):
+        if isinstance(result, DECIDED):
             return await self._answered(result, budgets, counters, done)
         return await self._admit_again(result, admit, budgets, counters)
 
@@ -196,7 +197,7 @@ class BudgetSeeds:
                 check.known = book.gen if book is not None else ""  # still the old one: adopt failed, ask again
             done = self.ledger.writer.done
             again = await admit()
-            if isinstance(again, Ticket | Denial):
+            if isinstance(again, DECIDED):
                 return await self._answered(again, budgets, counters, done)
             result = again
         raise unavailable_error()  # the counter kept moving (Redis restarting again and again)

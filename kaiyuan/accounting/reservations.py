@@ -34,6 +34,7 @@ from kaiyuan.config import LimitsSettings
 from kaiyuan.context import RequestContext
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.limits.counters import (
+    DECIDED,
     NANO,
     SEED_UNKNOWN,
     Admitted,
@@ -43,7 +44,6 @@ from kaiyuan.limits.counters import (
     MemoryCounters,
     RateCheck,
     RedisCounters,
-    Ticket,
 )
 from kaiyuan.limits.shared import ENV_SOCKET as SHARED_COUNTERS_ENV
 from kaiyuan.limits.shared import SharedCounters
@@ -138,7 +138,7 @@ class Reservations:
         result: Admitted | None = None
         if self.counters is self.local:  # one synchronous step; only a budget counter still to seed awaits
             result = self.local.admit_sync(rates, checks, res.tokens, now)
-        if not isinstance(result, Ticket | Denial):
+        if not isinstance(result, DECIDED):
             result = await self.seeds.admit(partial(self._counters_admit, rates, checks, res.tokens, now), budgets,
                                             self.counters)
         if isinstance(result, Denial):

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 from kaiyuan.accounting.output_cap import OutputAsk, OutputCaps
 from kaiyuan.accounting.prices import ResolvedPrice
-from kaiyuan.accounting.tokens import count_prompt, counter_for
+from kaiyuan.accounting.tokens import count_with, counter_for
 from kaiyuan.config import DeploymentBase
 
 DeploymentEntry = tuple[DeploymentBase, "ResolvedPrice | None", str]
@@ -44,10 +44,10 @@ def reserve(deployments: Iterable[str], table: Mapping[str, DeploymentEntry], ca
         if entry is None:
             continue
         dep, price, _vendor = entry
-        enc = counter_for(dep.model)[1]
+        count, enc = counter_for(dep.model)
         p = counted.get(enc)
         if p is None:
-            p = counted[enc] = count_prompt(dep.model, body)
+            p = counted[enc] = count_with(count, body)
         out = caps.reserved_output(did, ask)
         prompt = max(prompt, p)
         tokens = max(tokens, p + out)

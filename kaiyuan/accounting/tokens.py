@@ -124,7 +124,11 @@ def _strings(node: Any, out: list[str], images: list[int]) -> None:
 def count_prompt(model: str, body: dict[str, Any]) -> int:
     """Prompt tokens of an OpenAI, Anthropic or Gemini request body (chat, completions, embeddings,
     messages, generateContent)."""
-    count, _ = counter_for(model)
+    return count_with(counter_for(model)[0], body)
+
+
+def count_with(count: Counter, body: dict[str, Any]) -> int:
+    """:func:`count_prompt` with the model's counter already looked up (:func:`counter_for`)."""
     texts: list[str] = []
     images = [0]
     messages = body.get("messages", body.get("contents"))

@@ -91,6 +91,7 @@ class Ticket:
 
 
 Admitted = Ticket | Denial | NeedSeed | AdoptFirst  # what an admit answers (AdoptFirst: Redis only)
+DECIDED = (Ticket, Denial)  # an admit's final answers, for isinstance (``Ticket | Denial`` is made anew each time)
 
 
 class Counters(Protocol):

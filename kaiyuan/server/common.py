@@ -192,9 +192,15 @@ class ModelRenamer:
 
 
 def with_public_model(obj: dict[str, Any] | None, data: bytes, public: str) -> bytes:
-    """A whole pass-through reply with the public model name (re-serialised only when it differs)."""
+    """A whole pass-through reply with the public model name. ``obj`` is ``data`` parsed. When the
+    body is compact JSON (no ``": "`` anywhere) in which the field appears once, the name is
+    replaced in the bytes: that one match is the top-level field (a quote inside a string is
+    escaped), and the upstream's bytes are kept as they are. Otherwise the body is re-serialised."""
     if obj is None or not isinstance(obj.get("model"), str) or obj["model"] == public:
         return data
+    old = b'"model":' + orjson.dumps(obj["model"])
+    if b'": ' not in data and data.count(old) == 1:
+        return data.replace(old, b'"model":' + orjson.dumps(public), 1)
     return orjson.dumps({**obj, "model": public})
 
 

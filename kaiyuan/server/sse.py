@@ -107,8 +107,21 @@ def event_too_large(limit: int, why: str) -> GatewayError:
                         code="upstream_event_too_large")
 
 
-async def open_stream(request: web.Request, ctx: RequestContext) -> web.StreamResponse:
-    resp = web.StreamResponse(status=200, headers={**SSE_HEADERS, **kaiyuan_headers(ctx)})
+class HeadWithFirstEvents(web.StreamResponse):
+    """An SSE response whose head goes out with its first events, in one write: aiohttp's
+    StreamResponse otherwise writes the head alone (one more system call per stream, ~3% of a
+    pass-through stream's CPU). Only for a relay whose first events follow at once (the OpenAI
+    pass-through forwards the upstream's first chunk as it is); a translated stream may turn its
+    first upstream events into nothing yet, and the client should not wait for the head meanwhile.
+    (``web.Response`` buffers its head the same way; should aiohttp drop the flag, the head is
+    simply written alone again.)"""
+
+    _send_headers_immediately = False
+
+
+async def open_stream(request: web.Request, ctx: RequestContext, head_with_first_events: bool = False) -> web.StreamResponse:
+    kind = HeadWithFirstEvents if head_with_first_events else web.StreamResponse
+    resp = kind(status=200, headers={**SSE_HEADERS, **kaiyuan_headers(ctx)})
     await resp.prepare(request)
     return resp
 
@@ -118,12 +131,13 @@ ErrorEvent = Callable[[GatewayError], bytes]
 
 
 async def relay(request: web.Request, ctx: RequestContext, pump: Pump, error_event: ErrorEvent,
-                lim: OutputLimit | None = None) -> web.StreamResponse:
+                lim: OutputLimit | None = None, head_with_first_events: bool = False) -> web.StreamResponse:
     """Open the client's SSE response, let ``pump`` write to it, and end it. A failure once the
     response has started becomes a last error event in the caller's dialect: a GatewayError with
     its own status, anything else (a bug) as a 500; never a second response in the stream. A
-    stream cut at ``max_stream_bytes`` is billed what ``lim`` counted (:func:`overrun.record_counted`)."""
-    resp = await open_stream(request, ctx)
+    stream cut at ``max_stream_bytes`` is billed what ``lim`` counted (:func:`overrun.record_counted`).
+    ``head_with_first_events``: see :class:`HeadWithFirstEvents`."""
+    resp = await open_stream(request, ctx, head_with_first_events)
     try:  # the deadline covers writing to the client too (server.deadline)
         async with asyncio.timeout(remaining(ctx)):
             await _pump_and_end(resp, ctx, pump, error_event, lim)
@@ -265,7 +279,7 @@ async def relay_openai_stream(
             )
         ctx.status = ctx.status or 200
 
-    return await relay(request, ctx, pump, stream_error_event, lim)
+    return await relay(request, ctx, pump, stream_error_event, lim, head_with_first_events=True)
 
 
 _NULL_USAGE = (b',"usage":null', b', "usage": null', b'"usage":null,', b'"usage": null, ')

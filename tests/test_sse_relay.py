@@ -157,3 +157,19 @@ def test_a_nested_model_field_is_not_taken_for_the_top_level_one() -> None:
     data = b'{"model": "up", "meta": {"model":"up"}}'  # the top level spaced, the nested one compact
     out = with_public_model(orjson.loads(data), data, "public")
     assert orjson.loads(out) == {"model": "public", "meta": {"model": "up"}}
+
+
+def test_notable_finds_what_the_regex_finds_on_long_data() -> None:
+    import re
+
+    from kaiyuan.server.sse import notable
+
+    regex = re.compile(rb'"usage": ?\{|"error"')
+    parts = [b'data: {"choices":[{"delta":{"content":"x"}}],"usage":null}', b'data: {"usage": null,"a":1}',
+             b'data: {"choices":[],"usage":{"prompt_tokens":1}}', b'data: {"choices":[],"usage": {"x":1}}',
+             b'data: {"error":{"message":"m"}}', b'data: {"choices":[{"delta":{"content":"\\"usage\\":{"}}]}']
+    rnd = random.Random(5)
+    for _ in range(300):
+        data = b"\n\n".join(rnd.choice(parts) for _ in range(rnd.randint(1, 40))) + b"\n\n"
+        m = regex.search(data)
+        assert notable(data) == (-1 if m is None else m.start())

@@ -35,7 +35,9 @@ log = logging.getLogger("kaiyuan.server")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]"
 DONE_FORMS = (DONE, b"data:[DONE]")
-_NOTABLE = re.compile(rb'"usage": ?\{|"error"')  # an event that carries usage or an error
+_NOTABLE = (b'"usage":{', b'"usage": {', b'"error"')  # how an event that carries usage or an error shows it
+_NOTABLE_RE = re.compile(rb'"usage": ?\{|"error"')
+_SEARCH_FROM = 1024  # bytes: longer data is searched by notable(), shorter with _NOTABLE_RE
 MAX_EVENT_BYTES = 64 * 1024 * 1024  # one event buffered at most (a runaway upstream must not exhaust memory)
 SSE_FIELDS = (b"data:", b"event:", b":", b"id:", b"retry:")  # how every SSE line begins
 
@@ -217,14 +219,20 @@ async def relay_openai_stream(
             data = b"\n\n".join(events) + b"\n\n"
         else:
             return b""
-        m = _NOTABLE.search(data)
-        if m is None:
+        if len(data) < _SEARCH_FROM:  # one event, mostly (see notable())
+            m = _NOTABLE_RE.search(data)
+            at = -1 if m is None else m.start()
+        else:
+            at = notable(data)
+        if at < 0:
             return plain(data)
-        cut = data.rfind(b"\n\n", 0, m.start()) + 2  # the end of the last event before it (or 1)
-        head = plain(data[:cut]) if cut > 1 else b""
-        out = [head]
-        for ev in events[data.count(b"\n\n", 0, cut) if cut > 1 else 0:]:
-            if _NOTABLE.search(ev) is not None:  # usage or an error: read it
+        i, end = len(events), len(data)
+        while end > at:  # back from the end (usage comes last) to the event that holds it
+            i -= 1
+            end -= len(events[i]) + 2
+        out = [plain(data[:end])] if end else []
+        for ev in events[i:]:
+            if _NOTABLE_RE.search(ev) is not None:  # usage or an error: read it
                 if _inspect(ev, ctx) and strip_usage:
                     continue
                 if ctx.error is not None:  # an upstream error event may echo its key
@@ -299,6 +307,16 @@ def drop_null_usage(ev: bytes, count: int = 1) -> bytes:
     if b'"usage"' in ev:
         ev = _NULL_USAGE_ANY.sub(b"", ev, 0 if count < 0 else count)
     return ev
+
+
+def notable(data: bytes) -> int:
+    """Where ``data`` (several events, KiBs) first shows a usage object or an error (the index), or
+    -1. Byte searches: with no literal to start from, ``_NOTABLE_RE`` steps through every byte,
+    which costs more than three searches on long data, and less on one event (callgrind, bench/
+    RESULTS.md "Issue 13, fourth round")."""
+    if b'"usage":{' not in data and b'"usage": {' not in data and b'"error"' not in data:
+        return -1
+    return min(i for i in (data.find(n) for n in _NOTABLE) if i >= 0)
 
 
 def _not_sse(ev: bytes, ctx: RequestContext) -> GatewayError:

@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import smaps  # noqa: E402
 from bench.loadgen import TOKEN_RE, read_response  # noqa: E402
 from bench.run import Fleet, Target, start_kaiyuan, start_redis, start_upstream  # noqa: E402
 from bench.scenarios import CHAT, CHAT_STREAM, STREAM_CHUNKS, VARIANTS, Variant, deep_merge  # noqa: E402
@@ -211,21 +212,49 @@ def group_pids(pgid: int) -> list[int]:
 
 class SampleLog:
     """Samples in memory (for the summary) and in ``samples.csv``, flushed per row: a run that dies
-    still leaves its data. One row per ``--interval``: 120 rows per 10 minutes at the default."""
+    still leaves its data. One row per ``--interval``: 120 rows per 10 minutes at the default.
+    With ``smaps_path`` (``--smaps``) also each process's memory by kind (bench/smaps.py)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, smaps_path: Path | None = None) -> None:
         self.rows: list[Sample] = []
         self.fh = open(path, "w", newline="")
         self.csv = csv.writer(self.fh)
         self.csv.writerow(list(Sample.__dataclass_fields__))
+        self.smaps_fh = open(smaps_path, "w", newline="") if smaps_path else None
+        self.smaps_csv = csv.writer(self.smaps_fh) if self.smaps_fh else None
+        if self.smaps_csv:
+            self.smaps_csv.writerow(["t_s", "phase", "pid", "role", *(f"{k}_kib" for k in smaps.KINDS)])
+        self.kinds: dict[str, list[dict[str, int]]] = {}  # role -> [first, last] of the measured window
 
     def add(self, s: Sample) -> None:
         self.rows.append(s)
         self.csv.writerow(list(asdict(s).values()))
         self.fh.flush()
 
+    def add_smaps(self, t: float, phase: str, pgid: int) -> None:
+        if self.smaps_csv is None or self.smaps_fh is None:
+            return
+        pids = group_pids(pgid)
+        total: dict[str, dict[str, int]] = {}
+        for pid in pids:
+            kib = smaps.breakdown(pid)
+            if kib is None:
+                continue
+            role = "process" if len(pids) == 1 else ("supervisor" if pid == pgid else "workers")
+            self.smaps_csv.writerow([t, phase, pid, role, *kib.values()])
+            acc = total.setdefault(role, dict.fromkeys(smaps.KINDS, 0))
+            for k, v in kib.items():
+                acc[k] += v
+        self.smaps_fh.flush()
+        if phase == "measure":
+            for role, kib in total.items():
+                seen = self.kinds.setdefault(role, [kib, kib])
+                seen[1] = kib
+
     def close(self) -> None:
         self.fh.close()
+        if self.smaps_fh:
+            self.smaps_fh.close()
 
 
 async def sample_loop(pgid: int, drv: Driver, interval: float, warmup_s: float, log: SampleLog) -> None:
@@ -233,9 +262,10 @@ async def sample_loop(pgid: int, drv: Driver, interval: float, warmup_s: float, 
     while True:
         t = time.perf_counter() - start
         leader, others, n = group_rss(pgid)
-        log.add(Sample(round(t, 2), "warmup" if t < warmup_s else "measure", round(leader + others, 3),
-                       round(leader, 3), round(others, 3), n,
+        phase = "warmup" if t < warmup_s else "measure"
+        log.add(Sample(round(t, 2), phase, round(leader + others, 3), round(leader, 3), round(others, 3), n,
                        drv.c.sent, drv.c.answered, drv.c.errors, len(drv.tasks), drv.c.skipped))
+        log.add_smaps(round(t, 2), phase, pgid)
         await asyncio.sleep(max(0.0, interval - (time.perf_counter() - start - t)))
 
 
@@ -325,6 +355,8 @@ def render(r: dict[str, Any]) -> str:
     for name, p in (r["per_process"] or {}).items():
         lines.append(f"  {name}: {p['start_mib']} -> {p['end_mib']} MiB (max {p['max_mib']}), "
                      f"{p['growth_mib_per_10min']} MiB per 10 min, second half {p['slope_second_half_mib_per_min']} MiB/min")
+    for role, kinds in (r.get("smaps_kib") or {}).items():
+        lines.append(f"  {role} resident KiB by kind (start -> end): " + ", ".join(f"{k} {v}" for k, v in kinds.items()))
     lines += [f"rows in {k}: {v} (answered - rows = {r['rows_lost'][k]})" for k, v in r["rows"].items()]
     lines += [f"error sample: {e}" for e in c["error_samples"]]
     lines.append(f"verdict: {r['verdict']} (threshold < {r['threshold_mib_per_10min']} MiB per 10 min after warm-up)")
@@ -411,6 +443,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-inflight", type=int, default=256)
     p.add_argument("--timeout", type=float, default=30.0, help="per request, seconds")
     p.add_argument("--with", dest="variant", default=None, help="a Kaiyuan variant flag from bench/scenarios.py: keys, keys-redis, ...")
+    p.add_argument("--smaps", action="store_true",
+                   help="also record each process's memory by kind (heap, thread arenas, other anon, file) in smaps.csv")
     p.add_argument("--patch", type=json.loads, default=None, metavar="JSON",
                    help='deep-merged into the gateway\'s config, e.g. \'{"server": {"malloc_trim_interval_s": 0}}\' for an A/B run')
     p.add_argument("--flat-mib-per-10min", type=float, default=FLAT_MIB_PER_10MIN)
@@ -442,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="kaiyuan-soak-"))
     fleet = Fleet(workdir, pin)
-    samples = SampleLog(out / "samples.csv")
+    samples = SampleLog(out / "samples.csv", out / "smaps.csv" if args.smaps else None)
     try:
         up = start_upstream(fleet, gen_cpu)
         redis_url = start_redis(fleet, gen_cpu) if variant and variant.redis else None
@@ -472,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         fleet.stop_all()
         samples.close()
     report = summarize(samples.rows, counters, args, rows)
+    report["smaps_kib"] = {role: {k: f"{a[k]} -> {b[k]}" for k in smaps.KINDS} for role, (a, b) in samples.kinds.items()} or None
     report["command"] = " ".join(["python bench/soak.py", *(sys.argv[1:] if argv is None else argv)])
     report["pinning"] = f"upstream + driver on CPU {gen_cpu}, gateway on CPU {gw_cpu}" if pin else "none"
     report["loadavg_end"] = os.getloadavg()

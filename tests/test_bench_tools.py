@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import urllib.request
@@ -135,7 +136,7 @@ def test_soak_with_a_supervisor_splits_rss_and_snapshots_the_worker(tmp_path: Pa
     """The default layout (a supervisor and its worker): RSS per process, a config patch applied,
     and --tracemalloc asks the worker (the supervisor has no SIGUSR1 handler) for its heap."""
     cmd = [sys.executable, str(ROOT / "bench" / "soak.py"), "--minutes", "0.05", "--warmup-minutes", "0.02",
-           "--rate", "20", "--interval", "0.5", "--out", str(tmp_path), "--with", "sup", "--tracemalloc",
+           "--rate", "20", "--interval", "0.5", "--out", str(tmp_path), "--with", "sup", "--tracemalloc", "--smaps",
            "--patch", '{"server": {"malloc_trim_interval_s": 0.5}}']
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -146,3 +147,18 @@ def test_soak_with_a_supervisor_splits_rss_and_snapshots_the_worker(tmp_path: Pa
     assert abs(sup["end_mib"] + wrk["end_mib"] - rep["rss_end_mib"]) < 0.01
     assert "traced heap grew by" in (tmp_path / "heap-diff.txt").read_text()
     assert "workers:" in r.stdout
+    assert set(rep["smaps_kib"]) == {"supervisor", "workers"}  # memory by kind, per process
+    smaps_rows = (tmp_path / "smaps.csv").read_text().splitlines()
+    assert smaps_rows[0] == "t_s,phase,pid,role,heap_kib,thread_arenas_kib,anon_kib,file_kib"
+    assert {row.split(",")[3] for row in smaps_rows[1:]} == {"supervisor", "workers"}
+
+
+def test_smaps_breakdown_adds_up_to_rss() -> None:
+    from bench.smaps import breakdown
+
+    kib = breakdown(os.getpid())
+    assert kib is not None and kib["file"] > 0 and kib["heap"] + kib["anon"] > 0
+    with open(f"/proc/{os.getpid()}/status") as f:
+        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    assert abs(sum(kib.values()) - rss) < 0.05 * rss  # the same pages, read a moment apart
+    assert breakdown(2**22 + 12345) is None  # no such process

@@ -1,19 +1,19 @@
 """Hand the C heap's free pages back to the OS every so often, so a gateway's RSS follows what it
 holds, not the highest it ever held.
 
-Why (issue 13, bench/RESULTS.md "Soak, round 4"): under a steady load the traced Python heap is
-flat, yet RSS crept up a few hundred KiB a minute, in steps. glibc's malloc keeps pages that were
-freed inside its heaps (the main ``[heap]`` and one 64 MiB arena per thread that allocated:
-executor threads, the log writer) unless the free block sits at the very top of the heap, and
-never trims a thread's arena on its own. Every burst (a stall elsewhere on the machine that piles
-up a few hundred requests in flight, a periodic database pass in an executor thread) left a new
-high-water mark of free but resident pages behind, so RSS only ever went up. ``malloc_trim(0)``
-walks every arena and returns the whole free pages inside it (``MADV_DONTNEED``); the memory the
-process still uses is untouched.
+Why (issue 13, bench/RESULTS.md "Soak, round 4"): glibc's malloc keeps pages that were freed
+inside its heaps (the main ``[heap]`` and one 64 MiB arena per thread that allocated: executor
+threads, the log writer) unless the free block sits at the very top of the heap, and never trims a
+thread's arena on its own. A burst (a stall elsewhere on the machine that piles up a few hundred
+requests in flight, a database pass in an executor thread) leaves free but resident pages behind.
+``malloc_trim(0)`` walks every arena and returns the whole free pages inside it (``MADV_DONTNEED``);
+the memory the process still uses is untouched. It is not what made the soak's RSS creep (that was
+state kept per closed connection and the console rollup in every worker): on its own it did not
+change the soak's slope, and most of the 1-3 MiB it returns per pass is taken again within seconds.
 
 It runs in the loop's default executor (ctypes releases the GIL; the loop thread keeps serving,
 and waits only if it needs an arena's lock while that arena is trimmed). A pass over a gateway's
-~100 MiB takes about a millisecond when there is little to return. glibc only: elsewhere (musl,
+~100 MiB took 0.47 ms (median; at most 3.2 ms) in a soak. glibc only: elsewhere (musl,
 macOS) there is no ``malloc_trim`` and this does nothing. ``server.malloc_trim_interval_s`` sets
 the period; 0 turns it off.
 """

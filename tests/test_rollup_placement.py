@@ -35,3 +35,14 @@ async def test_a_supervised_worker_leaves_the_rollup_to_its_supervisor(
         assert (task is not None) is rolls_up
     finally:
         await runner.cleanup()
+
+
+def test_a_slow_rollup_pass_spaces_the_next_one_out() -> None:
+    """A pass re-sums the open hour, so it grows through a busy hour; the next one waits long
+    enough that passes take at most a tenth of the time (and never less than the interval)."""
+    from kaiyuan.console.rollup import MAX_SHARE, next_wait
+
+    assert next_wait(30.0, 0.2) == 30.0
+    for took in (4.0, 12.0, 90.0):
+        wait = next_wait(30.0, took)
+        assert wait >= 30.0 and took / (took + wait) <= MAX_SHARE + 1e-9

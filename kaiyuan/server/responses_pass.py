@@ -30,11 +30,11 @@ from kaiyuan.dialects import responses_out as ro
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.gateway import Gateway
 from kaiyuan.providers.base import Provider, UpstreamCall
-from kaiyuan.redact import scrub, scrub_bytes
+from kaiyuan.redact import scrub_bytes
 from kaiyuan.server import translate
 from kaiyuan.server.common import JSON_CT, ModelRenamer, kaiyuan_headers, with_public_model
 from kaiyuan.server.overrun import OutputLimit, close_upstream, output_limit, overran, record_cut
-from kaiyuan.server.sse import relay, sse_events
+from kaiyuan.server.sse import relay, sse_events, upstream_error
 
 TERMINAL_TYPES = ("response.completed", "response.incomplete", "response.failed")
 HEAD = 96  # bytes of an event that name its type (the event line, or the data's leading "type")
@@ -262,7 +262,10 @@ async def _pump(resp: web.StreamResponse, ctx: RequestContext, upstream: AsyncIt
                         if isinstance(r, dict):
                             translate.usage_into_ctx(ro.usage_to_canonical(r.get("usage")), ctx)
                     elif kind == "error" and obj is not None:  # the upstream's own error: passed on, the only one
-                        ev = upstream_error(ev, obj, ctx)
+                        nested = obj.get("error")
+                        upstream_error(ctx, obj.get("message") or (nested.get("message") if isinstance(nested, dict)
+                                                                   else nested))
+                        ev = scrub_bytes(ev)  # it may echo the vendor key
                         failed = True
                 out.append(ev + b"\n\n")
                 if failed:
@@ -280,16 +283,6 @@ async def _pump(resp: web.StreamResponse, ctx: RequestContext, upstream: AsyncIt
     if not ended:
         raise GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {ctx.deployment} ended the stream early (no "
                            "response.completed); the answer is incomplete")
-
-
-def upstream_error(ev: bytes, obj: dict[str, Any], ctx: RequestContext) -> bytes:
-    """An upstream ``error`` event (``{"type": "error", "code", "message", ...}``): recorded as the
-    request's error (a 502), and passed on scrubbed of secrets (it may echo the vendor key)."""
-    nested = obj.get("error")
-    msg = obj.get("message") or (nested.get("message") if isinstance(nested, dict) else nested)
-    ctx.status = 502
-    ctx.error = scrub(f"upstream {ctx.deployment} sent an error mid-stream: {msg}")
-    return scrub_bytes(ev)
 
 
 async def _cut_stream(resp: web.StreamResponse, ctx: RequestContext, lim: OutputLimit, st: PassState, pending: bytes,

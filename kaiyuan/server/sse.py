@@ -243,7 +243,7 @@ async def relay_openai_stream(
     def plain(data: bytes) -> bytes:
         """Whole events without usage or errors: null usages dropped, model names rewritten."""
         if strip_usage and b'"usage":' in data:
-            data = drop_null_usage(data, -1)
+            data = drop_null_usage(data)
         return rename(data, -1) if rename is not None else data
 
     async def pump(resp: web.StreamResponse) -> None:
@@ -271,8 +271,7 @@ async def relay_openai_stream(
                 if data:
                     if tail is not None and len(tail) < 1_000_000:
                         tail.extend(data)
-                    if ctx.ttft is None:
-                        ctx.mark_first_byte()
+                    ctx.mark_first_byte()
                     if saw_done:  # the answer is complete: finish now, not when the upstream closes
                         await answered(resp, ctx, data)
                         break
@@ -296,17 +295,22 @@ _NULL_USAGE = (b',"usage":null', b', "usage": null', b'"usage":null,', b'"usage"
 _NULL_USAGE_ANY = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,?')
 
 
-def drop_null_usage(ev: bytes, count: int = 1) -> bytes:
-    """One event without its ``"usage": null``; with ``count=-1``, several events, each without its
-    own. The usual spellings are dropped with plain byte replaces, any other by a regex."""
+def drop_null_usage(events: bytes) -> bytes:
+    """Whole events, each without its ``"usage": null``. The usual spellings are dropped with plain
+    byte replaces, any other by a regex."""
     for pattern in _NULL_USAGE:  # an event has one usage field: once one form took it, the next finds none
-        if pattern in ev:
-            ev = ev.replace(pattern, b"", count)
-            if count == 1:
-                return ev
-    if b'"usage"' in ev:
-        ev = _NULL_USAGE_ANY.sub(b"", ev, 0 if count < 0 else count)
-    return ev
+        if pattern in events:
+            events = events.replace(pattern, b"")
+    if b'"usage"' in events:
+        events = _NULL_USAGE_ANY.sub(b"", events)
+    return events
+
+
+def upstream_error(ctx: RequestContext, message: object) -> None:
+    """An upstream's error event mid-stream: the request's error (a 502), scrubbed of secrets (the
+    message may echo the vendor key)."""
+    ctx.status = 502
+    ctx.error = scrub(f"upstream {ctx.deployment} sent an error mid-stream: {message}")
 
 
 def notable(data: bytes) -> int:
@@ -336,9 +340,7 @@ def _inspect(ev: bytes, ctx: RequestContext) -> bool:
         return False
     err = obj.get("error")
     if err:
-        msg = err.get("message") if isinstance(err, dict) else str(err)
-        ctx.status = 502
-        ctx.error = scrub(f"upstream {ctx.deployment} sent an error mid-stream: {msg}")
+        upstream_error(ctx, err.get("message") if isinstance(err, dict) else err)
         return False
     usage = obj.get("usage")
     if isinstance(usage, dict):

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from kaiyuan import background
 from kaiyuan.accounting.auth import Authenticator
 from kaiyuan.accounting.costing import Costing
 from kaiyuan.accounting.ledger import SpendLedger
@@ -88,7 +89,7 @@ class Gateway:
     async def close(self) -> None:
         self.ready = False
         await self.request_log.close()
-        await multiproc.stop_syncing(self._metrics_sync)
+        await background.stop(self._metrics_sync)  # it syncs once more as it stops
         await self.auth.close()
         await self.ledger.close()
         await self.reservations.close()

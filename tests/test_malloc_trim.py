@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 
+from kaiyuan import background
 from kaiyuan.config import ConfigError, parse_config
 from kaiyuan.observability import malloc_trim
 
@@ -63,7 +64,7 @@ async def test_the_task_trims_on_its_period_and_stops() -> None:
     task = malloc_trim.start(0.001, fake)
     assert task is not None
     await asyncio.wait_for(twice.wait(), 30)
-    await malloc_trim.stop(task)
+    await background.stop(task)
     assert task.done() and calls[:2] == [0, 0]
     n = len(calls)
     await asyncio.sleep(0.01)
@@ -73,7 +74,7 @@ async def test_the_task_trims_on_its_period_and_stops() -> None:
 async def test_off_when_zero_or_without_glibc() -> None:
     assert malloc_trim.start(0, lambda pad: 1) is None
     assert malloc_trim.start(30.0, None) is None or GLIBC
-    await malloc_trim.stop(None)
+    await background.stop(None)
 
 
 def test_setting_default_and_bad_values() -> None:

@@ -21,7 +21,6 @@ the period; 0 turns it off.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import logging
 import sys
@@ -50,14 +49,6 @@ def start(interval_s: float, trim: Trim | None = None) -> asyncio.Task[None] | N
     if interval_s <= 0 or fn is None:
         return None
     return asyncio.create_task(trim_forever(interval_s, fn), name="kaiyuan-malloc-trim")
-
-
-async def stop(task: asyncio.Task[None] | None) -> None:
-    if task is None:
-        return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 async def trim_forever(interval_s: float, trim: Trim) -> None:

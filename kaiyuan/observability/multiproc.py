@@ -93,15 +93,6 @@ def start_syncing() -> asyncio.Task[None] | None:
     return asyncio.create_task(sync_forever(), name="kaiyuan-metrics-sync") if active() else None
 
 
-async def stop_syncing(task: asyncio.Task[None] | None) -> None:
-    """Stop ``task`` (from :func:`start_syncing`); it syncs once more as it stops."""
-    if task is None:
-        return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
 async def sync_forever() -> None:
     """Sync every ``SYNC_INTERVAL_S`` until cancelled; then once more."""
     try:

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from kaiyuan import background
 from kaiyuan.config import GatewayConfig
 from kaiyuan.dialects import anthropic as anth
 from kaiyuan.dialects import gemini_in
@@ -235,7 +236,7 @@ async def run_server(config: GatewayConfig, host: str, port: int, ready: Callabl
     finally:
         if orphan_watch is not None:
             orphan_watch.cancel()
-        await malloc_trim.stop(trimming)
+        await background.stop(trimming)
         log.info("shutting down: flushing the request log")
         server.close()
         await runner.cleanup()

@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kaiyuan import background
 from kaiyuan.config import ConfigError, GatewayConfig, load_config
 from kaiyuan.observability import malloc_trim, multiproc
 from kaiyuan.observability.log_sink import ENV_LOG_SOCKET, LogSink
@@ -199,8 +200,8 @@ class Supervisor:
             await rollup.close()
             await server.close()
             await sink.close()
-            await multiproc.stop_syncing(syncing)
-            await malloc_trim.stop(trimming)
+            await background.stop(syncing)  # it syncs once more as it stops
+            await background.stop(trimming)
 
     def _log_sink(self) -> LogSink:
         """The workers' one request-log writer (:mod:`kaiyuan.observability.log_sink`). Its settings

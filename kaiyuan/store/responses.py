@@ -17,7 +17,6 @@ and already encrypted).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -27,6 +26,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Engine, delete, insert, select
 
+from kaiyuan import background
 from kaiyuan.config import ResponsesSettings
 from kaiyuan.redact import scrub
 from kaiyuan.store.schema import responses
@@ -86,11 +86,8 @@ class ResponseStore:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await background.stop(self._task)
+        self._task = None
         await self.flush()
 
     async def _run(self) -> None:

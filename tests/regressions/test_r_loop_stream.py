@@ -73,16 +73,22 @@ def test_an_endless_comment_stream_is_cut_for_an_openai_caller(gw: RunningGatewa
     _billed_counted(gw, k["id"], 2)
 
 
+def _anthropic_until_cut(gw: RunningGateway, key: str, model: str) -> tuple[str, anthropic.APIStatusError]:
+    """The text an Anthropic SDK caller got before its stream failed, and the failure."""
+    got = []
+    with pytest.raises(anthropic.APIStatusError) as e:
+        with anth(gw, key).messages.stream(model=model, max_tokens=100, messages=MSGS) as s:
+            for text in s.text_stream:
+                got.append(text)
+    return "".join(got), e.value
+
+
 def test_endless_empty_events_are_cut_for_an_anthropic_caller(gw: RunningGateway, fake_openai: FakeOpenAI) -> None:
     k = new_key(gw, budgets=[{"period": "day", "limit_usd": 100}])
     fake_openai.default = Behaviour(endless=EMPTY_CHUNK, endless_after=3)
-    got = []
-    with pytest.raises(anthropic.APIStatusError) as e:
-        with anth(gw, k["key"]).messages.stream(model="m", max_tokens=100, messages=MSGS) as s:
-            for text in s.text_stream:
-                got.append(text)
-    assert "".join(got) == "echo: hello"
-    assert "max_stream_bytes" in str(e.value)
+    text, err = _anthropic_until_cut(gw, k["key"], "m")
+    assert text == "echo: hello"
+    assert "max_stream_bytes" in str(err)
     _closed(fake_openai)
     _billed_counted(gw, k["id"], 2)
 
@@ -90,13 +96,9 @@ def test_endless_empty_events_are_cut_for_an_anthropic_caller(gw: RunningGateway
 def test_endless_pings_are_cut_on_an_anthropic_pass_through(gw: RunningGateway, fake_anthropic: Any) -> None:
     k = new_key(gw, budgets=[{"period": "day", "limit_usd": 100}])
     fake_anthropic.default = Behaviour(endless=PING, endless_after=4)  # message_start, block start, ping, "echo:"
-    got = []
-    with pytest.raises(anthropic.APIStatusError) as e:
-        with anth(gw, k["key"]).messages.stream(model="claude", max_tokens=100, messages=MSGS) as s:
-            for text in s.text_stream:
-                got.append(text)
-    assert "".join(got) == "echo:"
-    assert "max_stream_bytes" in str(e.value)
+    text, err = _anthropic_until_cut(gw, k["key"], "claude")
+    assert text == "echo:"
+    assert "max_stream_bytes" in str(err)
     _billed_counted(gw, k["id"], 1)
 
 

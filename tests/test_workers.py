@@ -284,13 +284,22 @@ def test_sigterm_lets_an_inflight_stream_finish(served: Served, fake_openai: Fak
     assert served.proc.wait(timeout=40) == 0
 
 
+KEEPALIVE_RACE = {"dropped (RemoteProtocolError)", "dropped (ReadError)", "dropped (WriteError)"}
+
+
 def test_sighup_reloads_without_refusing_a_connection(served: Served, fake_openai: FakeOpenAI, tmp_path: Path) -> None:
     stop = threading.Event()
     results: list[str] = []
 
-    def load() -> None:
+    def load() -> None:  # every outcome is a result: an exception must not just end the thread unseen
         while not stop.is_set():
-            results.append(_chat(served.url, MASTER))
+            try:
+                results.append(_chat(served.url, MASTER))
+            except openai.APIConnectionError as e:
+                cause = type(e.__cause__).__name__
+                results.append(f"refused: {e.__cause__}" if cause == "ConnectError" else f"dropped ({cause})")
+            except openai.APIStatusError as e:
+                results.append(f"{e.status_code}: {e.message}")
 
     threads = [threading.Thread(target=load) for _ in range(4)]
     for th in threads:
@@ -308,7 +317,10 @@ def test_sighup_reloads_without_refusing_a_connection(served: Served, fake_opena
     for th in threads:
         th.join(30)
     assert old.isdisjoint(p.pid for p in served.workers()), "the old workers are still there"
-    assert results and set(results) == {"ok"}, [r for r in results if r != "ok"][:5]
+    # No connection refused and no error answer. A request sent on an idle keep-alive connection at
+    # the moment its old worker closes it can still fail as "dropped" (the HTTP/1.1 keep-alive race;
+    # the SDKs retry it by default): docs/scaling.md, "Reload and shutdown".
+    assert "ok" in results and set(results) <= {"ok", *KEEPALIVE_RACE}, [r for r in results if r != "ok"][:5]
     models = {m["id"] for m in http("GET", served.url + "/v1/models", key=MASTER).json()["data"]}
     assert "added-on-reload" in models
 

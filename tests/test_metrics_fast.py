@@ -78,3 +78,12 @@ def test_an_unknown_value_class_goes_through_its_inc() -> None:
     counter._value = _OtherValue()
     m._adder(counter)(2)
     assert counter._value.calls == [2]
+
+
+def test_in_flight_add_moves_the_gauge() -> None:
+    met = Metrics()
+    met.in_flight_add(1)
+    met.in_flight_add(1)
+    met.in_flight_add(-1)
+    assert met.in_flight._value.get() == 1
+    assert "kaiyuan_requests_in_flight 1.0" in generate_latest(met.registry).decode()

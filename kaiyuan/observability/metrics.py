@@ -54,6 +54,7 @@ class Metrics:
         )
         self.in_flight = Gauge("kaiyuan_requests_in_flight", "Requests being served", registry=r,
                                multiprocess_mode="livesum")
+        self.in_flight_add = _adder(self.in_flight)  # +1 / -1 per request, on the loop (see adder())
         self.store = WriterMetrics(r)  # every batch writer's written / dropped / set-aside rows
         self.denied = Counter("kaiyuan_guard_denied", "Requests refused by authentication, limits or budgets",
                               ["reason"], registry=r)

@@ -85,7 +85,12 @@ def build_request(spec: Spec) -> bytes:
 
 async def read_response(reader: asyncio.StreamReader, t0: float, stream: bool) -> tuple[int, bytes, float | None, bool]:
     """Read one response: (status, body, time of first content token or None, connection must close)."""
-    head = await reader.readuntil(b"\r\n\r\n")
+    return await read_rest(reader, await reader.readuntil(b"\r\n\r\n"), t0, stream)
+
+
+async def read_rest(reader: asyncio.StreamReader, head: bytes, t0: float,
+                    stream: bool) -> tuple[int, bytes, float | None, bool]:
+    """The rest of a response whose ``head`` (status line and headers) is read: see read_response."""
     status = int(head[9:12])
     lower = head.lower()
     close = b"\r\nconnection: close" in lower

@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import smaps  # noqa: E402
-from bench.loadgen import TOKEN_RE, read_response  # noqa: E402
+from bench.loadgen import TOKEN_RE, read_rest  # noqa: E402
 from bench.run import Fleet, Target, start_kaiyuan, start_redis, start_upstream  # noqa: E402
 from bench.scenarios import CHAT, CHAT_STREAM, STREAM_CHUNKS, VARIANTS, Variant, deep_merge  # noqa: E402
 from kaiyuan.observability import memtrace  # noqa: E402
@@ -59,6 +59,9 @@ class Counters:
     errors: int = 0
     skipped: int = 0  # not sent: the in-flight cap was reached
     connects: int = 0  # connections opened (the gateway closes idle ones after server.header_timeout_s)
+    # requests sent again on a new connection: the reused idle one was closed (the gateway's
+    # keep-alive timeout racing the request) before any byte of an answer came back; not errors
+    retried_idle: int = 0
     streams: int = 0
     streams_with_loss: int = 0
     status_counts: dict[str, int] = field(default_factory=dict)
@@ -147,15 +150,16 @@ class Driver:
 
     async def one(self, stream: bool) -> None:
         self.c.sent += 1
-        conn: Conn | None = None
+        conn = self.take_idle()
         try:
-            conn = self.take_idle()
             if conn is None:
-                self.c.connects += 1
-                conn = await asyncio.open_connection("127.0.0.1", self.port, limit=1 << 20)
-            conn[1].write(self.stream if stream else self.plain)
-            status, body, _, close = await asyncio.wait_for(read_response(conn[0], time.perf_counter(), stream), self.timeout)
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, TimeoutError) as e:
+                conn = await self.connect()
+                head = await self.send(conn, stream)
+            else:
+                head, conn = await self.resend_if_unanswered(conn, stream)
+            status, body, _, close = await asyncio.wait_for(
+                read_rest(conn[0], head, time.perf_counter(), stream), self.timeout)
+        except FAILURES as e:
             self.c.error(f"{type(e).__name__}: {e}")
             if conn is not None:
                 conn[1].close()
@@ -177,6 +181,43 @@ class Driver:
                 self.c.error(f"stream lost chunks: {got}/{STREAM_CHUNKS} content tokens")
                 return
         self.c.ok += 1
+
+    async def connect(self) -> Conn:
+        self.c.connects += 1
+        return await asyncio.open_connection("127.0.0.1", self.port, limit=1 << 20)
+
+    async def send(self, conn: Conn, stream: bool) -> bytes:
+        """Send one request on ``conn``; its response's head."""
+        conn[1].write(self.stream if stream else self.plain)
+        return await asyncio.wait_for(conn[0].readuntil(b"\r\n\r\n"), self.timeout)
+
+    async def resend_if_unanswered(self, conn: Conn, stream: bool) -> tuple[bytes, Conn]:
+        """Send on a reused idle connection; if the gateway closed it before any byte of an answer
+        came back (its keep-alive timeout raced the request), send once more on a new connection,
+        as HTTP clients do, and count it in ``retried_idle``, not as an error."""
+        try:
+            return await self.send(conn, stream), conn
+        except FAILURES as e:
+            if not unanswered(e):
+                raise
+        conn[1].close()
+        self.c.retried_idle += 1
+        fresh = await self.connect()
+        try:
+            return await self.send(fresh, stream), fresh
+        except BaseException:
+            fresh[1].close()
+            raise
+
+
+FAILURES = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, TimeoutError)
+
+
+def unanswered(e: BaseException) -> bool:
+    """The connection ended (closed, or reset) before a single byte of the response came back."""
+    if isinstance(e, asyncio.IncompleteReadError):
+        return not e.partial
+    return isinstance(e, (ConnectionResetError, BrokenPipeError))
 
 
 def group_rss(pgid: int) -> tuple[float, float, int]:
@@ -348,7 +389,8 @@ def render(r: dict[str, Any]) -> str:
         f"({r['bytes_per_request']} bytes per request); second half of the window: "
         f"{r['slope_second_half_mib_per_min']} MiB/min",
         f"requests: sent {c['sent']}, answered {c['answered']}, ok {c['ok']}, errors {c['errors']}, "
-        f"skipped at the in-flight cap {c['skipped']}, connections opened {c['connects']}, streams {c['streams']} (with loss {c['streams_with_loss']}); "
+        f"skipped at the in-flight cap {c['skipped']}, connections opened {c['connects']} "
+        f"(requests re-sent after an idle connection closed under them: {c.get('retried_idle', 0)}), streams {c['streams']} (with loss {c['streams_with_loss']}); "
         f"achieved {r['rate_achieved']} req/s in the measured window",
         f"status codes: {c['status_counts']}",
     ]

@@ -11,6 +11,7 @@ import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -162,3 +163,56 @@ def test_smaps_breakdown_adds_up_to_rss() -> None:
         rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
     assert abs(sum(kib.values()) - rss) < 0.05 * rss  # the same pages, read a moment apart
     assert breakdown(2**22 + 12345) is None  # no such process
+
+
+# -- the soak driver and a keep-alive connection the server closes under a request ----------------
+OK_REPLY = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+async def _scripted_server(script: list[list[bytes | None]]) -> tuple[asyncio.Server, int]:
+    """Connection ``i`` answers its requests with ``script[i]`` in turn: bytes are written (the
+    connection kept), None closes it once that request has arrived, unanswered."""
+    conns = iter(script)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for answer in next(conns):
+            head = (await reader.readuntil(b"\r\n\r\n")).lower()
+            length = int(head.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+            await reader.readexactly(length)
+            if answer is None:
+                break
+            writer.write(answer)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def _drive(script: list[list[bytes | None]], requests: int) -> Any:
+    from bench.soak import Driver
+
+    server, port = await _scripted_server(script)
+    async with server:
+        drv = Driver(port, {}, rate=1.0, stream_share=0.0, max_inflight=4, timeout=10.0)
+        for _ in range(requests):
+            await drv.one(False)
+        await drv.drain()
+    return drv.c
+
+
+async def test_soak_resends_a_request_whose_idle_connection_closed_unanswered() -> None:
+    """The keep-alive race (bench/RESULTS.md, round 4: 3 resets): the server closes the reused
+    connection as the request arrives. The driver sends it again on a new connection, as HTTP
+    clients do, and counts it apart: not an error."""
+    c = await _drive([[OK_REPLY, None], [OK_REPLY]], 2)
+    assert (c.sent, c.answered, c.ok, c.errors, c.retried_idle, c.connects) == (2, 2, 2, 0, 1, 2)
+
+
+async def test_soak_does_not_resend_when_an_answer_had_begun_or_the_connection_was_new() -> None:
+    # a reused connection that sent part of an answer, then closed: an error (a request that may have run)
+    c = await _drive([[OK_REPLY, b"HTTP/1.1 200 OK\r\nContent-Le"], [OK_REPLY]], 2)
+    assert (c.answered, c.errors, c.retried_idle) == (1, 1, 0)
+    # a new connection closed before any answer: an error (no idle keep-alive race to excuse it)
+    c = await _drive([[None], [OK_REPLY]], 1)
+    assert (c.answered, c.errors, c.retried_idle, c.connects) == (0, 1, 0, 1)

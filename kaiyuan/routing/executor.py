@@ -443,6 +443,9 @@ def _why_not(request: Policy | None, model: Policy | None, tags: frozenset[str])
     return "?"
 
 
+UPSTREAM_413_CODE = "upstream_request_too_large"
+
+
 def upstream_error(provider: Provider, reply: UpstreamReply) -> GatewayError:
     """Turn an upstream non-2xx reply into an error that keeps its status, message and Retry-After."""
     message = None
@@ -474,6 +477,8 @@ def upstream_error(provider: Provider, reply: UpstreamReply) -> GatewayError:
             if v:
                 headers[k] = v
     msg = f"upstream {provider.id} returned {status}" + (f": {message}" if message else "")
+    if code is None and status == 413:  # the upstream's limit, not this gateway's (code request_too_large)
+        code = UPSTREAM_413_CODE
     return GatewayError(
         kind_for_upstream_status(status),
         msg,

@@ -23,7 +23,7 @@ from kaiyuan.observability import malloc_trim
 from kaiyuan.pipeline import GATEWAY_KEY, record_unknown_route
 from kaiyuan.routing import admin as routing_admin
 from kaiyuan.server import anthropic_api, gemini_api, health, openai_api, responses_api
-from kaiyuan.server.common import ErrorSerializer, error_response
+from kaiyuan.server.common import ErrorSerializer, error_response, request_too_large
 from kaiyuan.server.connections import ConnectionLimiter, default_max_connections
 from kaiyuan.server.workers import supervisor_pid
 
@@ -77,7 +77,7 @@ async def error_middleware(
                 code="method_not_allowed",
             )
         elif e.status == 413:
-            err = GatewayError(ErrorKind.REQUEST_TOO_LARGE, "the request body is too large", code="request_too_large")
+            err = request_too_large(request.app[GATEWAY_KEY].config.server.max_body_bytes)
         else:
             err = GatewayError(ErrorKind.INVALID_REQUEST, e.text or e.reason, status=e.status)
         return error_response(err, ser)

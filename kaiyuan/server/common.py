@@ -48,7 +48,7 @@ async def read_json(request: web.Request, max_bytes: int, timeout_s: float = 60.
         )
     length = request.content_length
     if length is not None and length > max_bytes:
-        raise _too_large(max_bytes)
+        raise request_too_large(max_bytes)
     try:
         if request.content.is_eof():  # the whole body came with the head: nothing to wait for
             raw = await _read_limited(request, max_bytes)
@@ -117,7 +117,7 @@ async def decode_body(raw: bytes, encoding: str, max_bytes: int) -> bytes:
         try:
             raw = await decode_all_turning(raw, coding, max_bytes)
         except TooLarge:
-            raise _too_large(max_bytes) from None
+            raise request_too_large(max_bytes) from None
         except DECODE_ERRORS as e:
             raise invalid(f"the request body could not be decoded as {coding}: {e}", code="invalid_body") from None
     return raw
@@ -146,7 +146,7 @@ async def read_body(request: web.Request) -> bytes:
     return await decode_body(raw, encoding, request.client_max_size) if encoding else raw
 
 
-def _too_large(max_bytes: int) -> GatewayError:
+def request_too_large(max_bytes: int) -> GatewayError:
     return GatewayError(
         ErrorKind.REQUEST_TOO_LARGE,
         f"the request body is larger than this gateway's limit of {max_bytes} bytes (server.max_body_bytes)",
@@ -162,7 +162,7 @@ async def _read_limited(request: web.Request, max_bytes: int) -> bytes:
     async for chunk in request.content.iter_any():
         size += len(chunk)
         if size > max_bytes:
-            raise _too_large(max_bytes)
+            raise request_too_large(max_bytes)
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -30,6 +30,7 @@ from kaiyuan.dialects.streams import OpenAIToGemini as GeminiOut
 from kaiyuan.errors import ErrorKind, GatewayError
 from kaiyuan.offload import big
 from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
+from kaiyuan.providers.reply_body import STREAM_TOO_LARGE_CODE
 from kaiyuan.redact import scrub_bytes
 from kaiyuan.server.common import JSON_CT, ModelRenamer, kaiyuan_headers
 from kaiyuan.server.overrun import (
@@ -356,6 +357,10 @@ async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext,
                     await answered(resp, ctx, data)
                     break
                 await resp.write(data)
+        except GatewayError as e:
+            if e.code == STREAM_TOO_LARGE_CODE and lim is not None:  # cut at max_stream_bytes: bill what the
+                usage_into_ctx(usage, ctx)  # upstream reported so far; record_counted counts only what it did not
+            raise
         finally:
             if tail is not None:
                 ctx.response_body = bytes(tail)

@@ -102,6 +102,56 @@ def test_endless_pings_are_cut_on_an_anthropic_pass_through(gw: RunningGateway, 
     _billed_counted(gw, k["id"], 1)
 
 
+# The cut bills the usage the Anthropic upstream already reported (docs/robustness.md, "Stream size"):
+# message_start's input tokens and a message_delta's output tokens, not the gateway's own counts.
+LONG: Any = [{"role": "user", "content": "lorem ipsum " * 300}, {"role": "assistant", "content": "ok"},
+             {"role": "user", "content": "hello"}]  # a long prompt (so 777 tokens are plausible), the answer "echo: hello"
+REPORTED = {"input_tokens": 777, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+
+
+def _cut_anthropic_long(gw: RunningGateway, key: str) -> str:
+    got = []
+    with pytest.raises(anthropic.APIStatusError) as e:
+        with anth(gw, key).messages.stream(model="claude", max_tokens=100, messages=LONG) as s:
+            got.extend(s.text_stream)
+    assert "max_stream_bytes" in str(e.value)
+    return "".join(got)
+
+
+def _billed(gw: RunningGateway, key_id: str, prompt: int, completion: int) -> None:
+    [row] = ledger(gw, key_id)
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (prompt, completion)
+    assert usd(row["cost_usd"]) == cost(prompt, completion, IN, OUT)
+
+
+def test_a_cut_anthropic_pass_through_bills_message_start_s_prompt(gw: RunningGateway, fake_anthropic: Any) -> None:
+    k = new_key(gw, budgets=[{"period": "day", "limit_usd": 100}])
+    fake_anthropic.default = Behaviour(endless=PING, endless_after=4, usage=REPORTED)  # message_start .. "echo:"
+    assert _cut_anthropic_long(gw, k["key"]) == "echo:"
+    _billed(gw, k["id"], 777, 1)  # the upstream's prompt; one content event counted (message_start said 1)
+
+
+def test_a_cut_anthropic_pass_through_bills_message_delta_s_output(gw: RunningGateway, fake_anthropic: Any) -> None:
+    """Cut after message_delta (the upstream's final output count) but before message_stop."""
+    k = new_key(gw, budgets=[{"period": "day", "limit_usd": 100}])
+    # message_start, block start, ping, "echo:", " hello", block stop, message_delta, then endless pings
+    fake_anthropic.default = Behaviour(endless=PING, endless_after=7, usage={**REPORTED, "output_tokens": 40})
+    assert _cut_anthropic_long(gw, k["key"]) == "echo: hello"
+    _billed(gw, k["id"], 777, 40)  # more than the 2 events counted: the upstream's count wins
+
+
+def test_a_cut_anthropic_pass_through_with_no_usage_yet_bills_the_gateway_s_count(gw: RunningGateway,
+                                                                                  fake_anthropic: Any) -> None:
+    from kaiyuan.accounting.tokens import count_prompt
+
+    k = new_key(gw, budgets=[{"period": "day", "limit_usd": 100}])
+    fake_anthropic.default = Behaviour(endless=PING, endless_after=0, usage=REPORTED)  # pings before message_start
+    assert _cut_anthropic_long(gw, k["key"]) == ""
+    counted = count_prompt("claude-up", {"model": "claude", "max_tokens": 100, "messages": LONG, "stream": True})
+    assert counted != 777
+    _billed(gw, k["id"], counted, 0)
+
+
 @pytest.mark.parametrize("model", ["m", "native"])  # translated from chat, and a Responses pass-through
 def test_an_endless_stream_is_cut_for_a_responses_caller(gw: RunningGateway, fake_openai: FakeOpenAI, model: str) -> None:
     k = new_key(gw, budgets=[{"period": "day", "limit_usd": 100}])

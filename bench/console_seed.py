@@ -119,14 +119,14 @@ def main() -> None:
     keys = seed(engine, args.rows, now, args.days)
     print(f"seeded {args.rows:,} rows over {args.days:g} days in {time.perf_counter() - t0:.1f} s ({engine.url.get_backend_name()})")
     t0 = time.perf_counter()
-    hours = rollup.catch_up(engine, now)
-    print(f"first rollup of the whole log: {hours} hours in {time.perf_counter() - t0:.1f} s (once, in the background)")
+    rows = rollup.catch_up(engine)
+    print(f"first rollup of the whole log: {rows:,} rows in {time.perf_counter() - t0:.1f} s (once, in the background)")
     cfg = parse_config({"console": {"reference_model": "gpt-4o"}, "models": [
         {"name": m, "deployments": [{"provider": "openai_compatible", "base_url": "https://" + d.split("@")[1], "model": d.split(":", 1)[1].split("@")[0],
                                      "id": d, "price": {"input": pin, "output": pout}}]} for m, d, pin, pout, _ in MODELS]}, "<bench>")
     cat = data.Catalogue(cfg)
     print("console reads (best of 3):")
-    _time("rollup catch-up, nothing new", lambda: rollup.catch_up(engine, now))
+    _time("rollup catch-up, nothing new", lambda: rollup.catch_up(engine))
     team = data.Scope(team_id=keys[0].team_id)
     for period in ("24h", "7d", "30d"):
         _time(f"overview {period} (admin)", lambda p=period: data.overview(engine, cat, data.Scope(), p, now))

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import smaps  # noqa: E402
+from bench import smaps, stall  # noqa: E402
 from bench.loadgen import TOKEN_RE, read_rest  # noqa: E402
 from bench.run import Fleet, Target, start_kaiyuan, start_redis, start_upstream  # noqa: E402
 from bench.scenarios import CHAT, CHAT_STREAM, STREAM_CHUNKS, VARIANTS, Variant, deep_merge  # noqa: E402
@@ -401,6 +401,10 @@ def render(r: dict[str, Any]) -> str:
         lines.append(f"  {role} resident KiB by kind (start -> end): " + ", ".join(f"{k} {v}" for k, v in kinds.items()))
     lines += [f"rows in {k}: {v} (answered - rows = {r['rows_lost'][k]})" for k, v in r["rows"].items()]
     lines += [f"error sample: {e}" for e in c["error_samples"]]
+    if st := r.get("stalls"):
+        lines.append(f"injected stalls: {st['count']}; serving process's step per stall (MiB): {st['steps_mib']}; "
+                     f"later stalls together {st['later_steps_sum_mib']}, between stalls {st['between_stalls_sum_mib']}; "
+                     f"in flight at each resume {st['inflight_at_resume']}")
     lines.append(f"verdict: {r['verdict']} (threshold < {r['threshold_mib_per_10min']} MiB per 10 min after warm-up)")
     return "\n".join(lines)
 
@@ -459,19 +463,30 @@ def heap_diff(first: Path, last: Path, top: int = 25) -> str:
 Heaps = tuple[Path | None, Path | None]
 
 
-async def drive(target: Target, args: argparse.Namespace, samples: SampleLog, heap_dir: Path | None) -> tuple[Counters, Heaps]:
+async def drive(target: Target, args: argparse.Namespace, samples: SampleLog, heap_dir: Path | None,
+                stalls: list[stall.Stall]) -> tuple[Counters, Heaps]:
     drv = Driver(target.port, target.headers, args.rate, args.stream_share, args.max_inflight, args.timeout, args.close)
     warmup_s = args.warmup_minutes * 60
     sampler = asyncio.create_task(sample_loop(target.proc.pid, drv, args.interval, warmup_s, samples))
+    stopper = None
+    if args.stall_every:  # --stall-every: stop the serving process on purpose (bench/stall.py)
+        stopper = asyncio.create_task(stall.stall_loop(serving_pid(target.proc.pid), args.stall_every, args.stall_for,
+                                                       lambda: len(drv.tasks), stalls))
     try:
         await drv.run(warmup_s)
         first = await heap_snapshot(serving_pid(target.proc.pid), heap_dir)
         await drv.run(args.minutes * 60)
         last = await heap_snapshot(serving_pid(target.proc.pid), heap_dir)
         sampler.cancel()  # every sample is taken under the steady load, none while draining
+        if stopper:
+            stopper.cancel()
+            await asyncio.gather(stopper, return_exceptions=True)  # the process is let go (SIGCONT)
         await drv.drain()
     finally:
         sampler.cancel()
+        if stopper:
+            stopper.cancel()
+            await asyncio.gather(stopper, return_exceptions=True)
     return drv.c, (first, last)
 
 
@@ -494,10 +509,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-pin", action="store_true")
     p.add_argument("--tracemalloc", action="store_true",
                    help="run the gateway with KAIYUAN_TRACEMALLOC; write heap-diff.txt (end vs warm-up end). Slows it")
+    p.add_argument("--stall-every", type=float, default=0.0, metavar="S",
+                   help="stop the serving process (SIGSTOP) every S seconds while the load goes on (bench/stall.py); 0: never")
+    p.add_argument("--stall-for", type=float, default=1.0, metavar="S", help="how long each --stall-every stop lasts (default 1 s)")
     p.add_argument("--out", default=None, help="directory for samples.csv and report.json (default: a new temp dir)")
     a = p.parse_args(argv)
     if a.rate <= 0 or not 0 <= a.stream_share <= 1 or a.minutes <= 0 or a.warmup_minutes < 0 or a.interval <= 0:
         p.error("--rate, --minutes and --interval must be > 0, --warmup-minutes >= 0, --stream-share in [0, 1]")
+    if a.stall_every < 0 or (a.stall_every and not 0 < a.stall_for < a.stall_every):
+        p.error("--stall-every must be >= 0, and --stall-for > 0 and shorter than --stall-every")
     return a
 
 
@@ -519,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="kaiyuan-soak-"))
     fleet = Fleet(workdir, pin)
     samples = SampleLog(out / "samples.csv", out / "smaps.csv" if args.smaps else None)
+    stalls: list[stall.Stall] = []
     try:
         up = start_upstream(fleet, gen_cpu)
         redis_url = start_redis(fleet, gen_cpu) if variant and variant.redis else None
@@ -535,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
             uvloop.install()
         except ImportError:  # pragma: no cover
             pass
-        counters, (first, last) = asyncio.run(drive(target, args, samples, heap_dir))
+        counters, (first, last) = asyncio.run(drive(target, args, samples, heap_dir, stalls))
         if first and last:
             (out / "heap-diff.txt").write_text(heap_diff(first, last))
         time.sleep(2.5)  # the batch writers' flush interval (1 s by default), with margin
@@ -549,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         samples.close()
     report = summarize(samples.rows, counters, args, rows)
     report["smaps_kib"] = {role: {k: f"{a[k]} -> {b[k]}" for k in smaps.KINDS} for role, (a, b) in samples.kinds.items()} or None
+    report["stalls"] = stall.summary(stalls) if args.stall_every else None
     report["command"] = " ".join(["python bench/soak.py", *(sys.argv[1:] if argv is None else argv)])
     report["pinning"] = f"upstream + driver on CPU {gen_cpu}, gateway on CPU {gw_cpu}" if pin else "none"
     report["loadavg_end"] = os.getloadavg()

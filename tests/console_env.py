@@ -92,7 +92,7 @@ def start(make_gateway: Any, upstream: str, rows: int = SEED_ROWS, **console: An
     assert gw.gateway.engine is not None
     now = time.time()
     seed(gw.gateway.engine, rows, now, days=7)
-    rollup.catch_up(gw.gateway.engine, now)
+    rollup.catch_up(gw.gateway.engine)
     seed_trial(gw.gateway.engine, now=now)
     key = http("POST", gw.url + "/admin/keys", json={"name": "search-viewer", "team_id": TEAMS[0]}, key=MASTER).json()
     return Console(gw, key["key"], key["id"], TEAMS[1])

@@ -165,6 +165,51 @@ def test_smaps_breakdown_adds_up_to_rss() -> None:
     assert breakdown(2**22 + 12345) is None  # no such process
 
 
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_soak_stalls_stop_the_process_and_always_let_it_go() -> None:
+    """bench/stall.py: a real child process is stopped and continued on schedule, its RSS is read
+    around each stall, and cancelling mid-stall still continues it (a stopped gateway would hang)."""
+    from bench.stall import Stall, stall_loop, summary
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        async def go() -> tuple[list[Stall], bool]:
+            out: list[Stall] = []
+            stopped = False
+            task = asyncio.create_task(stall_loop(child.pid, 0.3, 0.1, lambda: 7, out, settle_s=0.1))
+            for _ in range(3000):  # the first stall, and the RSS read after it
+                if out and out[-1].rss_after_mib is not None:
+                    break
+                await asyncio.sleep(0.01)
+            for _ in range(3000):  # cancel during the next stop
+                if stopped := _state(child.pid) == "T":
+                    break
+                await asyncio.sleep(0.002)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return out, stopped
+
+        stalls, stopped = asyncio.run(go())
+        assert stopped and _state(child.pid) in ("S", "R")  # cancelled while stopped, and let go
+        assert stalls[0].inflight_at_resume == 7 and stalls[0].rss_before_mib > 1 and stalls[0].rss_after_mib
+        s = summary([Stall(1, 1, 5, 100.0, 103.0), Stall(2, 1, 5, 103.5, 103.5), Stall(3, 1, 5, 104.0, None)])
+        assert s["steps_mib"] == [3.0, 0.0] and s["first_step_mib"] == 3.0 and s["later_steps_sum_mib"] == 0.0
+        assert s["between_stalls_sum_mib"] == 0.5 and s["count"] == 3
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_soak_refuses_a_stall_longer_than_its_period() -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "soak.py"), "--stall-every", "2", "--stall-for", "3"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "--stall-for" in r.stderr
+
+
 # -- the soak driver and a keep-alive connection the server closes under a request ----------------
 OK_REPLY = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 

@@ -1,7 +1,8 @@
 """``kaiyuan console-rollup``: bring the console's hourly rollup up to date, or rebuild it.
 
-The running gateway keeps the rollup current by itself; run this after importing old request-log
-rows (``--rebuild``), or to prepare a big log before the first start.
+The running gateway keeps the rollup current by itself (it sums every row written since its last
+pass, whatever the row's time); run this to prepare a big log before the first start, or
+``--rebuild`` after deleting log rows (the rollup keeps what it summed) or to repair it.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ def run(args: argparse.Namespace) -> int:
     url = args.db or load_config(args.config or os.environ.get("KAIYUAN_CONFIG")).store.url
     engine = open_store(url)
     t0 = time.perf_counter()
-    hours = (rollup.rebuild if args.rebuild else rollup.catch_up)(engine)
-    print(f"{'rebuilt' if args.rebuild else 'caught up'}: {hours} hour(s) summed in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    rows = (rollup.rebuild if args.rebuild else rollup.catch_up)(engine)
+    print(f"{'rebuilt' if args.rebuild else 'caught up'}: {rows} request-log row(s) summed in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
 
 

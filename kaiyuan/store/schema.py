@@ -15,6 +15,7 @@ from sqlalchemy import (
     Table,
     Text,
     false,
+    text,
 )
 
 metadata = MetaData()
@@ -47,8 +48,14 @@ request_log = Table(
     Column("error", Text, nullable=True),
     Column("request_body", Text, nullable=True),
     Column("response_body", Text, nullable=True),
+    Column("writer_txid", BigInteger, nullable=True,
+           doc="PostgreSQL: the writing transaction's id, a column default (the console rollup's cursor, migration 0007); "
+               "NULL on SQLite, whose rowid is that cursor"),
 )
 Index("ix_request_log_ts", request_log.c.ts)
+# Only PostgreSQL fills writer_txid; on SQLite the partial index stays empty and costs an insert nothing.
+Index("ix_request_log_writer_txid", request_log.c.writer_txid, request_log.c.id,
+      sqlite_where=request_log.c.writer_txid.is_not(None))
 Index("ix_request_log_key_ts", request_log.c.key_id, request_log.c.ts)
 Index("ix_request_log_model_ts", request_log.c.model, request_log.c.ts)
 Index("ix_request_log_team_ts", request_log.c.team_id, request_log.c.ts)
@@ -217,7 +224,9 @@ usage_hourly = Table(
     Column("prompt_tokens", BigInteger, nullable=False),
     Column("completion_tokens", BigInteger, nullable=False),
     Column("cached_tokens", BigInteger, nullable=False),
-    Column("cost_usd", Float, nullable=False, doc="sum over requests with a known cost"),
+    Column("cost_usd", Float, nullable=False, doc="cost_nano / 1e9 (for reading)"),
+    Column("cost_nano", BigInteger, nullable=False, server_default=text("0"),
+           doc="sum over requests with a known cost, each rounded to integer nano-USD: exact in any number of passes"),
     Column("cost_unknown", BigInteger, nullable=False, doc="answered requests (status < 400) whose cost is unknown (no price)"),
     Column("priced_prompt_tokens", BigInteger, nullable=False, doc="tokens of the requests with a known cost (for savings)"),
     Column("priced_completion_tokens", BigInteger, nullable=False),
@@ -228,11 +237,14 @@ usage_hourly = Table(
 )
 Index("ix_usage_hourly_team_hour", usage_hourly.c.team_id, usage_hourly.c.hour)
 
-rollup_hours = Table(
-    "rollup_hours",
+# The last request-log row summed into usage_hourly, in write order (migration 0007;
+# kaiyuan/console/rollup.py): SQLite's rowid or PostgreSQL's writer_txid, and the row's id.
+rollup_cursor = Table(
+    "rollup_cursor",
     metadata,
-    Column("hour", BigInteger, primary_key=True, doc="an hour whose request-log rows are in usage_hourly"),
-    Column("rows", BigInteger, nullable=False),
+    Column("name", String(32), primary_key=True),
+    Column("after_seq", BigInteger, nullable=False),
+    Column("after_id", String(64), nullable=False),
 )
 
 # -- stored Responses API responses (revision 0006) -----------------------------------------------

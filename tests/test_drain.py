@@ -69,7 +69,10 @@ def _request(port: int) -> bytes:
 def _response(f: socket.SocketIO) -> tuple[int, dict[str, str], bytes]:
     """One response off a keep-alive connection: (status, headers lower-cased, body)."""
     reader = f
-    status_line = _line(reader)
+    try:
+        status_line = _line(reader)
+    except ConnectionResetError:
+        raise AssertionError("the gateway reset the connection: the request was dropped") from None
     assert status_line, "the connection closed with no response"
     headers = {}
     while line := _line(reader):
@@ -109,7 +112,7 @@ def _wait_until_refused(port: int) -> None:
     while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
-        except ConnectionRefusedError:
+        except (ConnectionRefusedError, ConnectionResetError):  # reset: the listening socket closed mid-handshake
             return
         time.sleep(0.01)
     raise AssertionError("the gateway kept accepting after SIGTERM")

@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from kaiyuan.config import AccountingSettings, ConfigError, DeploymentBase, Price
+from kaiyuan.accounting.price_schema import Price
+from kaiyuan.config import AccountingSettings, ConfigError, DeploymentBase
 from kaiyuan.context import Usage
 
 log = logging.getLogger("kaiyuan.accounting")

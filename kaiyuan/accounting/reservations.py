@@ -208,15 +208,18 @@ class Reservations:
         try:
             return await self.counters.admit(rates, budgets, prompt, now)
         except Exception as e:
+            where = "Redis" if self.counters.name == "redis" else "the supervisor's shared counters"
             if self.settings.on_redis_error == "local":
                 self.m_redis_errors.labels("local").inc()
-                log.warning("Redis unreachable (%s): enforcing limits and budgets per replica only (limits.on_redis_error=local)", e)
+                log.warning("%s unreachable (%s): enforcing limits and budgets per replica only "
+                            "(limits.on_redis_error=local)", where, e)
                 return self.local.admit_sync(rates, budgets, prompt, now)
             self.m_redis_errors.labels("fail_closed").inc()
-            log.error("Redis unreachable (%s): refusing requests with limits or budgets (limits.on_redis_error=fail_closed)", e)
+            log.error("%s unreachable (%s): refusing requests with limits or budgets (limits.on_redis_error=fail_closed)",
+                      where, e)
             raise GatewayError(
                 ErrorKind.NO_DEPLOYMENT,
-                "the gateway cannot check this key's limits and budgets right now (Redis unreachable); retry shortly",
+                f"the gateway cannot check this key's limits and budgets right now ({where} unreachable); retry shortly",
                 code="limits_unavailable",
                 headers={"Retry-After": "1"},
             ) from None

@@ -390,7 +390,8 @@ class RedisCounters:
         self.liveness = Liveness(self.redis, prefix, self.replica)
         self._admit_packer = AdmitPacker(self._admit.sha, prefix, self.replica, self.liveness.resof(self.replica),
                                          WINDOW_TTL_S, PARALLEL_TTL_S)
-        self.batcher = SettleBatcher(self.redis, prefix, self.replica, on_settle_event, send=self._eval)
+        self.batcher = SettleBatcher(self.redis, prefix, self.replica, on_settle_event, send=self._eval,
+                                     send_packed=self._eval_packed)
 
     def _rate_keys(self, scope: str, minute: int) -> list[str]:
         p = self.prefix

@@ -127,9 +127,9 @@ def test_a_budgets_counter_follows_the_period_and_a_reloaded_limit(keyed: Callab
         (b,) = rec.budgets
         r = gw.reservations
         nov, dec = 1_764_000_000.0, 1_764_600_000.0  # 2025-11-24 and 2025-12-01 (UTC)
-        ((c1, _),) = r._budget_checks(rec, nov, 0.5)
-        ((c2, _),) = r._budget_checks(rec, nov + 3600, 0.5)
-        ((c3, _),) = r._budget_checks(rec, dec, 0.5)
+        (c1,) = r._budget_checks(rec, nov, 0.5)
+        (c2,) = r._budget_checks(rec, nov + 3600, 0.5)
+        (c3,) = r._budget_checks(rec, dec, 0.5)
         start_nov, end_nov = keystore.period_bounds("month", nov)
         assert c1.counter == c2.counter == f"{b.id}:{int(start_nov)}"
         assert c3.counter == f"{b.id}:{int(keystore.period_bounds('month', dec)[0])}"
@@ -137,10 +137,10 @@ def test_a_budgets_counter_follows_the_period_and_a_reloaded_limit(keyed: Callab
         assert c1.ttl_s == int(end_nov - nov) + 2 * 86400 and c2.ttl_s == c1.ttl_s - 3600
         assert c1 is not c2  # a new check per request: the Redis admit writes into it
         rec.budgets = [Budget(b.id, b.scope, b.scope_id, b.period, 7.5)]  # a reload with a new limit
-        ((c4, _),) = r._budget_checks(rec, dec, 0.5)
+        (c4,) = r._budget_checks(rec, dec, 0.5)
         assert c4.limit == 7_500_000_000 and c4.counter == c3.counter
         rec.budgets = [Budget(b.id, b.scope, b.scope_id, "total", 1.0)]
-        ((c5, _),) = r._budget_checks(rec, dec, 0.5)
+        (c5,) = r._budget_checks(rec, dec, 0.5)
         assert c5.counter == f"{b.id}:0" and c5.ttl_s is None
 
     keyed(scenario)

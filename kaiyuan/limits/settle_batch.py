@@ -325,19 +325,24 @@ class SettlePacker:
 
     def pack(self, batch: list[tuple[Ticket, list[int], int]], marker: str) -> bytes:
         """The same bytes as the generic packer makes of ``SettleBatcher.encode(batch, marker)``."""
-        bi, bs = self.bulk.i, self.bulk.s
+        bulk = self.bulk
+        ig, sg, bi = bulk._int.get, bulk._str.get, bulk.i
         keys: list[bytes] = [once(marker)]
         args: list[bytes] = [bi(len(batch)), self._tail]
         n_keys, n_args = 1, 4
+        p = self.prefix
         for ticket, actual, total in batch:
-            args += [bi(len(ticket.rates)), bi(len(ticket.budgets)), bi(total - ticket.prompt_tokens)]
+            delta = total - ticket.prompt_tokens
+            args += [ig(len(ticket.rates)) or bi(len(ticket.rates)), ig(len(ticket.budgets)) or bi(len(ticket.budgets)),
+                     ig(delta) or bi(delta)]
             for r in ticket.rates:
                 k, flags = self._rate(r, ticket.minute)
                 keys.append(k)
                 args.append(flags)
             for b, cost in zip(ticket.budgets, actual, strict=True):
-                keys.append(bs(f"{self.prefix}bud:{b.counter}"))
-                args += [bi(b.reserve), bi(cost), bs(b.gen)]
+                key = f"{p}bud:{b.counter}"
+                keys.append(sg(key) or bulk.s(key))
+                args += [ig(b.reserve) or bi(b.reserve), ig(cost) or bi(cost), sg(b.gen) or bulk.s(b.gen)]
             n_keys += 2 * len(ticket.rates) + len(ticket.budgets)
             n_args += 3 + 2 * len(ticket.rates) + 3 * len(ticket.budgets)
         return b"".join([b"*%d\r\n" % (3 + n_keys + n_args), self._evalsha, bi(n_keys), *keys, *args])

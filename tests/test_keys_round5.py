@@ -216,3 +216,34 @@ def test_a_spend_row_is_every_ledger_column_and_reads_back_by_name(tmp_path: Pat
             r7["vendor"], r7["prompt_tokens"], r7["completion_tokens"], r7["cached_tokens"]) == (
         "k1", None, "u1", "m", "m-dep", "up-model", "vendor", 12, 7, 1)
     assert r7["cost_usd"] == 0.25 + 7 / NANO and rows["req-9"]["team_id"] == "t1" and rows["req-8"]["cached_tokens"] is None
+
+
+def test_a_whole_answer_is_priced_once_unless_its_usage_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The x-kaiyuan-cost header prices the usage, the settle prices it again: the second time the
+    same price and usage reuse the first cost; a usage the settle clamped (or any field that counts)
+    is priced anew."""
+    from kaiyuan.accounting.costing import Costing
+    from kaiyuan.accounting.prices import ResolvedPrice
+    from kaiyuan.config import AccountingSettings
+
+    cfg = parse_config({"models": [{"name": "m", "deployments": [{"id": "m-dep", "provider": "openai_compatible",
+                                     "base_url": "http://127.0.0.1:9/v1", "model": "x", "price": PRICE}]}]}, "<test>")
+    costing = Costing(cfg.models, AccountingSettings())
+    calls: list[int] = []
+    real = ResolvedPrice.cost
+
+    def counted(self: ResolvedPrice, usage: Usage) -> float | None:
+        calls.append(1)
+        return real(self, usage)
+
+    monkeypatch.setattr(ResolvedPrice, "cost", counted)
+    ctx = RequestContext("r", "openai", "chat", usage=Usage(1000, 500, 200))
+    ctx.deployment = "m-dep"
+    first = costing.cost(ctx)
+    assert costing.cost(ctx) == first and len(calls) == 1
+    assert first == (800 * 1.0 + 200 * 1.0 + 500 * 2.0) / 1e6
+    for change in ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens"):
+        setattr(ctx.usage, change, 100)
+        again = costing.cost(ctx)
+        assert again == real(costing.deployments["m-dep"].price, ctx.usage)  # type: ignore[arg-type]
+    assert len(calls) == 5

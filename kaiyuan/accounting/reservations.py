@@ -164,6 +164,9 @@ class Reservations:
             return None
         if self.counters is self.local:  # one synchronous step; only a budget counter still to seed awaits
             result = self.local.admit_sync(rates, checks, res.tokens, now)
+            if type(result) is Ticket:  # admitted (the commonest answer, taken without a call)
+                ctx.ticket = result
+                return None
             if isinstance(result, DECIDED):
                 self._decided(result, rates, checks, rec, ctx, now)
                 return None

@@ -68,7 +68,7 @@ def api_handler(dialect: str, endpoint: str, serialize: ErrorSerializer, validat
     async def handle(request: web.Request) -> web.StreamResponse:
         gw = request.app[GATEWAY_KEY]
         ctx = RequestContext(new_request_id(), dialect, endpoint, headers=request.headers)
-        gw.metrics.in_flight.inc()
+        gw.metrics.in_flight_add(1)
         try:
             key = await gw.auth.authenticate(ctx)
             if key is None:  # no virtual key names the caller: its address does (per-caller breakers)
@@ -176,7 +176,7 @@ async def end(gw: Gateway, ctx: RequestContext) -> None:
     except asyncio.CancelledError:
         cancelled = True
     gw.finish(ctx)
-    gw.metrics.in_flight.dec()  # last: a request is in flight until it is recorded (the answer may be out)
+    gw.metrics.in_flight_add(-1)  # last: a request is in flight until it is recorded (the answer may be out)
     if cancelled:
         raise asyncio.CancelledError
 

@@ -98,14 +98,17 @@ class Gateway:
             self.tracer.shutdown()
 
     # -- the request path (see kaiyuan.pipeline) --------------------------------------------
-    def reachable_models(self, model: str) -> list[str]:
+    def reachable_models(self, model: str) -> tuple[str, ...]:
         """Every model a request for ``model`` can be answered by: itself, a pre_route target,
         and their fallbacks at any depth."""
-        out = list(self.router.reachable(model))
+        reach = self.router.reachable(model)
+        if not self.route_targets:  # (no trial targets: the router's own tuple, made once)
+            return reach
+        out = list(reach)
         for hook in self.route_targets:
             for target in hook(model):
                 out += [m for m in self.router.reachable(target) if m not in out]
-        return out
+        return tuple(out)
 
     async def execute(self, ctx: RequestContext, build: Build) -> tuple[Provider, UpstreamReply]:
         """Route the request: strategy order, retries, breakers, fallbacks and data policy

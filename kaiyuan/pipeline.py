@@ -68,7 +68,7 @@ def api_handler(dialect: str, endpoint: str, serialize: ErrorSerializer, validat
     async def handle(request: web.Request) -> web.StreamResponse:
         gw = request.app[GATEWAY_KEY]
         ctx = RequestContext(new_request_id(), dialect, endpoint, headers=request.headers)
-        gw.metrics.in_flight.inc()
+        gw.metrics.in_flight_add(1)
         try:
             key = await gw.auth.authenticate(ctx)
             if key is None:  # no virtual key names the caller: its address does (per-caller breakers)
@@ -80,8 +80,8 @@ def api_handler(dialect: str, endpoint: str, serialize: ErrorSerializer, validat
                 await load(request, gw, ctx, body)
             if ctx.endpoint in BILLED_ENDPOINTS:
                 gw.ledger.check()  # fail closed while spend cannot be recorded (queue full, database down)
-            if key is not None:
-                await gw.reservations.reserve(ctx, key)
+            if key is not None and (pending := gw.reservations.reserve_now(ctx, key)) is not None:
+                await pending  # (decided in process: no coroutine to make and await)
             resp = await middle(request, gw, ctx, body, arg)
             await send_unblocked(request, resp)
         except GatewayError as e:
@@ -176,7 +176,7 @@ async def end(gw: Gateway, ctx: RequestContext) -> None:
     except asyncio.CancelledError:
         cancelled = True
     gw.finish(ctx)
-    gw.metrics.in_flight.dec()  # last: a request is in flight until it is recorded (the answer may be out)
+    gw.metrics.in_flight_add(-1)  # last: a request is in flight until it is recorded (the answer may be out)
     if cancelled:
         raise asyncio.CancelledError
 
@@ -194,8 +194,8 @@ async def settle(gw: Gateway, ctx: RequestContext) -> None:
     ctx.cost_usd = cost
     if cost is not None:
         gw.record_spend(ctx, cost)  # queued before the release, which may await (Redis)
-    if ctx.ticket is not None:  # (no reservation: no coroutine to make and await)
-        await gw.reservations.release(ctx, cost)
+    if ctx.ticket is not None and (pending := gw.reservations.release_now(ctx, cost)) is not None:
+        await pending  # (no reservation, or released in process / queued for Redis: nothing to await)
 
 
 MAX_LOGGED_PATH = 200  # characters of an unknown path kept in the request log

@@ -173,3 +173,57 @@ def test_notable_finds_what_the_regex_finds_on_long_data() -> None:
         data = b"\n\n".join(rnd.choice(parts) for _ in range(rnd.randint(1, 40))) + b"\n\n"
         m = regex.search(data)
         assert notable(data) == (-1 if m is None else m.start())
+
+
+def test_first_stop_agrees_with_the_event_by_event_walk() -> None:
+    """The grouped counting of first_stop gives the same stop and the same count as testing every
+    event in turn, across [DONE] forms, comments, non-SSE lines, and limits hit inside a group."""
+    from kaiyuan.server.overrun import OutputLimit, openai_event_tokens
+    from kaiyuan.server.sse import DONE_FORMS, SSE_FIELDS, first_stop
+
+    def walk(events: list[bytes], lim: OutputLimit | None) -> int:
+        for i, ev in enumerate(events):
+            if ev.startswith(DONE_FORMS) or not ev.startswith(SSE_FIELDS):
+                return i
+            if lim is not None and lim.over(openai_event_tokens(ev)):
+                return i
+        return len(events)
+
+    parts = [b'data: {"choices":[{"delta":{"content":"x"}}]}', b'data: {"choices":[{"delta":{"role":"assistant"}}]}',
+             b'data: {"choices":[{"delta":{}}]}', b'data: {"choices":[],"usage":{"prompt_tokens":1}}',
+             b'data:{"choices":[{"delta":{"content":"y"}}]}', b": keep-alive", b"event: x\ndata: {}",
+             b"data: [DONE]", b"data:[DONE]", b"<html>oops", b'data: {"choices":[{"delta":{"content":""}}]}']
+    rnd = random.Random(7)
+    stops = set()
+    for _ in range(2000):
+        events = [rnd.choice(parts) for _ in range(rnd.randint(1, 12))]
+        if rnd.random() < 0.5:
+            events.append(b"data: [DONE]")
+        cap = rnd.choice([None, 1, 3, 8, 100])
+        seen = rnd.randint(0, 4)
+        mine = None if cap is None else OutputLimit(cap, 1, lambda *a: None, "d", "m", seen)
+        ref = None if cap is None else OutputLimit(cap, 1, lambda *a: None, "d", "m", seen)
+        got = first_stop(events, mine)
+        assert got == walk(events, ref), events
+        assert (mine.seen if mine else None) == (ref.seen if ref else None), events
+        stops.add(got == len(events))
+    assert stops == {True, False}  # both outcomes were exercised
+
+
+@pytest.mark.parametrize(("event", "tokens"), [
+    (b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}', 1),
+    (b'data: {"choices":[{"index":0,"delta":{"content":"\\"quoted\\""}}]}', 1),
+    (b'data: {"choices":[{"index":0,"delta":{"content":""}}]}', 0),
+    (b'data: {"choices":[{"index":0,"delta":{"content":"","reasoning_content":"hm"}}]}', 1),
+    (b'data: {"choices":[{"index":0,"delta":{"content":null,"tool_calls":[{"index":0}]}}]}', 1),
+    (b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}', 0),
+    (b'data: {"choices":[{"index":0,"delta": { "content": "spaced"}}]}', 1),
+    (b'data: {"choices":[{"index":0,"delta":{}, "finish_reason":"stop"}]}', 0),
+    (b'data: {"choices":[],"usage":{"prompt_tokens":1}}', 0),
+    (b'data: {"choices":[{"text":"legacy"}]}', 1),
+    (b'data: {"choices":[{"text":""}]}', 0),
+])
+def test_openai_event_tokens(event: bytes, tokens: int) -> None:
+    from kaiyuan.server.overrun import openai_event_tokens
+
+    assert openai_event_tokens(event) == tokens

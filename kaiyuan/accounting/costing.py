@@ -10,18 +10,18 @@ case so a budget is never under-counted.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from typing import NamedTuple
 
 from kaiyuan.accounting.output_cap import OutputCaps, ask_of
 from kaiyuan.accounting.prices import PriceCatalog, ResolvedPrice, deployment_price, vendor_of
-from kaiyuan.accounting.reserve import Reservation, reserve
+from kaiyuan.accounting.reserve import Reservation, Step, plan, reserve
 from kaiyuan.accounting.tokens import count_prompt
 from kaiyuan.config import AccountingSettings, DeploymentBase, ModelConfig
 from kaiyuan.context import RequestContext
 
 log = logging.getLogger("kaiyuan.costing")
 
+PLANS_MAX = 1024  # reaches (tuples of model names) whose reservation steps are kept
 BILLED_ENDPOINTS = frozenset({"chat", "completions", "embeddings", "messages", "responses"})
 
 
@@ -37,6 +37,7 @@ class Costing:
         self.catalog = PriceCatalog.load(acc)
         self.deployments: dict[str, PricedDeployment] = {}
         self.model_deps: dict[str, list[str]] = {}
+        self._plans: dict[tuple[str, ...], tuple[Step, ...]] = {}  # a reach's steps, worked out once
         for m in models:
             ids = []
             for d in m.deployments:
@@ -58,10 +59,14 @@ class Costing:
             acc,
         )
 
-    def reservation(self, models: Iterable[str], ctx: RequestContext) -> Reservation:
+    def reservation(self, models: tuple[str, ...], ctx: RequestContext) -> Reservation:
         """What ``ctx`` reserves over every deployment of ``models`` (the plan's reach)."""
-        deps = [d for m in models for d in self.model_deps.get(m, ())]
-        return reserve(deps, self.deployments, self.caps, ask_of(ctx), ctx.prompt_body())
+        steps = self._plans.get(models)
+        if steps is None:
+            if len(self._plans) >= PLANS_MAX:
+                self._plans.clear()
+            steps = self._plans[models] = plan([d for m in models for d in self.model_deps.get(m, ())], self.deployments)
+        return reserve(steps, self.caps, ask_of(ctx), ctx.prompt_body())
 
     def prompt_count(self, ctx: RequestContext) -> int:
         """The prompt as the gateway counts it (at reservation, or now for the deployment that answered)."""

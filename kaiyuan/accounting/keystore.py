@@ -12,6 +12,7 @@ import calendar
 import hashlib
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,7 +22,7 @@ from sqlalchemy import Engine, and_, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from kaiyuan.limits.counters import RateCheck
-from kaiyuan.store.fast_insert import insert_rows
+from kaiyuan.store.fast_insert import insert_tuples
 from kaiyuan.store.schema import api_keys, budgets, spend_ledger, teams, users
 
 KEY_PREFIX = "sk-ky-"
@@ -175,9 +176,10 @@ def spent_since(engine: Engine, scope: str, scope_id: str, since: float) -> floa
     return float(v)
 
 
-def write_spend(engine: Engine, rows: list[dict[str, Any]]) -> None:
+def write_spend(engine: Engine, cols: tuple[str, ...], rows: Sequence[tuple[Any, ...]]) -> None:
+    """Append spend rows, each a tuple of ``cols`` (``SpendLedger``'s ``SpendRow``)."""
     with engine.begin() as conn:
-        insert_rows(conn, spend_ledger, rows)
+        insert_tuples(conn, spend_ledger, cols, rows)
 
 
 # -- admin operations --------------------------------------------------------------------------

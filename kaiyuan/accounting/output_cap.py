@@ -97,7 +97,7 @@ def asked(body: dict[str, Any], endpoint: str) -> OutputAsk:
     if effort is None and isinstance(body.get("reasoning"), dict):  # the Responses API's reasoning.effort
         effort = body["reasoning"].get("effort")
     thinking = _EFFORT_BUDGET.get(effort, 0) if isinstance(effort, str) else 0
-    return OutputAsk(cap, n, thinking)
+    return tuple.__new__(OutputAsk, (cap, n, thinking))  # (the named tuple's __new__ is a Python function)
 
 
 class OutputCaps:

@@ -17,9 +17,9 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy import Engine
@@ -30,6 +30,7 @@ from kaiyuan.accounting.budget_seeds import BudgetSeeds
 from kaiyuan.accounting.costing import BILLED_ENDPOINTS, Costing
 from kaiyuan.accounting.keystore import Budget, KeyRecord
 from kaiyuan.accounting.ledger import SpendLedger
+from kaiyuan.accounting.reserve import Reservation
 from kaiyuan.config import LimitsSettings
 from kaiyuan.context import RequestContext
 from kaiyuan.errors import ErrorKind, GatewayError
@@ -44,6 +45,7 @@ from kaiyuan.limits.counters import (
     MemoryCounters,
     RateCheck,
     RedisCounters,
+    Ticket,
 )
 from kaiyuan.limits.shared import ENV_SOCKET as SHARED_COUNTERS_ENV
 from kaiyuan.limits.shared import SharedCounters
@@ -52,7 +54,19 @@ from kaiyuan.offload import big
 log = logging.getLogger("kaiyuan.reservations")
 
 SEEDS_MAX = 100_000
+PERIODS_MAX = 100_000  # budgets whose current period is kept (emptied beyond: worked out again)
 PERIOD_WORD = {"day": "daily", "week": "weekly", "month": "monthly", "total": "total"}
+
+
+class Period(NamedTuple):
+    """A budget's current period: its counter's name and the limit in nano-USD (per budget record:
+    a reloaded budget with a new limit is a new record)."""
+
+    budget: Budget
+    start: float
+    end: float  # inf: a total budget, which never resets
+    counter: str
+    limit: int
 
 
 class Reservations:
@@ -61,7 +75,7 @@ class Reservations:
 
     def __init__(self, settings: LimitsSettings, costing: Costing, engine: Engine | None, loads: SingleFlight,
                  registry: CollectorRegistry, denied: Counter, ledger: SpendLedger,
-                 reachable: Callable[[str], list[str]]) -> None:
+                 reachable: Callable[[str], tuple[str, ...]]) -> None:
         self.settings = settings
         self.reachable = reachable
         self.costing = costing
@@ -70,6 +84,7 @@ class Reservations:
         self.ledger = ledger
         self.seeds = BudgetSeeds(ledger)
         self.m_denied = denied
+        self._periods: dict[str, Period] = {}  # budget id -> its current period
         self.local = MemoryCounters()
         self.counters: Counters = self.local
         self.m_settle = Counter(
@@ -106,54 +121,86 @@ class Reservations:
     # -- reserve ---------------------------------------------------------------------------------
     async def reserve(self, ctx: RequestContext, rec: KeyRecord) -> None:
         """Count ``ctx`` against ``rec``'s limits and budgets (sets ``ctx.ticket``), or raise a 429/402/403."""
+        pending = self.reserve_now(ctx, rec)
+        if pending is not None:
+            await pending
+
+    def reserve_now(self, ctx: RequestContext, rec: KeyRecord) -> Awaitable[None] | None:
+        """:meth:`reserve`, decided now when it can be (in process, counters seeded, a small body):
+        then ``None``, and no coroutine is made for the request path to await; else the awaitable
+        that finishes it (a large prompt counted off the loop, a budget counter to seed, Redis)."""
         if ctx.endpoint not in BILLED_ENDPOINTS or (not rec.limits and not rec.budgets):
-            return
+            return None
         model = ctx.model or ""
         if model not in self.costing.model_deps:
-            return
+            return None
         models = self.reachable(ctx.requested_model or model)
         if model not in models:  # a trial hook sent it elsewhere: that plan's reach too
-            models = [*models, *self.reachable(model)]
+            models = (*models, *self.reachable(model))
         if big(len(ctx.raw_body)):  # tokenizing a large prompt is worked on off the event loop
-            res = await asyncio.to_thread(self.costing.reservation, models, ctx)
-        else:
-            res = self.costing.reservation(models, ctx)
+            return self._reserve_off_loop(ctx, rec, models)
+        return self._admit(ctx, rec, self.costing.reservation(models, ctx))
+
+    async def _reserve_off_loop(self, ctx: RequestContext, rec: KeyRecord, models: tuple[str, ...]) -> None:
+        pending = self._admit(ctx, rec, await asyncio.to_thread(self.costing.reservation, models, ctx))
+        if pending is not None:
+            await pending
+
+    def _admit(self, ctx: RequestContext, rec: KeyRecord, res: Reservation) -> Awaitable[None] | None:
         ctx.prompt_estimate, ctx.tokens_reserved = res.prompt_tokens, res.tokens
-        worst, unpriced = res.worst_usd, res.unpriced
         now = time.time()
         rates = rec.rates
-        budgets = self._budget_checks(rec, now, worst) if rec.budgets else []
-        if budgets and unpriced:
+        budgets = self._budget_checks(rec, now, res.worst_usd) if rec.budgets else []
+        if budgets and res.unpriced:
             self.m_denied.labels("price_unknown").inc()
             raise GatewayError(
                 ErrorKind.PERMISSION,
-                f"model {model!r} has no known price (deployment {unpriced}), so this key's budget cannot be "
+                f"model {ctx.model!r} has no known price (deployment {res.unpriced}), so this key's budget cannot be "
                 "enforced; the admin must set a price for it in the gateway config",
                 param="model",
                 code="price_unknown",
             )
         if not rates and not budgets:
-            return
+            return None
         checks = [b for b, _ in budgets]
-        result: Admitted | None = None
         if self.counters is self.local:  # one synchronous step; only a budget counter still to seed awaits
             result = self.local.admit_sync(rates, checks, res.tokens, now)
-        if not isinstance(result, DECIDED):
-            result = await self.seeds.admit(partial(self._counters_admit, rates, checks, res.tokens, now), budgets,
-                                            self.counters)
+            if isinstance(result, DECIDED):
+                self._decided(result, rates, budgets, ctx, now)
+                return None
+        return self._admit_later(ctx, rates, checks, budgets, res.tokens, now)
+
+    async def _admit_later(self, ctx: RequestContext, rates: list[RateCheck], checks: list[BudgetCheck],
+                           budgets: list[tuple[BudgetCheck, Budget]], tokens: int, now: float) -> None:
+        result = await self.seeds.admit(partial(self._counters_admit, rates, checks, tokens, now), budgets, self.counters)
+        self._decided(result, rates, budgets, ctx, now)
+
+    def _decided(self, result: Admitted, rates: list[RateCheck], budgets: list[tuple[BudgetCheck, Budget]],
+                 ctx: RequestContext, now: float) -> None:
         if isinstance(result, Denial):
             raise self._denied(result, rates, budgets, ctx, now)
+        assert isinstance(result, Ticket)
         ctx.ticket = result
 
     def _budget_checks(self, rec: KeyRecord, now: float, worst: float) -> list[tuple[BudgetCheck, Budget]]:
         out = []
         reserve = math.ceil(worst * NANO)
         for b in rec.budgets:
-            start, end = keystore.period_bounds(b.period, now)
-            counter = f"{b.id}:{int(start)}"
-            ttl = int(end - now) + 2 * 86400 if end is not None else None
-            out.append((BudgetCheck(counter, round(b.limit_usd * NANO), SEED_UNKNOWN, reserve, ttl), b))
+            p = self._periods.get(b.id)
+            if p is None or p.budget is not b or not p.start <= now < p.end:
+                p = self._period(b, now)
+            ttl = int(p.end - now) + 2 * 86400 if p.end != math.inf else None
+            out.append((BudgetCheck(p.counter, p.limit, SEED_UNKNOWN, reserve, ttl), b))
         return out
+
+    def _period(self, b: Budget, now: float) -> Period:
+        """``b``'s counter for the period containing ``now``, worked out once per period."""
+        start, end = keystore.period_bounds(b.period, now)
+        if len(self._periods) >= PERIODS_MAX:
+            self._periods.clear()
+        p = self._periods[b.id] = Period(b, start, math.inf if end is None else end, f"{b.id}:{int(start)}",
+                                         round(b.limit_usd * NANO))
+        return p
 
     async def _counters_admit(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt: int, now: float) -> Admitted:
         if self.counters is self.local:
@@ -206,9 +253,16 @@ class Reservations:
     # -- release -----------------------------------------------------------------------------------
     async def release(self, ctx: RequestContext, cost: float | None) -> None:
         """Give back ``ctx``'s reservation and count its real ``cost`` (``None``: unknown, counted as 0)."""
+        pending = self.release_now(ctx, cost)
+        if pending is not None:
+            await pending
+
+    def release_now(self, ctx: RequestContext, cost: float | None) -> Awaitable[None] | None:
+        """:meth:`release`, done now (in process; or queued for Redis's batched settles): ``None``;
+        else the awaitable that applies it (Redis's settle queue was full)."""
         ticket, ctx.ticket = ctx.ticket, None
         if ticket is None:
-            return
+            return None
         nano = 0 if cost is None else round(cost * NANO)
         if ticket.backend == "redis":  # before any await: its ledger row is the last one queued
             self.seeds.release(ticket, nano, self.ledger.seq_of(ctx.request_id) if cost is not None else None)
@@ -224,14 +278,13 @@ class Reservations:
         actual = [nano] * len(ticket.budgets)
         if ticket.backend == "memory":  # in process: a synchronous step, nothing to fail or queue
             self.local.settle_sync(ticket, actual, total)
-            return
+            return None
         try:
             if ticket.backend == "redis" and isinstance(self.counters, RedisCounters):
                 # queued, applied off the request path in batches (kaiyuan.limits.settle_batch)
                 if not self.counters.settle_later(ticket, actual, total):
                     self.m_settle.labels("inline").inc()
-                    # shielded: a client that hangs up must not cancel the release of its reservation
-                    await asyncio.shield(self.counters.settle(ticket, actual, total))
+                    return self._settle_inline(self.counters, ticket, actual, total, ctx.request_id)
             elif ticket.backend == "shared" and isinstance(self.counters, SharedCounters):
                 # a write on a local socket, no await: a cancelled handler cannot skip what follows
                 if not self.counters.settle_later(ticket, actual, total):
@@ -239,8 +292,20 @@ class Reservations:
             else:
                 self.local.settle_sync(ticket, actual, total)
         except Exception as e:
-            self.m_redis_errors.labels("settle_failed").inc()
-            log.error("could not settle request %s in %s: %s (its reservation stays counted)", ctx.request_id, ticket.backend, e)
+            self._settle_failed(e, ctx.request_id, ticket.backend)
+        return None
+
+    async def _settle_inline(self, counters: RedisCounters, ticket: Ticket, actual: list[int], total: int,
+                             request_id: str) -> None:
+        try:
+            # shielded: a client that hangs up must not cancel the release of its reservation
+            await asyncio.shield(counters.settle(ticket, actual, total))
+        except Exception as e:
+            self._settle_failed(e, request_id, ticket.backend)
+
+    def _settle_failed(self, e: Exception, request_id: str, backend: str) -> None:
+        self.m_redis_errors.labels("settle_failed").inc()
+        log.error("could not settle request %s in %s: %s (its reservation stays counted)", request_id, backend, e)
 
     # -- admin ---------------------------------------------------------------------------------------
     async def budget_status(self, b: Budget) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 from kaiyuan.accounting.output_cap import OutputAsk, OutputCaps
 from kaiyuan.accounting.prices import ResolvedPrice
-from kaiyuan.accounting.tokens import count_with, counter_for
+from kaiyuan.accounting.tokens import Counter, count_with, counter_for
 from kaiyuan.config import DeploymentBase
 
 DeploymentEntry = tuple[DeploymentBase, "ResolvedPrice | None", str]
@@ -33,26 +33,45 @@ class Reservation(NamedTuple):  # one per reserved request: a named tuple is the
     unpriced: str | None  # the first reachable deployment without a price (budgets cannot hold there)
 
 
-def reserve(deployments: Iterable[str], table: Mapping[str, DeploymentEntry], caps: OutputCaps, ask: OutputAsk,
-            body: dict[str, Any]) -> Reservation:
+class Step(NamedTuple):
+    """One deployment a request can reach, with what its reservation needs, looked up once per plan."""
+
+    deployment: str
+    count: Counter  # its tokenizer's count (or the estimate)
+    encoding: str  # which one: deployments that share it share one count
+    price: ResolvedPrice | None
+
+
+def plan(deployments: Iterable[str], table: Mapping[str, DeploymentEntry]) -> tuple[Step, ...]:
+    """The steps of ``reserve`` for these deployments (the unknown ones left out)."""
+    out = []
+    for did in deployments:
+        entry = table.get(did)
+        if entry is not None:
+            count, enc = counter_for(entry[0].model)
+            out.append(Step(did, count, enc, entry[1]))
+    return tuple(out)
+
+
+def reserve(steps: tuple[Step, ...], caps: OutputCaps, ask: OutputAsk, body: dict[str, Any]) -> Reservation:
     prompt = tokens = 0
     worst = 0.0
     unpriced = None
     counted: dict[str, int] = {}  # one count per tokenizer, however many deployments share it
-    for did in deployments:
-        entry = table.get(did)
-        if entry is None:
-            continue
-        dep, price, _vendor = entry
-        count, enc = counter_for(dep.model)
+    for did, count, enc, price in steps:
         p = counted.get(enc)
         if p is None:
             p = counted[enc] = count_with(count, body)
         out = caps.reserved_output(did, ask)
-        prompt = max(prompt, p)
-        tokens = max(tokens, p + out)
+        if p > prompt:
+            prompt = p
+        if p + out > tokens:
+            tokens = p + out
         if price is None:
             unpriced = unpriced or did
             continue
-        worst = max(worst, price.worst_case(p, out))
-    return Reservation(prompt, tokens, worst, unpriced)
+        w = price.worst_case(p, out)
+        if w > worst:
+            worst = w
+    # tuple.__new__: the named tuple's own __new__ is a Python function, several times the cost
+    return tuple.__new__(Reservation, (prompt, tokens, worst, unpriced))

@@ -17,7 +17,6 @@ them into the prompt). Counting is only used to *reserve*; the bill uses the ups
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
@@ -58,8 +57,10 @@ SCHEMA_KEYS = frozenset({"tools", "functions", "response_format"})  # counted as
 
 
 def estimate_tokens(text: str) -> int:
-    """The fallback: ceil(utf-8 bytes / 2), a stated margin above real counts (see the module docstring)."""
-    return math.ceil(len(text.encode("utf-8")) / ESTIMATE_BYTES_PER_TOKEN)
+    """The fallback: ceil(utf-8 bytes / 2), a stated margin above real counts (see the module docstring).
+    (Integer arithmetic, and no encoding for ASCII text, whose length is its size in bytes.)"""
+    n = len(text) if text.isascii() else len(text.encode("utf-8"))
+    return (n + ESTIMATE_BYTES_PER_TOKEN - 1) // ESTIMATE_BYTES_PER_TOKEN
 
 
 def encoding_name(model: str) -> str | None:
@@ -117,6 +118,8 @@ def _strings(node: Any, out: list[str], images: list[int]) -> None:
         for v in node:
             if isinstance(v, str):
                 out.append(v)
+            elif type(v) is dict and len(v) == 2 and "role" in v and type(v.get("content")) is str:
+                out.append(v["content"])  # the commonest message, {"role", "content": text}: what the walk would take
             else:
                 _strings(v, out, images)
 

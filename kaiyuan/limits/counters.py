@@ -22,11 +22,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kaiyuan.limits.expiry import Liveness
+from kaiyuan.limits.resp import AdmitPacker
 from kaiyuan.limits.settle_batch import BUDGET_SETTLE_LUA, ORPHAN_TTL_S, OnEvent, SettleBatcher
 
 NANO = 1_000_000_000
 SEED_UNKNOWN = -1
 ADMIT_DEADLINE_S = 2.0  # an admit that reaches Redis later than this is refused (see RedisCounters.admit)
+WINDOW_TTL_S = 120  # a rate window (one minute) is kept a minute longer
 PARALLEL_TTL_S = 900  # a replica that dies mid-request stops holding a parallel slot after this
 
 
@@ -386,6 +388,8 @@ class RedisCounters:
         self._adopt = self.redis.register_script(ADOPT_LUA)
         self.replica = uuid.uuid4().hex[:12]
         self.liveness = Liveness(self.redis, prefix, self.replica)
+        self._admit_packer = AdmitPacker(self._admit.sha, prefix, self.replica, self.liveness.resof(self.replica),
+                                         WINDOW_TTL_S, PARALLEL_TTL_S)
         self.batcher = SettleBatcher(self.redis, prefix, self.replica, on_settle_event, send=self._eval)
 
     def _rate_keys(self, scope: str, minute: int) -> list[str]:
@@ -397,7 +401,6 @@ class RedisCounters:
         (Redis was paused, and the caller has timed out and answered 503) counts nothing, so a late
         admit can never leave a reservation that no one will release."""
         minute = int(now // 60)
-        keys: list[str] = []
         off = self._offset_ms  # the clock offset, measured (the first admit, then every CLOCK_REFRESH_S) or not
         if off is not None and time.monotonic() - self._offset_at <= CLOCK_REFRESH_S:
             deadline = int(time.time() * 1000 + off + ADMIT_DEADLINE_S * 1000)
@@ -407,19 +410,15 @@ class RedisCounters:
         # batcher's counts and marker below are the ones the admit runs behind (pipelining.py)
         bt = self.batcher
         marker = bt.inflight_marker
-        args: list[Any] = [len(rates), len(budgets), prompt_tokens, 120, PARALLEL_TTL_S, int(marker is not None), deadline, self.replica]
-        queued, inflight = bt.pending_parallel, bt.inflight_parallel
-        for r in rates:
-            keys += self._rate_keys(r.scope, minute)
-            args += [_lim(r.rpm), _lim(r.tpm), _lim(r.max_parallel)]
-            args += [queued.get(r.scope, 0), inflight.get(r.scope, 0)] if r.max_parallel is not None else [0, 0]
-        for b in budgets:
-            keys.append(f"{self.prefix}bud:{b.counter}")
-            args += [b.limit, b.seed, b.reserve, b.ttl_s if b.ttl_s else -1, b.known]
-        keys.append(self.liveness.resof(self.replica))
-        if marker is not None:
-            keys.append(marker)
-        res = await self._eval(self._admit, keys, args, lambda r: self._orphaned(r, rates, budgets, minute, prompt_tokens))
+        # copies (when not empty): a fallback send (below) uses the counts this admit was packed with
+        queued = dict(bt.pending_parallel) if bt.pending_parallel else {}
+        inflight = dict(bt.inflight_parallel) if bt.inflight_parallel else {}
+        packed = self._admit_packer.pack(rates, budgets, prompt_tokens, minute, deadline, marker, queued, inflight)
+        res = await self._eval_packed(
+            self._admit, packed,
+            lambda: self.admit_lists(rates, budgets, prompt_tokens, minute, deadline, marker, queued, inflight),
+            lambda r: self._orphaned(r, rates, budgets, minute, prompt_tokens),
+        )
         code = int(res[0])
         if code == 0:
             return self._ticket(res, rates, budgets, minute, prompt_tokens)
@@ -432,6 +431,25 @@ class RedisCounters:
             return AdoptFirst(int(res[1]), g.decode() if isinstance(g, bytes) else str(g))
         kind = res[2].decode() if isinstance(res[2], bytes) else str(res[2])
         return Denial(kind, int(res[1]), int(res[3]), int(res[4]))
+
+    def admit_lists(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt_tokens: int, minute: int,
+                    deadline: int, marker: str | None, queued: dict[str, int],
+                    inflight: dict[str, int]) -> tuple[list[str], list[Any]]:
+        """The admit's keys and arguments (ADMIT_LUA's layout) as lists: what redis-py's own call
+        sends when the script must be loaded first; ``AdmitPacker`` packs the same from memoised parts."""
+        keys: list[str] = []
+        args: list[Any] = [len(rates), len(budgets), prompt_tokens, WINDOW_TTL_S, PARALLEL_TTL_S, int(marker is not None), deadline, self.replica]
+        for r in rates:
+            keys += self._rate_keys(r.scope, minute)
+            args += [_lim(r.rpm), _lim(r.tpm), _lim(r.max_parallel)]
+            args += [queued.get(r.scope, 0), inflight.get(r.scope, 0)] if r.max_parallel is not None else [0, 0]
+        for b in budgets:
+            keys.append(f"{self.prefix}bud:{b.counter}")
+            args += [b.limit, b.seed, b.reserve, b.ttl_s if b.ttl_s else -1, b.known]
+        keys.append(self.liveness.resof(self.replica))
+        if marker is not None:
+            keys.append(marker)
+        return keys, args
 
     def _ticket(self, res: list[Any], rates: list[RateCheck], budgets: list[BudgetCheck], minute: int,
                 prompt_tokens: int) -> Ticket:
@@ -459,6 +477,16 @@ class RedisCounters:
         try:
             return await self.pipeline.call(self._pack(["EVALSHA", script.sha, len(keys), *keys, *args]), orphan)
         except self._send_alone:
+            return await script(keys=keys, args=args)
+
+    async def _eval_packed(self, script: Any, packed: bytes, lists: Callable[[], tuple[list[str], list[Any]]],
+                           orphan: Callable[[Any], None] | None = None) -> Any:
+        """``_eval`` with the command already packed; ``lists`` gives its keys and arguments for
+        redis-py's own call (NOSCRIPT: Redis restarted; or the pipeline's queue is full)."""
+        try:
+            return await self.pipeline.call(packed, orphan)
+        except self._send_alone:
+            keys, args = lists()
             return await script(keys=keys, args=args)
 
     async def _deadline_ms(self) -> int:

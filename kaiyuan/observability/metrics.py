@@ -9,10 +9,11 @@ kept in memory and written to the files once a second (:mod:`kaiyuan.observabili
 from __future__ import annotations
 
 import os
-from collections.abc import Container
+from bisect import bisect_left
+from collections.abc import Callable, Container
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 
 from kaiyuan.context import RequestContext
 from kaiyuan.observability import multiproc
@@ -27,6 +28,7 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # see child(); never cleared
+        self._adders: dict[tuple[int, tuple[str, ...]], Callable[[float], None]] = {}  # see adder(); as bounded
         self.requests = Counter(
             "kaiyuan_requests", "Requests by model, deployment, endpoint and status",
             ["model", "deployment", "endpoint", "status"], registry=r,
@@ -52,6 +54,7 @@ class Metrics:
         )
         self.in_flight = Gauge("kaiyuan_requests_in_flight", "Requests being served", registry=r,
                                multiprocess_mode="livesum")
+        self.in_flight_add = _adder(self.in_flight)  # +1 / -1 per request, on the loop (see adder())
         self.store = WriterMetrics(r)  # every batch writer's written / dropped / set-aside rows
         self.denied = Counter("kaiyuan_guard_denied", "Requests refused by authentication, limits or budgets",
                               ["reason"], registry=r)
@@ -70,6 +73,18 @@ class Metrics:
             c = self._children[key] = metric.labels(*labels)
         return c
 
+    def adder(self, metric: Any, *labels: str) -> Callable[[float], None]:
+        """What ``inc(x)`` (a counter) or ``observe(x)`` (a histogram) of one labelled child does,
+        cached and without prometheus_client's per-call checks (a child is always observable; our
+        amounts are never negative) and with a bisection for the bucket instead of a walk over the
+        bounds: ~3 us less a histogram observation. Same values (``tests/test_metrics_fast.py``);
+        a prometheus_client without these internals gets its own methods."""
+        key = (id(metric), labels)
+        a = self._adders.get(key)
+        if a is None:
+            a = self._adders[key] = _adder(self.child(metric, *labels))
+        return a
+
     def observe(self, ctx: RequestContext, known_models: Container[str] | None = None) -> None:
         """Count one finished request. A model name outside ``known_models`` (whatever a client
         sent) is labelled ``(unknown)``, so bad requests cannot grow the series without bound."""
@@ -77,20 +92,20 @@ class Metrics:
         if known_models is not None and model not in known_models:
             model = UNKNOWN_MODEL
         dep = ctx.deployment or ""
-        child = self.child
-        child(self.requests, model, dep, ctx.endpoint, str(ctx.status)).inc()
-        child(self.latency, model, dep).observe(ctx.elapsed())
+        add = self.adder
+        add(self.requests, model, dep, ctx.endpoint, str(ctx.status))(1)
+        add(self.latency, model, dep)(ctx.elapsed())
         if ctx.ttft is not None:
-            child(self.ttft, model, dep).observe(ctx.ttft)
+            add(self.ttft, model, dep)(ctx.ttft)
         u = ctx.usage
         if u.prompt_tokens:
-            child(self.tokens, model, dep, "prompt").inc(u.prompt_tokens)
+            add(self.tokens, model, dep, "prompt")(u.prompt_tokens)
         if u.completion_tokens:
-            child(self.tokens, model, dep, "completion").inc(u.completion_tokens)
+            add(self.tokens, model, dep, "completion")(u.completion_tokens)
         if u.cached_tokens:
-            child(self.tokens, model, dep, "cached").inc(u.cached_tokens)
+            add(self.tokens, model, dep, "cached")(u.cached_tokens)
         if u.reasoning_tokens:
-            child(self.tokens, model, dep, "reasoning").inc(u.reasoning_tokens)
+            add(self.tokens, model, dep, "reasoning")(u.reasoning_tokens)
         for a in ctx.attempts:
             if a.error is not None or (a.status is not None and a.status >= 400):
                 self.upstream_errors.labels(model, a.deployment, str(a.status or "transport")).inc()
@@ -113,3 +128,42 @@ class Metrics:
             multiprocess.MultiProcessCollector(every_worker)
             return generate_latest(every_worker)
         return generate_latest(self.registry)
+
+
+def _adder(child: Any) -> Callable[[float], None]:
+    """The fast ``inc``/``observe`` of one child (see :meth:`Metrics.adder`). The request metrics
+    are counted on the event loop's thread only, so with prometheus_client's in-memory value (or
+    ours, :class:`multiproc.BufferedValue`) the float is added to directly, without the value's
+    lock (a with-statement per value, a dozen a request); other value classes get their ``inc``."""
+    buckets, bounds, total = (getattr(child, n, None) for n in ("_buckets", "_upper_bounds", "_sum"))
+    if buckets is not None and bounds is not None and total is not None:  # a histogram
+        bounds = tuple(bounds)
+        n = len(bounds)
+        if _plain(total, *buckets):
+            def observe(amount: float) -> None:
+                total._value += amount
+                i = bisect_left(bounds, amount)  # the first bound >= amount, as prometheus_client's walk finds
+                if i < n and amount <= bounds[i]:  # NaN: no bucket, as there
+                    buckets[i]._value += 1
+            return observe
+        incs = tuple(b.inc for b in buckets)
+
+        def observe_locked(amount: float) -> None:
+            total.inc(amount)
+            i = bisect_left(bounds, amount)
+            if i < n and amount <= bounds[i]:
+                incs[i](1)
+        return observe_locked
+    value = getattr(child, "_value", None)
+    if value is not None and hasattr(child, "_raise_if_not_observable"):  # a counter
+        if _plain(value):
+            def inc(amount: float) -> None:
+                value._value += amount
+            return inc
+        return value.inc
+    return child.observe if hasattr(child, "observe") else child.inc
+
+
+def _plain(*vals: Any) -> bool:
+    """Whether every value keeps its float in ``_value`` as the two value classes we know do."""
+    return all(type(v) in (values.MutexValue, multiproc.BufferedValue) and isinstance(v._value, float) for v in vals)

@@ -22,7 +22,7 @@ from kaiyuan.gateway import Gateway
 from kaiyuan.observability import malloc_trim
 from kaiyuan.pipeline import GATEWAY_KEY, record_unknown_route
 from kaiyuan.routing import admin as routing_admin
-from kaiyuan.server import anthropic_api, gemini_api, health, openai_api, responses_api
+from kaiyuan.server import anthropic_api, fast_routes, gemini_api, health, openai_api, responses_api
 from kaiyuan.server.common import ErrorSerializer, error_response, request_too_large
 from kaiyuan.server.connections import ConnectionLimiter, default_max_connections
 from kaiyuan.server.workers import supervisor_pid
@@ -203,6 +203,7 @@ async def run_server(config: GatewayConfig, host: str, port: int, ready: Callabl
         shutdown_timeout=srv.shutdown_grace_s,  # SIGTERM: in-flight requests and streams may finish
     )
     await runner.setup()
+    fast_routes.install(runner)
     loop = asyncio.get_running_loop()
     assert runner.server is not None
     limiter = ConnectionLimiter(runner.server, srv.max_connections or default_max_connections(), loop)

@@ -96,7 +96,11 @@ _NO_CONTENT = (b'{"content":""', b'{"content":null', b'{"content": ""', b'{"cont
 def openai_event_tokens(ev: bytes) -> int:
     """1 for a chat chunk whose delta carries generated text, reasoning or tool arguments, or a
     legacy completions chunk with text; 0 for the opening (role) chunk, an empty delta (the
-    closing chunk), usage-only chunks. One scan to the delta, then a look at its first bytes."""
+    closing chunk), usage-only chunks. One scan to the delta, then a look at its first bytes
+    (the compact form of a text delta, nearly every event, is recognised at once)."""
+    i = ev.find(b'"delta":{"content":"')
+    if i >= 0 and ev[i + 20:i + 21] != b'"':
+        return 1
     i = ev.find(b'"delta":')
     if i < 0:  # legacy completions ({"choices": [{"text": ...}]}) or a usage-only chunk
         k = ev.find(b'"text":"')

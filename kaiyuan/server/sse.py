@@ -11,6 +11,7 @@ import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from itertools import repeat
 
 import orjson
 from aiohttp import web
@@ -35,7 +36,6 @@ log = logging.getLogger("kaiyuan.server")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]"
 DONE_FORMS = (DONE, b"data:[DONE]")
-_NOTABLE = (b'"usage":{', b'"usage": {', b'"error"')  # how an event that carries usage or an error shows it
 _NOTABLE_RE = re.compile(rb'"usage": ?\{|"error"')
 _SEARCH_FROM = 1024  # bytes: longer data is searched by notable(), shorter with _NOTABLE_RE
 MAX_EVENT_BYTES = 64 * 1024 * 1024  # one event buffered at most (a runaway upstream must not exhaust memory)
@@ -250,14 +250,16 @@ async def relay_openai_stream(
         saw_done = False
         try:
             async for events in sse_events(stream):
-                for i, ev in enumerate(events):
+                i = first_stop(events, lim)
+                if i < len(events):
+                    ev = events[i]
                     if ev.startswith(DONE_FORMS):  # the space is optional in SSE
                         saw_done = True
                         events = events[:i]
-                        break
-                    if not ev.startswith(SSE_FIELDS):
+                    elif not ev.startswith(SSE_FIELDS):
                         raise _not_sse(ev, ctx)
-                    if lim is not None and lim.over(openai_event_tokens(ev)):
+                    else:  # past the output limit (lim counted this event)
+                        assert lim is not None
                         head = edit(events[:i])
                         await close_upstream(ctx)
                         usage = record_cut(ctx, lim, ctx.body)
@@ -315,12 +317,45 @@ def upstream_error(ctx: RequestContext, message: object) -> None:
 
 def notable(data: bytes) -> int:
     """Where ``data`` (several events, KiBs) first shows a usage object or an error (the index), or
-    -1. Byte searches: with no literal to start from, ``_NOTABLE_RE`` steps through every byte,
-    which costs more than three searches on long data, and less on one event (callgrind, bench/
-    RESULTS.md "Issue 13, fourth round")."""
-    if b'"usage":{' not in data and b'"usage": {' not in data and b'"error"' not in data:
-        return -1
-    return min(i for i in (data.find(n) for n in _NOTABLE) if i >= 0)
+    -1. Two byte searches in the usual case: with no literal to start from, ``_NOTABLE_RE`` steps
+    through every byte, which costs more than the searches on long data, and less on one event
+    (callgrind, bench/RESULTS.md "Issue 13, fourth round")."""
+    e = data.find(b'"error"')
+    end = len(data) if e < 0 else e
+    u = data.find(b'"usage":', 0, end)
+    if u < 0:
+        return e
+    if data[u + 8:u + 9] == b"{" or data[u + 8:u + 10] == b" {":
+        return u
+    # a "usage": null first (some upstreams put one on every chunk): an object, if any, comes later
+    found = [i for i in (data.find(b'"usage":{', u, end), data.find(b'"usage": {', u, end)) if i >= 0]
+    return min(found) if found else e
+
+
+_JSON_EVENT = b"data: {"  # how nearly every event of an OpenAI-protocol stream begins
+
+
+def first_stop(events: list[bytes], lim: OutputLimit | None) -> int:
+    """The index of the first event the relay must stop at: ``[DONE]``, a line that is not SSE, or
+    the event that takes the answer past ``lim`` (counted into it, as every event before it is);
+    ``len(events)`` when there is none. Each event counts at most one token, so a group with no
+    more events than the limit has room for is counted in one pass with no per-event test; so is
+    a group of plain JSON events (with a ``[DONE]`` last, the usual end)."""
+    n = len(events)
+    body = events[:-1] if events[-1].startswith(DONE_FORMS) else events
+    k = len(body)
+    if sum(map(bytes.startswith, body, repeat(_JSON_EVENT))) == k:  # no [DONE] nor a non-SSE line among them
+        if lim is None:
+            return k
+        if k <= lim.limit - lim.seen:
+            lim.seen += sum(map(openai_event_tokens, body))
+            return k
+    for i, ev in enumerate(events):  # the exact walk
+        if ev.startswith(DONE_FORMS) or not ev.startswith(SSE_FIELDS):
+            return i
+        if lim is not None and lim.over(openai_event_tokens(ev)):
+            return i
+    return n
 
 
 def _not_sse(ev: bytes, ctx: RequestContext) -> GatewayError:

@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from kaiyuan.server import fast_routes
+
 T = TypeVar("T")
 
 
@@ -44,6 +46,7 @@ class ServerThread:
             kwargs = {"handler_cancellation": True, "shutdown_timeout": 1.0, **runner_kwargs}
             runner = web.AppRunner(app, access_log=None, **kwargs)
             await runner.setup()
+            fast_routes.install(runner)  # as kaiyuan serve does (server.app.run_server)
             site = web.TCPSite(runner, "127.0.0.1", port)
             await site.start()
             self._runners.append(runner)

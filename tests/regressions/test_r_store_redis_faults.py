@@ -143,8 +143,8 @@ def test_a_restarted_redis_is_reseeded_from_the_ledger_including_unwritten_rows(
     assert "budget_exceeded" in results
     ledger = gw.gateway.ledger
     rows = ledger.writer.rows()
-    spent = sum(row["cost_usd"] for row in rows)
-    one_request = max(row["cost_usd"] for row in rows)
+    spent = sum(row.cost_usd or 0.0 for row in rows)
+    one_request = max(row.cost_usd or 0.0 for row in rows)
     assert spent <= 0.5 + 1e-9, f"spent ${spent:.4f} of a $0.50 budget (one request: ${one_request:.4f})"
     assert spent >= 0.4  # and the budget was used (a reservation is larger than a request's real cost)
 

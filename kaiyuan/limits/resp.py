@@ -1,0 +1,119 @@
+"""The Redis admit of a keyed request, packed in RESP with the parts that repeat encoded once.
+
+Why: ``hiredis.pack_command`` formats every argument with ``sprintf`` and a decimal conversion,
+about 1,600 instructions per argument under callgrind; the admit has ~27 arguments (~44,000
+instructions per request, the largest single item of a Redis-backed key's cost, bench/RESULTS.md
+"Issue 13, keys round 5"). Most of them are the same from one request of a key to the next: the
+script's sha, the rate-window keys (per minute), the limits, the budget counter's key (per
+period), this replica's id. Here an argument is encoded once (``$<len>\\r\\n<bytes>\\r\\n``) and
+kept in a bounded memo; a command is the concatenation of those pieces behind its ``*<n>`` header.
+Values that never repeat (the admit's deadline) are encoded without the memo. The bytes are exactly
+what ``pack_command`` makes of the same list (tested), so Redis sees the same command.
+
+Arguments are ``str`` (any text: lengths are counted in UTF-8 bytes) or ``int`` (not ``bool``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kaiyuan.limits.counters import BudgetCheck, RateCheck
+
+MEMO_MAX = 4096  # encoded arguments kept per kind (str, int); the memo is emptied when it is full
+
+
+class Bulk:
+    """Encoded arguments, memoised (bounded)."""
+
+    def __init__(self) -> None:
+        self._str: dict[str, bytes] = {}
+        self._int: dict[int, bytes] = {}
+
+    def s(self, v: str) -> bytes:
+        b = self._str.get(v)
+        if b is None:
+            if len(self._str) >= MEMO_MAX:
+                self._str.clear()
+            b = self._str[v] = once(v)
+        return b
+
+    def i(self, v: int) -> bytes:
+        b = self._int.get(v)
+        if b is None:
+            if len(self._int) >= MEMO_MAX:
+                self._int.clear()
+            b = self._int[v] = once(v)
+        return b
+
+
+def once(v: str | int) -> bytes:
+    """One argument in RESP, not memoised."""
+    if type(v) is str:
+        raw = v.encode()
+    elif type(v) is int:
+        raw = b"%d" % v
+    else:
+        raise TypeError(f"a Redis argument here is str or int, not {type(v).__name__}")
+    return b"$%d\r\n%b\r\n" % (len(raw), raw)
+
+
+class AdmitPacker:
+    """The ADMIT script's EVALSHA (its layout: ``kaiyuan.limits.counters.ADMIT_LUA``), packed from
+    memoised pieces. One per RedisCounters: ``prefix``, ``replica`` and the script's ``sha`` are fixed."""
+
+    def __init__(self, sha: str, prefix: str, replica: str, resof: str, window_ttl: int, parallel_ttl: int) -> None:
+        self.bulk = Bulk()
+        self.prefix = prefix
+        self._evalsha = once("EVALSHA") + once(sha)
+        self._replica = once(replica)
+        self._resof = once(resof)
+        self._ttls = once(window_ttl) + once(parallel_ttl)
+        # per rate scope: (the RateCheck, minute, its 3 keys, its 3 limits) encoded, for the current minute
+        self._rates: dict[str, tuple[RateCheck, int, bytes, bytes]] = {}
+        self._budget_keys: dict[str, bytes] = {}  # budget counter -> its hash's key, encoded
+
+    def _budget_key(self, counter: str) -> bytes:
+        b = self._budget_keys.get(counter)
+        if b is None:
+            if len(self._budget_keys) >= MEMO_MAX:
+                self._budget_keys.clear()
+            b = self._budget_keys[counter] = once(f"{self.prefix}bud:{counter}")
+        return b
+
+    def _rate(self, r: RateCheck, minute: int) -> tuple[bytes, bytes]:
+        hit = self._rates.get(r.scope)
+        if hit is None or hit[0] is not r or hit[1] != minute:
+            if len(self._rates) >= MEMO_MAX:
+                self._rates.clear()
+            p, s = self.prefix, r.scope
+            keys = once(f"{p}rpm:{s}:{minute}") + once(f"{p}tpm:{s}:{minute}") + once(f"{p}par:{s}")
+            lims = b"".join([once(-1 if v is None else v) for v in (r.rpm, r.tpm, r.max_parallel)])
+            hit = self._rates[r.scope] = (r, minute, keys, lims)
+        return hit[2], hit[3]
+
+    def pack(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt_tokens: int, minute: int, deadline: int,
+             marker: str | None, queued: dict[str, int], inflight: dict[str, int]) -> bytes:
+        """The admit command; the same bytes as ``pack(["EVALSHA", sha, len(keys), *keys, *args])``
+        with the keys and arguments ``RedisCounters.admit_lists`` gives."""
+        bi, bs = self.bulk.i, self.bulk.s
+        keys: list[bytes] = []
+        args: list[bytes] = [bi(len(rates)), bi(len(budgets)), bi(prompt_tokens), self._ttls,
+                             bi(int(marker is not None)), once(deadline), self._replica]
+        for r in rates:
+            k, lims = self._rate(r, minute)
+            keys.append(k)
+            args.append(lims)
+            if r.max_parallel is not None:
+                args += [bi(queued.get(r.scope, 0)), bi(inflight.get(r.scope, 0))]
+            else:
+                args += [bi(0), bi(0)]
+        for b in budgets:
+            keys.append(self._budget_key(b.counter))
+            args += [bi(b.limit), bi(b.seed), bi(b.reserve), bi(b.ttl_s if b.ttl_s else -1), bs(b.known)]
+        keys.append(self._resof)
+        if marker is not None:
+            keys.append(once(marker))
+        n_keys = 3 * len(rates) + len(budgets) + 1 + (marker is not None)
+        n_args = 8 + 5 * len(rates) + 5 * len(budgets)
+        return b"".join([b"*%d\r\n" % (3 + n_keys + n_args), self._evalsha, bi(n_keys), *keys, *args])

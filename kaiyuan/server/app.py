@@ -22,7 +22,7 @@ from kaiyuan.gateway import Gateway
 from kaiyuan.observability import malloc_trim
 from kaiyuan.pipeline import GATEWAY_KEY, record_unknown_route
 from kaiyuan.routing import admin as routing_admin
-from kaiyuan.server import anthropic_api, fast_routes, gemini_api, health, openai_api, responses_api
+from kaiyuan.server import anthropic_api, drain, fast_routes, gemini_api, health, openai_api, responses_api
 from kaiyuan.server.common import ErrorSerializer, error_response, request_too_large
 from kaiyuan.server.connections import ConnectionLimiter, default_max_connections
 from kaiyuan.server.workers import supervisor_pid
@@ -238,6 +238,8 @@ async def run_server(config: GatewayConfig, host: str, port: int, ready: Callabl
         if orphan_watch is not None:
             orphan_watch.cancel()
         await background.stop(trimming)
+        server.close()  # stop accepting: with --workers, the other workers take new connections
+        if stop.is_set():  # answer on open connections with Connection: close for a short grace (server.drain)
+            await drain.connections(limiter, min(drain.IDLE_GRACE_S, srv.shutdown_grace_s))
         log.info("shutting down: flushing the request log")
-        server.close()
         await runner.cleanup()

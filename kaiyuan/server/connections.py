@@ -87,7 +87,7 @@ class _Refused(asyncio.Protocol):
             _Refused.lingering.remove(self)
 
 
-def _unread(h: RequestHandler) -> int:
+def unread(h: RequestHandler) -> int:
     """Bytes the kernel holds for this connection that the loop has not read yet (FIONREAD)."""
     sock = h.transport.get_extra_info("socket") if h.transport is not None else None
     if sock is None:
@@ -99,7 +99,7 @@ def _unread(h: RequestHandler) -> int:
     return int(struct.unpack("i", buf)[0])
 
 
-def _idle(h: RequestHandler) -> bool:
+def idle(h: RequestHandler) -> bool:
     """Waiting for a request head (none begun, or one half-sent), no request in progress."""
     waiter = h._waiter
     return h.transport is not None and waiter is not None and not waiter.done() and not h._messages
@@ -160,7 +160,7 @@ class ConnectionLimiter:
         for h, made in self.open.items():
             if made > old_enough:  # oldest first: the rest are younger still
                 return False
-            if _idle(h) and not _unread(h):  # unread bytes: its head is arriving, not idle
+            if idle(h) and not unread(h):  # unread bytes: its head is arriving, not idle
                 del self.open[h]
                 h.force_close()
                 self.evicted += 1

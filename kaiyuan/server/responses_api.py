@@ -141,7 +141,7 @@ async def _stream(request: web.Request, ctx: RequestContext, provider: Provider,
 
         try:
             await write(tr.start())
-            chunks = translate.openai_chunks(provider.protocol, upstream, ctx, ctx.model or "", True)
+            chunks = translate.openai_chunks(provider.protocol, upstream, ctx, ctx.model or "", True, lim)
             async for ch in capped_chunks(chunks, ctx, lim, True):
                 try:
                     out = tr.feed(ch)

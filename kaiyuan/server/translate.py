@@ -98,6 +98,14 @@ def usage_into_ctx(u: c.Usage, ctx: RequestContext) -> None:
     ctx.usage.reasoning_tokens = _count(u.reasoning)
 
 
+def reported_at_cut(e: GatewayError, usage: c.Usage, ctx: RequestContext, lim: OutputLimit | None) -> None:
+    """A stream cut at ``max_stream_bytes`` (``e``): the usage the upstream reported so far (an
+    Anthropic ``message_start``'s prompt, a ``message_delta``'s or Gemini chunk's counts) goes into
+    ``ctx.usage``, so the cut bills it and counts only what did not arrive (overrun.record_counted)."""
+    if e.code == STREAM_TOO_LARGE_CODE and lim is not None:
+        usage_into_ctx(usage, ctx)
+
+
 def prompt_estimate(ctx: RequestContext) -> int:
     """The prompt's size before the upstream reports it (for Anthropic's ``message_start``): the
     reservation's count when it made one, else ceil(body bytes / 3) (no second tokenizer pass)."""
@@ -212,17 +220,18 @@ async def _objects(stream: AsyncIterator[bytes]) -> AsyncIterator[Any]:
 
 
 async def openai_chunks(protocol: str, stream: AsyncIterator[bytes], ctx: RequestContext, model: str,
-                        include_usage: bool) -> AsyncIterator[dict[str, Any]]:
-    """Any upstream stream as OpenAI chat chunks (dicts); raises on a broken, truncated or malformed stream."""
+                        include_usage: bool, lim: OutputLimit | None = None) -> AsyncIterator[dict[str, Any]]:
+    """Any upstream stream as OpenAI chat chunks (dicts); raises on a broken, truncated or malformed
+    stream (``lim``: the output limit, for billing a stream cut at ``max_stream_bytes``)."""
     try:
-        async for ch in _openai_chunks(protocol, stream, ctx, model, include_usage):
+        async for ch in _openai_chunks(protocol, stream, ctx, model, include_usage, lim):
             yield ch
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise _malformed(ctx, e) from None
 
 
 async def _openai_chunks(protocol: str, stream: AsyncIterator[bytes], ctx: RequestContext, model: str,
-                         include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+                         include_usage: bool, lim: OutputLimit | None) -> AsyncIterator[dict[str, Any]]:
     if protocol == "openai":
         done = False
         async for obj in _objects(stream):
@@ -239,19 +248,27 @@ async def _openai_chunks(protocol: str, stream: AsyncIterator[bytes], ctx: Reque
         return
     if protocol == "anthropic":
         atr = AnthropicToOpenAI(model, include_usage)
-        async for obj in _objects(stream):
-            if isinstance(obj, dict):
-                for ch in atr.feed(obj):
-                    yield ch
+        try:
+            async for obj in _objects(stream):
+                if isinstance(obj, dict):
+                    for ch in atr.feed(obj):
+                        yield ch
+        except GatewayError as e:
+            reported_at_cut(e, atr.usage, ctx, lim)
+            raise
         if not atr.done:
             raise _early(ctx, "no message_stop")
         usage_into_ctx(atr.usage, ctx)
         return
     gtr = GeminiToOpenAI(model, include_usage)
-    async for obj in _objects(stream):
-        if isinstance(obj, dict):
-            for ch in gtr.feed(obj):
-                yield ch
+    try:
+        async for obj in _objects(stream):
+            if isinstance(obj, dict):
+                for ch in gtr.feed(obj):
+                    yield ch
+    except GatewayError as e:
+        reported_at_cut(e, gtr.usage, ctx, lim)
+        raise
     if gtr.reason is None:
         raise _early(ctx, "no finishReason")
     usage_into_ctx(gtr.usage, ctx)
@@ -266,7 +283,7 @@ async def relay_to_openai(request: web.Request, ctx: RequestContext, protocol: s
 
     async def pump(resp: web.StreamResponse) -> None:
         try:
-            chunks = openai_chunks(protocol, stream, ctx, model, include_usage)
+            chunks = openai_chunks(protocol, stream, ctx, model, include_usage, lim)
             async for ch in capped_chunks(chunks, ctx, lim, include_usage):
                 ctx.mark_first_byte()
                 data = oc.chunk_bytes(ch)
@@ -298,7 +315,7 @@ async def _relay_translated(request: web.Request, ctx: RequestContext, protocol:
 
     async def pump(resp: web.StreamResponse) -> None:
         try:
-            async for ch in capped_chunks(openai_chunks(protocol, stream, ctx, model, True), ctx, lim, True):
+            async for ch in capped_chunks(openai_chunks(protocol, stream, ctx, model, True, lim), ctx, lim, True):
                 try:
                     out = tr.feed(ch)
                 except (KeyError, TypeError, AttributeError, ValueError) as e:
@@ -358,8 +375,7 @@ async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext,
                     break
                 await resp.write(data)
         except GatewayError as e:
-            if e.code == STREAM_TOO_LARGE_CODE and lim is not None:  # cut at max_stream_bytes: bill what the
-                usage_into_ctx(usage, ctx)  # upstream reported so far; record_counted counts only what it did not
+            reported_at_cut(e, usage, ctx, lim)
             raise
         finally:
             if tail is not None:

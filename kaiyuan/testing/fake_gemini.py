@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from kaiyuan.testing.fake_openai import Behaviour, agent_call, count_tokens
+from kaiyuan.testing.fake_openai import Behaviour, agent_call, count_tokens, endless
 
 STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
           429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
@@ -189,6 +189,9 @@ class FakeGemini:
         resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream", **b.headers})
         await resp.prepare(request)
         for i, ev in enumerate(events):
+            if b.endless is not None and i == b.endless_after:
+                await endless(resp, b.endless)
+                return resp  # the client hung up
             if b.drop_after_chunks is not None and i == b.drop_after_chunks:
                 assert request.transport is not None
                 request.transport.close()

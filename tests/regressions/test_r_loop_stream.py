@@ -37,11 +37,13 @@ PING = b'event: ping\ndata: {"type": "ping"}\n\n'
 
 
 @pytest.fixture
-def gw(make_gateway: Callable[[dict[str, Any]], RunningGateway], fake_openai: FakeOpenAI, fake_anthropic: Any) -> RunningGateway:
+def gw(make_gateway: Callable[[dict[str, Any]], RunningGateway], fake_openai: FakeOpenAI, fake_anthropic: Any,
+       fake_gemini: Any) -> RunningGateway:
     dep = {"max_stream_bytes": LIMIT}
     return make_gateway({"server": {"master_key": MASTER}, "models": [
         priced("m", fake_openai.url, "up-m", IN, OUT, dep=dep),
         priced("claude", fake_anthropic.url, "claude-up", IN, OUT, protocol="anthropic", dep=dep),
+        priced("gem", fake_gemini.url, "gemini-up", IN, OUT, protocol="gemini", dep=dep),
         priced("native", fake_openai.url, "up-resp", IN, OUT, dep={**dep, "responses_api": True}),
         priced("wide", fake_openai.url, "up-m", IN, OUT),  # the default max_stream_bytes
     ]})
@@ -150,6 +152,28 @@ def test_a_cut_anthropic_pass_through_with_no_usage_yet_bills_the_gateway_s_coun
     counted = count_prompt("claude-up", {"model": "claude", "max_tokens": 100, "messages": LONG, "stream": True})
     assert counted != 777
     _billed(gw, k["id"], counted, 0)
+
+
+@pytest.mark.parametrize("model", ["claude", "gem"])
+def test_a_cut_translated_stream_bills_the_upstream_s_prompt(gw: RunningGateway, fake_anthropic: Any, fake_gemini: Any,
+                                                             model: str) -> None:
+    """The same for an OpenAI caller of an Anthropic or Gemini upstream (the stream translated):
+    message_start's input tokens, or the first Gemini chunk's usageMetadata.promptTokenCount."""
+    from kaiyuan.testing.fake_openai import count_tokens
+
+    k = new_key(gw, budgets=[{"period": "day", "limit_usd": 100}])
+    if model == "claude":
+        fake_anthropic.default = Behaviour(endless=PING, endless_after=4, usage=REPORTED)
+        prompt = 777
+    else:  # the fake counts words + 2 per turn; one chunk ("echo:"), then endless comments
+        fake_gemini.default = Behaviour(endless=COMMENT, endless_after=1)
+        prompt = sum(count_tokens(m["content"]) + 2 for m in LONG)
+    got = []
+    with pytest.raises(openai.APIError) as e:
+        for ch in oai(gw, k["key"]).chat.completions.create(model=model, messages=LONG, max_tokens=100, stream=True):
+            got.append(ch.choices[0].delta.content or "" if ch.choices else "")
+    assert "".join(got) == "echo:" and "max_stream_bytes" in e.value.message
+    _billed(gw, k["id"], prompt, 1)
 
 
 @pytest.mark.parametrize("model", ["m", "native"])  # translated from chat, and a Responses pass-through

@@ -177,6 +177,11 @@ VARIANTS: list[Variant] = [
     # load generators' CPU (server.supervisor: always). CPU per request counts both processes.
     Variant("kaiyuan-sup", config_patch={"server": {"workers": 1, "supervisor": "always"}}, flag="sup",
             supervisor_cpu="0"),
+    # Issue 13: the default layout with a key: the worker's limits and budget are held by its
+    # supervisor (one round trip on a local socket per admit, limits.shared), exact across workers.
+    Variant("kaiyuan-sup+keys", config_patch={"server": {"workers": 1, "supervisor": "always", "master_key": MASTER_KEY},
+                                              "accounting": PRICES},
+            setup=_virtual_key, flag="keys-sup", supervisor_cpu="0"),
     # Diagnostic: the same gateway without the request log, to see what the log costs.
     Variant("kaiyuan-nolog", config_patch={"request_log": {"enabled": False}}, flag="nolog"),
 ]

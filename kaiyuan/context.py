@@ -104,6 +104,9 @@ class RequestContext:
     usage: Usage = field(default_factory=Usage)
     cost_usd: float | None = None
     pricer: Callable[[RequestContext], float | None] | None = None  # prices ctx.usage (x-kaiyuan-cost)
+    # (what was priced, its cost): the x-kaiyuan-cost header's pricing, reused by the settle when the
+    # usage is still the one it priced (accounting.costing.Costing.cost)
+    priced: tuple[tuple[Any, ...], float | None] | None = None
     prompt_estimate: int | None = None  # prompt tokens counted at reservation
     ask: OutputAsk | None = None  # the caller's output cap and n, read once (accounting.output_cap.ask_of)
     tokens_reserved: int | None = None  # tokens reserved against TPM limits (prompt + output cap x n)

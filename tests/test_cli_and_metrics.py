@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from typing import Any
@@ -24,8 +25,14 @@ async def test_serve_logs_and_metrics(fake_openai: Any, tmp_path: Any) -> None:
         assert r.choices[0].message.content == "echo: from the cli test"
         await c.close()
         async with aiohttp.ClientSession() as s:
-            async with s.get(gw.url + "/metrics") as m:
-                text = await m.text()
+            # The request is counted just after its answer, and with two workers a scrape served by
+            # the other one sees it within metrics sync interval (1 s, docs/scaling.md): poll briefly.
+            for _ in range(50):
+                async with s.get(gw.url + "/metrics") as m:
+                    text = await m.text()
+                if 'kind="prompt"' in text and 'status="200"} 1.0' in text:
+                    break
+                await asyncio.sleep(0.1)
             async with s.get(gw.url + "/readyz") as rz:
                 assert rz.status == 200
     finally:

@@ -127,9 +127,9 @@ def test_a_budgets_counter_follows_the_period_and_a_reloaded_limit(keyed: Callab
         (b,) = rec.budgets
         r = gw.reservations
         nov, dec = 1_764_000_000.0, 1_764_600_000.0  # 2025-11-24 and 2025-12-01 (UTC)
-        ((c1, _),) = r._budget_checks(rec, nov, 0.5)
-        ((c2, _),) = r._budget_checks(rec, nov + 3600, 0.5)
-        ((c3, _),) = r._budget_checks(rec, dec, 0.5)
+        (c1,) = r._budget_checks(rec, nov, 0.5)
+        (c2,) = r._budget_checks(rec, nov + 3600, 0.5)
+        (c3,) = r._budget_checks(rec, dec, 0.5)
         start_nov, end_nov = keystore.period_bounds("month", nov)
         assert c1.counter == c2.counter == f"{b.id}:{int(start_nov)}"
         assert c3.counter == f"{b.id}:{int(keystore.period_bounds('month', dec)[0])}"
@@ -137,10 +137,10 @@ def test_a_budgets_counter_follows_the_period_and_a_reloaded_limit(keyed: Callab
         assert c1.ttl_s == int(end_nov - nov) + 2 * 86400 and c2.ttl_s == c1.ttl_s - 3600
         assert c1 is not c2  # a new check per request: the Redis admit writes into it
         rec.budgets = [Budget(b.id, b.scope, b.scope_id, b.period, 7.5)]  # a reload with a new limit
-        ((c4, _),) = r._budget_checks(rec, dec, 0.5)
+        (c4,) = r._budget_checks(rec, dec, 0.5)
         assert c4.limit == 7_500_000_000 and c4.counter == c3.counter
         rec.budgets = [Budget(b.id, b.scope, b.scope_id, "total", 1.0)]
-        ((c5, _),) = r._budget_checks(rec, dec, 0.5)
+        (c5,) = r._budget_checks(rec, dec, 0.5)
         assert c5.counter == f"{b.id}:0" and c5.ttl_s is None
 
     keyed(scenario)
@@ -216,3 +216,34 @@ def test_a_spend_row_is_every_ledger_column_and_reads_back_by_name(tmp_path: Pat
             r7["vendor"], r7["prompt_tokens"], r7["completion_tokens"], r7["cached_tokens"]) == (
         "k1", None, "u1", "m", "m-dep", "up-model", "vendor", 12, 7, 1)
     assert r7["cost_usd"] == 0.25 + 7 / NANO and rows["req-9"]["team_id"] == "t1" and rows["req-8"]["cached_tokens"] is None
+
+
+def test_a_whole_answer_is_priced_once_unless_its_usage_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The x-kaiyuan-cost header prices the usage, the settle prices it again: the second time the
+    same price and usage reuse the first cost; a usage the settle clamped (or any field that counts)
+    is priced anew."""
+    from kaiyuan.accounting.costing import Costing
+    from kaiyuan.accounting.prices import ResolvedPrice
+    from kaiyuan.config import AccountingSettings
+
+    cfg = parse_config({"models": [{"name": "m", "deployments": [{"id": "m-dep", "provider": "openai_compatible",
+                                     "base_url": "http://127.0.0.1:9/v1", "model": "x", "price": PRICE}]}]}, "<test>")
+    costing = Costing(cfg.models, AccountingSettings())
+    calls: list[int] = []
+    real = ResolvedPrice.cost
+
+    def counted(self: ResolvedPrice, usage: Usage) -> float | None:
+        calls.append(1)
+        return real(self, usage)
+
+    monkeypatch.setattr(ResolvedPrice, "cost", counted)
+    ctx = RequestContext("r", "openai", "chat", usage=Usage(1000, 500, 200))
+    ctx.deployment = "m-dep"
+    first = costing.cost(ctx)
+    assert costing.cost(ctx) == first and len(calls) == 1
+    assert first == (800 * 1.0 + 200 * 1.0 + 500 * 2.0) / 1e6
+    for change in ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens"):
+        setattr(ctx.usage, change, 100)
+        again = costing.cost(ctx)
+        assert again == real(costing.deployments["m-dep"].price, ctx.usage)  # type: ignore[arg-type]
+    assert len(calls) == 5

@@ -8,9 +8,10 @@ import pytest
 import yaml
 
 from kaiyuan.accounting.output_cap import OutputAsk, asked
+from kaiyuan.accounting.price_schema import Price
 from kaiyuan.accounting.prices import CATALOG_PATH, PriceCatalog, deployment_price, resolve
 from kaiyuan.accounting.tokens import count_prompt, counter_for, estimate_tokens
-from kaiyuan.config import AccountingSettings, ConfigError, OpenAICompatibleDeployment, Price, parse_config
+from kaiyuan.config import AccountingSettings, ConfigError, OpenAICompatibleDeployment, parse_config
 from kaiyuan.context import Usage
 
 

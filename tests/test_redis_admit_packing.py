@@ -1,5 +1,5 @@
-"""The Redis admit packed from memoised pieces (kaiyuan/limits/resp.py) is byte for byte the command
-the generic packer makes of its keys and arguments: for every shape of key (rate scopes with and
+"""The Redis admit and settle batch packed from memoised pieces (kaiyuan/limits/resp.py) are byte
+for byte the commands the generic packer makes of their keys and arguments: for every shape of key (rate scopes with and
 without each limit, parallel counts, budgets with and without a seed, a ttl, a known generation,
 text that is not ASCII), across a change of minute and a reloaded key whose limits changed, and
 with the memo emptied when full. No server needed: only bytes are compared.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from kaiyuan.limits import resp
-from kaiyuan.limits.counters import BudgetCheck, RateCheck, RedisCounters
+from kaiyuan.limits.counters import NANO, BudgetCheck, RateCheck, RedisCounters, Ticket
 from kaiyuan.limits.pipelining import pack, pack_py
 
 
@@ -76,3 +76,24 @@ def test_only_text_and_integers_are_arguments() -> None:
         resp.once(True)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         resp.once(1.5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("rates", RATES)
+@pytest.mark.parametrize("budgets", BUDGETS)
+async def test_packed_settle_batch_is_the_generic_command(rates: list[RateCheck], budgets: list[BudgetCheck]) -> None:
+    c = RedisCounters("redis://127.0.0.1:1/0")
+    try:
+        bt = c.batcher
+        for b in budgets:
+            b.gen = "1764449999.123456"
+        batch = [(Ticket(rates, budgets, minute, prompt, "redis"), [cost] * len(budgets), total)
+                 for minute, prompt, cost, total in ((29_000_000, 10, 0, 10), (29_000_000, 12, 3 * NANO, 40),
+                                                     (29_000_001, 12, 7, 3))]
+        for part in (batch[:1], batch, batch[1:]):
+            marker = "ky:settled:rep:9"
+            keys, args = bt.encode(part, marker)
+            got = bt._packer.pack(part, marker)
+            assert got == pack(["EVALSHA", bt._script.sha, len(keys), *keys, *args])
+            assert got == pack_py(["EVALSHA", bt._script.sha, len(keys), *keys, *args])
+    finally:
+        await c.close()

@@ -164,7 +164,7 @@ async def test_a_retried_batch_is_applied_once_and_close_flushes() -> None:
             tickets.append(t)
         assert await rc.peek_budget(counter) == (0, 3 * NANO)
         # the same batch sent twice (a retry after a lost reply) is applied once
-        keys, args = rc.batcher.encode([(tickets[0], [NANO // 10], 25)])
+        keys, args = rc.batcher.encode([(tickets[0], [NANO // 10], 25)], "ky:settled:test:retried")
         script = rc.redis.register_script(settle_batch.SETTLE_MANY_LUA)
         assert await script(keys=keys, args=args) == 1
         assert await script(keys=keys, args=args) == 0
@@ -205,7 +205,7 @@ async def test_queued_and_in_flight_releases_free_parallel_slots_at_admit() -> N
         await bt.drain()
         assert int(await rc.redis.get(f"ky:par:{scope}")) == 1  # exactly t2
         # in flight (sent, reply not back): free while the batch's marker is absent in Redis ...
-        keys, args = bt.encode([(t2, [], 1)])
+        keys, args = bt.encode([(t2, [], 1)], f"ky:settled:test:{uuid.uuid4().hex}")
         bt.inflight_marker, bt.inflight_parallel = keys[0], {scope: 1}
         t3 = await rc.admit(rate, [], 1, 30.0)
         assert isinstance(t3, Ticket)

@@ -366,3 +366,63 @@ def test_workers_stop_when_the_supervisor_is_killed_outright(served: Served) -> 
         if w.is_running():
             w.kill()
     assert alive == [], served.log.read_text()[-3000:]
+
+
+async def test_shared_counters_refuse_settle_peek_and_relay(tmp_path: Path) -> None:
+    """The supervisor's counters over their socket: a budget denial with its numbers, a settle that
+    frees the reservation and counts the spend, a peek, an invalidation relayed to the other worker
+    only, and a garbage frame that closes only the connection that sent it."""
+    import asyncio
+
+    from kaiyuan.limits.counters import BudgetCheck, Denial, NeedSeed, RateCheck, Ticket
+    from kaiyuan.limits.shared import CounterServer, SharedCounters, SharedCountersUnavailable
+
+    server = CounterServer(str(tmp_path / "c.sock"))
+    await server.start()
+    heard: list[tuple[int, str | None]] = []
+    a = SharedCounters(server.path, on_invalidate=lambda k: heard.append((0, k)))
+    b = SharedCounters(server.path, on_invalidate=lambda k: heard.append((1, k)))
+    try:
+        await a.connect()
+        await b.connect()
+        budget = [BudgetCheck("b1:0", 1000, 0, 600, None)]
+        rates = [RateCheck("key:k", None, None, 5)]
+        assert isinstance(await a.admit(rates, [BudgetCheck("b2:0", 1000, -1, 10, None)], 3, 60.0), NeedSeed)
+        t = await a.admit(rates, budget, 3, 60.0)
+        assert isinstance(t, Ticket) and t.shared_id is not None and t.minute == 1 and t.budgets is budget
+        d = await b.admit(rates, budget, 3, 60.0)
+        assert isinstance(d, Denial) and (d.kind, d.index, d.current, d.reserved) == ("budget", 0, 0, 600)
+        assert await b.peek_budget("b1:0") == (0, 600)
+        assert a.settle_later(t, [250], 10)
+        for _ in range(100):  # the settle has no answer: wait until the supervisor applied it
+            if await b.peek_budget("b1:0") == (250, 0):
+                break
+            await asyncio.sleep(0.01)
+        assert await b.peek_budget("b1:0") == (250, 0)
+        assert await b.peek_budget("nothing") is None
+        await a.publish_invalidation("hash1")
+        for _ in range(100):
+            if heard:
+                break
+            await asyncio.sleep(0.01)
+        assert heard == [(1, "hash1")]
+        # a worker that sends garbage is cut off; the other keeps working
+        t2 = a._open()
+        assert t2 is not None
+        t2.write(b"\x00\x00\x00\x03abc")
+        for _ in range(100):
+            if a._open() is None:
+                break
+            await asyncio.sleep(0.01)
+        assert isinstance(await b.admit(rates, [], 1, 60.0), Ticket)
+        assert isinstance(await a.admit(rates, [], 1, 60.0), Ticket)  # a reconnects on its next call
+    finally:
+        await a.close()
+        await b.close()
+        await server.close()
+    try:
+        await a.admit(rates, [], 1, 60.0)
+    except SharedCountersUnavailable:
+        pass
+    else:
+        raise AssertionError("a closed client must fail closed")

@@ -87,7 +87,15 @@ class Costing:
         price = pd.price
         u = ctx.usage
         if u.prompt_tokens is not None or u.completion_tokens is not None:
-            return price.cost(u)
+            # A whole answer is priced for its x-kaiyuan-cost header and again at the settle: the
+            # second time, the same price and usage (the settle may have clamped it) give the same cost.
+            what = (price, u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.cache_write_tokens)
+            hit = ctx.priced
+            if hit is not None and hit[0] == what:  # (the price compared by identity first: one object)
+                return hit[1]
+            cost = price.cost(u)
+            ctx.priced = (what, cost)
+            return cost
         if ctx.endpoint not in BILLED_ENDPOINTS:
             return None  # an endpoint we do not know how to price without usage
         if ctx.ttft is None and ctx.status >= 400:

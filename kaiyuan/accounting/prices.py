@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from kaiyuan.config import AccountingSettings, ConfigError, DeploymentBase, Price
+from kaiyuan.accounting.price_schema import Price
+from kaiyuan.config import AccountingSettings, ConfigError, DeploymentBase
 from kaiyuan.context import Usage
 
 log = logging.getLogger("kaiyuan.accounting")
@@ -61,9 +62,14 @@ class ResolvedPrice:
         p = p or 0
         c = c or 0
         # prompt_tokens is the whole prompt: uncached + cache hits (cached_tokens) + cache writes.
-        cached = min(usage.cached_tokens or 0, p)
-        written = min(usage.cache_write_tokens or 0, p - cached)
-        r = self.rates_for(p)
+        # (Each at most what is left of it; comparisons, not min(): every priced request runs this.)
+        cached = usage.cached_tokens or 0
+        if cached > p:
+            cached = p
+        written = usage.cache_write_tokens or 0
+        if written > p - cached:
+            written = p - cached
+        r = self.rates_for(p) if self.tiers else self.base
         return (p - cached - written) * r.input + cached * r.cache_hit + written * r.cache_write + c * r.output
 
     def charges_output(self) -> bool:

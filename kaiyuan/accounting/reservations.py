@@ -150,8 +150,8 @@ class Reservations:
         ctx.prompt_estimate, ctx.tokens_reserved = res.prompt_tokens, res.tokens
         now = time.time()
         rates = rec.rates
-        budgets = self._budget_checks(rec, now, res.worst_usd) if rec.budgets else []
-        if budgets and res.unpriced:
+        checks = self._budget_checks(rec, now, res.worst_usd) if rec.budgets else []
+        if checks and res.unpriced:
             self.m_denied.labels("price_unknown").inc()
             raise GatewayError(
                 ErrorKind.PERMISSION,
@@ -160,29 +160,33 @@ class Reservations:
                 param="model",
                 code="price_unknown",
             )
-        if not rates and not budgets:
+        if not rates and not checks:
             return None
-        checks = [b for b, _ in budgets]
         if self.counters is self.local:  # one synchronous step; only a budget counter still to seed awaits
             result = self.local.admit_sync(rates, checks, res.tokens, now)
-            if isinstance(result, DECIDED):
-                self._decided(result, rates, budgets, ctx, now)
+            if type(result) is Ticket:  # admitted (the commonest answer, taken without a call)
+                ctx.ticket = result
                 return None
-        return self._admit_later(ctx, rates, checks, budgets, res.tokens, now)
+            if isinstance(result, DECIDED):
+                self._decided(result, rates, checks, rec, ctx, now)
+                return None
+        return self._admit_later(ctx, rates, checks, rec, res.tokens, now)
 
     async def _admit_later(self, ctx: RequestContext, rates: list[RateCheck], checks: list[BudgetCheck],
-                           budgets: list[tuple[BudgetCheck, Budget]], tokens: int, now: float) -> None:
+                           rec: KeyRecord, tokens: int, now: float) -> None:
+        budgets = list(zip(checks, rec.budgets, strict=True))
         result = await self.seeds.admit(partial(self._counters_admit, rates, checks, tokens, now), budgets, self.counters)
-        self._decided(result, rates, budgets, ctx, now)
+        self._decided(result, rates, checks, rec, ctx, now)
 
-    def _decided(self, result: Admitted, rates: list[RateCheck], budgets: list[tuple[BudgetCheck, Budget]],
+    def _decided(self, result: Admitted, rates: list[RateCheck], checks: list[BudgetCheck], rec: KeyRecord,
                  ctx: RequestContext, now: float) -> None:
         if isinstance(result, Denial):
-            raise self._denied(result, rates, budgets, ctx, now)
+            raise self._denied(result, rates, list(zip(checks, rec.budgets, strict=True)), ctx, now)
         assert isinstance(result, Ticket)
         ctx.ticket = result
 
-    def _budget_checks(self, rec: KeyRecord, now: float, worst: float) -> list[tuple[BudgetCheck, Budget]]:
+    def _budget_checks(self, rec: KeyRecord, now: float, worst: float) -> list[BudgetCheck]:
+        """One check per budget of ``rec`` (in its order), each reserving ``worst``."""
         out = []
         reserve = math.ceil(worst * NANO)
         for b in rec.budgets:
@@ -190,7 +194,7 @@ class Reservations:
             if p is None or p.budget is not b or not p.start <= now < p.end:
                 p = self._period(b, now)
             ttl = int(p.end - now) + 2 * 86400 if p.end != math.inf else None
-            out.append((BudgetCheck(p.counter, p.limit, SEED_UNKNOWN, reserve, ttl), b))
+            out.append(BudgetCheck(p.counter, p.limit, SEED_UNKNOWN, reserve, ttl))
         return out
 
     def _period(self, b: Budget, now: float) -> Period:
@@ -208,15 +212,18 @@ class Reservations:
         try:
             return await self.counters.admit(rates, budgets, prompt, now)
         except Exception as e:
+            where = "Redis" if self.counters.name == "redis" else "the supervisor's shared counters"
             if self.settings.on_redis_error == "local":
                 self.m_redis_errors.labels("local").inc()
-                log.warning("Redis unreachable (%s): enforcing limits and budgets per replica only (limits.on_redis_error=local)", e)
+                log.warning("%s unreachable (%s): enforcing limits and budgets per replica only "
+                            "(limits.on_redis_error=local)", where, e)
                 return self.local.admit_sync(rates, budgets, prompt, now)
             self.m_redis_errors.labels("fail_closed").inc()
-            log.error("Redis unreachable (%s): refusing requests with limits or budgets (limits.on_redis_error=fail_closed)", e)
+            log.error("%s unreachable (%s): refusing requests with limits or budgets (limits.on_redis_error=fail_closed)",
+                      where, e)
             raise GatewayError(
                 ErrorKind.NO_DEPLOYMENT,
-                "the gateway cannot check this key's limits and budgets right now (Redis unreachable); retry shortly",
+                f"the gateway cannot check this key's limits and budgets right now ({where} unreachable); retry shortly",
                 code="limits_unavailable",
                 headers={"Retry-After": "1"},
             ) from None

@@ -155,11 +155,19 @@ class MemoryCounters:
                 sr = held[b.counter] = [b.seed, 0]
             if sr[0] + sr[1] + b.reserve > b.limit:
                 return Denial("budget", j, sr[0], sr[1])
-        for r in rates:
+        for r in rates:  # a window of another minute starts again
             if r.rpm is not None:
-                _add(rpm, r.scope, minute, 1)
+                w = rpm.get(r.scope)
+                if w is None or w[0] != minute:
+                    rpm[r.scope] = [minute, 1]
+                else:
+                    w[1] += 1
             if r.tpm is not None:
-                _add(tpm, r.scope, minute, prompt_tokens)
+                w = tpm.get(r.scope)
+                if w is None or w[0] != minute:
+                    tpm[r.scope] = [minute, prompt_tokens]
+                else:
+                    w[1] += prompt_tokens
             if r.max_parallel is not None:
                 parallel[r.scope] = parallel.get(r.scope, 0) + 1
         for b in budgets:
@@ -200,16 +208,6 @@ class MemoryCounters:
 
     async def close(self) -> None:
         return None
-
-
-def _add(table: dict[str, list[int]], scope: str, minute: int, n: int) -> None:
-    w = table.get(scope)
-    if w is None:
-        table[scope] = [minute, n]
-    elif w[0] == minute:
-        w[1] += n
-    else:
-        w[0], w[1] = minute, n
 
 
 # -- Redis ----------------------------------------------------------------------------------------
@@ -390,7 +388,8 @@ class RedisCounters:
         self.liveness = Liveness(self.redis, prefix, self.replica)
         self._admit_packer = AdmitPacker(self._admit.sha, prefix, self.replica, self.liveness.resof(self.replica),
                                          WINDOW_TTL_S, PARALLEL_TTL_S)
-        self.batcher = SettleBatcher(self.redis, prefix, self.replica, on_settle_event, send=self._eval)
+        self.batcher = SettleBatcher(self.redis, prefix, self.replica, on_settle_event, send=self._eval,
+                                     send_packed=self._eval_packed)
 
     def _rate_keys(self, scope: str, minute: int) -> list[str]:
         p = self.prefix

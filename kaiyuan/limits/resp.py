@@ -69,6 +69,7 @@ class AdmitPacker:
         self._replica = once(replica)
         self._resof = once(resof)
         self._ttls = once(window_ttl) + once(parallel_ttl)
+        self._zero, self._one = once(0), once(1)
         # per rate scope: (the RateCheck, minute, its 3 keys, its 3 limits) encoded, for the current minute
         self._rates: dict[str, tuple[RateCheck, int, bytes, bytes]] = {}
         self._budget_keys: dict[str, bytes] = {}  # budget counter -> its hash's key, encoded
@@ -81,7 +82,9 @@ class AdmitPacker:
             b = self._budget_keys[counter] = once(f"{self.prefix}bud:{counter}")
         return b
 
-    def _rate(self, r: RateCheck, minute: int) -> tuple[bytes, bytes]:
+    def _rate(self, r: RateCheck, minute: int) -> tuple[RateCheck, int, bytes, bytes]:
+        """``r``'s keys for ``minute`` and its limits (with the parallel counts, 0 and 0, when it has
+        no parallel limit), encoded; kept until the minute or the key's record changes."""
         hit = self._rates.get(r.scope)
         if hit is None or hit[0] is not r or hit[1] != minute:
             if len(self._rates) >= MEMO_MAX:
@@ -89,31 +92,39 @@ class AdmitPacker:
             p, s = self.prefix, r.scope
             keys = once(f"{p}rpm:{s}:{minute}") + once(f"{p}tpm:{s}:{minute}") + once(f"{p}par:{s}")
             lims = b"".join([once(-1 if v is None else v) for v in (r.rpm, r.tpm, r.max_parallel)])
+            if r.max_parallel is None:
+                lims += once(0) + once(0)
             hit = self._rates[r.scope] = (r, minute, keys, lims)
-        return hit[2], hit[3]
+        return hit
 
     def pack(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt_tokens: int, minute: int, deadline: int,
              marker: str | None, queued: dict[str, int], inflight: dict[str, int]) -> bytes:
         """The admit command; the same bytes as ``pack(["EVALSHA", sha, len(keys), *keys, *args])``
-        with the keys and arguments ``RedisCounters.admit_lists`` gives."""
-        bi, bs = self.bulk.i, self.bulk.s
+        with the keys and arguments ``RedisCounters.admit_lists`` gives. (Every keyed request runs
+        this: the memo is read with ``dict.get`` in place, a call of ``Bulk.i`` only on a miss.)"""
+        bulk = self.bulk
+        ig, sg, bi = bulk._int.get, bulk._str.get, bulk.i
         keys: list[bytes] = []
-        args: list[bytes] = [bi(len(rates)), bi(len(budgets)), bi(prompt_tokens), self._ttls,
-                             bi(int(marker is not None)), once(deadline), self._replica]
+        args: list[bytes] = [ig(len(rates)) or bi(len(rates)), ig(len(budgets)) or bi(len(budgets)),
+                             ig(prompt_tokens) or bi(prompt_tokens), self._ttls,
+                             self._one if marker is not None else self._zero, once(deadline), self._replica]
         for r in rates:
-            k, lims = self._rate(r, minute)
-            keys.append(k)
-            args.append(lims)
+            hit = self._rates.get(r.scope)
+            if hit is None or hit[0] is not r or hit[1] != minute:
+                hit = self._rate(r, minute)
+            keys.append(hit[2])
+            args.append(hit[3])
             if r.max_parallel is not None:
-                args += [bi(queued.get(r.scope, 0)), bi(inflight.get(r.scope, 0))]
-            else:
-                args += [bi(0), bi(0)]
+                q, f = queued.get(r.scope, 0), inflight.get(r.scope, 0)
+                args += [ig(q) or bi(q), ig(f) or bi(f)]
         for b in budgets:
-            keys.append(self._budget_key(b.counter))
-            args += [bi(b.limit), bi(b.seed), bi(b.reserve), bi(b.ttl_s if b.ttl_s else -1), bs(b.known)]
+            keys.append(self._budget_keys.get(b.counter) or self._budget_key(b.counter))
+            ttl = b.ttl_s if b.ttl_s else -1
+            args += [ig(b.limit) or bi(b.limit), ig(b.seed) or bi(b.seed), ig(b.reserve) or bi(b.reserve),
+                     ig(ttl) or bi(ttl), sg(b.known) or bulk.s(b.known)]
         keys.append(self._resof)
         if marker is not None:
             keys.append(once(marker))
         n_keys = 3 * len(rates) + len(budgets) + 1 + (marker is not None)
         n_args = 8 + 5 * len(rates) + 5 * len(budgets)
-        return b"".join([b"*%d\r\n" % (3 + n_keys + n_args), self._evalsha, bi(n_keys), *keys, *args])
+        return b"".join([b"*%d\r\n" % (3 + n_keys + n_args), self._evalsha, ig(n_keys) or bi(n_keys), *keys, *args])

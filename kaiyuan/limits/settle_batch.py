@@ -32,8 +32,10 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from kaiyuan.limits.resp import MEMO_MAX, Bulk, once
+
 if TYPE_CHECKING:
-    from kaiyuan.limits.counters import Ticket
+    from kaiyuan.limits.counters import RateCheck, Ticket
 
 log = logging.getLogger("kaiyuan.limits")
 
@@ -117,18 +119,22 @@ return 1
 
 OnEvent = Callable[[str, int], None]  # (what happened: "retry" | "dropped" | "inline" | "set_aside", tickets)
 Send = Callable[[Any, list[str], list[Any]], Awaitable[Any]]  # (redis-py Script, keys, args) -> its reply
+# (redis-py Script, the command packed, its keys and args as lists for a send without the pipeline) -> its reply
+SendPacked = Callable[[Any, bytes, Callable[[], tuple[list[str], list[Any]]]], Awaitable[Any]]
 
 
 class SettleBatcher:
     """The queue and the background task that applies queued settles in batches."""
 
     def __init__(self, redis: Any, prefix: str, replica: str, on_event: OnEvent | None = None,
-                 send: Send | None = None) -> None:
+                 send: Send | None = None, send_packed: SendPacked | None = None) -> None:
         self.redis = redis
         self.prefix = prefix
         self.on_event = on_event
         self._script = redis.register_script(SETTLE_MANY_LUA)
         self._call: Send = send or (lambda script, keys, args: script(keys=keys, args=args))
+        self._call_packed = send_packed
+        self._packer = SettlePacker(self._script.sha, prefix, replica)
         self._queue: deque[tuple[Ticket, list[int], int]] = deque()
         self.pending_parallel: dict[str, int] = {}  # scope -> releases queued here and not yet sent
         self.inflight_parallel: dict[str, int] = {}  # scope -> releases in the batch in flight
@@ -187,11 +193,12 @@ class SettleBatcher:
     async def _apply(self, batch: list[tuple[Ticket, list[int], int]], releases: dict[str, int], give_up_at: float | None) -> int | None:
         """Send one batch (its parallel releases count as in flight meanwhile); the index of a
         ticket Redis refused (nothing of the batch was applied then), else None."""
-        keys, args = self.encode(batch)
+        self._seq += 1
+        marker = f"{self.prefix}settled:{self._replica}:{self._seq}"
         self.inflight_parallel = releases
-        self.inflight_marker = keys[0] if releases else None
+        self.inflight_marker = marker if releases else None
         try:
-            return await self._send(batch, keys, args, give_up_at)
+            return await self._send(batch, marker, give_up_at)
         finally:
             self.inflight_parallel, self.inflight_marker = {}, None
 
@@ -219,10 +226,10 @@ class SettleBatcher:
                         pp.pop(r.scope, None)
         return moved
 
-    def encode(self, batch: list[tuple[Ticket, list[int], int]]) -> tuple[list[str], list[Any]]:
+    def encode(self, batch: list[tuple[Ticket, list[int], int]], marker: str) -> tuple[list[str], list[Any]]:
+        """The batch's keys and arguments (SETTLE_MANY_LUA's layout); ``SettlePacker`` packs the same."""
         p = self.prefix
-        self._seq += 1
-        keys: list[str] = [f"{p}settled:{self._replica}:{self._seq}"]
+        keys: list[str] = [marker]
         args: list[Any] = [len(batch), MARK_TTL_S, ORPHAN_TTL_S, self._replica]
         for ticket, actual, total in batch:
             args += [len(ticket.rates), len(ticket.budgets), total - ticket.prompt_tokens]
@@ -234,12 +241,19 @@ class SettleBatcher:
                 args += [b.reserve, cost, b.gen]
         return keys, args
 
-    async def _send(self, batch: list[tuple[Ticket, list[int], int]], keys: list[str], args: list[Any], give_up_at: float | None) -> int | None:
+    async def _send(self, batch: list[tuple[Ticket, list[int], int]], marker: str, give_up_at: float | None) -> int | None:
         deadline = give_up_at if give_up_at is not None else time.monotonic() + RETRY_FOR_S
         delay = 0.05
+        if self._call_packed is not None:
+            packed = self._packer.pack(batch, marker)
+        else:
+            keys, args = self.encode(batch, marker)
         while True:
             try:
-                res = int(await self._call(self._script, keys, args))
+                if self._call_packed is not None:
+                    res = int(await self._call_packed(self._script, packed, lambda: self.encode(batch, marker)))
+                else:
+                    res = int(await self._call(self._script, keys, args))
                 if res < 0:
                     return -res - 1
                 self.applied += len(batch)
@@ -284,3 +298,51 @@ class SettleBatcher:
                 pass
         if self._queue:
             await self.drain(time.monotonic() + 1.0)
+
+
+class SettlePacker:
+    """A batch's EVALSHA of SETTLE_MANY_LUA, packed from memoised pieces (see resp.py: a ticket's
+    keys and flags repeat from one request of a key to the next)."""
+
+    def __init__(self, sha: str, prefix: str, replica: str) -> None:
+        self.bulk = Bulk()
+        self.prefix = prefix
+        self._evalsha = once("EVALSHA") + once(sha)
+        self._tail = once(MARK_TTL_S) + once(ORPHAN_TTL_S) + once(replica)  # ARGV[2..4]
+        # per rate scope: (the RateCheck, minute, its tpm and parallel keys, its two flags) encoded
+        self._rates: dict[str, tuple[RateCheck, int, bytes, bytes]] = {}
+
+    def _rate(self, r: RateCheck, minute: int) -> tuple[bytes, bytes]:
+        hit = self._rates.get(r.scope)
+        if hit is None or hit[0] is not r or hit[1] != minute:
+            if len(self._rates) >= MEMO_MAX:
+                self._rates.clear()
+            p = self.prefix
+            keys = once(f"{p}tpm:{r.scope}:{minute}") + once(f"{p}par:{r.scope}")
+            flags = once(int(r.tpm is not None)) + once(int(r.max_parallel is not None))
+            hit = self._rates[r.scope] = (r, minute, keys, flags)
+        return hit[2], hit[3]
+
+    def pack(self, batch: list[tuple[Ticket, list[int], int]], marker: str) -> bytes:
+        """The same bytes as the generic packer makes of ``SettleBatcher.encode(batch, marker)``."""
+        bulk = self.bulk
+        ig, sg, bi = bulk._int.get, bulk._str.get, bulk.i
+        keys: list[bytes] = [once(marker)]
+        args: list[bytes] = [bi(len(batch)), self._tail]
+        n_keys, n_args = 1, 4
+        p = self.prefix
+        for ticket, actual, total in batch:
+            delta = total - ticket.prompt_tokens
+            args += [ig(len(ticket.rates)) or bi(len(ticket.rates)), ig(len(ticket.budgets)) or bi(len(ticket.budgets)),
+                     ig(delta) or bi(delta)]
+            for r in ticket.rates:
+                k, flags = self._rate(r, ticket.minute)
+                keys.append(k)
+                args.append(flags)
+            for b, cost in zip(ticket.budgets, actual, strict=True):
+                key = f"{p}bud:{b.counter}"
+                keys.append(sg(key) or bulk.s(key))
+                args += [ig(b.reserve) or bi(b.reserve), ig(cost) or bi(cost), sg(b.gen) or bulk.s(b.gen)]
+            n_keys += 2 * len(ticket.rates) + len(ticket.budgets)
+            n_args += 3 + 2 * len(ticket.rates) + 3 * len(ticket.budgets)
+        return b"".join([b"*%d\r\n" % (3 + n_keys + n_args), self._evalsha, bi(n_keys), *keys, *args])

@@ -14,21 +14,23 @@ it from their caches) and, when a worker dies, settles the tickets it still held
 reservation, so a crashed worker can leave a budget under-used but never overspent, and frees its
 parallel slots.
 
-Frames are a 4-byte big-endian length and an orjson body. Dataclasses travel as tagged lists of
-their fields, and only the classes in ``_TYPES`` are accepted back: the socket lives in a 0700
-directory of the supervisor's own, and nothing on it is ever executed or unpickled.
+Frames are a 4-byte big-endian length and an orjson body: a short list whose first item says what
+it is (see "the messages" below). The checks travel as lists of their fields in a fixed order and
+an admit is answered with the ticket's number and minute only (the worker keeps its own checks):
+each side is an asyncio ``Protocol`` that splits frames as bytes arrive, with no stream reader and
+no task switch per message. The socket lives in a 0700 directory of the supervisor's own; a frame
+that does not parse, or is not one of the messages, closes its connection; nothing on it is ever
+executed or unpickled.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import os
-import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -36,51 +38,70 @@ from kaiyuan.limits.counters import BudgetCheck, Denial, MemoryCounters, NeedSee
 
 log = logging.getLogger("kaiyuan.limits")
 
-_LEN = struct.Struct(">I")
 MAX_FRAME = 16 * 1024 * 1024
-_TYPES: dict[str, type] = {"R": RateCheck, "B": BudgetCheck, "T": Ticket, "D": Denial, "N": NeedSeed}
-_TAGS = {cls: tag for tag, cls in _TYPES.items()}
 ENV_SOCKET = "KAIYUAN_SHARED_COUNTERS"  # set by the supervisor for its workers
+
+# -- the messages -----------------------------------------------------------------------------------
+# worker -> supervisor:
+#   ["a", rid, [[scope, rpm, tpm, max_parallel], ...], [[counter, limit, seed, reserve, ttl_s], ...], prompt_tokens, now]
+#   ["s", ticket number, actual (nano-USD per budget), total tokens]           (no answer)
+#   ["p", rid, counter]                                                        (peek at a budget)
+#   ["i", key hash or null]                                                    (relay an invalidation)
+# supervisor -> worker: answers start with their rid (> 0), pushes with 0:
+#   [rid, 0, ticket number, minute]  admitted      [rid, 1, kind, index, current, reserved]  refused
+#   [rid, 2, index]  seed needed                   [rid, spent, reserved] / [rid, null]  peek
+#   [0, key hash or null]  drop a cached key
+ADMITTED, REFUSED, NEED_SEED = 0, 1, 2
 
 
 class SharedCountersUnavailable(RuntimeError):
     """The supervisor's counter server cannot be reached: the worker fails closed."""
 
 
-# -- encoding -------------------------------------------------------------------------------------
-def _enc(v: Any) -> Any:
-    tag = _TAGS.get(type(v))
-    if tag is not None:
-        return {"$": tag, "v": [_enc(getattr(v, f.name)) for f in dataclasses.fields(v)]}
-    if isinstance(v, list | tuple):
-        return [_enc(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _enc(x) for k, x in v.items()}
-    return v
+def frame(msg: list[Any]) -> bytes:
+    body = orjson.dumps(msg)
+    return len(body).to_bytes(4, "big") + body
 
 
-def _dec(v: Any) -> Any:
-    if isinstance(v, dict):
-        tag = v.get("$")
-        if isinstance(tag, str) and tag in _TYPES and isinstance(v.get("v"), list):
-            return _TYPES[tag](*[_dec(x) for x in v["v"]])
-        return {k: _dec(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_dec(x) for x in v]
-    return v
+class _Frames(asyncio.Protocol):
+    """Bytes in, whole messages out (:meth:`on_message`); a frame over MAX_FRAME or one that is not
+    a JSON list closes the connection."""
 
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
 
-def _frame(msg: Any) -> bytes:
-    body = orjson.dumps(_enc(msg))
-    return _LEN.pack(len(body)) + body
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a registered subclass
 
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        at, end = 0, len(buf)
+        try:
+            while end - at >= 4:
+                n = int.from_bytes(buf[at:at + 4], "big")
+                if n > MAX_FRAME:
+                    raise ValueError(f"frame of {n} bytes is over the limit")
+                if end - at - 4 < n:
+                    break
+                msg = orjson.loads(memoryview(buf)[at + 4:at + 4 + n])
+                at += 4 + n
+                if not isinstance(msg, list) or not msg:
+                    raise ValueError("a frame that is not a message")
+                self.on_message(msg)
+        except Exception as e:
+            self.bad(e)
+            return
+        finally:
+            if at:
+                del buf[:at]
 
-async def _read(reader: asyncio.StreamReader) -> Any:
-    head = await reader.readexactly(_LEN.size)
-    (n,) = _LEN.unpack(head)
-    if n > MAX_FRAME:
-        raise ValueError(f"frame of {n} bytes is over the limit")
-    return _dec(orjson.loads(await reader.readexactly(n)))
+    def on_message(self, msg: list[Any]) -> None:
+        raise NotImplementedError
+
+    def bad(self, e: Exception) -> None:
+        raise NotImplementedError
 
 
 # -- the server (in the supervisor) ----------------------------------------------------------------
@@ -91,66 +112,23 @@ class CounterServer:
         self.path = path
         self.counters = MemoryCounters()
         self._server: asyncio.base_events.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._ids = itertools.count(1)
+        self.conns: set[_WorkerConn] = set()
+        self.ids = itertools.count(1)
 
     async def start(self) -> None:
-        self._server = await asyncio.start_unix_server(self._serve, path=self.path)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _WorkerConn(self), path=self.path)
         os.chmod(self.path, 0o600)
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-            for w in list(self._writers):
-                w.close()
+            for c in list(self.conns):
+                if c.transport is not None:
+                    c.transport.close()
             await self._server.wait_closed()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held: dict[int, Ticket] = {}  # this worker's admitted, unsettled tickets
-        self._writers.add(writer)
-        try:
-            while True:
-                msg = await _read(reader)
-                reply = self._apply(msg, held, writer)
-                if reply is not None:
-                    writer.write(_frame(reply))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        except Exception:
-            log.exception("shared counters: a worker sent a bad message; closing its connection")
-        finally:
-            self._writers.discard(writer)
-            writer.close()
-            self._release(held)
-
-    def _apply(self, msg: list[Any], held: dict[int, Ticket], writer: asyncio.StreamWriter) -> list[Any] | None:
-        op, rid, args = msg[0], msg[1], msg[2]
-        c = self.counters
-        if op == "admit":
-            out = c.admit_sync(*args)
-            if isinstance(out, Ticket):
-                tid = next(self._ids)
-                held[tid] = out
-                out.shared_id = tid
-            return [rid, out]
-        if op == "settle":
-            tid, actual, total = args
-            ticket = held.pop(tid, None)
-            if ticket is not None:
-                c.settle_sync(ticket, actual, total)
-            return None
-        if op == "peek":
-            sr = c.budgets.get(args[0])
-            return [rid, [sr[0], sr[1]] if sr else None]
-        if op == "invalidate":
-            push = _frame(["invalidate", 0, args])
-            for w in self._writers:
-                if w is not writer:
-                    w.write(push)
-            return None
-        raise ValueError(f"unknown operation {op!r}")
-
-    def _release(self, held: dict[int, Ticket]) -> None:
+    def release(self, held: dict[int, Ticket]) -> None:
         """A worker went away: its open tickets count as spent in full (never an overspend), and
         their parallel slots are freed."""
         for ticket in held.values():
@@ -160,7 +138,95 @@ class CounterServer:
                         "counted as spent", len(held))
 
 
+class _WorkerConn(_Frames):
+    """One worker's connection to the counter server, and the tickets it holds."""
+
+    def __init__(self, server: CounterServer) -> None:
+        super().__init__()
+        self.server = server
+        self.held: dict[int, Ticket] = {}  # this worker's admitted, unsettled tickets
+        self.out: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.server.conns.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.conns.discard(self)
+        held, self.held = self.held, {}
+        self.server.release(held)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        t = self.transport
+        if self.out and t is not None and not t.is_closing():  # every answer to this read in one write
+            t.write(b"".join(self.out))
+        self.out.clear()
+
+    def bad(self, e: Exception) -> None:
+        log.error("shared counters: a worker sent a bad message (%s); closing its connection", e)
+        if self.transport is not None:
+            self.transport.close()
+
+    def on_message(self, msg: list[Any]) -> None:
+        op = msg[0]
+        c = self.server.counters
+        if op == "a":
+            _op, rid, rates, budgets, prompt_tokens, now = msg
+            out = c.admit_sync([RateCheck(*r) for r in rates], [BudgetCheck(*b) for b in budgets], prompt_tokens, now)
+            if isinstance(out, Ticket):
+                tid = next(self.server.ids)
+                self.held[tid] = out
+                self.out.append(frame([rid, ADMITTED, tid, out.minute]))
+            elif isinstance(out, Denial):
+                self.out.append(frame([rid, REFUSED, out.kind, out.index, out.current, out.reserved]))
+            else:
+                self.out.append(frame([rid, NEED_SEED, out.index]))
+        elif op == "s":
+            _op, tid, actual, total = msg
+            ticket = self.held.pop(tid, None)
+            if ticket is not None:
+                c.settle_sync(ticket, actual, total)
+        elif op == "p":
+            sr = c.budgets.get(msg[2])
+            self.out.append(frame([msg[1], sr[0], sr[1]] if sr else [msg[1], None]))
+        elif op == "i":
+            push = frame([0, msg[1]])
+            for other in self.server.conns:
+                t = other.transport
+                if other is not self and t is not None and not t.is_closing():
+                    t.write(push)
+        else:
+            raise ValueError(f"unknown operation {op!r}")
+
+
 # -- the client (in each worker) -------------------------------------------------------------------
+class _ServerConn(_Frames):
+    """A worker's end: answers resolve their futures, pushes go to ``on_invalidate``."""
+
+    def __init__(self, client: SharedCounters) -> None:
+        super().__init__()
+        self.client = client
+
+    def on_message(self, msg: list[Any]) -> None:
+        rid = msg[0]
+        if rid == 0:
+            if self.client.on_invalidate is not None:
+                self.client.on_invalidate(msg[1])
+            return
+        fut = self.client.pending.pop(rid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+
+    def bad(self, e: Exception) -> None:
+        log.error("shared counters: a bad message from the counter server (%s); reconnecting", e)
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.lost(self, exc)
+
+
 class SharedCounters:
     """The Counters interface, backed by the supervisor's CounterServer."""
 
@@ -169,111 +235,106 @@ class SharedCounters:
     def __init__(self, path: str, on_invalidate: Callable[[str | None], None] | None = None) -> None:
         self.path = path
         self.on_invalidate = on_invalidate
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self.pending: dict[int, asyncio.Future[list[Any]]] = {}
+        self._conn: _ServerConn | None = None
         self._ids = itertools.count(1)
-        self._task: asyncio.Task[None] | None = None
         self._connecting: asyncio.Lock | None = None
         self._closed = False
 
-    async def _conn(self) -> asyncio.StreamWriter:
-        if self._writer is not None and not self._writer.is_closing():
-            return self._writer
+    def _open(self) -> asyncio.Transport | None:
+        c = self._conn
+        t = c.transport if c is not None else None
+        return t if t is not None and not t.is_closing() else None
+
+    async def _transport(self) -> asyncio.Transport:
+        t = self._open()
+        if t is not None:
+            return t
         if self._closed:
             raise SharedCountersUnavailable("the worker is shutting down")
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
-            if self._writer is None or self._writer.is_closing():
+            t = self._open()
+            if t is None:
                 try:
-                    self._reader, self._writer = await asyncio.open_unix_connection(self.path)
+                    _t, conn = await asyncio.get_running_loop().create_unix_connection(lambda: _ServerConn(self), self.path)
                 except OSError as e:
                     raise SharedCountersUnavailable(f"the counter server at {self.path} is unreachable: {e}") from e
-                self._task = asyncio.create_task(self._listen(self._reader), name="kaiyuan-shared-counters")
-            assert self._writer is not None
-            return self._writer
+                self._conn = conn
+                t = self._open()
+                if t is None:
+                    raise SharedCountersUnavailable(f"the counter server at {self.path} closed the connection at once")
+            return t
 
     async def connect(self) -> None:
         """Connect now (the worker starts), so key invalidations reach it before its first limited request."""
         try:
-            await self._conn()
+            await self._transport()
         except SharedCountersUnavailable as e:
             log.error("%s", e)
 
-    async def _listen(self, reader: asyncio.StreamReader) -> None:
-        try:
-            while True:
-                msg = await _read(reader)
-                if msg[0] == "invalidate":
-                    if self.on_invalidate is not None:
-                        self.on_invalidate(msg[2][0])
-                    continue
-                fut = self._pending.pop(msg[0], None)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg[1])
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError) as e:
-            self._fail(SharedCountersUnavailable(f"lost the counter server: {e or type(e).__name__}"))
-        finally:
-            if self._writer is not None:
-                self._writer.close()
-            self._writer = None
-
-    def _fail(self, err: Exception) -> None:
-        for fut in self._pending.values():
+    def lost(self, conn: _ServerConn, exc: Exception | None) -> None:
+        """The connection closed: every answer still awaited fails (the requests fail closed)."""
+        if conn is self._conn:
+            self._conn = None
+        err = SharedCountersUnavailable(f"lost the counter server: {exc or 'connection closed'}")
+        for fut in self.pending.values():
             if not fut.done():
                 fut.set_exception(err)
-        self._pending.clear()
+        self.pending.clear()
 
-    async def _call(self, op: str, args: list[Any]) -> Any:
-        w = await self._conn()
+    async def _call(self, msg: list[Any]) -> list[Any]:
+        t = await self._transport()
         rid = next(self._ids)
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
-        w.write(_frame([op, rid, args]))
+        msg[1] = rid
+        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self.pending[rid] = fut
+        t.write(frame(msg))
         try:
             return await fut
         finally:
-            self._pending.pop(rid, None)
+            self.pending.pop(rid, None)
 
     async def admit(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt_tokens: int, now: float) -> Ticket | Denial | NeedSeed:
-        out = await self._call("admit", [rates, budgets, prompt_tokens, now])
-        if isinstance(out, Ticket):
-            out.backend = self.name
-        return out
+        out = await self._call(["a", 0, [(r.scope, r.rpm, r.tpm, r.max_parallel) for r in rates],
+                                [(b.counter, b.limit, b.seed, b.reserve, b.ttl_s) for b in budgets], prompt_tokens, now])
+        kind = out[1]
+        if kind == ADMITTED:
+            return Ticket(rates, budgets, out[3], prompt_tokens, self.name, out[2])
+        if kind == REFUSED:
+            return Denial(out[2], out[3], out[4], out[5])
+        if kind == NEED_SEED:
+            return NeedSeed(out[2])
+        raise SharedCountersUnavailable(f"the counter server answered an admit with {out!r}")
 
     def settle_later(self, ticket: Ticket, actual: list[int], total_tokens: int) -> bool:
         """Send the settle without awaiting anything (the request's last steps must not be a point
         where its cancellation could skip the ledger row); False when not connected."""
         tid = ticket.shared_id
-        w = self._writer
         if tid is None:
             return True
-        if w is None or w.is_closing():
+        t = self._open()
+        if t is None:
             return False
-        w.write(_frame(["settle", 0, [tid, actual, total_tokens]]))
+        t.write(frame(["s", tid, actual, total_tokens]))
         return True
 
     async def settle(self, ticket: Ticket, actual: list[int], total_tokens: int) -> None:
         if not self.settle_later(ticket, actual, total_tokens):
-            w = await self._conn()
-            w.write(_frame(["settle", 0, [ticket.shared_id, actual, total_tokens]]))
+            t = await self._transport()
+            t.write(frame(["s", ticket.shared_id, actual, total_tokens]))
 
     async def peek_budget(self, counter: str) -> tuple[int, int] | None:
-        out = await self._call("peek", [counter])
-        return (int(out[0]), int(out[1])) if out else None
+        out = await self._call(["p", 0, counter])
+        return (int(out[1]), int(out[2])) if out[1] is not None else None
 
     async def publish_invalidation(self, key_hash: str | None) -> None:
-        w = await self._conn()
-        w.write(_frame(["invalidate", 0, [key_hash]]))
+        t = await self._transport()
+        t.write(frame(["i", key_hash]))
 
     async def close(self) -> None:
         self._closed = True
-        if self._writer is not None:
-            try:
-                await self._writer.drain()
-            except ConnectionError:
-                pass
-            self._writer.close()
-        if self._task is not None:
-            self._task.cancel()
+        t = self._open()
+        if t is not None:
+            t.close()  # what is buffered (settles) is written first

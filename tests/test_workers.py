@@ -426,3 +426,36 @@ async def test_shared_counters_refuse_settle_peek_and_relay(tmp_path: Path) -> N
         pass
     else:
         raise AssertionError("a closed client must fail closed")
+
+
+async def test_a_settle_rides_with_the_next_admit_or_goes_alone_shortly(tmp_path: Path) -> None:
+    """Settles are buffered (one write with the next admit's, or SETTLE_DELAY_S later): a parallel
+    slot a settle frees is free for the admit written after it, and a lone settle still arrives."""
+    import asyncio
+
+    from kaiyuan.limits.counters import BudgetCheck, RateCheck, Ticket
+    from kaiyuan.limits.shared import CounterServer, SharedCounters
+
+    server = CounterServer(str(tmp_path / "c.sock"))
+    await server.start()
+    w = SharedCounters(server.path)
+    try:
+        rates = [RateCheck("key:p", None, None, 1)]  # one request at a time
+        budget = [BudgetCheck("b:0", 10_000, 0, 100, None)]
+        t1 = await w.admit(rates, budget, 1, 60.0)
+        assert isinstance(t1, Ticket)
+        assert w.settle_later(t1, [40], 1)
+        assert server.counters.budgets["b:0"] == [0, 100]  # not written yet
+        t2 = await w.admit(rates, budget, 1, 60.0)  # the settle goes first, in the same write
+        assert isinstance(t2, Ticket), t2
+        assert server.counters.budgets["b:0"] == [40, 100]
+        assert w.settle_later(t2, [7], 1)
+        for _ in range(200):  # no admit follows: the settle goes alone after SETTLE_DELAY_S
+            if server.counters.budgets["b:0"] == [47, 0]:
+                break
+            await asyncio.sleep(0.005)
+        assert server.counters.budgets["b:0"] == [47, 0]
+        assert server.counters.parallel["key:p"] == 0
+    finally:
+        await w.close()
+        await server.close()

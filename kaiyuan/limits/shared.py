@@ -6,8 +6,10 @@ must hold across all of them, not per process, so the supervisor process keeps t
 (:class:`CounterServer`); each worker talks to it through :class:`SharedCounters`, which has the
 same interface as the in-process and Redis counters. An admit is one round trip on a local socket
 and stays atomic (the server applies one message at a time, and ``MemoryCounters.admit_sync`` never
-awaits). A settle is sent without waiting for an answer; messages on one connection are applied in
-order.
+awaits). A settle is sent without waiting for an answer, with the next admit's write (or after
+``SETTLE_DELAY_S`` at the latest); messages on one connection are applied in order, so the
+reservation a settle releases is never counted twice, and until it is applied it is still held
+(late, never short).
 
 The server also relays key invalidations (the admin API on one worker revokes a key; the others drop
 it from their caches) and, when a worker dies, settles the tickets it still held at their full
@@ -39,6 +41,8 @@ from kaiyuan.limits.counters import BudgetCheck, Denial, MemoryCounters, NeedSee
 log = logging.getLogger("kaiyuan.limits")
 
 MAX_FRAME = 16 * 1024 * 1024
+SETTLE_DELAY_S = 0.002  # a settle waits at most this long for the next admit's write to ride with
+MAX_HELD_SETTLES = 256  # settles buffered at most; then they are written at once
 ENV_SOCKET = "KAIYUAN_SHARED_COUNTERS"  # set by the supervisor for its workers
 
 # -- the messages -----------------------------------------------------------------------------------
@@ -240,6 +244,8 @@ class SharedCounters:
         self._ids = itertools.count(1)
         self._connecting: asyncio.Lock | None = None
         self._closed = False
+        self._settles: list[bytes] = []  # settle frames not written yet (see settle_later)
+        self._settle_timer: asyncio.TimerHandle | None = None
 
     def _open(self) -> asyncio.Transport | None:
         c = self._conn
@@ -278,6 +284,7 @@ class SharedCounters:
         """The connection closed: every answer still awaited fails (the requests fail closed)."""
         if conn is self._conn:
             self._conn = None
+            self._drop_settles()
         err = SharedCountersUnavailable(f"lost the counter server: {exc or 'connection closed'}")
         for fut in self.pending.values():
             if not fut.done():
@@ -290,7 +297,7 @@ class SharedCounters:
         msg[1] = rid
         fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self.pending[rid] = fut
-        t.write(frame(msg))
+        t.write(self._with_settles(frame(msg)))
         try:
             return await fut
         finally:
@@ -314,16 +321,44 @@ class SharedCounters:
         tid = ticket.shared_id
         if tid is None:
             return True
-        t = self._open()
-        if t is None:
+        if self._open() is None:
             return False
-        t.write(frame(["s", tid, actual, total_tokens]))
+        self._settles.append(frame(["s", tid, actual, total_tokens]))
+        if len(self._settles) >= MAX_HELD_SETTLES:
+            self.flush_settles()
+        elif self._settle_timer is None:
+            self._settle_timer = asyncio.get_running_loop().call_later(SETTLE_DELAY_S, self.flush_settles)
         return True
+
+    def _with_settles(self, data: bytes) -> bytes:
+        """``data`` after the settles waiting to be written: one write for all (messages on one
+        connection are applied in order, so a slot a settle frees is free for the admit after it)."""
+        if not self._settles:
+            return data
+        self._settles.append(data)
+        out = b"".join(self._settles)
+        self._drop_settles()
+        return out
+
+    def flush_settles(self) -> None:
+        """Write the settles waiting (no admit came within SETTLE_DELAY_S to carry them)."""
+        t = self._open()
+        if t is not None and self._settles:
+            t.write(b"".join(self._settles))
+        self._drop_settles()
+
+    def _drop_settles(self) -> None:
+        """Forget what is buffered (written, or the connection is gone: the supervisor then counts
+        the worker's open tickets as spent in full, never an overspend)."""
+        self._settles.clear()
+        if self._settle_timer is not None:
+            self._settle_timer.cancel()
+            self._settle_timer = None
 
     async def settle(self, ticket: Ticket, actual: list[int], total_tokens: int) -> None:
         if not self.settle_later(ticket, actual, total_tokens):
             t = await self._transport()
-            t.write(frame(["s", ticket.shared_id, actual, total_tokens]))
+            t.write(self._with_settles(frame(["s", ticket.shared_id, actual, total_tokens])))
 
     async def peek_budget(self, counter: str) -> tuple[int, int] | None:
         out = await self._call(["p", 0, counter])
@@ -331,10 +366,11 @@ class SharedCounters:
 
     async def publish_invalidation(self, key_hash: str | None) -> None:
         t = await self._transport()
-        t.write(frame(["i", key_hash]))
+        t.write(self._with_settles(frame(["i", key_hash])))
 
     async def close(self) -> None:
         self._closed = True
+        self.flush_settles()
         t = self._open()
         if t is not None:
-            t.close()  # what is buffered (settles) is written first
+            t.close()  # what is buffered in the transport is written first

@@ -320,6 +320,11 @@ class ServerSettings(_Strict):
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="on SIGTERM or a SIGHUP reload, how long in-flight requests and streams may finish"
     )
+    drain_idle_grace_s: float = Field(
+        2.0, ge=0, le=60, description="on SIGTERM or a SIGHUP reload, how long idle keep-alive connections stay open "
+                                      "(answering with Connection: close) before they are closed; at most "
+                                      "shutdown_grace_s (docs/scaling.md)"
+    )
     malloc_trim_interval_s: float = Field(
         30.0, ge=0, description="every this many seconds, hand the C heap's free pages back to the OS "
                                 "(glibc malloc_trim; docs/robustness.md); 0: never"

@@ -161,3 +161,16 @@ def test_idle_connections_are_closed_after_the_grace(gateway: Gateway) -> None:
     assert f.read(1) == b""  # closed by the gateway, not by us
     s.close()
     assert gateway.proc.wait(timeout=60) == 0
+
+
+def test_the_idle_grace_is_a_setting_with_bounds() -> None:
+    import pytest
+
+    from kaiyuan.config import ConfigError, parse_config
+
+    assert parse_config({"models": []}).server.drain_idle_grace_s == 2.0
+    assert parse_config({"models": [], "server": {"drain_idle_grace_s": 0}}).server.drain_idle_grace_s == 0
+    assert parse_config({"models": [], "server": {"drain_idle_grace_s": 10}}).server.drain_idle_grace_s == 10
+    for bad in (-1, 61, "soon"):
+        with pytest.raises(ConfigError, match="drain_idle_grace_s"):
+            parse_config({"models": [], "server": {"drain_idle_grace_s": bad}})

@@ -240,6 +240,6 @@ async def run_server(config: GatewayConfig, host: str, port: int, ready: Callabl
         await background.stop(trimming)
         server.close()  # stop accepting: with --workers, the other workers take new connections
         if stop.is_set():  # answer on open connections with Connection: close for a short grace (server.drain)
-            await drain.connections(limiter, min(drain.IDLE_GRACE_S, srv.shutdown_grace_s))
+            await drain.connections(limiter, min(srv.drain_idle_grace_s, srv.shutdown_grace_s))
         log.info("shutting down: flushing the request log")
         await runner.cleanup()

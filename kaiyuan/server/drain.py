@@ -17,7 +17,8 @@ so the race can be made as rare as HTTP allows:
    progress whose response has not begun is marked too. A response already under way (a whole
    body being written, a stream) said keep-alive: its connection stays open, and the client's
    next request on it is answered with ``Connection: close``;
-3. :func:`connections`: for a short grace (:data:`IDLE_GRACE_S`, at most ``server.shutdown_grace_s``)
+3. :func:`connections`: for a short grace (``server.drain_idle_grace_s``, 2 s by default, at most
+   ``server.shutdown_grace_s``)
    idle connections stay open, so a client that sends on one gets its answer, with
    ``Connection: close``; the grace ends early once every connection has closed;
 4. then idle connections with nothing unread are closed (one that has bytes arriving is left to
@@ -40,7 +41,6 @@ from aiohttp.web_protocol import RequestHandler
 
 from kaiyuan.server.connections import ConnectionLimiter, idle, unread
 
-IDLE_GRACE_S = 2.0  # idle connections stay open this long into a drain (at most server.shutdown_grace_s)
 POLL_S = 0.05
 ARRIVING_TRIES = 20  # idle connections with a request arriving: looked at this many times, POLL_S apart
 

@@ -246,33 +246,24 @@ async def _openai_chunks(protocol: str, stream: AsyncIterator[bytes], ctx: Reque
         if not done:
             raise _early(ctx, "no 'data: [DONE]'")
         return
-    if protocol == "anthropic":
-        atr = AnthropicToOpenAI(model, include_usage)
-        try:
-            async for obj in _objects(stream):
-                if isinstance(obj, dict):
-                    for ch in atr.feed(obj):
-                        yield ch
-        except GatewayError as e:
-            reported_at_cut(e, atr.usage, ctx, lim)
-            raise
-        if not atr.done:
-            raise _early(ctx, "no message_stop")
-        usage_into_ctx(atr.usage, ctx)
-        return
-    gtr = GeminiToOpenAI(model, include_usage)
+    tr = AnthropicToOpenAI(model, include_usage) if protocol == "anthropic" else GeminiToOpenAI(model, include_usage)
     try:
         async for obj in _objects(stream):
             if isinstance(obj, dict):
-                for ch in gtr.feed(obj):
+                for ch in tr.feed(obj):
                     yield ch
     except GatewayError as e:
-        reported_at_cut(e, gtr.usage, ctx, lim)
+        reported_at_cut(e, tr.usage, ctx, lim)
         raise
-    if gtr.reason is None:
+    if isinstance(tr, AnthropicToOpenAI):
+        if not tr.done:
+            raise _early(ctx, "no message_stop")
+        usage_into_ctx(tr.usage, ctx)
+        return
+    if tr.reason is None:
         raise _early(ctx, "no finishReason")
-    usage_into_ctx(gtr.usage, ctx)
-    for ch in gtr.end():
+    usage_into_ctx(tr.usage, ctx)
+    for ch in tr.end():
         yield ch
 
 

@@ -15,7 +15,10 @@ Arguments are ``str`` (any text: lengths are counted in UTF-8 bytes) or ``int`` 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 if TYPE_CHECKING:
     from kaiyuan.limits.counters import BudgetCheck, RateCheck
@@ -31,20 +34,18 @@ class Bulk:
         self._int: dict[int, bytes] = {}
 
     def s(self, v: str) -> bytes:
-        b = self._str.get(v)
-        if b is None:
-            if len(self._str) >= MEMO_MAX:
-                self._str.clear()
-            b = self._str[v] = once(v)
-        return b
+        return self._str.get(v) or remember(self._str, v, once(v))
 
     def i(self, v: int) -> bytes:
-        b = self._int.get(v)
-        if b is None:
-            if len(self._int) >= MEMO_MAX:
-                self._int.clear()
-            b = self._int[v] = once(v)
-        return b
+        return self._int.get(v) or remember(self._int, v, once(v))
+
+
+def remember(memo: dict[K, V], key: K, value: V) -> V:
+    """Keep ``value`` for ``key`` in ``memo`` (emptied first when it holds MEMO_MAX entries)."""
+    if len(memo) >= MEMO_MAX:
+        memo.clear()
+    memo[key] = value
+    return value
 
 
 def once(v: str | int) -> bytes:
@@ -75,26 +76,19 @@ class AdmitPacker:
         self._budget_keys: dict[str, bytes] = {}  # budget counter -> its hash's key, encoded
 
     def _budget_key(self, counter: str) -> bytes:
-        b = self._budget_keys.get(counter)
-        if b is None:
-            if len(self._budget_keys) >= MEMO_MAX:
-                self._budget_keys.clear()
-            b = self._budget_keys[counter] = once(f"{self.prefix}bud:{counter}")
-        return b
+        return self._budget_keys.get(counter) or remember(self._budget_keys, counter, once(f"{self.prefix}bud:{counter}"))
 
     def _rate(self, r: RateCheck, minute: int) -> tuple[RateCheck, int, bytes, bytes]:
         """``r``'s keys for ``minute`` and its limits (with the parallel counts, 0 and 0, when it has
         no parallel limit), encoded; kept until the minute or the key's record changes."""
         hit = self._rates.get(r.scope)
         if hit is None or hit[0] is not r or hit[1] != minute:
-            if len(self._rates) >= MEMO_MAX:
-                self._rates.clear()
             p, s = self.prefix, r.scope
             keys = once(f"{p}rpm:{s}:{minute}") + once(f"{p}tpm:{s}:{minute}") + once(f"{p}par:{s}")
             lims = b"".join([once(-1 if v is None else v) for v in (r.rpm, r.tpm, r.max_parallel)])
             if r.max_parallel is None:
                 lims += once(0) + once(0)
-            hit = self._rates[r.scope] = (r, minute, keys, lims)
+            hit = remember(self._rates, r.scope, (r, minute, keys, lims))
         return hit
 
     def pack(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt_tokens: int, minute: int, deadline: int,

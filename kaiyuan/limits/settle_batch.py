@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from kaiyuan.limits.resp import MEMO_MAX, Bulk, once
+from kaiyuan.limits.resp import Bulk, once, remember
 
 if TYPE_CHECKING:
     from kaiyuan.limits.counters import RateCheck, Ticket
@@ -315,12 +315,10 @@ class SettlePacker:
     def _rate(self, r: RateCheck, minute: int) -> tuple[bytes, bytes]:
         hit = self._rates.get(r.scope)
         if hit is None or hit[0] is not r or hit[1] != minute:
-            if len(self._rates) >= MEMO_MAX:
-                self._rates.clear()
             p = self.prefix
             keys = once(f"{p}tpm:{r.scope}:{minute}") + once(f"{p}par:{r.scope}")
             flags = once(int(r.tpm is not None)) + once(int(r.max_parallel is not None))
-            hit = self._rates[r.scope] = (r, minute, keys, flags)
+            hit = remember(self._rates, r.scope, (r, minute, keys, flags))
         return hit[2], hit[3]
 
     def pack(self, batch: list[tuple[Ticket, list[int], int]], marker: str) -> bytes:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,26 +15,18 @@ import openai
 import orjson
 import pytest
 
-from kaiyuan.accounting import keystore
 from kaiyuan.accounting.tokens import count_prompt
-from kaiyuan.config import parse_config
 from kaiyuan.context import RequestContext, Usage
 from kaiyuan.gateway import Gateway
 from kaiyuan.limits.counters import NANO, BudgetCheck, Denial, MemoryCounters, RateCheck, Ticket
 from kaiyuan.pipeline import end
-from kaiyuan.store.db import open_store
 from kaiyuan.testing.fake_openai import FakeOpenAI
 from kaiyuan.testing.harness import RunningGateway
 from tests.conftest import openai_model
 from tests.http import http
+from tests.keyed_env import BODY, MASTER, PRICE, Scenario, keyed_setup, run_keyed
 
-MASTER = "sk-master-test"
-PRICE = {"input": 1.0, "output": 2.0}
-BODY = {"model": "m", "messages": [{"role": "user", "content": "Say hello in one short sentence."}], "max_tokens": 64}
 RAW = orjson.dumps(BODY)
-
-
-Scenario = Callable[[Gateway, str], Awaitable[Any]]
 
 
 @pytest.fixture
@@ -42,30 +34,8 @@ def keyed(tmp_path: Path) -> Callable[[Scenario], Any]:
     """Run a scenario on a gateway object (no HTTP server) with a virtual key that has RPM, TPM and
     a monthly budget, counted in process: the admit and settle a keyed request runs, without an
     upstream. The gateway lives and is closed on the scenario's event loop."""
-    cfg = parse_config({
-        "server": {"master_key": MASTER},
-        "store": {"url": f"sqlite:///{tmp_path}/k.db"},
-        "limits": {"backend": "memory", "key_cache_ttl_s": 3600},
-        "accounting": {"spend_flush_interval_s": 3600},
-        "models": [{"name": "m", "deployments": [{"id": "m-dep", "provider": "openai_compatible",
-                                                  "base_url": "http://127.0.0.1:9/v1", "model": "gpt-4o-mini",
-                                                  "price": PRICE}]}],
-    }, "<test>")
-    engine = open_store(cfg.store.url)
-    key = keystore.create_key(engine, {"name": "k", "rpm": 10**9, "tpm": 10**12},
-                              [{"period": "month", "limit_usd": 10**6}])["key"]
-
-    def run(scenario: Scenario) -> Any:
-        async def main() -> Any:
-            gw = Gateway(cfg, engine)
-            try:
-                return await scenario(gw, key)
-            finally:
-                await gw.close()
-
-        return asyncio.run(main())
-
-    return run
+    cfg, engine, key = keyed_setup(tmp_path / "k.db", "gpt-4o-mini")
+    return lambda scenario: run_keyed(cfg, engine, key, scenario)
 
 
 async def _keyed_request(gw: Gateway, key: str, i: int) -> RequestContext:

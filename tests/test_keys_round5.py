@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,7 @@ from kaiyuan.gateway import Gateway
 from kaiyuan.limits.counters import NANO, SEED_UNKNOWN
 from kaiyuan.offload import OFF_LOOP_BYTES
 from kaiyuan.store.db import open_store
-
-MASTER = "sk-master-test"
-PRICE = {"input": 1.0, "output": 2.0}
-BODY = {"model": "m", "messages": [{"role": "user", "content": "Say hello in one short sentence."}], "max_tokens": 64}
-
-Scenario = Callable[[Gateway, str], Awaitable[Any]]
+from tests.keyed_env import BODY, PRICE, Scenario, keyed_setup, run_keyed
 
 
 @pytest.fixture
@@ -39,27 +34,7 @@ def keyed(tmp_path: Path) -> Callable[..., Any]:
     ``limit_usd``, counted in process."""
 
     def run(scenario: Scenario, limit_usd: float = 10**6) -> Any:
-        cfg = parse_config({
-            "server": {"master_key": MASTER},
-            "store": {"url": f"sqlite:///{tmp_path}/k{limit_usd}.db"},
-            "limits": {"backend": "memory", "key_cache_ttl_s": 3600},
-            "accounting": {"spend_flush_interval_s": 3600},
-            "models": [{"name": "m", "deployments": [{"id": "m-dep", "provider": "openai_compatible",
-                                                      "base_url": "http://127.0.0.1:9/v1", "model": "deepseek-chat",
-                                                      "price": PRICE}]}],
-        }, "<test>")
-        engine = open_store(cfg.store.url)
-        key = keystore.create_key(engine, {"name": "k", "rpm": 10**9, "tpm": 10**12},
-                                  [{"period": "month", "limit_usd": limit_usd}])["key"]
-
-        async def main() -> Any:
-            gw = Gateway(cfg, engine)
-            try:
-                return await scenario(gw, key)
-            finally:
-                await gw.close()
-
-        return asyncio.run(main())
+        return run_keyed(*keyed_setup(tmp_path / f"k{limit_usd}.db", "deepseek-chat", limit_usd), scenario)
 
     return run
 

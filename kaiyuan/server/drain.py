@@ -18,9 +18,8 @@ so the race can be made as rare as HTTP allows:
    body being written, a stream) said keep-alive: its connection stays open, and the client's
    next request on it is answered with ``Connection: close``;
 3. :func:`connections`: for a short grace (``server.drain_idle_grace_s``, 2 s by default, at most
-   ``server.shutdown_grace_s``)
-   idle connections stay open, so a client that sends on one gets its answer, with
-   ``Connection: close``; the grace ends early once every connection has closed;
+   ``server.shutdown_grace_s``) idle connections stay open, so a client that sends on one gets its
+   answer, with ``Connection: close``; the grace ends early once every connection has closed;
 4. then idle connections with nothing unread are closed (one that has bytes arriving is left to
    be answered), and aiohttp's shutdown waits for what is still in flight, up to
    ``server.shutdown_grace_s``.

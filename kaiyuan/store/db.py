@@ -40,8 +40,9 @@ def register_sqlite_adapters() -> None:
     whose failure formats an AttributeError message before it is cleared: ~3,500 instructions per
     parameter. A request-log row has about ten NULLs and two booleans, a ledger row a few NULLs:
     the adapt step took ~42,000 instructions per request, ~15,000 with these (callgrind,
-    bench/instructions.py, bench/RESULTS.md "keys round 4"). Registered adapters are found first. They are C callables giving the value sqlite3 bound anyway (NULL;
-    1 or 0), so what is stored does not change. Process-wide, idempotent."""
+    bench/instructions.py, bench/RESULTS.md "keys round 4"). Registered adapters are found first.
+    They are C callables giving the value sqlite3 bound anyway (NULL; 1 or 0), so what is stored
+    does not change. Process-wide, idempotent."""
     sqlite3.register_adapter(type(None), _NOTHING.get)  # {}.get(None) is None, a C call: bound as NULL, as before
     sqlite3.register_adapter(bool, int)  # bound as the integer it is, as before
 

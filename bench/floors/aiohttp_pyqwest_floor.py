@@ -9,12 +9,12 @@ upstream call when the awaiting task is cancelled (bench/client_cancel.py). Not 
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from aiohttp import web
 
-HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
+from bench.floors.common import HOP, run_aiohttp
+
 CLIENT: web.AppKey[Any] = web.AppKey("client", object)
 
 
@@ -31,7 +31,7 @@ def build_app(upstream: str) -> web.Application:
     async def forward(request: web.Request) -> web.StreamResponse:
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
-        async with await app[CLIENT].stream("POST", upstream + request.path, headers, body) as up:
+        async with app[CLIENT].stream("POST", upstream + request.path, headers, body) as up:
             ctype = up.headers.get("content-type") or "application/json"
             if not ctype.startswith("text/event-stream"):
                 data = b"".join([bytes(c) async for c in up.content])
@@ -53,14 +53,7 @@ def build_app(upstream: str) -> web.Application:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--upstream", required=True)
-    a = p.parse_args()
-    import uvloop
-
-    uvloop.install()
-    web.run_app(build_app(a.upstream.rstrip("/")), host="127.0.0.1", port=a.port, access_log=None, print=None)
+    run_aiohttp(build_app)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,12 @@ they arrive. Not in the default run: `bench/run.py --mixed-floors`.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from aiohttp import web
 
-HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
+from bench.floors.common import HOP, run_aiohttp
+
 CLIENT: web.AppKey[Any] = web.AppKey("client", object)
 
 
@@ -53,14 +53,7 @@ def build_app(upstream: str) -> web.Application:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--upstream", required=True)
-    a = p.parse_args()
-    import uvloop
-
-    uvloop.install()
-    web.run_app(build_app(a.upstream.rstrip("/")), host="127.0.0.1", port=a.port, access_log=None, print=None)
+    run_aiohttp(build_app)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ must hold across all of them, not per process, so the supervisor process keeps t
 (:class:`CounterServer`); each worker talks to it through :class:`SharedCounters`, which has the
 same interface as the in-process and Redis counters. An admit is one round trip on a local socket
 and stays atomic (the server applies one message at a time, and ``MemoryCounters.admit_sync`` never
-awaits). A settle is sent without waiting for an answer, with the next admit's write (or after
-``SETTLE_DELAY_S`` at the latest); messages on one connection are applied in order, so the
+awaits). The frames a worker buffers in one event-loop tick (at high concurrency many requests
+reach their admit in the same tick) go out in one write at its end, and the supervisor answers all
+it read in one write. A settle is sent without waiting for an answer, with the next tick's admits
+(or after ``SETTLE_DELAY_S`` at the latest); messages on one connection are applied in order, so the
 reservation a settle releases is never counted twice, and until it is applied it is still held
 (late, never short).
 
@@ -118,6 +120,8 @@ class CounterServer:
         self._server: asyncio.base_events.Server | None = None
         self.conns: set[_WorkerConn] = set()
         self.ids = itertools.count(1)
+        self.reads = 0  # reads from the workers, and the messages they carried (what one write carries)
+        self.messages = 0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -161,6 +165,7 @@ class _WorkerConn(_Frames):
         self.server.release(held)
 
     def data_received(self, data: bytes) -> None:
+        self.server.reads += 1
         super().data_received(data)
         t = self.transport
         if self.out and t is not None and not t.is_closing():  # every answer to this read in one write
@@ -174,6 +179,7 @@ class _WorkerConn(_Frames):
 
     def on_message(self, msg: list[Any]) -> None:
         op = msg[0]
+        self.server.messages += 1
         c = self.server.counters
         if op == "a":
             _op, rid, rates, budgets, prompt_tokens, now = msg
@@ -244,8 +250,9 @@ class SharedCounters:
         self._ids = itertools.count(1)
         self._connecting: asyncio.Lock | None = None
         self._closed = False
-        self._settles: list[bytes] = []  # settle frames not written yet (see settle_later)
-        self._settle_timer: asyncio.TimerHandle | None = None
+        self._out: list[bytes] = []  # frames not written yet, in order (see _send and settle_later)
+        self._tick: asyncio.Handle | None = None  # the flush at the end of this loop tick (an admit is buffered)
+        self._settle_timer: asyncio.TimerHandle | None = None  # the flush of settles alone (SETTLE_DELAY_S)
 
     def _open(self) -> asyncio.Transport | None:
         c = self._conn
@@ -284,7 +291,7 @@ class SharedCounters:
         """The connection closed: every answer still awaited fails (the requests fail closed)."""
         if conn is self._conn:
             self._conn = None
-            self._drop_settles()
+            self._drop_buffered()
         err = SharedCountersUnavailable(f"lost the counter server: {exc or 'connection closed'}")
         for fut in self.pending.values():
             if not fut.done():
@@ -292,12 +299,12 @@ class SharedCounters:
         self.pending.clear()
 
     async def _call(self, msg: list[Any]) -> list[Any]:
-        t = await self._transport()
+        await self._transport()
         rid = next(self._ids)
         msg[1] = rid
         fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self.pending[rid] = fut
-        t.write(self._with_settles(frame(msg)))
+        self._send(frame(msg))
         try:
             return await fut
         finally:
@@ -323,54 +330,60 @@ class SharedCounters:
             return True
         if self._open() is None:
             return False
-        self._settles.append(frame(["s", tid, actual, total_tokens]))
-        if len(self._settles) >= MAX_HELD_SETTLES:
-            self.flush_settles()
-        elif self._settle_timer is None:
-            self._settle_timer = asyncio.get_running_loop().call_later(SETTLE_DELAY_S, self.flush_settles)
+        out = self._out
+        out.append(frame(["s", tid, actual, total_tokens]))
+        if len(out) >= MAX_HELD_SETTLES:
+            self.flush()
+        elif self._tick is None and self._settle_timer is None:
+            self._settle_timer = asyncio.get_running_loop().call_later(SETTLE_DELAY_S, self.flush)
         return True
 
-    def _with_settles(self, data: bytes) -> bytes:
-        """``data`` after the settles waiting to be written: one write for all (messages on one
-        connection are applied in order, so a slot a settle frees is free for the admit after it)."""
-        if not self._settles:
-            return data
-        self._settles.append(data)
-        out = b"".join(self._settles)
-        self._drop_settles()
-        return out
+    def _send(self, data: bytes) -> None:
+        """Buffer a frame that is answered, to be written at the end of this loop tick with every
+        other frame buffered by then: at high concurrency many requests reach their admit in the
+        same tick, and N admits (and the settles before them) then cost one write, and the
+        supervisor one read and one write for all. Messages on one connection are applied in order,
+        so a slot a settle frees is free for the admit after it."""
+        self._out.append(data)
+        if self._tick is None:
+            self._tick = asyncio.get_running_loop().call_soon(self.flush)
 
-    def flush_settles(self) -> None:
-        """Write the settles waiting (no admit came within SETTLE_DELAY_S to carry them)."""
+    def flush(self) -> None:
+        """Write every buffered frame in one write (the tick ended, or no admit came within
+        SETTLE_DELAY_S to carry the settles)."""
         t = self._open()
-        if t is not None and self._settles:
-            t.write(b"".join(self._settles))
-        self._drop_settles()
+        if t is not None and self._out:
+            t.write(b"".join(self._out))
+        self._drop_buffered()
 
-    def _drop_settles(self) -> None:
+    def _drop_buffered(self) -> None:
         """Forget what is buffered (written, or the connection is gone: the supervisor then counts
-        the worker's open tickets as spent in full, never an overspend)."""
-        self._settles.clear()
+        the worker's open tickets as spent in full, never an overspend, and every answer awaited
+        fails)."""
+        self._out.clear()
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
         if self._settle_timer is not None:
             self._settle_timer.cancel()
             self._settle_timer = None
 
     async def settle(self, ticket: Ticket, actual: list[int], total_tokens: int) -> None:
         if not self.settle_later(ticket, actual, total_tokens):
-            t = await self._transport()
-            t.write(self._with_settles(frame(["s", ticket.shared_id, actual, total_tokens])))
+            await self._transport()
+            self._send(frame(["s", ticket.shared_id, actual, total_tokens]))
 
     async def peek_budget(self, counter: str) -> tuple[int, int] | None:
         out = await self._call(["p", 0, counter])
         return (int(out[1]), int(out[2])) if out[1] is not None else None
 
     async def publish_invalidation(self, key_hash: str | None) -> None:
-        t = await self._transport()
-        t.write(self._with_settles(frame(["i", key_hash])))
+        await self._transport()
+        self._send(frame(["i", key_hash]))
 
     async def close(self) -> None:
         self._closed = True
-        self.flush_settles()
+        self.flush()
         t = self._open()
         if t is not None:
             t.close()  # what is buffered in the transport is written first

@@ -138,7 +138,8 @@ def measure(fleet: Fleet, target: Target, sc: Scenario, out: Path, a: argparse.N
 
 def start_floor(fleet: Fleet, up: Target, script: Path = FLOOR, name: str = "floor-aiohttp") -> Target:
     port = free_port()
-    proc = fleet.start(name, [PY, str(script), "--port", str(port), "--upstream", f"http://127.0.0.1:{up.port}"], "1")
+    proc = fleet.start(name, [PY, str(script), "--port", str(port), "--upstream", f"http://127.0.0.1:{up.port}"], "1",
+                       {"PYTHONPATH": str(ROOT)})  # the floors import bench.floors.common
     wait_ready(proc, f"http://127.0.0.1:{port}/readyz", 300)
     return Target(name, port, proc, family="floor")
 

@@ -57,6 +57,11 @@ FLOORS = {  # name -> (module under bench/floors, the Python packages it needs)
     "floor-aiohttp": ("aiohttp_floor", ("aiohttp",)),
     "floor-granian": ("granian_floor", ("granian", "pyreqwest")),
 }
+MIXED_FLOORS = {  # one leg swapped (--mixed-floors): what each leg alone would save
+    "floor-aiohttp-pyreqwest": ("aiohttp_pyreqwest_floor", ("aiohttp", "pyreqwest")),
+    "floor-aiohttp-pyqwest": ("aiohttp_pyqwest_floor", ("aiohttp", "pyqwest")),
+    "floor-granian-aiohttp": ("granian_aiohttp_floor", ("granian", "aiohttp")),
+}
 CONCURRENCY = (1, 16, 64, 256)
 HOLD_STREAMS = 1000
 
@@ -328,7 +333,7 @@ def start_litellm(fleet: Fleet, up: Target, cpu: str, workdir: Path) -> Target:
 
 def start_floor(fleet: Fleet, up: Target, cpu: str, name: str) -> Target:
     """A bare pass-through (bench/floors/) on the gateway's CPU: Kaiyuan's cost is reported against it."""
-    module, needs = FLOORS[name]
+    module, needs = {**FLOORS, **MIXED_FLOORS}[name]
     missing = [m for m in needs if importlib.util.find_spec(m) is None]
     if missing:
         raise RuntimeError(f"needs {', '.join(missing)} (pip install {' '.join(missing)})")
@@ -530,6 +535,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--with", dest="flags", action="append", default=[], help="enable flagged scenarios/variants: anthropic, auth, keys, keys-redis, shadow, nolog, workers, sup, keys-sup, prices")
     p.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM column")
     p.add_argument("--no-floors", action="store_true", help="skip the bare pass-through floors (bench/floors/)")
+    p.add_argument("--mixed-floors", action="store_true",
+                   help="also the floors with one leg swapped: aiohttp server + pyreqwest client, granian server + aiohttp client")
     p.add_argument("--no-portkey", action="store_true", help="skip the Portkey column")
     p.add_argument("--no-wrk", action="store_true", help="skip the wrk raw-throughput table")
     p.add_argument("--wrk-concurrency", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
@@ -609,7 +616,8 @@ def main(argv: list[str] | None = None) -> int:
                 info["portkey"] = portkey_version()
             except RuntimeError as e:
                 notes.append(f"Portkey column not run: it did not start: {e}")
-        for name in () if args.no_floors else FLOORS:
+        floors = [] if args.no_floors else [*FLOORS, *(MIXED_FLOORS if args.mixed_floors else ())]
+        for name in floors:
             try:
                 targets.append(start_floor(fleet, up, gw_cpu, name))
             except RuntimeError as e:

@@ -74,7 +74,9 @@ def _cuts(raw: bytes, seed: int) -> Iterator[list[bytes]]:
         yield [raw[a:b] for a, b in zip([0, *points], [*points, len(raw)], strict=True)]
 
 
-async def _relay(reads: list[bytes], strip_usage: bool, cap: int | None) -> tuple[bytes, RequestContext]:
+async def _relay(reads: list[bytes], strip_usage: bool, cap: int | None,
+                 source: AsyncIterator[bytes] | None = None) -> tuple[bytes, RequestContext]:
+    """The relay fed ``reads`` by a generator (or by ``source``, which reads the same bytes)."""
     async def upstream() -> AsyncIterator[bytes]:
         for r in reads:
             yield r
@@ -90,7 +92,7 @@ async def _relay(reads: list[bytes], strip_usage: bool, cap: int | None) -> tupl
     real = sse.open_stream
     sse.open_stream = opened  # type: ignore[assignment]
     try:
-        await sse.relay_openai_stream(None, ctx, upstream(), strip_usage, lim, ModelRenamer("public"))  # type: ignore[arg-type]
+        await sse.relay_openai_stream(None, ctx, source or upstream(), strip_usage, lim, ModelRenamer("public"))  # type: ignore[arg-type]
     finally:
         sse.open_stream = real  # type: ignore[assignment]
     assert client.ended

@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 
 from kaiyuan.providers import http as http_provider
-from kaiyuan.server.sse import sse_events
+from kaiyuan.server.sse_framer import sse_events
 from kaiyuan.testing.harness import RunningGateway
 from kaiyuan.testing.server_thread import ServerThread
 from tests.conftest import openai_model
@@ -329,7 +329,7 @@ def test_sse_without_the_optional_space_after_data(gw: RunningGateway, raw: RawU
 
 
 def test_an_endless_event_is_cut_off(gw: RunningGateway, raw: RawUpstream, monkeypatch: pytest.MonkeyPatch) -> None:
-    import kaiyuan.server.sse as sse_mod
+    import kaiyuan.server.sse_framer as sse_mod
 
     monkeypatch.setattr(sse_mod, "MAX_EVENT_BYTES", 200_000)
     endless = [chunk("a")] + [b"data: " + b"x" * 50_000 for _ in range(20)]  # never a blank line

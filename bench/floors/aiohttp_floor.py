@@ -9,12 +9,11 @@ reports Kaiyuan's cost as a ratio to it. Streams are relayed chunk by chunk as t
 
 from __future__ import annotations
 
-import argparse
-
 import aiohttp
 from aiohttp import web
 
-HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
+from bench.floors.common import HOP, run_aiohttp
+
 SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("session", aiohttp.ClientSession)
 
 
@@ -52,17 +51,7 @@ def build_app(upstream: str) -> web.Application:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--upstream", required=True)
-    a = p.parse_args()
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    web.run_app(build_app(a.upstream.rstrip("/")), host="127.0.0.1", port=a.port, access_log=None, print=None)
+    run_aiohttp(build_app)
 
 
 if __name__ == "__main__":

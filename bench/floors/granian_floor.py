@@ -9,11 +9,11 @@ when granian and pyreqwest are installed (`pip install granian pyreqwest`), one 
 
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Any
 
-HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
+from bench.floors.common import HOP, run_granian
+
 UPSTREAM = os.environ.get("FLOOR_UPSTREAM", "").rstrip("/")
 
 
@@ -54,18 +54,7 @@ app = App()
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--upstream", required=True)
-    a = p.parse_args()
-    os.environ["FLOOR_UPSTREAM"] = a.upstream
-    from granian import Granian
-    from granian.constants import Interfaces, Loops
-
-    Granian(
-        "bench.floors.granian_floor:app", address="127.0.0.1", port=a.port, interface=Interfaces.RSGI,
-        workers=1, runtime_threads=1, loop=Loops.uvloop, log_enabled=False,
-    ).serve()
+    run_granian("bench.floors.granian_floor:app")
 
 
 if __name__ == "__main__":

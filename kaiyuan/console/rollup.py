@@ -48,6 +48,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql.elements import ColumnElement
 
+from kaiyuan import background
 from kaiyuan.console import histogram
 from kaiyuan.limits.counters import NANO
 from kaiyuan.store.schema import request_log, rollup_cursor, usage_hourly
@@ -200,9 +201,13 @@ def _move_cursor(conn: Connection, frm: Cursor, to: Cursor) -> bool:
     if moved == 1:
         return True
     if frm == START and conn.execute(select(c.name).where(c.name == CURSOR_NAME)).first() is None:
-        conn.execute(insert(rollup_cursor), [{"name": CURSOR_NAME, "after_seq": to.seq, "after_id": to.row_id}])
+        _insert_cursor(conn, to)
         return True
     return False
+
+
+def _insert_cursor(conn: Connection, at: Cursor) -> None:
+    conn.execute(insert(rollup_cursor), [{"name": CURSOR_NAME, "after_seq": at.seq, "after_id": at.row_id}])
 
 
 def _merge(conn: Connection, groups: dict[Key, _Acc]) -> None:
@@ -241,7 +246,7 @@ def _reset(engine: Engine, expect: Cursor | None) -> None:
         conn.execute(delete(usage_hourly))
         c = rollup_cursor.c
         if conn.execute(update(rollup_cursor).where(c.name == CURSOR_NAME).values(after_seq=START.seq, after_id=START.row_id)).rowcount == 0:
-            conn.execute(insert(rollup_cursor), [{"name": CURSOR_NAME, "after_seq": START.seq, "after_id": START.row_id}])
+            _insert_cursor(conn, START)
 
 
 def catch_up(engine: Engine, chunk_rows: int = CHUNK_ROWS) -> int:
@@ -319,6 +324,5 @@ class RollupTask:
             self.last_run = time.time()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        task, self._task = self._task, None
+        await background.stop(task)

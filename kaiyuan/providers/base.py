@@ -25,6 +25,28 @@ class UpstreamCall:
     body_bytes: bytes | None = None  # pre-serialised body (pass-through fast path)
 
 
+class ChunkStream(ABC):
+    """An upstream stream's bytes, read with one await per chunk: a transport's reader that counts
+    what it received and takes back the first chunk the executor looked at (``unread``), so no
+    generator wraps it on the way to the relay (one frame switch per layer and read)."""
+
+    __slots__ = ("received",)
+
+    def __init__(self) -> None:
+        self.received = 0  # bytes read from the upstream so far
+
+    def __aiter__(self) -> ChunkStream:
+        return self
+
+    @abstractmethod
+    async def __anext__(self) -> bytes:
+        """The next chunk (never empty); StopAsyncIteration at the stream's end."""
+
+    @abstractmethod
+    def unread(self, chunk: bytes) -> None:
+        """Give ``chunk`` back: the next read returns it (already counted in ``received``)."""
+
+
 @dataclass(slots=True)
 class UpstreamReply:
     status: int
@@ -39,6 +61,8 @@ class UpstreamReply:
     _finisher: Any = None  # like _closer, for a stream whose consumer saw its final event (may keep the connection)
 
     def bytes_received(self) -> int:
+        if isinstance(self.stream, ChunkStream):
+            return self.stream.received
         return self.received if self.stream is not None else len(self.body or b"")
 
     async def aclose(self, finished: bool = False) -> None:

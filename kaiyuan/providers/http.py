@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -22,7 +21,7 @@ from kaiyuan.config import (
     Timeouts,
 )
 from kaiyuan.errors import ErrorKind, GatewayError
-from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
+from kaiyuan.providers.base import ChunkStream, Provider, UpstreamCall, UpstreamReply
 from kaiyuan.providers.reply_body import decoded_stream, read_whole, reply_decoder, stream_too_large
 
 USER_AGENT = f"kaiyuan/{__version__}"
@@ -79,50 +78,78 @@ class IdleWatch:
             self.handle = None
 
 
-async def _iter_stream(
-    resp: aiohttp.ClientResponse, deadline: float, idle: float, label: str, limit: int = DEFAULT_MAX_STREAM_BYTES
-) -> AsyncIterator[bytes]:
-    watch = IdleWatch(resp.content, idle)  # from the head on, at most `idle` seconds between two reads
-    left = limit  # bytes the stream may still send (max_stream_bytes; compressed ones: counted decoded too)
-    try:
-        while True:
-            now = watch.last = time.monotonic()
-            if now >= deadline:
-                raise GatewayError(
-                    ErrorKind.UPSTREAM_TIMEOUT,
-                    f"upstream {label} exceeded its total time limit; raise timeouts.total if this is expected",
-                )
-            watch.waiting = True
-            try:
-                chunk = await resp.content.readany()
-            except (TimeoutError, aiohttp.ServerTimeoutError):
-                raise GatewayError(
-                    ErrorKind.UPSTREAM_TIMEOUT,
-                    f"upstream {label} sent nothing for {idle:g}s mid-stream (timeouts.idle)",
-                ) from None
-            except aiohttp.ClientPayloadError as e:
-                raise GatewayError(
-                    ErrorKind.UPSTREAM_ERROR, f"upstream {label} broke the stream: {e}"
-                ) from None
-            except aiohttp.ClientError as e:
-                raise GatewayError(
-                    ErrorKind.UPSTREAM_ERROR, f"upstream {label} connection failed mid-stream: {e}"
-                ) from None
-            watch.waiting = False
-            if not chunk:
-                resp.release()
-                return
-            left -= len(chunk)
-            if left < 0:
-                raise stream_too_large(label, limit)  # closed below: generation stops
-            yield chunk
-    except GeneratorExit:  # the consumer stopped: the reply's owner closes (or finishes) it
-        raise
-    except BaseException:
-        resp.close()
-        raise
-    finally:
-        watch.stop()
+class UpstreamChunks(ChunkStream):
+    """One upstream stream's body as it arrives, with every check inline in the one await per read:
+    the idle timeout (:class:`IdleWatch`), the total deadline, and ``max_stream_bytes``
+    (compressed streams: counted decoded too, by ``reply_body.decoded_stream``). A failed read
+    closes the connection; the end of the body gives it back to the pool. A consumer that stops
+    early leaves the reply to its owner, who closes or finishes it (``close`` / ``finish``)."""
+
+    __slots__ = ("content", "deadline", "idle", "label", "limit", "pending", "resp", "watch")
+
+    def __init__(self, resp: aiohttp.ClientResponse, deadline: float, idle: float, label: str,
+                 limit: int = DEFAULT_MAX_STREAM_BYTES) -> None:
+        super().__init__()
+        self.resp = resp
+        self.content = resp.content
+        self.deadline = deadline
+        self.idle = idle
+        self.label = label
+        self.limit = limit  # bytes the stream may send in all (max_stream_bytes)
+        self.pending: bytes | None = None  # a chunk given back (unread), returned by the next read
+        self.watch = IdleWatch(resp.content, idle)  # from the head on, at most `idle` seconds between two reads
+
+    def unread(self, chunk: bytes) -> None:
+        self.pending = chunk
+
+    async def __anext__(self) -> bytes:
+        if self.pending is not None:
+            chunk, self.pending = self.pending, None
+            return chunk
+        watch = self.watch
+        now = watch.last = time.monotonic()
+        if now >= self.deadline:
+            self.close()
+            raise GatewayError(
+                ErrorKind.UPSTREAM_TIMEOUT,
+                f"upstream {self.label} exceeded its total time limit; raise timeouts.total if this is expected",
+            )
+        watch.waiting = True
+        try:
+            chunk = await self.content.readany()
+        except BaseException as e:
+            self.close()
+            raise self._failure(e) from None
+        watch.waiting = False
+        if not chunk:
+            watch.stop()
+            self.resp.release()
+            raise StopAsyncIteration
+        self.received += len(chunk)
+        if self.received > self.limit:
+            self.close()
+            raise stream_too_large(self.label, self.limit)  # closed: generation stops
+        return chunk
+
+    def _failure(self, e: BaseException) -> BaseException:
+        if isinstance(e, (TimeoutError, aiohttp.ServerTimeoutError)):
+            return GatewayError(ErrorKind.UPSTREAM_TIMEOUT,
+                                f"upstream {self.label} sent nothing for {self.idle:g}s mid-stream (timeouts.idle)")
+        if isinstance(e, aiohttp.ClientPayloadError):
+            return GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {self.label} broke the stream: {e}")
+        if isinstance(e, aiohttp.ClientError):
+            return GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream {self.label} connection failed mid-stream: {e}")
+        return e  # cancelled (the client went away), or anything else: as it is
+
+    def close(self) -> None:
+        """Cancel the stream: the connection is closed (the upstream stops generating)."""
+        self.watch.stop()
+        self.resp.close()
+
+    def finish(self) -> None:
+        """The consumer has the final event: the connection goes back to the pool (:func:`finish_stream`)."""
+        self.watch.stop()
+        finish_stream(self.resp)
 
 
 DRAIN_S = 1.0  # how long a finished stream may take to send the end of its body
@@ -217,11 +244,10 @@ async def post_json(
             resp.close()
         raise
     r = resp
-    chunks = _iter_stream(r, deadline, timeouts.idle, label, max_stream_bytes)
+    chunks = UpstreamChunks(r, deadline, timeouts.idle, label, max_stream_bytes)
     return UpstreamReply(
         r.status, r.headers, stream=chunks if dec is None else decoded_stream(chunks, dec, max_stream_bytes, label),
-        _closer=r.close,
-        _finisher=lambda: finish_stream(r), deadline=deadline,
+        _closer=chunks.close, _finisher=chunks.finish, deadline=deadline,
     )
 
 

@@ -25,7 +25,7 @@ import orjson
 from kaiyuan.context import Attempt, RequestContext, Upstream
 from kaiyuan.errors import ErrorKind, GatewayError, kind_for_upstream_status
 from kaiyuan.offload import JSON_ERRORS, big, loads_in_pieces
-from kaiyuan.providers.base import Provider, UpstreamCall, UpstreamReply
+from kaiyuan.providers.base import ChunkStream, Provider, UpstreamCall, UpstreamReply
 from kaiyuan.redact import clip_scrubbed
 from kaiyuan.routing.breaker import DeploymentHealth
 from kaiyuan.routing.policy import Policy
@@ -329,7 +329,10 @@ async def _send(provider: Provider, call: UpstreamCall) -> UpstreamReply:
         except BaseException:
             await reply.aclose()
             raise
-        reply.stream = _prefixed(first, reply.stream, reply)
+        if isinstance(reply.stream, ChunkStream):  # the transport's reader takes it back: no wrapper
+            reply.stream.unread(first)
+        else:
+            reply.stream = _prefixed(first, reply.stream, reply)
     return reply
 
 

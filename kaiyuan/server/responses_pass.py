@@ -34,7 +34,8 @@ from kaiyuan.redact import scrub_bytes
 from kaiyuan.server import translate
 from kaiyuan.server.common import JSON_CT, ModelRenamer, kaiyuan_headers, with_public_model
 from kaiyuan.server.overrun import OutputLimit, close_upstream, output_limit, overran, record_cut
-from kaiyuan.server.sse import relay, sse_events, upstream_error
+from kaiyuan.server.sse import relay, upstream_error
+from kaiyuan.server.sse_framer import sse_events
 
 TERMINAL_TYPES = ("response.completed", "response.incomplete", "response.failed")
 HEAD = 96  # bytes of an event that name its type (the event line, or the data's leading "type")

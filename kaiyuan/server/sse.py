@@ -31,6 +31,7 @@ from kaiyuan.server.overrun import (
     record_counted,
     record_cut,
 )
+from kaiyuan.server.sse_framer import SSEFramer
 
 log = logging.getLogger("kaiyuan.server")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -38,75 +39,7 @@ DONE = b"data: [DONE]"
 DONE_FORMS = (DONE, b"data:[DONE]")
 _NOTABLE_RE = re.compile(rb'"usage": ?\{|"error"')
 _SEARCH_FROM = 1024  # bytes: longer data is searched by notable(), shorter with _NOTABLE_RE
-MAX_EVENT_BYTES = 64 * 1024 * 1024  # one event buffered at most (a runaway upstream must not exhaust memory)
 SSE_FIELDS = (b"data:", b"event:", b":", b"id:", b"retry:")  # how every SSE line begins
-
-
-HOLD_FROM = 256 * 1024  # an unfinished event this long is held as a list of pieces, joined once it ends
-
-
-async def sse_events(stream: AsyncIterator[bytes], limit: int | None = None,
-                     why: str = " with no end in sight") -> AsyncIterator[list[bytes]]:
-    """Group raw chunks into complete SSE events (without their blank-line terminator), each at
-    most ``limit`` bytes (default MAX_EVENT_BYTES; else a 502 that says so, with ``why``).
-
-    CRLF framing is normalised to LF, also when a CRLF is split across two chunks. An event that
-    spans many chunks is not re-copied on every chunk (that was quadratic: one 63 MiB event in
-    64 KiB chunks took 63 s of CPU): past HOLD_FROM bytes its pieces are kept and joined once."""
-    if limit is None:
-        limit = MAX_EVENT_BYTES
-    buf = b""
-    held: list[bytes] = []  # the pieces of one long unfinished event
-    size = 0  # bytes in held
-    cr = False  # the previous chunk ended with a CR whose LF may open this one
-    async for chunk in stream:
-        if cr:
-            chunk = b"\r" + chunk
-        if b"\r" in chunk:
-            cr = chunk.endswith(b"\r")
-            chunk = (chunk[:-1] if cr else chunk).replace(b"\r\n", b"\n")
-        if held:
-            if not chunk:
-                continue
-            size += len(chunk)
-            if b"\n\n" not in chunk and not (chunk[:1] == b"\n" and held[-1][-1:] == b"\n"):
-                if size > limit:
-                    raise event_too_large(limit, why)
-                held.append(chunk)
-                continue
-            held.append(chunk)
-            buf = b"".join(held)
-            held, size = [], 0
-        elif not buf and chunk.endswith(b"\n\n"):  # whole events, nothing pending (most chunks)
-            events = chunk.split(b"\n\n")
-            del events[-1]
-            if b"" in events:
-                events = [e for e in events if e]
-            if events:
-                yield events
-            continue
-        else:
-            scan = max(len(buf) - 1, 0)  # only the new bytes (and one before) can complete a terminator
-            buf += chunk
-            if buf.find(b"\n\n", scan) < 0:
-                if len(buf) > limit:
-                    raise event_too_large(limit, why)
-                if len(buf) >= HOLD_FROM:
-                    held, size, buf = [buf], len(buf), b""
-                continue
-        *events, buf = buf.split(b"\n\n")
-        ready = [e for e in events if e]
-        if ready:
-            yield ready
-    if held:
-        buf = b"".join(held)
-    if buf.strip():
-        yield [buf]
-
-
-def event_too_large(limit: int, why: str) -> GatewayError:
-    return GatewayError(ErrorKind.UPSTREAM_ERROR, f"upstream sent a stream event larger than {limit} bytes{why}",
-                        code="upstream_event_too_large")
 
 
 class HeadWithFirstEvents(web.StreamResponse):
@@ -247,9 +180,20 @@ async def relay_openai_stream(
         return rename(data, -1) if rename is not None else data
 
     async def pump(resp: web.StreamResponse) -> None:
-        saw_done = False
+        # One await per read of the upstream (its reader does the timeouts and the byte cap) and a
+        # plain call to frame it: no generator layer between the socket and the client's write.
+        saw_done = ended = False
+        framer = SSEFramer()
+        feed = framer.feed
+        read = stream.__aiter__().__anext__
         try:
-            async for events in sse_events(stream):
+            while not ended:
+                try:
+                    events = feed(await read())
+                except StopAsyncIteration:
+                    events, ended = framer.end(), True
+                if not events:
+                    continue
                 i = first_stop(events, lim)
                 if i < len(events):
                     ev = events[i]

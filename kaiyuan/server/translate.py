@@ -42,7 +42,8 @@ from kaiyuan.server.overrun import (
     overran,
     record_cut,
 )
-from kaiyuan.server.sse import DONE, answered, event_too_large, relay, sse_events
+from kaiyuan.server.sse import DONE, answered, relay
+from kaiyuan.server.sse_framer import event_too_large, sse_events
 
 RESPONSE_TO_CANONICAL = {
     "openai": oc.response_to_canonical,
@@ -195,7 +196,7 @@ def _early(ctx: RequestContext, what: str) -> GatewayError:
 # One event of a translated stream is parsed, translated and serialised on the event loop in one
 # piece (orjson keeps the GIL, so a worker thread would not help): measured on a busy 2-core machine,
 # a 5 MiB tool-argument delta held the loop 35-50 ms, 16 MiB 50-160 ms, 64 MiB 0.8-2 s. So a translated
-# stream's events are limited to 8 MiB (pass-through events, only scanned, to sse.MAX_EVENT_BYTES).
+# stream's events are limited to 8 MiB (pass-through events, only scanned, to sse_framer.MAX_EVENT_BYTES).
 MAX_TRANSLATED_EVENT_BYTES = 8 * 1024 * 1024
 _TRANSLATED_WHY = (": one event of a translated stream (the caller's API differs from the upstream's) is translated "
                    "in one piece on the gateway's event loop, so it may have at most that many bytes; ask for a model "

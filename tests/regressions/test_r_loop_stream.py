@@ -329,7 +329,7 @@ async def _chunks(data: bytes, cuts: list[int]) -> Any:
 async def test_long_events_are_framed_whole_across_any_chunking(seed: int) -> None:
     import random
 
-    from kaiyuan.server.sse import HOLD_FROM, sse_events
+    from kaiyuan.server.sse_framer import HOLD_FROM, sse_events
 
     rng = random.Random(seed)
     events = [b"data: " + bytes([97 + i]) * rng.choice([10, HOLD_FROM // 3, HOLD_FROM * 3]) for i in range(6)]
@@ -344,7 +344,7 @@ async def test_long_events_are_framed_whole_across_any_chunking(seed: int) -> No
 
 async def test_a_long_unfinished_event_is_refused_at_the_limit() -> None:
     from kaiyuan.errors import GatewayError
-    from kaiyuan.server.sse import sse_events
+    from kaiyuan.server.sse_framer import sse_events
 
     data = b"data: " + b"x" * (3 * 1024 * 1024)
     with pytest.raises(GatewayError, match="larger than 1048576 bytes: why") as e:

@@ -43,6 +43,7 @@ from kaiyuan.limits.counters import BudgetCheck, MemoryCounters, RateCheck, Tick
 LEASE_REQUESTS = 64  # a slice serves at most this many requests like the one it was granted with
 SHARE = 4  # a slice is at most the headroom / (SHARE x connected workers)
 IDLE_S = 1.0  # a slice not used for this long is returned
+MAX_MARKS = 4096  # limits a connection is remembered to hold slices of, at most (then forgotten: see Held.mark)
 
 
 @dataclass(slots=True)
@@ -66,7 +67,11 @@ class Held:
     serial: int = 0  # grants made on this connection
 
     def mark(self, m: str) -> None:
+        """Remember a grant. Bounded: past MAX_MARKS the window marks are forgotten (a refusal may
+        then not recall a slice: an early refusal at worst, never an overspend)."""
         self.serial += 1
+        if len(self.marks) >= MAX_MARKS:
+            self.recalled(self.serial)
         self.marks[m] = self.serial
 
     def recalled(self, upto: int) -> None:
@@ -123,7 +128,7 @@ def give_back(c: MemoryCounters, held: Held, budgets: list[Any], rpm: list[Any],
         amt = min(int(amount), have)
         if amt <= 0:
             continue
-        held.budgets[counter] = have - amt
+        _hold(held, counter, have - amt)
         sr = c.budgets.get(counter)
         if sr is not None:
             sr[1] = max(0, sr[1] - amt)
@@ -141,7 +146,7 @@ def used(c: MemoryCounters, held: Held, budgets: list[Any], tpm: list[Any]) -> N
         have = held.budgets.get(counter, 0)
         take = max(0, min(int(take), have))
         cost = max(0, int(cost))
-        held.budgets[counter] = have - take
+        _hold(held, counter, have - take)
         sr = c.budgets.get(counter)
         if sr is not None:
             sr[1] = max(0, sr[1] - take)
@@ -150,6 +155,13 @@ def used(c: MemoryCounters, held: Held, budgets: list[Any], tpm: list[Any]) -> N
         w = c.tpm.get(scope)
         if w is not None and w[0] == minute:
             w[1] = max(0, w[1] + int(n))
+
+
+def _hold(held: Held, counter: str, amount: int) -> None:
+    if amount > 0:
+        held.budgets[counter] = amount
+    else:
+        held.budgets.pop(counter, None)
 
 
 def lost(c: MemoryCounters, held: Held) -> None:

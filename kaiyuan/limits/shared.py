@@ -500,6 +500,8 @@ class SharedCounters:
             self._out.append(frame(["r", recall, back.bud, back.rpm, back.tpm]))
             if recall:
                 self.flush()
+            else:
+                self._later(SETTLE_DELAY_S)
 
     def pushed(self, msg: list[Any]) -> None:
         """A push from the supervisor: a recall (every slice goes back now), or a key invalidation

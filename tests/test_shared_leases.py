@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from kaiyuan.limits.counters import BudgetCheck, Denial, MemoryCounters, RateCheck, Ticket
 from kaiyuan.limits.shared import CounterServer, SharedCounters
+from kaiyuan.testing.fake_openai import FakeOpenAI
+from tests.test_workers import Served, _chat, served  # noqa: F401  (served: the fixture)
 
 
 async def _admit(w: SharedCounters, rates: list[RateCheck], budgets: list[BudgetCheck], tokens: int,
@@ -274,3 +280,42 @@ async def test_a_stalled_worker_does_not_hold_a_refusal_forever(tmp_path: Path) 
         transport.resume_reading()
     finally:
         await _close(server, [a, b])
+
+
+def test_through_two_workers_the_admin_api_shows_slices_as_reserved_until_they_come_back(
+        served: Served, fake_openai: FakeOpenAI) -> None:  # noqa: F811
+    """End to end (`kaiyuan serve --workers 2`, the OpenAI SDK): a key's requests are admitted from
+    slices; with none in flight the budget's reserved_usd is the unused slices, and once they are
+    returned (idle for lease.IDLE_S) it is 0 and spent_usd equals the ledger's sum."""
+    import openai
+    from sqlalchemy import create_engine, func, select
+
+    from kaiyuan.store.schema import spend_ledger
+
+    key = served.admin("POST", "/admin/keys", {"name": "leased", "rpm": 1000,
+                                               "budgets": [{"period": "total", "limit_usd": 50}]})
+    c = openai.OpenAI(base_url=served.url + "/v1", api_key=key["key"], max_retries=0)
+    results = [_chat(served.url, key["key"], client=c) for _ in range(30)]
+    assert results == ["ok"] * 30
+    seen_reserved = []
+    deadline = time.monotonic() + 20
+    b: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        b = served.admin("GET", f"/admin/keys/{key['id']}")["budgets"][0]
+        seen_reserved.append(b["reserved_usd"])
+        if b["reserved_usd"] == 0:
+            break
+        time.sleep(0.1)
+    assert seen_reserved[0] > 0, seen_reserved  # the unused slices, nothing in flight
+    assert b["reserved_usd"] == 0, seen_reserved  # returned when idle
+    engine = create_engine(served.config["store"]["url"])
+    q = select(func.count(), func.coalesce(func.sum(spend_ledger.c.cost_usd), 0)).where(spend_ledger.c.key_id == key["id"])
+    rows, spent = 0, 0.0
+    while time.monotonic() < deadline:  # the workers' ledger writers flush every 0.2 s
+        with engine.connect() as conn:
+            rows, spent = conn.execute(q).one()
+        if rows >= 30:
+            break
+        time.sleep(0.2)
+    engine.dispose()
+    assert rows == 30 and b["spent_usd"] == pytest.approx(float(spent), abs=1e-6)

@@ -60,8 +60,8 @@ async def test_most_admits_need_no_round_trip_and_the_slices_come_back(tmp_path:
         rates = [RateCheck("key:k", 10_000, 10_000_000, None)]
         tickets = [await _admit(a, rates, _budget(10**12, 1000), 50, 60.0) for _ in range(200)]
         assert all(isinstance(t, Ticket) for t in tickets)
-        assert sum(t.lease is not None for t in tickets if isinstance(t, Ticket)) >= 150
-        assert server.messages < 60  # round trips and returns, not one per request
+        assert sum(t.lease is not None for t in tickets if isinstance(t, Ticket)) >= 190  # asked for ahead of need
+        assert server.messages < 20  # a few round trips and asks, not one per request
         for t in tickets:
             assert isinstance(t, Ticket) and a.settle_later(t, [400], 70)
         await _settled(a)
@@ -95,22 +95,25 @@ async def test_two_workers_under_load_never_pass_a_limit_or_a_budget(tmp_path: P
         assert sum(isinstance(t, Ticket) for t in got) == 90
         assert {t.kind for t in got if isinstance(t, Denial)} == {"rpm"}
         budget = _budget(60 * 1000, 1000)
-        admitted = 0
+        admitted, over = 0, 0
         for _round in range(6):  # bursts, each settled before the next: costs 700..1300 per request
             got = await asyncio.gather(*(_admit(ws[i % 2], [], budget, 1, 60.0) for i in range(40)))
             done = [(i, t) for i, t in enumerate(got) if isinstance(t, Ticket)]
             admitted += len(done)
             spent, reserved = server.counters.budgets["b:0"]
-            assert spent + reserved <= 60 * 1000
+            # only a cost above its own reservation (1,300 > 1,000) can pass the limit, by as much
+            assert spent + reserved <= 60 * 1000 + over
             for i, t in done:
-                ws[i % 2].settle_later(t, [700 + 600 * (i % 2)], 1)
+                cost = 700 + 600 * (i % 2)
+                over += max(0, cost - 1000)
+                ws[i % 2].settle_later(t, [cost], 1)
             for w in ws:
                 await _settled(w)
         for w in ws:
             await w.close()
         spent, reserved = server.counters.budgets["b:0"]
         assert reserved == 0 and admitted >= 50
-        assert spent <= 60 * 1000 + 300 * 6  # only costs above their own reservation (1,300 > 1,000) can pass it
+        assert spent <= 60 * 1000 + over
     finally:
         await _close(server, ws)
 

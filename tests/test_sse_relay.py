@@ -161,7 +161,7 @@ def test_a_nested_model_field_is_not_taken_for_the_top_level_one() -> None:
     assert orjson.loads(out) == {"model": "public", "meta": {"model": "up"}}
 
 
-def test_notable_finds_what_the_regex_finds_on_long_data() -> None:
+def test_notable_finds_what_the_regex_finds_on_one_event_or_many() -> None:
     import re
 
     from kaiyuan.server.sse import notable

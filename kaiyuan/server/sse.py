@@ -38,7 +38,6 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 DONE = b"data: [DONE]"
 DONE_FORMS = (DONE, b"data:[DONE]")
 _NOTABLE_RE = re.compile(rb'"usage": ?\{|"error"')
-_SEARCH_FROM = 1024  # bytes: longer data is searched by notable(), shorter with _NOTABLE_RE
 SSE_FIELDS = (b"data:", b"event:", b":", b"id:", b"retry:")  # how every SSE line begins
 
 
@@ -152,11 +151,7 @@ async def relay_openai_stream(
             data = b"\n\n".join(events) + b"\n\n"
         else:
             return b""
-        if len(data) < _SEARCH_FROM:  # one event, mostly (see notable())
-            m = _NOTABLE_RE.search(data)
-            at = -1 if m is None else m.start()
-        else:
-            at = notable(data)
+        at = notable(data)
         if at < 0:
             return plain(data)
         i, end = len(events), len(data)
@@ -175,7 +170,7 @@ async def relay_openai_stream(
 
     def plain(data: bytes) -> bytes:
         """Whole events without usage or errors: null usages dropped, model names rewritten."""
-        if strip_usage and b'"usage":' in data:
+        if strip_usage and data.find(b'"usage":') >= 0:  # find, not `in` (docs/architecture.md)
             data = drop_null_usage(data)
         return rename(data, -1) if rename is not None else data
 
@@ -245,9 +240,9 @@ def drop_null_usage(events: bytes) -> bytes:
     """Whole events, each without its ``"usage": null``. The usual spellings are dropped with plain
     byte replaces, any other by a regex."""
     for pattern in _NULL_USAGE:  # an event has one usage field: once one form took it, the next finds none
-        if pattern in events:
+        if events.find(pattern) >= 0:
             events = events.replace(pattern, b"")
-    if b'"usage"' in events:
+    if events.find(b'"usage"') >= 0:
         events = _NULL_USAGE_ANY.sub(b"", events)
     return events
 
@@ -260,10 +255,10 @@ def upstream_error(ctx: RequestContext, message: object) -> None:
 
 
 def notable(data: bytes) -> int:
-    """Where ``data`` (several events, KiBs) first shows a usage object or an error (the index), or
-    -1. Two byte searches in the usual case: with no literal to start from, ``_NOTABLE_RE`` steps
-    through every byte, which costs more than the searches on long data, and less on one event
-    (callgrind, bench/RESULTS.md "Issue 13, fourth round")."""
+    """Where ``data`` (one event or several) first shows a usage object or an error (the index), or
+    -1. Two byte searches in the usual case: with no literal to start from, ``_NOTABLE_RE`` tries a
+    match at every quote, which cost more than the searches on long data (bench/RESULTS.md "Issue
+    13, fourth round") and, measured one event a read, on one event too ("streams round 6")."""
     e = data.find(b'"error"')
     end = len(data) if e < 0 else e
     u = data.find(b'"usage":', 0, end)

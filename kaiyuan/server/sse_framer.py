@@ -43,7 +43,7 @@ class SSEFramer:
         """The events ``chunk`` completes (often none; never an empty event)."""
         if self.cr:
             chunk = b"\r" + chunk
-        if b"\r" in chunk:
+        if chunk.find(b"\r") >= 0:  # find, not `in` (docs/architecture.md, hot path)
             self.cr = cr = chunk.endswith(b"\r")
             chunk = (chunk[:-1] if cr else chunk).replace(b"\r\n", b"\n")
         buf = self.buf
@@ -72,7 +72,7 @@ class SSEFramer:
         if not chunk:
             return []
         self.size += len(chunk)
-        if b"\n\n" not in chunk and not (chunk[:1] == b"\n" and held[-1][-1:] == b"\n"):
+        if chunk.find(b"\n\n") < 0 and not (chunk[:1] == b"\n" and held[-1][-1:] == b"\n"):
             if self.size > self.limit:
                 raise event_too_large(self.limit, self.why)
             held.append(chunk)

@@ -151,26 +151,28 @@ async def relay_openai_stream(
             data = b"\n\n".join(events) + b"\n\n"
         else:
             return b""
-        at = notable(data)
+        u = data.find(b'"usage":')  # one search for both: a usage object (notable), a null usage (plain)
+        at = notable(data, u)
         if at < 0:
-            return plain(data)
+            return plain(data, u >= 0)
         i, end = len(events), len(data)
         while end > at:  # back from the end (usage comes last) to the event that holds it
             i -= 1
             end -= len(events[i]) + 2
-        out = [plain(data[:end])] if end else []
+        out = [plain(data[:end], 0 <= u < end)] if end else []
         for ev in events[i:]:
             if _NOTABLE_RE.search(ev) is not None:  # usage or an error: read it
                 if _inspect(ev, ctx) and strip_usage:
                     continue
                 if ctx.error is not None:  # an upstream error event may echo its key
                     ev = scrub_bytes(ev)
-            out.append(plain(ev + b"\n\n"))
+            out.append(plain(ev + b"\n\n", ev.find(b'"usage":') >= 0))
         return b"".join(out)
 
-    def plain(data: bytes) -> bytes:
-        """Whole events without usage or errors: null usages dropped, model names rewritten."""
-        if strip_usage and data.find(b'"usage":') >= 0:  # find, not `in` (docs/architecture.md)
+    def plain(data: bytes, has_usage: bool) -> bytes:
+        """Whole events without usage or errors (``has_usage``: a ``"usage":`` field among them):
+        null usages dropped, model names rewritten."""
+        if strip_usage and has_usage:
             data = drop_null_usage(data)
         return rename(data, -1) if rename is not None else data
 
@@ -254,14 +256,18 @@ def upstream_error(ctx: RequestContext, message: object) -> None:
     ctx.error = scrub(f"upstream {ctx.deployment} sent an error mid-stream: {message}")
 
 
-def notable(data: bytes) -> int:
+def notable(data: bytes, u: int | None = None) -> int:
     """Where ``data`` (one event or several) first shows a usage object or an error (the index), or
     -1. Two byte searches in the usual case: with no literal to start from, ``_NOTABLE_RE`` tries a
     match at every quote, which cost more than the searches on long data (bench/RESULTS.md "Issue
-    13, fourth round") and, measured one event a read, on one event too ("streams round 6")."""
+    13, fourth round") and, measured one event a read, on one event too ("streams round 6").
+    ``u``: where ``data`` first has ``"usage":``, when the caller has searched already (-1: nowhere)."""
     e = data.find(b'"error"')
     end = len(data) if e < 0 else e
-    u = data.find(b'"usage":', 0, end)
+    if u is None:
+        u = data.find(b'"usage":', 0, end)
+    elif u >= end:  # only after the error: as if not there
+        u = -1
     if u < 0:
         return e
     if data[u + 8:u + 9] == b"{" or data[u + 8:u + 10] == b" {":

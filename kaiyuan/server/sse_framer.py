@@ -86,6 +86,10 @@ class SSEFramer:
         *events, self.buf = buf.split(b"\n\n")
         return [e for e in events if e]
 
+    def pending(self) -> bool:
+        """Part of an event (or a CR) from an earlier read is waiting for the next."""
+        return bool(self.buf or self.held or self.cr)
+
     def end(self) -> list[bytes]:
         """What is left when the stream ends: an unterminated last event, if it holds anything."""
         buf = b"".join(self.held) if self.held else self.buf

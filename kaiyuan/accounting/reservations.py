@@ -99,6 +99,7 @@ class Reservations:
                                           on_settle_event=lambda what, n: self.m_settle.labels(what).inc(n))
         elif shared_path := os.environ.get(SHARED_COUNTERS_ENV):  # a worker of `kaiyuan serve --workers N`
             self.counters = SharedCounters(shared_path)
+        self._leased = self.counters if isinstance(self.counters, SharedCounters) else None
         self.m_redis_errors = Counter(
             "kaiyuan_limits_redis_errors", "Redis failures, by what the gateway did (fail_closed, local)", ["action"],
             registry=registry,
@@ -170,6 +171,9 @@ class Reservations:
             if isinstance(result, DECIDED):
                 self._decided(result, rates, checks, rec, ctx, now)
                 return None
+        elif (leased := self._leased) is not None and (t := leased.admit_leased(rates, checks, res.tokens, now)) is not None:
+            ctx.ticket = t  # from this worker's slices of the supervisor's limits (limits/lease.py): no round trip
+            return None
         return self._admit_later(ctx, rates, checks, rec, res.tokens, now)
 
     async def _admit_later(self, ctx: RequestContext, rates: list[RateCheck], checks: list[BudgetCheck],

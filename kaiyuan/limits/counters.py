@@ -90,6 +90,7 @@ class Ticket:
     prompt_tokens: int
     backend: str
     shared_id: int | None = None  # the supervisor's number for it (SharedCounters), to settle it by
+    lease: int | None = None  # SharedCounters: admitted from the worker's slices of this generation (limits/lease.py)
 
 
 Admitted = Ticket | Denial | NeedSeed | AdoptFirst  # what an admit answers (AdoptFirst: Redis only)

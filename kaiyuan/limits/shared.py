@@ -13,6 +13,10 @@ it read in one write. A settle is sent without waiting for an answer, with the n
 reservation a settle releases is never counted twice, and until it is applied it is still held
 (late, never short).
 
+Most keyed admits make no round trip: with an admit the supervisor grants the worker slices of the
+key's limits and budgets, which the worker then admits from on its own (:mod:`kaiyuan.limits.lease`
+has the rules that keep them exact); keys with a parallel-request limit always take the round trip.
+
 The server also relays key invalidations (the admin API on one worker revokes a key; the others drop
 it from their caches) and, when a worker dies, settles the tickets it still held at their full
 reservation, so a crashed worker can leave a budget under-used but never overspent, and frees its
@@ -33,30 +37,40 @@ import asyncio
 import itertools
 import logging
 import os
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import orjson
 
+from kaiyuan.limits import lease
 from kaiyuan.limits.counters import BudgetCheck, Denial, MemoryCounters, NeedSeed, RateCheck, Ticket
+from kaiyuan.limits.lease import Held, Returns, Slices
 
 log = logging.getLogger("kaiyuan.limits")
 
 MAX_FRAME = 16 * 1024 * 1024
 SETTLE_DELAY_S = 0.002  # a settle waits at most this long for the next admit's write to ride with
+RECALL_WAIT_S = 0.5  # an admit waits at most this long for recalled slices (a stalled worker), then is decided
+REPORT_DELAY_S = 0.02  # leased settles are reported within this (their cost is held as reserved until then)
 MAX_HELD_SETTLES = 256  # settles buffered at most; then they are written at once
 ENV_SOCKET = "KAIYUAN_SHARED_COUNTERS"  # set by the supervisor for its workers
 
 # -- the messages -----------------------------------------------------------------------------------
 # worker -> supervisor:
-#   ["a", rid, [[scope, rpm, tpm, max_parallel], ...], [[counter, limit, seed, reserve, ttl_s], ...], prompt_tokens, now]
+#   ["a", rid, [[scope, rpm, tpm, max_parallel], ...], [[counter, limit, seed, reserve, ttl_s], ...], prompt_tokens, now, want]
+#       (want: 1 = grant slices with the admit, see limits/lease.py; absent = 0)
 #   ["s", ticket number, actual (nano-USD per budget), total tokens]           (no answer)
+#   ["u", [[counter, cost, taken], ...], [[scope, minute, tokens], ...]]       leased requests settled (no answer)
+#   ["r", recall id or 0, [[counter, nano]], [[scope, minute, requests]], [[scope, minute, tokens]]]  slices returned
 #   ["p", rid, counter]                                                        (peek at a budget)
 #   ["i", key hash or null]                                                    (relay an invalidation)
 # supervisor -> worker: answers start with their rid (> 0), pushes with 0:
-#   [rid, 0, ticket number, minute]  admitted      [rid, 1, kind, index, current, reserved]  refused
-#   [rid, 2, index]  seed needed                   [rid, spent, reserved] / [rid, null]  peek
-#   [0, key hash or null]  drop a cached key
+#   [rid, 0, ticket number, minute(, [[rpm slice per rate], [tpm slice per rate], [nano per budget]])]  admitted
+#   [rid, 1, kind, index, current, reserved]  refused      [rid, 2, index]  seed needed
+#   [rid, spent, reserved] / [rid, null]  peek             [0, key hash or null]  drop a cached key
+#   [0, null, recall id]  return every slice now (another worker's admit waits for them)
 ADMITTED, REFUSED, NEED_SEED = 0, 1, 2
 
 
@@ -122,6 +136,8 @@ class CounterServer:
         self.ids = itertools.count(1)
         self.reads = 0  # reads from the workers, and the messages they carried (what one write carries)
         self.messages = 0
+        self.recalls = itertools.count(1)
+        self.deferred: dict[int, _Deferred] = {}  # admits waiting for other workers' slices to come back
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -136,6 +152,79 @@ class CounterServer:
                     c.transport.close()
             await self._server.wait_closed()
 
+    def admit(self, conn: _WorkerConn, msg: list[Any], recall: bool = True) -> bytes | None:
+        """Answer an admit (with slices when asked); None when it waits for a recall (see _defer)."""
+        rid, rates_l, budgets_l, prompt_tokens, now = msg[1:6]
+        rates = [RateCheck(*r) for r in rates_l]
+        budgets = [BudgetCheck(*b) for b in budgets_l]
+        c = self.counters
+        out = c.admit_sync(rates, budgets, prompt_tokens, now)
+        if isinstance(out, Ticket):
+            tid = next(self.ids)
+            conn.held[tid] = out
+            if recall and len(msg) > 6 and msg[6]:  # a decision after a recall grants nothing (near a limit)
+                g = lease.grant(c, conn.leases, rates, budgets, prompt_tokens, out.minute, len(self.conns))
+                return frame([rid, ADMITTED, tid, out.minute, g])
+            return frame([rid, ADMITTED, tid, out.minute])
+        if isinstance(out, Denial):
+            if recall and self._defer(conn, msg, out, rates, budgets):
+                return None
+            return frame([rid, REFUSED, out.kind, out.index, out.current, out.reserved])
+        return frame([rid, NEED_SEED, out.index])
+
+    def _defer(self, conn: _WorkerConn, msg: list[Any], d: Denial, rates: list[RateCheck],
+               budgets: list[BudgetCheck]) -> bool:
+        """The limit that refused ``msg`` may be parked in workers' slices (the asking worker's too:
+        admits it sent before its slices came): recall them, and decide once they are back (True).
+        False: no one holds any, the refusal stands."""
+        if d.kind == "budget":
+            mark = "b:" + budgets[d.index].counter
+        elif d.kind in ("rpm", "tpm"):
+            mark = ("r:" if d.kind == "rpm" else "t:") + rates[d.index].scope
+        else:
+            return False
+        holders = [h for h in self.conns if mark in h.leases.marks and h.writable()]
+        if not holders:
+            return False
+        rid = next(self.recalls)
+        self.deferred[rid] = _Deferred(conn, msg, {h: h.leases.serial for h in holders})
+        asyncio.get_running_loop().call_later(RECALL_WAIT_S, self.decide, rid)
+        push = frame([0, None, rid])
+        for h in holders:
+            if h is conn:  # after the answers to this read, which may carry the slices it recalls
+                conn.out.append(push)
+            else:  # another worker's answers are all written (one read at a time)
+                h.transport.write(push)  # type: ignore[union-attr]  # writable() checked it
+        return True
+
+    def recalled(self, rid: int, conn: _WorkerConn) -> None:
+        """``conn`` returned its slices for recall ``rid`` (or went away): decide the admit that
+        waited, once every worker asked has answered."""
+        d = self.deferred.get(rid)
+        if d is None:
+            return
+        upto = d.waiting.pop(conn, None)
+        if upto is not None:
+            conn.leases.recalled(upto)
+        if not d.waiting:
+            self.decide(rid)
+
+    def decide(self, rid: int) -> None:
+        """Answer the admit that waited for recall ``rid``, with what has come back by now."""
+        d = self.deferred.pop(rid, None)
+        if d is not None and d.conn.writable():
+            answer = self.admit(d.conn, d.msg, recall=False)
+            assert answer is not None
+            d.conn.transport.write(answer)  # type: ignore[union-attr]
+
+    def gone(self, conn: _WorkerConn) -> None:
+        """``conn`` closed: admits it waited on no longer wait for it; its own are dropped."""
+        for rid, d in list(self.deferred.items()):
+            if d.conn is conn:
+                del self.deferred[rid]
+            elif conn in d.waiting:
+                self.recalled(rid, conn)
+
     def release(self, held: dict[int, Ticket]) -> None:
         """A worker went away: its open tickets count as spent in full (never an overspend), and
         their parallel slots are freed."""
@@ -146,14 +235,26 @@ class CounterServer:
                         "counted as spent", len(held))
 
 
+@dataclass(slots=True)
+class _Deferred:
+    conn: _WorkerConn  # the worker whose admit waits
+    msg: list[Any]  # its "a" message
+    waiting: dict[_WorkerConn, int]  # the workers asked to return their slices, not answered yet (and
+    # their last grant when asked: a grant after it is not part of what they return)
+
+
 class _WorkerConn(_Frames):
-    """One worker's connection to the counter server, and the tickets it holds."""
+    """One worker's connection to the counter server, the tickets it holds and its slices."""
 
     def __init__(self, server: CounterServer) -> None:
         super().__init__()
         self.server = server
         self.held: dict[int, Ticket] = {}  # this worker's admitted, unsettled tickets
+        self.leases = Held({}, {})  # what it holds in slices (limits/lease.py)
         self.out: list[bytes] = []
+
+    def writable(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -163,6 +264,8 @@ class _WorkerConn(_Frames):
         self.server.conns.discard(self)
         held, self.held = self.held, {}
         self.server.release(held)
+        lease.lost(self.server.counters, self.leases)
+        self.server.gone(self)
 
     def data_received(self, data: bytes) -> None:
         self.server.reads += 1
@@ -182,21 +285,21 @@ class _WorkerConn(_Frames):
         self.server.messages += 1
         c = self.server.counters
         if op == "a":
-            _op, rid, rates, budgets, prompt_tokens, now = msg
-            out = c.admit_sync([RateCheck(*r) for r in rates], [BudgetCheck(*b) for b in budgets], prompt_tokens, now)
-            if isinstance(out, Ticket):
-                tid = next(self.server.ids)
-                self.held[tid] = out
-                self.out.append(frame([rid, ADMITTED, tid, out.minute]))
-            elif isinstance(out, Denial):
-                self.out.append(frame([rid, REFUSED, out.kind, out.index, out.current, out.reserved]))
-            else:
-                self.out.append(frame([rid, NEED_SEED, out.index]))
+            answer = self.server.admit(self, msg)
+            if answer is not None:
+                self.out.append(answer)
         elif op == "s":
             _op, tid, actual, total = msg
             ticket = self.held.pop(tid, None)
             if ticket is not None:
                 c.settle_sync(ticket, actual, total)
+        elif op == "u":
+            lease.used(c, self.leases, msg[1], msg[2])
+        elif op == "r":
+            _op, rid, budgets, rpm, tpm = msg
+            lease.give_back(c, self.leases, budgets, rpm, tpm)
+            if rid:  # a recall's answer
+                self.server.recalled(rid, self)
         elif op == "p":
             sr = c.budgets.get(msg[2])
             self.out.append(frame([msg[1], sr[0], sr[1]] if sr else [msg[1], None]))
@@ -221,12 +324,9 @@ class _ServerConn(_Frames):
     def on_message(self, msg: list[Any]) -> None:
         rid = msg[0]
         if rid == 0:
-            if self.client.on_invalidate is not None:
-                self.client.on_invalidate(msg[1])
+            self.client.pushed(msg)
             return
-        fut = self.client.pending.pop(rid, None)
-        if fut is not None and not fut.done():
-            fut.set_result(msg)
+        self.client.answered(rid, msg)
 
     def bad(self, e: Exception) -> None:
         log.error("shared counters: a bad message from the counter server (%s); reconnecting", e)
@@ -253,6 +353,9 @@ class SharedCounters:
         self._out: list[bytes] = []  # frames not written yet, in order (see _send and settle_later)
         self._tick: asyncio.Handle | None = None  # the flush at the end of this loop tick (an admit is buffered)
         self._settle_timer: asyncio.TimerHandle | None = None  # the flush of settles alone (SETTLE_DELAY_S)
+        self.slices = Slices()  # what this worker may admit on its own (limits/lease.py)
+        self._asks: dict[int, tuple[list[RateCheck], list[BudgetCheck]]] = {}  # admits awaiting an answer with slices
+        self._sweep: asyncio.TimerHandle | None = None  # returns idle slices every lease.IDLE_S
 
     def _open(self) -> asyncio.Transport | None:
         c = self._conn
@@ -292,29 +395,63 @@ class SharedCounters:
         if conn is self._conn:
             self._conn = None
             self._drop_buffered()
+            self.slices.lost()
+            self._asks.clear()
         err = SharedCountersUnavailable(f"lost the counter server: {exc or 'connection closed'}")
         for fut in self.pending.values():
             if not fut.done():
                 fut.set_exception(err)
         self.pending.clear()
 
-    async def _call(self, msg: list[Any]) -> list[Any]:
+    async def _call(self, msg: list[Any], ask: tuple[list[RateCheck], list[BudgetCheck]] | None = None) -> list[Any]:
         await self._transport()
         rid = next(self._ids)
         msg[1] = rid
         fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self.pending[rid] = fut
+        if ask is not None:
+            self._asks[rid] = ask
         self._send(frame(msg))
         try:
             return await fut
         finally:
             self.pending.pop(rid, None)
+            self._asks.pop(rid, None)
+
+    def answered(self, rid: int, msg: list[Any]) -> None:
+        """An answer arrived: the slices an admit brings are taken at once, before any message
+        after it (a recall of them) is read."""
+        ask = self._asks.pop(rid, None)
+        if ask is not None and msg[1] == ADMITTED and len(msg) > 4:
+            back = Returns([], [], [])
+            self.slices.take_grants(ask[0], ask[1], msg[3], msg[4], time.monotonic(), back)
+            self._give(back, 0)
+            if self.slices and self._sweep is None:
+                self._sweep = asyncio.get_running_loop().call_later(lease.IDLE_S, self._return_idle)
+        fut = self.pending.pop(rid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+
+    def admit_leased(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt_tokens: int,
+                     now: float) -> Ticket | None:
+        """A ticket from this worker's slices, decided now with no round trip; None: call :meth:`admit`."""
+        if not self.slices:
+            return None
+        return self.slices.admit(rates, budgets, prompt_tokens, now, time.monotonic())
 
     async def admit(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt_tokens: int, now: float) -> Ticket | Denial | NeedSeed:
+        """The round trip: what is left of this request's own slices goes back first (so parked
+        headroom never refuses it), and an admit brings new slices with it."""
+        await self._transport()
+        if self.slices:
+            back = Returns([], [], [])
+            self.slices.give_back(rates, budgets, back)
+            self._give(back, 0)
         out = await self._call(["a", 0, [(r.scope, r.rpm, r.tpm, r.max_parallel) for r in rates],
-                                [(b.counter, b.limit, b.seed, b.reserve, b.ttl_s) for b in budgets], prompt_tokens, now])
+                                [(b.counter, b.limit, b.seed, b.reserve, b.ttl_s) for b in budgets], prompt_tokens, now, 1],
+                               (rates, budgets))
         kind = out[1]
-        if kind == ADMITTED:
+        if kind == ADMITTED:  # with its slices, taken already (answered)
             return Ticket(rates, budgets, out[3], prompt_tokens, self.name, out[2])
         if kind == REFUSED:
             return Denial(out[2], out[3], out[4], out[5])
@@ -327,16 +464,66 @@ class SharedCounters:
         where its cancellation could skip the ledger row); False when not connected."""
         tid = ticket.shared_id
         if tid is None:
+            if ticket.lease is not None and self.slices.settle(ticket, actual, total_tokens):
+                self._later(REPORT_DELAY_S)  # reported (summed per counter) with the next write
             return True
         if self._open() is None:
             return False
+        self._queue(frame(["s", tid, actual, total_tokens]))
+        return True
+
+    def _queue(self, data: bytes) -> None:
+        """Buffer a frame that has no answer: it goes with the next tick's admits, or alone after
+        SETTLE_DELAY_S."""
         out = self._out
-        out.append(frame(["s", tid, actual, total_tokens]))
+        out.append(data)
         if len(out) >= MAX_HELD_SETTLES:
             self.flush()
-        elif self._tick is None and self._settle_timer is None:
-            self._settle_timer = asyncio.get_running_loop().call_later(SETTLE_DELAY_S, self.flush)
-        return True
+        else:
+            self._later(SETTLE_DELAY_S)
+
+    def _later(self, delay: float) -> None:
+        """Make sure a write comes within ``delay``."""
+        if self._tick is not None:
+            return
+        loop = asyncio.get_running_loop()
+        timer = self._settle_timer
+        if timer is not None:
+            if timer.when() <= loop.time() + delay:
+                return
+            timer.cancel()
+        self._settle_timer = loop.call_later(delay, self.flush)
+
+    def _give(self, back: Returns, recall: int) -> None:
+        """Send slices back (``recall``: the recall this answers, written at once)."""
+        if (back or recall) and self._open() is not None:
+            self._out.append(frame(["r", recall, back.bud, back.rpm, back.tpm]))
+            if recall:
+                self.flush()
+            else:
+                self._later(SETTLE_DELAY_S)
+
+    def pushed(self, msg: list[Any]) -> None:
+        """A push from the supervisor: a recall (every slice goes back now), or a key invalidation
+        (every slice goes back too: the key's limits or budgets may have changed), then the cache."""
+        back = Returns([], [], [])
+        self.slices.give_back_all(back)
+        if len(msg) > 2:
+            self._give(back, int(msg[2]))
+            return
+        self._give(back, 0)
+        self.flush()
+        if self.on_invalidate is not None:
+            self.on_invalidate(msg[1])
+
+    def _return_idle(self) -> None:
+        """Every IDLE_S while there are slices: return those no request used since the last look."""
+        self._sweep = None
+        back = Returns([], [], [])
+        self.slices.give_back_all(back, time.monotonic() - lease.IDLE_S)
+        self._give(back, 0)
+        if self.slices:
+            self._sweep = asyncio.get_running_loop().call_later(lease.IDLE_S, self._return_idle)
 
     def _send(self, data: bytes) -> None:
         """Buffer a frame that is answered, to be written at the end of this loop tick with every
@@ -352,6 +539,9 @@ class SharedCounters:
         """Write every buffered frame in one write (the tick ended, or no admit came within
         SETTLE_DELAY_S to carry the settles)."""
         t = self._open()
+        used = self.slices.report()  # leased settles go first: the admits after them see them
+        if t is not None and used is not None:
+            self._out.insert(0, frame(used))
         if t is not None and self._out:
             t.write(b"".join(self._out))
         self._drop_buffered()
@@ -379,10 +569,19 @@ class SharedCounters:
 
     async def publish_invalidation(self, key_hash: str | None) -> None:
         await self._transport()
+        back = Returns([], [], [])
+        self.slices.give_back_all(back)  # this worker changed the key: its slices go back as the others' do
+        self._give(back, 0)
         self._send(frame(["i", key_hash]))
 
     async def close(self) -> None:
         self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        back = Returns([], [], [])
+        self.slices.give_back_all(back)
+        self._give(back, 0)
         self.flush()
         t = self._open()
         if t is not None:

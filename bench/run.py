@@ -532,7 +532,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, help="warm-up seconds per cell (default 1, quick 0.5)")
     p.add_argument("--concurrency", type=lambda s: tuple(int(x) for x in s.split(",")), default=CONCURRENCY)
     p.add_argument("--procs", type=int, default=1, help="load generator processes per cell")
-    p.add_argument("--with", dest="flags", action="append", default=[], help="enable flagged scenarios/variants: anthropic, auth, keys, keys-redis, shadow, nolog, workers, sup, keys-sup, prices")
+    p.add_argument("--with", dest="flags", action="append", default=[], help="enable flagged scenarios/variants: anthropic, paced, auth, keys, keys-redis, shadow, nolog, workers, sup, keys-sup, prices")
     p.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM column")
     p.add_argument("--no-floors", action="store_true", help="skip the bare pass-through floors (bench/floors/)")
     p.add_argument("--mixed-floors", action="store_true",

@@ -18,11 +18,13 @@ from typing import Any
 
 STREAM_CHUNKS = 20  # content chunks per fast stream (fast_upstream --chunks)
 HOLD_CHUNKS, HOLD_INTERVAL_MS = 100, 100  # the 1,000-stream hold: 100 chunks, 100 ms apart (10 s)
+PACED_INTERVAL_MS = 5  # chat-stream-paced: the fast stream's 20 chunks, one per read even under Valgrind
 
 MODELS = {
     "bench": "fast",
     "bench-candidate": "fast",  # the shadow trial's candidate (kaiyuan+shadow100); unused otherwise
     "bench-hold": f"paced-{HOLD_CHUNKS}-{HOLD_INTERVAL_MS}",
+    "bench-paced": f"paced-{STREAM_CHUNKS}-{PACED_INTERVAL_MS}",
 }
 
 USER_MSG = [{"role": "user", "content": "Say hello to the benchmark in one short sentence."}]
@@ -63,6 +65,17 @@ CHAT_STREAM = Scenario(
     stream=True,
     expect_chunks=STREAM_CHUNKS,
 )
+# The same stream with its events 5 ms apart, as a model generates them: the gateway reads one event
+# at a time (the back-to-back stream arrives in one or two reads under Valgrind, which hides the cost
+# per read). For bench/instructions.py --scenario chat-stream-paced -c 1; run.py only with --with paced.
+CHAT_STREAM_PACED = Scenario(
+    "chat-stream-paced",
+    "/v1/chat/completions",
+    {"model": "bench-paced", "messages": USER_MSG, "max_tokens": 64, "stream": True},
+    stream=True,
+    expect_chunks=STREAM_CHUNKS,
+    flag="paced",
+)
 # Anthropic Messages in, OpenAI-compatible out (issue 3). The upstream speaks OpenAI only, so the
 # reference is the direct OpenAI call of the same shape. Skipped when /v1/messages is not there yet.
 ANTHROPIC = Scenario(
@@ -90,7 +103,7 @@ ANTHROPIC_STREAM = Scenario(
     probe=True,
 )
 
-SCENARIOS: list[Scenario] = [CHAT, CHAT_STREAM, ANTHROPIC, ANTHROPIC_STREAM]
+SCENARIOS: list[Scenario] = [CHAT, CHAT_STREAM, CHAT_STREAM_PACED, ANTHROPIC, ANTHROPIC_STREAM]
 
 # The stream-holding mode: one long paced stream per connection.
 HOLD = Scenario(

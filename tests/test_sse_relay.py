@@ -161,7 +161,7 @@ def test_a_nested_model_field_is_not_taken_for_the_top_level_one() -> None:
     assert orjson.loads(out) == {"model": "public", "meta": {"model": "up"}}
 
 
-def test_notable_finds_what_the_regex_finds_on_long_data() -> None:
+def test_notable_finds_what_the_regex_finds_on_one_event_or_many() -> None:
     import re
 
     from kaiyuan.server.sse import notable
@@ -174,7 +174,7 @@ def test_notable_finds_what_the_regex_finds_on_long_data() -> None:
     for _ in range(300):
         data = b"\n\n".join(rnd.choice(parts) for _ in range(rnd.randint(1, 40))) + b"\n\n"
         m = regex.search(data)
-        assert notable(data) == (-1 if m is None else m.start())
+        assert notable(data) == notable(data, data.find(b'"usage":')) == (-1 if m is None else m.start())
 
 
 def test_first_stop_agrees_with_the_event_by_event_walk() -> None:
@@ -229,3 +229,43 @@ def test_openai_event_tokens(event: bytes, tokens: int) -> None:
     from kaiyuan.server.overrun import openai_event_tokens
 
     assert openai_event_tokens(event) == tokens
+
+
+def _plain_stream(error: bool) -> bytes:
+    """A stream as most upstreams send it when usage was asked for once: no ``"usage"`` field but
+    on the last chunk, so nearly every read is one plain event (the relay's shortcut)."""
+    raw = _stream(usage_forms=False, error=error)
+    return raw.replace(b',"usage":null', b"")
+
+
+@pytest.mark.parametrize("strip_usage", [True, False])
+@pytest.mark.parametrize("cap", [None, 100, 3])
+@pytest.mark.parametrize("error", [False, True])
+def test_the_one_event_shortcut_writes_what_the_general_path_writes(strip_usage: bool, cap: int | None, error: bool,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = _plain_stream(error)
+    assert raw.count(b'"usage"') == 1
+    cuts = list(_cuts(raw, seed=13))
+    taken = []
+    real = sse.one_plain_event
+    monkeypatch.setattr(sse, "one_plain_event", lambda chunk: taken.append(real(chunk)) or taken[-1])
+    fast = [asyncio.run(_relay(reads, strip_usage, cap)) for reads in cuts]
+    assert sum(taken) >= 3  # the shortcut was taken (one event a read)
+    monkeypatch.setattr(sse, "one_plain_event", lambda chunk: False)  # every read through the general path
+    slow = [asyncio.run(_relay(reads, strip_usage, cap)) for reads in cuts]
+    for (out, ctx), (want, ctx0) in zip(fast, slow, strict=True):
+        assert out == want
+        assert (ctx.usage, ctx.status, ctx.error) == (ctx0.usage, ctx0.status, ctx0.error)
+    out, ctx = fast[0]  # one event a read
+    assert out.count(b'"model":"public"') == out.count(b"chat.completion.chunk") and b'"up-model"' not in out
+    if cap == 3:
+        assert out.count(b"delta\":{\"content\":\"t") == 3 and b'"finish_reason":"length"' in out
+
+
+def test_one_plain_event() -> None:
+    ev = b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n'
+    assert sse.one_plain_event(ev)
+    for other in (ev + ev, ev[:-1], ev + b"\n", ev.replace(b"\n", b"\r\n"), b"data: [DONE]\n\n", b": ping\n\n",
+                  ev.replace(b"]}", b'],"usage":null}'), b'data: {"error":{"message":"m"}}\n\n',
+                  ev.replace(b'"choices"', b'"usage":{"a":1},"choices"'), b"event: x\n" + ev):
+        assert not sse.one_plain_event(other), other

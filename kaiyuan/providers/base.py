@@ -72,7 +72,7 @@ class UpstreamReply:
         self._closer = self._finisher = None
         if closer is not None:
             res = closer()
-            if hasattr(res, "__await__"):
+            if res is not None and hasattr(res, "__await__"):  # (hasattr(None, ...) raises inside)
                 await res
 
 

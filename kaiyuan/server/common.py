@@ -199,7 +199,7 @@ def with_public_model(obj: dict[str, Any] | None, data: bytes, public: str) -> b
     if obj is None or not isinstance(obj.get("model"), str) or obj["model"] == public:
         return data
     old = b'"model":' + orjson.dumps(obj["model"])
-    if b'": ' not in data and data.count(old) == 1:
+    if data.find(b'": ') < 0 and data.count(old) == 1:  # find, not `in` (docs/architecture.md)
         return data.replace(old, b'"model":' + orjson.dumps(public), 1)
     return orjson.dumps({**obj, "model": public})
 

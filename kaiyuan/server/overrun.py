@@ -109,16 +109,16 @@ def openai_event_tokens(ev: bytes) -> int:
     if d.startswith(_EMPTY_DELTA):
         return 0
     if d.startswith(_NO_CONTENT):
-        return 1 if b"reasoning" in ev or b"tool_calls" in ev else 0
+        return 1 if ev.find(b"reasoning") >= 0 or ev.find(b"tool_calls") >= 0 else 0
     return 1
 
 
 def anthropic_event_tokens(ev: bytes) -> int:
     """1 for a content_block_delta that carries text, thinking or tool input; 0 for the rest
     (a signature, an empty first piece of tool input)."""
-    if b"content_block_delta" not in ev or b"signature_delta" in ev:
+    if ev.find(b"content_block_delta") < 0 or ev.find(b"signature_delta") >= 0:  # find, not `in`: docs/architecture.md
         return 0
-    return 0 if b'"partial_json":""' in ev or b'"partial_json": ""' in ev else 1
+    return 0 if ev.find(b'"partial_json":""') >= 0 or ev.find(b'"partial_json": ""') >= 0 else 1
 
 
 def openai_cut_events(last: bytes, lim: OutputLimit, usage: tuple[int, int] | None) -> bytes:

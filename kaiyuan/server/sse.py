@@ -38,7 +38,6 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 DONE = b"data: [DONE]"
 DONE_FORMS = (DONE, b"data:[DONE]")
 _NOTABLE_RE = re.compile(rb'"usage": ?\{|"error"')
-_SEARCH_FROM = 1024  # bytes: longer data is searched by notable(), shorter with _NOTABLE_RE
 SSE_FIELDS = (b"data:", b"event:", b":", b"id:", b"retry:")  # how every SSE line begins
 
 
@@ -71,14 +70,38 @@ async def relay(request: web.Request, ctx: RequestContext, pump: Pump, error_eve
     response has started becomes a last error event in the caller's dialect: a GatewayError with
     its own status, anything else (a bug) as a 500; never a second response in the stream. A
     stream cut at ``max_stream_bytes`` is billed what ``lim`` counted (:func:`overrun.record_counted`).
-    ``head_with_first_events``: see :class:`HeadWithFirstEvents`."""
+    ``head_with_first_events``: see :class:`HeadWithFirstEvents`. (The pump is awaited here, not
+    in a helper coroutine: every level of the await chain is passed twice on each read's wake-up.)"""
     resp = await open_stream(request, ctx, head_with_first_events)
     try:  # the deadline covers writing to the client too (server.deadline)
         async with asyncio.timeout(remaining(ctx)):
-            await _pump_and_end(resp, ctx, pump, error_event, lim)
+            try:
+                await pump(resp)
+                last: bytes | None = b""
+            except GatewayError as e:
+                last = _failed(ctx, e, lim, error_event)
+            except (ConnectionResetError, TimeoutError):  # the client went away / the deadline: the caller records it
+                raise
+            except Exception as e:
+                log.exception("internal error mid-stream on %s", ctx.request_id)
+                err = GatewayError(ErrorKind.INTERNAL, f"internal gateway error ({type(e).__name__}); request id "
+                                                       f"{ctx.request_id}")
+                last = _failed(ctx, err, None, error_event)
+            if last is not None:
+                await resp.write_eof(last)
     except TimeoutError:
         await _end_late(request, resp, ctx, error_event)
     return resp
+
+
+def _failed(ctx: RequestContext, e: GatewayError, lim: OutputLimit | None, error_event: ErrorEvent) -> bytes | None:
+    """The last event of a stream that failed mid-way (None: the client already has its whole answer)."""
+    if ctx.answered:  # the client has its whole answer and its response is ended
+        return None
+    if e.code == STREAM_TOO_LARGE_CODE and lim is not None:
+        record_counted(ctx, lim, ctx.prompt_body())
+    ctx.status, ctx.error = e.status, e.message
+    return error_event(e)
 
 
 async def _end_late(request: web.Request, resp: web.StreamResponse, ctx: RequestContext, error_event: ErrorEvent) -> None:
@@ -96,29 +119,6 @@ async def _end_late(request: web.Request, resp: web.StreamResponse, ctx: Request
         abandon(request, ctx)
 
 
-async def _pump_and_end(resp: web.StreamResponse, ctx: RequestContext, pump: Pump, error_event: ErrorEvent,
-                        lim: OutputLimit | None) -> None:
-    try:
-        await pump(resp)
-    except GatewayError as e:
-        if ctx.answered:  # the client has its whole answer and its response is ended
-            return
-        if e.code == STREAM_TOO_LARGE_CODE and lim is not None:
-            record_counted(ctx, lim, ctx.prompt_body())
-        ctx.status, ctx.error = e.status, e.message
-        await resp.write(error_event(e))
-    except (ConnectionResetError, TimeoutError):  # the client went away / the deadline: the caller records it
-        raise
-    except Exception as e:
-        log.exception("internal error mid-stream on %s", ctx.request_id)
-        if ctx.answered:
-            return
-        err = GatewayError(ErrorKind.INTERNAL, f"internal gateway error ({type(e).__name__}); request id {ctx.request_id}")
-        ctx.status, ctx.error = err.status, err.message
-        await resp.write(error_event(err))
-    await resp.write_eof()
-
-
 async def answered(resp: web.StreamResponse, ctx: RequestContext, last: bytes) -> None:
     """Send the last bytes of the answer and end the client's response in one write (a client that
     closes as soon as it sees the final event still finds its connection complete and reusable).
@@ -129,15 +129,16 @@ async def answered(resp: web.StreamResponse, ctx: RequestContext, last: bytes) -
     await resp.write_eof(last)
 
 
-async def relay_openai_stream(
+def relay_openai_stream(
     request: web.Request, ctx: RequestContext, stream: AsyncIterator[bytes], strip_usage: bool,
     lim: OutputLimit | None = None, rename: ModelRenamer | None = None,
-) -> web.StreamResponse:
+) -> Awaitable[web.StreamResponse]:
     """Forward an OpenAI-protocol stream. ``strip_usage`` drops the usage-only final chunk that the
     gateway asked for on the caller's behalf (the caller did not set ``include_usage``), and the
     ``"usage": null`` that upstreams put on every other chunk once usage is asked for (the spec: the
     field is absent unless asked). An answer that runs past ``lim`` is cut there (see
-    :mod:`kaiyuan.server.overrun`). ``rename`` rewrites each event's model name."""
+    :mod:`kaiyuan.server.overrun`). ``rename`` rewrites each event's model name. Returns the relay
+    to await (this function is no level of the await chain itself)."""
     tail = bytearray() if ctx.log_bodies or ctx.capture_response else None
 
     def edit(events: list[bytes]) -> bytes:
@@ -152,46 +153,58 @@ async def relay_openai_stream(
             data = b"\n\n".join(events) + b"\n\n"
         else:
             return b""
-        if len(data) < _SEARCH_FROM:  # one event, mostly (see notable())
-            m = _NOTABLE_RE.search(data)
-            at = -1 if m is None else m.start()
-        else:
-            at = notable(data)
+        u = data.find(b'"usage":')  # one search for both: a usage object (notable), a null usage (plain)
+        at = notable(data, u)
         if at < 0:
-            return plain(data)
+            return plain(data, u >= 0)
         i, end = len(events), len(data)
         while end > at:  # back from the end (usage comes last) to the event that holds it
             i -= 1
             end -= len(events[i]) + 2
-        out = [plain(data[:end])] if end else []
+        out = [plain(data[:end], 0 <= u < end)] if end else []
         for ev in events[i:]:
             if _NOTABLE_RE.search(ev) is not None:  # usage or an error: read it
                 if _inspect(ev, ctx) and strip_usage:
                     continue
                 if ctx.error is not None:  # an upstream error event may echo its key
                     ev = scrub_bytes(ev)
-            out.append(plain(ev + b"\n\n"))
+            out.append(plain(ev + b"\n\n", ev.find(b'"usage":') >= 0))
         return b"".join(out)
 
-    def plain(data: bytes) -> bytes:
-        """Whole events without usage or errors: null usages dropped, model names rewritten."""
-        if strip_usage and b'"usage":' in data:
+    def plain(data: bytes, has_usage: bool) -> bytes:
+        """Whole events without usage or errors (``has_usage``: a ``"usage":`` field among them):
+        null usages dropped, model names rewritten."""
+        if strip_usage and has_usage:
             data = drop_null_usage(data)
         return rename(data, -1) if rename is not None else data
 
     async def pump(resp: web.StreamResponse) -> None:
         # One await per read of the upstream (its reader does the timeouts and the byte cap) and a
         # plain call to frame it: no generator layer between the socket and the client's write.
-        saw_done = ended = False
+        saw_done = ended = pending = False  # pending: the framer holds part of an event from a read
         framer = SSEFramer()
         feed = framer.feed
         read = stream.__aiter__().__anext__
         try:
             while not ended:
                 try:
-                    events = feed(await read())
+                    chunk = await read()
                 except StopAsyncIteration:
                     events, ended = framer.end(), True
+                else:
+                    if not pending and one_plain_event(chunk) and (lim is None or lim.seen < lim.limit):
+                        # The usual read of a stream that arrives as it is generated: forwarded as it
+                        # came, renamed; the same bytes as the general path below, a few calls fewer.
+                        if lim is not None:
+                            lim.seen += openai_event_tokens(chunk)
+                        data = rename(chunk, -1) if rename is not None else chunk
+                        if tail is not None and len(tail) < 1_000_000:
+                            tail.extend(data)
+                        ctx.mark_first_byte()
+                        await resp.write(data)
+                        continue
+                    events = feed(chunk)
+                    pending = framer.pending()
                 if not events:
                     continue
                 i = first_stop(events, lim)
@@ -232,7 +245,7 @@ async def relay_openai_stream(
             )
         ctx.status = ctx.status or 200
 
-    return await relay(request, ctx, pump, stream_error_event, lim, head_with_first_events=True)
+    return relay(request, ctx, pump, stream_error_event, lim, head_with_first_events=True)
 
 
 _NULL_USAGE = (b',"usage":null', b', "usage": null', b'"usage":null,', b'"usage": null, ')
@@ -245,9 +258,9 @@ def drop_null_usage(events: bytes) -> bytes:
     """Whole events, each without its ``"usage": null``. The usual spellings are dropped with plain
     byte replaces, any other by a regex."""
     for pattern in _NULL_USAGE:  # an event has one usage field: once one form took it, the next finds none
-        if pattern in events:
+        if events.find(pattern) >= 0:
             events = events.replace(pattern, b"")
-    if b'"usage"' in events:
+    if events.find(b'"usage"') >= 0:
         events = _NULL_USAGE_ANY.sub(b"", events)
     return events
 
@@ -259,14 +272,18 @@ def upstream_error(ctx: RequestContext, message: object) -> None:
     ctx.error = scrub(f"upstream {ctx.deployment} sent an error mid-stream: {message}")
 
 
-def notable(data: bytes) -> int:
-    """Where ``data`` (several events, KiBs) first shows a usage object or an error (the index), or
-    -1. Two byte searches in the usual case: with no literal to start from, ``_NOTABLE_RE`` steps
-    through every byte, which costs more than the searches on long data, and less on one event
-    (callgrind, bench/RESULTS.md "Issue 13, fourth round")."""
+def notable(data: bytes, u: int | None = None) -> int:
+    """Where ``data`` (one event or several) first shows a usage object or an error (the index), or
+    -1. Two byte searches in the usual case: with no literal to start from, ``_NOTABLE_RE`` tries a
+    match at every quote, which cost more than the searches on long data (bench/RESULTS.md "Issue
+    13, fourth round") and, measured one event a read, on one event too ("streams round 6").
+    ``u``: where ``data`` first has ``"usage":``, when the caller has searched already (-1: nowhere)."""
     e = data.find(b'"error"')
     end = len(data) if e < 0 else e
-    u = data.find(b'"usage":', 0, end)
+    if u is None:
+        u = data.find(b'"usage":', 0, end)
+    elif u >= end:  # only after the error: as if not there
+        u = -1
     if u < 0:
         return e
     if data[u + 8:u + 9] == b"{" or data[u + 8:u + 10] == b" {":
@@ -277,6 +294,13 @@ def notable(data: bytes) -> int:
 
 
 _JSON_EVENT = b"data: {"  # how nearly every event of an OpenAI-protocol stream begins
+
+
+def one_plain_event(chunk: bytes) -> bool:
+    """``chunk`` is one whole JSON event, LF-framed, with no usage field or error in it: what the
+    relay forwards as it is (renamed), with nothing to frame, check or edit."""
+    return (chunk.startswith(_JSON_EVENT) and chunk.find(b"\n\n") == len(chunk) - 2 and chunk.find(b"\r") < 0
+            and chunk.find(b'"usage":') < 0 and chunk.find(b'"error"') < 0)
 
 
 def first_stop(events: list[bytes], lim: OutputLimit | None) -> int:

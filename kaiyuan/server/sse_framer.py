@@ -43,7 +43,7 @@ class SSEFramer:
         """The events ``chunk`` completes (often none; never an empty event)."""
         if self.cr:
             chunk = b"\r" + chunk
-        if b"\r" in chunk:
+        if chunk.find(b"\r") >= 0:  # find, not `in` (docs/architecture.md, hot path)
             self.cr = cr = chunk.endswith(b"\r")
             chunk = (chunk[:-1] if cr else chunk).replace(b"\r\n", b"\n")
         buf = self.buf
@@ -72,7 +72,7 @@ class SSEFramer:
         if not chunk:
             return []
         self.size += len(chunk)
-        if b"\n\n" not in chunk and not (chunk[:1] == b"\n" and held[-1][-1:] == b"\n"):
+        if chunk.find(b"\n\n") < 0 and not (chunk[:1] == b"\n" and held[-1][-1:] == b"\n"):
             if self.size > self.limit:
                 raise event_too_large(self.limit, self.why)
             held.append(chunk)
@@ -85,6 +85,10 @@ class SSEFramer:
     def _split(self, buf: bytes) -> list[bytes]:
         *events, self.buf = buf.split(b"\n\n")
         return [e for e in events if e]
+
+    def pending(self) -> bool:
+        """Part of an event (or a CR) from an earlier read is waiting for the next."""
+        return bool(self.buf or self.held or self.cr)
 
     def end(self) -> list[bytes]:
         """What is left when the stream ends: an unterminated last event, if it holds anything."""

@@ -204,12 +204,23 @@ async def test_bad_lease_frames_close_only_their_connection(tmp_path: Path) -> N
         budget = _budget(100_000, 1000)
         assert isinstance(await _admit(b, [], budget, 1, 60.0), Ticket)
         before = list(server.counters.budgets["b:0"])
-        for bad in (["r", 0, "x", [], []], ["u", [[1, 2]], []], ["r", 0, [["b:0", -5000]], [], []]):
-            w = a._open() or (await a.connect(), a._open())[1]
+        for bad in (["r", 0, "x", [], []], ["u", [[1, 2]], []], ["g", 0, "x"]):
+            await a.connect()
+            w = a._open()
             assert w is not None
             w.write(frame(bad))
-            await asyncio.sleep(0.05)
-        assert server.counters.budgets["b:0"] == before  # a negative return changes nothing
+            for _ in range(200):
+                if a._open() is None:
+                    break
+                await asyncio.sleep(0.005)
+            assert a._open() is None, bad  # cut off
+        await a.connect()
+        w = a._open()
+        assert w is not None
+        w.write(frame(["r", 0, [["b:0", -5000]], [], []]) + frame(["u", [["b:0", -5000, -5000]], []]))
+        await a.peek_budget("b:0")
+        assert a._open() is w  # well-formed, so applied: clamped, and a negative amount changes nothing
+        assert server.counters.budgets["b:0"] == before
         assert isinstance(await _admit(b, [], budget, 1, 60.0), Ticket)
     finally:
         await _close(server, [a, b])

@@ -7,7 +7,8 @@ was checked against: N requests of a scope's RPM window for that minute, T token
 X nano-USD of a budget's period. It counts the slice as used (windows) or reserved (budgets) at
 once, so the slices plus its own counts never pass a limit. The worker then admits later requests
 of the same key from its slices, in one synchronous step (no await between the check and the
-count), and the round trip is skipped until a slice runs out.
+count), and asks for more (a "g" message, no admit) once a slice is below half of its last grant,
+one ask per key at a time.
 
 Exactness rules:
 
@@ -52,6 +53,7 @@ class Slice:
     minute: int  # its window (rate slices); -1 for budgets
     left: int  # requests, tokens or nano-USD not used yet
     used_at: float  # when a request last took from it (monotonic clock of the caller's choice)
+    low: int = 0  # below this (half the last grant) more is asked for ahead of need (Slices.refill)
 
 
 # -- the supervisor's side ---------------------------------------------------------------------------
@@ -188,6 +190,7 @@ class Slices:
         self.gen = 1
         self.used_b: dict[str, list[int]] = {}  # settled, not reported yet: counter -> [cost, taken from slices]
         self.used_t: dict[tuple[str, int], int] = {}  # (scope, minute) -> tokens beyond the TPM slice
+        self.refill = False  # an admit left a slice below its low mark: ask for more now, before it runs out
 
     def __bool__(self) -> bool:
         return bool(self.rpm or self.tpm or self.bud)
@@ -212,19 +215,24 @@ class Slices:
             s = bud.get(b.counter)
             if s is None or s.left < b.reserve or s.limit != b.limit:
                 return None
+        low = False
         for r in rates:
             if r.rpm is not None:
                 s = rpm[r.scope]
                 s.left -= 1
                 s.used_at = clock
+                low = low or s.left < s.low
             if r.tpm is not None:
                 s = tpm[r.scope]
                 s.left -= prompt
                 s.used_at = clock
+                low = low or s.left < s.low
         for b in budgets:
             s = bud[b.counter]
             s.left -= b.reserve
             s.used_at = clock
+            low = low or s.left < s.low
+        self.refill = low
         return Ticket(rates, budgets, minute, prompt, "shared", None, self.gen)
 
     def settle(self, ticket: Ticket, actual: list[int], total_tokens: int) -> bool:
@@ -293,10 +301,11 @@ class Slices:
                 if s is not None and s.limit == b.limit:
                     s.left += g
                     s.used_at = clock
+                    s.low = g // 2
                 else:
                     if s is not None and s.left > 0:
                         back.bud.append([b.counter, s.left])
-                    self.bud[b.counter] = Slice(b.limit, -1, g, clock)
+                    self.bud[b.counter] = Slice(b.limit, -1, g, clock, g // 2)
 
     def give_back(self, rates: list[RateCheck], budgets: list[BudgetCheck], back: Returns) -> None:
         """Return what is left of these checks' slices (a round trip is about to decide instead)."""
@@ -354,10 +363,11 @@ def _add(table: dict[str, Slice], scope: str, limit: int | None, minute: int, g:
     if s is not None and s.minute == minute and s.limit == limit:
         s.left += g
         s.used_at = clock
+        s.low = g // 2
         return
     if s is not None and s.minute == minute and s.left > 0:
         back.append([scope, minute, s.left])
-    table[scope] = Slice(limit, minute, g, clock)
+    table[scope] = Slice(limit, minute, g, clock, g // 2)
 
 
 def _empty(s: Slice | None, scope: str, out: list[list[Any]]) -> None:

@@ -40,17 +40,15 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
-
-import orjson
+from typing import Any
 
 from kaiyuan.limits import lease
 from kaiyuan.limits.counters import BudgetCheck, Denial, MemoryCounters, NeedSeed, RateCheck, Ticket
+from kaiyuan.limits.frames import Frames, frame
 from kaiyuan.limits.lease import Held, Returns, Slices
 
 log = logging.getLogger("kaiyuan.limits")
 
-MAX_FRAME = 16 * 1024 * 1024
 SETTLE_DELAY_S = 0.002  # a settle waits at most this long for the next admit's write to ride with
 RECALL_WAIT_S = 0.5  # an admit waits at most this long for recalled slices (a stalled worker), then is decided
 REPORT_DELAY_S = 0.02  # leased settles are reported within this (their cost is held as reserved until then)
@@ -64,6 +62,7 @@ ENV_SOCKET = "KAIYUAN_SHARED_COUNTERS"  # set by the supervisor for its workers
 #   ["s", ticket number, actual (nano-USD per budget), total tokens]           (no answer)
 #   ["u", [[counter, cost, taken], ...], [[scope, minute, tokens], ...]]       leased requests settled (no answer)
 #   ["r", recall id or 0, [[counter, nano]], [[scope, minute, requests]], [[scope, minute, tokens]]]  slices returned
+#   ["g", rid, rates, budgets, prompt_tokens, now]                             more slices, no admit (answered as admitted, ticket 0)
 #   ["p", rid, counter]                                                        (peek at a budget)
 #   ["i", key hash or null]                                                    (relay an invalidation)
 # supervisor -> worker: answers start with their rid (> 0), pushes with 0:
@@ -76,52 +75,6 @@ ADMITTED, REFUSED, NEED_SEED = 0, 1, 2
 
 class SharedCountersUnavailable(RuntimeError):
     """The supervisor's counter server cannot be reached: the worker fails closed."""
-
-
-def frame(msg: list[Any]) -> bytes:
-    body = orjson.dumps(msg)
-    return len(body).to_bytes(4, "big") + body
-
-
-class _Frames(asyncio.Protocol):
-    """Bytes in, whole messages out (:meth:`on_message`); a frame over MAX_FRAME or one that is not
-    a JSON list closes the connection."""
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a registered subclass
-
-    def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        at, end = 0, len(buf)
-        try:
-            while end - at >= 4:
-                n = int.from_bytes(buf[at:at + 4], "big")
-                if n > MAX_FRAME:
-                    raise ValueError(f"frame of {n} bytes is over the limit")
-                if end - at - 4 < n:
-                    break
-                msg = orjson.loads(memoryview(buf)[at + 4:at + 4 + n])
-                at += 4 + n
-                if not isinstance(msg, list) or not msg:
-                    raise ValueError("a frame that is not a message")
-                self.on_message(msg)
-        except Exception as e:
-            self.bad(e)
-            return
-        finally:
-            if at:
-                del buf[:at]
-
-    def on_message(self, msg: list[Any]) -> None:
-        raise NotImplementedError
-
-    def bad(self, e: Exception) -> None:
-        raise NotImplementedError
 
 
 # -- the server (in the supervisor) ----------------------------------------------------------------
@@ -243,7 +196,7 @@ class _Deferred:
     # their last grant when asked: a grant after it is not part of what they return)
 
 
-class _WorkerConn(_Frames):
+class _WorkerConn(Frames):
     """One worker's connection to the counter server, the tickets it holds and its slices."""
 
     def __init__(self, server: CounterServer) -> None:
@@ -293,6 +246,12 @@ class _WorkerConn(_Frames):
             ticket = self.held.pop(tid, None)
             if ticket is not None:
                 c.settle_sync(ticket, actual, total)
+        elif op == "g":  # slices asked for ahead of need: answered like an admit with ticket number 0
+            _op, rid, rates, budgets, prompt_tokens, now = msg
+            minute = int(now // 60)
+            g = lease.grant(c, self.leases, [RateCheck(*r) for r in rates], [BudgetCheck(*b) for b in budgets],
+                            prompt_tokens, minute, len(self.server.conns))
+            self.out.append(frame([rid, ADMITTED, 0, minute, g]))
         elif op == "u":
             lease.used(c, self.leases, msg[1], msg[2])
         elif op == "r":
@@ -314,7 +273,7 @@ class _WorkerConn(_Frames):
 
 
 # -- the client (in each worker) -------------------------------------------------------------------
-class _ServerConn(_Frames):
+class _ServerConn(Frames):
     """A worker's end: answers resolve their futures, pushes go to ``on_invalidate``."""
 
     def __init__(self, client: SharedCounters) -> None:
@@ -355,6 +314,7 @@ class SharedCounters:
         self._settle_timer: asyncio.TimerHandle | None = None  # the flush of settles alone (SETTLE_DELAY_S)
         self.slices = Slices()  # what this worker may admit on its own (limits/lease.py)
         self._asks: dict[int, tuple[list[RateCheck], list[BudgetCheck]]] = {}  # admits awaiting an answer with slices
+        self._wanting: set[str] = set()  # keys (first scope or counter) with such an admit in flight
         self._sweep: asyncio.TimerHandle | None = None  # returns idle slices every lease.IDLE_S
 
     def _open(self) -> asyncio.Transport | None:
@@ -435,21 +395,52 @@ class SharedCounters:
     def admit_leased(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt_tokens: int,
                      now: float) -> Ticket | None:
         """A ticket from this worker's slices, decided now with no round trip; None: call :meth:`admit`."""
-        if not self.slices:
+        slices = self.slices
+        if not slices:
             return None
-        return self.slices.admit(rates, budgets, prompt_tokens, now, time.monotonic())
+        t = slices.admit(rates, budgets, prompt_tokens, now, time.monotonic())
+        if slices.refill:  # a slice is below half its last grant: ask for more before it runs out
+            slices.refill = False
+            self._refill(rates, budgets, prompt_tokens, now)
+        return t
+
+    def _refill(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt_tokens: int, now: float) -> None:
+        """Ask for more slices of these checks without an admit (one such ask per key at a time)."""
+        ask = rates[0].scope if rates else budgets[0].counter if budgets else ""
+        if ask in self._wanting or self._open() is None:
+            return
+        self._wanting.add(ask)
+        call = self._call(["g", 0, [(r.scope, r.rpm, r.tpm, r.max_parallel) for r in rates],
+                           [(b.counter, b.limit, b.seed, b.reserve, b.ttl_s) for b in budgets], prompt_tokens, now],
+                          (rates, budgets))
+        task = asyncio.get_running_loop().create_task(call)
+        def done(t: asyncio.Task[list[Any]]) -> None:
+            self._wanting.discard(ask)
+            if not t.cancelled():
+                t.exception()  # retrieved: a lost connection fails it, and nothing waits for it
+
+        task.add_done_callback(done)
 
     async def admit(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt_tokens: int, now: float) -> Ticket | Denial | NeedSeed:
         """The round trip: what is left of this request's own slices goes back first (so parked
-        headroom never refuses it), and an admit brings new slices with it."""
+        headroom never refuses it), and an admit brings new slices with it, one such admit per key
+        at a time (so a burst that found the slices empty does not park one slice per request)."""
         await self._transport()
         if self.slices:
             back = Returns([], [], [])
             self.slices.give_back(rates, budgets, back)
             self._give(back, 0)
-        out = await self._call(["a", 0, [(r.scope, r.rpm, r.tpm, r.max_parallel) for r in rates],
-                                [(b.counter, b.limit, b.seed, b.reserve, b.ttl_s) for b in budgets], prompt_tokens, now, 1],
-                               (rates, budgets))
+        ask = rates[0].scope if rates else budgets[0].counter if budgets else ""
+        want = ask not in self._wanting
+        if want:
+            self._wanting.add(ask)
+        try:
+            out = await self._call(["a", 0, [(r.scope, r.rpm, r.tpm, r.max_parallel) for r in rates],
+                                    [(b.counter, b.limit, b.seed, b.reserve, b.ttl_s) for b in budgets], prompt_tokens,
+                                    now, int(want)], (rates, budgets) if want else None)
+        finally:
+            if want:
+                self._wanting.discard(ask)
         kind = out[1]
         if kind == ADMITTED:  # with its slices, taken already (answered)
             return Ticket(rates, budgets, out[3], prompt_tokens, self.name, out[2])

@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 from aiohttp.base_protocol import BaseProtocol
 
+from kaiyuan.errors import GatewayError
 from kaiyuan.providers.http import IdleWatch
 
 
@@ -61,3 +62,65 @@ async def test_time_the_gateway_spends_not_reading_is_not_the_upstreams_silence(
     assert await reader.readany() == b"late"
     watch.stop()
     assert watch.handle is None
+
+
+# -- the transport's reader (providers.http.UpstreamChunks): its idle timer ends with the stream -----
+
+async def _serve(events: list[bytes], hold: asyncio.Event) -> tuple[aiohttp.web.AppRunner, str]:
+    from aiohttp import web
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for ev in events:
+            await resp.write(ev)
+        await hold.wait()  # the rest of the stream comes when the test says so
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", stream)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}/v1/chat/completions"
+
+
+@pytest.mark.parametrize("end", ["eof", "finished", "closed", "idle"])
+async def test_the_readers_idle_timer_ends_with_the_stream(end: str) -> None:
+    """However a stream ends (read to its end, finished by the relay at its last event, cancelled,
+    or failed at the idle timeout), its reader leaves no timer behind: the relay holds no generator
+    whose collection used to stop it."""
+    from kaiyuan.config import Timeouts
+    from kaiyuan.providers.http import UpstreamChunks, make_session, post_json
+
+    hold = asyncio.Event()
+    if end == "eof":
+        hold.set()
+    runner, url = await _serve([b"data: {\"a\":1}\n\n", b"data: [DONE]\n\n"], hold)
+    timeouts = Timeouts(idle=0.2 if end == "idle" else 5)
+    session = make_session(4, timeouts)
+    try:
+        reply = await post_json(session, url, b"{}", {}, timeouts, True, "test")
+        chunks = reply.stream
+        assert isinstance(chunks, UpstreamChunks) and chunks.watch.handle is not None
+        got = await chunks.__anext__()
+        chunks.unread(got)  # as the executor does with the first chunk
+        data = b""
+        if end == "eof":
+            async for c in chunks:
+                data += c
+            assert data.endswith(b"data: [DONE]\n\n") and chunks.received == len(data)
+        elif end == "idle":
+            with pytest.raises(GatewayError, match=r"timeouts\.idle"):
+                while True:
+                    await chunks.__anext__()
+        else:
+            await reply.aclose(finished=end == "finished")
+        assert chunks.watch.handle is None
+    finally:
+        hold.set()
+        await session.close()
+        await runner.cleanup()

@@ -21,18 +21,28 @@ from kaiyuan.server.sse_framer import SSEFramer, sse_events
 
 
 def reference(raw: bytes) -> list[bytes]:
-    """The events of a whole stream, framed at once."""
-    parts = raw.replace(b"\r\n", b"\n").split(b"\n\n")
-    events = [e for e in parts[:-1] if e]
-    return events + ([parts[-1]] if parts[-1].strip() else [])
+    """The events of a whole stream, framed at once as the SSE spec reads it: an event is a run of
+    non-blank lines ended by a blank line; more blank lines in a row end nothing more."""
+    events: list[bytes] = []
+    lines: list[bytes] = []
+    for line in raw.replace(b"\r\n", b"\n").split(b"\n"):
+        if line:
+            lines.append(line)
+        elif lines:
+            events.append(b"\n".join(lines))
+            lines = []
+    last = b"\n".join(lines)
+    return events + ([last] if last.strip() else [])
 
 
 def random_stream(rnd: random.Random, crlf: bool) -> bytes:
     out = []
+    if rnd.random() < 0.2:
+        out.append(rnd.choice([b"\n", b"\n\n\n"]))  # blank lines before the first event
     for i in range(rnd.randint(1, 12)):
         size = rnd.choice([0, 1, 5, 40, 300, 5000])
         out.append(b"data: " + bytes([97 + i % 26]) * size)
-        out.append(rnd.choice([b"\n\n", b"\n\n", b"\n\n\n\n", b"\nid: 3\n\n"]))
+        out.append(rnd.choice([b"\n\n", b"\n\n", b"\n\n\n", b"\n\n\n\n", b"\n\n\n\n\n", b"\nid: 3\n\n"]))
     if rnd.random() < 0.3:
         out.append(b"data: unterminated")
     raw = b"".join(out)

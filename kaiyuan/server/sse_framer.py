@@ -53,6 +53,8 @@ class SSEFramer:
             events = chunk.split(b"\n\n")
             if events.pop():  # "...\n\n\n": the last LF may open the next terminator; keep it
                 self.buf = b"\n"
+            if chunk[:1] == b"\n" or chunk.find(b"\n\n\n") >= 0:
+                return _without_blank_lines(events)
             if b"" in events:
                 events = [e for e in events if e]
             return events
@@ -84,6 +86,8 @@ class SSEFramer:
 
     def _split(self, buf: bytes) -> list[bytes]:
         *events, self.buf = buf.split(b"\n\n")
+        if buf[:1] == b"\n" or buf.find(b"\n\n\n") >= 0:
+            return _without_blank_lines(events)
         return [e for e in events if e]
 
     def pending(self) -> bool:
@@ -94,7 +98,20 @@ class SSEFramer:
         """What is left when the stream ends: an unterminated last event, if it holds anything."""
         buf = b"".join(self.held) if self.held else self.buf
         self.buf, self.held, self.size = b"", [], 0
-        return [buf] if buf.strip() else []
+        return [buf.lstrip(b"\n")] if buf.strip() else []
+
+
+def _without_blank_lines(events: list[bytes]) -> list[bytes]:
+    """Events of a text with a run of three or more LFs (or one at its start): by the SSE spec a
+    blank line after the one that ended an event ends nothing, so the LFs that open an event are
+    not part of it ("data: a\\n\\n\\ndata: b" is two events, not "data: a" and "\\ndata: b")."""
+    out = []
+    for e in events:
+        if e[:1] == b"\n":
+            e = e.lstrip(b"\n")
+        if e:
+            out.append(e)
+    return out
 
 
 async def sse_events(stream: AsyncIterator[bytes], limit: int | None = None,

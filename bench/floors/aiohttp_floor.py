@@ -12,7 +12,7 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
-from bench.floors.common import HOP, run_aiohttp
+from bench.floors.common import HOP, add_routes, run_aiohttp
 
 SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("session", aiohttp.ClientSession)
 
@@ -40,14 +40,9 @@ def build_app(upstream: str) -> web.Application:
             await resp.write_eof()
             return resp
 
-    async def ready(_request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
     app.on_startup.append(start)
     app.on_cleanup.append(stop)
-    app.router.add_get("/readyz", ready)
-    app.router.add_post("/{tail:.*}", forward)
-    return app
+    return add_routes(app, forward)
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from bench.floors.common import HOP, run_aiohttp
+from bench.floors.common import HOP, add_routes, run_aiohttp
 
 CLIENT: web.AppKey[Any] = web.AppKey("client", object)
 
@@ -43,13 +43,8 @@ def build_app(upstream: str) -> web.Application:
             await resp.write_eof()
             return resp
 
-    async def ready(_request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
     app.on_startup.append(start)
-    app.router.add_get("/readyz", ready)
-    app.router.add_post("/{tail:.*}", forward)
-    return app
+    return add_routes(app, forward)
 
 
 def main() -> None:

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}  # not forwarded
+
+
+def add_routes(app: web.Application, forward: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.Application:
+    """``/readyz`` (for bench/run.py's wait) and every POST path to ``forward``."""
+
+    async def ready(_request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app.router.add_get("/readyz", ready)
+    app.router.add_post("/{tail:.*}", forward)
+    return app
 
 
 def args() -> argparse.Namespace:

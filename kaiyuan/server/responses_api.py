@@ -34,7 +34,7 @@ from kaiyuan.server import responses_pass, translate
 from kaiyuan.server import responses_state as state
 from kaiyuan.server.common import JSON_CT, kaiyuan_headers
 from kaiyuan.server.overrun import OutputLimit, capped_chunks, cut_canonical, output_limit, overran
-from kaiyuan.server.sse import relay
+from kaiyuan.server.sse import MAX_CAPTURE, relay
 
 log = logging.getLogger("kaiyuan.responses")
 
@@ -135,7 +135,7 @@ async def _stream(request: web.Request, ctx: RequestContext, provider: Provider,
             if parts:
                 ctx.mark_first_byte()
                 data = b"".join(parts)
-                if tail is not None and len(tail) < 1_000_000:
+                if tail is not None and len(tail) < MAX_CAPTURE:
                     tail.extend(data)
                 await resp.write(data)
 

@@ -34,12 +34,11 @@ from kaiyuan.redact import scrub_bytes
 from kaiyuan.server import translate
 from kaiyuan.server.common import JSON_CT, ModelRenamer, kaiyuan_headers, with_public_model
 from kaiyuan.server.overrun import OutputLimit, close_upstream, output_limit, overran, record_cut
-from kaiyuan.server.sse import relay, upstream_error
+from kaiyuan.server.sse import MAX_CAPTURE, relay, upstream_error
 from kaiyuan.server.sse_framer import sse_events
 
 TERMINAL_TYPES = ("response.completed", "response.incomplete", "response.failed")
 HEAD = 96  # bytes of an event that name its type (the event line, or the data's leading "type")
-MAX_CAPTURE = 1_000_000  # bytes of a relayed stream kept for the request log / trials
 
 
 async def passthrough(request: web.Request, gw: Gateway, ctx: RequestContext, body: dict[str, Any],

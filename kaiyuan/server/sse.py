@@ -39,6 +39,7 @@ DONE = b"data: [DONE]"
 DONE_FORMS = (DONE, b"data:[DONE]")
 _NOTABLE_RE = re.compile(rb'"usage": ?\{|"error"')
 SSE_FIELDS = (b"data:", b"event:", b":", b"id:", b"retry:")  # how every SSE line begins
+MAX_CAPTURE = 1_000_000  # bytes of a relayed stream kept for the request log / trials
 
 
 class HeadWithFirstEvents(web.StreamResponse):
@@ -198,7 +199,7 @@ def relay_openai_stream(
                         if lim is not None:
                             lim.seen += openai_event_tokens(chunk)
                         data = rename(chunk, -1) if rename is not None else chunk
-                        if tail is not None and len(tail) < 1_000_000:
+                        if tail is not None and len(tail) < MAX_CAPTURE:
                             tail.extend(data)
                         ctx.mark_first_byte()
                         await resp.write(data)
@@ -228,7 +229,7 @@ def relay_openai_stream(
                 if saw_done:
                     data += DONE + b"\n\n"
                 if data:
-                    if tail is not None and len(tail) < 1_000_000:
+                    if tail is not None and len(tail) < MAX_CAPTURE:
                         tail.extend(data)
                     ctx.mark_first_byte()
                     if saw_done:  # the answer is complete: finish now, not when the upstream closes

@@ -42,7 +42,7 @@ from kaiyuan.server.overrun import (
     overran,
     record_cut,
 )
-from kaiyuan.server.sse import DONE, answered, relay
+from kaiyuan.server.sse import DONE, MAX_CAPTURE, answered, relay
 from kaiyuan.server.sse_framer import event_too_large, sse_events
 
 RESPONSE_TO_CANONICAL = {
@@ -279,7 +279,7 @@ async def relay_to_openai(request: web.Request, ctx: RequestContext, protocol: s
             async for ch in capped_chunks(chunks, ctx, lim, include_usage):
                 ctx.mark_first_byte()
                 data = oc.chunk_bytes(ch)
-                if tail is not None and len(tail) < 1_000_000:
+                if tail is not None and len(tail) < MAX_CAPTURE:
                     tail.extend(data)
                 await resp.write(data)
             await resp.write(DONE + b"\n\n")
@@ -315,7 +315,7 @@ async def _relay_translated(request: web.Request, ctx: RequestContext, protocol:
                 if out:
                     ctx.mark_first_byte()
                     data = encode(out)
-                    if tail is not None and len(tail) < 1_000_000:
+                    if tail is not None and len(tail) < MAX_CAPTURE:
                         tail.extend(data)
                     await resp.write(data)
             await resp.write(encode(tr.end()))
@@ -359,7 +359,7 @@ async def relay_anthropic_passthrough(request: web.Request, ctx: RequestContext,
                         break
                 ctx.mark_first_byte()
                 data = b"".join(out)
-                if tail is not None and len(tail) < 1_000_000:
+                if tail is not None and len(tail) < MAX_CAPTURE:
                     tail.extend(data)
                 if saw_stop:  # the answer is complete: finish now, not when the upstream closes
                     usage_into_ctx(usage, ctx)

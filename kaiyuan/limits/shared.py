@@ -223,9 +223,8 @@ class _WorkerConn(Frames):
     def data_received(self, data: bytes) -> None:
         self.server.reads += 1
         super().data_received(data)
-        t = self.transport
-        if self.out and t is not None and not t.is_closing():  # every answer to this read in one write
-            t.write(b"".join(self.out))
+        if self.out and self.writable():  # every answer to this read in one write
+            self.transport.write(b"".join(self.out))  # type: ignore[union-attr]  # writable() checked it
         self.out.clear()
 
     def bad(self, e: Exception) -> None:
@@ -265,9 +264,8 @@ class _WorkerConn(Frames):
         elif op == "i":
             push = frame([0, msg[1]])
             for other in self.server.conns:
-                t = other.transport
-                if other is not self and t is not None and not t.is_closing():
-                    t.write(push)
+                if other is not self and other.writable():
+                    other.transport.write(push)  # type: ignore[union-attr]  # writable() checked it
         else:
             raise ValueError(f"unknown operation {op!r}")
 
@@ -406,13 +404,11 @@ class SharedCounters:
 
     def _refill(self, rates: list[RateCheck], budgets: list[BudgetCheck], prompt_tokens: int, now: float) -> None:
         """Ask for more slices of these checks without an admit (one such ask per key at a time)."""
-        ask = rates[0].scope if rates else budgets[0].counter if budgets else ""
+        ask = _ask_key(rates, budgets)
         if ask in self._wanting or self._open() is None:
             return
         self._wanting.add(ask)
-        call = self._call(["g", 0, [(r.scope, r.rpm, r.tpm, r.max_parallel) for r in rates],
-                           [(b.counter, b.limit, b.seed, b.reserve, b.ttl_s) for b in budgets], prompt_tokens, now],
-                          (rates, budgets))
+        call = self._call(["g", 0, *_on_wire(rates, budgets), prompt_tokens, now], (rates, budgets))
         task = asyncio.get_running_loop().create_task(call)
         def done(t: asyncio.Task[list[Any]]) -> None:
             self._wanting.discard(ask)
@@ -430,14 +426,13 @@ class SharedCounters:
             back = Returns([], [], [])
             self.slices.give_back(rates, budgets, back)
             self._give(back, 0)
-        ask = rates[0].scope if rates else budgets[0].counter if budgets else ""
+        ask = _ask_key(rates, budgets)
         want = ask not in self._wanting
         if want:
             self._wanting.add(ask)
         try:
-            out = await self._call(["a", 0, [(r.scope, r.rpm, r.tpm, r.max_parallel) for r in rates],
-                                    [(b.counter, b.limit, b.seed, b.reserve, b.ttl_s) for b in budgets], prompt_tokens,
-                                    now, int(want)], (rates, budgets) if want else None)
+            out = await self._call(["a", 0, *_on_wire(rates, budgets), prompt_tokens, now, int(want)],
+                                   (rates, budgets) if want else None)
         finally:
             if want:
                 self._wanting.discard(ask)
@@ -494,15 +489,19 @@ class SharedCounters:
             else:
                 self._later(SETTLE_DELAY_S)
 
+    def _return_slices(self, recall: int = 0, idle_before: float | None = None) -> None:
+        """Send back every slice (``idle_before``: only those unused since; ``recall``: see _give)."""
+        back = Returns([], [], [])
+        self.slices.give_back_all(back, idle_before)
+        self._give(back, recall)
+
     def pushed(self, msg: list[Any]) -> None:
         """A push from the supervisor: a recall (every slice goes back now), or a key invalidation
         (every slice goes back too: the key's limits or budgets may have changed), then the cache."""
-        back = Returns([], [], [])
-        self.slices.give_back_all(back)
         if len(msg) > 2:
-            self._give(back, int(msg[2]))
+            self._return_slices(int(msg[2]))
             return
-        self._give(back, 0)
+        self._return_slices()
         self.flush()
         if self.on_invalidate is not None:
             self.on_invalidate(msg[1])
@@ -510,9 +509,7 @@ class SharedCounters:
     def _return_idle(self) -> None:
         """Every IDLE_S while there are slices: return those no request used since the last look."""
         self._sweep = None
-        back = Returns([], [], [])
-        self.slices.give_back_all(back, time.monotonic() - lease.IDLE_S)
-        self._give(back, 0)
+        self._return_slices(idle_before=time.monotonic() - lease.IDLE_S)
         if self.slices:
             self._sweep = asyncio.get_running_loop().call_later(lease.IDLE_S, self._return_idle)
 
@@ -560,9 +557,7 @@ class SharedCounters:
 
     async def publish_invalidation(self, key_hash: str | None) -> None:
         await self._transport()
-        back = Returns([], [], [])
-        self.slices.give_back_all(back)  # this worker changed the key: its slices go back as the others' do
-        self._give(back, 0)
+        self._return_slices()  # this worker changed the key: its slices go back as the others' do
         self._send(frame(["i", key_hash]))
 
     async def close(self) -> None:
@@ -570,10 +565,19 @@ class SharedCounters:
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
-        back = Returns([], [], [])
-        self.slices.give_back_all(back)
-        self._give(back, 0)
+        self._return_slices()
         self.flush()
         t = self._open()
         if t is not None:
             t.close()  # what is buffered in the transport is written first
+
+
+def _on_wire(rates: list[RateCheck], budgets: list[BudgetCheck]) -> tuple[list[Any], list[Any]]:
+    """The checks as an "a" or "g" message carries them: lists of their fields in a fixed order."""
+    return ([(r.scope, r.rpm, r.tpm, r.max_parallel) for r in rates],
+            [(b.counter, b.limit, b.seed, b.reserve, b.ttl_s) for b in budgets])
+
+
+def _ask_key(rates: list[RateCheck], budgets: list[BudgetCheck]) -> str:
+    """The key an ask for slices is made for (its first scope or counter): one ask per key at a time."""
+    return rates[0].scope if rates else budgets[0].counter if budgets else ""

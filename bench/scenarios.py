@@ -11,6 +11,7 @@ nothing else in run.py has to change.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,14 +69,8 @@ CHAT_STREAM = Scenario(
 # The same stream with its events 5 ms apart, as a model generates them: the gateway reads one event
 # at a time (the back-to-back stream arrives in one or two reads under Valgrind, which hides the cost
 # per read). For bench/instructions.py --scenario chat-stream-paced -c 1; run.py only with --with paced.
-CHAT_STREAM_PACED = Scenario(
-    "chat-stream-paced",
-    "/v1/chat/completions",
-    {"model": "bench-paced", "messages": USER_MSG, "max_tokens": 64, "stream": True},
-    stream=True,
-    expect_chunks=STREAM_CHUNKS,
-    flag="paced",
-)
+CHAT_STREAM_PACED = dataclasses.replace(CHAT_STREAM, name="chat-stream-paced",
+                                        body={**CHAT_STREAM.body, "model": "bench-paced"}, flag="paced")
 # Anthropic Messages in, OpenAI-compatible out (issue 3). The upstream speaks OpenAI only, so the
 # reference is the direct OpenAI call of the same shape. Skipped when /v1/messages is not there yet.
 ANTHROPIC = Scenario(
@@ -191,7 +186,8 @@ VARIANTS: list[Variant] = [
     Variant("kaiyuan-sup", config_patch={"server": {"workers": 1, "supervisor": "always"}}, flag="sup",
             supervisor_cpu="0"),
     # Issue 13: the default layout with a key: the worker's limits and budget are held by its
-    # supervisor (one round trip on a local socket per admit, limits.shared), exact across workers.
+    # supervisor (limits.shared; most admits from the worker's leased slices, limits.lease), exact
+    # across workers.
     Variant("kaiyuan-sup+keys", config_patch={"server": {"workers": 1, "supervisor": "always", "master_key": MASTER_KEY},
                                               "accounting": PRICES},
             setup=_virtual_key, flag="keys-sup", supervisor_cpu="0"),

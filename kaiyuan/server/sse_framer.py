@@ -53,11 +53,7 @@ class SSEFramer:
             events = chunk.split(b"\n\n")
             if events.pop():  # "...\n\n\n": the last LF may open the next terminator; keep it
                 self.buf = b"\n"
-            if chunk[:1] == b"\n" or chunk.find(b"\n\n\n") >= 0:
-                return _without_blank_lines(events)
-            if b"" in events:
-                events = [e for e in events if e]
-            return events
+            return _events(events, chunk)
         scan = max(len(buf) - 1, 0)  # only the new bytes (and one before) can complete a terminator
         buf += chunk
         if buf.find(b"\n\n", scan) < 0:
@@ -86,9 +82,7 @@ class SSEFramer:
 
     def _split(self, buf: bytes) -> list[bytes]:
         *events, self.buf = buf.split(b"\n\n")
-        if buf[:1] == b"\n" or buf.find(b"\n\n\n") >= 0:
-            return _without_blank_lines(events)
-        return [e for e in events if e]
+        return _events(events, buf)
 
     def pending(self) -> bool:
         """Part of an event (or a CR) from an earlier read is waiting for the next."""
@@ -99,6 +93,13 @@ class SSEFramer:
         buf = b"".join(self.held) if self.held else self.buf
         self.buf, self.held, self.size = b"", [], 0
         return [buf.lstrip(b"\n")] if buf.strip() else []
+
+
+def _events(events: list[bytes], text: bytes) -> list[bytes]:
+    """The complete events of ``text`` split at its terminators, without empty ones."""
+    if text[:1] == b"\n" or text.find(b"\n\n\n") >= 0:
+        return _without_blank_lines(events)
+    return [e for e in events if e] if b"" in events else events
 
 
 def _without_blank_lines(events: list[bytes]) -> list[bytes]:
